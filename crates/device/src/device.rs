@@ -1,0 +1,626 @@
+//! The [`Device`]: one opened adapter with its buffer pool, kernel cache and the
+//! command recorder that batches dispatches into few submits.
+//!
+//! Work is *recorded*, not executed, until a sync point: reading a buffer back,
+//! [`Device::synchronize`], or the recorder filling up. At that point every recorded
+//! dispatch goes into one command buffer and one submit, which is what makes small
+//! kernels affordable on adapters where a submit costs tens of microseconds.
+
+use crate::adapter::{self, DeviceSelector};
+use crate::buffer::{DType, Element, GpuBuffer};
+use crate::error::{DeviceError, Result};
+use crate::kernel::{Kernel, KernelCache};
+use crate::pool::{bucket_size, BufferPool, FirstUse, PoolStats};
+use crate::tuning::Tuning;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
+
+/// Bytes of uniform parameters one batch can hold; one slot per dispatch.
+const PARAM_ARENA_BYTES: u64 = 1 << 20;
+/// Largest parameter block a kernel may use.
+pub const MAX_PARAM_BYTES: usize = 256;
+/// Uploads queued without a submit before one is forced. wgpu stages
+/// `write_buffer` data until the next submit; bounding it bounds staging memory.
+const UPLOAD_FLUSH_BYTES: u64 = 64 << 20;
+/// Idle bytes the buffer pool keeps by default.
+const DEFAULT_POOL_CAPACITY: u64 = 2 << 30;
+
+/// Dispatch and submit counters; see [`Device::dispatch_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    pub dispatches: u64,
+    pub submits: u64,
+}
+
+enum Command {
+    Dispatch {
+        pipeline: wgpu::ComputePipeline,
+        bind_group: wgpu::BindGroup,
+        workgroups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        dst: wgpu::Buffer,
+        size: u64,
+    },
+    Clear {
+        buffer: wgpu::Buffer,
+        size: u64,
+    },
+}
+
+#[derive(Default)]
+struct Recorder {
+    commands: Vec<Command>,
+    params: Vec<u8>,
+    upload_bytes: u64,
+    stats: DispatchStats,
+}
+
+/// State shared by a [`Device`] and every buffer it handed out.
+pub struct DeviceShared {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    pool: Mutex<BufferPool>,
+    staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    recorder: Mutex<Recorder>,
+    /// True while commands or uploads are recorded but not submitted.
+    pending: AtomicBool,
+    kernels: Mutex<KernelCache>,
+    errors: Arc<Mutex<Vec<String>>>,
+    param_arena: wgpu::Buffer,
+    param_align: u64,
+    tuning: Mutex<Tuning>,
+}
+
+impl DeviceShared {
+    pub(crate) fn release(&self, bucket: u64, buffer: wgpu::Buffer) {
+        let pending = self.pending.load(Ordering::Acquire);
+        lock(&self.pool).release(bucket, buffer, pending);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind, never a
+    // half-updated invariant that matters more than the panic itself.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An opened GPU (or CPU adapter). Cheap to clone; clones share everything.
+///
+/// ```no_run
+/// # fn main() -> Result<(), kiln_device::DeviceError> {
+/// let device = kiln_device::Device::new()?;          // honours KILN_DEVICE
+/// let x = device.upload(&[1.0f32, -2.0, 3.0])?;
+/// let y = device.unary(kiln_device::UnaryOp::Relu, &x)?;
+/// assert_eq!(device.read::<f32>(&y)?, vec![1.0, 0.0, 3.0]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) shared: Arc<DeviceShared>,
+}
+
+static FALLBACK_NOTE: Once = Once::new();
+
+impl Device {
+    /// Opens the adapter chosen by `KILN_DEVICE` (default `auto`).
+    pub fn new() -> Result<Self> {
+        Self::with_selector(&DeviceSelector::from_env()?)
+    }
+
+    /// Opens the best adapter matching `selector`.
+    pub fn with_selector(selector: &DeviceSelector) -> Result<Self> {
+        let chosen = adapter::choose(selector)?;
+        if let Some(note) = chosen.fallback_note {
+            FALLBACK_NOTE.call_once(|| eprintln!("{note}"));
+        }
+        Self::from_adapter(chosen.adapter)
+    }
+
+    /// Opens a device on a specific adapter, asking for all of its limits (wgpu's
+    /// defaults are far lower: 8 storage buffers per stage, 16 KiB shared memory).
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| DeviceError::RequestDevice {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
+
+        // wgpu panics on uncaptured errors by default; Kiln validates its inputs
+        // first, and anything that still slips through surfaces as an error at the
+        // next sync point instead of aborting the process.
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            lock(&sink).push(e.to_string());
+        }));
+        let sink = errors.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            lock(&sink).push(format!("device lost ({reason:?}): {message}"));
+        });
+
+        let param_align = u64::from(limits.min_uniform_buffer_offset_alignment)
+            .max(MAX_PARAM_BYTES as u64);
+        let param_arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln params"),
+            size: PARAM_ARENA_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let tuning = Tuning::for_adapter(&info);
+        Ok(Self {
+            shared: Arc::new(DeviceShared {
+                device,
+                queue,
+                info,
+                limits,
+                features,
+                pool: Mutex::new(BufferPool::new(DEFAULT_POOL_CAPACITY)),
+                staging: Mutex::new(HashMap::new()),
+                recorder: Mutex::new(Recorder::default()),
+                pending: AtomicBool::new(false),
+                kernels: Mutex::new(KernelCache::new(1024)),
+                errors,
+                param_arena,
+                param_align,
+                tuning: Mutex::new(tuning),
+            }),
+        })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.shared.info
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.shared.limits
+    }
+
+    pub fn features(&self) -> wgpu::Features {
+        self.shared.features
+    }
+
+    /// True on software adapters (lavapipe, llvmpipe).
+    pub fn is_cpu(&self) -> bool {
+        adapter::is_cpu(&self.shared.info)
+    }
+
+    /// The raw wgpu device and queue, for code that builds its own pipelines.
+    pub fn wgpu(&self) -> (&wgpu::Device, &wgpu::Queue) {
+        (&self.shared.device, &self.shared.queue)
+    }
+
+    /// Kernel tile parameters in use on this device.
+    pub fn tuning(&self) -> Tuning {
+        *lock(&self.shared.tuning)
+    }
+
+    pub fn set_tuning(&self, tuning: Tuning) {
+        *lock(&self.shared.tuning) = tuning;
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.shared.pool).stats()
+    }
+
+    /// Caps the idle memory the pool keeps; buffers released beyond it are freed.
+    pub fn set_pool_capacity(&self, bytes: u64) {
+        lock(&self.shared.pool).capacity = bytes;
+    }
+
+    /// Frees every idle pooled buffer.
+    pub fn trim_pool(&self) {
+        lock(&self.shared.pool).trim();
+    }
+
+    pub fn dispatch_stats(&self) -> DispatchStats {
+        lock(&self.shared.recorder).stats
+    }
+
+    /// Number of compiled kernels held.
+    pub fn cached_kernels(&self) -> usize {
+        lock(&self.shared.kernels).len()
+    }
+
+    // ----- buffers -------------------------------------------------------------
+
+    /// Largest buffer, in bytes, a kernel can bind.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.shared
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.shared.limits.max_buffer_size)
+    }
+
+    fn allocate(&self, len: usize, dtype: DType, first_use: FirstUse) -> Result<GpuBuffer> {
+        let bytes = (len as u64 * dtype.size_bytes() as u64).next_multiple_of(4);
+        let limit = self.max_buffer_bytes() / 4 * 4;
+        if bytes > limit {
+            return Err(DeviceError::BufferTooLarge {
+                what: format!("{len} x {dtype:?}"),
+                requested: bytes,
+                limit,
+            });
+        }
+        let bucket = bucket_size(bytes).min(limit);
+        if let Some(raw) = lock(&self.shared.pool).take(bucket, first_use) {
+            return Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()));
+        }
+        let scope = self.shared.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let raw = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln tensor"),
+            size: bucket,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if pollster::block_on(scope.pop()).is_some() {
+            return Err(DeviceError::OutOfMemory { bytes: bucket });
+        }
+        lock(&self.shared.pool).note_allocation(bucket);
+        Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()))
+    }
+
+    /// An uninitialised buffer for `len` elements, to be written by a kernel.
+    pub fn empty(&self, len: usize, dtype: DType) -> Result<GpuBuffer> {
+        self.allocate(len, dtype, FirstUse::Gpu)
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros(&self, len: usize, dtype: DType) -> Result<GpuBuffer> {
+        let buffer = self.allocate(len, dtype, FirstUse::Gpu)?;
+        let size = buffer.raw().size();
+        self.record(Command::Clear {
+            buffer: buffer.raw().clone(),
+            size,
+        })?;
+        Ok(buffer)
+    }
+
+    /// Copies host data into a new device buffer.
+    pub fn upload<T: Element>(&self, data: &[T]) -> Result<GpuBuffer> {
+        let buffer = self.allocate(data.len(), T::DTYPE, FirstUse::Upload)?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let aligned = bytes.len() / 4 * 4;
+        let queue = &self.shared.queue;
+        queue.write_buffer(buffer.raw(), 0, &bytes[..aligned]);
+        if aligned < bytes.len() {
+            // write_buffer wants multiples of 4 bytes: pad the odd f16 tail.
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
+            queue.write_buffer(buffer.raw(), aligned as u64, &tail);
+        }
+        self.shared.pending.store(true, Ordering::Release);
+        let mut rec = lock(&self.shared.recorder);
+        rec.upload_bytes += bytes.len() as u64;
+        if rec.upload_bytes >= UPLOAD_FLUSH_BYTES {
+            self.submit(&mut rec)?;
+        }
+        Ok(buffer)
+    }
+
+    /// Converts f32 data to half precision and uploads it.
+    pub fn upload_f16(&self, data: &[f32]) -> Result<GpuBuffer> {
+        let halves: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        self.upload(&halves)
+    }
+
+    /// Reads a buffer back to the host, waiting for all recorded work.
+    pub fn read<T: Element>(&self, buffer: &GpuBuffer) -> Result<Vec<T>> {
+        if buffer.dtype() != T::DTYPE {
+            return Err(DeviceError::DType {
+                actual: buffer.dtype(),
+                requested: T::DTYPE,
+            });
+        }
+        self.check_same_device(buffer, "read")?;
+        let bytes = buffer.size_bytes().next_multiple_of(4);
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let bucket = bucket_size(bytes);
+        let staging = lock(&self.shared.staging)
+            .get_mut(&bucket)
+            .and_then(Vec::pop)
+            .unwrap_or_else(|| {
+                self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("kiln readback"),
+                    size: bucket,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            });
+        self.record(Command::Copy {
+            src: buffer.raw().clone(),
+            dst: staging.clone(),
+            size: bytes,
+        })?;
+        self.flush()?;
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        self.shared
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| DeviceError::Backend(e.to_string()))?;
+        rx.recv()
+            .map_err(|_| DeviceError::Backend("readback callback never ran".into()))?
+            .map_err(|e| DeviceError::Backend(format!("mapping a readback buffer failed: {e}")))?;
+        let out = {
+            let view = staging
+                .get_mapped_range(0..bytes)
+                .map_err(|e| DeviceError::Backend(e.to_string()))?;
+            let all: &[T] = bytemuck::cast_slice(&view);
+            all[..buffer.len()].to_vec()
+        };
+        staging.unmap();
+        let mut pool = lock(&self.shared.staging);
+        let list = pool.entry(bucket).or_default();
+        if list.len() < 4 {
+            list.push(staging);
+        }
+        drop(pool);
+        self.take_errors()?;
+        Ok(out)
+    }
+
+    /// Reads an f16 buffer back as f32.
+    pub fn read_f16_as_f32(&self, buffer: &GpuBuffer) -> Result<Vec<f32>> {
+        Ok(self
+            .read::<half::f16>(buffer)?
+            .into_iter()
+            .map(f32::from)
+            .collect())
+    }
+
+    /// Copies `src` into a new buffer on the device.
+    pub fn copy(&self, src: &GpuBuffer) -> Result<GpuBuffer> {
+        let dst = self.allocate(src.len(), src.dtype(), FirstUse::Gpu)?;
+        let size = src.size_bytes().next_multiple_of(4);
+        if size > 0 {
+            self.record(Command::Copy {
+                src: src.raw().clone(),
+                dst: dst.raw().clone(),
+                size,
+            })?;
+        }
+        Ok(dst)
+    }
+
+    // ----- kernels -------------------------------------------------------------
+
+    /// Returns the compiled kernel for `key`, building it from `source()` the first
+    /// time. Compilation errors come back as [`DeviceError::Shader`].
+    pub fn kernel(&self, key: &str, source: impl FnOnce() -> String) -> Result<Arc<Kernel>> {
+        if let Some(k) = lock(&self.shared.kernels).get(key) {
+            return Ok(k);
+        }
+        let device = &self.shared.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(key),
+            source: wgpu::ShaderSource::Wgsl(source().into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[],
+                // Kiln kernels initialise the shared memory they read.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(DeviceError::Shader {
+                key: key.to_string(),
+                message: err.to_string(),
+            });
+        }
+        let layout = pipeline.get_bind_group_layout(0);
+        let kernel = Arc::new(Kernel {
+            pipeline,
+            layout,
+            key: key.to_string(),
+        });
+        lock(&self.shared.kernels).insert(kernel.clone());
+        Ok(kernel)
+    }
+
+    fn check_same_device(&self, buffer: &GpuBuffer, op: &'static str) -> Result<()> {
+        if buffer.same_device(&self.shared) {
+            Ok(())
+        } else {
+            Err(DeviceError::Shape {
+                op,
+                message: "buffer belongs to another device".into(),
+            })
+        }
+    }
+
+    /// Records one dispatch of `kernel` with a parameter block (binding 0) and
+    /// storage buffers (bindings 1..). Nothing runs until the next sync point.
+    pub fn dispatch(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        buffers: &[&GpuBuffer],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let max = self.shared.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(DeviceError::Shape {
+                op: "dispatch",
+                message: format!(
+                    "{}: {workgroups:?} workgroups exceed the adapter's {max} per dimension",
+                    kernel.key
+                ),
+            });
+        }
+        assert!(
+            params.len() <= MAX_PARAM_BYTES,
+            "kernel parameters larger than {MAX_PARAM_BYTES} bytes"
+        );
+        for b in buffers {
+            self.check_same_device(b, "dispatch")?;
+        }
+        let mut rec = lock(&self.shared.recorder);
+        if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
+            self.submit(&mut rec)?;
+        }
+        let offset = rec.params.len() as u64;
+        rec.params.extend_from_slice(params);
+        rec.params
+            .resize((offset + self.shared.param_align) as usize, 0);
+
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.shared.param_arena,
+                offset,
+                size: wgpu::BufferSize::new(MAX_PARAM_BYTES as u64),
+            }),
+        });
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.raw().as_entire_binding(),
+            });
+        }
+        let bind_group = self
+            .shared
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &kernel.layout,
+                entries: &entries,
+            });
+        rec.commands.push(Command::Dispatch {
+            pipeline: kernel.pipeline.clone(),
+            bind_group,
+            workgroups,
+        });
+        rec.stats.dispatches += 1;
+        self.shared.pending.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn record(&self, command: Command) -> Result<()> {
+        lock(&self.shared.recorder).commands.push(command);
+        self.shared.pending.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Submits everything recorded so far in one command buffer. Does not wait.
+    pub fn flush(&self) -> Result<()> {
+        let mut rec = lock(&self.shared.recorder);
+        self.submit(&mut rec)?;
+        drop(rec);
+        self.take_errors()
+    }
+
+    /// Submits recorded work and waits until the device has finished it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.flush()?;
+        self.shared
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| DeviceError::Backend(e.to_string()))?;
+        self.take_errors()
+    }
+
+    fn submit(&self, rec: &mut Recorder) -> Result<()> {
+        if rec.commands.is_empty() && rec.upload_bytes == 0 {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        if !rec.params.is_empty() {
+            shared.queue.write_buffer(&shared.param_arena, 0, &rec.params);
+        }
+        let mut encoder = shared
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln") });
+        let commands = std::mem::take(&mut rec.commands);
+        let mut i = 0;
+        while i < commands.len() {
+            match &commands[i] {
+                Command::Dispatch { .. } => {
+                    // Consecutive dispatches share one compute pass.
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: None,
+                    });
+                    while let Some(Command::Dispatch {
+                        pipeline,
+                        bind_group,
+                        workgroups: [x, y, z],
+                    }) = commands.get(i)
+                    {
+                        pass.set_pipeline(pipeline);
+                        pass.set_bind_group(0, bind_group, &[]);
+                        pass.dispatch_workgroups(*x, *y, *z);
+                        i += 1;
+                    }
+                }
+                Command::Copy { src, dst, size } => {
+                    encoder.copy_buffer_to_buffer(src, 0, dst, 0, *size);
+                    i += 1;
+                }
+                Command::Clear { buffer, size } => {
+                    encoder.clear_buffer(buffer, 0, Some(*size));
+                    i += 1;
+                }
+            }
+        }
+        shared.queue.submit([encoder.finish()]);
+        rec.params.clear();
+        rec.upload_bytes = 0;
+        rec.stats.submits += 1;
+        shared.pending.store(false, Ordering::Release);
+        lock(&shared.pool).on_submit();
+        Ok(())
+    }
+
+    fn take_errors(&self) -> Result<()> {
+        let mut errors = lock(&self.shared.errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let msg = errors.join("; ");
+            errors.clear();
+            Err(DeviceError::Backend(msg))
+        }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = &self.shared.info;
+        write!(f, "Device({} / {:?})", info.name, info.backend)
+    }
+}

@@ -1,0 +1,55 @@
+//! Errors of the device layer. Every failure a user can cause (no adapter, a buffer
+//! too large, mismatched shapes) becomes a [`DeviceError`] with a message that says
+//! what to do, instead of a panic inside wgpu.
+
+use thiserror::Error;
+
+/// Result alias used throughout kiln-device.
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// Everything that can go wrong in the device layer.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// No adapter matched the request (or none exists at all).
+    #[error("{0}")]
+    NoAdapter(String),
+
+    /// `KILN_DEVICE` (or a selector string) could not be parsed.
+    #[error("invalid device selector {given:?}: {reason}. Expected `auto`, `gpu` or `cpu`, optionally followed by `:FILTER` (a backend such as vulkan/gl/metal/dx12, or part of the adapter name), e.g. `cpu:gl` or `gpu:nvidia`")]
+    BadSelector { given: String, reason: String },
+
+    /// The adapter refused to create a device.
+    #[error("the adapter {adapter:?} refused to open a device: {message}")]
+    RequestDevice { adapter: String, message: String },
+
+    /// A buffer larger than the adapter can bind in one piece.
+    #[error("a buffer of {requested} bytes ({what}) exceeds this adapter's limit of {limit} bytes per storage binding; use a smaller batch or split the tensor")]
+    BufferTooLarge {
+        what: String,
+        requested: u64,
+        limit: u64,
+    },
+
+    /// Shapes or lengths handed to a kernel do not fit together.
+    #[error("{op}: {message}")]
+    Shape { op: &'static str, message: String },
+
+    /// A read asked for a different element type than the buffer holds.
+    #[error("buffer holds {actual:?} elements but {requested:?} were requested")]
+    DType {
+        actual: crate::DType,
+        requested: crate::DType,
+    },
+
+    /// A generated or hand-written shader failed validation. This is a bug in Kiln.
+    #[error("shader {key:?} failed to compile (a Kiln bug, please report it): {message}")]
+    Shader { key: String, message: String },
+
+    /// The GPU ran out of memory.
+    #[error("out of GPU memory while allocating {bytes} bytes; reduce the batch size or model size")]
+    OutOfMemory { bytes: u64 },
+
+    /// wgpu reported an error asynchronously (device lost, validation, mapping).
+    #[error("GPU backend error: {0}")]
+    Backend(String),
+}

@@ -1,0 +1,453 @@
+//! Every elementwise op, unary or n-ary, with numpy broadcasting, comes from one
+//! generated kernel: [`Elementwise`] names a WGSL expression over inputs `x0..x3`
+//! and scalars `s0..s3`, and the template in `shaders/elementwise.wgsl` is
+//! specialised per expression and per input layout.
+
+use super::{grid_2d, to_u32, LINEAR_WORKGROUP};
+use crate::buffer::{DType, GpuBuffer};
+use crate::device::Device;
+use crate::error::{DeviceError, Result};
+use crate::kernel::Specialize;
+use std::fmt::Write;
+
+const TEMPLATE: &str = include_str!("../../../../shaders/elementwise.wgsl");
+/// Largest rank the kernel's parameter block holds.
+pub const MAX_RANK: usize = 8;
+/// Most inputs one expression may read.
+pub const MAX_INPUTS: usize = 4;
+
+/// A buffer together with the logical shape it holds (row-major, contiguous).
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    pub buffer: &'a GpuBuffer,
+    pub shape: &'a [usize],
+}
+
+impl<'a> Operand<'a> {
+    pub fn new(buffer: &'a GpuBuffer, shape: &'a [usize]) -> Self {
+        Self { buffer, shape }
+    }
+}
+
+/// An elementwise expression: `out = expr(x0, x1, ..., s0, ..., s3)`.
+///
+/// Helper functions `kiln_erf`, `kiln_sigmoid` and `kiln_gelu` are available to the
+/// expression.
+///
+/// ```no_run
+/// # fn main() -> Result<(), kiln_device::DeviceError> {
+/// use kiln_device::{Device, Elementwise, Operand};
+/// let device = Device::new()?;
+/// let x = device.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?; // 2x3
+/// let bias = device.upload(&[10.0f32, 20.0, 30.0])?;          // 3, broadcast over rows
+/// let op = Elementwise::new("bias_relu", "max(x0 + x1, 0.0) * s0").scalars(&[0.5]);
+/// let (y, shape) = device.elementwise(&op, &[Operand::new(&x, &[2, 3]), Operand::new(&bias, &[3])])?;
+/// assert_eq!(shape, vec![2, 3]);
+/// assert_eq!(device.read::<f32>(&y)?, vec![5.5, 11.0, 16.5, 7.0, 12.5, 18.0]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Elementwise<'a> {
+    /// Name used in error messages.
+    pub name: &'static str,
+    pub expr: &'a str,
+    pub scalars: [f32; 4],
+}
+
+impl<'a> Elementwise<'a> {
+    pub fn new(name: &'static str, expr: &'a str) -> Self {
+        Self {
+            name,
+            expr,
+            scalars: [0.0; 4],
+        }
+    }
+
+    /// Sets `s0..` (at most four).
+    pub fn scalars(mut self, values: &[f32]) -> Self {
+        assert!(values.len() <= 4, "at most four scalars");
+        self.scalars[..values.len()].copy_from_slice(values);
+        self
+    }
+}
+
+/// Named unary ops; each is one expression for the generator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Sin,
+    Cos,
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+    /// Exact (erf) GELU.
+    Gelu,
+    Erf,
+    AddScalar(f32),
+    MulScalar(f32),
+    PowScalar(f32),
+}
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Square => "square",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+            UnaryOp::Relu => "relu",
+            UnaryOp::LeakyRelu(_) => "leaky_relu",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::Erf => "erf",
+            UnaryOp::AddScalar(_) => "add_scalar",
+            UnaryOp::MulScalar(_) => "mul_scalar",
+            UnaryOp::PowScalar(_) => "pow_scalar",
+        }
+    }
+
+    /// The op as an expression of `x0` (and `s0` for its parameter).
+    pub fn elementwise(self) -> Elementwise<'static> {
+        let expr = match self {
+            UnaryOp::Neg => "-x0",
+            UnaryOp::Abs => "abs(x0)",
+            UnaryOp::Exp => "exp(x0)",
+            UnaryOp::Log => "log(x0)",
+            UnaryOp::Sqrt => "sqrt(x0)",
+            UnaryOp::Rsqrt => "inverseSqrt(x0)",
+            UnaryOp::Recip => "1.0 / x0",
+            UnaryOp::Square => "x0 * x0",
+            UnaryOp::Sin => "sin(x0)",
+            UnaryOp::Cos => "cos(x0)",
+            UnaryOp::Relu => "max(x0, 0.0)",
+            UnaryOp::LeakyRelu(_) => "select(s0 * x0, x0, x0 > 0.0)",
+            UnaryOp::Sigmoid => "kiln_sigmoid(x0)",
+            UnaryOp::Tanh => "tanh(x0)",
+            UnaryOp::Gelu => "kiln_gelu(x0)",
+            UnaryOp::Erf => "kiln_erf(x0)",
+            UnaryOp::AddScalar(_) => "x0 + s0",
+            UnaryOp::MulScalar(_) => "x0 * s0",
+            UnaryOp::PowScalar(_) => "pow(x0, s0)",
+        };
+        let param = match self {
+            UnaryOp::LeakyRelu(s)
+            | UnaryOp::AddScalar(s)
+            | UnaryOp::MulScalar(s)
+            | UnaryOp::PowScalar(s) => s,
+            _ => 0.0,
+        };
+        Elementwise::new(self.name(), expr).scalars(&[param])
+    }
+}
+
+/// Named binary ops with broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+impl BinaryOp {
+    pub fn elementwise(self) -> Elementwise<'static> {
+        let (name, expr) = match self {
+            BinaryOp::Add => ("add", "x0 + x1"),
+            BinaryOp::Sub => ("sub", "x0 - x1"),
+            BinaryOp::Mul => ("mul", "x0 * x1"),
+            BinaryOp::Div => ("div", "x0 / x1"),
+            BinaryOp::Max => ("maximum", "max(x0, x1)"),
+            BinaryOp::Min => ("minimum", "min(x0, x1)"),
+            BinaryOp::Pow => ("pow", "pow(x0, x1)"),
+        };
+        Elementwise::new(name, expr)
+    }
+}
+
+/// The numpy broadcast of several shapes, or `None` if they are incompatible.
+pub fn broadcast_shapes(shapes: &[&[usize]]) -> Option<Vec<usize>> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1usize; rank];
+    for shape in shapes {
+        let offset = rank - shape.len();
+        for (d, &extent) in shape.iter().enumerate() {
+            let o = &mut out[offset + d];
+            if *o == 1 {
+                *o = extent;
+            } else if extent != 1 && extent != *o {
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// How an input is indexed by the generated kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Same shape as the output: element `idx`.
+    Direct,
+    /// One element, read for every output.
+    Scalar,
+    /// Through broadcast strides.
+    Strided,
+}
+
+/// Element strides of `shape` broadcast to `out` (0 along broadcast dims).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let offset = out.len() - shape.len();
+    let mut strides = vec![0usize; out.len()];
+    let mut stride = 1;
+    for d in (0..shape.len()).rev() {
+        if shape[d] != 1 {
+            strides[offset + d] = stride;
+        }
+        stride *= shape[d];
+    }
+    strides
+}
+
+/// Merges adjacent dims that every input walks contiguously, so the kernel's
+/// index arithmetic runs over as few dims as possible.
+fn collapse(out: &[usize], strides: &mut [Vec<usize>]) -> Vec<usize> {
+    let mut shape: Vec<usize> = Vec::new();
+    let mut merged: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
+    for d in 0..out.len() {
+        if out[d] == 1 {
+            continue; // size-1 dims never move the index
+        }
+        let can_merge = !shape.is_empty()
+            && strides.iter().zip(&merged).all(|(s, m)| {
+                let last = *m.last().expect("same length as shape");
+                last == s[d] * out[d]
+            });
+        if can_merge {
+            *shape.last_mut().expect("checked non-empty") *= out[d];
+            for (s, m) in strides.iter().zip(merged.iter_mut()) {
+                *m.last_mut().expect("checked non-empty") = s[d];
+            }
+        } else {
+            shape.push(out[d]);
+            for (s, m) in strides.iter().zip(merged.iter_mut()) {
+                m.push(s[d]);
+            }
+        }
+    }
+    for (s, m) in strides.iter_mut().zip(merged) {
+        *s = m;
+    }
+    shape
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    numel: u32,
+    rank: u32,
+    row_threads: u32,
+    _pad: u32,
+    scalars: [f32; 4],
+    shape: [u32; 8],
+    strides: [u32; 32],
+}
+
+impl Device {
+    /// Evaluates an elementwise expression over broadcast inputs; returns the
+    /// result and its shape.
+    pub fn elementwise(
+        &self,
+        op: &Elementwise<'_>,
+        inputs: &[Operand<'_>],
+    ) -> Result<(GpuBuffer, Vec<usize>)> {
+        let name = op.name;
+        if inputs.is_empty() || inputs.len() > MAX_INPUTS {
+            return Err(DeviceError::Shape {
+                op: name,
+                message: format!("takes 1 to {MAX_INPUTS} inputs, got {}", inputs.len()),
+            });
+        }
+        for (i, input) in inputs.iter().enumerate() {
+            let numel: usize = input.shape.iter().product();
+            if input.buffer.len() != numel || input.buffer.dtype() != DType::F32 {
+                return Err(DeviceError::Shape {
+                    op: name,
+                    message: format!(
+                        "input {i} has shape {:?} ({numel} f32) but its buffer holds {} {:?}",
+                        input.shape,
+                        input.buffer.len(),
+                        input.buffer.dtype()
+                    ),
+                });
+            }
+        }
+        let shapes: Vec<&[usize]> = inputs.iter().map(|i| i.shape).collect();
+        let out_shape = broadcast_shapes(&shapes).ok_or_else(|| DeviceError::Shape {
+            op: name,
+            message: format!(
+                "cannot broadcast shapes {}",
+                shapes
+                    .iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        })?;
+        let numel: usize = out_shape.iter().product();
+        let out = self.empty(numel, DType::F32)?;
+        if numel == 0 {
+            return Ok((out, out_shape));
+        }
+
+        let mut strides: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|i| broadcast_strides(i.shape, &out_shape))
+            .collect();
+        let shape = collapse(&out_shape, &mut strides);
+        if shape.len() > MAX_RANK {
+            return Err(DeviceError::Shape {
+                op: name,
+                message: format!("rank {} exceeds the supported {MAX_RANK}", out_shape.len()),
+            });
+        }
+        let access: Vec<Access> = inputs
+            .iter()
+            .map(|i| {
+                let n: usize = i.shape.iter().product();
+                if n == numel {
+                    Access::Direct
+                } else if n == 1 {
+                    Access::Scalar
+                } else {
+                    Access::Strided
+                }
+            })
+            .collect();
+
+        let key = kernel_key(op.expr, &access);
+        let kernel = self.kernel(&key, || generate(op.expr, &access))?;
+
+        let groups = (numel as u64).div_ceil(u64::from(LINEAR_WORKGROUP));
+        let grid = grid_2d(groups, self.limits().max_compute_workgroups_per_dimension)?;
+        let mut params = Params {
+            numel: to_u32(name, "element count", numel)?,
+            rank: shape.len() as u32,
+            row_threads: grid[0] * LINEAR_WORKGROUP,
+            _pad: 0,
+            scalars: op.scalars,
+            shape: [1; 8],
+            strides: [0; 32],
+        };
+        for (d, &extent) in shape.iter().enumerate() {
+            params.shape[d] = to_u32(name, "extent", extent)?;
+        }
+        for (i, s) in strides.iter().enumerate() {
+            for (d, &stride) in s.iter().enumerate() {
+                params.strides[i * MAX_RANK + d] = to_u32(name, "stride", stride)?;
+            }
+        }
+        let mut buffers: Vec<&GpuBuffer> = inputs.iter().map(|i| i.buffer).collect();
+        buffers.push(&out);
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
+        Ok((out, out_shape))
+    }
+
+    /// Applies a unary op to every element.
+    pub fn unary(&self, op: UnaryOp, x: &GpuBuffer) -> Result<GpuBuffer> {
+        let shape = [x.len()];
+        Ok(self.elementwise(&op.elementwise(), &[Operand::new(x, &shape)])?.0)
+    }
+
+    /// Applies a binary op with broadcasting; returns the result and its shape.
+    pub fn binary(
+        &self,
+        op: BinaryOp,
+        a: Operand<'_>,
+        b: Operand<'_>,
+    ) -> Result<(GpuBuffer, Vec<usize>)> {
+        self.elementwise(&op.elementwise(), &[a, b])
+    }
+}
+
+fn kernel_key(expr: &str, access: &[Access]) -> String {
+    let modes: String = access
+        .iter()
+        .map(|a| match a {
+            Access::Direct => 'd',
+            Access::Scalar => 's',
+            Access::Strided => 'b',
+        })
+        .collect();
+    format!("elementwise:{modes}:{expr}")
+}
+
+fn generate(expr: &str, access: &[Access]) -> String {
+    let mut bindings = String::new();
+    let mut loads = String::new();
+    for (i, a) in access.iter().enumerate() {
+        let _ = writeln!(
+            bindings,
+            "@group(0) @binding({}) var<storage, read> x{i}_buf: array<f32>;",
+            i + 1
+        );
+        let index = match a {
+            Access::Direct => "idx".to_string(),
+            Access::Scalar => "0u".to_string(),
+            Access::Strided => format!("broadcast_index({i}u, idx)"),
+        };
+        let _ = writeln!(loads, "    let x{i} = x{i}_buf[{index}];");
+    }
+    let _ = writeln!(
+        bindings,
+        "@group(0) @binding({}) var<storage, read_write> out: array<f32>;",
+        access.len() + 1
+    );
+    Specialize::new(TEMPLATE)
+        .constant_u32("MAX_RANK", MAX_RANK as u32)
+        .replace("BINDINGS", &bindings)
+        .replace("LOADS", &loads)
+        .replace("EXPR", expr)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcasting_follows_numpy() {
+        assert_eq!(broadcast_shapes(&[&[3, 1, 5], &[4, 1]]), Some(vec![3, 4, 5]));
+        assert_eq!(broadcast_shapes(&[&[2, 3], &[3]]), Some(vec![2, 3]));
+        assert_eq!(broadcast_shapes(&[&[2, 3], &[2]]), None);
+        assert_eq!(broadcast_shapes(&[&[], &[7]]), Some(vec![7]));
+    }
+
+    #[test]
+    fn collapse_merges_contiguous_dims() {
+        // [2, 3, 4] + [4]: dims 0 and 1 merge for both inputs (x1 has stride 0 in both).
+        let out = [2, 3, 4];
+        let mut strides = vec![broadcast_strides(&[2, 3, 4], &out), broadcast_strides(&[4], &out)];
+        assert_eq!(collapse(&out, &mut strides), vec![6, 4]);
+        assert_eq!(strides, vec![vec![4, 1], vec![0, 1]]);
+        // A fully contiguous op collapses to one dim.
+        let mut strides = vec![broadcast_strides(&[2, 3, 4], &out)];
+        assert_eq!(collapse(&out, &mut strides), vec![24]);
+    }
+}

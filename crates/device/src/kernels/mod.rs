@@ -1,0 +1,58 @@
+//! Host side of the WGSL kernels in `shaders/`: shape checks, specialisation and
+//! dispatch geometry. Each kernel has a CPU reference in the integration tests.
+
+pub mod elementwise;
+pub mod matmul;
+pub mod reduce;
+pub mod softmax;
+
+use crate::buffer::{DType, GpuBuffer};
+use crate::error::{DeviceError, Result};
+
+/// Invocations per workgroup for one-element-per-invocation kernels.
+pub(crate) const LINEAR_WORKGROUP: u32 = 256;
+
+/// Splits `groups` workgroups over x and y so neither exceeds the per-dimension
+/// limit; kernels rebuild the linear index as `y * x_count + x`.
+pub(crate) fn grid_2d(groups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
+    let max = u64::from(max_per_dim);
+    let x = groups.min(max);
+    let y = if x == 0 { 0 } else { groups.div_ceil(x) };
+    if y > max {
+        return Err(DeviceError::Shape {
+            op: "dispatch",
+            message: format!("{groups} workgroups do not fit a {max} x {max} grid"),
+        });
+    }
+    Ok([x as u32, y as u32, 1])
+}
+
+pub(crate) fn expect_f32(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
+    if b.dtype() == DType::F32 {
+        Ok(())
+    } else {
+        Err(DeviceError::Shape {
+            op,
+            message: format!("{name} must hold f32, it holds {:?}", b.dtype()),
+        })
+    }
+}
+
+pub(crate) fn expect_len(op: &'static str, name: &str, b: &GpuBuffer, needed: usize) -> Result<()> {
+    if b.len() >= needed {
+        Ok(())
+    } else {
+        Err(DeviceError::Shape {
+            op,
+            message: format!("{name} holds {} elements but the shape needs {needed}", b.len()),
+        })
+    }
+}
+
+/// Converts a size to the u32 the kernels index with, or explains why it can't.
+pub(crate) fn to_u32(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| DeviceError::Shape {
+        op,
+        message: format!("{what} = {v} exceeds the 32-bit indexing of Kiln kernels"),
+    })
+}

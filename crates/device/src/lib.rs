@@ -1,0 +1,49 @@
+//! # kiln-device
+//!
+//! Kiln's GPU layer, on wgpu: it picks an adapter (a GPU, else a CPU adapter such
+//! as Mesa lavapipe), opens it with the adapter's real limits, and runs Kiln's WGSL
+//! kernels on pooled buffers.
+//!
+//! - [`Device`]: the opened adapter. Dispatches are recorded and submitted together
+//!   at sync points (reads, [`Device::synchronize`]), many per submit.
+//! - [`GpuBuffer`]: a pooled storage buffer; dropping it returns it for reuse, so
+//!   steady-state training allocates nothing.
+//! - Kernels: [`Device::matmul`] (batched, transposes, per-adapter tiling),
+//!   [`Device::elementwise`] (one generator for every elementwise op, with
+//!   broadcasting), [`Device::reduce`], [`Device::softmax`].
+//!
+//! ```no_run
+//! # fn main() -> Result<(), kiln_device::DeviceError> {
+//! use kiln_device::{Device, Matmul, UnaryOp};
+//! let device = Device::new()?; // KILN_DEVICE=auto|gpu|cpu[:filter]
+//! let a = device.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?; // 2x3
+//! let b = device.upload(&[1.0f32, -1.0, 0.5, 2.0, 0.0, 1.0])?; // 3x2
+//! let c = device.matmul(&a, &b, &Matmul::new(2, 2, 3))?;
+//! let y = device.unary(UnaryOp::Relu, &c)?;
+//! println!("{:?}", device.read::<f32>(&y)?);
+//! # Ok(()) }
+//! ```
+
+mod adapter;
+mod buffer;
+mod device;
+mod error;
+mod info;
+mod kernel;
+pub mod kernels;
+mod pool;
+mod tuning;
+
+pub use adapter::{is_cpu, list_adapters, DeviceKind, DeviceSelector};
+pub use buffer::{DType, Element, GpuBuffer};
+pub use device::{Device, DispatchStats, MAX_PARAM_BYTES};
+pub use error::{DeviceError, Result};
+pub use info::DeviceReport;
+pub use kernel::{Kernel, Specialize};
+pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
+pub use kernels::matmul::Matmul;
+pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
+pub use pool::{bucket_size, PoolStats};
+pub use tuning::{MatmulTiling, Tuning};
+pub use wgpu;
+pub use half;

@@ -1,0 +1,139 @@
+//! Size-bucketed reuse of storage buffers.
+//!
+//! Every tensor buffer comes from here and goes back here when dropped, so a
+//! training loop that repeats the same shapes allocates nothing after its first
+//! step. Sizes are rounded up to buckets a quarter of a power of two apart (at most
+//! 25% slack), which lets differently sized tensors share buffers.
+//!
+//! Ordering rule: a buffer released while commands are still being recorded may be
+//! referenced by them. It is *retired*: it can be reused as the output of a later
+//! dispatch (the GPU executes dispatches in order), but not as the target of
+//! `queue.write_buffer`, which wgpu performs before the recorded commands run. A
+//! submit turns retired buffers into free ones.
+
+use std::collections::HashMap;
+
+/// Counters describing pool behaviour; see [`crate::Device::pool_stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// wgpu buffers created so far.
+    pub allocations: u64,
+    /// Requests served from a free or retired buffer.
+    pub reuses: u64,
+    /// Bytes held by buffers currently handed out.
+    pub live_bytes: u64,
+    /// Bytes held idle in the pool.
+    pub cached_bytes: u64,
+}
+
+/// Smallest bucket, in bytes.
+const MIN_BUCKET: u64 = 256;
+
+/// Rounds a request up to its bucket: 256 B minimum, then steps of 2^k * {4,5,6,7}/4.
+pub fn bucket_size(bytes: u64) -> u64 {
+    if bytes <= MIN_BUCKET {
+        return MIN_BUCKET;
+    }
+    let high = 63 - (bytes - 1).leading_zeros(); // floor(log2(bytes - 1))
+    let quarter = 1u64 << (high - 2);
+    bytes.div_ceil(quarter) * quarter
+}
+
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    retired: HashMap<u64, Vec<wgpu::Buffer>>,
+    stats: PoolStats,
+    /// Idle bytes kept at most; beyond this, released buffers are destroyed.
+    pub capacity: u64,
+}
+
+/// What a buffer will be used for first; decides whether retired buffers qualify.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FirstUse {
+    /// Written by a dispatch or copy recorded in order.
+    Gpu,
+    /// Written by `queue.write_buffer`, which runs before recorded commands.
+    Upload,
+}
+
+impl BufferPool {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            capacity,
+            ..Self::default()
+        }
+    }
+
+    pub fn take(&mut self, bucket: u64, first_use: FirstUse) -> Option<wgpu::Buffer> {
+        let from_free = self.free.get_mut(&bucket).and_then(Vec::pop);
+        let found = from_free.or_else(|| match first_use {
+            FirstUse::Gpu => self.retired.get_mut(&bucket).and_then(Vec::pop),
+            FirstUse::Upload => None,
+        })?;
+        self.stats.reuses += 1;
+        self.stats.cached_bytes -= bucket;
+        self.stats.live_bytes += bucket;
+        Some(found)
+    }
+
+    pub fn note_allocation(&mut self, bucket: u64) {
+        self.stats.allocations += 1;
+        self.stats.live_bytes += bucket;
+    }
+
+    /// Returns a buffer. `pending` says whether recorded-but-unsubmitted work exists.
+    pub fn release(&mut self, bucket: u64, buffer: wgpu::Buffer, pending: bool) {
+        self.stats.live_bytes -= bucket;
+        if self.stats.cached_bytes + bucket > self.capacity {
+            buffer.destroy();
+            return;
+        }
+        self.stats.cached_bytes += bucket;
+        let list = if pending {
+            &mut self.retired
+        } else {
+            &mut self.free
+        };
+        list.entry(bucket).or_default().push(buffer);
+    }
+
+    /// After a submit, retired buffers may be written by uploads again.
+    pub fn on_submit(&mut self) {
+        for (bucket, mut buffers) in self.retired.drain() {
+            self.free.entry(bucket).or_default().append(&mut buffers);
+        }
+    }
+
+    /// Drops every idle buffer.
+    pub fn trim(&mut self) {
+        for buffer in self.free.drain().chain(self.retired.drain()).flat_map(|(_, v)| v) {
+            buffer.destroy();
+        }
+        self.stats.cached_bytes = 0;
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_size;
+
+    #[test]
+    fn buckets_round_up_with_bounded_slack() {
+        assert_eq!(bucket_size(0), 256);
+        assert_eq!(bucket_size(256), 256);
+        assert_eq!(bucket_size(257), 320);
+        assert_eq!(bucket_size(1024), 1024);
+        assert_eq!(bucket_size(1025), 1280);
+        for bytes in (1..200_000u64).step_by(37) {
+            let b = bucket_size(bytes);
+            assert!(b >= bytes);
+            assert!(b <= (bytes * 5 / 4).max(256) + 4, "{bytes} -> {b}");
+            assert_eq!(b % 4, 0);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Kernel tile parameters per adapter.
+//!
+//! CPU adapters (lavapipe, llvmpipe) run each invocation as one SIMD lane and
+//! scalarise per-lane loads, so shared-memory staging only adds copies there: big
+//! register tiles per invocation win. Real GPUs want the opposite: a workgroup
+//! stages tiles in shared memory and each invocation computes a small block.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// How the matmul kernel tiles its work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MatmulTiling {
+    /// Each invocation computes a `tm x tn` block straight from global memory, in a
+    /// `wg_x x wg_y` workgroup. No shared memory.
+    Register { tm: u32, tn: u32, wg_x: u32, wg_y: u32 },
+    /// A workgroup stages `bm x bk` and `bk x bn` tiles in shared memory; each of its
+    /// `(bm/tm) x (bn/tn)` invocations computes a `tm x tn` block.
+    Shared {
+        bm: u32,
+        bn: u32,
+        bk: u32,
+        tm: u32,
+        tn: u32,
+    },
+}
+
+impl MatmulTiling {
+    /// Rows and columns of C one workgroup covers.
+    pub fn block(&self) -> (u32, u32) {
+        match *self {
+            MatmulTiling::Register { tm, tn, wg_x, wg_y } => (tm * wg_y, tn * wg_x),
+            MatmulTiling::Shared { bm, bn, .. } => (bm, bn),
+        }
+    }
+
+    /// Invocations per workgroup.
+    pub fn threads(&self) -> u32 {
+        match *self {
+            MatmulTiling::Register { wg_x, wg_y, .. } => wg_x * wg_y,
+            MatmulTiling::Shared { bm, bn, tm, tn, .. } => (bm / tm) * (bn / tn),
+        }
+    }
+
+    /// Checks the parameters against each other and the adapter's limits.
+    pub fn validate(&self, limits: &wgpu::Limits) -> Result<(), String> {
+        if let MatmulTiling::Shared {
+            bm, bn, bk, tm, tn, ..
+        } = *self
+        {
+            if bm % tm != 0 || bn % tn != 0 {
+                return Err(format!("{self}: bm/bn must be multiples of tm/tn"));
+            }
+            let shared_bytes = 4 * bk * (bm + bn);
+            if shared_bytes > limits.max_compute_workgroup_storage_size {
+                return Err(format!(
+                    "{self}: needs {shared_bytes} bytes of shared memory, adapter has {}",
+                    limits.max_compute_workgroup_storage_size
+                ));
+            }
+        }
+        let threads = self.threads();
+        if threads == 0 || threads > limits.max_compute_invocations_per_workgroup {
+            return Err(format!(
+                "{self}: {threads} invocations per workgroup, adapter allows {}",
+                limits.max_compute_invocations_per_workgroup
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for MatmulTiling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
+                write!(f, "register:{tm}x{tn}:{wg_x}x{wg_y}")
+            }
+            MatmulTiling::Shared {
+                bm, bn, bk, tm, tn, ..
+            } => write!(f, "shared:{bm}x{bn}x{bk}:{tm}x{tn}"),
+        }
+    }
+}
+
+impl FromStr for MatmulTiling {
+    type Err = String;
+
+    /// Parses the [`Display`](fmt::Display) form, e.g. `register:8x16:8x8` or
+    /// `shared:64x64x16:4x4`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let nums = |part: &str, n: usize| -> Result<Vec<u32>, String> {
+            let v: Vec<u32> = part
+                .split('x')
+                .map(|x| x.trim().parse::<u32>().map_err(|e| format!("{s:?}: {e}")))
+                .collect::<Result<_, _>>()?;
+            if v.len() == n && v.iter().all(|&x| x > 0) {
+                Ok(v)
+            } else {
+                Err(format!("{s:?}: expected {n} positive numbers in {part:?}"))
+            }
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        match parts.as_slice() {
+            ["register", t, w] => {
+                let (t, w) = (nums(t, 2)?, nums(w, 2)?);
+                Ok(MatmulTiling::Register {
+                    tm: t[0],
+                    tn: t[1],
+                    wg_x: w[0],
+                    wg_y: w[1],
+                })
+            }
+            ["shared", b, t] => {
+                let (b, t) = (nums(b, 3)?, nums(t, 2)?);
+                Ok(MatmulTiling::Shared {
+                    bm: b[0],
+                    bn: b[1],
+                    bk: b[2],
+                    tm: t[0],
+                    tn: t[1],
+                })
+            }
+            _ => Err(format!(
+                "{s:?}: expected register:TMxTN:WGXxWGY or shared:BMxBNxBK:TMxTN"
+            )),
+        }
+    }
+}
+
+/// Tile parameters for every tunable kernel on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    pub matmul: MatmulTiling,
+}
+
+impl Tuning {
+    /// Register tiles measured fastest on lavapipe (see the README's bench table).
+    pub const CPU: Tuning = Tuning {
+        matmul: MatmulTiling::Register {
+            tm: 8,
+            tn: 16,
+            wg_x: 8,
+            wg_y: 4,
+        },
+    };
+
+    /// Classic shared-memory tiling for discrete and integrated GPUs.
+    pub const GPU: Tuning = Tuning {
+        matmul: MatmulTiling::Shared {
+            bm: 64,
+            bn: 64,
+            bk: 16,
+            tm: 4,
+            tn: 4,
+        },
+    };
+
+    /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
+    /// overrides the matmul tiling.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        let mut tuning = if crate::adapter::is_cpu(info) {
+            Self::CPU
+        } else {
+            Self::GPU
+        };
+        if let Ok(s) = std::env::var("KILN_MATMUL") {
+            match s.parse() {
+                Ok(t) => tuning.matmul = t,
+                Err(e) => eprintln!("kiln: ignoring KILN_MATMUL: {e}"),
+            }
+        }
+        tuning
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiling_round_trips_through_text() {
+        for t in [Tuning::CPU.matmul, Tuning::GPU.matmul] {
+            assert_eq!(t.to_string().parse::<MatmulTiling>().unwrap(), t);
+        }
+        assert!("register:8x0:8x8".parse::<MatmulTiling>().is_err());
+        assert!("shared:64x64:4x4".parse::<MatmulTiling>().is_err());
+    }
+}

@@ -1,0 +1,113 @@
+// C[z] = op(A[z]) * op(B[z]) with shared-memory tiles, for real GPUs.
+//
+// Prepended by the host: BM, BN, BK (block of C and depth of a k step), TM, TN
+// (outputs per invocation), TMN = TM * TN, WG_X = BN / TN, WG_Y = BM / TM,
+// THREADS = WG_X * WG_Y, TRANS_A, TRANS_B. Same operand layout as
+// matmul_register.wgsl.
+// An invocation owns rows lid.y + i * WG_Y and columns lid.x + j * WG_X of the
+// block: neighbouring invocations read neighbouring shared-memory words (no bank
+// conflicts) and write neighbouring words of C (coalesced).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_batch: u32,
+    b_batch: u32,
+    c_batch: u32,
+    z0: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+var<workgroup> a_tile: array<f32, BK_BM>; // [k][m]
+var<workgroup> b_tile: array<f32, BK_BN>; // [k][n]
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lidx: u32,
+) {
+    let z = wid.z + p.z0;
+    let row_base = wid.y * BM;
+    let col_base = wid.x * BN;
+    let a_base = z * p.a_batch;
+    let b_base = z * p.b_batch;
+
+    var acc: array<f32, TMN>;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // Stage the tiles, reading global memory along its contiguous axis.
+        for (var l = lidx; l < BK_BM; l += THREADS) {
+            var kk: u32;
+            var mm: u32;
+            if (TRANS_A) {
+                kk = l / BM;
+                mm = l % BM;
+            } else {
+                mm = l / BK;
+                kk = l % BK;
+            }
+            let gr = row_base + mm;
+            let gk = k0 + kk;
+            var v = 0.0;
+            if (gr < p.m && gk < p.k) {
+                v = a[a_base + select(gr * p.k + gk, gk * p.m + gr, TRANS_A)];
+            }
+            a_tile[kk * BM + mm] = v;
+        }
+        for (var l = lidx; l < BK_BN; l += THREADS) {
+            var kk: u32;
+            var nn: u32;
+            if (TRANS_B) {
+                nn = l / BK;
+                kk = l % BK;
+            } else {
+                kk = l / BN;
+                nn = l % BN;
+            }
+            let gc = col_base + nn;
+            let gk = k0 + kk;
+            var v = 0.0;
+            if (gc < p.n && gk < p.k) {
+                v = b[b_base + select(gk * p.n + gc, gc * p.k + gk, TRANS_B)];
+            }
+            b_tile[kk * BN + nn] = v;
+        }
+        workgroupBarrier();
+
+        for (var kk = 0u; kk < BK; kk++) {
+            var av: array<f32, TM>;
+            for (var i = 0u; i < TM; i++) {
+                av[i] = a_tile[kk * BM + lid.y + i * WG_Y];
+            }
+            var bv: array<f32, TN>;
+            for (var j = 0u; j < TN; j++) {
+                bv[j] = b_tile[kk * BN + lid.x + j * WG_X];
+            }
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TN; j++) {
+                    acc[i * TN + j] += av[i] * bv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let c_base = z * p.c_batch;
+    for (var i = 0u; i < TM; i++) {
+        let r = row_base + lid.y + i * WG_Y;
+        if (r < p.m) {
+            for (var j = 0u; j < TN; j++) {
+                let col = col_base + lid.x + j * WG_X;
+                if (col < p.n) {
+                    c[c_base + r * p.n + col] = acc[i * TN + j];
+                }
+            }
+        }
+    }
+}

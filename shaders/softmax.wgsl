@@ -1,0 +1,77 @@
+// Softmax (or log-softmax when LOG) along the last axis of a [rows, cols] view, one
+// workgroup per row: max, then sum of exp(x - max), then the normalised output,
+// each pass striding over the row and combining through shared memory.
+// Prepended: WG (power of two), LOG.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_groups: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+var<workgroup> partial: array<f32, WG>;
+
+fn reduce_max(lid: u32) -> f32 {
+    for (var span = WG / 2u; span > 0u; span = span / 2u) {
+        if (lid < span) {
+            partial[lid] = max(partial[lid], partial[lid + span]);
+        }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(lid: u32) -> f32 {
+    for (var span = WG / 2u; span > 0u; span = span / 2u) {
+        if (lid < span) {
+            partial[lid] = partial[lid] + partial[lid + span];
+        }
+        workgroupBarrier();
+    }
+    let r = partial[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.y * p.row_groups + wid.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.cols;
+
+    var m = -3.4028235e38;
+    for (var c = lid; c < p.cols; c += WG) {
+        m = max(m, x[base + c]);
+    }
+    partial[lid] = m;
+    workgroupBarrier();
+    m = reduce_max(lid);
+
+    var s = 0.0;
+    for (var c = lid; c < p.cols; c += WG) {
+        s += exp(x[base + c] - m);
+    }
+    partial[lid] = s;
+    workgroupBarrier();
+    s = reduce_sum(lid);
+
+    let log_s = log(s);
+    let inv_s = 1.0 / s;
+    for (var c = lid; c < p.cols; c += WG) {
+        let shifted = x[base + c] - m;
+        if (LOG) {
+            out[base + c] = shifted - log_s;
+        } else {
+            out[base + c] = exp(shifted) * inv_s;
+        }
+    }
+}
