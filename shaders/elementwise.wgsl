@@ -1,8 +1,8 @@
 // One generated kernel per elementwise expression: out[i] = EXPR(x0, x1, ..., s0..s3).
 //
-// The host fills {{BINDINGS}} (inputs x0.. read-only, then `out`), {{LOADS}} (how
-// each input is read: at the output index when its shape matches, at element 0
-// when it is a scalar, through broadcast strides otherwise) and {{EXPR}}.
+// The host fills the BINDINGS placeholder (inputs x0.. read-only, then `out`),
+// LOADS (how each input is read: at the output index when its shape matches, at
+// element 0 when it is a scalar, through broadcast strides otherwise) and EXPR.
 // Prepended: MAX_RANK.
 
 struct Params {

@@ -1,7 +1,7 @@
 // Reduction over the middle axis of an [outer, len, inner] view, one invocation per
 // output. Neighbouring invocations read neighbouring `inner` elements, so this is
 // the right kernel when `inner` is large or there are many outputs.
-// Prepended: INIT (identity), and {{COMBINE}} / {{FINISH}} expressions of
+// Prepended: INIT (identity); the COMBINE and FINISH placeholders are expressions of
 // `acc`, `v` and `p.scale`.
 
 struct Params {

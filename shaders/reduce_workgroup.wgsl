@@ -1,7 +1,7 @@
 // Reduction over the middle axis of an [outer, len, inner] view, one workgroup per
 // output: invocations stride over `len` and combine through shared memory. The
 // right kernel when `len` is long and outputs are few (e.g. a full sum).
-// Prepended: INIT, WG (power of two); {{COMBINE}}, {{FINISH}} as in reduce_thread.
+// Prepended: INIT, WG (power of two); COMBINE and FINISH as in reduce_thread.
 
 struct Params {
     outer: u32,

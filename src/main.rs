@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Deep-learning training on any GPU through wgpu")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Deep-learning training on any GPU through wgpu"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +44,9 @@ fn info(all: bool) -> Result<()> {
     if all {
         println!("adapters found (best first):");
         for (adapter, unusable) in list_adapters(&selector) {
-            let note = unusable.map(|r| format!(" [unusable: {r}]")).unwrap_or_default();
+            let note = unusable
+                .map(|r| format!(" [unusable: {r}]"))
+                .unwrap_or_default();
             println!(
                 "  {} ({:?}, {:?}){note}",
                 adapter.name, adapter.backend, adapter.device_type

@@ -227,7 +227,10 @@ pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
         if reason.is_some() || !selector.accepts(&info) {
             continue;
         }
-        if best.as_ref().is_none_or(|b| rank(&info) > rank(&b.get_info())) {
+        if best
+            .as_ref()
+            .is_none_or(|b| rank(&info) > rank(&b.get_info()))
+        {
             best = Some(adapter);
         }
     }

@@ -155,8 +155,8 @@ impl Device {
             lock(&sink).push(format!("device lost ({reason:?}): {message}"));
         });
 
-        let param_align = u64::from(limits.min_uniform_buffer_offset_alignment)
-            .max(MAX_PARAM_BYTES as u64);
+        let param_align =
+            u64::from(limits.min_uniform_buffer_offset_alignment).max(MAX_PARAM_BYTES as u64);
         let param_arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln params"),
             size: PARAM_ARENA_BYTES,
@@ -262,7 +262,10 @@ impl Device {
         if let Some(raw) = lock(&self.shared.pool).take(bucket, first_use) {
             return Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()));
         }
-        let scope = self.shared.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let scope = self
+            .shared
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let raw = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kiln tensor"),
             size: bucket,
@@ -560,11 +563,15 @@ impl Device {
         }
         let shared = &self.shared;
         if !rec.params.is_empty() {
-            shared.queue.write_buffer(&shared.param_arena, 0, &rec.params);
+            shared
+                .queue
+                .write_buffer(&shared.param_arena, 0, &rec.params);
         }
         let mut encoder = shared
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kiln"),
+            });
         let commands = std::mem::take(&mut rec.commands);
         let mut i = 0;
         while i < commands.len() {

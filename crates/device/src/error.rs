@@ -46,7 +46,9 @@ pub enum DeviceError {
     Shader { key: String, message: String },
 
     /// The GPU ran out of memory.
-    #[error("out of GPU memory while allocating {bytes} bytes; reduce the batch size or model size")]
+    #[error(
+        "out of GPU memory while allocating {bytes} bytes; reduce the batch size or model size"
+    )]
     OutOfMemory { bytes: u64 },
 
     /// wgpu reported an error asynchronously (device lost, validation, mapping).

@@ -25,7 +25,11 @@ impl fmt::Display for DeviceReport<'_> {
             info.device_type,
             if d.is_cpu() { " (CPU adapter)" } else { "" }
         )?;
-        writeln!(f, "driver:                  {} {}", info.driver, info.driver_info)?;
+        writeln!(
+            f,
+            "driver:                  {} {}",
+            info.driver, info.driver_info
+        )?;
         writeln!(
             f,
             "f16 in shaders:          {}",
@@ -46,7 +50,11 @@ impl fmt::Display for DeviceReport<'_> {
             "max storage binding:     {}",
             mib(limits.max_storage_buffer_binding_size)
         )?;
-        writeln!(f, "max buffer size:         {}", mib(limits.max_buffer_size))?;
+        writeln!(
+            f,
+            "max buffer size:         {}",
+            mib(limits.max_buffer_size)
+        )?;
         writeln!(
             f,
             "storage buffers / stage: {}",

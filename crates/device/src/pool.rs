@@ -107,7 +107,12 @@ impl BufferPool {
 
     /// Drops every idle buffer.
     pub fn trim(&mut self) {
-        for buffer in self.free.drain().chain(self.retired.drain()).flat_map(|(_, v)| v) {
+        for buffer in self
+            .free
+            .drain()
+            .chain(self.retired.drain())
+            .flat_map(|(_, v)| v)
+        {
             buffer.destroy();
         }
         self.stats.cached_bytes = 0;

@@ -13,7 +13,12 @@ use std::str::FromStr;
 pub enum MatmulTiling {
     /// Each invocation computes a `tm x tn` block straight from global memory, in a
     /// `wg_x x wg_y` workgroup. No shared memory.
-    Register { tm: u32, tn: u32, wg_x: u32, wg_y: u32 },
+    Register {
+        tm: u32,
+        tn: u32,
+        wg_x: u32,
+        wg_y: u32,
+    },
     /// A workgroup stages `bm x bk` and `bk x bn` tiles in shared memory; each of its
     /// `(bm/tm) x (bn/tn)` invocations computes a `tm x tn` block.
     Shared {

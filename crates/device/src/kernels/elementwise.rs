@@ -372,7 +372,9 @@ impl Device {
     /// Applies a unary op to every element.
     pub fn unary(&self, op: UnaryOp, x: &GpuBuffer) -> Result<GpuBuffer> {
         let shape = [x.len()];
-        Ok(self.elementwise(&op.elementwise(), &[Operand::new(x, &shape)])?.0)
+        Ok(self
+            .elementwise(&op.elementwise(), &[Operand::new(x, &shape)])?
+            .0)
     }
 
     /// Applies a binary op with broadcasting; returns the result and its shape.
@@ -433,7 +435,10 @@ mod tests {
 
     #[test]
     fn broadcasting_follows_numpy() {
-        assert_eq!(broadcast_shapes(&[&[3, 1, 5], &[4, 1]]), Some(vec![3, 4, 5]));
+        assert_eq!(
+            broadcast_shapes(&[&[3, 1, 5], &[4, 1]]),
+            Some(vec![3, 4, 5])
+        );
         assert_eq!(broadcast_shapes(&[&[2, 3], &[3]]), Some(vec![2, 3]));
         assert_eq!(broadcast_shapes(&[&[2, 3], &[2]]), None);
         assert_eq!(broadcast_shapes(&[&[], &[7]]), Some(vec![7]));
@@ -443,7 +448,10 @@ mod tests {
     fn collapse_merges_contiguous_dims() {
         // [2, 3, 4] + [4]: dims 0 and 1 merge for both inputs (x1 has stride 0 in both).
         let out = [2, 3, 4];
-        let mut strides = vec![broadcast_strides(&[2, 3, 4], &out), broadcast_strides(&[4], &out)];
+        let mut strides = vec![
+            broadcast_strides(&[2, 3, 4], &out),
+            broadcast_strides(&[4], &out),
+        ];
         assert_eq!(collapse(&out, &mut strides), vec![6, 4]);
         assert_eq!(strides, vec![vec![4, 1], vec![0, 1]]);
         // A fully contiguous op collapses to one dim.

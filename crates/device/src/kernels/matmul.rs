@@ -108,9 +108,7 @@ impl Device {
         const OP: &str = "matmul";
         expect_f32(OP, "A", a)?;
         expect_f32(OP, "B", b)?;
-        let Matmul {
-            batch, m, n, k, ..
-        } = *spec;
+        let Matmul { batch, m, n, k, .. } = *spec;
         if batch > 0 {
             expect_len(OP, "A", a, (batch - 1) * spec.batch_stride_a + m * k)?;
             expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * n)?;
@@ -126,9 +124,10 @@ impl Device {
         if out.is_empty() {
             return Ok(out);
         }
-        let kernel = self.kernel(&format!("{tiling}:{}{}", spec.trans_a, spec.trans_b), || {
-            specialise(tiling, spec.trans_a, spec.trans_b)
-        })?;
+        let kernel = self.kernel(
+            &format!("{tiling}:{}{}", spec.trans_a, spec.trans_b),
+            || specialise(tiling, spec.trans_a, spec.trans_b),
+        )?;
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
         let groups_y = to_u32(OP, "m blocks", m.div_ceil(block_m as usize))?;

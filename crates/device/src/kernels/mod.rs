@@ -44,7 +44,10 @@ pub(crate) fn expect_len(op: &'static str, name: &str, b: &GpuBuffer, needed: us
     } else {
         Err(DeviceError::Shape {
             op,
-            message: format!("{name} holds {} elements but the shape needs {needed}", b.len()),
+            message: format!(
+                "{name} holds {} elements but the shape needs {needed}",
+                b.len()
+            ),
         })
     }
 }

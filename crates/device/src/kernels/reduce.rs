@@ -115,9 +115,7 @@ impl Device {
             return Ok(out);
         }
         let strategy = match strategy {
-            ReduceStrategy::Auto if spec.len >= 512 && outputs < 4096 => {
-                ReduceStrategy::Workgroup
-            }
+            ReduceStrategy::Auto if spec.len >= 512 && outputs < 4096 => ReduceStrategy::Workgroup,
             ReduceStrategy::Auto => ReduceStrategy::Thread,
             s => s,
         };

@@ -30,7 +30,13 @@ impl Device {
         self.softmax_impl(x, rows, cols, true)
     }
 
-    fn softmax_impl(&self, x: &GpuBuffer, rows: usize, cols: usize, log: bool) -> Result<GpuBuffer> {
+    fn softmax_impl(
+        &self,
+        x: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        log: bool,
+    ) -> Result<GpuBuffer> {
         let op = if log { "log_softmax" } else { "softmax" };
         expect_f32(op, "input", x)?;
         expect_len(op, "input", x, rows * cols)?;
@@ -44,7 +50,10 @@ impl Device {
                 .constant_bool("LOG", log)
                 .build()
         })?;
-        let grid = grid_2d(rows as u64, self.limits().max_compute_workgroups_per_dimension)?;
+        let grid = grid_2d(
+            rows as u64,
+            self.limits().max_compute_workgroups_per_dimension,
+        )?;
         let params = Params {
             rows: to_u32(op, "rows", rows)?,
             cols: to_u32(op, "cols", cols)?,

@@ -1,0 +1,54 @@
+//! Helpers shared by the integration tests: one device per test binary, seeded
+//! random inputs and tolerance checks against f64 references.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use kiln::device::Device;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::OnceLock;
+
+/// The device every test in a binary shares (opening one costs ~100 ms).
+pub fn device() -> &'static Device {
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE.get_or_init(|| Device::new().unwrap_or_else(|e| panic!("tests need an adapter: {e}")))
+}
+
+/// `n` values uniform in `[lo, hi)`, reproducible from `seed`.
+pub fn random_vec(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Asserts `|got - want| <= rtol * |want| + atol` for every element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - w).abs();
+        let bound = rtol * w.abs() + atol;
+        assert!(
+            err <= bound && g.is_finite() == w.is_finite(),
+            "{what}: element {i}: got {g}, want {w} (error {err:e} > bound {bound:e})"
+        );
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+}
+
+/// Asserts `|got - want| <= rtol * scale[i]` where `scale` is the sum of absolute
+/// terms that formed each value: the standard error bound for a dot product or a
+/// sum, which stays meaningful when terms cancel.
+pub fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], scale: &[f64], rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for i in 0..got.len() {
+        let err = (f64::from(got[i]) - want[i]).abs();
+        let bound = rtol * scale[i] + 1e-30;
+        assert!(
+            err <= bound,
+            "{what}: element {i}: got {}, want {} (error {err:e} > bound {bound:e})",
+            got[i],
+            want[i]
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! Buffer pool reuse, command batching and the ordering rules they rely on.
+
+mod common;
+
+use common::{device, random_vec};
+use kiln::device::{Device, Matmul, Operand, Reduce, ReduceOp, UnaryOp};
+
+/// One "training-like" step: upload a batch, two layers, a reduction, a readback.
+fn step(d: &Device, w: &kiln::device::GpuBuffer, seed: u64) -> f32 {
+    let x = d.upload(&random_vec(32 * 64, seed, -1.0, 1.0)).unwrap();
+    let h = d.matmul(&x, w, &Matmul::new(32, 64, 64)).unwrap();
+    let a = d.unary(UnaryOp::Relu, &h).unwrap();
+    let (b, _) = d
+        .binary(
+            kiln::device::BinaryOp::Mul,
+            Operand::new(&a, &[32, 64]),
+            Operand::new(&x, &[32, 64]),
+        )
+        .unwrap();
+    let s = d
+        .reduce(&b, &Reduce::axis(ReduceOp::Sum, &[32 * 64], 0).unwrap())
+        .unwrap();
+    d.read::<f32>(&s).unwrap()[0]
+}
+
+#[test]
+fn identical_steps_allocate_no_new_buffers_after_the_first() {
+    // A private device so other tests' allocations do not mix into the counts.
+    let d = Device::new().unwrap();
+    let w = d.upload(&random_vec(64 * 64, 1, -0.1, 0.1)).unwrap();
+    step(&d, &w, 0);
+    let after_first = d.pool_stats();
+    for i in 1..=20 {
+        step(&d, &w, i);
+    }
+    let after = d.pool_stats();
+    assert_eq!(
+        after.allocations, after_first.allocations,
+        "steps 2..21 created buffers: {after_first:?} -> {after:?}"
+    );
+    // Five buffers per step (batch, matmul, relu, product, sum), all reused.
+    assert_eq!(after.reuses, after_first.reuses + 20 * 5, "{after:?}");
+    assert_eq!(after.live_bytes, after_first.live_bytes);
+}
+
+#[test]
+fn dispatches_are_batched_into_one_submit_per_sync() {
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(1000, 2, -1.0, 1.0)).unwrap();
+    let before = d.dispatch_stats();
+    let mut y = d.unary(UnaryOp::Tanh, &x).unwrap();
+    for _ in 0..49 {
+        y = d.unary(UnaryOp::MulScalar(1.01), &y).unwrap();
+    }
+    let _ = d.read::<f32>(&y).unwrap();
+    let after = d.dispatch_stats();
+    assert_eq!(after.dispatches - before.dispatches, 50);
+    assert_eq!(after.submits - before.submits, 1);
+}
+
+#[test]
+fn an_upload_never_lands_in_a_buffer_that_pending_work_still_reads() {
+    let d = device();
+    for n in [1usize, 100, 5000] {
+        let first = random_vec(n, 3, -1.0, 1.0);
+        let second = random_vec(n, 4, -1.0, 1.0);
+        let a = d.upload(&first).unwrap();
+        let negated = d.unary(UnaryOp::Neg, &a).unwrap();
+        drop(a); // still read by the recorded, unsubmitted negation
+        let b = d.upload(&second).unwrap(); // same size bucket
+        let got = d.read::<f32>(&negated).unwrap();
+        let want: Vec<f32> = first.iter().map(|v| -v).collect();
+        assert_eq!(got, want, "n = {n}");
+        assert_eq!(d.read::<f32>(&b).unwrap(), second);
+    }
+}
+
+#[test]
+fn kernel_outputs_may_reuse_buffers_released_mid_batch() {
+    let d = device();
+    let x = random_vec(4096, 5, -2.0, 2.0);
+    let gx = d.upload(&x).unwrap();
+    let t = d.unary(UnaryOp::Exp, &gx).unwrap();
+    let u = d.unary(UnaryOp::Neg, &t).unwrap();
+    drop(t); // u's computation is recorded; t's buffer may now serve a new output
+    let v = d.unary(UnaryOp::Square, &gx).unwrap();
+    let got_u = d.read::<f32>(&u).unwrap();
+    let got_v = d.read::<f32>(&v).unwrap();
+    for i in 0..x.len() {
+        let want_u = -f64::from(x[i]).exp();
+        assert!(
+            (f64::from(got_u[i]) - want_u).abs() <= 1e-6 * want_u.abs(),
+            "u[{i}]"
+        );
+        assert_eq!(got_v[i], x[i] * x[i], "v[{i}]");
+    }
+}
+
+#[test]
+fn pool_capacity_bounds_idle_memory() {
+    let d = Device::new().unwrap();
+    d.set_pool_capacity(1 << 20);
+    let buffers: Vec<_> = (0..8)
+        .map(|_| d.upload(&vec![1.0f32; 128 * 1024]).unwrap())
+        .collect();
+    d.synchronize().unwrap();
+    drop(buffers); // 8 x 512 KiB released, but only 1 MiB may stay idle
+    assert!(
+        d.pool_stats().cached_bytes <= 1 << 20,
+        "{:?}",
+        d.pool_stats()
+    );
+    d.trim_pool();
+    assert_eq!(d.pool_stats().cached_bytes, 0);
+}

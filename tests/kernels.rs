@@ -1,0 +1,531 @@
+//! Every kernel against a plain f64 CPU reference on seeded random inputs, odd
+//! shapes included. Tolerances: matmul and sums within 1e-4 of the sum of the
+//! absolute terms (the dot-product error bound); elementwise ops within
+//! 1e-4 relative + 1e-6 absolute; max/min exact.
+
+mod common;
+
+use common::{assert_close, assert_close_scaled, device, random_vec};
+use kiln::device::{
+    BinaryOp, DType, DeviceError, Elementwise, Matmul, MatmulTiling, Operand, Reduce, ReduceOp,
+    ReduceStrategy, Tuning, UnaryOp,
+};
+
+// ----- matmul ----------------------------------------------------------------
+
+/// Every tiling the tuner may pick, plus odd ones that stress edge handling.
+fn tilings() -> Vec<MatmulTiling> {
+    let mut t = vec![Tuning::CPU.matmul, Tuning::GPU.matmul];
+    for s in [
+        "register:4x4:16x16",
+        "register:16x16:8x8",
+        "register:8x8:8x8",
+        "shared:32x32x8:2x2",
+        "shared:64x64x8:8x8",
+    ] {
+        t.push(s.parse().unwrap());
+    }
+    t
+}
+
+/// f64 reference of `C[z] = op(A[z]) op(B[z])` and the per-element error scale.
+fn matmul_reference(a: &[f32], b: &[f32], s: &Matmul) -> (Vec<f64>, Vec<f64>) {
+    let mut c = vec![0.0; s.batch * s.m * s.n];
+    let mut scale = vec![0.0; s.batch * s.m * s.n];
+    for z in 0..s.batch {
+        for i in 0..s.m {
+            for j in 0..s.n {
+                let (mut acc, mut abs) = (0.0f64, 0.0f64);
+                for kk in 0..s.k {
+                    let av = if s.trans_a {
+                        a[z * s.batch_stride_a + kk * s.m + i]
+                    } else {
+                        a[z * s.batch_stride_a + i * s.k + kk]
+                    };
+                    let bv = if s.trans_b {
+                        b[z * s.batch_stride_b + j * s.k + kk]
+                    } else {
+                        b[z * s.batch_stride_b + kk * s.n + j]
+                    };
+                    let term = f64::from(av) * f64::from(bv);
+                    acc += term;
+                    abs += term.abs();
+                }
+                c[(z * s.m + i) * s.n + j] = acc;
+                scale[(z * s.m + i) * s.n + j] = abs;
+            }
+        }
+    }
+    (c, scale)
+}
+
+fn check_matmul(spec: Matmul, tiling: MatmulTiling, seed: u64) {
+    let d = device();
+    let a_len = (spec.batch - 1) * spec.batch_stride_a + spec.m * spec.k;
+    let b_len = (spec.batch - 1) * spec.batch_stride_b + spec.k * spec.n;
+    let a = random_vec(a_len, seed, -1.0, 1.0);
+    let b = random_vec(b_len, seed + 1, -1.0, 1.0);
+    let ga = d.upload(&a).unwrap();
+    let gb = d.upload(&b).unwrap();
+    let gc = d.matmul_with(&ga, &gb, &spec, tiling).unwrap();
+    let got = d.read::<f32>(&gc).unwrap();
+    let (want, scale) = matmul_reference(&a, &b, &spec);
+    assert_close_scaled(&format!("{tiling} {spec:?}"), &got, &want, &scale, 1e-4);
+}
+
+#[test]
+fn matmul_matches_reference_for_odd_shapes_every_tiling_and_transpose() {
+    let shapes = [
+        (1, 1, 1),
+        (1, 7, 1),
+        (7, 1, 3),
+        (33, 65, 17),
+        (64, 64, 64),
+        (17, 130, 129),
+    ];
+    for (t_idx, tiling) in tilings().into_iter().enumerate() {
+        for (s_idx, &(m, n, k)) in shapes.iter().enumerate() {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let spec = Matmul::new(m, n, k).transpose_a(ta).transpose_b(tb);
+                check_matmul(spec, tiling, (t_idx * 100 + s_idx * 4) as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_matmul_with_strides_and_broadcast() {
+    for tiling in tilings() {
+        for (ta, tb) in [(false, false), (true, true)] {
+            let spec = Matmul::batched(3, 33, 65, 17)
+                .transpose_a(ta)
+                .transpose_b(tb);
+            check_matmul(spec, tiling, 7);
+            // B shared by every batch (stride 0), as in x @ W for a 3-D x.
+            let shared_b = Matmul {
+                batch_stride_b: 0,
+                ..spec
+            };
+            check_matmul(shared_b, tiling, 8);
+        }
+    }
+}
+
+#[test]
+fn matmul_with_empty_inner_dimension_is_zero() {
+    let d = device();
+    let a = d.upload::<f32>(&[]).unwrap();
+    let c = d.matmul(&a, &a, &Matmul::new(3, 2, 0)).unwrap();
+    assert_eq!(d.read::<f32>(&c).unwrap(), vec![0.0; 6]);
+}
+
+#[test]
+fn matmul_rejects_mismatched_buffers_with_a_clear_error() {
+    let d = device();
+    let a = d.upload(&random_vec(12, 1, -1.0, 1.0)).unwrap(); // 3x4
+    let b = d.upload(&random_vec(30, 2, -1.0, 1.0)).unwrap(); // 5x6
+    let err = d.matmul(&a, &b, &Matmul::new(3, 6, 5)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, DeviceError::Shape { op: "matmul", .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("A holds 12 elements but the shape needs 15"),
+        "{msg}"
+    );
+}
+
+// ----- elementwise -----------------------------------------------------------
+
+fn erf(x: f64) -> f64 {
+    // Maclaurin series where it converges without cancellation, the continued
+    // fraction of erfc beyond: both accurate to ~1e-14 here.
+    if x.abs() < 3.0 {
+        let (mut term, mut sum, x2) = (x, x, x * x);
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        return sum * 2.0 / std::f64::consts::PI.sqrt();
+    }
+    let z = x.abs();
+    let mut k = z;
+    for n in (1..80).rev() {
+        k = z + f64::from(n) / 2.0 / k;
+    }
+    let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / k;
+    x.signum() * (1.0 - erfc)
+}
+
+fn unary_reference(op: UnaryOp, x: f64) -> f64 {
+    match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Recip => 1.0 / x,
+        UnaryOp::Square => x * x,
+        UnaryOp::Sin => x.sin(),
+        UnaryOp::Cos => x.cos(),
+        UnaryOp::Relu => x.max(0.0),
+        UnaryOp::LeakyRelu(a) => {
+            if x > 0.0 {
+                x
+            } else {
+                f64::from(a) * x
+            }
+        }
+        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        UnaryOp::Erf => erf(x),
+        UnaryOp::AddScalar(s) => x + f64::from(s),
+        UnaryOp::MulScalar(s) => x * f64::from(s),
+        UnaryOp::PowScalar(s) => x.powf(f64::from(s)),
+    }
+}
+
+#[test]
+fn unary_ops_match_reference() {
+    let d = device();
+    let ops = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Square,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Relu,
+        UnaryOp::LeakyRelu(0.01),
+        UnaryOp::Sigmoid,
+        UnaryOp::Tanh,
+        UnaryOp::Gelu,
+        UnaryOp::Erf,
+        UnaryOp::AddScalar(0.75),
+        UnaryOp::MulScalar(-1.5),
+        UnaryOp::PowScalar(1.7),
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        // Positive domains for ops undefined at or below zero.
+        let (lo, hi) = match op {
+            UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::PowScalar(_) => (0.05, 4.0),
+            UnaryOp::Recip => (0.1, 3.0),
+            _ => (-6.0, 6.0),
+        };
+        for n in [1, 7, 1000, 4099] {
+            let x = random_vec(n, 100 + i as u64, lo, hi);
+            let gx = d.upload(&x).unwrap();
+            let got = d.read::<f32>(&d.unary(op, &gx).unwrap()).unwrap();
+            let want: Vec<f64> = x
+                .iter()
+                .map(|&v| unary_reference(op, f64::from(v)))
+                .collect();
+            assert_close(&format!("{op:?} n={n}"), &got, &want, 1e-4, 1e-6);
+        }
+    }
+}
+
+fn binary_reference(op: BinaryOp, a: f64, b: f64) -> f64 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => a.max(b),
+        BinaryOp::Min => a.min(b),
+        BinaryOp::Pow => a.powf(b),
+    }
+}
+
+/// numpy-style broadcast evaluation in f64.
+fn broadcast_reference(
+    shapes: &[&[usize]],
+    values: &[&[f32]],
+    f: impl Fn(&[f64]) -> f64,
+) -> (Vec<f64>, Vec<usize>) {
+    let out = kiln::device::broadcast_shapes(shapes).unwrap();
+    let numel: usize = out.iter().product();
+    let mut result = Vec::with_capacity(numel);
+    let mut args = vec![0.0; shapes.len()];
+    for idx in 0..numel {
+        // Unravel idx over `out`, then ravel into each input with size-1 dims pinned.
+        let mut coords = vec![0; out.len()];
+        let mut rem = idx;
+        for d in (0..out.len()).rev() {
+            coords[d] = rem % out[d];
+            rem /= out[d];
+        }
+        for (i, shape) in shapes.iter().enumerate() {
+            let offset = out.len() - shape.len();
+            let mut flat = 0;
+            for (d, &extent) in shape.iter().enumerate() {
+                let c = if extent == 1 { 0 } else { coords[offset + d] };
+                flat = flat * extent + c;
+            }
+            args[i] = f64::from(values[i][flat]);
+        }
+        result.push(f(&args));
+    }
+    (result, out)
+}
+
+#[test]
+fn binary_ops_broadcast_like_numpy() {
+    let d = device();
+    let cases: [(&[usize], &[usize]); 7] = [
+        (&[33, 65], &[33, 65]),
+        (&[33, 65], &[65]),
+        (&[33, 1], &[1, 65]),
+        (&[3, 1, 17], &[5, 1]),
+        (&[1], &[4, 7]),
+        (&[2, 3, 4, 5], &[3, 1, 5]),
+        (&[1, 1], &[1]),
+    ];
+    let ops = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+    for (c, (sa, sb)) in cases.iter().enumerate() {
+        for (o, op) in ops.into_iter().enumerate() {
+            let seed = (c * 10 + o) as u64;
+            let (lo, hi) = if op == BinaryOp::Pow {
+                (0.1, 3.0)
+            } else {
+                (-2.0, 2.0)
+            };
+            let a = random_vec(sa.iter().product(), seed, lo, hi);
+            // Divisors kept away from zero.
+            let b = random_vec(sb.iter().product(), seed + 1000, 0.25, 2.0)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if i % 2 == 0 || op == BinaryOp::Pow {
+                        v
+                    } else {
+                        -v
+                    }
+                })
+                .collect::<Vec<_>>();
+            let ga = d.upload(&a).unwrap();
+            let gb = d.upload(&b).unwrap();
+            let (gc, shape) = d
+                .binary(op, Operand::new(&ga, sa), Operand::new(&gb, sb))
+                .unwrap();
+            let (want, want_shape) =
+                broadcast_reference(&[sa, sb], &[&a, &b], |v| binary_reference(op, v[0], v[1]));
+            assert_eq!(shape, want_shape);
+            let got = d.read::<f32>(&gc).unwrap();
+            assert_close(&format!("{op:?} {sa:?} {sb:?}"), &got, &want, 1e-4, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn custom_expression_with_three_inputs_and_scalars() {
+    let d = device();
+    let (sa, sb, sc): (&[usize], &[usize], &[usize]) = (&[4, 1, 6], &[5, 6], &[1]);
+    let a = random_vec(24, 1, -1.0, 1.0);
+    let b = random_vec(30, 2, -1.0, 1.0);
+    let c = random_vec(1, 3, -1.0, 1.0);
+    let (ga, gb, gc) = (
+        d.upload(&a).unwrap(),
+        d.upload(&b).unwrap(),
+        d.upload(&c).unwrap(),
+    );
+    let op = Elementwise::new("fma_tanh", "tanh(x0 * s0 + x1) * x2 + s1").scalars(&[1.5, -0.25]);
+    let (out, shape) = d
+        .elementwise(
+            &op,
+            &[
+                Operand::new(&ga, sa),
+                Operand::new(&gb, sb),
+                Operand::new(&gc, sc),
+            ],
+        )
+        .unwrap();
+    let (want, want_shape) = broadcast_reference(&[sa, sb, sc], &[&a, &b, &c], |v| {
+        (v[0] * 1.5 + v[1]).tanh() * v[2] - 0.25
+    });
+    assert_eq!(shape, want_shape);
+    assert_close("custom", &d.read::<f32>(&out).unwrap(), &want, 1e-4, 1e-6);
+}
+
+#[test]
+fn elementwise_beyond_one_dispatch_row_uses_the_2d_grid() {
+    // More than 65535 workgroups of 256: the kernel must rebuild the index from y.
+    let d = device();
+    let n = 65_535 * 256 + 1000;
+    let x: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5 - 7.0).collect();
+    let gx = d.upload(&x).unwrap();
+    let got = d
+        .read::<f32>(&d.unary(UnaryOp::AddScalar(3.0), &gx).unwrap())
+        .unwrap();
+    for i in (0..n).step_by(4099).chain(n - 1000..n) {
+        assert_eq!(got[i], x[i] + 3.0, "element {i}");
+    }
+}
+
+#[test]
+fn broadcast_mismatch_names_the_op_and_both_shapes() {
+    let d = device();
+    let a = d.upload(&random_vec(6, 1, -1.0, 1.0)).unwrap();
+    let b = d.upload(&random_vec(4, 2, -1.0, 1.0)).unwrap();
+    let err = d
+        .binary(
+            BinaryOp::Add,
+            Operand::new(&a, &[2, 3]),
+            Operand::new(&b, &[4]),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "add: cannot broadcast shapes [2, 3] and [4]"
+    );
+}
+
+// ----- reductions ------------------------------------------------------------
+
+fn reduce_reference(x: &[f32], spec: &Reduce) -> (Vec<f64>, Vec<f64>) {
+    let mut out = Vec::new();
+    let mut scale = Vec::new();
+    for o in 0..spec.outer {
+        for i in 0..spec.inner {
+            let vals: Vec<f64> = (0..spec.len)
+                .map(|l| f64::from(x[(o * spec.len + l) * spec.inner + i]))
+                .collect();
+            let abs: f64 = vals.iter().map(|v| v.abs()).sum();
+            let (v, s) = match spec.op {
+                ReduceOp::Sum => (vals.iter().sum(), abs),
+                ReduceOp::Mean => (
+                    vals.iter().sum::<f64>() / spec.len as f64,
+                    abs / spec.len as f64,
+                ),
+                ReduceOp::Max => (vals.iter().cloned().fold(f64::MIN, f64::max), 0.0),
+                ReduceOp::Min => (vals.iter().cloned().fold(f64::MAX, f64::min), 0.0),
+            };
+            out.push(v);
+            scale.push(s);
+        }
+    }
+    (out, scale)
+}
+
+#[test]
+fn reductions_match_reference_on_every_axis_and_strategy() {
+    let d = device();
+    let shapes: [&[usize]; 5] = [&[1], &[7], &[33, 65, 17], &[3, 1000, 2], &[2, 5000]];
+    for (s_idx, shape) in shapes.iter().enumerate() {
+        let x = random_vec(shape.iter().product(), s_idx as u64, -3.0, 3.0);
+        let gx = d.upload(&x).unwrap();
+        for axis in 0..shape.len() {
+            for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+                let spec = Reduce::axis(op, shape, axis).unwrap();
+                let (want, scale) = reduce_reference(&x, &spec);
+                for strategy in [
+                    ReduceStrategy::Auto,
+                    ReduceStrategy::Thread,
+                    ReduceStrategy::Workgroup,
+                ] {
+                    let got = d
+                        .read::<f32>(&d.reduce_with(&gx, &spec, strategy).unwrap())
+                        .unwrap();
+                    let what = format!("{op:?} axis {axis} of {shape:?} ({strategy:?})");
+                    if matches!(op, ReduceOp::Max | ReduceOp::Min) {
+                        assert_close(&what, &got, &want, 0.0, 0.0);
+                    } else {
+                        assert_close_scaled(&what, &got, &want, &scale, 1e-4);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ----- softmax ---------------------------------------------------------------
+
+#[test]
+fn softmax_and_log_softmax_match_reference() {
+    let d = device();
+    for (rows, cols) in [(1, 1), (1, 7), (33, 65), (5, 1000), (130, 10)] {
+        // Large logits check the max subtraction.
+        let x = random_vec(rows * cols, (rows * cols) as u64, -30.0, 30.0);
+        let gx = d.upload(&x).unwrap();
+        let mut soft = Vec::new();
+        let mut log_soft = Vec::new();
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            soft.extend(row.iter().map(|v| (v - lse).exp()));
+            log_soft.extend(row.iter().map(|v| v - lse));
+        }
+        let got = d.read::<f32>(&d.softmax(&gx, rows, cols).unwrap()).unwrap();
+        assert_close(&format!("softmax {rows}x{cols}"), &got, &soft, 1e-4, 1e-7);
+        let got = d
+            .read::<f32>(&d.log_softmax(&gx, rows, cols).unwrap())
+            .unwrap();
+        assert_close(
+            &format!("log_softmax {rows}x{cols}"),
+            &got,
+            &log_soft,
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+// ----- buffers ---------------------------------------------------------------
+
+#[test]
+fn f16_round_trip_and_dtype_checks() {
+    let d = device();
+    let x = random_vec(7, 9, -100.0, 100.0); // odd length: exercises the padded tail
+    let g = d.upload_f16(&x).unwrap();
+    assert_eq!(g.dtype(), DType::F16);
+    let back = d.read_f16_as_f32(&g).unwrap();
+    for (a, b) in x.iter().zip(&back) {
+        assert!((a - b).abs() <= a.abs() * 1e-3, "{a} vs {b}");
+    }
+    let err = d.read::<f32>(&g).unwrap_err();
+    assert!(matches!(err, DeviceError::DType { .. }), "{err}");
+    let err = d.unary(UnaryOp::Relu, &g).unwrap_err();
+    assert!(err.to_string().contains("F16"), "{err}");
+}
+
+#[test]
+fn buffers_beyond_the_binding_limit_fail_clearly() {
+    let d = device();
+    let too_many = (d.max_buffer_bytes() / 4 + 1) as usize;
+    let err = d.empty(too_many, DType::F32).unwrap_err();
+    assert!(matches!(err, DeviceError::BufferTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("smaller batch"), "{err}");
+}
+
+#[test]
+fn copy_and_zeros() {
+    let d = device();
+    let x = random_vec(1001, 4, -1.0, 1.0);
+    let gx = d.upload(&x).unwrap();
+    assert_eq!(d.read::<f32>(&d.copy(&gx).unwrap()).unwrap(), x);
+    assert_eq!(
+        d.read::<f32>(&d.zeros(33, DType::F32).unwrap()).unwrap(),
+        vec![0.0; 33]
+    );
+}
