@@ -1,11 +1,13 @@
 // C[z] = op(A[z]) * op(B[z]) with register tiling and no shared memory.
 //
-// Prepended by the host: TM, TN (outputs per invocation), TMN = TM * TN,
-// WG_X, WG_Y (workgroup shape), TRANS_A, TRANS_B (operands stored transposed).
+// Prepended by the host: TM, TN (outputs per invocation), WG_X, WG_Y (workgroup
+// shape), TRANS_A, TRANS_B (operands stored transposed). The host also generates
+// the fully unrolled OFFSETS, STEP and STORE blocks: TM x TN accumulators named
+// acc_I_J and loads a_I / b_J. Unrolling by generation rather than by WGSL loops
+// over private arrays keeps the accumulators in registers on drivers that do not
+// unroll big loops themselves (lavapipe otherwise keeps them in memory).
 // op(A) is M x K, op(B) is K x N, C is M x N, all row-major; batch z starts at
 // z * a_batch / z * b_batch (0 broadcasts one operand over the batch).
-// CPU adapters run one invocation per SIMD lane and scalarise loads, so a large
-// TM x TN block per invocation is what amortises each load there.
 
 struct Params {
     m: u32,
@@ -31,49 +33,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let z = gid.z + p.z0;
-
-    // Rows and columns past the edge are clamped so the k loop has no branches;
-    // their results are computed but never stored.
-    var a_off: array<u32, TM>;
-    for (var i = 0u; i < TM; i++) {
-        let r = min(row0 + i, p.m - 1u);
-        a_off[i] = z * p.a_batch + select(r * p.k, r, TRANS_A);
-    }
-    var b_off: array<u32, TN>;
-    for (var j = 0u; j < TN; j++) {
-        let col = min(col0 + j, p.n - 1u);
-        b_off[j] = z * p.b_batch + select(col, col * p.k, TRANS_B);
-    }
+    let a_base = z * p.a_batch;
+    let b_base = z * p.b_batch;
     let a_step = select(1u, p.m, TRANS_A);
     let b_step = select(p.n, 1u, TRANS_B);
 
-    var acc: array<f32, TMN>;
+    // Rows and columns past the edge are clamped so the k loop has no branches;
+    // their results are computed but never stored.
+{{OFFSETS}}
     for (var kk = 0u; kk < p.k; kk++) {
-        var av: array<f32, TM>;
-        for (var i = 0u; i < TM; i++) {
-            av[i] = a[a_off[i] + kk * a_step];
-        }
-        var bv: array<f32, TN>;
-        for (var j = 0u; j < TN; j++) {
-            bv[j] = b[b_off[j] + kk * b_step];
-        }
-        for (var i = 0u; i < TM; i++) {
-            for (var j = 0u; j < TN; j++) {
-                acc[i * TN + j] += av[i] * bv[j];
-            }
-        }
+        let ak = kk * a_step;
+        let bk = kk * b_step;
+{{STEP}}
     }
 
     let c_base = z * p.c_batch;
-    for (var i = 0u; i < TM; i++) {
-        let r = row0 + i;
-        if (r < p.m) {
-            for (var j = 0u; j < TN; j++) {
-                let col = col0 + j;
-                if (col < p.n) {
-                    c[c_base + r * p.n + col] = acc[i * TN + j];
-                }
-            }
-        }
-    }
+{{STORE}}
 }

@@ -419,10 +419,15 @@ impl Device {
         }
         let device = &self.shared.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source().into()),
-        });
+        };
+        let module = if std::env::var_os("KILN_EXP_UNCHECKED").is_some() {
+            unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks { bounds_checks: false, force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() }) }
+        } else {
+            device.create_shader_module(desc)
+        };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key),
             layout: None,

@@ -6,6 +6,7 @@ use crate::device::Device;
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 use crate::tuning::MatmulTiling;
+use std::fmt::Write;
 
 const REGISTER_SRC: &str = include_str!("../../../../shaders/matmul_register.wgsl");
 const SHARED_SRC: &str = include_str!("../../../../shaders/matmul_shared.wgsl");
@@ -164,9 +165,11 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool) -> String {
         MatmulTiling::Register { tm, tn, wg_x, wg_y } => Specialize::new(REGISTER_SRC)
             .constant_u32("TM", tm)
             .constant_u32("TN", tn)
-            .constant_u32("TMN", tm * tn)
             .constant_u32("WG_X", wg_x)
-            .constant_u32("WG_Y", wg_y),
+            .constant_u32("WG_Y", wg_y)
+            .replace("OFFSETS", &register_offsets(tm, tn))
+            .replace("STEP", &register_step(tm, tn))
+            .replace("STORE", &register_store(tm, tn)),
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } => Specialize::new(SHARED_SRC)
@@ -185,4 +188,63 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool) -> String {
     spec.constant_bool("TRANS_A", trans_a)
         .constant_bool("TRANS_B", trans_b)
         .build()
+}
+
+/// Clamped start offsets of the TM rows of A and TN columns of B, and zeroed
+/// accumulators.
+fn register_offsets(tm: u32, tn: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm {
+        let _ = writeln!(
+            s,
+            "    let r_{i} = min(row0 + {i}u, p.m - 1u);\n    \
+             let a_off_{i} = a_base + select(r_{i} * p.k, r_{i}, TRANS_A);"
+        );
+    }
+    for j in 0..tn {
+        let _ = writeln!(
+            s,
+            "    let c_{j} = min(col0 + {j}u, p.n - 1u);\n    \
+             let b_off_{j} = b_base + select(c_{j}, c_{j} * p.k, TRANS_B);"
+        );
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "    var acc_{i}_{j} = 0.0;");
+        }
+    }
+    s
+}
+
+/// One k step: TM + TN loads, TM * TN multiply-adds.
+fn register_step(tm: u32, tn: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm {
+        let _ = writeln!(s, "        let a_{i} = a[a_off_{i} + ak];");
+    }
+    for j in 0..tn {
+        let _ = writeln!(s, "        let b_{j} = b[b_off_{j} + bk];");
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "        acc_{i}_{j} += a_{i} * b_{j};");
+        }
+    }
+    s
+}
+
+fn register_store(tm: u32, tn: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (row0 + {i}u < p.m) {{");
+        let _ = writeln!(s, "        let c_row_{i} = c_base + (row0 + {i}u) * p.n + col0;");
+        for j in 0..tn {
+            let _ = writeln!(
+                s,
+                "        if (col0 + {j}u < p.n) {{ c[c_row_{i} + {j}u] = acc_{i}_{j}; }}"
+            );
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    s
 }
