@@ -15,23 +15,29 @@ const SIZES: [usize; 3] = [256, 512, 1024];
 fn main() -> anyhow::Result<()> {
     let device = Device::new()?;
     let info = device.adapter_info();
-    println!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    println!(
+        "adapter: {} ({:?}, {:?})",
+        info.name, info.backend, info.device_type
+    );
     println!();
 
     let numpy = numpy_sgemm_gflops(&SIZES);
     let mut tilings = vec![device.tuning().matmul];
     if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
         for s in [
-            "register:8x16:64x1",
-            "register:4x16:64x1",
-            "register:16x16:32x1",
-            "register:16x8:1x64",
-            "register:16x4:1x64",
+            "subgroup:4:8:64",
+            "subgroup:8:8:64",
+            "subgroup:4:8:32",
+            "subgroup:2:8:64",
             "register:16x16:8x4",
+            "register:8x16:8x4",
             "shared:64x64x16:4x4",
         ] {
             let t: MatmulTiling = s.parse().map_err(anyhow::Error::msg)?;
-            if !tilings.contains(&t) && t.validate(device.limits()).is_ok() {
+            if !tilings.contains(&t)
+                && t.validate(device.limits(), device.features(), device.adapter_info())
+                    .is_ok()
+            {
                 tilings.push(t);
             }
         }
@@ -67,8 +73,14 @@ fn main() -> anyhow::Result<()> {
     let (batched, unbatched) = dispatch_overhead(&device)?;
     println!("per-dispatch cost, 1024-element elementwise op");
     println!("{:<36} {:>10}", "mode", "us/dispatch");
-    println!("{:<36} {:>10.1}", "batched (1000 dispatches, 1 submit)", batched);
-    println!("{:<36} {:>10.1}", "unbatched (submit + wait each)", unbatched);
+    println!(
+        "{:<36} {:>10.1}",
+        "batched (1000 dispatches, 1 submit)", batched
+    );
+    println!(
+        "{:<36} {:>10.1}",
+        "unbatched (submit + wait each)", unbatched
+    );
     println!("{:<36} {:>10.1}x", "batching speed-up", unbatched / batched);
     Ok(())
 }
@@ -86,7 +98,10 @@ fn random(n: usize, seed: u32) -> Vec<f32> {
 
 /// Runs `f` until at least `min_time` has passed (after one warm-up call) and
 /// returns seconds per call.
-fn time_per_call(min_time: Duration, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+fn time_per_call(
+    min_time: Duration,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     f()?;
     let start = Instant::now();
     let mut calls = 0u32;
@@ -163,7 +178,9 @@ for n in map(int, sys.argv[1:]):
     if !output.status.success() {
         let err = String::from_utf8_lossy(&output.stderr);
         let last = err.lines().last().unwrap_or("").to_string();
-        return Err(format!("numpy not available ({last}); `pip install numpy` to compare"));
+        return Err(format!(
+            "numpy not available ({last}); `pip install numpy` to compare"
+        ));
     }
     String::from_utf8_lossy(&output.stdout)
         .lines()

@@ -163,7 +163,7 @@ impl Device {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let tuning = Tuning::for_adapter(&info);
+        let tuning = Tuning::for_adapter(&info, features);
         Ok(Self {
             shared: Arc::new(DeviceShared {
                 device,
@@ -423,11 +423,7 @@ impl Device {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source().into()),
         };
-        let module = if std::env::var_os("KILN_EXP_UNCHECKED").is_some() {
-            unsafe { device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks { bounds_checks: false, force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() }) }
-        } else {
-            device.create_shader_module(desc)
-        };
+        let module = device.create_shader_module(desc);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key),
             layout: None,

@@ -84,7 +84,18 @@ impl Specialize {
             !self.body.contains("{{"),
             "unreplaced placeholder in shader"
         );
-        format!("{}\n{}", self.prelude, self.body)
+        // WGSL wants `enable` directives before any declaration, so they move
+        // above the generated constants.
+        let (directives, body): (Vec<&str>, Vec<&str>) = self
+            .body
+            .lines()
+            .partition(|l| l.trim_start().starts_with("enable "));
+        format!(
+            "{}\n{}\n{}",
+            directives.join("\n"),
+            self.prelude,
+            body.join("\n")
+        )
     }
 }
 

@@ -19,6 +19,11 @@ pub enum MatmulTiling {
         wg_x: u32,
         wg_y: u32,
     },
+    /// For CPU adapters with a fixed subgroup size `sg`: the lanes of a subgroup
+    /// share `4 * sg` columns of B through broadcasts, each lane computing `tm`
+    /// rows; `wg` lanes per workgroup. Shapes it cannot take (k not a multiple of
+    /// 4, ...) run on [`MatmulTiling::SUBGROUP_FALLBACK`].
+    Subgroup { tm: u32, sg: u32, wg: u32 },
     /// A workgroup stages `bm x bk` and `bk x bn` tiles in shared memory; each of its
     /// `(bm/tm) x (bn/tn)` invocations computes a `tm x tn` block.
     Shared {
@@ -31,10 +36,19 @@ pub enum MatmulTiling {
 }
 
 impl MatmulTiling {
+    /// What a [`MatmulTiling::Subgroup`] tiling runs on for shapes it cannot take.
+    pub const SUBGROUP_FALLBACK: MatmulTiling = MatmulTiling::Register {
+        tm: 16,
+        tn: 16,
+        wg_x: 8,
+        wg_y: 4,
+    };
+
     /// Rows and columns of C one workgroup covers.
     pub fn block(&self) -> (u32, u32) {
         match *self {
             MatmulTiling::Register { tm, tn, wg_x, wg_y } => (tm * wg_y, tn * wg_x),
+            MatmulTiling::Subgroup { tm, sg, wg } => (tm * wg, 4 * sg),
             MatmulTiling::Shared { bm, bn, .. } => (bm, bn),
         }
     }
@@ -43,12 +57,32 @@ impl MatmulTiling {
     pub fn threads(&self) -> u32 {
         match *self {
             MatmulTiling::Register { wg_x, wg_y, .. } => wg_x * wg_y,
+            MatmulTiling::Subgroup { wg, .. } => wg,
             MatmulTiling::Shared { bm, bn, tm, tn, .. } => (bm / tm) * (bn / tn),
         }
     }
 
-    /// Checks the parameters against each other and the adapter's limits.
-    pub fn validate(&self, limits: &wgpu::Limits) -> Result<(), String> {
+    /// Checks the parameters against each other and the adapter.
+    pub fn validate(
+        &self,
+        limits: &wgpu::Limits,
+        features: wgpu::Features,
+        info: &wgpu::AdapterInfo,
+    ) -> Result<(), String> {
+        if let MatmulTiling::Subgroup { tm, sg, wg } = *self {
+            if !features.contains(wgpu::Features::SUBGROUP) {
+                return Err(format!("{self}: the adapter has no subgroup operations"));
+            }
+            if info.subgroup_min_size != sg || info.subgroup_max_size != sg {
+                return Err(format!(
+                    "{self}: needs subgroups of exactly {sg} lanes, the adapter has {}..{}",
+                    info.subgroup_min_size, info.subgroup_max_size
+                ));
+            }
+            if wg % sg != 0 || tm == 0 {
+                return Err(format!("{self}: wg must be a multiple of sg, tm positive"));
+            }
+        }
         if let MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } = *self
@@ -81,6 +115,7 @@ impl fmt::Display for MatmulTiling {
             MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
                 write!(f, "register:{tm}x{tn}:{wg_x}x{wg_y}")
             }
+            MatmulTiling::Subgroup { tm, sg, wg } => write!(f, "subgroup:{tm}:{sg}:{wg}"),
             MatmulTiling::Shared {
                 bm, bn, bk, tm, tn, ..
             } => write!(f, "shared:{bm}x{bn}x{bk}:{tm}x{tn}"),
@@ -116,6 +151,14 @@ impl FromStr for MatmulTiling {
                     wg_y: w[1],
                 })
             }
+            ["subgroup", tm, sg, wg] => {
+                let v = nums(&format!("{tm}x{sg}x{wg}"), 3)?;
+                Ok(MatmulTiling::Subgroup {
+                    tm: v[0],
+                    sg: v[1],
+                    wg: v[2],
+                })
+            }
             ["shared", b, t] => {
                 let (b, t) = (nums(b, 3)?, nums(t, 2)?);
                 Ok(MatmulTiling::Shared {
@@ -127,7 +170,7 @@ impl FromStr for MatmulTiling {
                 })
             }
             _ => Err(format!(
-                "{s:?}: expected register:TMxTN:WGXxWGY or shared:BMxBNxBK:TMxTN"
+                "{s:?}: expected register:TMxTN:WGXxWGY, subgroup:TM:SG:WG or shared:BMxBNxBK:TMxTN"
             )),
         }
     }
@@ -140,14 +183,9 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// Register tiles measured fastest on lavapipe (see the README's bench table).
+    /// Register tiles for CPU adapters without fixed-size subgroups.
     pub const CPU: Tuning = Tuning {
-        matmul: MatmulTiling::Register {
-            tm: 8,
-            tn: 16,
-            wg_x: 8,
-            wg_y: 4,
-        },
+        matmul: MatmulTiling::SUBGROUP_FALLBACK,
     };
 
     /// Classic shared-memory tiling for discrete and integrated GPUs.
@@ -163,11 +201,22 @@ impl Tuning {
 
     /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
     /// overrides the matmul tiling.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
-        let mut tuning = if crate::adapter::is_cpu(info) {
-            Self::CPU
-        } else {
+    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
+        let mut tuning = if !crate::adapter::is_cpu(info) {
             Self::GPU
+        } else if features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size
+            && info.subgroup_min_size >= 4
+        {
+            Tuning {
+                matmul: MatmulTiling::Subgroup {
+                    tm: 4,
+                    sg: info.subgroup_min_size,
+                    wg: 64,
+                },
+            }
+        } else {
+            Self::CPU
         };
         if let Ok(s) = std::env::var("KILN_MATMUL") {
             match s.parse() {

@@ -9,6 +9,8 @@ use crate::tuning::MatmulTiling;
 use std::fmt::Write;
 
 const REGISTER_SRC: &str = include_str!("../../../../shaders/matmul_register.wgsl");
+const REGISTER_VEC4_SRC: &str = include_str!("../../../../shaders/matmul_register_vec4.wgsl");
+const SUBGROUP_SRC: &str = include_str!("../../../../shaders/matmul_subgroup.wgsl");
 const SHARED_SRC: &str = include_str!("../../../../shaders/matmul_shared.wgsl");
 
 /// Shape of a (batched) product `C[z] = op(A[z]) * op(B[z])`.
@@ -115,8 +117,14 @@ impl Device {
             expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * n)?;
         }
         tiling
-            .validate(self.limits())
+            .validate(self.limits(), self.features(), self.adapter_info())
             .map_err(|message| DeviceError::Shape { op: OP, message })?;
+        let tiling = match tiling {
+            MatmulTiling::Subgroup { tm, .. } if !vec4_fits(spec, tm, 4) => {
+                MatmulTiling::SUBGROUP_FALLBACK
+            }
+            t => t,
+        };
         if k == 0 {
             // An empty sum: C is all zeros.
             return self.zeros(batch * m * n, DType::F32);
@@ -125,9 +133,10 @@ impl Device {
         if out.is_empty() {
             return Ok(out);
         }
+        let vec4 = vec4_loads_fit(spec, tiling);
         let kernel = self.kernel(
-            &format!("{tiling}:{}{}", spec.trans_a, spec.trans_b),
-            || specialise(tiling, spec.trans_a, spec.trans_b),
+            &format!("{tiling}:{}{}:{vec4}", spec.trans_a, spec.trans_b),
+            || specialise(tiling, spec.trans_a, spec.trans_b, vec4),
         )?;
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
@@ -160,16 +169,61 @@ impl Device {
     }
 }
 
-fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool) -> String {
+/// True when the register kernel may read both operands as `vec4`s: k and the
+/// extents read along their contiguous axis are multiples of 4, and so are the
+/// batch strides (so every vec4 is aligned).
+fn vec4_loads_fit(spec: &Matmul, tiling: MatmulTiling) -> bool {
+    match tiling {
+        MatmulTiling::Register { tm, tn, .. } => vec4_fits(spec, tm, tn),
+        MatmulTiling::Subgroup { tm, .. } => vec4_fits(spec, tm, 4),
+        MatmulTiling::Shared { .. } => false,
+    }
+}
+
+/// The vec4 condition for a kernel computing `tm x tn` blocks.
+fn vec4_fits(spec: &Matmul, tm: u32, tn: u32) -> bool {
+    let rows_ok = !spec.trans_a || (spec.m % 4 == 0 && tm % 4 == 0);
+    let cols_ok = spec.trans_b || (spec.n % 4 == 0 && tn % 4 == 0);
+    spec.k % 4 == 0
+        && spec.batch_stride_a % 4 == 0
+        && spec.batch_stride_b % 4 == 0
+        && rows_ok
+        && cols_ok
+}
+
+fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, vec4: bool) -> String {
     let spec = match tiling {
-        MatmulTiling::Register { tm, tn, wg_x, wg_y } => Specialize::new(REGISTER_SRC)
+        MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
+            let (source, offsets, step) = if vec4 {
+                (
+                    REGISTER_VEC4_SRC,
+                    vec4_offsets(tm, tn, trans_a, trans_b),
+                    vec4_step(tm, tn, trans_a, trans_b),
+                )
+            } else {
+                (
+                    REGISTER_SRC,
+                    register_offsets(tm, tn),
+                    register_step(tm, tn),
+                )
+            };
+            Specialize::new(source)
+                .constant_u32("TM", tm)
+                .constant_u32("TN", tn)
+                .constant_u32("WG_X", wg_x)
+                .constant_u32("WG_Y", wg_y)
+                .replace("OFFSETS", &offsets)
+                .replace("STEP", &step)
+                .replace("STORE", &register_store(tm, tn))
+        }
+        MatmulTiling::Subgroup { tm, sg, wg } => Specialize::new(SUBGROUP_SRC)
             .constant_u32("TM", tm)
-            .constant_u32("TN", tn)
-            .constant_u32("WG_X", wg_x)
-            .constant_u32("WG_Y", wg_y)
-            .replace("OFFSETS", &register_offsets(tm, tn))
-            .replace("STEP", &register_step(tm, tn))
-            .replace("STORE", &register_store(tm, tn)),
+            .constant_u32("TN", 4 * sg)
+            .constant_u32("SG", sg)
+            .constant_u32("WG", wg)
+            .replace("OFFSETS", &subgroup_offsets(tm, 4 * sg, trans_a, trans_b))
+            .replace("STEP", &subgroup_step(tm, 4 * sg, trans_a, trans_b))
+            .replace("STORE", &register_store(tm, 4 * sg)),
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } => Specialize::new(SHARED_SRC)
@@ -190,6 +244,183 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool) -> String {
         .build()
 }
 
+const LANES: [&str; 4] = ["x", "y", "z", "w"];
+
+fn zeroed_accumulators(s: &mut String, tm: u32, tn: u32) {
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "    var acc_{i}_{j} = 0.0;");
+        }
+    }
+}
+
+/// vec4 start indices: per row of A (along k) or per group of four rows (along
+/// m, when A is transposed); likewise per column or column group of B.
+fn vec4_offsets(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_a_offsets(tm, trans_a);
+    if trans_b {
+        for j in 0..tn {
+            let _ = writeln!(
+                s,
+                "    let b_off_{j} = (b_base + min(col0 + {j}u, p.n - 1u) * p.k) / 4u;"
+            );
+        }
+    } else {
+        for q in 0..tn / 4 {
+            let _ = writeln!(
+                s,
+                "    let b_off_{q} = (b_base + min(col0 + {}u, p.n - 4u)) / 4u;",
+                4 * q
+            );
+        }
+    }
+    zeroed_accumulators(&mut s, tm, tn);
+    s
+}
+
+/// vec4 start indices of A's rows (along k), or of groups of four rows (along m)
+/// when A is transposed.
+fn vec4_a_offsets(tm: u32, trans_a: bool) -> String {
+    let mut s = String::new();
+    if trans_a {
+        for g in 0..tm / 4 {
+            let _ = writeln!(
+                s,
+                "    let a_off_{g} = (a_base + min(row0 + {}u, p.m - 4u)) / 4u;",
+                4 * g
+            );
+        }
+    } else {
+        for i in 0..tm {
+            let _ = writeln!(
+                s,
+                "    let a_off_{i} = (a_base + min(row0 + {i}u, p.m - 1u) * p.k) / 4u;"
+            );
+        }
+    }
+    s
+}
+
+/// Four k steps: vec4 loads, then 4 * TM * TN multiply-adds on their lanes.
+fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_a_loads(tm, trans_a);
+    if trans_b {
+        for j in 0..tn {
+            let _ = writeln!(s, "        let b_{j} = b[b_off_{j} + kq];");
+        }
+    } else {
+        for t in 0..4 {
+            for q in 0..tn / 4 {
+                let _ = writeln!(
+                    s,
+                    "        let b_{t}_{q} = b[b_off_{q} + (4u * kq + {t}u) * n4];"
+                );
+            }
+        }
+    }
+    for (t, lane_t) in LANES.iter().enumerate() {
+        for i in 0..tm {
+            let a_val = vec4_a_value(i, t, trans_a);
+            for j in 0..tn {
+                let b_val = if trans_b {
+                    format!("b_{j}.{lane_t}")
+                } else {
+                    format!("b_{t}_{}.{}", j / 4, LANES[(j % 4) as usize])
+                };
+                let _ = writeln!(
+                    s,
+                    "        acc_{i}_{j} = fma({a_val}, {b_val}, acc_{i}_{j});"
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The vec4 loads of A for four k steps.
+fn vec4_a_loads(tm: u32, trans_a: bool) -> String {
+    let mut s = String::new();
+    if trans_a {
+        for t in 0..4 {
+            for g in 0..tm / 4 {
+                let _ = writeln!(
+                    s,
+                    "        let a_{t}_{g} = a[a_off_{g} + (4u * kq + {t}u) * m4];"
+                );
+            }
+        }
+    } else {
+        for i in 0..tm {
+            let _ = writeln!(s, "        let a_{i} = a[a_off_{i} + kq];");
+        }
+    }
+    s
+}
+
+/// A's value for row `i` at k step `t` of a four-step chunk.
+fn vec4_a_value(i: u32, t: usize, trans_a: bool) -> String {
+    if trans_a {
+        format!("a_{t}_{}.{}", i / 4, LANES[(i % 4) as usize])
+    } else {
+        format!("a_{i}.{}", LANES[t])
+    }
+}
+
+/// Offsets for the subgroup kernel: A as in the vec4 kernel; B at the four
+/// columns this lane loads for the subgroup.
+fn subgroup_offsets(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_a_offsets(tm, trans_a);
+    if trans_b {
+        for cc in 0..4 {
+            let _ = writeln!(
+                s,
+                "    let b_off_{cc} = (b_base + min(my_col + {cc}u, p.n - 1u) * p.k) / 4u;"
+            );
+        }
+    } else {
+        let _ = writeln!(s, "    let b_off = (b_base + min(my_col, p.n - 4u)) / 4u;");
+    }
+    zeroed_accumulators(&mut s, tm, tn);
+    s
+}
+
+/// Four k steps of the subgroup kernel: this lane's vec4 loads, then for each
+/// column a broadcast from the lane that loaded it, then the multiply-adds.
+fn subgroup_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_a_loads(tm, trans_a);
+    for t in 0..4 {
+        let _ = if trans_b {
+            writeln!(s, "        let bl_{t} = b[b_off_{t} + kq];")
+        } else {
+            writeln!(s, "        let bl_{t} = b[b_off + (4u * kq + {t}u) * n4];")
+        };
+    }
+    for (t, lane_t) in LANES.iter().enumerate() {
+        for j in 0..tn {
+            let local = if trans_b {
+                format!("bl_{}.{lane_t}", j % 4)
+            } else {
+                format!("bl_{t}.{}", LANES[(j % 4) as usize])
+            };
+            let _ = writeln!(
+                s,
+                "        let bv_{t}_{j} = subgroupBroadcast({local}, {}u);",
+                j / 4
+            );
+        }
+        for i in 0..tm {
+            let a_val = vec4_a_value(i, t, trans_a);
+            for j in 0..tn {
+                let _ = writeln!(
+                    s,
+                    "        acc_{i}_{j} = fma({a_val}, bv_{t}_{j}, acc_{i}_{j});"
+                );
+            }
+        }
+    }
+    s
+}
+
 /// Clamped start offsets of the TM rows of A and TN columns of B, and zeroed
 /// accumulators.
 fn register_offsets(tm: u32, tn: u32) -> String {
@@ -208,11 +439,7 @@ fn register_offsets(tm: u32, tn: u32) -> String {
              let b_off_{j} = b_base + select(c_{j}, c_{j} * p.k, TRANS_B);"
         );
     }
-    for i in 0..tm {
-        for j in 0..tn {
-            let _ = writeln!(s, "    var acc_{i}_{j} = 0.0;");
-        }
-    }
+    zeroed_accumulators(&mut s, tm, tn);
     s
 }
 
@@ -237,7 +464,10 @@ fn register_store(tm: u32, tn: u32) -> String {
     let mut s = String::new();
     for i in 0..tm {
         let _ = writeln!(s, "    if (row0 + {i}u < p.m) {{");
-        let _ = writeln!(s, "        let c_row_{i} = c_base + (row0 + {i}u) * p.n + col0;");
+        let _ = writeln!(
+            s,
+            "        let c_row_{i} = c_base + (row0 + {i}u) * p.n + col0;"
+        );
         for j in 0..tn {
             let _ = writeln!(
                 s,

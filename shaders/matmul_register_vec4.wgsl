@@ -1,0 +1,49 @@
+// C[z] = op(A[z]) * op(B[z]) with register tiling, reading A and B four floats at
+// a time along their contiguous axis and stepping k by four.
+//
+// Used instead of matmul_register.wgsl when k and the contiguous extents are
+// multiples of four. CPU adapters turn every per-invocation load into a loop over
+// SIMD lanes, so quartering the number of loads is what pays there.
+// Prepended: TM, TN, WG_X, WG_Y, TRANS_A, TRANS_B; generated: OFFSETS, STEP, STORE
+// (see kernels/matmul.rs).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_batch: u32,
+    b_batch: u32,
+    c_batch: u32,
+    z0: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row0 = gid.y * TM;
+    let col0 = gid.x * TN;
+    if (row0 >= p.m || col0 >= p.n) {
+        return;
+    }
+    let z = gid.z + p.z0;
+    let a_base = z * p.a_batch;
+    let b_base = z * p.b_batch;
+    let m4 = p.m / 4u;
+    let n4 = p.n / 4u;
+    let k4 = p.k / 4u;
+
+    // Rows and columns past the edge are clamped so the k loop has no branches;
+    // their results are computed but never stored.
+{{OFFSETS}}
+    for (var kq = 0u; kq < k4; kq++) {
+{{STEP}}
+    }
+
+    let c_base = z * p.c_batch;
+{{STORE}}
+}

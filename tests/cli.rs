@@ -1,0 +1,69 @@
+//! The `kiln` binary: `info` works, and a missing adapter is a clear error.
+
+use std::process::Command;
+
+fn kiln() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    cmd
+}
+
+#[test]
+fn info_prints_the_adapter_and_its_limits() {
+    let out = kiln().arg("info").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for field in [
+        "adapter:",
+        "backend:",
+        "f16 in shaders:",
+        "subgroups:",
+        "max storage binding:",
+        "storage buffers / stage:",
+    ] {
+        assert!(stdout.contains(field), "missing {field:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn no_adapter_is_a_clear_error_with_a_non_zero_exit() {
+    // DX12 does not exist on Linux or macOS, so nothing can be found.
+    if cfg!(windows) {
+        return;
+    }
+    let out = kiln()
+        .arg("info")
+        .env("WGPU_BACKEND", "dx12")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: no usable graphics adapter"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("apt-get install -y mesa-vulkan-drivers libvulkan1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_bad_device_selector_is_a_clear_error() {
+    let out = kiln()
+        .arg("info")
+        .env("KILN_DEVICE", "tpu")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("invalid device selector \"tpu\""),
+        "{stderr}"
+    );
+}
