@@ -21,3 +21,8 @@ pub use kiln_graph as graph;
 pub use kiln_models as models;
 
 pub use kiln_device::{Device, DeviceError};
+
+/// Compiles the README's Rust examples as doctests so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
