@@ -112,4 +112,14 @@ fn pool_capacity_bounds_idle_memory() {
     );
     d.trim_pool();
     assert_eq!(d.pool_stats().cached_bytes, 0);
+
+    // With no room in the pool, a buffer released while recorded work still reads
+    // it is let go, not destroyed: that work must still see its data.
+    d.set_pool_capacity(0);
+    let x = random_vec(3000, 6, -1.0, 1.0);
+    let a = d.upload(&x).unwrap();
+    let negated = d.unary(UnaryOp::Neg, &a).unwrap();
+    drop(a);
+    let want: Vec<f32> = x.iter().map(|v| -v).collect();
+    assert_eq!(d.read::<f32>(&negated).unwrap(), want);
 }

@@ -485,10 +485,16 @@ impl Device {
                 ),
             });
         }
-        assert!(
-            params.len() <= MAX_PARAM_BYTES,
-            "kernel parameters larger than {MAX_PARAM_BYTES} bytes"
-        );
+        if params.len() > MAX_PARAM_BYTES {
+            return Err(DeviceError::Shape {
+                op: "dispatch",
+                message: format!(
+                    "{}: {} bytes of parameters exceed the {MAX_PARAM_BYTES} a kernel may take",
+                    kernel.key,
+                    params.len()
+                ),
+            });
+        }
         for b in buffers {
             self.check_same_device(b, "dispatch")?;
         }

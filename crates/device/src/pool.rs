@@ -86,7 +86,9 @@ impl BufferPool {
     pub fn release(&mut self, bucket: u64, buffer: wgpu::Buffer, pending: bool) {
         self.stats.live_bytes -= bucket;
         if self.stats.cached_bytes + bucket > self.capacity {
-            buffer.destroy();
+            // Dropped, not destroyed: recorded commands may still use it, and wgpu
+            // frees the memory once they are done.
+            drop(buffer);
             return;
         }
         self.stats.cached_bytes += bucket;
