@@ -9,18 +9,7 @@
 // op(A) is M x K, op(B) is K x N, C is M x N, all row-major; batch z starts at
 // z * a_batch / z * b_batch (0 broadcasts one operand over the batch).
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_batch: u32,
-    b_batch: u32,
-    c_batch: u32,
-    z0: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0: matmul_params.wgsl.
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;

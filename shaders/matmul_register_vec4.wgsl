@@ -7,18 +7,7 @@
 // Prepended: TM, TN, WG_X, WG_Y, TRANS_A, TRANS_B; generated: OFFSETS, STEP, STORE
 // (see kernels/matmul.rs).
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_batch: u32,
-    b_batch: u32,
-    c_batch: u32,
-    z0: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0: matmul_params.wgsl.
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;

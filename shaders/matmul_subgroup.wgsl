@@ -13,18 +13,7 @@
 // OFFSETS, STEP, STORE (see kernels/matmul.rs). Requires k % 4 == 0, n % 4 == 0
 // unless TRANS_B, m % 4 == 0 when TRANS_A.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_batch: u32,
-    b_batch: u32,
-    c_batch: u32,
-    z0: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0: matmul_params.wgsl.
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;

@@ -8,6 +8,7 @@ use crate::kernel::Specialize;
 use crate::tuning::MatmulTiling;
 use std::fmt::Write;
 
+const PARAMS_SRC: &str = include_str!("../../../../shaders/matmul_params.wgsl");
 const REGISTER_SRC: &str = include_str!("../../../../shaders/matmul_register.wgsl");
 const REGISTER_VEC4_SRC: &str = include_str!("../../../../shaders/matmul_register_vec4.wgsl");
 const SUBGROUP_SRC: &str = include_str!("../../../../shaders/matmul_subgroup.wgsl");
@@ -239,9 +240,11 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, vec4: bool) ->
             .constant_u32("WG_Y", bm / tm)
             .constant_u32("THREADS", (bn / tn) * (bm / tm)),
     };
-    spec.constant_bool("TRANS_A", trans_a)
+    let body = spec
+        .constant_bool("TRANS_A", trans_a)
         .constant_bool("TRANS_B", trans_b)
-        .build()
+        .build();
+    format!("{PARAMS_SRC}\n{body}")
 }
 
 const LANES: [&str; 4] = ["x", "y", "z", "w"];
