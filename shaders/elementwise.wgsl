@@ -15,6 +15,8 @@ struct Params {
     shape: array<vec4<u32>, 2>,
     // Element strides of input i in dims 0..8: strides[2 * i], strides[2 * i + 1].
     strides: array<vec4<u32>, 8>,
+    // First element of each strided input.
+    offsets: vec4<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,10 +30,10 @@ fn stride_at(input: u32, d: u32) -> u32 {
     return p.strides[input * 2u + d / 4u][d % 4u];
 }
 
-// Offset of output element `idx` in a broadcast input.
+// Offset of output element `idx` in a strided (broadcast, permuted, sliced) input.
 fn broadcast_index(input: u32, idx: u32) -> u32 {
     var rem = idx;
-    var off = 0u;
+    var off = p.offsets[input];
     for (var d = p.rank; d > 0u; d--) {
         let extent = shape_at(d - 1u);
         off += (rem % extent) * stride_at(input, d - 1u);

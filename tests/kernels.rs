@@ -403,6 +403,44 @@ fn broadcast_mismatch_names_the_op_and_both_shapes() {
     );
 }
 
+#[test]
+fn strided_copy_transposes_permutes_and_slices() {
+    let d = device();
+    let x = random_vec(3 * 5 * 7, 11, -1.0, 1.0); // [3, 5, 7]
+    let gx = d.upload(&x).unwrap();
+    // Permute to [7, 3, 5]: out[i, j, k] = x[j, k, i].
+    let got = d
+        .read::<f32>(&d.strided_copy(&gx, &[7, 3, 5], &[1, 35, 7], 0).unwrap())
+        .unwrap();
+    let mut want = Vec::new();
+    for i in 0..7 {
+        for j in 0..3 {
+            for k in 0..5 {
+                want.push(x[j * 35 + k * 7 + i]);
+            }
+        }
+    }
+    assert_eq!(got, want);
+    // Slice x[1:3, 2:4, 5:7] through an offset.
+    let got = d
+        .read::<f32>(
+            &d.strided_copy(&gx, &[2, 2, 2], &[35, 7, 1], 35 + 14 + 5)
+                .unwrap(),
+        )
+        .unwrap();
+    let mut want = Vec::new();
+    for j in 1..3 {
+        for k in 2..4 {
+            for i in 5..7 {
+                want.push(x[j * 35 + k * 7 + i]);
+            }
+        }
+    }
+    assert_eq!(got, want);
+    // A view reaching past the buffer is refused.
+    assert!(d.strided_copy(&gx, &[2, 2], &[100, 10], 0).is_err());
+}
+
 // ----- reductions ------------------------------------------------------------
 
 fn reduce_reference(x: &[f32], spec: &Reduce) -> (Vec<f64>, Vec<f64>) {

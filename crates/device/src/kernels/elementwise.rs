@@ -267,6 +267,7 @@ struct Params {
     scalars: [f32; 4],
     shape: [u32; 8],
     strides: [u32; 32],
+    offsets: [u32; 4],
 }
 
 impl Device {
@@ -316,17 +317,10 @@ impl Device {
             return Ok((out, out_shape));
         }
 
-        let mut strides: Vec<Vec<usize>> = inputs
+        let strides: Vec<Vec<usize>> = inputs
             .iter()
             .map(|i| broadcast_strides(i.shape, &out_shape))
             .collect();
-        let shape = collapse(&out_shape, &mut strides);
-        if shape.len() > MAX_RANK {
-            return Err(DeviceError::Shape {
-                op: name,
-                message: format!("rank {} exceeds the supported {MAX_RANK}", out_shape.len()),
-            });
-        }
         let access: Vec<Access> = inputs
             .iter()
             .map(|i| {
@@ -340,9 +334,94 @@ impl Device {
                 }
             })
             .collect();
+        let buffers: Vec<&GpuBuffer> = inputs.iter().map(|i| i.buffer).collect();
+        let out = self.run_elementwise(
+            op,
+            &buffers,
+            &access,
+            &out_shape,
+            strides,
+            &[0; MAX_INPUTS],
+            out,
+        )?;
+        Ok((out, out_shape))
+    }
 
-        let key = kernel_key(op.expr, &access);
-        let kernel = self.kernel(&key, || generate(op.expr, &access))?;
+    /// Copies a strided view of `x` (element `i` of the result, unravelled over
+    /// `shape`, is read at `offset + sum(index_d * strides[d])`) into a new
+    /// contiguous buffer. Transposes, permutations, slices and broadcasts are all
+    /// such views.
+    pub fn strided_copy(
+        &self,
+        x: &GpuBuffer,
+        shape: &[usize],
+        strides: &[usize],
+        offset: usize,
+    ) -> Result<GpuBuffer> {
+        const OP: &str = "strided_copy";
+        super::expect_f32(OP, "input", x)?;
+        if shape.len() != strides.len() {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!("shape {shape:?} and strides {strides:?} differ in rank"),
+            });
+        }
+        let numel: usize = shape.iter().product();
+        let last = offset
+            + shape
+                .iter()
+                .zip(strides)
+                .map(|(&n, &s)| n.saturating_sub(1) * s)
+                .sum::<usize>();
+        if numel > 0 && last >= x.len() {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!(
+                    "view {shape:?} with strides {strides:?} at offset {offset} reads element {last} of a {}-element buffer",
+                    x.len()
+                ),
+            });
+        }
+        let out = self.empty(numel, x.dtype())?;
+        if numel == 0 {
+            return Ok(out);
+        }
+        let copy = Elementwise::new(OP, "x0");
+        let mut offsets = [0; MAX_INPUTS];
+        offsets[0] = offset;
+        self.run_elementwise(
+            &copy,
+            &[x],
+            &[Access::Strided],
+            shape,
+            vec![strides.to_vec()],
+            &offsets,
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_elementwise(
+        &self,
+        op: &Elementwise<'_>,
+        buffers: &[&GpuBuffer],
+        access: &[Access],
+        out_shape: &[usize],
+        mut strides: Vec<Vec<usize>>,
+        offsets: &[usize; MAX_INPUTS],
+        out: GpuBuffer,
+    ) -> Result<GpuBuffer> {
+        let name = op.name;
+        let numel: usize = out_shape.iter().product();
+        let shape = collapse(out_shape, &mut strides);
+        if shape.len() > MAX_RANK {
+            return Err(DeviceError::Shape {
+                op: name,
+                message: format!("rank {} exceeds the supported {MAX_RANK}", out_shape.len()),
+            });
+        }
+        let key = kernel_key(op.expr, access);
+        let kernel = self.kernel(&key, || generate(op.expr, access))?;
 
         let groups = (numel as u64).div_ceil(u64::from(LINEAR_WORKGROUP));
         let grid = grid_2d(groups, self.limits().max_compute_workgroups_per_dimension)?;
@@ -354,6 +433,7 @@ impl Device {
             scalars: op.scalars,
             shape: [1; 8],
             strides: [0; 32],
+            offsets: [0; 4],
         };
         for (d, &extent) in shape.iter().enumerate() {
             params.shape[d] = to_u32(name, "extent", extent)?;
@@ -363,10 +443,13 @@ impl Device {
                 params.strides[i * MAX_RANK + d] = to_u32(name, "stride", stride)?;
             }
         }
-        let mut buffers: Vec<&GpuBuffer> = inputs.iter().map(|i| i.buffer).collect();
-        buffers.push(&out);
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
-        Ok((out, out_shape))
+        for (i, &o) in offsets.iter().enumerate() {
+            params.offsets[i] = to_u32(name, "offset", o)?;
+        }
+        let mut bindings = buffers.to_vec();
+        bindings.push(&out);
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &bindings, grid)?;
+        Ok(out)
     }
 
     /// Applies a unary op to every element.
