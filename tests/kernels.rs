@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, assert_close_scaled, device, random_vec};
+use common::{assert_close, assert_close_scaled, broadcast_reference, device, random_vec};
 use kiln::device::{
     BinaryOp, DType, DeviceError, Elementwise, Matmul, MatmulTiling, Operand, Reduce, ReduceOp,
     ReduceStrategy, Tuning, UnaryOp,
@@ -250,38 +250,6 @@ fn binary_reference(op: BinaryOp, a: f64, b: f64) -> f64 {
         BinaryOp::Min => a.min(b),
         BinaryOp::Pow => a.powf(b),
     }
-}
-
-/// numpy-style broadcast evaluation in f64.
-fn broadcast_reference(
-    shapes: &[&[usize]],
-    values: &[&[f32]],
-    f: impl Fn(&[f64]) -> f64,
-) -> (Vec<f64>, Vec<usize>) {
-    let out = kiln::device::broadcast_shapes(shapes).unwrap();
-    let numel: usize = out.iter().product();
-    let mut result = Vec::with_capacity(numel);
-    let mut args = vec![0.0; shapes.len()];
-    for idx in 0..numel {
-        // Unravel idx over `out`, then ravel into each input with size-1 dims pinned.
-        let mut coords = vec![0; out.len()];
-        let mut rem = idx;
-        for d in (0..out.len()).rev() {
-            coords[d] = rem % out[d];
-            rem /= out[d];
-        }
-        for (i, shape) in shapes.iter().enumerate() {
-            let offset = out.len() - shape.len();
-            let mut flat = 0;
-            for (d, &extent) in shape.iter().enumerate() {
-                let c = if extent == 1 { 0 } else { coords[offset + d] };
-                flat = flat * extent + c;
-            }
-            args[i] = f64::from(values[i][flat]);
-        }
-        result.push(f(&args));
-    }
-    (result, out)
 }
 
 #[test]

@@ -59,3 +59,14 @@ pub(crate) fn to_u32(op: &'static str, what: &str, v: usize) -> Result<u32> {
         message: format!("{what} = {v} exceeds the 32-bit indexing of Kiln kernels"),
     })
 }
+
+impl crate::Device {
+    /// Dispatch geometry for a kernel with one invocation per element and
+    /// workgroups of 256: the grid, and the invocations per grid row (`row_threads`)
+    /// from which the kernel rebuilds its index as `gid.y * row_threads + gid.x`.
+    pub fn linear_grid(&self, elements: usize) -> Result<([u32; 3], u32)> {
+        let groups = (elements as u64).div_ceil(u64::from(LINEAR_WORKGROUP));
+        let grid = grid_2d(groups, self.limits().max_compute_workgroups_per_dimension)?;
+        Ok((grid, grid[0] * LINEAR_WORKGROUP))
+    }
+}

@@ -1,0 +1,140 @@
+//! The backward pass: reverse topological traversal with gradient accumulation,
+//! and the `no_grad` switch.
+
+use crate::tensor::Tensor;
+use kiln_device::{DeviceError, Result};
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+/// Computes the gradients of one op's inputs from the gradient of its output.
+/// Returns one entry per input (`None` where the input needs no gradient).
+pub(crate) type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// How a tensor was computed: the op's name, its inputs and its backward rule.
+pub(crate) struct GradFn {
+    pub op: &'static str,
+    pub inputs: Vec<Tensor>,
+    pub backward: BackwardFn,
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// True unless inside [`no_grad`].
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(Cell::get)
+}
+
+/// Restores gradient recording when dropped; see [`no_grad`].
+pub struct NoGradGuard {
+    previous: bool,
+}
+
+impl NoGradGuard {
+    pub fn new() -> Self {
+        let previous = GRAD_ENABLED.with(|g| g.replace(false));
+        Self { previous }
+    }
+}
+
+impl Default for NoGradGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+/// Runs `f` without recording a graph (for evaluation and optimizer updates).
+///
+/// ```no_run
+/// # fn main() -> Result<(), kiln_device::DeviceError> {
+/// # let device = kiln_graph::Device::new()?;
+/// let w = kiln_graph::Tensor::ones(&device, &[3])?.requires_grad(true);
+/// let y = kiln_graph::no_grad(|| w.mul_scalar(2.0))?;
+/// assert!(!y.is_requires_grad());
+/// # Ok(()) }
+/// ```
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = NoGradGuard::new();
+    f()
+}
+
+/// Tensors reachable from `root` through ops that need gradients, inputs before
+/// the ops that consume them.
+fn topological_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    // Iterative post-order DFS: deep graphs (long sequences) must not overflow
+    // the stack.
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(grad_fn) = t.grad_fn() {
+            for input in &grad_fn.inputs {
+                if input.is_requires_grad() && !seen.contains(&input.id()) {
+                    stack.push((input.clone(), false));
+                }
+            }
+        }
+    }
+    order
+}
+
+pub(crate) fn backward(root: &Tensor) -> Result<()> {
+    if root.numel() != 1 {
+        return Err(DeviceError::Shape {
+            op: "backward",
+            message: format!(
+                "needs a scalar (one-element) loss, got shape {:?}; reduce it with sum or mean first",
+                root.shape()
+            ),
+        });
+    }
+    if !root.is_requires_grad() {
+        return Err(DeviceError::Shape {
+            op: "backward",
+            message: "the loss does not depend on any tensor that requires grad".into(),
+        });
+    }
+    let _guard = NoGradGuard::new();
+    let order = topological_order(root);
+    let mut grads: HashMap<u64, Tensor> = HashMap::new();
+    grads.insert(root.id(), Tensor::ones(root.device(), root.shape())?);
+    for t in order.iter().rev() {
+        let Some(grad) = grads.remove(&t.id()) else {
+            continue;
+        };
+        match t.grad_fn() {
+            Some(grad_fn) => {
+                let input_grads = (grad_fn.backward)(&grad)?;
+                debug_assert_eq!(input_grads.len(), grad_fn.inputs.len(), "{}", grad_fn.op);
+                for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
+                    let Some(g) = g else { continue };
+                    if !input.is_requires_grad() {
+                        continue;
+                    }
+                    let total = match grads.remove(&input.id()) {
+                        Some(previous) => previous.add(&g)?,
+                        None => g,
+                    };
+                    grads.insert(input.id(), total);
+                }
+            }
+            None => t.accumulate_grad(grad)?,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Matrix products: 2-D, batched 3-D, and 3-D by a shared 2-D matrix.
+
+use super::record;
+use crate::tensor::Tensor;
+use kiln_device::{DeviceError, Matmul, Result};
+
+/// `op(a) * op(b)` on raw tensors (no graph).
+fn product(a: &Tensor, b: &Tensor, spec: Matmul, shape: Vec<usize>) -> Result<Tensor> {
+    let buffer = a.device().matmul(a.buffer(), b.buffer(), &spec)?;
+    Tensor::from_buffer(a.device(), buffer, &shape)
+}
+
+impl Tensor {
+    /// Matrix product. Shapes: `[m, k] x [k, n]`, `[b, m, k] x [b, k, n]`, or
+    /// `[b, m, k] x [k, n]` (the same matrix for every batch, as in a linear layer
+    /// over a sequence).
+    pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.shape().to_vec(), other.shape().to_vec());
+        let mismatch = || DeviceError::Shape {
+            op: "matmul",
+            message: format!("cannot multiply {a:?} by {b:?}"),
+        };
+        let (batch, m, k, n, shared_b) = match (a.as_slice(), b.as_slice()) {
+            (&[m, k], &[k2, n]) if k == k2 => (1, m, k, n, false),
+            (&[ba, m, k], &[bb, k2, n]) if k == k2 && ba == bb => (ba, m, k, n, false),
+            (&[ba, m, k], &[k2, n]) if k == k2 => (ba, m, k, n, true),
+            _ => return Err(mismatch()),
+        };
+        let out_shape = if a.len() == 2 {
+            vec![m, n]
+        } else {
+            vec![batch, m, n]
+        };
+        let spec = Matmul {
+            batch_stride_b: if shared_b { 0 } else { k * n },
+            ..Matmul::batched(batch, m, n, k)
+        };
+        let out = product(self, other, spec, out_shape)?;
+        let (sa, sb) = (self.detach(), other.detach());
+        Ok(record(&[self, other], out, "matmul", move |g| {
+            // dA = dC * B^T (B shared across the batch when stride is 0).
+            let grad_a = Matmul {
+                trans_b: true,
+                batch_stride_a: m * n,
+                batch_stride_b: spec.batch_stride_b,
+                ..Matmul::batched(batch, m, k, n)
+            };
+            let ga = product(g, &sb, grad_a, sa.shape().to_vec())?;
+            // dB = A^T * dC; for a shared B, summed over the batch, which is one
+            // product over the flattened batch*m rows.
+            let gb = if shared_b {
+                let spec = Matmul::new(k, n, batch * m).transpose_a(true);
+                product(&sa, g, spec, vec![k, n])?
+            } else {
+                let spec = Matmul {
+                    trans_a: true,
+                    batch_stride_a: m * k,
+                    batch_stride_b: m * n,
+                    ..Matmul::batched(batch, k, n, m)
+                };
+                product(&sa, g, spec, sb.shape().to_vec())?
+            };
+            Ok(vec![Some(ga), Some(gb)])
+        }))
+    }
+}

@@ -1,0 +1,54 @@
+//! Differentiable ops. Each forward runs device kernels; each backward rule is
+//! written with the same tensor ops, so gradients are computed on the GPU.
+
+mod arith;
+mod matmul;
+mod reduce;
+mod shape;
+mod softmax;
+
+use crate::autograd::{is_grad_enabled, GradFn};
+use crate::tensor::Tensor;
+use kiln_device::Result;
+
+/// Attaches the graph to an op's output (computed without one) when an input
+/// needs gradients. `backward` maps the output's gradient to one entry per input.
+pub(crate) fn record(
+    inputs: &[&Tensor],
+    out: Tensor,
+    op: &'static str,
+    backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Tensor {
+    let needs_grad = is_grad_enabled() && inputs.iter().any(|t| t.is_requires_grad());
+    if !needs_grad {
+        return out;
+    }
+    let grad_fn = GradFn {
+        op,
+        inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+        backward: Box::new(backward),
+    };
+    Tensor::from_parts(
+        out.device(),
+        out.shared_buffer(),
+        out.shape().to_vec(),
+        Some(grad_fn),
+    )
+}
+
+/// Sums `grad` down to `shape`, undoing numpy broadcasting: the gradient of a
+/// broadcast input is the sum over the dims it was repeated along.
+pub(crate) fn sum_to_shape(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if grad.shape() == shape {
+        return Ok(grad.clone());
+    }
+    let mut g = grad.clone();
+    let extra = g.rank() - shape.len();
+    for axis in 0..g.rank() {
+        let target = if axis < extra { 1 } else { shape[axis - extra] };
+        if target == 1 && g.shape()[axis] != 1 {
+            g = g.sum(axis, true)?;
+        }
+    }
+    g.reshape(shape)
+}

@@ -1,0 +1,46 @@
+//! Softmax and log-softmax over the last axis.
+
+use super::arith::map;
+use super::record;
+use crate::tensor::Tensor;
+use kiln_device::{DeviceError, Elementwise, Result};
+
+fn rows_cols(t: &Tensor, op: &'static str) -> Result<(usize, usize)> {
+    match t.shape().last() {
+        Some(&cols) if cols > 0 => Ok((t.numel() / cols, cols)),
+        _ => Err(DeviceError::Shape {
+            op,
+            message: format!("needs a non-empty last axis, shape is {:?}", t.shape()),
+        }),
+    }
+}
+
+impl Tensor {
+    /// Softmax over the last axis.
+    pub fn softmax(&self) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(self, "softmax")?;
+        let buffer = self.device().softmax(self.buffer(), rows, cols)?;
+        let out = Tensor::from_buffer(self.device(), buffer, self.shape())?;
+        let y = out.detach();
+        Ok(record(&[self], out, "softmax", move |g| {
+            // dx = y * (g - sum(g * y))
+            let gy_sum = g.mul(&y)?.sum(y.rank() - 1, true)?;
+            let rule = Elementwise::new("softmax_grad", "x2 * (x0 - x1)");
+            Ok(vec![Some(map(&rule, &[g, &gy_sum, &y])?)])
+        }))
+    }
+
+    /// Log-softmax over the last axis, stable for large logits.
+    pub fn log_softmax(&self) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(self, "log_softmax")?;
+        let buffer = self.device().log_softmax(self.buffer(), rows, cols)?;
+        let out = Tensor::from_buffer(self.device(), buffer, self.shape())?;
+        let y = out.detach();
+        Ok(record(&[self], out, "log_softmax", move |g| {
+            // dx = g - softmax(x) * sum(g), with softmax(x) = exp(y)
+            let g_sum = g.sum(y.rank() - 1, true)?;
+            let rule = Elementwise::new("log_softmax_grad", "x0 - exp(x2) * x1");
+            Ok(vec![Some(map(&rule, &[g, &g_sum, &y])?)])
+        }))
+    }
+}

@@ -1,0 +1,235 @@
+//! The [`Tensor`] type: a shape, a GPU buffer, and where it came from.
+
+use crate::autograd::{self, GradFn};
+use kiln_device::{DType, Device, DeviceError, GpuBuffer, Result};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+struct Inner {
+    id: u64,
+    buffer: Arc<GpuBuffer>,
+    shape: Vec<usize>,
+    device: Device,
+    /// For leaves: whether gradients are wanted (false freezes a parameter).
+    /// For op results: whether any input wanted them.
+    requires_grad: AtomicBool,
+    grad: Mutex<Option<Tensor>>,
+    grad_fn: Option<GradFn>,
+}
+
+/// An f32 tensor on a device, row-major and contiguous.
+///
+/// Cloning is cheap and shares the data. Ops record a graph when an input
+/// requires gradients and recording is enabled (see [`crate::no_grad`]).
+#[derive(Clone)]
+pub struct Tensor {
+    inner: Arc<Inner>,
+}
+
+impl Tensor {
+    pub(crate) fn from_parts(
+        device: &Device,
+        buffer: Arc<GpuBuffer>,
+        shape: Vec<usize>,
+        grad_fn: Option<GradFn>,
+    ) -> Self {
+        let requires_grad = grad_fn.is_some();
+        Self {
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                buffer,
+                shape,
+                device: device.clone(),
+                requires_grad: AtomicBool::new(requires_grad),
+                grad: Mutex::new(None),
+                grad_fn,
+            }),
+        }
+    }
+
+    /// Wraps a buffer holding `shape` (no graph).
+    pub fn from_buffer(device: &Device, buffer: GpuBuffer, shape: &[usize]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if buffer.len() != numel || buffer.dtype() != DType::F32 {
+            return Err(DeviceError::Shape {
+                op: "from_buffer",
+                message: format!(
+                    "shape {shape:?} needs {numel} f32, the buffer holds {} {:?}",
+                    buffer.len(),
+                    buffer.dtype()
+                ),
+            });
+        }
+        Ok(Self::from_parts(
+            device,
+            Arc::new(buffer),
+            shape.to_vec(),
+            None,
+        ))
+    }
+
+    /// Uploads `data` as a tensor of `shape`.
+    pub fn from_slice(device: &Device, data: &[f32], shape: &[usize]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(DeviceError::Shape {
+                op: "from_slice",
+                message: format!("shape {shape:?} needs {numel} values, got {}", data.len()),
+            });
+        }
+        Self::from_buffer(device, device.upload(data)?, shape)
+    }
+
+    pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
+        let numel = shape.iter().product();
+        Self::from_buffer(device, device.zeros(numel, DType::F32)?, shape)
+    }
+
+    pub fn full(device: &Device, shape: &[usize], value: f32) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        Self::from_slice(device, &vec![value; numel], shape)
+    }
+
+    pub fn ones(device: &Device, shape: &[usize]) -> Result<Self> {
+        Self::full(device, shape, 1.0)
+    }
+
+    /// Values uniform in `[lo, hi)` from a seeded generator (host-side, so the
+    /// same seed gives the same tensor on every adapter).
+    pub fn uniform(device: &Device, shape: &[usize], lo: f32, hi: f32, seed: u64) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        let data: Vec<f32> = (0..numel)
+            .map(|_| {
+                // splitmix64
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+                lo + (hi - lo) * unit
+            })
+            .collect();
+        Self::from_slice(device, &data, shape)
+    }
+
+    /// Marks a leaf tensor as wanting gradients (a trainable parameter).
+    pub fn requires_grad(self, requires: bool) -> Self {
+        self.set_requires_grad(requires);
+        self
+    }
+
+    /// Freezes (`false`) or unfreezes a parameter. Frozen tensors get no gradient
+    /// and optimizers skip them.
+    pub fn set_requires_grad(&self, requires: bool) {
+        self.inner.requires_grad.store(requires, Ordering::Relaxed);
+    }
+
+    pub fn is_requires_grad(&self) -> bool {
+        self.inner.requires_grad.load(Ordering::Relaxed)
+    }
+
+    /// The accumulated gradient of a leaf, after [`Tensor::backward`].
+    pub fn grad(&self) -> Option<Tensor> {
+        lock(&self.inner.grad).clone()
+    }
+
+    /// Forgets the accumulated gradient.
+    pub fn zero_grad(&self) {
+        *lock(&self.inner.grad) = None;
+    }
+
+    /// Back-propagates from this scalar to every leaf that requires gradients,
+    /// adding to their [`Tensor::grad`].
+    pub fn backward(&self) -> Result<()> {
+        autograd::backward(self)
+    }
+
+    /// The same data without the graph: gradients stop here.
+    pub fn detach(&self) -> Tensor {
+        Self::from_parts(
+            &self.inner.device,
+            self.inner.buffer.clone(),
+            self.inner.shape.clone(),
+            None,
+        )
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.inner.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.inner.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.inner.shape.iter().product()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    pub fn buffer(&self) -> &GpuBuffer {
+        &self.inner.buffer
+    }
+
+    pub(crate) fn shared_buffer(&self) -> Arc<GpuBuffer> {
+        self.inner.buffer.clone()
+    }
+
+    /// Reads the values back (waits for the GPU).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        self.inner.device.read::<f32>(&self.inner.buffer)
+    }
+
+    /// The value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(DeviceError::Shape {
+                op: "item",
+                message: format!("needs one element, shape is {:?}", self.shape()),
+            });
+        }
+        Ok(self.to_vec()?[0])
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub(crate) fn grad_fn(&self) -> Option<&GradFn> {
+        self.inner.grad_fn.as_ref()
+    }
+
+    pub(crate) fn accumulate_grad(&self, grad: Tensor) -> Result<()> {
+        let mut slot = lock(&self.inner.grad);
+        let total = match slot.take() {
+            Some(previous) => previous.add(&grad)?,
+            None => grad,
+        };
+        *slot = Some(total);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = self.grad_fn().map(|g| g.op).unwrap_or("leaf");
+        write!(
+            f,
+            "Tensor({:?}, {op}, requires_grad={})",
+            self.shape(),
+            self.is_requires_grad()
+        )
+    }
+}

@@ -1,0 +1,476 @@
+//! Autodiff: every op's forward against an f64 CPU reference and its gradient
+//! against central differences of that reference, on seeded random inputs with
+//! broadcasting and odd shapes.
+//!
+//! Tolerances: forward values within 1e-4 relative + 1e-5 absolute; gradients
+//! within 1e-3 relative + 1e-4 of the largest reference gradient (the GPU runs in
+//! f32; the reference differences in f64 with step 1e-6).
+
+mod common;
+
+use common::{broadcast_reference, device, random_vec};
+use kiln::graph::{loss, Tensor};
+
+type CpuFn<'a> = dyn Fn(&[Vec<f64>]) -> Vec<f64> + 'a;
+
+struct Input {
+    data: Vec<f32>,
+    shape: Vec<usize>,
+}
+
+fn input(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Input {
+    Input {
+        data: random_vec(shape.iter().product(), seed, lo, hi),
+        shape: shape.to_vec(),
+    }
+}
+
+/// Checks `gpu` against `cpu`: forward values, then the gradient of
+/// `sum(f(x) * r)` for fixed random weights `r` with respect to every input.
+fn grad_check(
+    name: &str,
+    inputs: &[Input],
+    gpu: impl Fn(&[Tensor]) -> kiln::graph::Result<Tensor>,
+    cpu: &CpuFn<'_>,
+) {
+    let d = device();
+    let tensors: Vec<Tensor> = inputs
+        .iter()
+        .map(|i| {
+            Tensor::from_slice(d, &i.data, &i.shape)
+                .unwrap()
+                .requires_grad(true)
+        })
+        .collect();
+    let y = gpu(&tensors).unwrap();
+    let x64: Vec<Vec<f64>> = inputs
+        .iter()
+        .map(|i| i.data.iter().map(|&v| f64::from(v)).collect())
+        .collect();
+    let want = cpu(&x64);
+    let got = y.to_vec().unwrap();
+    assert_eq!(got.len(), want.len(), "{name}: output size");
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (f64::from(g) - w).abs() <= 1e-4 * w.abs() + 1e-5,
+            "{name}: forward element {i}: got {g}, want {w}"
+        );
+    }
+
+    let r = random_vec(want.len(), 999, -1.0, 1.0);
+    let weights = Tensor::from_slice(d, &r, y.shape()).unwrap();
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let objective =
+        |x: &[Vec<f64>]| -> f64 { cpu(x).iter().zip(&r).map(|(v, &w)| v * f64::from(w)).sum() };
+    for (k, t) in tensors.iter().enumerate() {
+        let analytic = t
+            .grad()
+            .unwrap_or_else(|| panic!("{name}: no gradient for input {k}"));
+        assert_eq!(
+            analytic.shape(),
+            t.shape(),
+            "{name}: gradient shape of input {k}"
+        );
+        let analytic = analytic.to_vec().unwrap();
+        let mut numeric = Vec::with_capacity(analytic.len());
+        for i in 0..analytic.len() {
+            let h = 1e-6;
+            let mut plus = x64.clone();
+            plus[k][i] += h;
+            let mut minus = x64.clone();
+            minus[k][i] -= h;
+            numeric.push((objective(&plus) - objective(&minus)) / (2.0 * h));
+        }
+        let scale = numeric.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for i in 0..analytic.len() {
+            let err = (f64::from(analytic[i]) - numeric[i]).abs();
+            assert!(
+                err <= 1e-3 * numeric[i].abs() + 1e-4 * scale.max(1e-3),
+                "{name}: d/d(input {k})[{i}]: got {}, want {} (error {err:e})",
+                analytic[i],
+                numeric[i]
+            );
+        }
+    }
+}
+
+/// CPU reference of a broadcasting binary op.
+fn cpu_binary(shapes: [Vec<usize>; 2], f: fn(f64, f64) -> f64) -> Box<CpuFn<'static>> {
+    Box::new(move |x: &[Vec<f64>]| {
+        let (idx_a, idx_b, _) = broadcast_indices(&shapes[0], &shapes[1]);
+        idx_a
+            .iter()
+            .zip(&idx_b)
+            .map(|(&i, &j)| f(x[0][i], x[1][j]))
+            .collect()
+    })
+}
+
+/// For each element of the broadcast output, the element of `a` and of `b` it reads.
+fn broadcast_indices(a: &[usize], b: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let na: usize = a.iter().product();
+    let nb: usize = b.iter().product();
+    let ia: Vec<f32> = (0..na).map(|i| i as f32).collect();
+    let ib: Vec<f32> = (0..nb).map(|i| i as f32).collect();
+    let (pairs, shape) = broadcast_reference(&[a, b], &[&ia, &ib], |v| v[0] * 1e6 + v[1]);
+    let ia = pairs.iter().map(|p| (p / 1e6).floor() as usize).collect();
+    let ib = pairs.iter().map(|p| (p % 1e6).round() as usize).collect();
+    (ia, ib, shape)
+}
+
+#[test]
+fn broadcasting_arithmetic_gradients() {
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[3, 4], &[3, 4]),
+        (&[3, 1, 5], &[4, 5]),
+        (&[2, 3], &[3]),
+        (&[1], &[2, 7]),
+    ];
+    for (c, (sa, sb)) in cases.iter().enumerate() {
+        let a = input(sa, c as u64, -2.0, 2.0);
+        // Divisors kept away from zero.
+        let b = input(sb, 100 + c as u64, 0.5, 2.0);
+        let shapes = [sa.to_vec(), sb.to_vec()];
+        let inputs = [a, b];
+        grad_check(
+            &format!("add {sa:?} {sb:?}"),
+            &inputs,
+            |t| t[0].add(&t[1]),
+            &*cpu_binary(shapes.clone(), |x, y| x + y),
+        );
+        grad_check(
+            &format!("sub {sa:?} {sb:?}"),
+            &inputs,
+            |t| t[0].sub(&t[1]),
+            &*cpu_binary(shapes.clone(), |x, y| x - y),
+        );
+        grad_check(
+            &format!("mul {sa:?} {sb:?}"),
+            &inputs,
+            |t| t[0].mul(&t[1]),
+            &*cpu_binary(shapes.clone(), |x, y| x * y),
+        );
+        grad_check(
+            &format!("div {sa:?} {sb:?}"),
+            &inputs,
+            |t| t[0].div(&t[1]),
+            &*cpu_binary(shapes.clone(), |x, y| x / y),
+        );
+    }
+}
+
+fn erf(x: f64) -> f64 {
+    // Series to |x| < 3, continued fraction beyond; ~1e-14.
+    if x.abs() < 3.0 {
+        let (mut term, mut sum, x2) = (x, x, x * x);
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        return sum * 2.0 / std::f64::consts::PI.sqrt();
+    }
+    let z = x.abs();
+    let mut k = z;
+    for n in (1..80).rev() {
+        k = z + f64::from(n) / 2.0 / k;
+    }
+    x.signum() * (1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / k)
+}
+
+#[test]
+fn unary_gradients() {
+    type Case = (
+        &'static str,
+        f32,
+        f32,
+        fn(&Tensor) -> kiln::graph::Result<Tensor>,
+        fn(f64) -> f64,
+    );
+    let cases: Vec<Case> = vec![
+        ("neg", -3.0, 3.0, |t| t.neg(), |x| -x),
+        ("add_scalar", -3.0, 3.0, |t| t.add_scalar(0.5), |x| x + 0.5),
+        (
+            "mul_scalar",
+            -3.0,
+            3.0,
+            |t| t.mul_scalar(-1.5),
+            |x| -1.5 * x,
+        ),
+        (
+            "pow_scalar",
+            0.2,
+            3.0,
+            |t| t.pow_scalar(1.7),
+            |x| x.powf(1.7),
+        ),
+        ("square", -3.0, 3.0, |t| t.square(), |x| x * x),
+        ("exp", -3.0, 3.0, |t| t.exp(), f64::exp),
+        ("log", 0.2, 3.0, |t| t.log(), f64::ln),
+        ("sqrt", 0.2, 3.0, |t| t.sqrt(), f64::sqrt),
+        ("relu", -3.0, 3.0, |t| t.relu(), |x| x.max(0.0)),
+        (
+            "leaky_relu",
+            -3.0,
+            3.0,
+            |t| t.leaky_relu(0.1),
+            |x| if x > 0.0 { x } else { 0.1 * x },
+        ),
+        (
+            "sigmoid",
+            -5.0,
+            5.0,
+            |t| t.sigmoid(),
+            |x| 1.0 / (1.0 + (-x).exp()),
+        ),
+        ("tanh", -3.0, 3.0, |t| t.tanh(), f64::tanh),
+        (
+            "gelu",
+            -4.0,
+            4.0,
+            |t| t.gelu(),
+            |x| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        ),
+    ];
+    for (i, (name, lo, hi, gpu, cpu)) in cases.into_iter().enumerate() {
+        let x = input(&[3, 7], 200 + i as u64, lo, hi);
+        grad_check(name, &[x], |t| gpu(&t[0]), &|x: &[Vec<f64>]| {
+            x[0].iter().map(|&v| cpu(v)).collect()
+        });
+    }
+}
+
+fn cpu_matmul(
+    a: &[f64],
+    b: &[f64],
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    shared_b: bool,
+) -> Vec<f64> {
+    let mut c = vec![0.0; batch * m * n];
+    for z in 0..batch {
+        let bo = if shared_b { 0 } else { z * k * n };
+        for i in 0..m {
+            for j in 0..n {
+                c[(z * m + i) * n + j] = (0..k)
+                    .map(|p| a[(z * m + i) * k + p] * b[bo + p * n + j])
+                    .sum();
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn matmul_gradients() {
+    grad_check(
+        "matmul 2-D",
+        &[input(&[5, 7], 1, -1.0, 1.0), input(&[7, 3], 2, -1.0, 1.0)],
+        |t| t[0].matmul(&t[1]),
+        &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 1, 5, 7, 3, false),
+    );
+    grad_check(
+        "matmul batched",
+        &[
+            input(&[3, 4, 6], 3, -1.0, 1.0),
+            input(&[3, 6, 5], 4, -1.0, 1.0),
+        ],
+        |t| t[0].matmul(&t[1]),
+        &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 3, 4, 6, 5, false),
+    );
+    grad_check(
+        "matmul batched by shared",
+        &[
+            input(&[2, 5, 8], 5, -1.0, 1.0),
+            input(&[8, 3], 6, -1.0, 1.0),
+        ],
+        |t| t[0].matmul(&t[1]),
+        &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 2, 5, 8, 3, true),
+    );
+}
+
+#[test]
+fn shape_and_reduction_gradients() {
+    // [2, 3, 4] permuted to [4, 2, 3].
+    grad_check(
+        "permute",
+        &[input(&[2, 3, 4], 10, -1.0, 1.0)],
+        |t| t[0].permute(&[2, 0, 1]),
+        &|x: &[Vec<f64>]| {
+            let mut out = Vec::new();
+            for l in 0..4 {
+                for i in 0..2 {
+                    for j in 0..3 {
+                        out.push(x[0][i * 12 + j * 4 + l]);
+                    }
+                }
+            }
+            out
+        },
+    );
+    grad_check(
+        "transpose then reshape",
+        &[input(&[3, 5], 11, -1.0, 1.0)],
+        |t| t[0].t()?.reshape(&[15]),
+        &|x: &[Vec<f64>]| (0..15).map(|i| x[0][(i % 3) * 5 + i / 3]).collect(),
+    );
+    for axis in 0..3 {
+        let shape = [3, 4, 5];
+        let reduce = move |x: &[f64], mean: bool| -> Vec<f64> {
+            let (outer, len, inner) = (
+                shape[..axis].iter().product::<usize>(),
+                shape[axis],
+                shape[axis + 1..].iter().product::<usize>(),
+            );
+            let mut out = vec![0.0; outer * inner];
+            for o in 0..outer {
+                for l in 0..len {
+                    for i in 0..inner {
+                        out[o * inner + i] += x[(o * len + l) * inner + i];
+                    }
+                }
+            }
+            if mean {
+                out.iter_mut().for_each(|v| *v /= len as f64);
+            }
+            out
+        };
+        grad_check(
+            &format!("sum axis {axis}"),
+            &[input(&shape, 12, -1.0, 1.0)],
+            |t| t[0].sum(axis, false),
+            &move |x: &[Vec<f64>]| reduce(&x[0], false),
+        );
+        grad_check(
+            &format!("mean axis {axis} keepdim"),
+            &[input(&shape, 13, -1.0, 1.0)],
+            |t| t[0].mean(axis, true),
+            &move |x: &[Vec<f64>]| reduce(&x[0], true),
+        );
+    }
+    grad_check(
+        "broadcast_to",
+        &[input(&[3, 1], 14, -1.0, 1.0)],
+        |t| t[0].broadcast_to(&[2, 3, 4]),
+        &|x: &[Vec<f64>]| (0..24).map(|i| x[0][(i / 4) % 3]).collect(),
+    );
+}
+
+fn cpu_log_softmax(x: &[f64], cols: usize) -> Vec<f64> {
+    x.chunks(cols)
+        .flat_map(|row| {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            row.iter().map(move |v| v - lse).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn softmax_and_loss_gradients() {
+    grad_check(
+        "softmax",
+        &[input(&[4, 7], 20, -5.0, 5.0)],
+        |t| t[0].softmax(),
+        &|x: &[Vec<f64>]| cpu_log_softmax(&x[0], 7).iter().map(|v| v.exp()).collect(),
+    );
+    grad_check(
+        "log_softmax",
+        &[input(&[2, 3, 5], 21, -5.0, 5.0)],
+        |t| t[0].log_softmax(),
+        &|x: &[Vec<f64>]| cpu_log_softmax(&x[0], 5),
+    );
+    let labels = [3u32, 0, 6, 2, 2];
+    grad_check(
+        "cross_entropy",
+        &[input(&[5, 7], 22, -4.0, 4.0)],
+        |t| loss::cross_entropy(&t[0], &labels),
+        &|x: &[Vec<f64>]| {
+            let lp = cpu_log_softmax(&x[0], 7);
+            let total: f64 = labels
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| -lp[i * 7 + l as usize])
+                .sum();
+            vec![total / labels.len() as f64]
+        },
+    );
+    grad_check(
+        "mse_loss",
+        &[input(&[4, 3], 23, -2.0, 2.0), input(&[4, 3], 24, -2.0, 2.0)],
+        |t| loss::mse_loss(&t[0], &t[1]),
+        &|x: &[Vec<f64>]| {
+            vec![
+                x[0].iter()
+                    .zip(&x[1])
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+                    / 12.0,
+            ]
+        },
+    );
+}
+
+#[test]
+fn shared_subexpressions_accumulate_gradients() {
+    // y = x * x + x uses x three times: dy/dx = 2x + 1.
+    grad_check(
+        "x*x + x",
+        &[input(&[6], 30, -2.0, 2.0)],
+        |t| t[0].mul(&t[0])?.add(&t[0]),
+        &|x: &[Vec<f64>]| x[0].iter().map(|v| v * v + v).collect(),
+    );
+}
+
+#[test]
+fn wrong_shapes_name_the_op_and_both_shapes() {
+    let d = device();
+    let a = Tensor::zeros(d, &[3, 4]).unwrap();
+    let b = Tensor::zeros(d, &[5, 6]).unwrap();
+    assert_eq!(
+        a.matmul(&b).unwrap_err().to_string(),
+        "matmul: cannot multiply [3, 4] by [5, 6]"
+    );
+    let c = Tensor::zeros(d, &[2, 3]).unwrap();
+    let e = Tensor::zeros(d, &[4]).unwrap();
+    assert_eq!(
+        c.add(&e).unwrap_err().to_string(),
+        "add: cannot broadcast shapes [2, 3] and [4]"
+    );
+    assert!(c
+        .reshape(&[4, 2])
+        .unwrap_err()
+        .to_string()
+        .contains("cannot reshape [2, 3] to [4, 2]"));
+    let loss = c.sum(0, false).unwrap();
+    assert!(loss.backward().unwrap_err().to_string().contains("scalar"));
+}
+
+#[test]
+fn no_grad_detach_and_freezing() {
+    let d = device();
+    let w = Tensor::uniform(d, &[4], -1.0, 1.0, 1)
+        .unwrap()
+        .requires_grad(true);
+    let frozen = Tensor::uniform(d, &[4], -1.0, 1.0, 2)
+        .unwrap()
+        .requires_grad(true);
+    frozen.set_requires_grad(false);
+    let y = kiln::graph::no_grad(|| w.mul(&w)).unwrap();
+    assert!(!y.is_requires_grad());
+    assert!(!w.detach().is_requires_grad());
+    let loss = w.mul(&frozen).unwrap().sum_all().unwrap();
+    loss.backward().unwrap();
+    assert!(frozen.grad().is_none(), "a frozen tensor got a gradient");
+    let got = w.grad().unwrap().to_vec().unwrap();
+    assert_eq!(got, frozen.to_vec().unwrap());
+}
