@@ -1,0 +1,278 @@
+//! Optimizers against CPU references of their published formulas, a small MLP
+//! that must learn, and flat memory over many steps.
+
+mod common;
+
+use common::{device, random_vec};
+use kiln::device::Device;
+use kiln::graph::optim::{Adam, Optimizer, Sgd};
+use kiln::graph::{loss, Tensor};
+
+const N: usize = 37;
+
+/// Runs 5 steps where step t's gradient is a fixed random vector c_t (the
+/// gradient of sum(w * c_t)), and compares w after every step with `reference`,
+/// which applies the same update in f64.
+fn check_optimizer(
+    name: &str,
+    make: impl Fn(Vec<Tensor>) -> Box<dyn Optimizer>,
+    mut reference: impl FnMut(&mut [f64], &[f64], usize),
+) {
+    let d = device();
+    let w0 = random_vec(N, 1, -1.0, 1.0);
+    let w = Tensor::from_slice(d, &w0, &[N])
+        .unwrap()
+        .requires_grad(true);
+    let mut opt = make(vec![w.clone()]);
+    let mut w_ref: Vec<f64> = w0.iter().map(|&v| f64::from(v)).collect();
+    for t in 1..=5 {
+        let c = random_vec(N, 10 + t as u64, -2.0, 2.0);
+        let ct = Tensor::from_slice(d, &c, &[N]).unwrap();
+        opt.zero_grad();
+        w.mul(&ct).unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step().unwrap();
+        let g: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+        reference(&mut w_ref, &g, t);
+        let got = w.to_vec().unwrap();
+        for i in 0..N {
+            let err = (f64::from(got[i]) - w_ref[i]).abs();
+            assert!(
+                err <= 1e-5 * w_ref[i].abs().max(1e-2),
+                "{name}, step {t}, element {i}: got {}, want {}",
+                got[i],
+                w_ref[i]
+            );
+        }
+    }
+}
+
+fn sgd_reference(
+    lr: f64,
+    momentum: f64,
+    nesterov: bool,
+    wd: f64,
+) -> impl FnMut(&mut [f64], &[f64], usize) {
+    let mut v = vec![0.0; N];
+    move |w, grad, _t| {
+        for i in 0..N {
+            let mut g = grad[i] + wd * w[i];
+            if momentum != 0.0 {
+                v[i] = momentum * v[i] + g;
+                g = if nesterov { g + momentum * v[i] } else { v[i] };
+            }
+            w[i] -= lr * g;
+        }
+    }
+}
+
+fn adam_reference(lr: f64, wd: f64, decoupled: bool) -> impl FnMut(&mut [f64], &[f64], usize) {
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let (mut m, mut v) = (vec![0.0; N], vec![0.0; N]);
+    move |w, grad, t| {
+        for i in 0..N {
+            let mut g = grad[i];
+            if decoupled {
+                w[i] *= 1.0 - lr * wd;
+            } else {
+                g += wd * w[i];
+            }
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let m_hat = m[i] / (1.0 - b1.powi(t as i32));
+            let v_hat = v[i] / (1.0 - b2.powi(t as i32));
+            w[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+        }
+    }
+}
+
+#[test]
+fn sgd_variants_match_reference() {
+    check_optimizer(
+        "sgd",
+        |p| Box::new(Sgd::new(p, 0.1)),
+        sgd_reference(0.1, 0.0, false, 0.0),
+    );
+    check_optimizer(
+        "sgd momentum",
+        |p| Box::new(Sgd::new(p, 0.05).momentum(0.9)),
+        sgd_reference(0.05, 0.9, false, 0.0),
+    );
+    check_optimizer(
+        "sgd nesterov + weight decay",
+        |p| {
+            Box::new(
+                Sgd::new(p, 0.05)
+                    .momentum(0.8)
+                    .nesterov(true)
+                    .weight_decay(0.01),
+            )
+        },
+        sgd_reference(0.05, 0.8, true, 0.01),
+    );
+}
+
+#[test]
+fn adam_variants_match_reference() {
+    check_optimizer(
+        "adam",
+        |p| Box::new(Adam::new(p, 0.01)),
+        adam_reference(0.01, 0.0, false),
+    );
+    check_optimizer(
+        "adam + l2",
+        |p| Box::new(Adam::new(p, 0.01).weight_decay(0.1)),
+        adam_reference(0.01, 0.1, false),
+    );
+    check_optimizer(
+        "adamw",
+        |p| Box::new(Adam::adamw(p, 0.01, 0.1)),
+        adam_reference(0.01, 0.1, true),
+    );
+}
+
+#[test]
+fn optimizers_skip_frozen_parameters() {
+    let d = device();
+    let w = Tensor::from_slice(d, &[1.0, 2.0], &[2])
+        .unwrap()
+        .requires_grad(true);
+    let frozen = Tensor::from_slice(d, &[3.0, 4.0], &[2])
+        .unwrap()
+        .requires_grad(true);
+    let mut opt = Adam::new(vec![w.clone(), frozen.clone()], 0.1);
+    frozen.set_requires_grad(false);
+    w.mul(&frozen)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    opt.step().unwrap();
+    assert_eq!(frozen.to_vec().unwrap(), vec![3.0, 4.0]);
+    assert_ne!(w.to_vec().unwrap(), vec![1.0, 2.0]);
+}
+
+/// Points in the square, labelled inside/outside a circle, away from its edge.
+fn circle_data(n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let raw = random_vec(4 * n, seed, -1.0, 1.0);
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for p in raw.chunks(2) {
+        let r2 = p[0] * p[0] + p[1] * p[1];
+        if (r2 - 0.5).abs() < 0.05 {
+            continue;
+        }
+        x.extend_from_slice(p);
+        y.push(u32::from(r2 < 0.5));
+        if y.len() == n {
+            break;
+        }
+    }
+    (x, y)
+}
+
+struct Mlp {
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+}
+
+impl Mlp {
+    fn new(d: &Device, hidden: usize) -> Self {
+        let s1 = (6.0f32 / 2.0).sqrt();
+        let s2 = (6.0f32 / hidden as f32).sqrt();
+        Self {
+            w1: Tensor::uniform(d, &[2, hidden], -s1, s1, 1)
+                .unwrap()
+                .requires_grad(true),
+            b1: Tensor::zeros(d, &[hidden]).unwrap().requires_grad(true),
+            w2: Tensor::uniform(d, &[hidden, 2], -s2, s2, 2)
+                .unwrap()
+                .requires_grad(true),
+            b2: Tensor::zeros(d, &[2]).unwrap().requires_grad(true),
+        }
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        vec![
+            self.w1.clone(),
+            self.b1.clone(),
+            self.w2.clone(),
+            self.b2.clone(),
+        ]
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = x
+            .matmul(&self.w1)
+            .unwrap()
+            .add(&self.b1)
+            .unwrap()
+            .relu()
+            .unwrap();
+        h.matmul(&self.w2).unwrap().add(&self.b2).unwrap()
+    }
+}
+
+fn accuracy(logits: &Tensor, labels: &[u32]) -> f32 {
+    let v = logits.to_vec().unwrap();
+    let correct = v
+        .chunks(2)
+        .zip(labels)
+        .filter(|(row, &l)| u32::from(row[1] > row[0]) == l)
+        .count();
+    correct as f32 / labels.len() as f32
+}
+
+#[test]
+fn two_layer_mlp_learns_a_separable_problem() {
+    let d = device();
+    let (x, y) = circle_data(512, 7);
+    let (x_test, y_test) = circle_data(512, 8);
+    let xt = Tensor::from_slice(d, &x, &[y.len(), 2]).unwrap();
+    let xt_test = Tensor::from_slice(d, &x_test, &[y_test.len(), 2]).unwrap();
+    let model = Mlp::new(d, 32);
+    let mut opt = Adam::new(model.params(), 0.02);
+    for _ in 0..400 {
+        opt.zero_grad();
+        let loss = loss::cross_entropy(&model.forward(&xt), &y).unwrap();
+        loss.backward().unwrap();
+        opt.step().unwrap();
+    }
+    let train = accuracy(&kiln::graph::no_grad(|| model.forward(&xt)), &y);
+    let test = accuracy(&kiln::graph::no_grad(|| model.forward(&xt_test)), &y_test);
+    assert!(
+        train > 0.99 && test > 0.99,
+        "train {train}, held-out {test}"
+    );
+}
+
+#[test]
+fn training_step_memory_is_flat_over_1000_steps() {
+    let d = Device::new().unwrap(); // private pool statistics
+    let (x, y) = circle_data(64, 9);
+    let xt = Tensor::from_slice(&d, &x, &[y.len(), 2]).unwrap();
+    let model = Mlp::new(&d, 16);
+    let mut opt = Adam::new(model.params(), 0.01);
+    let step = |opt: &mut Adam| {
+        opt.zero_grad();
+        let loss = loss::cross_entropy(&model.forward(&xt), &y).unwrap();
+        loss.backward().unwrap();
+        opt.step().unwrap();
+        loss.item().unwrap()
+    };
+    for _ in 0..10 {
+        step(&mut opt);
+    }
+    let warm = d.pool_stats();
+    let first = step(&mut opt);
+    let mut last = first;
+    for _ in 0..989 {
+        last = step(&mut opt);
+    }
+    let end = d.pool_stats();
+    assert_eq!(end.allocations, warm.allocations, "{warm:?} -> {end:?}");
+    assert_eq!(end.live_bytes, warm.live_bytes, "{warm:?} -> {end:?}");
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+}
