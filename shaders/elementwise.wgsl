@@ -2,7 +2,8 @@
 //
 // The host fills the BINDINGS placeholder (inputs x0.. read-only, then `out`),
 // LOADS (how each input is read: at the output index when its shape matches, at
-// element 0 when it is a scalar, through broadcast strides otherwise) and EXPR.
+// element 0 when it is a scalar, through broadcast strides otherwise), EXPR, and
+// STORE (to `out[idx]`, or through the strides in slot 3 for a strided write).
 // Prepended: MAX_RANK.
 
 struct Params {
@@ -61,6 +62,23 @@ fn kiln_erf(x: f32) -> f32 {
     return select(-r, r, x >= 0.0);
 }
 
+// A stateless hash (lowbias32), so random numbers depend only on (seed, index):
+// dropout recomputes its mask in the backward pass instead of storing it.
+fn kiln_hash(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+// Uniform in [0, 1) for element `i` of the stream `seed`.
+fn kiln_uniform(i: u32, seed: u32) -> f32 {
+    return f32(kiln_hash(i ^ kiln_hash(seed)) >> 8u) * (1.0 / 16777216.0);
+}
+
 fn kiln_sigmoid(x: f32) -> f32 {
     // Split on the sign so exp never overflows.
     let e = exp(-abs(x));
@@ -82,5 +100,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let s2 = p.scalars.z;
     let s3 = p.scalars.w;
 {{LOADS}}
-    out[idx] = {{EXPR}};
+    {{STORE}}
 }

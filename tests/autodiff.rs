@@ -474,3 +474,262 @@ fn no_grad_detach_and_freezing() {
     let got = w.grad().unwrap().to_vec().unwrap();
     assert_eq!(got, frozen.to_vec().unwrap());
 }
+
+#[test]
+fn selection_gradients() {
+    grad_check(
+        "slice",
+        &[input(&[3, 5, 4], 40, -1.0, 1.0)],
+        |t| t[0].slice(1, 1, 4),
+        &|x: &[Vec<f64>]| {
+            let mut out = Vec::new();
+            for i in 0..3 {
+                for j in 1..4 {
+                    for k in 0..4 {
+                        out.push(x[0][i * 20 + j * 4 + k]);
+                    }
+                }
+            }
+            out
+        },
+    );
+    grad_check(
+        "concat axis 1",
+        &[
+            input(&[2, 3], 41, -1.0, 1.0),
+            input(&[2, 1], 42, -1.0, 1.0),
+            input(&[2, 2], 43, -1.0, 1.0),
+        ],
+        |t| Tensor::concat(&[&t[0], &t[1], &t[2]], 1),
+        &|x: &[Vec<f64>]| {
+            let mut out = Vec::new();
+            for r in 0..2 {
+                out.extend_from_slice(&x[0][r * 3..r * 3 + 3]);
+                out.push(x[1][r]);
+                out.extend_from_slice(&x[2][r * 2..r * 2 + 2]);
+            }
+            out
+        },
+    );
+    grad_check(
+        "stack axis 1",
+        &[input(&[2, 3], 44, -1.0, 1.0), input(&[2, 3], 45, -1.0, 1.0)],
+        |t| Tensor::stack(&[&t[0], &t[1]], 1),
+        &|x: &[Vec<f64>]| {
+            let mut out = Vec::new();
+            for r in 0..2 {
+                out.extend_from_slice(&x[0][r * 3..r * 3 + 3]);
+                out.extend_from_slice(&x[1][r * 3..r * 3 + 3]);
+            }
+            out
+        },
+    );
+    let d = device();
+    let a = Tensor::zeros(d, &[2, 3]).unwrap();
+    let b = Tensor::zeros(d, &[3, 3]).unwrap();
+    assert!(Tensor::concat(&[&a, &b], 1)
+        .unwrap_err()
+        .to_string()
+        .contains("[[2, 3], [3, 3]]"));
+}
+
+#[test]
+fn max_min_pow_maximum_abs_gradients() {
+    for axis in 0..2 {
+        let reduce = move |x: &[f64], max: bool| -> Vec<f64> {
+            let (rows, cols) = (4, 6);
+            let get = |r: usize, c: usize| x[r * cols + c];
+            let pick = |a: f64, b: f64| if max { a.max(b) } else { a.min(b) };
+            if axis == 0 {
+                (0..cols)
+                    .map(|c| (1..rows).fold(get(0, c), |m, r| pick(m, get(r, c))))
+                    .collect()
+            } else {
+                (0..rows)
+                    .map(|r| (1..cols).fold(get(r, 0), |m, c| pick(m, get(r, c))))
+                    .collect()
+            }
+        };
+        grad_check(
+            &format!("max axis {axis}"),
+            &[input(&[4, 6], 50, -1.0, 1.0)],
+            |t| t[0].max(axis, false),
+            &move |x: &[Vec<f64>]| reduce(&x[0], true),
+        );
+        grad_check(
+            &format!("min axis {axis}"),
+            &[input(&[4, 6], 51, -1.0, 1.0)],
+            |t| t[0].min(axis, true),
+            &move |x: &[Vec<f64>]| reduce(&x[0], false),
+        );
+    }
+    grad_check(
+        "pow",
+        &[input(&[3, 4], 52, 0.5, 2.0), input(&[4], 53, -1.5, 1.5)],
+        |t| t[0].pow(&t[1]),
+        &|x: &[Vec<f64>]| (0..12).map(|i| x[0][i].powf(x[1][i % 4])).collect(),
+    );
+    grad_check(
+        "maximum",
+        &[input(&[3, 4], 54, -1.0, 1.0), input(&[3, 4], 55, -1.0, 1.0)],
+        |t| t[0].maximum(&t[1]),
+        &|x: &[Vec<f64>]| (0..12).map(|i| x[0][i].max(x[1][i])).collect(),
+    );
+    grad_check(
+        "abs",
+        &[input(&[9], 56, -2.0, 2.0)],
+        |t| t[0].abs(),
+        &|x: &[Vec<f64>]| x[0].iter().map(|v| v.abs()).collect(),
+    );
+}
+
+#[test]
+fn max_splits_the_gradient_between_ties() {
+    let d = device();
+    let x = Tensor::from_slice(d, &[1.0, 3.0, 3.0, 2.0], &[4])
+        .unwrap()
+        .requires_grad(true);
+    x.max(0, false).unwrap().backward().unwrap();
+    assert_eq!(
+        x.grad().unwrap().to_vec().unwrap(),
+        vec![0.0, 0.5, 0.5, 0.0]
+    );
+}
+
+#[test]
+fn layer_norm_gradients() {
+    let cpu = |x: &[Vec<f64>]| -> Vec<f64> {
+        let (rows, cols) = (3, 5);
+        let mut out = Vec::new();
+        for r in 0..rows {
+            let row = &x[0][r * cols..(r + 1) * cols];
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[1][c] + x[2][c]);
+            }
+        }
+        out
+    };
+    grad_check(
+        "layer_norm",
+        &[
+            input(&[3, 5], 60, -2.0, 2.0),
+            input(&[5], 61, 0.5, 1.5),
+            input(&[5], 62, -0.5, 0.5),
+        ],
+        |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+        &cpu,
+    );
+}
+
+#[test]
+fn embedding_gradient_adds_up_repeated_ids() {
+    let ids = [3u32, 1, 3, 0, 3, 1];
+    grad_check(
+        "embedding",
+        &[input(&[5, 4], 70, -1.0, 1.0)],
+        |t| t[0].embedding(&ids, &[2, 3]),
+        &|x: &[Vec<f64>]| {
+            ids.iter()
+                .flat_map(|&id| x[0][id as usize * 4..id as usize * 4 + 4].to_vec())
+                .collect()
+        },
+    );
+    let d = device();
+    let table = Tensor::zeros(d, &[5, 4]).unwrap();
+    assert!(table
+        .embedding(&[5], &[1])
+        .unwrap_err()
+        .to_string()
+        .contains("id 5 out of range"));
+}
+
+#[test]
+fn loss_variants() {
+    let targets = random_vec(12, 80, 0.0, 1.0);
+    grad_check(
+        "bce with logits",
+        &[input(&[3, 4], 81, -30.0, 30.0)],
+        |t| {
+            let tt = Tensor::from_slice(device(), &targets, &[3, 4])?;
+            loss::binary_cross_entropy_with_logits(&t[0], &tt, loss::Reduction::Mean)
+        },
+        &|x: &[Vec<f64>]| {
+            let total: f64 = x[0]
+                .iter()
+                .zip(&targets)
+                .map(|(&z, &t)| z.max(0.0) - z * f64::from(t) + (1.0 + (-z.abs()).exp()).ln())
+                .sum();
+            vec![total / 12.0]
+        },
+    );
+    let labels = [2u32, 9, 0, 9];
+    let options = loss::CrossEntropy {
+        reduction: loss::Reduction::Sum,
+        ignore_index: Some(9),
+    };
+    grad_check(
+        "cross_entropy sum, ignore 9",
+        &[input(&[4, 3], 82, -3.0, 3.0)],
+        |t| loss::cross_entropy_with(&t[0], &labels, options),
+        &|x: &[Vec<f64>]| {
+            let lp = cpu_log_softmax(&x[0], 3);
+            vec![-lp[2] - lp[6]]
+        },
+    );
+    let probs = [0.1f32, 0.7, 0.2, 0.5, 0.25, 0.25];
+    grad_check(
+        "categorical cross entropy",
+        &[input(&[2, 3], 83, -3.0, 3.0)],
+        |t| {
+            let p = Tensor::from_slice(device(), &probs, &[2, 3])?;
+            loss::categorical_cross_entropy(&t[0], &p)
+        },
+        &|x: &[Vec<f64>]| {
+            let lp = cpu_log_softmax(&x[0], 3);
+            vec![-(0..6).map(|i| f64::from(probs[i]) * lp[i]).sum::<f64>() / 2.0]
+        },
+    );
+}
+
+#[test]
+fn dropout_is_seeded_scaled_and_differentiable() {
+    let d = device();
+    let n = 20_000;
+    let x = Tensor::from_slice(d, &random_vec(n, 90, 0.5, 1.5), &[n])
+        .unwrap()
+        .requires_grad(true);
+    let y = x.dropout(0.3, 42, true).unwrap();
+    let (xv, yv) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+    let dropped = yv.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+    assert!((dropped - 0.3).abs() < 0.02, "dropped fraction {dropped}");
+    for (a, b) in xv.iter().zip(&yv) {
+        assert!(
+            *b == 0.0 || (b - a / 0.7).abs() <= 1e-6 * b.abs(),
+            "{a} -> {b}"
+        );
+    }
+    assert_eq!(
+        x.dropout(0.3, 42, true).unwrap().to_vec().unwrap(),
+        yv,
+        "same seed, same mask"
+    );
+    assert_ne!(
+        x.dropout(0.3, 43, true).unwrap().to_vec().unwrap(),
+        yv,
+        "other seed, other mask"
+    );
+    assert_eq!(
+        x.dropout(0.3, 42, false).unwrap().to_vec().unwrap(),
+        xv,
+        "identity in eval"
+    );
+    // d(sum(y))/dx is the mask times 1/(1-p): y / x elementwise.
+    y.sum_all().unwrap().backward().unwrap();
+    let g = x.grad().unwrap().to_vec().unwrap();
+    for i in 0..n {
+        let want = if yv[i] == 0.0 { 0.0 } else { 1.0 / 0.7 };
+        assert!((g[i] - want).abs() <= 1e-6, "grad {i}: {} vs {want}", g[i]);
+    }
+}

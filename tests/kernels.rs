@@ -409,6 +409,31 @@ fn strided_copy_transposes_permutes_and_slices() {
     assert!(d.strided_copy(&gx, &[2, 2], &[100, 10], 0).is_err());
 }
 
+#[test]
+fn strided_write_fills_only_its_view() {
+    let d = device();
+    let base = random_vec(3 * 5 * 7, 12, -1.0, 1.0);
+    let block = random_vec(8, 13, -1.0, 1.0);
+    let dst = d.upload(&base).unwrap();
+    let src = d.upload(&block).unwrap();
+    // dst[1:3, 2:4, 5:7] = block
+    d.strided_write(&dst, &[2, 2, 2], &[35, 7, 1], 35 + 14 + 5, &src)
+        .unwrap();
+    let got = d.read::<f32>(&dst).unwrap();
+    let mut want = base.clone();
+    let mut k = 0;
+    for j in 1..3 {
+        for l in 2..4 {
+            for i in 5..7 {
+                want[j * 35 + l * 7 + i] = block[k];
+                k += 1;
+            }
+        }
+    }
+    assert_eq!(got, want);
+    assert!(d.strided_write(&dst, &[2, 4], &[100, 10], 0, &src).is_err());
+}
+
 // ----- reductions ------------------------------------------------------------
 
 fn reduce_reference(x: &[f32], spec: &Reduce) -> (Vec<f64>, Vec<f64>) {

@@ -1,53 +1,149 @@
-//! Loss functions.
+//! Loss functions. Each returns a scalar tensor (shape `[]`) unless the
+//! reduction is [`Reduction::None`].
 
+use crate::ops::arith::binary;
 use crate::tensor::Tensor;
-use kiln_device::{DeviceError, Result};
+use kiln_device::{DeviceError, Elementwise, Result};
+
+/// How per-sample losses are combined.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reduction {
+    /// The average over (non-ignored) samples.
+    #[default]
+    Mean,
+    Sum,
+    /// One loss per sample (per element for elementwise losses).
+    None,
+}
+
+fn shape_error(op: &'static str, message: String) -> DeviceError {
+    DeviceError::Shape { op, message }
+}
+
+fn reduce(per_item: Tensor, reduction: Reduction, count: usize) -> Result<Tensor> {
+    match reduction {
+        Reduction::Mean => per_item.sum_all()?.mul_scalar(1.0 / count.max(1) as f32),
+        Reduction::Sum => per_item.sum_all(),
+        Reduction::None => Ok(per_item),
+    }
+}
 
 /// Mean squared error, `mean((pred - target)^2)`.
 pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     if pred.shape() != target.shape() {
-        return Err(DeviceError::Shape {
-            op: "mse_loss",
-            message: format!(
+        return Err(shape_error(
+            "mse_loss",
+            format!(
                 "prediction {:?} and target {:?} differ in shape",
                 pred.shape(),
                 target.shape()
             ),
-        });
+        ));
     }
     pred.sub(target)?.square()?.mean_all()
 }
 
+/// Binary cross-entropy on logits against targets in [0, 1], computed as
+/// `max(x, 0) - x t + log(1 + exp(-|x|))` so it never overflows.
+pub fn binary_cross_entropy_with_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    if logits.shape() != targets.shape() {
+        return Err(shape_error(
+            "binary_cross_entropy_with_logits",
+            format!(
+                "logits {:?} and targets {:?} differ in shape",
+                logits.shape(),
+                targets.shape()
+            ),
+        ));
+    }
+    let per_item = binary(
+        logits,
+        targets,
+        Elementwise::new(
+            "binary_cross_entropy_with_logits",
+            "max(x0, 0.0) - x0 * x1 + log(1.0 + exp(-abs(x0)))",
+        ),
+        "x0 * (kiln_sigmoid(x1) - x2)",
+        "-x0 * x1",
+    )?;
+    let count = per_item.numel();
+    reduce(per_item, reduction, count)
+}
+
+/// Options of [`cross_entropy_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrossEntropy {
+    pub reduction: Reduction,
+    /// Samples with this label contribute neither loss nor gradient, and are not
+    /// counted by the mean.
+    pub ignore_index: Option<u32>,
+}
+
 /// Sparse categorical cross-entropy of `logits` `[n, classes]` against class
-/// ids, averaged over the samples, computed through log-softmax so it is stable
-/// for large logits.
+/// ids, averaged over the samples, through log-softmax (stable for any logits).
 pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
-    let (n, classes) = match logits.shape() {
-        &[n, c] => (n, c),
-        s => {
-            return Err(DeviceError::Shape {
-                op: "cross_entropy",
-                message: format!("logits must be [batch, classes], got {s:?}"),
-            })
-        }
+    cross_entropy_with(logits, labels, CrossEntropy::default())
+}
+
+/// [`cross_entropy`] with a reduction and an ignore index.
+pub fn cross_entropy_with(
+    logits: &Tensor,
+    labels: &[u32],
+    options: CrossEntropy,
+) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    let &[n, classes] = logits.shape() else {
+        return Err(shape_error(
+            OP,
+            format!("logits must be [batch, classes], got {:?}", logits.shape()),
+        ));
     };
     if labels.len() != n {
-        return Err(DeviceError::Shape {
-            op: "cross_entropy",
-            message: format!("{} labels for a batch of {n}", labels.len()),
-        });
+        return Err(shape_error(
+            OP,
+            format!("{} labels for a batch of {n}", labels.len()),
+        ));
     }
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-        return Err(DeviceError::Shape {
-            op: "cross_entropy",
-            message: format!("label {bad} out of range for {classes} classes"),
-        });
+    let ignored = |l: u32| options.ignore_index == Some(l);
+    if let Some(&bad) = labels
+        .iter()
+        .find(|&&l| !ignored(l) && l as usize >= classes)
+    {
+        return Err(shape_error(
+            OP,
+            format!("label {bad} out of range for {classes} classes"),
+        ));
     }
-    // One-hot weights scaled by -1/n turn the loss into sum(log_softmax * w).
+    // A one-hot selection of -log p(label) per row, as a weight matrix.
     let mut weights = vec![0.0f32; n * classes];
     for (i, &l) in labels.iter().enumerate() {
-        weights[i * classes + l as usize] = -1.0 / n as f32;
+        if !ignored(l) {
+            weights[i * classes + l as usize] = -1.0;
+        }
     }
     let w = Tensor::from_slice(logits.device(), &weights, &[n, classes])?;
-    logits.log_softmax()?.mul(&w)?.sum_all()
+    let per_sample = logits.log_softmax()?.mul(&w)?.sum(1, false)?;
+    let counted = labels.iter().filter(|&&l| !ignored(l)).count();
+    reduce(per_sample, options.reduction, counted)
+}
+
+/// Categorical cross-entropy against probability (e.g. one-hot or smoothed)
+/// targets of the same shape `[n, classes]`, averaged over the samples.
+pub fn categorical_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (&[n, _], true) = (logits.shape(), logits.shape() == targets.shape()) else {
+        return Err(shape_error(
+            "categorical_cross_entropy",
+            format!(
+                "logits {:?} and targets {:?} must both be [batch, classes]",
+                logits.shape(),
+                targets.shape()
+            ),
+        ));
+    };
+    let per_sample = logits.log_softmax()?.mul(targets)?.sum(1, false)?.neg()?;
+    reduce(per_sample, Reduction::Mean, n)
 }

@@ -200,7 +200,8 @@ pub fn broadcast_shapes(shapes: &[&[usize]]) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// How an input is indexed by the generated kernel.
+/// How an input (or, in the output slot, the output) is indexed by the
+/// generated kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {
     /// Same shape as the output: element `idx`.
@@ -209,6 +210,46 @@ enum Access {
     Scalar,
     /// Through broadcast strides.
     Strided,
+    /// A slot with no input (before a strided output).
+    Unused,
+    /// The output, written through the strides of slot [`OUTPUT_SLOT`].
+    StridedOutput,
+}
+
+/// Parameter slot whose strides describe a strided output.
+const OUTPUT_SLOT: usize = MAX_INPUTS - 1;
+
+/// Checks that a view stays inside `buffer`.
+fn check_view(
+    op: &'static str,
+    buffer: &GpuBuffer,
+    shape: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> Result<()> {
+    if shape.len() != strides.len() {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!("shape {shape:?} and strides {strides:?} differ in rank"),
+        });
+    }
+    let numel: usize = shape.iter().product();
+    let last = offset
+        + shape
+            .iter()
+            .zip(strides)
+            .map(|(&n, &s)| n.saturating_sub(1) * s)
+            .sum::<usize>();
+    if numel > 0 && last >= buffer.len() {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!(
+                "view {shape:?} with strides {strides:?} at offset {offset} reaches element {last} of a {}-element buffer",
+                buffer.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Element strides of `shape` broadcast to `out` (0 along broadcast dims).
@@ -335,14 +376,14 @@ impl Device {
             })
             .collect();
         let buffers: Vec<&GpuBuffer> = inputs.iter().map(|i| i.buffer).collect();
-        let out = self.run_elementwise(
+        self.run_elementwise(
             op,
             &buffers,
             &access,
             &out_shape,
             strides,
             &[0; MAX_INPUTS],
-            out,
+            &out,
         )?;
         Ok((out, out_shape))
     }
@@ -360,28 +401,8 @@ impl Device {
     ) -> Result<GpuBuffer> {
         const OP: &str = "strided_copy";
         super::expect_f32(OP, "input", x)?;
-        if shape.len() != strides.len() {
-            return Err(DeviceError::Shape {
-                op: OP,
-                message: format!("shape {shape:?} and strides {strides:?} differ in rank"),
-            });
-        }
+        check_view(OP, x, shape, strides, offset)?;
         let numel: usize = shape.iter().product();
-        let last = offset
-            + shape
-                .iter()
-                .zip(strides)
-                .map(|(&n, &s)| n.saturating_sub(1) * s)
-                .sum::<usize>();
-        if numel > 0 && last >= x.len() {
-            return Err(DeviceError::Shape {
-                op: OP,
-                message: format!(
-                    "view {shape:?} with strides {strides:?} at offset {offset} reads element {last} of a {}-element buffer",
-                    x.len()
-                ),
-            });
-        }
         let out = self.empty(numel, x.dtype())?;
         if numel == 0 {
             return Ok(out);
@@ -396,7 +417,58 @@ impl Device {
             shape,
             vec![strides.to_vec()],
             &offsets,
-            out,
+            &out,
+        )?;
+        Ok(out)
+    }
+
+    /// The adjoint of [`Device::strided_copy`]: writes the contiguous `src`
+    /// (holding `shape`) into a strided view of `dst`. The view must not overlap
+    /// itself; elements of `dst` outside it are left as they are. Slices' and
+    /// concatenations' writes are such views.
+    pub fn strided_write(
+        &self,
+        dst: &GpuBuffer,
+        shape: &[usize],
+        strides: &[usize],
+        offset: usize,
+        src: &GpuBuffer,
+    ) -> Result<()> {
+        const OP: &str = "strided_write";
+        super::expect_f32(OP, "destination", dst)?;
+        super::expect_f32(OP, "source", src)?;
+        check_view(OP, dst, shape, strides, offset)?;
+        let numel: usize = shape.iter().product();
+        if src.len() != numel {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!(
+                    "source holds {} elements, the view {shape:?} {numel}",
+                    src.len()
+                ),
+            });
+        }
+        if numel == 0 {
+            return Ok(());
+        }
+        let copy = Elementwise::new(OP, "x0");
+        let mut offsets = [0; MAX_INPUTS];
+        offsets[OUTPUT_SLOT] = offset;
+        let mut all_strides = vec![vec![0; shape.len()]; MAX_INPUTS];
+        all_strides[OUTPUT_SLOT] = strides.to_vec();
+        self.run_elementwise(
+            &copy,
+            &[src],
+            &[
+                Access::Direct,
+                Access::Unused,
+                Access::Unused,
+                Access::StridedOutput,
+            ],
+            shape,
+            all_strides,
+            &offsets,
+            dst,
         )
     }
 
@@ -409,8 +481,8 @@ impl Device {
         out_shape: &[usize],
         mut strides: Vec<Vec<usize>>,
         offsets: &[usize; MAX_INPUTS],
-        out: GpuBuffer,
-    ) -> Result<GpuBuffer> {
+        out: &GpuBuffer,
+    ) -> Result<()> {
         let name = op.name;
         let numel: usize = out_shape.iter().product();
         let shape = collapse(out_shape, &mut strides);
@@ -447,9 +519,8 @@ impl Device {
             params.offsets[i] = to_u32(name, "offset", o)?;
         }
         let mut bindings = buffers.to_vec();
-        bindings.push(&out);
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &bindings, grid)?;
-        Ok(out)
+        bindings.push(out);
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &bindings, grid)
     }
 
     /// Applies a unary op to every element.
@@ -478,6 +549,8 @@ fn kernel_key(expr: &str, access: &[Access]) -> String {
             Access::Direct => 'd',
             Access::Scalar => 's',
             Access::Strided => 'b',
+            Access::Unused => '_',
+            Access::StridedOutput => 'w',
         })
         .collect();
     format!("elementwise:{modes}:{expr}")
@@ -486,7 +559,12 @@ fn kernel_key(expr: &str, access: &[Access]) -> String {
 fn generate(expr: &str, access: &[Access]) -> String {
     let mut bindings = String::new();
     let mut loads = String::new();
-    for (i, a) in access.iter().enumerate() {
+    let strided_output = access.last() == Some(&Access::StridedOutput);
+    let inputs = access
+        .iter()
+        .filter(|a| !matches!(a, Access::Unused | Access::StridedOutput))
+        .count();
+    for (i, a) in access.iter().take(inputs).enumerate() {
         let _ = writeln!(
             bindings,
             "@group(0) @binding({}) var<storage, read> x{i}_buf: array<f32>;",
@@ -496,19 +574,25 @@ fn generate(expr: &str, access: &[Access]) -> String {
             Access::Direct => "idx".to_string(),
             Access::Scalar => "0u".to_string(),
             Access::Strided => format!("broadcast_index({i}u, idx)"),
+            Access::Unused | Access::StridedOutput => unreachable!("not an input"),
         };
         let _ = writeln!(loads, "    let x{i} = x{i}_buf[{index}];");
     }
     let _ = writeln!(
         bindings,
         "@group(0) @binding({}) var<storage, read_write> out: array<f32>;",
-        access.len() + 1
+        inputs + 1
     );
+    let store = if strided_output {
+        format!("out[broadcast_index({OUTPUT_SLOT}u, idx)] = {expr};")
+    } else {
+        format!("out[idx] = {expr};")
+    };
     Specialize::new(TEMPLATE)
         .constant_u32("MAX_RANK", MAX_RANK as u32)
         .replace("BINDINGS", &bindings)
         .replace("LOADS", &loads)
-        .replace("EXPR", expr)
+        .replace("STORE", &store)
         .build()
 }
 

@@ -20,7 +20,7 @@ pub(crate) fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
 
 /// A broadcasting binary op. `grad_a` / `grad_b` are the partial derivatives
 /// times the incoming gradient, as expressions of x0 = gradient, x1 = a, x2 = b.
-fn binary(
+pub(crate) fn binary(
     a: &Tensor,
     b: &Tensor,
     op: Elementwise<'static>,
@@ -91,6 +91,34 @@ impl Tensor {
             "x0 / x2",
             "-x0 * x1 / (x2 * x2)",
         )
+    }
+
+    /// `self^other` elementwise, broadcasting (`self` positive where `other`
+    /// is not an integer).
+    pub fn pow(&self, other: &Tensor) -> Result<Tensor> {
+        binary(
+            self,
+            other,
+            Elementwise::new("pow", "pow(x0, x1)"),
+            "x0 * x2 * pow(x1, x2 - 1.0)",
+            "x0 * pow(x1, x2) * log(x1)",
+        )
+    }
+
+    /// The larger of the two, elementwise; the gradient goes to the larger
+    /// (to `self` on ties).
+    pub fn maximum(&self, other: &Tensor) -> Result<Tensor> {
+        binary(
+            self,
+            other,
+            Elementwise::new("maximum", "max(x0, x1)"),
+            "select(0.0, x0, x1 >= x2)",
+            "select(x0, 0.0, x1 >= x2)",
+        )
+    }
+
+    pub fn abs(&self) -> Result<Tensor> {
+        unary(self, UnaryOp::Abs, "x0 * sign(x1)", Saved::Input)
     }
 
     pub fn neg(&self) -> Result<Tensor> {

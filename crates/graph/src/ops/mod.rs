@@ -1,9 +1,13 @@
 //! Differentiable ops. Each forward runs device kernels; each backward rule is
 //! written with the same tensor ops, so gradients are computed on the GPU.
 
-mod arith;
+pub(crate) mod arith;
+mod embedding;
 mod matmul;
+mod norm;
+mod random;
 mod reduce;
+mod select;
 mod shape;
 mod softmax;
 

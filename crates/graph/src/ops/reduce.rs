@@ -1,8 +1,9 @@
 //! Sums and means over axes, and broadcasting a tensor to a larger shape.
 
+use super::arith::map;
 use super::record;
 use crate::tensor::Tensor;
-use kiln_device::{DeviceError, Reduce, ReduceOp, Result};
+use kiln_device::{DeviceError, Elementwise, Reduce, ReduceOp, Result};
 
 fn check_axis(t: &Tensor, axis: usize, op: &'static str) -> Result<()> {
     if axis < t.rank() {
@@ -36,6 +37,17 @@ impl Tensor {
         self.reduce_axis(ReduceOp::Mean, "mean", axis, keepdim)
     }
 
+    /// Maximum over `axis`. The gradient goes to the maximal elements, split
+    /// evenly between ties.
+    pub fn max(&self, axis: usize, keepdim: bool) -> Result<Tensor> {
+        self.reduce_axis(ReduceOp::Max, "max", axis, keepdim)
+    }
+
+    /// Minimum over `axis`, with the gradient rule of [`Tensor::max`].
+    pub fn min(&self, axis: usize, keepdim: bool) -> Result<Tensor> {
+        self.reduce_axis(ReduceOp::Min, "min", axis, keepdim)
+    }
+
     /// Sum of every element, as a scalar (shape `[]`).
     pub fn sum_all(&self) -> Result<Tensor> {
         self.reshape(&[self.numel()])?.sum(0, false)
@@ -62,15 +74,24 @@ impl Tensor {
             &reduced_shape(self.shape(), axis, keepdim),
         )?;
         let in_shape = self.shape().to_vec();
+        let keep_shape = reduced_shape(&in_shape, axis, true);
         let len = in_shape[axis];
+        let (x, extreme) = (self.detach(), out.detach());
         Ok(record(&[self], out, name, move |g| {
-            let g = g.reshape(&reduced_shape(&in_shape, axis, true))?;
-            let g = if op == ReduceOp::Mean {
-                g.mul_scalar(1.0 / len as f32)?
-            } else {
-                g
+            let g = g.reshape(&keep_shape)?;
+            let grad = match op {
+                ReduceOp::Sum => g.broadcast_to(&in_shape)?,
+                ReduceOp::Mean => g.mul_scalar(1.0 / len as f32)?.broadcast_to(&in_shape)?,
+                ReduceOp::Max | ReduceOp::Min => {
+                    let extreme = extreme.reshape(&keep_shape)?;
+                    let hit = Elementwise::new("extreme_mask", "select(0.0, 1.0, x0 == x1)");
+                    let mask = map(&hit, &[&x, &extreme])?;
+                    let ties = mask.sum(axis, true)?;
+                    let share = Elementwise::new("extreme_grad", "x0 * x1 / x2");
+                    map(&share, &[&g, &mask, &ties])?
+                }
             };
-            Ok(vec![Some(g.broadcast_to(&in_shape)?)])
+            Ok(vec![Some(grad)])
         }))
     }
 
