@@ -5,7 +5,9 @@ mod common;
 
 use common::{device, random_vec};
 use kiln::device::Device;
-use kiln::graph::optim::{Adam, Optimizer, Sgd};
+use kiln::graph::optim::{
+    clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer, RmsProp, Sgd, StepLr,
+};
 use kiln::graph::{loss, Tensor};
 
 const N: usize = 37;
@@ -128,6 +130,193 @@ fn adam_variants_match_reference() {
         |p| Box::new(Adam::adamw(p, 0.01, 0.1)),
         adam_reference(0.01, 0.1, true),
     );
+}
+
+fn rmsprop_reference(
+    lr: f64,
+    alpha: f64,
+    eps: f64,
+    momentum: f64,
+    wd: f64,
+) -> impl FnMut(&mut [f64], &[f64], usize) {
+    let (mut s, mut b) = (vec![0.0; N], vec![0.0; N]);
+    move |w, grad, _t| {
+        for i in 0..N {
+            let g = grad[i] + wd * w[i];
+            s[i] = alpha * s[i] + (1.0 - alpha) * g * g;
+            let mut step = g / (s[i].sqrt() + eps);
+            if momentum != 0.0 {
+                b[i] = momentum * b[i] + step;
+                step = b[i];
+            }
+            w[i] -= lr * step;
+        }
+    }
+}
+
+#[test]
+fn rmsprop_variants_match_reference() {
+    check_optimizer(
+        "rmsprop",
+        |p| Box::new(RmsProp::new(p, 0.01)),
+        rmsprop_reference(0.01, 0.99, 1e-8, 0.0, 0.0),
+    );
+    check_optimizer(
+        "rmsprop keras-style with momentum and decay",
+        |p| {
+            Box::new(
+                RmsProp::new(p, 0.01)
+                    .alpha(0.9)
+                    .eps(1e-7)
+                    .momentum(0.5)
+                    .weight_decay(0.01),
+            )
+        },
+        rmsprop_reference(0.01, 0.9, 1e-7, 0.5, 0.01),
+    );
+}
+
+#[test]
+fn optimizer_state_round_trips_and_resumes_identically() {
+    let d = device();
+    type Make = fn(Vec<Tensor>) -> Box<dyn Optimizer>;
+    let makers: [(&str, Make); 3] = [
+        ("adam", |p| Box::new(Adam::new(p, 0.05))),
+        ("sgd momentum", |p| {
+            Box::new(Sgd::new(p, 0.05).momentum(0.9))
+        }),
+        ("rmsprop momentum", |p| {
+            Box::new(RmsProp::new(p, 0.01).momentum(0.5))
+        }),
+    ];
+    for (name, make) in makers {
+        let w0 = random_vec(N, 3, -1.0, 1.0);
+        let run = |opt: &mut dyn Optimizer, w: &Tensor, steps: std::ops::Range<u64>| {
+            for t in steps {
+                let c = Tensor::from_slice(d, &random_vec(N, 50 + t, -1.0, 1.0), &[N]).unwrap();
+                opt.zero_grad();
+                w.mul(&c)
+                    .unwrap()
+                    .square()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                opt.step().unwrap();
+            }
+        };
+        let w = Tensor::from_slice(d, &w0, &[N])
+            .unwrap()
+            .requires_grad(true);
+        let mut opt = make(vec![w.clone()]);
+        run(opt.as_mut(), &w, 0..3);
+        let saved_state = opt.state().unwrap();
+        let saved_w = w.to_vec().unwrap();
+        run(opt.as_mut(), &w, 3..5);
+
+        let resumed = Tensor::from_slice(d, &saved_w, &[N])
+            .unwrap()
+            .requires_grad(true);
+        let mut opt2 = make(vec![resumed.clone()]);
+        opt2.load_state(&saved_state).unwrap();
+        run(opt2.as_mut(), &resumed, 3..5);
+        assert_eq!(resumed.to_vec().unwrap(), w.to_vec().unwrap(), "{name}");
+    }
+    // A state for other shapes is refused with a clear message.
+    let other = Tensor::zeros(d, &[N + 1]).unwrap().requires_grad(true);
+    let mut adam = Adam::new(vec![other], 0.1);
+    let w = Tensor::zeros(d, &[N]).unwrap().requires_grad(true);
+    let mut source = Adam::new(vec![w.clone()], 0.1);
+    w.square().unwrap().sum_all().unwrap().backward().unwrap();
+    source.step().unwrap();
+    let err = adam
+        .load_state(&source.state().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("m.0 holds 37 values but parameter 0 has shape [38]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gradient_clipping_by_global_norm() {
+    let d = device();
+    let a = Tensor::from_slice(d, &random_vec(10, 60, -1.0, 1.0), &[10])
+        .unwrap()
+        .requires_grad(true);
+    let b = Tensor::from_slice(d, &random_vec(6, 61, -1.0, 1.0), &[2, 3])
+        .unwrap()
+        .requires_grad(true);
+    let ca = random_vec(10, 62, -3.0, 3.0);
+    let cb = random_vec(6, 63, -3.0, 3.0);
+    let loss = a
+        .mul(&Tensor::from_slice(d, &ca, &[10]).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .add(
+            &b.mul(&Tensor::from_slice(d, &cb, &[2, 3]).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap(),
+        )
+        .unwrap();
+    loss.backward().unwrap();
+    let norm: f64 = ca
+        .iter()
+        .chain(&cb)
+        .map(|&v| f64::from(v).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let got = clip_grad_norm(&[a.clone(), b.clone()], 1.0)
+        .unwrap()
+        .unwrap()
+        .item()
+        .unwrap();
+    assert!(
+        (f64::from(got) - norm).abs() < 1e-5 * norm,
+        "{got} vs {norm}"
+    );
+    let scale = 1.0 / (norm + 1e-6);
+    let ga = a.grad().unwrap().to_vec().unwrap();
+    for i in 0..10 {
+        assert!(
+            (f64::from(ga[i]) - f64::from(ca[i]) * scale).abs() < 1e-6,
+            "a[{i}]"
+        );
+    }
+    // Below the limit nothing changes.
+    let before = b.grad().unwrap().to_vec().unwrap();
+    clip_grad_norm(&[a, b.clone()], 100.0).unwrap();
+    assert_eq!(b.grad().unwrap().to_vec().unwrap(), before);
+}
+
+#[test]
+fn learning_rate_schedules() {
+    let step = StepLr {
+        base: 0.1,
+        step_size: 10,
+        gamma: 0.5,
+    };
+    assert_eq!(
+        (step.lr(0), step.lr(9), step.lr(10), step.lr(25)),
+        (0.1, 0.1, 0.05, 0.025)
+    );
+    let cosine = CosineLr {
+        base: 1.0,
+        min: 0.1,
+        total_steps: 100,
+    };
+    assert!((cosine.lr(0) - 1.0).abs() < 1e-6 && (cosine.lr(50) - 0.55).abs() < 1e-6);
+    assert!((cosine.lr(100) - 0.1).abs() < 1e-6 && (cosine.lr(500) - 0.1).abs() < 1e-6);
+    let warm = LinearWarmup {
+        warmup_steps: 4,
+        after: cosine,
+    };
+    assert_eq!((warm.lr(0), warm.lr(3)), (0.25, 1.0));
+    assert!((warm.lr(54) - 0.55).abs() < 1e-6);
 }
 
 #[test]

@@ -7,11 +7,24 @@ use kiln_device::{DType, GpuBuffer, Result};
 
 const SGD_SRC: &str = include_str!("../../../shaders/sgd.wgsl");
 const ADAM_SRC: &str = include_str!("../../../shaders/adam.wgsl");
+const RMSPROP_SRC: &str = include_str!("../../../shaders/rmsprop.wgsl");
+
+/// An optimizer's internal state, for checkpoints: the step count and named
+/// per-parameter buffers (e.g. `m.0`, `v.0` for Adam's moments of parameter 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    pub step: u64,
+    pub tensors: Vec<(String, Vec<f32>)>,
+}
 
 /// What every optimizer offers a training loop.
 pub trait Optimizer {
     /// Applies one update from the parameters' current gradients.
     fn step(&mut self) -> Result<()>;
+    /// Reads the state back for a checkpoint.
+    fn state(&self) -> Result<OptimizerState>;
+    /// Restores a state saved by [`Optimizer::state`] for the same parameters.
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
     /// The parameters it updates.
     fn params(&self) -> &[Tensor];
     fn learning_rate(&self) -> f32;
@@ -31,6 +44,51 @@ fn updatable(params: &[Tensor]) -> impl Iterator<Item = (usize, &Tensor, Tensor)
         .enumerate()
         .filter(|(_, p)| p.is_requires_grad())
         .filter_map(|(i, p)| p.grad().map(|g| (i, p, g)))
+}
+
+/// Reads named state buffers back: `prefix.i` for each parameter `i` that has one.
+fn save_slots(
+    out: &mut Vec<(String, Vec<f32>)>,
+    prefix: &str,
+    slots: &[Option<GpuBuffer>],
+    params: &[Tensor],
+) -> Result<()> {
+    for (i, slot) in slots.iter().enumerate() {
+        if let Some(buffer) = slot {
+            out.push((
+                format!("{prefix}.{i}"),
+                params[i].device().read::<f32>(buffer)?,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Restores `prefix.i` entries into `slots`, checking each against its parameter.
+fn load_slots(
+    state: &OptimizerState,
+    prefix: &str,
+    slots: &mut [Option<GpuBuffer>],
+    params: &[Tensor],
+) -> Result<()> {
+    for (i, slot) in slots.iter_mut().enumerate() {
+        let name = format!("{prefix}.{i}");
+        *slot = match state.tensors.iter().find(|(n, _)| *n == name) {
+            Some((_, values)) if values.len() == params[i].numel() => Some(params[i].device().upload(values)?),
+            Some((_, values)) => {
+                return Err(kiln_device::DeviceError::Shape {
+                    op: "load_state",
+                    message: format!(
+                        "{name} holds {} values but parameter {i} has shape {:?}; the state belongs to another model",
+                        values.len(),
+                        params[i].shape()
+                    ),
+                })
+            }
+            None => None,
+        };
+    }
+    Ok(())
 }
 
 /// A zeroed state buffer shaped like `param`, made on first use.
@@ -107,6 +165,18 @@ struct SgdParams {
 }
 
 impl Optimizer for Sgd {
+    fn state(&self) -> Result<OptimizerState> {
+        let mut state = OptimizerState::default();
+        if self.momentum != 0.0 {
+            save_slots(&mut state.tensors, "velocity", &self.velocity, &self.params)?;
+        }
+        Ok(state)
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        load_slots(state, "velocity", &mut self.velocity, &self.params)
+    }
+
     fn step(&mut self) -> Result<()> {
         for (i, p, g) in updatable(&self.params) {
             let device = p.device();
@@ -233,6 +303,23 @@ struct AdamParams {
 }
 
 impl Optimizer for Adam {
+    fn state(&self) -> Result<OptimizerState> {
+        let mut state = OptimizerState {
+            step: u64::from(self.step),
+            tensors: Vec::new(),
+        };
+        save_slots(&mut state.tensors, "m", &self.m, &self.params)?;
+        save_slots(&mut state.tensors, "v", &self.v, &self.params)?;
+        Ok(state)
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        load_slots(state, "m", &mut self.m, &self.params)?;
+        load_slots(state, "v", &mut self.v, &self.params)?;
+        self.step = state.step as u32;
+        Ok(())
+    }
+
     fn step(&mut self) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
@@ -279,5 +366,221 @@ impl Optimizer for Adam {
 
     fn set_learning_rate(&mut self, lr: f32) {
         self.lr = lr;
+    }
+}
+
+/// RMSProp with optional momentum and L2 weight decay (PyTorch's defaults:
+/// alpha 0.99, eps 1e-8; Keras uses rho = alpha = 0.9, eps 1e-7).
+pub struct RmsProp {
+    params: Vec<Tensor>,
+    lr: f32,
+    alpha: f32,
+    eps: f32,
+    weight_decay: f32,
+    momentum: f32,
+    square_avg: Vec<Option<GpuBuffer>>,
+    momentum_buf: Vec<Option<GpuBuffer>>,
+}
+
+impl RmsProp {
+    pub fn new(params: Vec<Tensor>, lr: f32) -> Self {
+        let empty = || params.iter().map(|_| None).collect();
+        Self {
+            square_avg: empty(),
+            momentum_buf: empty(),
+            params,
+            lr,
+            alpha: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+        }
+    }
+
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    pub fn momentum(mut self, momentum: f32) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    pub fn weight_decay(mut self, weight_decay: f32) -> Self {
+        self.weight_decay = weight_decay;
+        self
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RmsPropParams {
+    n: u32,
+    row_threads: u32,
+    _pad: [u32; 2],
+    lr: f32,
+    alpha: f32,
+    eps: f32,
+    weight_decay: f32,
+    momentum: f32,
+    _pad2: [f32; 3],
+}
+
+impl Optimizer for RmsProp {
+    fn step(&mut self) -> Result<()> {
+        for (i, p, g) in updatable(&self.params) {
+            let device = p.device();
+            let kernel = device.kernel("rmsprop", || RMSPROP_SRC.to_string())?;
+            let (grid, row_threads) = device.linear_grid(p.numel())?;
+            let square_avg = state(&mut self.square_avg[i], p)?;
+            // Without momentum the kernel never reads this buffer: any will do.
+            let shape_of = if self.momentum != 0.0 {
+                p.clone()
+            } else {
+                Tensor::zeros(device, &[1])?
+            };
+            let momentum_buf = state(&mut self.momentum_buf[i], &shape_of)?;
+            let params = RmsPropParams {
+                n: p.numel() as u32,
+                row_threads,
+                _pad: [0; 2],
+                lr: self.lr,
+                alpha: self.alpha,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                momentum: self.momentum,
+                _pad2: [0.0; 3],
+            };
+            device.dispatch(
+                &kernel,
+                bytemuck::bytes_of(&params),
+                &[p.buffer(), g.buffer(), square_avg, momentum_buf],
+                grid,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<OptimizerState> {
+        let mut state = OptimizerState::default();
+        save_slots(
+            &mut state.tensors,
+            "square_avg",
+            &self.square_avg,
+            &self.params,
+        )?;
+        if self.momentum != 0.0 {
+            save_slots(
+                &mut state.tensors,
+                "momentum",
+                &self.momentum_buf,
+                &self.params,
+            )?;
+        }
+        Ok(state)
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        load_slots(state, "square_avg", &mut self.square_avg, &self.params)?;
+        load_slots(state, "momentum", &mut self.momentum_buf, &self.params)
+    }
+
+    fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm` (as
+/// PyTorch's `clip_grad_norm_`), entirely on the device. Returns the norm
+/// before clipping as a scalar tensor (read it only if you need it).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Option<Tensor>> {
+    let _guard = crate::NoGradGuard::new();
+    let grads: Vec<(&Tensor, Tensor)> = params
+        .iter()
+        .filter(|p| p.is_requires_grad())
+        .filter_map(|p| p.grad().map(|g| (p, g)))
+        .collect();
+    let Some(first) = grads.first() else {
+        return Ok(None);
+    };
+    let mut total = first.1.square()?.sum_all()?;
+    for (_, g) in &grads[1..] {
+        total = total.add(&g.square()?.sum_all()?)?;
+    }
+    let norm = total.sqrt()?;
+    let scale = crate::ops::arith::map(
+        &kiln_device::Elementwise::new("clip_scale", "min(1.0, s0 / (x0 + 1e-6))")
+            .scalars(&[max_norm]),
+        &[&norm],
+    )?;
+    for (p, g) in grads {
+        p.set_grad(Some(g.mul(&scale)?));
+    }
+    Ok(Some(norm))
+}
+
+/// A learning rate as a function of the optimizer step (0-based).
+pub trait LrSchedule {
+    fn lr(&self, step: usize) -> f32;
+}
+
+/// Multiplies the rate by `gamma` every `step_size` steps.
+#[derive(Clone, Copy, Debug)]
+pub struct StepLr {
+    pub base: f32,
+    pub step_size: usize,
+    pub gamma: f32,
+}
+
+impl LrSchedule for StepLr {
+    fn lr(&self, step: usize) -> f32 {
+        self.base * self.gamma.powi((step / self.step_size.max(1)) as i32)
+    }
+}
+
+/// Cosine decay from `base` to `min` over `total_steps`, then `min`.
+#[derive(Clone, Copy, Debug)]
+pub struct CosineLr {
+    pub base: f32,
+    pub min: f32,
+    pub total_steps: usize,
+}
+
+impl LrSchedule for CosineLr {
+    fn lr(&self, step: usize) -> f32 {
+        let t = (step as f32 / self.total_steps.max(1) as f32).min(1.0);
+        self.min + 0.5 * (self.base - self.min) * (1.0 + (std::f32::consts::PI * t).cos())
+    }
+}
+
+/// Linear warm-up from 0 over `warmup_steps`, then `after` (whose steps count
+/// from the end of the warm-up).
+#[derive(Clone, Copy, Debug)]
+pub struct LinearWarmup<S> {
+    pub warmup_steps: usize,
+    pub after: S,
+}
+
+impl<S: LrSchedule> LrSchedule for LinearWarmup<S> {
+    fn lr(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            self.after.lr(0) * (step + 1) as f32 / self.warmup_steps as f32
+        } else {
+            self.after.lr(step - self.warmup_steps)
+        }
     }
 }

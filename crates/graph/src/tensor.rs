@@ -138,6 +138,11 @@ impl Tensor {
         lock(&self.inner.grad).clone()
     }
 
+    /// Replaces the gradient (e.g. after clipping).
+    pub fn set_grad(&self, grad: Option<Tensor>) {
+        *lock(&self.inner.grad) = grad;
+    }
+
     /// Forgets the accumulated gradient.
     pub fn zero_grad(&self) {
         *lock(&self.inner.grad) = None;
