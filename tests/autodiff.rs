@@ -733,3 +733,26 @@ fn dropout_is_seeded_scaled_and_differentiable() {
         assert!((g[i] - want).abs() <= 1e-6, "grad {i}: {} vs {want}", g[i]);
     }
 }
+
+#[test]
+fn f16_storage_converts_and_passes_gradients_through() {
+    let d = device();
+    let x = Tensor::from_slice(d, &[1.5, -2.25, 1000.0, 0.1], &[4])
+        .unwrap()
+        .requires_grad(true);
+    let h = x.to_dtype(kiln::device::DType::F16).unwrap();
+    assert_eq!(h.dtype(), kiln::device::DType::F16);
+    let back = h.to_vec().unwrap();
+    assert_eq!(back[..3], [1.5, -2.25, 1000.0]);
+    assert!((back[3] - 0.1).abs() < 1e-4);
+    // f32 ops refuse f16 storage with a clear error, and work after converting back.
+    let err = h.relu().unwrap_err().to_string();
+    assert!(err.contains("F16"), "{err}");
+    let y = h
+        .to_dtype(kiln::device::DType::F32)
+        .unwrap()
+        .mul_scalar(3.0)
+        .unwrap();
+    y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec().unwrap(), vec![3.0; 4]);
+}

@@ -547,6 +547,34 @@ fn f16_round_trip_and_dtype_checks() {
 }
 
 #[test]
+fn cast_between_f32_and_f16_matches_the_half_crate() {
+    let d = device();
+    for n in [1usize, 2, 7, 1000] {
+        // Within f16's finite range: WGSL leaves overflow to the driver.
+        let mut x = random_vec(n, n as u64, -65000.0, 65000.0);
+        x[0] = 1e-6; // a subnormal in f16
+        let g = d.upload(&x).unwrap();
+        let h = d.cast(&g, DType::F16).unwrap();
+        let want: Vec<kiln::device::half::f16> = x
+            .iter()
+            .map(|&v| kiln::device::half::f16::from_f32(v))
+            .collect();
+        let got = d.read::<kiln::device::half::f16>(&h).unwrap();
+        for i in 0..n {
+            assert_eq!(
+                got[i].to_bits(),
+                want[i].to_bits(),
+                "to f16, element {i} ({})",
+                x[i]
+            );
+        }
+        let back = d.read::<f32>(&d.cast(&h, DType::F32).unwrap()).unwrap();
+        let want_back: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(back, want_back, "to f32, n = {n}");
+    }
+}
+
+#[test]
 fn buffers_beyond_the_binding_limit_fail_clearly() {
     let d = device();
     let too_many = (d.max_buffer_bytes() / 4 + 1) as usize;

@@ -50,14 +50,14 @@ impl Tensor {
         }
     }
 
-    /// Wraps a buffer holding `shape` (no graph).
+    /// Wraps a buffer (f32, or f16 storage) holding `shape` (no graph).
     pub fn from_buffer(device: &Device, buffer: GpuBuffer, shape: &[usize]) -> Result<Self> {
         let numel: usize = shape.iter().product();
-        if buffer.len() != numel || buffer.dtype() != DType::F32 {
+        if buffer.len() != numel || !matches!(buffer.dtype(), DType::F32 | DType::F16) {
             return Err(DeviceError::Shape {
                 op: "from_buffer",
                 message: format!(
-                    "shape {shape:?} needs {numel} f32, the buffer holds {} {:?}",
+                    "shape {shape:?} needs {numel} f32 or f16, the buffer holds {} {:?}",
                     buffer.len(),
                     buffer.dtype()
                 ),
@@ -188,9 +188,32 @@ impl Tensor {
         self.inner.buffer.clone()
     }
 
-    /// Reads the values back (waits for the GPU).
+    /// Element type of the storage. Ops compute in f32; f16 tensors are for
+    /// storage and are converted with [`Tensor::to_dtype`].
+    pub fn dtype(&self) -> DType {
+        self.inner.buffer.dtype()
+    }
+
+    /// Converts the storage between f32 and f16; gradients flow back through
+    /// the conversion (in the input's type).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        let buffer = self.device().cast(self.buffer(), dtype)?;
+        let out = Tensor::from_buffer(self.device(), buffer, self.shape())?;
+        let from = self.dtype();
+        Ok(crate::ops::record(&[self], out, "to_dtype", move |g| {
+            Ok(vec![Some(g.to_dtype(from)?)])
+        }))
+    }
+
+    /// Reads the values back as f32 (waits for the GPU).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        self.inner.device.read::<f32>(&self.inner.buffer)
+        match self.dtype() {
+            DType::F16 => self.inner.device.read_f16_as_f32(&self.inner.buffer),
+            _ => self.inner.device.read::<f32>(&self.inner.buffer),
+        }
     }
 
     /// The value of a one-element tensor.

@@ -1,6 +1,7 @@
 //! Host side of the WGSL kernels in `shaders/`: shape checks, specialisation and
 //! dispatch geometry. Each kernel has a CPU reference in the integration tests.
 
+pub mod cast;
 pub mod elementwise;
 pub mod matmul;
 pub mod reduce;
