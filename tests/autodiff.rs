@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{broadcast_reference, device, random_vec};
+use common::{broadcast_reference, device, erf, random_vec};
 use kiln::graph::{loss, Tensor};
 
 type CpuFn<'a> = dyn Fn(&[Vec<f64>]) -> Vec<f64> + 'a;
@@ -163,26 +163,6 @@ fn broadcasting_arithmetic_gradients() {
             &*cpu_binary(shapes.clone(), |x, y| x / y),
         );
     }
-}
-
-fn erf(x: f64) -> f64 {
-    // Series to |x| < 3, continued fraction beyond; ~1e-14.
-    if x.abs() < 3.0 {
-        let (mut term, mut sum, x2) = (x, x, x * x);
-        let mut n = 0.0;
-        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
-            n += 1.0;
-            term *= -x2 / n;
-            sum += term / (2.0 * n + 1.0);
-        }
-        return sum * 2.0 / std::f64::consts::PI.sqrt();
-    }
-    let z = x.abs();
-    let mut k = z;
-    for n in (1..80).rev() {
-        k = z + f64::from(n) / 2.0 / k;
-    }
-    x.signum() * (1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / k)
 }
 
 #[test]

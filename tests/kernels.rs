@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, assert_close_scaled, broadcast_reference, device, random_vec};
+use common::{assert_close, assert_close_scaled, broadcast_reference, device, erf, random_vec};
 use kiln::device::{
     BinaryOp, DType, DeviceError, Elementwise, Matmul, MatmulTiling, Operand, Reduce, ReduceOp,
     ReduceStrategy, Tuning, UnaryOp,
@@ -143,28 +143,6 @@ fn matmul_rejects_mismatched_buffers_with_a_clear_error() {
 }
 
 // ----- elementwise -----------------------------------------------------------
-
-fn erf(x: f64) -> f64 {
-    // Maclaurin series where it converges without cancellation, the continued
-    // fraction of erfc beyond: both accurate to ~1e-14 here.
-    if x.abs() < 3.0 {
-        let (mut term, mut sum, x2) = (x, x, x * x);
-        let mut n = 0.0;
-        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
-            n += 1.0;
-            term *= -x2 / n;
-            sum += term / (2.0 * n + 1.0);
-        }
-        return sum * 2.0 / std::f64::consts::PI.sqrt();
-    }
-    let z = x.abs();
-    let mut k = z;
-    for n in (1..80).rev() {
-        k = z + f64::from(n) / 2.0 / k;
-    }
-    let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / k;
-    x.signum() * (1.0 - erfc)
-}
 
 fn unary_reference(op: UnaryOp, x: f64) -> f64 {
     match op {

@@ -84,3 +84,25 @@ pub fn broadcast_reference(
     }
     (result, out)
 }
+
+/// erf in f64 to ~1e-14: the Maclaurin series where it converges without
+/// cancellation, the continued fraction of erfc beyond.
+pub fn erf(x: f64) -> f64 {
+    if x.abs() < 3.0 {
+        let (mut term, mut sum, x2) = (x, x, x * x);
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        return sum * 2.0 / std::f64::consts::PI.sqrt();
+    }
+    let z = x.abs();
+    let mut k = z;
+    for n in (1..80).rev() {
+        k = z + f64::from(n) / 2.0 / k;
+    }
+    let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / k;
+    x.signum() * (1.0 - erfc)
+}

@@ -91,6 +91,44 @@ fn load_slots(
     Ok(())
 }
 
+/// Runs an optimizer's update kernel on one parameter. Bindings: the parameter
+/// (updated in place), its gradient, then `states`. `block` builds the kernel's
+/// parameter block from the element count and the grid's `row_threads`.
+fn launch(
+    name: &str,
+    source: &'static str,
+    param: &Tensor,
+    grad: &Tensor,
+    states: &[&GpuBuffer],
+    block: impl FnOnce(u32, u32) -> Vec<u8>,
+) -> Result<()> {
+    let device = param.device();
+    let kernel = device.kernel(name, || source.to_string())?;
+    let (grid, row_threads) = device.linear_grid(param.numel())?;
+    let mut buffers = vec![param.buffer(), grad.buffer()];
+    buffers.extend_from_slice(states);
+    device.dispatch(
+        &kernel,
+        &block(param.numel() as u32, row_threads),
+        &buffers,
+        grid,
+    )
+}
+
+/// A state buffer the kernel reads only when `used`; otherwise a one-element
+/// stand-in, since every binding needs some buffer.
+fn optional_state<'a>(
+    slot: &'a mut Option<GpuBuffer>,
+    param: &Tensor,
+    used: bool,
+) -> Result<&'a GpuBuffer> {
+    if used {
+        state(slot, param)
+    } else {
+        state(slot, &Tensor::zeros(param.device(), &[1])?)
+    }
+}
+
 /// A zeroed state buffer shaped like `param`, made on first use.
 fn state<'a>(slot: &'a mut Option<GpuBuffer>, param: &Tensor) -> Result<&'a GpuBuffer> {
     if slot.is_none() {
@@ -179,31 +217,20 @@ impl Optimizer for Sgd {
 
     fn step(&mut self) -> Result<()> {
         for (i, p, g) in updatable(&self.params) {
-            let device = p.device();
-            let kernel = device.kernel("sgd", || SGD_SRC.to_string())?;
-            let (grid, row_threads) = device.linear_grid(p.numel())?;
-            // Without momentum the kernel never reads the velocity: any buffer will do.
-            let velocity = if self.momentum != 0.0 {
-                state(&mut self.velocity[i], p)?
-            } else {
-                state(&mut self.velocity[i], &Tensor::zeros(device, &[1])?)?
-            };
-            let params = SgdParams {
-                n: p.numel() as u32,
-                row_threads,
-                nesterov: u32::from(self.nesterov),
-                _pad: 0,
-                lr: self.lr,
-                momentum: self.momentum,
-                weight_decay: self.weight_decay,
-                _pad2: 0.0,
-            };
-            device.dispatch(
-                &kernel,
-                bytemuck::bytes_of(&params),
-                &[p.buffer(), g.buffer(), velocity],
-                grid,
-            )?;
+            let velocity = optional_state(&mut self.velocity[i], p, self.momentum != 0.0)?;
+            launch("sgd", SGD_SRC, p, &g, &[velocity], |n, row_threads| {
+                bytemuck::bytes_of(&SgdParams {
+                    n,
+                    row_threads,
+                    nesterov: u32::from(self.nesterov),
+                    _pad: 0,
+                    lr: self.lr,
+                    momentum: self.momentum,
+                    weight_decay: self.weight_decay,
+                    _pad2: 0.0,
+                })
+                .to_vec()
+            })?;
         }
         Ok(())
     }
@@ -327,31 +354,25 @@ impl Optimizer for Adam {
         let bc1 = (1.0 - f64::from(self.beta1).powi(t)) as f32;
         let bc2 = (1.0 - f64::from(self.beta2).powi(t)) as f32;
         for (i, p, g) in updatable(&self.params) {
-            let device = p.device();
-            let kernel = device.kernel("adam", || ADAM_SRC.to_string())?;
-            let (grid, row_threads) = device.linear_grid(p.numel())?;
             let m = state(&mut self.m[i], p)?;
             let v = state(&mut self.v[i], p)?;
-            let params = AdamParams {
-                n: p.numel() as u32,
-                row_threads,
-                decoupled: u32::from(self.decoupled),
-                _pad: 0,
-                lr: self.lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-                bc1,
-                bc2,
-                _pad2: 0.0,
-            };
-            device.dispatch(
-                &kernel,
-                bytemuck::bytes_of(&params),
-                &[p.buffer(), g.buffer(), m, v],
-                grid,
-            )?;
+            launch("adam", ADAM_SRC, p, &g, &[m, v], |n, row_threads| {
+                bytemuck::bytes_of(&AdamParams {
+                    n,
+                    row_threads,
+                    decoupled: u32::from(self.decoupled),
+                    _pad: 0,
+                    lr: self.lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    bc1,
+                    bc2,
+                    _pad2: 0.0,
+                })
+                .to_vec()
+            })?;
         }
         Ok(())
     }
@@ -435,33 +456,28 @@ struct RmsPropParams {
 impl Optimizer for RmsProp {
     fn step(&mut self) -> Result<()> {
         for (i, p, g) in updatable(&self.params) {
-            let device = p.device();
-            let kernel = device.kernel("rmsprop", || RMSPROP_SRC.to_string())?;
-            let (grid, row_threads) = device.linear_grid(p.numel())?;
             let square_avg = state(&mut self.square_avg[i], p)?;
-            // Without momentum the kernel never reads this buffer: any will do.
-            let shape_of = if self.momentum != 0.0 {
-                p.clone()
-            } else {
-                Tensor::zeros(device, &[1])?
-            };
-            let momentum_buf = state(&mut self.momentum_buf[i], &shape_of)?;
-            let params = RmsPropParams {
-                n: p.numel() as u32,
-                row_threads,
-                _pad: [0; 2],
-                lr: self.lr,
-                alpha: self.alpha,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-                momentum: self.momentum,
-                _pad2: [0.0; 3],
-            };
-            device.dispatch(
-                &kernel,
-                bytemuck::bytes_of(&params),
-                &[p.buffer(), g.buffer(), square_avg, momentum_buf],
-                grid,
+            let momentum_buf = optional_state(&mut self.momentum_buf[i], p, self.momentum != 0.0)?;
+            launch(
+                "rmsprop",
+                RMSPROP_SRC,
+                p,
+                &g,
+                &[square_avg, momentum_buf],
+                |n, row_threads| {
+                    bytemuck::bytes_of(&RmsPropParams {
+                        n,
+                        row_threads,
+                        _pad: [0; 2],
+                        lr: self.lr,
+                        alpha: self.alpha,
+                        eps: self.eps,
+                        weight_decay: self.weight_decay,
+                        momentum: self.momentum,
+                        _pad2: [0.0; 3],
+                    })
+                    .to_vec()
+                },
             )?;
         }
         Ok(())
