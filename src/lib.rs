@@ -16,6 +16,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod data;
+pub mod train;
+pub mod zoo;
+
 pub use kiln_device as device;
 pub use kiln_graph as graph;
 pub use kiln_models as models;

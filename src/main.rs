@@ -1,8 +1,13 @@
 //! The `kiln` command line.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln::data::{mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
+use kiln::graph::optim::Adam;
+use kiln::train::{EarlyStopping, FitOptions, Trainer};
+use kiln::zoo::Architecture;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +20,11 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DatasetName {
+    Mnist,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the adapter Kiln would use, its backend, type and the limits that matter.
@@ -23,11 +33,91 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Train a reference model (Adam, sparse categorical cross-entropy), then
+    /// evaluate it on the test set.
+    Train {
+        #[arg(value_enum)]
+        model: Architecture,
+        #[arg(long, value_enum, default_value = "mnist")]
+        dataset: DatasetName,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
+        /// Fraction of the training data held out for validation (Keras semantics).
+        #[arg(long, default_value_t = 0.0)]
+        validation_split: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop after this many epochs without validation (or training) loss improvement.
+        #[arg(long)]
+        patience: Option<usize>,
+        /// Checkpoint written after every epoch.
+        #[arg(long, default_value = "runs/mlp/checkpoint.safetensors")]
+        checkpoint: PathBuf,
+        /// Continue from the checkpoint instead of starting afresh.
+        #[arg(long)]
+        resume: bool,
+        /// Use only the first N training samples.
+        #[arg(long)]
+        limit_train: Option<usize>,
+        /// Evaluate on only the first N test samples.
+        #[arg(long)]
+        limit_test: Option<usize>,
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Evaluate a checkpoint on a test set.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, value_enum, default_value = "mnist")]
+        dataset: DatasetName,
+        #[arg(long)]
+        limit_test: Option<usize>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Info { all } => info(all),
+        Command::Train {
+            model,
+            dataset,
+            epochs,
+            batch_size,
+            lr,
+            validation_split,
+            seed,
+            patience,
+            checkpoint,
+            resume,
+            limit_train,
+            limit_test,
+            no_progress,
+        } => {
+            let options = FitOptions {
+                epochs,
+                batch_size,
+                validation_split,
+                seed,
+                progress: !no_progress,
+                log_epochs: true,
+                checkpoint: Some(checkpoint),
+                early_stopping: patience.map(|patience| EarlyStopping {
+                    patience,
+                    min_delta: 0.0,
+                }),
+            };
+            train(model, dataset, lr, options, resume, limit_train, limit_test)
+        }
+        Command::Eval {
+            checkpoint,
+            dataset,
+            limit_test,
+        } => eval(&checkpoint, dataset, limit_test),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -56,5 +146,106 @@ fn info(all: bool) -> Result<()> {
     }
     let device = Device::with_selector(&selector)?;
     println!("{}", DeviceReport(&device));
+    Ok(())
+}
+
+fn load(dataset: DatasetName) -> Result<(Dataset, Dataset)> {
+    match dataset {
+        DatasetName::Mnist => {
+            let m = mnist::load()?;
+            Ok((m.train, m.test))
+        }
+    }
+}
+
+fn train(
+    model: Architecture,
+    dataset: DatasetName,
+    lr: f32,
+    options: FitOptions,
+    resume: bool,
+    limit_train: Option<usize>,
+    limit_test: Option<usize>,
+) -> Result<()> {
+    let (mut train, mut test) = load(dataset)?;
+    if let Some(n) = limit_train {
+        train = train.take(n);
+    }
+    if let Some(n) = limit_test {
+        test = test.take(n);
+    }
+    let device = Device::new()?;
+    let network = model.build(&device, options.seed)?;
+    println!("{}", network.summary(train.features));
+    let optimizer = Adam::new(network.parameters(), lr);
+    let mut trainer = Trainer::new(network, optimizer, &device);
+    trainer.metadata.insert("model".into(), model.name().into());
+    let checkpoint = options.checkpoint.clone().expect("set by the CLI");
+    if resume {
+        trainer
+            .resume(&checkpoint)
+            .with_context(|| format!("resuming from {}", checkpoint.display()))?;
+        println!("resuming after epoch {}", trainer.epochs_done);
+    }
+    println!(
+        "training on {} samples ({} for validation), batch {}, {} epochs, on {}",
+        train.len(),
+        (train.len() as f32 * options.validation_split).round(),
+        options.batch_size,
+        options.epochs,
+        device.adapter_info().name
+    );
+    let start = std::time::Instant::now();
+    let history = trainer.fit(&train, &options)?;
+    let wall = start.elapsed().as_secs_f64();
+    let run_dir = checkpoint.parent().map(PathBuf::from).unwrap_or_default();
+    history
+        .save(&run_dir)
+        .with_context(|| format!("writing the history to {}", run_dir.display()))?;
+    let (test_loss, test_accuracy) = trainer.evaluate(&test, 1000)?;
+    let trained: usize = history.epochs.len() * train.len();
+    println!(
+        "test loss {test_loss:.4}, test accuracy {:.2}% on {} images",
+        100.0 * test_accuracy,
+        test.len()
+    );
+    println!(
+        "trained {} epochs in {wall:.1} s ({:.0} samples/s); checkpoint {}, history in {}",
+        history.epochs.len(),
+        trained as f64 / wall,
+        checkpoint.display(),
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn eval(path: &PathBuf, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+    let file = kiln::models::checkpoint::Checkpoint::open(path)?;
+    let metadata = file.metadata();
+    let Some(model) = metadata
+        .get("model")
+        .and_then(|m| Architecture::from_name(m))
+    else {
+        bail!(
+            "{} does not say which model it holds (no known `model` metadata)",
+            path.display()
+        );
+    };
+    let (_, mut test) = load(dataset)?;
+    if let Some(n) = limit_test {
+        test = test.take(n);
+    }
+    let device = Device::new()?;
+    let network = model.build(&device, 0)?;
+    network.load_weights(path)?;
+    let optimizer = Adam::new(Vec::new(), 0.0);
+    let trainer = Trainer::new(network, optimizer, &device);
+    let (loss, accuracy) = trainer.evaluate(&test, 1000)?;
+    println!(
+        "{}: test loss {loss:.4}, test accuracy {:.2}% on {} images",
+        path.display(),
+        100.0 * accuracy,
+        test.len()
+    );
     Ok(())
 }

@@ -409,6 +409,25 @@ impl Device {
         Ok(dst)
     }
 
+    /// Copies `src` over `dst` (same element type and length), in recorded order.
+    pub fn copy_into(&self, src: &GpuBuffer, dst: &GpuBuffer) -> Result<()> {
+        if src.len() != dst.len() || src.dtype() != dst.dtype() {
+            return Err(DeviceError::Shape {
+                op: "copy_into",
+                message: format!("cannot copy {src:?} into {dst:?}"),
+            });
+        }
+        let size = src.size_bytes().next_multiple_of(4);
+        if size > 0 {
+            self.record(Command::Copy {
+                src: src.raw().clone(),
+                dst: dst.raw().clone(),
+                size,
+            })?;
+        }
+        Ok(())
+    }
+
     // ----- kernels -------------------------------------------------------------
 
     /// Returns the compiled kernel for `key`, building it from `source()` the first

@@ -41,5 +41,11 @@ mod tensor;
 
 pub use autograd::{is_grad_enabled, no_grad, NoGradGuard};
 pub use kiln_device as device;
-pub use kiln_device::{Device, DeviceError, Result};
+pub use kiln_device::{Device, DeviceError, Elementwise, Result};
+
+/// Evaluates an elementwise expression (see [`Elementwise`]) over tensors with
+/// broadcasting, without recording a graph.
+pub fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
+    ops::arith::map(op, inputs)
+}
 pub use tensor::Tensor;

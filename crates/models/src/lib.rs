@@ -1,6 +1,28 @@
 //! # kiln-models
 //!
-//! Layers, models and checkpoints for Kiln, built on `kiln-graph`. This crate is
-//! being built; for now it only re-exports the device layer it stands on.
+//! Layers, models and checkpoints for Kiln, on top of `kiln-graph`.
+//!
+//! - [`layers`]: [`Dense`], [`Dropout`] and the [`Layer`] trait.
+//! - [`Sequential`]: a stack of layers, Keras style, with named parameters
+//!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
+//! - [`checkpoint`]: safetensors files written atomically (temporary file, then
+//!   rename), so an interrupted save never replaces a good checkpoint.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), kiln_models::ModelError> {
+//! use kiln_models::{Activation, Dense, Sequential};
+//! let device = kiln_graph::Device::new()?;
+//! let model = Sequential::new()
+//!     .push(Dense::new(&device, 784, 64, Activation::Relu, 1)?)
+//!     .push(Dense::new(&device, 64, 10, Activation::None, 2)?);
+//! model.save("mlp.safetensors", &Default::default())?;
+//! # Ok(()) }
+//! ```
 
-pub use kiln_device as device;
+pub mod checkpoint;
+pub mod layers;
+mod sequential;
+
+pub use checkpoint::ModelError;
+pub use layers::{Activation, Dense, Dropout, Layer, Mode};
+pub use sequential::Sequential;

@@ -1,0 +1,203 @@
+//! safetensors checkpoints: atomic writes, and reads that check every name and
+//! shape and convert F16/BF16 to f32.
+
+use kiln_graph::DeviceError;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Errors of models and checkpoints.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory,
+/// synced, then renamed over `path`: readers see the old file or the new one,
+/// never a partial one, even if the process is killed mid-write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Saves f32 tensors `(name, shape, values)` and string metadata.
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: &HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(values))
+                .map_err(|e| bad(path, format!("tensor {name}: {e}")))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_, ModelError>>()?;
+    let metadata = (!metadata.is_empty()).then(|| metadata.clone());
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| bad(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// A safetensors file read into memory and validated.
+pub struct Checkpoint {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        SafeTensors::deserialize(&bytes).map_err(|e| {
+            bad(
+                path,
+                format!("not a valid safetensors file ({e}); was it truncated?"),
+            )
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    fn parsed(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated in open")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .parsed()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn metadata(&self) -> HashMap<String, String> {
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
+    }
+
+    /// Errors naming every missing tensor and every unexpected one (names with
+    /// one of `ignore_prefixes` are not counted as unexpected).
+    pub fn check_names(
+        &self,
+        expected: &[&str],
+        ignore_prefixes: &[&str],
+    ) -> Result<(), ModelError> {
+        let present = self.names();
+        let missing: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|n| !present.iter().any(|p| p == n))
+            .collect();
+        let extra: Vec<&String> = present
+            .iter()
+            .filter(|p| !expected.contains(&p.as_str()))
+            .filter(|p| !ignore_prefixes.iter().any(|pre| p.starts_with(pre)))
+            .collect();
+        if missing.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        Err(bad(
+            &self.path,
+            format!("does not match the model: missing {missing:?}, unexpected {extra:?}"),
+        ))
+    }
+
+    /// Tensor `name` as f32 values, checked against `shape`.
+    pub fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let parsed = self.parsed();
+        let view = parsed
+            .tensor(name)
+            .map_err(|_| bad(&self.path, format!("tensor {name} is missing")))?;
+        if view.shape() != shape {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "tensor {name} has shape {:?}, the model expects {shape:?}",
+                    view.shape()
+                ),
+            ));
+        }
+        let data = view.data();
+        let values = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(bad(
+                    &self.path,
+                    format!("tensor {name} is {other:?}; Kiln reads F32, F16 and BF16"),
+                ))
+            }
+        };
+        Ok(values)
+    }
+
+    /// Every tensor whose name starts with `prefix`, as (name without the
+    /// prefix, f32 values), whatever its shape.
+    pub fn tensors_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<f32>)>, ModelError> {
+        let parsed = self.parsed();
+        let mut out = Vec::new();
+        for name in self.names() {
+            if let Some(rest) = name.strip_prefix(prefix) {
+                let shape = parsed.tensor(&name).expect("listed").shape().to_vec();
+                out.push((rest.to_string(), self.tensor_f32(&name, &shape)?));
+            }
+        }
+        Ok(out)
+    }
+}

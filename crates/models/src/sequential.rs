@@ -1,0 +1,125 @@
+//! A stack of layers applied in order.
+
+use crate::checkpoint::{self, ModelError};
+use crate::layers::{Layer, Mode};
+use kiln_graph::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Layers applied one after another. Parameter `p` of layer `i` is named
+/// `"{i}.{p}"` (e.g. `0.weight`), as in PyTorch's `nn.Sequential`.
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<Box<dyn Layer>>,
+}
+
+impl Sequential {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a layer (builder style).
+    pub fn push(mut self, layer: impl Layer + 'static) -> Self {
+        self.layers.push(Box::new(layer));
+        self
+    }
+
+    pub fn layers(&self) -> &[Box<dyn Layer>] {
+        &self.layers
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, mode)?;
+        }
+        Ok(h)
+    }
+
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                layer
+                    .params()
+                    .into_iter()
+                    .map(move |(name, t)| (format!("{i}.{name}"), t))
+            })
+            .collect()
+    }
+
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// Freezes (or unfreezes) every parameter of layer `index`.
+    pub fn set_trainable(&self, index: usize, trainable: bool) {
+        if let Some(layer) = self.layers.get(index) {
+            for (_, p) in layer.params() {
+                p.set_requires_grad(trainable);
+            }
+        }
+    }
+
+    /// Number of scalar parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.parameters().iter().map(Tensor::numel).sum()
+    }
+
+    /// A Keras-like table of layers, output sizes and parameter counts.
+    pub fn summary(&self, input_features: usize) -> String {
+        let mut out = format!(
+            "{:<6} {:<10} {:>8} {:>10}\n",
+            "layer", "kind", "outputs", "params"
+        );
+        let mut features = input_features;
+        for (i, layer) in self.layers.iter().enumerate() {
+            features = layer.output_features(features);
+            let params: usize = layer.params().iter().map(|(_, t)| t.numel()).sum();
+            out += &format!("{i:<6} {:<10} {features:>8} {params:>10}\n", layer.kind());
+        }
+        out += &format!("total parameters: {}", self.parameter_count());
+        out
+    }
+
+    /// Saves the weights (and `metadata`) to a safetensors file, atomically.
+    pub fn save(
+        &self,
+        path: impl AsRef<Path>,
+        metadata: &HashMap<String, String>,
+    ) -> Result<(), ModelError> {
+        let mut tensors = Vec::new();
+        for (name, t) in self.named_parameters() {
+            tensors.push((name, t.shape().to_vec(), t.to_vec()?));
+        }
+        checkpoint::save(path.as_ref(), &tensors, metadata)
+    }
+
+    /// Loads weights saved by [`Sequential::save`] (or any safetensors file with
+    /// the same names and shapes, F32/F16/BF16). Every parameter must be present
+    /// with its shape; extra tensors are an error too, so a checkpoint of another
+    /// architecture cannot load silently.
+    pub fn load_weights(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<HashMap<String, String>, ModelError> {
+        let path = path.as_ref();
+        let file = checkpoint::Checkpoint::open(path)?;
+        let params = self.named_parameters();
+        let expected: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        file.check_names(&expected, &["optimizer."])?;
+        for (name, t) in &params {
+            let values = file.tensor_f32(name, t.shape())?;
+            let device = t.device();
+            let fresh = device.upload(&values)?;
+            // Parameters are updated in place, so optimizers holding them see the
+            // loaded values.
+            device.copy_into(&fresh, t.buffer())?;
+        }
+        Ok(file.metadata())
+    }
+}

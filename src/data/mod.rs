@@ -1,0 +1,179 @@
+//! Datasets: loading (MNIST from the cache, the IDX format), normalisation,
+//! validation splits, seeded shuffling and batching.
+
+pub mod idx;
+pub mod mnist;
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// Errors loading data; each says what to do about it.
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("{dataset} not found in {dir}: run `{fetch}` to download it")]
+    Missing {
+        dataset: &'static str,
+        dir: PathBuf,
+        fetch: &'static str,
+    },
+    #[error("{path} is corrupt ({reason}); delete it and run `{fetch}` again")]
+    Corrupt {
+        path: PathBuf,
+        reason: String,
+        fetch: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where Kiln keeps downloaded and converted data: `$KILN_CACHE`, else
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_CACHE") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("kiln");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".cache").join("kiln")
+}
+
+/// Samples with `features` f32 inputs each and a class label.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Dataset {
+    pub features: usize,
+    /// `len() * features` values, row-major.
+    pub x: Vec<f32>,
+    pub y: Vec<u32>,
+    pub classes: usize,
+}
+
+impl Dataset {
+    pub fn new(
+        features: usize,
+        x: Vec<f32>,
+        y: Vec<u32>,
+        classes: usize,
+    ) -> Result<Self, DataError> {
+        if x.len() != y.len() * features {
+            return Err(DataError::Invalid(format!(
+                "{} inputs do not make {} samples of {features} features",
+                x.len(),
+                y.len()
+            )));
+        }
+        if let Some(&bad) = y.iter().find(|&&l| l as usize >= classes) {
+            return Err(DataError::Invalid(format!(
+                "label {bad} out of range for {classes} classes"
+            )));
+        }
+        Ok(Self {
+            features,
+            x,
+            y,
+            classes,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Samples `range` as a new dataset.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Dataset {
+        Dataset {
+            features: self.features,
+            x: self.x[range.start * self.features..range.end * self.features].to_vec(),
+            y: self.y[range].to_vec(),
+            classes: self.classes,
+        }
+    }
+
+    /// The first `n` samples (all if fewer).
+    pub fn take(&self, n: usize) -> Dataset {
+        self.slice(0..n.min(self.len()))
+    }
+
+    /// Keras's `validation_split`: the *last* `fraction` of the samples, taken
+    /// before any shuffling, become the validation set.
+    pub fn split_validation(&self, fraction: f32) -> Result<(Dataset, Dataset), DataError> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(DataError::Invalid(format!(
+                "validation_split must be in [0, 1), got {fraction}"
+            )));
+        }
+        let val = (self.len() as f64 * f64::from(fraction)).round() as usize;
+        let cut = self.len() - val;
+        Ok((self.slice(0..cut), self.slice(cut..self.len())))
+    }
+
+    /// Copies the samples `indices` into `x_out` / `y_out` (reused between
+    /// batches, so the training loop allocates nothing per sample).
+    pub fn gather(&self, indices: &[usize], x_out: &mut Vec<f32>, y_out: &mut Vec<u32>) {
+        x_out.clear();
+        y_out.clear();
+        for &i in indices {
+            x_out.extend_from_slice(&self.x[i * self.features..(i + 1) * self.features]);
+            y_out.push(self.y[i]);
+        }
+    }
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates over splitmix64), so a seed
+/// reproduces the order of a run.
+pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut indices: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        indices.swap(i, j);
+    }
+    indices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_split_takes_the_tail_like_keras() {
+        let d = Dataset::new(
+            1,
+            (0..10).map(|i| i as f32).collect(),
+            (0..10).map(|i| i % 2).collect(),
+            2,
+        )
+        .unwrap();
+        let (train, val) = d.split_validation(0.2).unwrap();
+        assert_eq!(train.y.len(), 8);
+        assert_eq!(val.x, vec![8.0, 9.0]);
+        assert!(d.split_validation(1.0).is_err());
+    }
+
+    #[test]
+    fn shuffles_are_seeded_permutations() {
+        let a = shuffled_indices(100, 7);
+        assert_eq!(a, shuffled_indices(100, 7));
+        assert_ne!(a, shuffled_indices(100, 8));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+}

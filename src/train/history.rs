@@ -1,0 +1,59 @@
+//! Per-epoch results of a training run, written as JSON and CSV.
+
+use serde::Serialize;
+use std::path::Path;
+
+/// What one epoch measured.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EpochStats {
+    /// 1-based, counting epochs of resumed runs too.
+    pub epoch: usize,
+    pub loss: f32,
+    pub accuracy: f32,
+    pub val_loss: Option<f32>,
+    pub val_accuracy: Option<f32>,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+/// The epochs of a `fit` call, in order.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct History {
+    pub epochs: Vec<EpochStats>,
+}
+
+impl History {
+    pub fn last(&self) -> Option<&EpochStats> {
+        self.epochs.last()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plain numbers serialise")
+    }
+
+    pub fn to_csv(&self) -> String {
+        let opt = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
+        let mut out =
+            String::from("epoch,loss,accuracy,val_loss,val_accuracy,seconds,samples_per_second\n");
+        for e in &self.epochs {
+            out += &format!(
+                "{},{},{},{},{},{:.3},{:.1}\n",
+                e.epoch,
+                e.loss,
+                e.accuracy,
+                opt(e.val_loss),
+                opt(e.val_accuracy),
+                e.seconds,
+                e.samples_per_second
+            );
+        }
+        out
+    }
+
+    /// Writes `history.json` and `history.csv` into `dir`.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("history.json"), self.to_json())?;
+        std::fs::write(dir.join("history.csv"), self.to_csv())
+    }
+}

@@ -1,0 +1,352 @@
+//! The Keras-like training loop: [`Trainer::fit`], [`Trainer::evaluate`],
+//! [`Trainer::predict`], with validation split, progress bars, early stopping and
+//! per-epoch checkpoints that a run can resume from.
+
+mod history;
+
+pub use history::{EpochStats, History};
+
+use crate::data::{shuffled_indices, Dataset};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_graph::optim::Optimizer;
+use kiln_graph::{loss, no_grad, Device, Elementwise, Tensor};
+use kiln_models::checkpoint::{self, Checkpoint};
+use kiln_models::{Mode, ModelError, Sequential};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Errors of the training loop.
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Settings of [`Trainer::fit`], with Keras's names.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    /// Total epochs; a resumed run trains only the ones still missing.
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Fraction of the data, taken from its end before shuffling, held out for
+    /// validation after every epoch.
+    pub validation_split: f32,
+    /// Seeds the per-epoch shuffles and dropout, so runs are reproducible.
+    pub seed: u64,
+    /// Show a progress bar (it also hides itself when stderr is not a terminal).
+    pub progress: bool,
+    /// Print one summary line per epoch (Keras's `verbose=2`).
+    pub log_epochs: bool,
+    /// Save weights and optimizer state here after every epoch.
+    pub checkpoint: Option<PathBuf>,
+    /// Stop when the monitored loss (validation if any, else training) has not
+    /// improved by `min_delta` for `patience` epochs.
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 32,
+            validation_split: 0.0,
+            seed: 0,
+            progress: true,
+            log_epochs: true,
+            checkpoint: None,
+            early_stopping: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EarlyStopping {
+    pub patience: usize,
+    pub min_delta: f32,
+}
+
+/// A classifier (logits out) with its optimizer, trained with sparse
+/// categorical cross-entropy and measured by accuracy.
+pub struct Trainer<O: Optimizer> {
+    pub model: Sequential,
+    pub optimizer: O,
+    device: Device,
+    /// Epochs completed, including those of a run this one resumed.
+    pub epochs_done: usize,
+    /// Written into every checkpoint (e.g. which architecture to rebuild).
+    pub metadata: HashMap<String, String>,
+}
+
+/// Loss sum and correct count of a pass, kept on the device until read.
+struct Tally {
+    loss_sum: Option<Tensor>,
+    correct: Option<Tensor>,
+    samples: usize,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            loss_sum: None,
+            correct: None,
+            samples: 0,
+        }
+    }
+
+    /// Adds a batch's mean loss and its correct predictions, without a sync.
+    fn add(
+        &mut self,
+        mean_loss: &Tensor,
+        logits: &Tensor,
+        one_hot: &Tensor,
+        n: usize,
+    ) -> Result<()> {
+        no_grad(|| -> Result<()> {
+            let batch_loss = mean_loss.detach().mul_scalar(n as f32)?;
+            // A sample is right when the logit of its label is the row's maximum.
+            let picked = logits.mul(one_hot)?.sum(1, true)?;
+            let best = logits.max(1, true)?;
+            let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
+            let correct = kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?;
+            self.loss_sum = Some(match self.loss_sum.take() {
+                Some(t) => t.add(&batch_loss)?,
+                None => batch_loss,
+            });
+            self.correct = Some(match self.correct.take() {
+                Some(t) => t.add(&correct)?,
+                None => correct,
+            });
+            self.samples += n;
+            Ok(())
+        })
+    }
+
+    /// (mean loss, accuracy) so far; reads two numbers back.
+    fn read(&self) -> Result<(f32, f32)> {
+        let n = self.samples.max(1) as f32;
+        let loss = match &self.loss_sum {
+            Some(t) => t.item()? / n,
+            None => 0.0,
+        };
+        let correct = match &self.correct {
+            Some(t) => t.item()?,
+            None => 0.0,
+        };
+        Ok((loss, correct / n))
+    }
+}
+
+fn one_hot(device: &Device, labels: &[u32], classes: usize) -> kiln_graph::Result<Tensor> {
+    let mut v = vec![0.0f32; labels.len() * classes];
+    for (i, &l) in labels.iter().enumerate() {
+        v[i * classes + l as usize] = 1.0;
+    }
+    Tensor::from_slice(device, &v, &[labels.len(), classes])
+}
+
+impl<O: Optimizer> Trainer<O> {
+    pub fn new(model: Sequential, optimizer: O, device: &Device) -> Self {
+        Self {
+            model,
+            optimizer,
+            device: device.clone(),
+            epochs_done: 0,
+            metadata: HashMap::new(),
+        }
+    }
+
+    fn check_data(&self, data: &Dataset, batch_size: usize) -> Result<()> {
+        if batch_size == 0 || data.is_empty() {
+            return Err(ModelError::Device(kiln_graph::DeviceError::Shape {
+                op: "fit",
+                message: format!("batch size {batch_size} over {} samples", data.len()),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Trains for the epochs not yet done; returns their history.
+    pub fn fit(&mut self, data: &Dataset, options: &FitOptions) -> Result<History> {
+        self.check_data(data, options.batch_size)?;
+        let (train, validation) = data
+            .split_validation(options.validation_split)
+            .map_err(|e| {
+                ModelError::Device(kiln_graph::DeviceError::Shape {
+                    op: "fit",
+                    message: e.to_string(),
+                })
+            })?;
+        let mut history = History::default();
+        let mut best = f32::INFINITY;
+        let mut since_best = 0;
+        let (mut xb, mut yb) = (Vec::new(), Vec::new());
+        while self.epochs_done < options.epochs {
+            let epoch = self.epochs_done + 1;
+            let start = Instant::now();
+            // Per-epoch seeds: a resumed run sees the same order as an unbroken one.
+            let order = shuffled_indices(train.len(), options.seed.wrapping_add(epoch as u64));
+            let steps = train.len().div_ceil(options.batch_size);
+            let bar = progress_bar(options.progress, steps, epoch, options.epochs);
+            let mut tally = Tally::new();
+            for (step, indices) in order.chunks(options.batch_size).enumerate() {
+                train.gather(indices, &mut xb, &mut yb);
+                let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
+                let target = one_hot(&self.device, &yb, train.classes)?;
+                let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
+                let logits = self.model.forward(&x, &mut Mode::training(seed))?;
+                let loss = loss::categorical_cross_entropy(&logits, &target)?;
+                self.optimizer.zero_grad();
+                loss.backward()?;
+                self.optimizer.step()?;
+                tally.add(&loss, &logits, &target, yb.len())?;
+                // Reading metrics syncs with the device: only now and then.
+                if step % 50 == 49 || step + 1 == steps {
+                    let (l, a) = tally.read()?;
+                    let rate = tally.samples as f64 / start.elapsed().as_secs_f64();
+                    bar.set_position(step as u64 + 1);
+                    bar.set_message(format!("loss {l:.4} acc {a:.4} {rate:.0} samples/s"));
+                }
+            }
+            let (loss, accuracy) = tally.read()?;
+            let seconds = start.elapsed().as_secs_f64();
+            let (val_loss, val_accuracy) = if validation.is_empty() {
+                (None, None)
+            } else {
+                let (l, a) = self.evaluate(&validation, options.batch_size.max(256))?;
+                (Some(l), Some(a))
+            };
+            bar.finish_and_clear();
+            let stats = EpochStats {
+                epoch,
+                loss,
+                accuracy,
+                val_loss,
+                val_accuracy,
+                seconds,
+                samples_per_second: train.len() as f64 / seconds,
+            };
+            if options.log_epochs {
+                eprintln!("{}", describe(&stats, options.epochs));
+            }
+            self.epochs_done = epoch;
+            if let Some(path) = &options.checkpoint {
+                self.save_checkpoint(path)?;
+            }
+            history.epochs.push(stats);
+            if let Some(es) = options.early_stopping {
+                let monitored = val_loss.unwrap_or(loss);
+                if monitored < best - es.min_delta {
+                    best = monitored;
+                    since_best = 0;
+                } else {
+                    since_best += 1;
+                    if since_best >= es.patience {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(history)
+    }
+
+    /// Mean loss and accuracy over `data`, without training.
+    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f32, f32)> {
+        self.check_data(data, batch_size)?;
+        let _guard = kiln_graph::NoGradGuard::new();
+        let mut tally = Tally::new();
+        let (mut xb, mut yb) = (Vec::new(), Vec::new());
+        let all: Vec<usize> = (0..data.len()).collect();
+        for indices in all.chunks(batch_size) {
+            data.gather(indices, &mut xb, &mut yb);
+            let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
+            let target = one_hot(&self.device, &yb, data.classes)?;
+            let logits = self.model.forward(&x, &mut Mode::eval())?;
+            let loss = loss::categorical_cross_entropy(&logits, &target)?;
+            tally.add(&loss, &logits, &target, yb.len())?;
+        }
+        tally.read()
+    }
+
+    /// Class probabilities (softmax of the logits) for `n` samples of `x`.
+    pub fn predict(&self, x: &[f32], features: usize) -> Result<Vec<f32>> {
+        let _guard = kiln_graph::NoGradGuard::new();
+        let n = x.len() / features.max(1);
+        let input = Tensor::from_slice(&self.device, x, &[n, features])?;
+        Ok(self
+            .model
+            .forward(&input, &mut Mode::eval())?
+            .softmax()?
+            .to_vec()?)
+    }
+
+    /// Saves weights, optimizer state and progress to one safetensors file,
+    /// atomically (a kill mid-save leaves the previous checkpoint intact).
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::new();
+        for (name, t) in self.model.named_parameters() {
+            tensors.push((name, t.shape().to_vec(), t.to_vec()?));
+        }
+        let state = self.optimizer.state()?;
+        for (name, values) in state.tensors {
+            let len = values.len();
+            tensors.push((format!("optimizer.{name}"), vec![len], values));
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.extend([
+            ("epoch".to_string(), self.epochs_done.to_string()),
+            ("optimizer_step".to_string(), state.step.to_string()),
+            ("format".to_string(), "kiln-checkpoint-1".to_string()),
+        ]);
+        checkpoint::save(path, &tensors, &metadata)
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; `fit` then
+    /// continues after its last completed epoch.
+    pub fn resume(&mut self, path: &Path) -> Result<()> {
+        let metadata = self.model.load_weights(path)?;
+        let file = Checkpoint::open(path)?;
+        let field = |key: &str| -> Result<u64> {
+            metadata
+                .get(key)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| ModelError::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!("no {key} in its metadata: not a training checkpoint"),
+                })
+        };
+        let state = kiln_graph::optim::OptimizerState {
+            step: field("optimizer_step")?,
+            tensors: file.tensors_with_prefix("optimizer.")?,
+        };
+        self.optimizer.load_state(&state)?;
+        self.epochs_done = field("epoch")? as usize;
+        Ok(())
+    }
+}
+
+fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "epoch {epoch}/{epochs} [{{bar:30}}] {{pos}}/{{len}} {{msg}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn describe(s: &EpochStats, epochs: usize) -> String {
+    let mut line = format!(
+        "epoch {}/{epochs}: loss {:.4} accuracy {:.4}",
+        s.epoch, s.loss, s.accuracy
+    );
+    if let (Some(l), Some(a)) = (s.val_loss, s.val_accuracy) {
+        line += &format!(" val_loss {l:.4} val_accuracy {a:.4}");
+    }
+    line += &format!(
+        " ({:.1} s, {:.0} samples/s)",
+        s.seconds, s.samples_per_second
+    );
+    line
+}
