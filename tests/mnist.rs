@@ -1,0 +1,190 @@
+//! Real MNIST (fetched by `scripts/fetch-mnist.sh`, which CI runs first): a short
+//! training run must learn, and checkpoints must survive a kill and resume.
+
+mod common;
+
+use kiln::data::{mnist, shuffled_indices, Dataset};
+use kiln::graph::optim::Adam;
+use kiln::train::{FitOptions, Trainer};
+use kiln::zoo::Architecture;
+use std::sync::OnceLock;
+
+fn data() -> &'static mnist::Mnist {
+    static DATA: OnceLock<mnist::Mnist> = OnceLock::new();
+    DATA.get_or_init(|| mnist::load().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// `n` training samples drawn at random (seeded) from the 60,000.
+fn subset(train: &Dataset, n: usize, seed: u64) -> Dataset {
+    let picked = &shuffled_indices(train.len(), seed)[..n];
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    train.gather(picked, &mut x, &mut y);
+    Dataset::new(train.features, x, y, train.classes).unwrap()
+}
+
+#[test]
+fn the_official_mnist_is_what_we_load() {
+    let m = data();
+    assert_eq!(
+        (m.train.len(), m.test.len(), m.train.features),
+        (60_000, 10_000, 784)
+    );
+    assert_eq!(m.train.y[..5], [5, 0, 4, 1, 9]);
+    assert_eq!(m.test.y[..5], [7, 2, 1, 0, 4]);
+    let mut per_class = [0usize; 10];
+    m.train.y.iter().for_each(|&l| per_class[l as usize] += 1);
+    assert_eq!(
+        per_class,
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    );
+}
+
+fn trainer(seed: u64, lr: f32) -> Trainer<Adam> {
+    let device = common::device();
+    let model = Architecture::Mlp.build(device, seed).unwrap();
+    let optimizer = Adam::new(model.parameters(), lr);
+    let mut trainer = Trainer::new(model, optimizer, device);
+    trainer.metadata.insert("model".into(), "mlp".into());
+    trainer
+}
+
+fn quiet(epochs: usize, batch_size: usize, seed: u64) -> FitOptions {
+    FitOptions {
+        epochs,
+        batch_size,
+        seed,
+        progress: false,
+        log_epochs: false,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn mlp_learns_from_2000_samples_in_2_epochs() {
+    // Two seeds, each a different random 2,000-sample subset and initialisation.
+    let m = data();
+    for seed in [0, 1] {
+        let mut trainer = trainer(seed, 3e-3);
+        trainer
+            .fit(&subset(&m.train, 2000, seed), &quiet(2, 16, seed))
+            .unwrap();
+        let (_, accuracy) = trainer.evaluate(&m.test.take(1000), 500).unwrap();
+        assert!(
+            accuracy > 0.85,
+            "seed {seed}: accuracy {accuracy} on 1,000 test images"
+        );
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_matches_an_unbroken_run() {
+    let m = data();
+    let train = subset(&m.train, 600, 5);
+    let dir = std::env::temp_dir().join(format!("kiln-resume-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+
+    let mut unbroken = trainer(7, 1e-3);
+    unbroken.fit(&train, &quiet(3, 32, 7)).unwrap();
+
+    let mut first = trainer(7, 1e-3);
+    let options = FitOptions {
+        checkpoint: Some(path.clone()),
+        ..quiet(1, 32, 7)
+    };
+    first.fit(&train, &options).unwrap();
+    drop(first);
+
+    // A fresh process would start here: new model (other init), then resume.
+    let mut resumed = trainer(99, 1e-3);
+    resumed.resume(&path).unwrap();
+    assert_eq!(resumed.epochs_done, 1);
+    let history = resumed.fit(&train, &quiet(3, 32, 7)).unwrap();
+    assert_eq!(
+        history.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    for ((name, a), (_, b)) in unbroken
+        .model
+        .named_parameters()
+        .iter()
+        .zip(resumed.model.named_parameters())
+    {
+        assert_eq!(
+            a.to_vec().unwrap(),
+            b.to_vec().unwrap(),
+            "{name} differs after resuming"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn killing_training_never_leaves_a_corrupt_checkpoint() {
+    use kiln::models::checkpoint::Checkpoint;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = std::env::temp_dir().join(format!("kiln-kill-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args([
+            "train",
+            "mlp",
+            "--limit-train",
+            "1000",
+            "--limit-test",
+            "100",
+            "--no-progress",
+        ])
+        .args(["--checkpoint", path.to_str().unwrap()])
+        .args(extra)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
+    };
+    let epoch_of = |path: &std::path::Path| -> usize {
+        let file = Checkpoint::open(path).expect("the checkpoint must always load");
+        file.metadata()["epoch"].parse().unwrap()
+    };
+    // Kill a long run at several moments, each after at least one checkpoint.
+    let mut last = 0;
+    for (round, wait_ms) in [0u64, 37, 151, 263].into_iter().enumerate() {
+        let resume: &[&str] = if round == 0 { &[] } else { &["--resume"] };
+        let mut child = run(resume).args(["--epochs", "1000"]).spawn().unwrap();
+        let start = Instant::now();
+        while !path.exists() || epoch_of(&path) <= last {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no checkpoint appeared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let epoch = epoch_of(&path);
+        assert!(
+            epoch > last,
+            "round {round}: resumed run did not advance ({last} -> {epoch})"
+        );
+        last = epoch;
+    }
+    // Resuming finishes the remaining epoch and reports where it started.
+    let out = run(&["--resume", "--epochs", &(last + 1).to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("resuming after epoch {last}")),
+        "{stdout}"
+    );
+    assert_eq!(epoch_of(&path), last + 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
