@@ -2,7 +2,6 @@
 //! the element type and rank, then each dimension), then unsigned bytes.
 
 use super::DataError;
-use std::io::Write;
 use std::path::Path;
 
 /// An IDX array of unsigned bytes.
@@ -55,18 +54,6 @@ pub fn to_bytes(array: &IdxArray) -> Vec<u8> {
     }
     out.extend_from_slice(&array.data);
     out
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename,
-/// so a crash never leaves a half-written file under the final name.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("part");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// Reads an IDX file, `.gz`-compressed or not.

@@ -150,10 +150,12 @@ fn convert_csv(dir: &Path) -> Result<(), DataError> {
         let n = labels.len();
         let write = |name: String, array: IdxArray| -> Result<PathBuf, DataError> {
             let out = dir.join(name);
-            idx::write_atomic(&out, &idx::to_bytes(&array)).map_err(|source| DataError::Io {
-                path: out.clone(),
-                source,
-            })?;
+            kiln_models::checkpoint::write_atomic(&out, &idx::to_bytes(&array)).map_err(
+                |source| DataError::Io {
+                    path: out.clone(),
+                    source,
+                },
+            )?;
             Ok(out)
         };
         write(
@@ -179,5 +181,36 @@ fn corrupt(path: &Path, reason: String) -> DataError {
         path: path.to_path_buf(),
         reason,
         fetch: FETCH,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_corrupt_data_say_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("kiln-mnist-missing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = load_from(&dir).err().expect("no data there").to_string();
+        assert!(
+            err.contains("MNIST not found") && err.contains("scripts/fetch-mnist.sh"),
+            "{err}"
+        );
+
+        // Files present but wrong: refused by checksum, with the fix in the message.
+        for (name, _) in FILES {
+            std::fs::write(dir.join(name), b"\0\0\x08\x01\0\0\0\x01\x05").unwrap();
+        }
+        let err = load_from(&dir).err().expect("corrupt data").to_string();
+        assert!(
+            err.contains("is corrupt") && err.contains("SHA-256"),
+            "{err}"
+        );
+        assert!(
+            err.contains("delete it and run `scripts/fetch-mnist.sh`"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -30,16 +30,13 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory,
-/// synced, then renamed over `path`: readers see the old file or the new one,
-/// never a partial one, even if the process is killed mid-write.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Writes `bytes` to `path` through a temporary file in the same directory
+/// (named after this process, so concurrent writers never share one), synced,
+/// then renamed over `path`: readers see the old file or the new one, never a
+/// partial one, even if the process is killed mid-write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir)?;
     }
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(format!(".tmp{}", std::process::id()));
@@ -53,7 +50,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io)
+    result
 }
 
 /// Saves f32 tensors `(name, shape, values)` and string metadata.
@@ -72,7 +69,10 @@ pub fn save(
         .collect::<Result<_, ModelError>>()?;
     let metadata = (!metadata.is_empty()).then(|| metadata.clone());
     let bytes = safetensors::serialize(views, metadata).map_err(|e| bad(path, e.to_string()))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &bytes).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A safetensors file read into memory and validated.
