@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln::data::{mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 use kiln::graph::optim::Adam;
-use kiln::train::{EarlyStopping, FitOptions, Trainer};
+use kiln::train::{EarlyStopping, FitOptions, Loss, Trainer};
 use kiln::zoo::Architecture;
 use std::path::PathBuf;
 
@@ -23,6 +23,12 @@ struct Cli {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatasetName {
     Mnist,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LossName {
+    CrossEntropy,
+    Mse,
 }
 
 #[derive(Subcommand)]
@@ -46,6 +52,8 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 1e-3)]
         lr: f32,
+        #[arg(long, value_enum, default_value = "cross-entropy")]
+        loss: LossName,
         /// Fraction of the training data held out for validation (Keras semantics).
         #[arg(long, default_value_t = 0.0)]
         validation_split: f32,
@@ -89,6 +97,7 @@ fn main() -> std::process::ExitCode {
             epochs,
             batch_size,
             lr,
+            loss,
             validation_split,
             seed,
             patience,
@@ -111,7 +120,20 @@ fn main() -> std::process::ExitCode {
                     min_delta: 0.0,
                 }),
             };
-            train(model, dataset, lr, options, resume, limit_train, limit_test)
+            let loss = match loss {
+                LossName::CrossEntropy => Loss::SparseCategoricalCrossEntropy,
+                LossName::Mse => Loss::MeanSquaredError,
+            };
+            train(
+                model,
+                dataset,
+                lr,
+                loss,
+                options,
+                resume,
+                limit_train,
+                limit_test,
+            )
         }
         Command::Eval {
             checkpoint,
@@ -158,10 +180,12 @@ fn load(dataset: DatasetName) -> Result<(Dataset, Dataset)> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train(
     model: Architecture,
     dataset: DatasetName,
     lr: f32,
+    loss: Loss,
     options: FitOptions,
     resume: bool,
     limit_train: Option<usize>,
@@ -179,6 +203,7 @@ fn train(
     println!("{}", network.summary(train.features));
     let optimizer = Adam::new(network.parameters(), lr);
     let mut trainer = Trainer::new(network, optimizer, &device);
+    trainer.loss = loss;
     trainer.metadata.insert("model".into(), model.name().into());
     let checkpoint = options.checkpoint.clone().expect("set by the CLI");
     if resume {

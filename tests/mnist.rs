@@ -77,6 +77,20 @@ fn mlp_learns_from_2000_samples_in_2_epochs() {
 }
 
 #[test]
+fn the_loss_is_a_choice_like_keras_compile() {
+    let m = data();
+    let mut trainer = trainer(3, 3e-3);
+    trainer.loss = kiln::train::Loss::MeanSquaredError;
+    let history = trainer
+        .fit(&subset(&m.train, 2000, 3), &quiet(2, 16, 3))
+        .unwrap();
+    let (loss, accuracy) = trainer.evaluate(&m.test.take(1000), 500).unwrap();
+    // An untrained model scores about 0.09 (uniform probabilities against one-hot).
+    assert!(loss < 0.03 && loss < history.epochs[0].loss, "loss {loss}");
+    assert!(accuracy > 0.8, "accuracy {accuracy}");
+}
+
+#[test]
 fn resuming_from_a_checkpoint_matches_an_unbroken_run() {
     let m = data();
     let train = subset(&m.train, 600, 5);

@@ -62,11 +62,33 @@ pub struct EarlyStopping {
     pub min_delta: f32,
 }
 
-/// A classifier (logits out) with its optimizer, trained with sparse
-/// categorical cross-entropy and measured by accuracy.
+/// The loss `fit` minimises, Keras's `compile(loss=...)`. Models output logits;
+/// labels are class ids.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Loss {
+    /// Softmax cross-entropy (Keras `sparse_categorical_crossentropy` on a
+    /// softmax output), computed stably from the logits.
+    #[default]
+    SparseCategoricalCrossEntropy,
+    /// Mean squared error between the softmax probabilities and one-hot labels
+    /// (Keras `mse` on a softmax output).
+    MeanSquaredError,
+}
+
+impl Loss {
+    fn compute(self, logits: &Tensor, one_hot: &Tensor) -> kiln_graph::Result<Tensor> {
+        match self {
+            Loss::SparseCategoricalCrossEntropy => loss::categorical_cross_entropy(logits, one_hot),
+            Loss::MeanSquaredError => loss::mse_loss(&logits.softmax()?, one_hot),
+        }
+    }
+}
+
+/// A classifier (logits out) with its optimizer and loss, measured by accuracy.
 pub struct Trainer<O: Optimizer> {
     pub model: Sequential,
     pub optimizer: O,
+    pub loss: Loss,
     device: Device,
     /// Epochs completed, including those of a run this one resumed.
     pub epochs_done: usize,
@@ -146,6 +168,7 @@ impl<O: Optimizer> Trainer<O> {
         Self {
             model,
             optimizer,
+            loss: Loss::default(),
             device: device.clone(),
             epochs_done: 0,
             metadata: HashMap::new(),
@@ -191,7 +214,7 @@ impl<O: Optimizer> Trainer<O> {
                 let target = one_hot(&self.device, &yb, train.classes)?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                let loss = loss::categorical_cross_entropy(&logits, &target)?;
+                let loss = self.loss.compute(&logits, &target)?;
                 self.optimizer.zero_grad();
                 loss.backward()?;
                 self.optimizer.step()?;
@@ -258,7 +281,7 @@ impl<O: Optimizer> Trainer<O> {
             let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
             let target = one_hot(&self.device, &yb, data.classes)?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
-            let loss = loss::categorical_cross_entropy(&logits, &target)?;
+            let loss = self.loss.compute(&logits, &target)?;
             tally.add(&loss, &logits, &target, yb.len())?;
         }
         tally.read()
