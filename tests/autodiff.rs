@@ -736,3 +736,98 @@ fn f16_storage_converts_and_passes_gradients_through() {
     y.sum_all().unwrap().backward().unwrap();
     assert_eq!(x.grad().unwrap().to_vec().unwrap(), vec![3.0; 4]);
 }
+
+/// f64 reference of PyTorch's conv2d (cross-correlation), NCHW.
+#[allow(clippy::too_many_arguments)]
+fn cpu_conv2d(
+    x: &[f64],
+    w: &[f64],
+    b: Option<&[f64]>,
+    [n, c, h, wd]: [usize; 4],
+    [o, kh, kw]: [usize; 3],
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dil: [usize; 2],
+) -> Vec<f64> {
+    let oh = (h + 2 * pad[0] - dil[0] * (kh - 1) - 1) / stride[0] + 1;
+    let ow = (wd + 2 * pad[1] - dil[1] * (kw - 1) - 1) / stride[1] + 1;
+    let mut out = vec![0.0; n * o * oh * ow];
+    for b_ in 0..n {
+        for oc in 0..o {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = b.map_or(0.0, |b| b[oc]);
+                    for ic in 0..c {
+                        for a in 0..kh {
+                            for bb in 0..kw {
+                                let iy = (y * stride[0] + a * dil[0]) as isize - pad[0] as isize;
+                                let ix = (xx * stride[1] + bb * dil[1]) as isize - pad[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                acc += x[((b_ * c + ic) * h + iy as usize) * wd + ix as usize]
+                                    * w[((oc * c + ic) * kh + a) * kw + bb];
+                            }
+                        }
+                    }
+                    out[((b_ * o + oc) * oh + y) * ow + xx] = acc;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn conv2d_gradients() {
+    use kiln::graph::Conv2d;
+    // (input [n, c, h, w], weight [o, kh, kw], stride, padding, dilation)
+    let cases: [([usize; 4], [usize; 3], [usize; 2], [usize; 2], [usize; 2]); 5] = [
+        ([2, 3, 7, 6], [5, 3, 3], [1, 1], [0, 0], [1, 1]),
+        ([2, 3, 9, 7], [4, 3, 3], [2, 2], [1, 1], [1, 1]),
+        ([1, 5, 8, 10], [3, 2, 3], [2, 1], [1, 2], [1, 1]),
+        ([3, 2, 9, 9], [2, 3, 3], [1, 2], [0, 1], [2, 2]),
+        ([2, 1, 5, 5], [7, 5, 5], [1, 1], [2, 2], [1, 1]),
+    ];
+    for (i, (xs, [o, kh, kw], stride, padding, dilation)) in cases.into_iter().enumerate() {
+        let c = xs[1];
+        let conv = Conv2d {
+            stride,
+            padding,
+            dilation,
+        };
+        let seed = 300 + 10 * i as u64;
+        grad_check(
+            &format!("conv2d {xs:?} w [{o}, {c}, {kh}, {kw}] {conv:?}"),
+            &[
+                input(&xs, seed, -1.0, 1.0),
+                input(&[o, c, kh, kw], seed + 1, -1.0, 1.0),
+                input(&[o], seed + 2, -1.0, 1.0),
+            ],
+            |t| t[0].conv2d(&t[1], Some(&t[2]), conv),
+            &move |x: &[Vec<f64>]| {
+                cpu_conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    xs,
+                    [o, kh, kw],
+                    stride,
+                    padding,
+                    dilation,
+                )
+            },
+        );
+    }
+    let d = device();
+    let x = Tensor::zeros(d, &[1, 3, 5, 5]).unwrap();
+    let w = Tensor::zeros(d, &[2, 4, 3, 3]).unwrap();
+    let err = x
+        .conv2d(&w, None, Conv2d::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has 3 channels") && err.contains("expects 4"),
+        "{err}"
+    );
+}

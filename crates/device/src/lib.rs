@@ -41,6 +41,7 @@ pub use error::{DeviceError, Result};
 pub use half;
 pub use info::DeviceReport;
 pub use kernel::{Kernel, Specialize};
+pub use kernels::conv::ConvGeometry;
 pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
 pub use kernels::matmul::Matmul;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};

@@ -2,6 +2,7 @@
 //! dispatch geometry. Each kernel has a CPU reference in the integration tests.
 
 pub mod cast;
+pub mod conv;
 pub mod elementwise;
 pub mod matmul;
 pub mod reduce;

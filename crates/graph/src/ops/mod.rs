@@ -2,6 +2,8 @@
 //! written with the same tensor ops, so gradients are computed on the GPU.
 
 pub(crate) mod arith;
+mod conv;
+pub use conv::Conv2d;
 mod embedding;
 mod matmul;
 mod norm;

@@ -1,0 +1,128 @@
+//! Convolution as im2col + matmul. im2col is a strided view of the (padded)
+//! input, copied by the elementwise generator; its adjoint col2im is a gather
+//! kernel, so the backward pass needs no atomics.
+
+use super::to_u32;
+use crate::buffer::{DType, GpuBuffer};
+use crate::device::Device;
+use crate::error::{DeviceError, Result};
+
+const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
+
+/// Geometry of a 2-D convolution over an already padded NCHW input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub n: usize,
+    pub c: usize,
+    /// Padded input height and width.
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output height and width, or an error if the window does not fit.
+    pub fn output(&self) -> Result<(usize, usize)> {
+        let span_h = self.dilation[0] * (self.kh.max(1) - 1) + 1;
+        let span_w = self.dilation[1] * (self.kw.max(1) - 1) + 1;
+        if self.kh == 0 || self.kw == 0 || span_h > self.h || span_w > self.w {
+            return Err(DeviceError::Shape {
+                op: "conv2d",
+                message: format!(
+                    "a {}x{} kernel (dilation {:?}) does not fit a {}x{} input",
+                    self.kh, self.kw, self.dilation, self.h, self.w
+                ),
+            });
+        }
+        if self.stride.contains(&0) || self.dilation.contains(&0) {
+            return Err(DeviceError::Shape {
+                op: "conv2d",
+                message: "stride and dilation must be positive".into(),
+            });
+        }
+        Ok((
+            (self.h - span_h) / self.stride[0] + 1,
+            (self.w - span_w) / self.stride[1] + 1,
+        ))
+    }
+
+    /// Elements of one im2col row: `c * kh * kw`.
+    pub fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Col2ImParams {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    dh: u32,
+    dw: u32,
+    row_threads: u32,
+    _pad: [u32; 3],
+}
+
+impl Device {
+    /// The `[n * oh * ow, c * kh * kw]` matrix of input windows.
+    pub fn im2col(&self, x: &GpuBuffer, g: &ConvGeometry) -> Result<GpuBuffer> {
+        let (oh, ow) = g.output()?;
+        let (h, w) = (g.h, g.w);
+        self.strided_copy(
+            x,
+            &[g.n, oh, ow, g.c, g.kh, g.kw],
+            &[
+                g.c * h * w,
+                g.stride[0] * w,
+                g.stride[1],
+                h * w,
+                g.dilation[0] * w,
+                g.dilation[1],
+            ],
+            0,
+        )
+    }
+
+    /// The adjoint of [`Device::im2col`]: sums window columns back into an
+    /// `[n, c, h, w]` (padded) image.
+    pub fn col2im(&self, cols: &GpuBuffer, g: &ConvGeometry) -> Result<GpuBuffer> {
+        const OP: &str = "col2im";
+        let (oh, ow) = g.output()?;
+        super::expect_f32(OP, "columns", cols)?;
+        super::expect_len(OP, "columns", cols, g.n * oh * ow * g.patch())?;
+        let numel = g.n * g.c * g.h * g.w;
+        let out = self.empty(numel, DType::F32)?;
+        let (grid, row_threads) = self.linear_grid(numel)?;
+        let u = |what, v| to_u32(OP, what, v);
+        let params = Col2ImParams {
+            n: u("n", g.n)?,
+            c: u("c", g.c)?,
+            h: u("h", g.h)?,
+            w: u("w", g.w)?,
+            oh: u("oh", oh)?,
+            ow: u("ow", ow)?,
+            kh: u("kh", g.kh)?,
+            kw: u("kw", g.kw)?,
+            sh: u("stride", g.stride[0])?,
+            sw: u("stride", g.stride[1])?,
+            dh: u("dilation", g.dilation[0])?,
+            dw: u("dilation", g.dilation[1])?,
+            row_threads,
+            _pad: [0; 3],
+        };
+        let kernel = self.kernel("col2im", || COL2IM_SRC.to_string())?;
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[cols, &out], grid)?;
+        Ok(out)
+    }
+}

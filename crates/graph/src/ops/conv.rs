@@ -1,0 +1,188 @@
+//! 2-D convolution over NCHW tensors, as im2col + matmul.
+//!
+//! NCHW because it is PyTorch's layout and what checkpoints from it use; the
+//! im2col view makes the matmul see `[positions, c * kh * kw]` either way.
+//! The backward pass reuses the forward's column matrix for the weight
+//! gradient and scatters the column gradient back with col2im.
+
+use super::record;
+use crate::tensor::Tensor;
+use kiln_device::{ConvGeometry, DeviceError, Matmul, Result};
+
+/// Stride, zero padding and dilation of a convolution, per (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+}
+
+impl Default for Conv2d {
+    fn default() -> Self {
+        Self {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+        }
+    }
+}
+
+impl Conv2d {
+    /// Keras's `padding="same"` for stride 1: pad so the output keeps the size.
+    pub fn same(kernel: [usize; 2]) -> Self {
+        Self {
+            padding: [(kernel[0] - 1) / 2, (kernel[1] - 1) / 2],
+            ..Self::default()
+        }
+    }
+}
+
+fn shape_error(message: String) -> DeviceError {
+    DeviceError::Shape {
+        op: "conv2d",
+        message,
+    }
+}
+
+impl Tensor {
+    /// Zero-pads the last two dims by `[top/bottom, left/right]`.
+    pub fn pad2d(&self, pad: [usize; 2]) -> Result<Tensor> {
+        if pad == [0, 0] {
+            return Ok(self.clone());
+        }
+        let r = self.rank();
+        if r < 2 {
+            return Err(shape_error(format!("cannot pad shape {:?}", self.shape())));
+        }
+        let (h, w) = (self.shape()[r - 2], self.shape()[r - 1]);
+        let wp = w + 2 * pad[1];
+        let mut padded = self.shape().to_vec();
+        padded[r - 2] = h + 2 * pad[0];
+        padded[r - 1] = wp;
+        // The interior of the padded tensor, as a view: outer dims step a whole
+        // padded image, rows step wp.
+        let mut strides = vec![1usize; r];
+        for d in (0..r - 1).rev() {
+            strides[d] = strides[d + 1] * padded[d + 1];
+        }
+        let offset = pad[0] * wp + pad[1];
+        let out = Tensor::zeros(self.device(), &padded)?;
+        self.device()
+            .strided_write(out.buffer(), self.shape(), &strides, offset, self.buffer())?;
+        let (shape, view) = (self.shape().to_vec(), strides);
+        Ok(record(&[self], out, "pad2d", move |g| {
+            let inner = g.device().strided_copy(g.buffer(), &shape, &view, offset)?;
+            Ok(vec![Some(Tensor::from_buffer(g.device(), inner, &shape)?)])
+        }))
+    }
+
+    /// 2-D cross-correlation (PyTorch's `conv2d`): `self` is `[n, c, h, w]`,
+    /// `weight` `[out, c, kh, kw]`, `bias` `[out]`; the result is
+    /// `[n, out, oh, ow]`.
+    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, conv: Conv2d) -> Result<Tensor> {
+        let (&[n, c, _, _], &[o, wc, kh, kw]) = (self.shape(), weight.shape()) else {
+            return Err(shape_error(format!(
+                "input must be [n, c, h, w] and weight [out, c, kh, kw], got {:?} and {:?}",
+                self.shape(),
+                weight.shape()
+            )));
+        };
+        if wc != c {
+            return Err(shape_error(format!(
+                "input {:?} has {c} channels, weight {:?} expects {wc}",
+                self.shape(),
+                weight.shape()
+            )));
+        }
+        if let Some(b) = bias {
+            if b.shape() != [o] {
+                return Err(shape_error(format!(
+                    "bias {:?} for {o} output channels",
+                    b.shape()
+                )));
+            }
+        }
+        let padded = crate::no_grad(|| self.detach().pad2d(conv.padding))?;
+        let geometry = ConvGeometry {
+            n,
+            c,
+            h: padded.shape()[2],
+            w: padded.shape()[3],
+            kh,
+            kw,
+            stride: conv.stride,
+            dilation: conv.dilation,
+        };
+        let (oh, ow) = geometry.output()?;
+        let device = self.device();
+        let rows = n * oh * ow;
+        let patch = geometry.patch();
+        let cols = Tensor::from_buffer(
+            device,
+            device.im2col(padded.buffer(), &geometry)?,
+            &[rows, patch],
+        )?;
+        // [rows, patch] x [o, patch]^T
+        let y = device.matmul(
+            cols.buffer(),
+            weight.buffer(),
+            &Matmul::new(rows, o, patch).transpose_b(true),
+        )?;
+        let mut y = Tensor::from_buffer(device, y, &[rows, o])?;
+        if let Some(b) = bias {
+            y = crate::no_grad(|| y.add(&b.detach()))?;
+        }
+        // [n, oh, ow, o] -> [n, o, oh, ow]
+        let out =
+            device.strided_copy(y.buffer(), &[n, o, oh, ow], &[oh * ow * o, 1, ow * o, o], 0)?;
+        let out = Tensor::from_buffer(device, out, &[n, o, oh, ow])?;
+
+        let w = weight.detach();
+        let input_shape = self.shape().to_vec();
+        let pad = conv.padding;
+        let has_bias = bias.is_some();
+        let mut inputs = vec![self, weight];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        Ok(record(&inputs, out, "conv2d", move |g| {
+            let device = g.device();
+            // [n, o, oh, ow] -> [rows, o]
+            let g2 = device.strided_copy(
+                g.buffer(),
+                &[n, oh, ow, o],
+                &[o * oh * ow, ow, 1, oh * ow],
+                0,
+            )?;
+            let dw = device.matmul(
+                &g2,
+                cols.buffer(),
+                &Matmul::new(o, patch, rows).transpose_a(true),
+            )?;
+            let dw = Tensor::from_buffer(device, dw, &[o, wc, kh, kw])?;
+            let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, patch, o))?;
+            let dxp = device.col2im(&dcols, &geometry)?;
+            let dxp = Tensor::from_buffer(device, dxp, &[n, c, geometry.h, geometry.w])?;
+            let dx = if pad == [0, 0] {
+                dxp
+            } else {
+                let (h, wd) = (input_shape[2], input_shape[3]);
+                let (hp, wp) = (geometry.h, geometry.w);
+                let inner = device.strided_copy(
+                    dxp.buffer(),
+                    &input_shape,
+                    &[c * hp * wp, hp * wp, wp, 1],
+                    pad[0] * wp + pad[1],
+                )?;
+                debug_assert_eq!(inner.len(), n * c * h * wd);
+                Tensor::from_buffer(device, inner, &input_shape)?
+            };
+            let mut grads = vec![Some(dx), Some(dw)];
+            if has_bias {
+                let g2 = Tensor::from_buffer(device, g2, &[rows, o])?;
+                grads.push(Some(g2.sum(0, false)?));
+            }
+            Ok(grads)
+        }))
+    }
+}
