@@ -831,3 +831,68 @@ fn conv2d_gradients() {
         "{err}"
     );
 }
+
+fn cpu_pool(
+    x: &[f64],
+    [n, c, h, w]: [usize; 4],
+    k: [usize; 2],
+    s: [usize; 2],
+    max: bool,
+) -> Vec<f64> {
+    let (oh, ow) = ((h - k[0]) / s[0] + 1, (w - k[1]) / s[1] + 1);
+    let mut out = Vec::new();
+    for b in 0..n {
+        for ch in 0..c {
+            for y in 0..oh {
+                for xx in 0..ow {
+                    let vals: Vec<f64> = (0..k[0])
+                        .flat_map(|a| (0..k[1]).map(move |bb| (a, bb)))
+                        .map(|(a, bb)| x[((b * c + ch) * h + y * s[0] + a) * w + xx * s[1] + bb])
+                        .collect();
+                    out.push(if max {
+                        vals.iter().cloned().fold(f64::MIN, f64::max)
+                    } else {
+                        vals.iter().sum::<f64>() / vals.len() as f64
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pooling_gradients() {
+    for (i, (shape, k, s)) in [
+        ([2, 3, 6, 6], [2, 2], [2, 2]),
+        ([1, 5, 7, 9], [3, 2], [2, 3]),
+        ([2, 2, 5, 5], [3, 3], [1, 1]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 400 + 10 * i as u64;
+        grad_check(
+            &format!("max_pool2d {shape:?} k {k:?} s {s:?}"),
+            &[input(&shape, seed, -1.0, 1.0)],
+            |t| t[0].max_pool2d(k, s),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, true),
+        );
+        grad_check(
+            &format!("avg_pool2d {shape:?} k {k:?} s {s:?}"),
+            &[input(&shape, seed + 1, -1.0, 1.0)],
+            |t| t[0].avg_pool2d(k, s),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, false),
+        );
+    }
+    grad_check(
+        "global_avg_pool2d then flatten",
+        &[input(&[2, 3, 4, 5], 450, -1.0, 1.0)],
+        |t| t[0].global_avg_pool2d()?.flatten(),
+        &|x: &[Vec<f64>]| {
+            x[0].chunks(20)
+                .map(|c| c.iter().sum::<f64>() / 20.0)
+                .collect()
+        },
+    );
+}

@@ -186,3 +186,93 @@ impl Tensor {
         }))
     }
 }
+
+/// Window shape of a pooling op.
+fn pool_geometry(
+    t: &Tensor,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    op: &'static str,
+) -> Result<ConvGeometry> {
+    let &[n, c, h, w] = t.shape() else {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!("input must be [n, c, h, w], got {:?}", t.shape()),
+        });
+    };
+    Ok(ConvGeometry {
+        n,
+        c,
+        h,
+        w,
+        kh: kernel[0],
+        kw: kernel[1],
+        stride,
+        dilation: [1, 1],
+    })
+}
+
+impl Tensor {
+    /// The windows of an `[n, c, h, w]` tensor as rows: `[n * oh * ow, c * kh * kw]`
+    /// (im2col). Its gradient sums overlapping windows back (col2im).
+    pub fn unfold2d(&self, geometry: ConvGeometry) -> Result<Tensor> {
+        let (oh, ow) = geometry.output()?;
+        let device = self.device();
+        let cols = device.im2col(self.buffer(), &geometry)?;
+        let shape = [geometry.n * oh * ow, geometry.patch()];
+        let out = Tensor::from_buffer(device, cols, &shape)?;
+        let input_shape = self.shape().to_vec();
+        Ok(record(&[self], out, "unfold2d", move |g| {
+            let dx = g.device().col2im(g.buffer(), &geometry)?;
+            Ok(vec![Some(Tensor::from_buffer(
+                g.device(),
+                dx,
+                &input_shape,
+            )?)])
+        }))
+    }
+
+    fn pool2d(&self, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Result<Tensor> {
+        let op = if max { "max_pool2d" } else { "avg_pool2d" };
+        let g = pool_geometry(self, kernel, stride, op)?;
+        let (oh, ow) = g.output()?;
+        // [n*oh*ow, c*kh*kw] -> [n*oh*ow*c, kh*kw]: one row per window.
+        let windows = self
+            .unfold2d(g)?
+            .reshape(&[g.n * oh * ow * g.c, g.kh * g.kw])?;
+        let pooled = if max {
+            windows.max(1, false)?
+        } else {
+            windows.mean(1, false)?
+        };
+        pooled.reshape(&[g.n, oh, ow, g.c])?.permute(&[0, 3, 1, 2])
+    }
+
+    /// Max pooling without padding (Keras `MaxPooling2D`, "valid"); the gradient
+    /// goes to each window's maximum, split between ties.
+    pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2]) -> Result<Tensor> {
+        self.pool2d(kernel, stride, true)
+    }
+
+    /// Average pooling without padding.
+    pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2]) -> Result<Tensor> {
+        self.pool2d(kernel, stride, false)
+    }
+
+    /// Mean over the spatial dims: `[n, c, h, w] -> [n, c]`.
+    pub fn global_avg_pool2d(&self) -> Result<Tensor> {
+        let &[n, c, h, w] = self.shape() else {
+            return Err(DeviceError::Shape {
+                op: "global_avg_pool2d",
+                message: format!("input must be [n, c, h, w], got {:?}", self.shape()),
+            });
+        };
+        self.reshape(&[n, c, h * w])?.mean(2, false)
+    }
+
+    /// Keeps the first dim and merges the rest: `[n, ...] -> [n, prod(...)]`.
+    pub fn flatten(&self) -> Result<Tensor> {
+        let n = self.shape().first().copied().unwrap_or(1);
+        self.reshape(&[n, self.numel() / n.max(1)])
+    }
+}
