@@ -782,7 +782,8 @@ fn cpu_conv2d(
 fn conv2d_gradients() {
     use kiln::graph::Conv2d;
     // (input [n, c, h, w], weight [o, kh, kw], stride, padding, dilation)
-    let cases: [([usize; 4], [usize; 3], [usize; 2], [usize; 2], [usize; 2]); 5] = [
+    type Case = ([usize; 4], [usize; 3], [usize; 2], [usize; 2], [usize; 2]);
+    let cases: [Case; 5] = [
         ([2, 3, 7, 6], [5, 3, 3], [1, 1], [0, 0], [1, 1]),
         ([2, 3, 9, 7], [4, 3, 3], [2, 2], [1, 1], [1, 1]),
         ([1, 5, 8, 10], [3, 2, 3], [2, 1], [1, 2], [1, 1]),
