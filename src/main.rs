@@ -200,7 +200,7 @@ fn train(
     }
     let device = Device::new()?;
     let network = model.build(&device, options.seed)?;
-    println!("{}", network.summary(train.features));
+    println!("{}", network.summary(&[train.features]));
     let optimizer = Adam::new(network.parameters(), lr);
     let mut trainer = Trainer::new(network, optimizer, &device);
     trainer.loss = loss;
@@ -227,7 +227,7 @@ fn train(
     history
         .save(&run_dir)
         .with_context(|| format!("writing the history to {}", run_dir.display()))?;
-    let (test_loss, test_accuracy) = trainer.evaluate(&test, 1000)?;
+    let (test_loss, test_accuracy) = trainer.evaluate(&test, 250)?;
     let trained: usize = history.epochs.len() * train.len();
     println!(
         "test loss {test_loss:.4}, test accuracy {:.2}% on {} images",
@@ -265,7 +265,7 @@ fn eval(path: &PathBuf, dataset: DatasetName, limit_test: Option<usize>) -> Resu
     network.load_weights(path)?;
     let optimizer = Adam::new(Vec::new(), 0.0);
     let trainer = Trainer::new(network, optimizer, &device);
-    let (loss, accuracy) = trainer.evaluate(&test, 1000)?;
+    let (loss, accuracy) = trainer.evaluate(&test, 250)?;
     println!(
         "{}: test loss {loss:.4}, test accuracy {:.2}% on {} images",
         path.display(),

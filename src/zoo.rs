@@ -1,25 +1,31 @@
 //! The reference models of the Keras tutorials Kiln reproduces, by name.
 
+use kiln_graph::Conv2d;
 use kiln_graph::Device;
-use kiln_models::{Activation, Dense, ModelError, Sequential};
+use kiln_models::{Activation, Conv2D, Dense, Flatten, MaxPool2D, ModelError, Reshape, Sequential};
 
 /// Architectures the CLI can build and rebuild from a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Architecture {
     /// Dense(64, relu) -> Dense(64, relu) -> Dense(10) on 784 inputs.
     Mlp,
+    /// Conv(32, 3x3, relu) -> MaxPool 2 -> Conv(64, 3x3, relu) -> MaxPool 2 ->
+    /// Conv(64, 3x3, relu) -> Flatten -> Dense(64, relu) -> Dense(10), on 28x28x1.
+    Cnn,
 }
 
 impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Mlp => "mlp",
+            Architecture::Cnn => "cnn",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "mlp" => Some(Architecture::Mlp),
+            "cnn" => Some(Architecture::Cnn),
             _ => None,
         }
     }
@@ -29,6 +35,7 @@ impl Architecture {
     pub fn build(self, device: &Device, seed: u64) -> Result<Sequential, ModelError> {
         match self {
             Architecture::Mlp => mlp(device, 784, 10, seed),
+            Architecture::Cnn => cnn(device, 10, seed),
         }
     }
 }
@@ -44,4 +51,78 @@ pub fn mlp(
         .push(Dense::new(device, inputs, 64, Activation::Relu, seed)?)
         .push(Dense::new(device, 64, 64, Activation::Relu, seed + 1)?)
         .push(Dense::new(device, 64, classes, Activation::None, seed + 2)?))
+}
+
+/// The Keras MNIST CNN on 28x28 single-channel images (flattened input).
+pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, ModelError> {
+    let k3 = [3, 3];
+    let valid = Conv2d::default();
+    Ok(Sequential::new()
+        .push(Reshape {
+            shape: vec![1, 28, 28],
+        })
+        .push(Conv2D::new(
+            device,
+            1,
+            32,
+            k3,
+            valid,
+            Activation::Relu,
+            seed,
+        )?)
+        .push(MaxPool2D::new(2))
+        .push(Conv2D::new(
+            device,
+            32,
+            64,
+            k3,
+            valid,
+            Activation::Relu,
+            seed + 1,
+        )?)
+        .push(MaxPool2D::new(2))
+        .push(Conv2D::new(
+            device,
+            64,
+            64,
+            k3,
+            valid,
+            Activation::Relu,
+            seed + 2,
+        )?)
+        .push(Flatten)
+        .push(Dense::new(
+            device,
+            3 * 3 * 64,
+            64,
+            Activation::Relu,
+            seed + 3,
+        )?)
+        .push(Dense::new(device, 64, classes, Activation::None, seed + 4)?))
+}
+
+/// A small CNN for quick checks: Conv(8, 3x3, relu) -> MaxPool 2 -> Dense(classes).
+pub fn tiny_cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, ModelError> {
+    Ok(Sequential::new()
+        .push(Reshape {
+            shape: vec![1, 28, 28],
+        })
+        .push(Conv2D::new(
+            device,
+            1,
+            8,
+            [3, 3],
+            Conv2d::default(),
+            Activation::Relu,
+            seed,
+        )?)
+        .push(MaxPool2D::new(2))
+        .push(Flatten)
+        .push(Dense::new(
+            device,
+            8 * 13 * 13,
+            classes,
+            Activation::None,
+            seed + 1,
+        )?))
 }

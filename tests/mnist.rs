@@ -202,3 +202,17 @@ fn killing_training_never_leaves_a_corrupt_checkpoint() {
     assert_eq!(epoch_of(&path), last + 1);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_tiny_cnn_learns_from_a_subset() {
+    let m = data();
+    let device = common::device();
+    let model = kiln::zoo::tiny_cnn(device, 10, 0).unwrap();
+    let optimizer = Adam::new(model.parameters(), 3e-3);
+    let mut trainer = Trainer::new(model, optimizer, device);
+    trainer
+        .fit(&subset(&m.train, 2000, 11), &quiet(2, 32, 11))
+        .unwrap();
+    let (_, accuracy) = trainer.evaluate(&m.test.take(1000), 250).unwrap();
+    assert!(accuracy > 0.8, "accuracy {accuracy} on 1,000 test images");
+}

@@ -1,7 +1,7 @@
 //! Layers: each maps a tensor to a tensor and owns named parameters.
 
 use crate::checkpoint::ModelError;
-use kiln_graph::{Device, Tensor};
+use kiln_graph::{Conv2d, Device, Tensor};
 
 /// Whether a forward pass trains (dropout active) and the seed of its random
 /// streams. Layers that draw random numbers advance `seed`.
@@ -34,8 +34,8 @@ pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError>;
     /// Parameters with names local to the layer (`weight`, `bias`).
     fn params(&self) -> Vec<(&'static str, Tensor)>;
-    /// Output shape for an input of `input` features, for summaries.
-    fn output_features(&self, input: usize) -> usize;
+    /// Per-sample output shape for a per-sample input shape, for summaries.
+    fn output_shape(&self, input: &[usize]) -> Vec<usize>;
 }
 
 /// Elementwise activation applied after a layer.
@@ -105,8 +105,12 @@ impl Layer for Dense {
         vec![("weight", self.weight.clone()), ("bias", self.bias.clone())]
     }
 
-    fn output_features(&self, _input: usize) -> usize {
-        self.bias.numel()
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let mut out = input.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = self.bias.numel();
+        }
+        out
     }
 }
 
@@ -140,7 +144,152 @@ impl Layer for Dropout {
         Vec::new()
     }
 
-    fn output_features(&self, input: usize) -> usize {
-        input
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        input.to_vec()
+    }
+}
+
+/// 2-D convolution over NCHW input, like Keras's `Conv2D` (Glorot-uniform
+/// weights `[out, in, kh, kw]`, zero bias).
+pub struct Conv2D {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub conv: Conv2d,
+    pub activation: Activation,
+}
+
+impl Conv2D {
+    pub fn new(
+        device: &Device,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: [usize; 2],
+        conv: Conv2d,
+        activation: Activation,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let area = kernel[0] * kernel[1];
+        let limit = (6.0 / ((in_channels + out_channels) * area) as f32).sqrt();
+        let shape = [out_channels, in_channels, kernel[0], kernel[1]];
+        Ok(Self {
+            weight: Tensor::uniform(device, &shape, -limit, limit, seed)?.requires_grad(true),
+            bias: Tensor::zeros(device, &[out_channels])?.requires_grad(true),
+            conv,
+            activation,
+        })
+    }
+}
+
+impl Layer for Conv2D {
+    fn kind(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let y = x.conv2d(&self.weight, Some(&self.bias), self.conv)?;
+        Ok(self.activation.apply(&y)?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("weight", self.weight.clone()), ("bias", self.bias.clone())]
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let w = self.weight.shape();
+        let out = |size: usize, d: usize| {
+            let span = self.conv.dilation[d] * (w[2 + d] - 1) + 1;
+            (size + 2 * self.conv.padding[d]).saturating_sub(span) / self.conv.stride[d] + 1
+        };
+        match input {
+            [_, h, wd] => vec![w[0], out(*h, 0), out(*wd, 1)],
+            _ => vec![w[0]],
+        }
+    }
+}
+
+/// Max pooling without padding, like Keras's `MaxPooling2D`.
+pub struct MaxPool2D {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+}
+
+impl MaxPool2D {
+    /// Pool size and stride both `size`, Keras's default.
+    pub fn new(size: usize) -> Self {
+        Self {
+            kernel: [size, size],
+            stride: [size, size],
+        }
+    }
+}
+
+impl Layer for MaxPool2D {
+    fn kind(&self) -> &'static str {
+        "max_pool2d"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        Ok(x.max_pool2d(self.kernel, self.stride)?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        match input {
+            [c, h, w] => vec![
+                *c,
+                h.saturating_sub(self.kernel[0]) / self.stride[0] + 1,
+                w.saturating_sub(self.kernel[1]) / self.stride[1] + 1,
+            ],
+            other => other.to_vec(),
+        }
+    }
+}
+
+/// Merges every dim but the batch: `[n, ...] -> [n, features]`.
+pub struct Flatten;
+
+impl Layer for Flatten {
+    fn kind(&self) -> &'static str {
+        "flatten"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        Ok(x.flatten()?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        vec![input.iter().product()]
+    }
+}
+
+/// Gives each sample a shape, e.g. `[784] -> [1, 28, 28]` for a CNN.
+pub struct Reshape {
+    pub shape: Vec<usize>,
+}
+
+impl Layer for Reshape {
+    fn kind(&self) -> &'static str {
+        "reshape"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let mut shape = vec![x.shape().first().copied().unwrap_or(1)];
+        shape.extend_from_slice(&self.shape);
+        Ok(x.reshape(&shape)?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, _input: &[usize]) -> Vec<usize> {
+        self.shape.clone()
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Layers, models and checkpoints for Kiln, on top of `kiln-graph`.
 //!
-//! - [`layers`]: [`Dense`], [`Dropout`] and the [`Layer`] trait.
+//! - [`layers`]: [`Dense`], [`Conv2D`], [`MaxPool2D`], [`Flatten`], [`Reshape`],
+//!   [`Dropout`] and the [`Layer`] trait.
 //! - [`Sequential`]: a stack of layers, Keras style, with named parameters
 //!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
 //! - [`checkpoint`]: safetensors files written atomically (temporary file, then
@@ -24,5 +25,5 @@ pub mod layers;
 mod sequential;
 
 pub use checkpoint::ModelError;
-pub use layers::{Activation, Dense, Dropout, Layer, Mode};
+pub use layers::{Activation, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Mode, Reshape};
 pub use sequential::Sequential;

@@ -70,17 +70,19 @@ impl Sequential {
         self.parameters().iter().map(Tensor::numel).sum()
     }
 
-    /// A Keras-like table of layers, output sizes and parameter counts.
-    pub fn summary(&self, input_features: usize) -> String {
+    /// A Keras-like table of layers, per-sample output shapes and parameter
+    /// counts, for samples of shape `input`.
+    pub fn summary(&self, input: &[usize]) -> String {
         let mut out = format!(
-            "{:<6} {:<10} {:>8} {:>10}\n",
-            "layer", "kind", "outputs", "params"
+            "{:<6} {:<11} {:>14} {:>10}\n",
+            "layer", "kind", "output", "params"
         );
-        let mut features = input_features;
+        let mut shape = input.to_vec();
         for (i, layer) in self.layers.iter().enumerate() {
-            features = layer.output_features(features);
+            shape = layer.output_shape(&shape);
             let params: usize = layer.params().iter().map(|(_, t)| t.numel()).sum();
-            out += &format!("{i:<6} {:<10} {features:>8} {params:>10}\n", layer.kind());
+            let dims = format!("{shape:?}");
+            out += &format!("{i:<6} {:<11} {dims:>14} {params:>10}\n", layer.kind());
         }
         out += &format!("total parameters: {}", self.parameter_count());
         out
