@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln::data::{mnist, Dataset};
+use kiln::data::{fashion_mnist, mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 use kiln::graph::optim::Adam;
 use kiln::train::{EarlyStopping, FitOptions, Loss, Trainer};
@@ -23,6 +23,7 @@ struct Cli {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatasetName {
     Mnist,
+    FashionMnist,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -175,6 +176,10 @@ fn load(dataset: DatasetName) -> Result<(Dataset, Dataset)> {
     match dataset {
         DatasetName::Mnist => {
             let m = mnist::load()?;
+            Ok((m.train, m.test))
+        }
+        DatasetName::FashionMnist => {
+            let m = fashion_mnist::load()?;
             Ok((m.train, m.test))
         }
     }

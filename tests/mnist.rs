@@ -60,6 +60,27 @@ fn quiet(epochs: usize, batch_size: usize, seed: u64) -> FitOptions {
 }
 
 #[test]
+fn fashion_mnist_loads_from_its_debian_package() {
+    let f = kiln::data::fashion_mnist::load().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (f.train.len(), f.test.len(), f.train.features),
+        (60_000, 10_000, 784)
+    );
+    let mut per_class = [0usize; 10];
+    f.train.y.iter().for_each(|&l| per_class[l as usize] += 1);
+    assert_eq!(per_class, [6000; 10]);
+    let dir = std::env::temp_dir().join("kiln-no-fashion");
+    let err = kiln::data::fashion_mnist::load_from(&dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("apt-get install dataset-fashion-mnist"),
+        "{err}"
+    );
+}
+
+#[test]
 fn mlp_learns_from_2000_samples_in_2_epochs() {
     // Two seeds, each a different random 2,000-sample subset and initialisation.
     let m = data();

@@ -36,13 +36,13 @@ const CSV_FILES: [(&str, &str); 2] = [
     ),
 ];
 
-/// The 60,000 training and 10,000 test images, pixels scaled to [0, 1].
+/// Training and test images, pixels scaled to [0, 1] (MNIST and Fashion-MNIST).
 pub struct Mnist {
     pub train: Dataset,
     pub test: Dataset,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -1,6 +1,8 @@
-//! Datasets: loading (MNIST from the cache, the IDX format), normalisation,
+//! Datasets: loading (MNIST from the cache, Fashion-MNIST from its Debian
+//! package, the IDX format), normalisation,
 //! validation splits, seeded shuffling and batching.
 
+pub mod fashion_mnist;
 pub mod idx;
 pub mod mnist;
 
