@@ -118,6 +118,16 @@ fn batched_matmul_with_strides_and_broadcast() {
 }
 
 #[test]
+fn long_k_weight_gradients_split_k_and_still_match() {
+    // A^T B with few outputs and a long k: split into chunks summed afterwards.
+    for tiling in tilings() {
+        for (m, n, k) in [(32, 9, 4096), (20, 36, 2560), (8, 8, 21632)] {
+            check_matmul(Matmul::new(m, n, k).transpose_a(true), tiling, 21);
+        }
+    }
+}
+
+#[test]
 fn matmul_with_empty_inner_dimension_is_zero() {
     let d = device();
     let a = d.upload::<f32>(&[]).unwrap();

@@ -130,6 +130,9 @@ impl Device {
             // An empty sum: C is all zeros.
             return self.zeros(batch * m * n, DType::F32);
         }
+        if let Some(splits) = split_k(spec) {
+            return self.matmul_split_k(a, b, spec, tiling, splits);
+        }
         let out = self.empty(batch * m * n, DType::F32)?;
         if out.is_empty() {
             return Ok(out);
@@ -167,6 +170,51 @@ impl Device {
             z0 += count;
         }
         Ok(out)
+    }
+}
+
+/// How many chunks to split k into, for products with few outputs and a long k
+/// (weight gradients `A^T B` over a large batch, e.g. a convolution's): one
+/// invocation per output block would otherwise walk all of k alone. Only the
+/// `A^T B` layout is split, because there k never serves as a row stride, so each
+/// chunk is a batch entry of the same kernel. The chunk count divides k.
+fn split_k(spec: &Matmul) -> Option<usize> {
+    let Matmul { batch, m, n, k, .. } = *spec;
+    if batch != 1 || !spec.trans_a || spec.trans_b || m * n > 16_384 || k < 2048 || k < 8 * m.max(n)
+    {
+        return None;
+    }
+    (2..=64).rev().find(|s| k % s == 0 && k / s >= 64)
+}
+
+impl Device {
+    /// `A^T B` as `splits` partial products over chunks of k, summed.
+    fn matmul_split_k(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+        splits: usize,
+    ) -> Result<GpuBuffer> {
+        let chunk = spec.k / splits;
+        let partial = Matmul {
+            batch: splits,
+            k: chunk,
+            batch_stride_a: chunk * spec.m,
+            batch_stride_b: chunk * spec.n,
+            ..*spec
+        };
+        let partials = self.matmul_with(a, b, &partial, tiling)?;
+        self.reduce(
+            &partials,
+            &crate::kernels::reduce::Reduce {
+                op: crate::kernels::reduce::ReduceOp::Sum,
+                outer: 1,
+                len: splits,
+                inner: spec.m * spec.n,
+            },
+        )
     }
 }
 
