@@ -1,20 +1,10 @@
 // The adjoint of im2col, as a gather (no atomics): each element (n, c, i, j) of
 // the padded input gradient sums the column entries of every output position
 // whose window covered it. cols is [n * oh * ow, c * kh * kw], row-major.
+// The geometry is prepended as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
+// DW), so the index arithmetic divides by constants: cheap on CPU adapters.
 
 struct Params {
-    n: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    kh: u32,
-    kw: u32,
-    sh: u32,
-    sw: u32,
-    dh: u32,
-    dw: u32,
     row_threads: u32,
     _pad0: u32,
     _pad1: u32,
@@ -28,33 +18,33 @@ struct Params {
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.y * p.row_threads + gid.x;
-    if (idx >= p.n * p.c * p.h * p.w) {
+    if (idx >= N * C * H * W) {
         return;
     }
-    let j = idx % p.w;
-    let i = (idx / p.w) % p.h;
-    let c = (idx / (p.w * p.h)) % p.c;
-    let n = idx / (p.w * p.h * p.c);
-    let row_len = p.c * p.kh * p.kw;
+    let j = idx % W;
+    let i = (idx / W) % H;
+    let c = (idx / (W * H)) % C;
+    let n = idx / (W * H * C);
+    let row_len = C * KH * KW;
     var acc = 0.0;
-    for (var a = 0u; a < p.kh; a++) {
-        if (i < a * p.dh || (i - a * p.dh) % p.sh != 0u) {
+    for (var a = 0u; a < KH; a++) {
+        if (i < a * DH || (i - a * DH) % SH != 0u) {
             continue;
         }
-        let oy = (i - a * p.dh) / p.sh;
-        if (oy >= p.oh) {
+        let oy = (i - a * DH) / SH;
+        if (oy >= OH) {
             continue;
         }
-        for (var b = 0u; b < p.kw; b++) {
-            if (j < b * p.dw || (j - b * p.dw) % p.sw != 0u) {
+        for (var b = 0u; b < KW; b++) {
+            if (j < b * DW || (j - b * DW) % SW != 0u) {
                 continue;
             }
-            let ox = (j - b * p.dw) / p.sw;
-            if (ox >= p.ow) {
+            let ox = (j - b * DW) / SW;
+            if (ox >= OW) {
                 continue;
             }
-            let row = (n * p.oh + oy) * p.ow + ox;
-            acc += cols[row * row_len + (c * p.kh + a) * p.kw + b];
+            let row = (n * OH + oy) * OW + ox;
+            acc += cols[row * row_len + (c * KH + a) * KW + b];
         }
     }
     out[idx] = acc;

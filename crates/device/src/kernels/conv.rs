@@ -6,6 +6,7 @@ use super::to_u32;
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
 use crate::error::{DeviceError, Result};
+use crate::kernel::Specialize;
 
 const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
 
@@ -58,18 +59,6 @@ impl ConvGeometry {
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Col2ImParams {
-    n: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    kh: u32,
-    kw: u32,
-    sh: u32,
-    sw: u32,
-    dh: u32,
-    dw: u32,
     row_threads: u32,
     _pad: [u32; 3],
 }
@@ -104,24 +93,33 @@ impl Device {
         let numel = g.n * g.c * g.h * g.w;
         let out = self.empty(numel, DType::F32)?;
         let (grid, row_threads) = self.linear_grid(numel)?;
-        let u = |what, v| to_u32(OP, what, v);
+        to_u32(OP, "elements", numel)?;
+        let constants = [
+            ("N", g.n),
+            ("C", g.c),
+            ("H", g.h),
+            ("W", g.w),
+            ("OH", oh),
+            ("OW", ow),
+            ("KH", g.kh),
+            ("KW", g.kw),
+            ("SH", g.stride[0]),
+            ("SW", g.stride[1]),
+            ("DH", g.dilation[0]),
+            ("DW", g.dilation[1]),
+        ];
+        let kernel = self.kernel(&format!("col2im:{g:?}"), || {
+            constants
+                .iter()
+                .fold(Specialize::new(COL2IM_SRC), |s, &(name, v)| {
+                    s.constant_u32(name, v as u32)
+                })
+                .build()
+        })?;
         let params = Col2ImParams {
-            n: u("n", g.n)?,
-            c: u("c", g.c)?,
-            h: u("h", g.h)?,
-            w: u("w", g.w)?,
-            oh: u("oh", oh)?,
-            ow: u("ow", ow)?,
-            kh: u("kh", g.kh)?,
-            kw: u("kw", g.kw)?,
-            sh: u("stride", g.stride[0])?,
-            sw: u("stride", g.stride[1])?,
-            dh: u("dilation", g.dilation[0])?,
-            dw: u("dilation", g.dilation[1])?,
             row_threads,
             _pad: [0; 3],
         };
-        let kernel = self.kernel("col2im", || COL2IM_SRC.to_string())?;
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &[cols, &out], grid)?;
         Ok(out)
     }

@@ -492,8 +492,16 @@ impl Device {
                 message: format!("rank {} exceeds the supported {MAX_RANK}", out_shape.len()),
             });
         }
-        let key = kernel_key(op.expr, access);
-        let kernel = self.kernel(&key, || generate(op.expr, access))?;
+        // Strided kernels are specialised to their (collapsed) shape and strides:
+        // index arithmetic by constants compiles to multiplies and shifts, where
+        // a division by a runtime extent costs tens of cycles per lane on CPU
+        // adapters. Training loops repeat their shapes, so the cache absorbs it.
+        let strided = access
+            .iter()
+            .any(|a| matches!(a, Access::Strided | Access::StridedOutput));
+        let layout = strided.then_some((shape.as_slice(), strides.as_slice()));
+        let key = kernel_key(op.expr, access, layout);
+        let kernel = self.kernel(&key, || generate(op.expr, access, layout))?;
 
         let groups = (numel as u64).div_ceil(u64::from(LINEAR_WORKGROUP));
         let grid = grid_2d(groups, self.limits().max_compute_workgroups_per_dimension)?;
@@ -542,7 +550,10 @@ impl Device {
     }
 }
 
-fn kernel_key(expr: &str, access: &[Access]) -> String {
+/// A collapsed shape and the strides of every slot over it.
+type Layout<'a> = (&'a [usize], &'a [Vec<usize>]);
+
+fn kernel_key(expr: &str, access: &[Access], layout: Option<Layout<'_>>) -> String {
     let modes: String = access
         .iter()
         .map(|a| match a {
@@ -553,12 +564,46 @@ fn kernel_key(expr: &str, access: &[Access]) -> String {
             Access::StridedOutput => 'w',
         })
         .collect();
-    format!("elementwise:{modes}:{expr}")
+    match layout {
+        Some((shape, strides)) => format!("elementwise:{modes}:{shape:?}:{strides:?}:{expr}"),
+        None => format!("elementwise:{modes}:{expr}"),
+    }
 }
 
-fn generate(expr: &str, access: &[Access]) -> String {
+/// `fn strided_offset_{slot}(idx)`: the offset of output element `idx` in slot
+/// `slot`, unrolled over the dims with the extents and strides as constants.
+fn offset_function(slot: usize, shape: &[usize], strides: &[usize]) -> String {
+    let mut f = format!(
+        "fn strided_offset_{slot}(idx: u32) -> u32 {{\n    var rem = idx;\n    var off = p.offsets[{slot}];\n"
+    );
+    for d in (0..shape.len()).rev() {
+        let (extent, stride) = (shape[d], strides[d]);
+        if d == 0 {
+            let _ = writeln!(f, "    off += rem * {stride}u;");
+        } else {
+            let _ = writeln!(
+                f,
+                "    off += (rem % {extent}u) * {stride}u;\n    rem = rem / {extent}u;"
+            );
+        }
+    }
+    f + "    return off;\n}\n"
+}
+
+fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>) -> String {
     let mut bindings = String::new();
     let mut loads = String::new();
+    let index_of = |slot: usize| match layout {
+        Some(_) => format!("strided_offset_{slot}(idx)"),
+        None => format!("broadcast_index({slot}u, idx)"),
+    };
+    if let Some((shape, strides)) = layout {
+        for (slot, a) in access.iter().enumerate() {
+            if matches!(a, Access::Strided | Access::StridedOutput) {
+                bindings += &offset_function(slot, shape, &strides[slot]);
+            }
+        }
+    }
     let strided_output = access.last() == Some(&Access::StridedOutput);
     let inputs = access
         .iter()
@@ -573,7 +618,7 @@ fn generate(expr: &str, access: &[Access]) -> String {
         let index = match a {
             Access::Direct => "idx".to_string(),
             Access::Scalar => "0u".to_string(),
-            Access::Strided => format!("broadcast_index({i}u, idx)"),
+            Access::Strided => index_of(i),
             Access::Unused | Access::StridedOutput => unreachable!("not an input"),
         };
         let _ = writeln!(loads, "    let x{i} = x{i}_buf[{index}];");
@@ -584,7 +629,7 @@ fn generate(expr: &str, access: &[Access]) -> String {
         inputs + 1
     );
     let store = if strided_output {
-        format!("out[broadcast_index({OUTPUT_SLOT}u, idx)] = {expr};")
+        format!("out[{}] = {expr};", index_of(OUTPUT_SLOT))
     } else {
         format!("out[idx] = {expr};")
     };

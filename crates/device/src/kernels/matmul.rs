@@ -124,6 +124,15 @@ impl Device {
             MatmulTiling::Subgroup { tm, .. } if !vec4_fits(spec, tm, 4) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
+            // Few rows: shrink the workgroup so lanes do not idle on clamped rows.
+            MatmulTiling::Subgroup { tm, sg, wg } => {
+                let lanes = m.div_ceil(tm as usize).next_multiple_of(sg as usize) as u32;
+                MatmulTiling::Subgroup {
+                    tm,
+                    sg,
+                    wg: wg.min(lanes.max(sg)),
+                }
+            }
             t => t,
         };
         if k == 0 {
@@ -184,7 +193,12 @@ fn split_k(spec: &Matmul) -> Option<usize> {
     {
         return None;
     }
-    (2..=64).rev().find(|s| k % s == 0 && k / s >= 64)
+    // Chunks that are multiples of 4 keep the vec4 kernels usable.
+    let fits = |s: usize, quad: bool| k % s == 0 && k / s >= 64 && (!quad || (k / s) % 4 == 0);
+    (2..=64)
+        .rev()
+        .find(|&s| fits(s, true))
+        .or_else(|| (2..=64).rev().find(|&s| fits(s, false)))
 }
 
 impl Device {
