@@ -398,14 +398,7 @@ impl Device {
     /// Copies `src` into a new buffer on the device.
     pub fn copy(&self, src: &GpuBuffer) -> Result<GpuBuffer> {
         let dst = self.allocate(src.len(), src.dtype(), FirstUse::Gpu)?;
-        let size = src.size_bytes().next_multiple_of(4);
-        if size > 0 {
-            self.record(Command::Copy {
-                src: src.raw().clone(),
-                dst: dst.raw().clone(),
-                size,
-            })?;
-        }
+        self.copy_into(src, &dst)?;
         Ok(dst)
     }
 
