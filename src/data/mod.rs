@@ -134,17 +134,10 @@ impl Dataset {
 /// A seeded permutation of `0..n` (Fisher-Yates over splitmix64), so a seed
 /// reproduces the order of a run.
 pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = kiln_graph::SplitMix64::new(seed);
     let mut indices: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         indices.swap(i, j);
     }
     indices

@@ -49,4 +49,4 @@ pub fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
     ops::arith::map(op, inputs)
 }
 pub use ops::Conv2d;
-pub use tensor::Tensor;
+pub use tensor::{SplitMix64, Tensor};

@@ -8,6 +8,32 @@ use std::sync::{Arc, Mutex};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// splitmix64: a tiny, well-mixed seeded generator, so a seed gives the same
+/// numbers on every machine (initialisation, shuffles).
+#[derive(Clone, Debug)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 24 random bits.
+    pub fn unit_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
 struct Inner {
     id: u64,
     buffer: Arc<GpuBuffer>,
@@ -101,18 +127,9 @@ impl Tensor {
     /// same seed gives the same tensor on every adapter).
     pub fn uniform(device: &Device, shape: &[usize], lo: f32, hi: f32, seed: u64) -> Result<Self> {
         let numel: usize = shape.iter().product();
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15);
         let data: Vec<f32> = (0..numel)
-            .map(|_| {
-                // splitmix64
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
-                lo + (hi - lo) * unit
-            })
+            .map(|_| lo + (hi - lo) * rng.unit_f32())
             .collect();
         Self::from_slice(device, &data, shape)
     }

@@ -5,7 +5,7 @@
 //! The backward pass reuses the forward's column matrix for the weight
 //! gradient and scatters the column gradient back with col2im.
 
-use super::record;
+use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{ConvGeometry, DeviceError, Matmul, Result};
 
@@ -61,10 +61,7 @@ impl Tensor {
         padded[r - 1] = wp;
         // The interior of the padded tensor, as a view: outer dims step a whole
         // padded image, rows step wp.
-        let mut strides = vec![1usize; r];
-        for d in (0..r - 1).rev() {
-            strides[d] = strides[d + 1] * padded[d + 1];
-        }
+        let strides = contiguous_strides(&padded);
         let offset = pad[0] * wp + pad[1];
         let out = Tensor::zeros(self.device(), &padded)?;
         self.device()

@@ -42,6 +42,15 @@ pub(crate) fn record(
     )
 }
 
+/// Row-major element strides of `shape`.
+pub(crate) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    strides
+}
+
 /// Sums `grad` down to `shape`, undoing numpy broadcasting: the gradient of a
 /// broadcast input is the sum over the dims it was repeated along.
 pub(crate) fn sum_to_shape(grad: &Tensor, shape: &[usize]) -> Result<Tensor> {

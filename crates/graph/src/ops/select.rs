@@ -1,17 +1,9 @@
 //! Slicing, concatenation and stacking, built on the device's strided copy
 //! (gather) and strided write (its adjoint).
 
-use super::record;
+use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{DeviceError, Result};
-
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1usize; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1];
-    }
-    strides
-}
 
 /// The view of `shape` covering `start..end` along `axis`: (shape, strides, offset).
 fn slab(shape: &[usize], axis: usize, start: usize, end: usize) -> (Vec<usize>, Vec<usize>, usize) {

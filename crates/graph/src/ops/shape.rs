@@ -1,6 +1,6 @@
 //! Reshapes and transposes.
 
-use super::record;
+use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{DeviceError, Result};
 
@@ -41,10 +41,7 @@ impl Tensor {
                 ),
             });
         }
-        let mut contiguous = vec![1usize; rank];
-        for d in (0..rank.saturating_sub(1)).rev() {
-            contiguous[d] = contiguous[d + 1] * self.shape()[d + 1];
-        }
+        let contiguous = contiguous_strides(self.shape());
         let shape: Vec<usize> = dims.iter().map(|&d| self.shape()[d]).collect();
         let strides: Vec<usize> = dims.iter().map(|&d| contiguous[d]).collect();
         let buffer = self
