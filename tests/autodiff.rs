@@ -9,7 +9,7 @@
 mod common;
 
 use common::{broadcast_reference, device, erf, random_vec};
-use kiln::graph::{loss, Tensor};
+use kiln::graph::{loss, Padding, Tensor};
 
 type CpuFn<'a> = dyn Fn(&[Vec<f64>]) -> Vec<f64> + 'a;
 
@@ -576,6 +576,108 @@ fn max_splits_the_gradient_between_ties() {
     );
 }
 
+/// Batch-norm reference over `[n, c, rest]`: per channel, the mean and biased
+/// variance of the batch (or the given statistics), then gamma and beta.
+fn cpu_batch_norm(
+    x: &[f64],
+    [n, c, rest]: [usize; 3],
+    gamma: &[f64],
+    beta: &[f64],
+    stats: Option<(&[f64], &[f64])>,
+) -> Vec<f64> {
+    let at = |b: usize, ch: usize, i: usize| x[(b * c + ch) * rest + i];
+    let mut out = vec![0.0; x.len()];
+    for ch in 0..c {
+        let (mean, var) = match stats {
+            Some((m, v)) => (m[ch], v[ch]),
+            None => {
+                let vals: Vec<f64> = (0..n)
+                    .flat_map(|b| (0..rest).map(move |i| at(b, ch, i)))
+                    .collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                (mean, var)
+            }
+        };
+        for b in 0..n {
+            for i in 0..rest {
+                out[(b * c + ch) * rest + i] =
+                    (at(b, ch, i) - mean) / (var + 1e-5).sqrt() * gamma[ch] + beta[ch];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn batch_norm_gradients() {
+    for (i, shape) in [vec![4, 3, 2, 5], vec![6, 5], vec![2, 7, 3, 3]]
+        .into_iter()
+        .enumerate()
+    {
+        let (n, c) = (shape[0], shape[1]);
+        let rest = shape[2..].iter().product::<usize>();
+        let seed = 700 + 10 * i as u64;
+        grad_check(
+            &format!("batch_norm_train {shape:?}"),
+            &[
+                input(&shape, seed, -2.0, 3.0),
+                input(&[c], seed + 1, 0.5, 1.5),
+                input(&[c], seed + 2, -0.5, 0.5),
+            ],
+            |t| Ok(t[0].batch_norm_train(&t[1], &t[2], 1e-5)?.output),
+            &move |x: &[Vec<f64>]| cpu_batch_norm(&x[0], [n, c, rest], &x[1], &x[2], None),
+        );
+        grad_check(
+            &format!("batch_norm_eval {shape:?}"),
+            &[
+                input(&shape, seed + 3, -2.0, 3.0),
+                input(&[c], seed + 4, 0.5, 1.5),
+                input(&[c], seed + 5, -0.5, 0.5),
+                input(&[c], seed + 6, -0.5, 0.5),
+                input(&[c], seed + 7, 0.5, 2.0),
+            ],
+            |t| t[0].batch_norm_eval(&t[1], &t[2], &t[3], &t[4], 1e-5),
+            &move |x: &[Vec<f64>]| {
+                cpu_batch_norm(&x[0], [n, c, rest], &x[1], &x[2], Some((&x[3], &x[4])))
+            },
+        );
+    }
+}
+
+#[test]
+fn batch_norm_reports_batch_statistics() {
+    let d = device();
+    let (n, c, rest) = (5, 3, 4);
+    let data = random_vec(n * c * rest, 790, -1.0, 4.0);
+    let x = Tensor::from_slice(d, &data, &[n, c, 2, 2]).unwrap();
+    let ones = Tensor::ones(d, &[c]).unwrap();
+    let zeros = Tensor::zeros(d, &[c]).unwrap();
+    let out = x.batch_norm_train(&ones, &zeros, 1e-5).unwrap();
+    assert_eq!(out.count, n * rest);
+    let (mean, var) = (out.mean.to_vec().unwrap(), out.variance.to_vec().unwrap());
+    for ch in 0..c {
+        let vals: Vec<f64> = (0..n)
+            .flat_map(|b| (0..rest).map(move |i| (b, i)))
+            .map(|(b, i)| f64::from(data[(b * c + ch) * rest + i]))
+            .collect();
+        let m = vals.iter().sum::<f64>() / vals.len() as f64;
+        let v = vals.iter().map(|x| (x - m).powi(2)).sum::<f64>() / vals.len() as f64;
+        assert!(
+            (f64::from(mean[ch]) - m).abs() < 1e-5,
+            "mean {ch}: {} vs {m}",
+            mean[ch]
+        );
+        assert!(
+            (f64::from(var[ch]) - v).abs() < 1e-4 * v,
+            "variance {ch}: {} vs {v}",
+            var[ch]
+        );
+    }
+    let err = x.batch_norm_train(&Tensor::ones(d, &[4]).unwrap(), &zeros, 1e-5);
+    assert!(err.is_err_and(|e| e.to_string().contains("must be [3]")));
+}
+
 #[test]
 fn layer_norm_gradients() {
     let cpu = |x: &[Vec<f64>]| -> Vec<f64> {
@@ -833,23 +935,42 @@ fn conv2d_gradients() {
     );
 }
 
+/// Pooling reference; `same` pads as TensorFlow (extra cell at the end) and
+/// ignores padded cells.
 fn cpu_pool(
     x: &[f64],
     [n, c, h, w]: [usize; 4],
     k: [usize; 2],
     s: [usize; 2],
     max: bool,
+    same: bool,
 ) -> Vec<f64> {
-    let (oh, ow) = ((h - k[0]) / s[0] + 1, (w - k[1]) / s[1] + 1);
+    let out_and_pad = |size: usize, d: usize| {
+        if same {
+            let out = size.div_ceil(s[d]);
+            let total = ((out - 1) * s[d] + k[d]).saturating_sub(size);
+            (out, (total / 2) as isize)
+        } else {
+            ((size - k[d]) / s[d] + 1, 0)
+        }
+    };
+    let ((oh, ph), (ow, pw)) = (out_and_pad(h, 0), out_and_pad(w, 1));
     let mut out = Vec::new();
     for b in 0..n {
         for ch in 0..c {
             for y in 0..oh {
                 for xx in 0..ow {
-                    let vals: Vec<f64> = (0..k[0])
-                        .flat_map(|a| (0..k[1]).map(move |bb| (a, bb)))
-                        .map(|(a, bb)| x[((b * c + ch) * h + y * s[0] + a) * w + xx * s[1] + bb])
-                        .collect();
+                    let mut vals = Vec::new();
+                    for a in 0..k[0] {
+                        for bb in 0..k[1] {
+                            let row = (y * s[0] + a) as isize - ph;
+                            let col = (xx * s[1] + bb) as isize - pw;
+                            if (0..h as isize).contains(&row) && (0..w as isize).contains(&col) {
+                                let (row, col) = (row as usize, col as usize);
+                                vals.push(x[((b * c + ch) * h + row) * w + col]);
+                            }
+                        }
+                    }
                     out.push(if max {
                         vals.iter().cloned().fold(f64::MIN, f64::max)
                     } else {
@@ -877,13 +998,37 @@ fn pooling_gradients() {
             &format!("max_pool2d {shape:?} k {k:?} s {s:?}"),
             &[input(&shape, seed, -1.0, 1.0)],
             |t| t[0].max_pool2d(k, s),
-            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, true),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, true, false),
         );
         grad_check(
             &format!("avg_pool2d {shape:?} k {k:?} s {s:?}"),
             &[input(&shape, seed + 1, -1.0, 1.0)],
             |t| t[0].avg_pool2d(k, s),
-            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, false),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, false, false),
+        );
+    }
+    // "same": odd sizes need the extra cell at the end, and stride 3 over 8
+    // leaves windows that overhang both borders.
+    for (i, (shape, k, s)) in [
+        ([2, 3, 7, 5], [2, 2], [2, 2]),
+        ([1, 2, 8, 6], [3, 3], [3, 1]),
+        ([2, 5, 4, 7], [3, 2], [1, 2]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 460 + 10 * i as u64;
+        grad_check(
+            &format!("max_pool2d same {shape:?} k {k:?} s {s:?}"),
+            &[input(&shape, seed, -1.0, 1.0)],
+            |t| t[0].max_pool2d_padded(k, s, Padding::Same),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, true, true),
+        );
+        grad_check(
+            &format!("avg_pool2d same {shape:?} k {k:?} s {s:?}"),
+            &[input(&shape, seed + 1, -1.0, 1.0)],
+            |t| t[0].avg_pool2d_padded(k, s, Padding::Same),
+            &move |x: &[Vec<f64>]| cpu_pool(&x[0], shape, k, s, false, true),
         );
     }
     grad_check(

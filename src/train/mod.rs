@@ -303,7 +303,7 @@ impl<O: Optimizer> Trainer<O> {
     /// atomically (a kill mid-save leaves the previous checkpoint intact).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let mut tensors = Vec::new();
-        for (name, t) in self.model.named_parameters() {
+        for (name, t) in self.model.named_state() {
             tensors.push((name, t.shape().to_vec(), t.to_vec()?));
         }
         let state = self.optimizer.state()?;

@@ -48,5 +48,5 @@ pub use kiln_device::{Device, DeviceError, Elementwise, Result};
 pub fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
     ops::arith::map(op, inputs)
 }
-pub use ops::Conv2d;
+pub use ops::{BatchNormOutput, Conv2d, Padding};
 pub use tensor::{SplitMix64, Tensor};

@@ -1,7 +1,7 @@
 //! Layers: each maps a tensor to a tensor and owns named parameters.
 
 use crate::checkpoint::ModelError;
-use kiln_graph::{Conv2d, Device, Tensor};
+use kiln_graph::{Conv2d, Device, Padding, Tensor};
 
 /// Whether a forward pass trains (dropout active) and the seed of its random
 /// streams. Layers that draw random numbers advance `seed`.
@@ -34,6 +34,11 @@ pub trait Layer: Send + Sync {
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError>;
     /// Parameters with names local to the layer (`weight`, `bias`).
     fn params(&self) -> Vec<(&'static str, Tensor)>;
+    /// State that is saved with the model but not trained by gradients, such as
+    /// batch-norm running statistics (PyTorch's "buffers").
+    fn buffers(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
     /// Per-sample output shape for a per-sample input shape, for summaries.
     fn output_shape(&self, input: &[usize]) -> Vec<usize>;
 }
@@ -62,6 +67,26 @@ impl Activation {
             Activation::Gelu => x.gelu(),
             Activation::Softmax => x.softmax(),
         }
+    }
+}
+
+/// An activation on its own is a layer too (Keras's `Activation`), e.g. after
+/// a batch normalisation.
+impl Layer for Activation {
+    fn kind(&self) -> &'static str {
+        "activation"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        Ok(self.apply(x)?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        input.to_vec()
     }
 }
 
@@ -207,19 +232,53 @@ impl Layer for Conv2D {
     }
 }
 
-/// Max pooling without padding, like Keras's `MaxPooling2D`.
-pub struct MaxPool2D {
+/// Window, stride and border handling shared by the pooling layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolWindow {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
+    pub padding: Padding,
 }
 
-impl MaxPool2D {
-    /// Pool size and stride both `size`, Keras's default.
+impl PoolWindow {
+    /// Pool size and stride both `size`, no padding: Keras's default.
     pub fn new(size: usize) -> Self {
         Self {
             kernel: [size, size],
             stride: [size, size],
+            padding: Padding::Valid,
         }
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let out = |size: usize, d: usize| match self.padding {
+            Padding::Valid => size.saturating_sub(self.kernel[d]) / self.stride[d] + 1,
+            Padding::Same => size.div_ceil(self.stride[d]),
+        };
+        match input {
+            [c, h, w] => vec![*c, out(*h, 0), out(*w, 1)],
+            other => other.to_vec(),
+        }
+    }
+}
+
+/// Max pooling, like Keras's `MaxPooling2D`: `MaxPool2D::new(2)` for 2x2
+/// windows with stride 2 and no padding; set `window.padding` for "same".
+pub struct MaxPool2D {
+    pub window: PoolWindow,
+}
+
+impl MaxPool2D {
+    pub fn new(size: usize) -> Self {
+        Self {
+            window: PoolWindow::new(size),
+        }
+    }
+
+    /// Keras's `padding="same"`: `ceil(size / stride)` outputs.
+    pub fn same(mut self) -> Self {
+        self.window.padding = Padding::Same;
+        self
     }
 }
 
@@ -229,7 +288,8 @@ impl Layer for MaxPool2D {
     }
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
-        Ok(x.max_pool2d(self.kernel, self.stride)?)
+        let w = self.window;
+        Ok(x.max_pool2d_padded(w.kernel, w.stride, w.padding)?)
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {
@@ -237,14 +297,159 @@ impl Layer for MaxPool2D {
     }
 
     fn output_shape(&self, input: &[usize]) -> Vec<usize> {
-        match input {
-            [c, h, w] => vec![
-                *c,
-                h.saturating_sub(self.kernel[0]) / self.stride[0] + 1,
-                w.saturating_sub(self.kernel[1]) / self.stride[1] + 1,
-            ],
-            other => other.to_vec(),
+        self.window.output_shape(input)
+    }
+}
+
+/// Average pooling, like Keras's `AveragePooling2D`; with "same" padding the
+/// padded cells are not counted in the average.
+pub struct AvgPool2D {
+    pub window: PoolWindow,
+}
+
+impl AvgPool2D {
+    pub fn new(size: usize) -> Self {
+        Self {
+            window: PoolWindow::new(size),
         }
+    }
+
+    /// Keras's `padding="same"`: `ceil(size / stride)` outputs.
+    pub fn same(mut self) -> Self {
+        self.window.padding = Padding::Same;
+        self
+    }
+}
+
+impl Layer for AvgPool2D {
+    fn kind(&self) -> &'static str {
+        "avg_pool2d"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let w = self.window;
+        Ok(x.avg_pool2d_padded(w.kernel, w.stride, w.padding)?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        self.window.output_shape(input)
+    }
+}
+
+/// Mean over the spatial dims, `[n, c, h, w] -> [n, c]`, like Keras's
+/// `GlobalAveragePooling2D`.
+pub struct GlobalAvgPool2D;
+
+impl Layer for GlobalAvgPool2D {
+    fn kind(&self) -> &'static str {
+        "global_avg_pool2d"
+    }
+
+    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
+        Ok(x.global_avg_pool2d()?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        Vec::new()
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        input.first().map(|&c| vec![c]).unwrap_or_default()
+    }
+}
+
+/// Batch normalisation over channels (dim 1) of `[n, c, h, w]` or `[n, c]`
+/// input, like PyTorch's `BatchNorm2d` / `BatchNorm1d`.
+///
+/// Training mode normalises with the batch's statistics and updates the running
+/// ones: `running = (1 - momentum) * running + momentum * batch` (PyTorch's
+/// convention: momentum 0.1 equals Keras's 0.99), with the unbiased batch
+/// variance. Evaluation mode normalises with the running statistics. `gamma`
+/// starts at one, `beta` at zero; the running mean at zero and variance at one.
+pub struct BatchNorm2D {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+impl BatchNorm2D {
+    pub fn new(device: &Device, channels: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            gamma: Tensor::ones(device, &[channels])?.requires_grad(true),
+            beta: Tensor::zeros(device, &[channels])?.requires_grad(true),
+            running_mean: Tensor::zeros(device, &[channels])?,
+            running_var: Tensor::ones(device, &[channels])?,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+
+    /// Folds a batch's statistics into the running ones, in place (the buffers
+    /// keep their identity, so checkpoints and clones see the update).
+    fn update_running(
+        &self,
+        mean: &Tensor,
+        variance: &Tensor,
+        count: usize,
+    ) -> Result<(), ModelError> {
+        let _guard = kiln_graph::NoGradGuard::new();
+        let m = self.momentum;
+        let unbiased = count as f32 / (count.max(2) - 1) as f32;
+        let mean = self
+            .running_mean
+            .mul_scalar(1.0 - m)?
+            .add(&mean.detach().mul_scalar(m)?)?;
+        let var = self
+            .running_var
+            .mul_scalar(1.0 - m)?
+            .add(&variance.detach().mul_scalar(m * unbiased)?)?;
+        let device = self.gamma.device();
+        device.copy_into(mean.buffer(), self.running_mean.buffer())?;
+        device.copy_into(var.buffer(), self.running_var.buffer())?;
+        Ok(())
+    }
+}
+
+impl Layer for BatchNorm2D {
+    fn kind(&self) -> &'static str {
+        "batch_norm"
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        if !mode.training {
+            return Ok(x.batch_norm_eval(
+                &self.gamma,
+                &self.beta,
+                &self.running_mean,
+                &self.running_var,
+                self.eps,
+            )?);
+        }
+        let out = x.batch_norm_train(&self.gamma, &self.beta, self.eps)?;
+        self.update_running(&out.mean, &out.variance, out.count)?;
+        Ok(out.output)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("gamma", self.gamma.clone()), ("beta", self.beta.clone())]
+    }
+
+    fn buffers(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("running_mean", self.running_mean.clone()),
+            ("running_var", self.running_var.clone()),
+        ]
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        input.to_vec()
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Layers, models and checkpoints for Kiln, on top of `kiln-graph`.
 //!
-//! - [`layers`]: [`Dense`], [`Conv2D`], [`MaxPool2D`], [`Flatten`], [`Reshape`],
-//!   [`Dropout`] and the [`Layer`] trait.
+//! - [`layers`]: [`Dense`], [`Conv2D`], [`MaxPool2D`], [`AvgPool2D`],
+//!   [`GlobalAvgPool2D`], [`BatchNorm2D`], [`Flatten`], [`Reshape`], [`Dropout`]
+//!   and the [`Layer`] trait.
 //! - [`Sequential`]: a stack of layers, Keras style, with named parameters
 //!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
 //! - [`checkpoint`]: safetensors files written atomically (temporary file, then
@@ -25,5 +26,8 @@ pub mod layers;
 mod sequential;
 
 pub use checkpoint::ModelError;
-pub use layers::{Activation, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Mode, Reshape};
+pub use layers::{
+    Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
+    MaxPool2D, Mode, PoolWindow, Reshape,
+};
 pub use sequential::Sequential;

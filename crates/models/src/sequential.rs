@@ -49,6 +49,28 @@ impl Sequential {
             .collect()
     }
 
+    /// Non-trainable state (batch-norm running statistics), named like the
+    /// parameters: `"{i}.{name}"`.
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                layer
+                    .buffers()
+                    .into_iter()
+                    .map(move |(name, t)| (format!("{i}.{name}"), t))
+            })
+            .collect()
+    }
+
+    /// Everything a checkpoint holds: parameters, then buffers.
+    pub fn named_state(&self) -> Vec<(String, Tensor)> {
+        let mut state = self.named_parameters();
+        state.extend(self.named_buffers());
+        state
+    }
+
     pub fn parameters(&self) -> Vec<Tensor> {
         self.named_parameters()
             .into_iter()
@@ -88,21 +110,22 @@ impl Sequential {
         out
     }
 
-    /// Saves the weights (and `metadata`) to a safetensors file, atomically.
+    /// Saves the weights and buffers (and `metadata`) to a safetensors file,
+    /// atomically.
     pub fn save(
         &self,
         path: impl AsRef<Path>,
         metadata: &HashMap<String, String>,
     ) -> Result<(), ModelError> {
         let mut tensors = Vec::new();
-        for (name, t) in self.named_parameters() {
+        for (name, t) in self.named_state() {
             tensors.push((name, t.shape().to_vec(), t.to_vec()?));
         }
         checkpoint::save(path.as_ref(), &tensors, metadata)
     }
 
     /// Loads weights saved by [`Sequential::save`] (or any safetensors file with
-    /// the same names and shapes, F32/F16/BF16). Every parameter must be present
+    /// the same names and shapes, F32/F16/BF16). Every parameter and buffer must be present
     /// with its shape; extra tensors are an error too, so a checkpoint of another
     /// architecture cannot load silently.
     pub fn load_weights(
@@ -111,7 +134,7 @@ impl Sequential {
     ) -> Result<HashMap<String, String>, ModelError> {
         let path = path.as_ref();
         let file = checkpoint::Checkpoint::open(path)?;
-        let params = self.named_parameters();
+        let params = self.named_state();
         let expected: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
         file.check_names(&expected, &["optimizer."])?;
         for (name, t) in &params {

@@ -37,6 +37,32 @@ impl Conv2d {
     }
 }
 
+/// Border handling of pooling windows, as Keras's `padding` argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Padding {
+    /// Only windows that fit inside the input: `(size - kernel) / stride + 1`.
+    #[default]
+    Valid,
+    /// `ceil(size / stride)` outputs; the border is padded as TensorFlow does
+    /// (the odd extra row or column at the bottom/right), and padded cells never
+    /// count: a max ignores them and an average divides by the cells inside.
+    Same,
+}
+
+impl Padding {
+    /// `[before, after]` padding of one spatial dim.
+    pub fn amounts(self, size: usize, kernel: usize, stride: usize) -> [usize; 2] {
+        match self {
+            Padding::Valid => [0, 0],
+            Padding::Same => {
+                let out = size.div_ceil(stride);
+                let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
+                [total / 2, total - total / 2]
+            }
+        }
+    }
+}
+
 fn shape_error(message: String) -> DeviceError {
     DeviceError::Shape {
         op: "conv2d",
@@ -47,7 +73,14 @@ fn shape_error(message: String) -> DeviceError {
 impl Tensor {
     /// Zero-pads the last two dims by `[top/bottom, left/right]`.
     pub fn pad2d(&self, pad: [usize; 2]) -> Result<Tensor> {
-        if pad == [0, 0] {
+        self.pad2d_with([[pad[0]; 2], [pad[1]; 2]], 0.0)
+    }
+
+    /// Pads the last two dims with `value`: `pads` is
+    /// `[[top, bottom], [left, right]]`. The gradient is the interior of the
+    /// incoming one.
+    pub fn pad2d_with(&self, pads: [[usize; 2]; 2], value: f32) -> Result<Tensor> {
+        if pads == [[0, 0], [0, 0]] {
             return Ok(self.clone());
         }
         let r = self.rank();
@@ -55,15 +88,15 @@ impl Tensor {
             return Err(shape_error(format!("cannot pad shape {:?}", self.shape())));
         }
         let (h, w) = (self.shape()[r - 2], self.shape()[r - 1]);
-        let wp = w + 2 * pad[1];
+        let wp = w + pads[1][0] + pads[1][1];
         let mut padded = self.shape().to_vec();
-        padded[r - 2] = h + 2 * pad[0];
+        padded[r - 2] = h + pads[0][0] + pads[0][1];
         padded[r - 1] = wp;
         // The interior of the padded tensor, as a view: outer dims step a whole
         // padded image, rows step wp.
         let strides = contiguous_strides(&padded);
-        let offset = pad[0] * wp + pad[1];
-        let out = Tensor::zeros(self.device(), &padded)?;
+        let offset = pads[0][0] * wp + pads[1][0];
+        let out = Tensor::full(self.device(), &padded, value)?;
         self.device()
             .strided_write(out.buffer(), self.shape(), &strides, offset, self.buffer())?;
         let (shape, view) = (self.shape().to_vec(), strides);
@@ -229,12 +262,28 @@ impl Tensor {
         }))
     }
 
-    fn pool2d(&self, kernel: [usize; 2], stride: [usize; 2], max: bool) -> Result<Tensor> {
+    fn pool2d(
+        &self,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+        max: bool,
+    ) -> Result<Tensor> {
         let op = if max { "max_pool2d" } else { "avg_pool2d" };
-        let g = pool_geometry(self, kernel, stride, op)?;
+        pool_geometry(self, kernel, stride, op)?;
+        let (h, w) = (self.shape()[2], self.shape()[3]);
+        let pads = [
+            padding.amounts(h, kernel[0], stride[0]),
+            padding.amounts(w, kernel[1], stride[1]),
+        ];
+        // Padding with the lowest finite value keeps it out of every maximum
+        // (each window holds at least one real cell).
+        let fill = if max { f32::MIN } else { 0.0 };
+        let input = self.pad2d_with(pads, fill)?;
+        let g = pool_geometry(&input, kernel, stride, op)?;
         let (oh, ow) = g.output()?;
         // [n*oh*ow, c*kh*kw] -> [n*oh*ow*c, kh*kw]: one row per window.
-        let windows = self
+        let windows = input
             .unfold2d(g)?
             .reshape(&[g.n * oh * ow * g.c, g.kh * g.kw])?;
         let pooled = if max {
@@ -242,18 +291,57 @@ impl Tensor {
         } else {
             windows.mean(1, false)?
         };
-        pooled.reshape(&[g.n, oh, ow, g.c])?.permute(&[0, 3, 1, 2])
+        let pooled = pooled
+            .reshape(&[g.n, oh, ow, g.c])?
+            .permute(&[0, 3, 1, 2])?;
+        if max || pads == [[0, 0], [0, 0]] {
+            return Ok(pooled);
+        }
+        // Averages over the real cells only: rescale each position's mean by
+        // window size / real cells in it.
+        let real = |o: usize, d: usize, size: usize| {
+            let start = (o * stride[d]) as isize - pads[d][0] as isize;
+            let end = (start + kernel[d] as isize).min(size as isize);
+            (end - start.max(0)) as f32
+        };
+        let area = (kernel[0] * kernel[1]) as f32;
+        let scale: Vec<f32> = (0..oh)
+            .flat_map(|y| (0..ow).map(move |x| (y, x)))
+            .map(|(y, x)| area / (real(y, 0, h) * real(x, 1, w)))
+            .collect();
+        pooled.mul(&Tensor::from_slice(self.device(), &scale, &[oh, ow])?)
     }
 
     /// Max pooling without padding (Keras `MaxPooling2D`, "valid"); the gradient
     /// goes to each window's maximum, split between ties.
     pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2]) -> Result<Tensor> {
-        self.pool2d(kernel, stride, true)
+        self.pool2d(kernel, stride, Padding::Valid, true)
+    }
+
+    /// Max pooling with a choice of border handling (see [`Padding`]).
+    pub fn max_pool2d_padded(
+        &self,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+    ) -> Result<Tensor> {
+        self.pool2d(kernel, stride, padding, true)
     }
 
     /// Average pooling without padding.
     pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2]) -> Result<Tensor> {
-        self.pool2d(kernel, stride, false)
+        self.pool2d(kernel, stride, Padding::Valid, false)
+    }
+
+    /// Average pooling with a choice of border handling (see [`Padding`]);
+    /// with `Same`, padded cells are not counted.
+    pub fn avg_pool2d_padded(
+        &self,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+    ) -> Result<Tensor> {
+        self.pool2d(kernel, stride, padding, false)
     }
 
     /// Mean over the spatial dims: `[n, c, h, w] -> [n, c]`.

@@ -3,10 +3,11 @@
 
 pub(crate) mod arith;
 mod conv;
-pub use conv::Conv2d;
+pub use conv::{Conv2d, Padding};
 mod embedding;
 mod matmul;
 mod norm;
+pub use norm::BatchNormOutput;
 mod random;
 mod reduce;
 mod select;

@@ -34,3 +34,102 @@ impl Tensor {
         centered.mul(&inv_std)?.mul(gamma)?.add(beta)
     }
 }
+
+/// What a training-mode batch normalisation returns: the output and the batch
+/// statistics per channel, which the caller folds into its running averages.
+pub struct BatchNormOutput {
+    pub output: Tensor,
+    /// Mean per channel, `[c]`.
+    pub mean: Tensor,
+    /// Biased variance per channel, `[c]` (the one used to normalise).
+    pub variance: Tensor,
+    /// Values each channel's statistics were taken over (`n * h * w`), for the
+    /// unbiased correction of running variances.
+    pub count: usize,
+}
+
+impl Tensor {
+    /// `[n, c, ...]` viewed as `[n, c, rest]`, after checking that `gamma` and
+    /// `beta` have one value per channel.
+    fn channels_view(&self, gamma: &Tensor, beta: &Tensor, op: &'static str) -> Result<Tensor> {
+        let &[n, c, ..] = self.shape() else {
+            return Err(DeviceError::Shape {
+                op,
+                message: format!("input must be [n, c, ...], got {:?}", self.shape()),
+            });
+        };
+        if gamma.shape() != [c] || beta.shape() != [c] {
+            return Err(DeviceError::Shape {
+                op,
+                message: format!(
+                    "gamma {:?} and beta {:?} must be [{c}] for input {:?}",
+                    gamma.shape(),
+                    beta.shape(),
+                    self.shape()
+                ),
+            });
+        }
+        self.reshape(&[n, c, self.numel() / (n * c).max(1)])
+    }
+
+    /// Batch normalisation with statistics of this batch (training mode):
+    /// normalises each channel (dim 1) over the batch and every later dim, with
+    /// the biased variance, then scales by `gamma` and shifts by `beta` (`[c]`).
+    /// Works for `[n, c]` (BatchNorm1d) and `[n, c, h, w]` (BatchNorm2d).
+    /// Composed from differentiable ops, so its gradient is theirs.
+    pub fn batch_norm_train(
+        &self,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<BatchNormOutput> {
+        let x = self.channels_view(gamma, beta, "batch_norm")?;
+        let (n, c, rest) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let mean = x.mean(2, true)?.mean(0, true)?;
+        let centered = x.sub(&mean)?;
+        let variance = centered.square()?.mean(2, true)?.mean(0, true)?;
+        let inv_std = variance.add_scalar(eps)?.pow_scalar(-0.5)?;
+        let per_channel = [1, c, 1];
+        let output = centered
+            .mul(&inv_std.mul(&gamma.reshape(&per_channel)?)?)?
+            .add(&beta.reshape(&per_channel)?)?
+            .reshape(self.shape())?;
+        Ok(BatchNormOutput {
+            output,
+            mean: mean.reshape(&[c])?,
+            variance: variance.reshape(&[c])?,
+            count: n * rest,
+        })
+    }
+
+    /// Batch normalisation with given (running) statistics, as in evaluation:
+    /// `(x - mean) / sqrt(variance + eps) * gamma + beta`, per channel (dim 1).
+    pub fn batch_norm_eval(
+        &self,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        variance: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let x = self.channels_view(gamma, beta, "batch_norm")?;
+        let c = x.shape()[1];
+        if mean.shape() != [c] || variance.shape() != [c] {
+            return Err(DeviceError::Shape {
+                op: "batch_norm",
+                message: format!(
+                    "running mean {:?} and variance {:?} must be [{c}]",
+                    mean.shape(),
+                    variance.shape()
+                ),
+            });
+        }
+        // Folded into one scale and one shift per channel before touching x.
+        let scale = variance.add_scalar(eps)?.pow_scalar(-0.5)?.mul(gamma)?;
+        let shift = beta.sub(&mean.mul(&scale)?)?;
+        let per_channel = [1, c, 1];
+        x.mul(&scale.reshape(&per_channel)?)?
+            .add(&shift.reshape(&per_channel)?)?
+            .reshape(self.shape())
+    }
+}

@@ -1,0 +1,214 @@
+//! Layers of kiln-models beyond their ops: batch-norm running statistics and
+//! their checkpoints, pooling layers' shapes, and a network with batch norm
+//! that must learn.
+
+mod common;
+
+use common::{assert_close, device, random_vec};
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, Conv2d, Tensor};
+use kiln::models::{
+    Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, Layer, MaxPool2D,
+    Mode, Sequential,
+};
+
+/// Per-channel mean and unbiased variance of `[n, c, rest]` data.
+fn channel_stats(x: &[f32], [n, c, rest]: [usize; 3]) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .map(|ch| {
+            let vals: Vec<f64> = (0..n)
+                .flat_map(|b| (0..rest).map(move |i| (b, i)))
+                .map(|(b, i)| f64::from(x[(b * c + ch) * rest + i]))
+                .collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var =
+                vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (vals.len() - 1) as f64;
+            (mean, var)
+        })
+        .unzip()
+}
+
+#[test]
+fn batch_norm_tracks_running_statistics_and_uses_them_in_eval() {
+    let d = device();
+    let (n, c, h, w) = (4, 3, 5, 6);
+    let bn = BatchNorm2D::new(d, c).unwrap();
+    let gamma = random_vec(c, 801, 0.5, 1.5);
+    let beta = random_vec(c, 802, -0.5, 0.5);
+    d.copy_into(&d.upload(&gamma).unwrap(), bn.gamma.buffer())
+        .unwrap();
+    d.copy_into(&d.upload(&beta).unwrap(), bn.beta.buffer())
+        .unwrap();
+
+    let (mut want_mean, mut want_var) = (vec![0.0f64; c], vec![1.0f64; c]);
+    for step in 0..3 {
+        // Each batch has its own offset and spread, so the averages move.
+        let lo = -1.0 + step as f32;
+        let data = random_vec(n * c * h * w, 810 + step, lo, lo + 2.0 + step as f32);
+        let x = Tensor::from_slice(d, &data, &[n, c, h, w]).unwrap();
+        bn.forward(&x, &mut Mode::training(1)).unwrap();
+        let (mean, var) = channel_stats(&data, [n, c, h * w]);
+        for ch in 0..c {
+            want_mean[ch] = 0.9 * want_mean[ch] + 0.1 * mean[ch];
+            want_var[ch] = 0.9 * want_var[ch] + 0.1 * var[ch];
+        }
+    }
+    let got_mean = bn.running_mean.to_vec().unwrap();
+    let got_var = bn.running_var.to_vec().unwrap();
+    assert_close("running mean", &got_mean, &want_mean, 1e-5, 1e-6);
+    assert_close("running variance", &got_var, &want_var, 1e-5, 1e-6);
+
+    let data = random_vec(2 * c * h * w, 820, -3.0, 3.0);
+    let x = Tensor::from_slice(d, &data, &[2, c, h, w]).unwrap();
+    let y = bn.forward(&x, &mut Mode::eval()).unwrap().to_vec().unwrap();
+    let want: Vec<f64> = data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = i / (h * w) % c;
+            (f64::from(v) - want_mean[ch]) / (want_var[ch] + 1e-5).sqrt() * f64::from(gamma[ch])
+                + f64::from(beta[ch])
+        })
+        .collect();
+    assert_close("eval output", &y, &want, 1e-4, 1e-5);
+    // Evaluation leaves the statistics alone.
+    assert_eq!(bn.running_mean.to_vec().unwrap(), got_mean);
+}
+
+#[test]
+fn batch_norm_statistics_are_saved_loaded_and_not_trained() {
+    let d = device();
+    let model = || {
+        Sequential::new()
+            .push(Conv2D::new(d, 2, 3, [3, 3], Conv2d::default(), Activation::None, 5).unwrap())
+            .push(BatchNorm2D::new(d, 3).unwrap())
+    };
+    let trained = model();
+    let x =
+        Tensor::from_slice(d, &random_vec(2 * 2 * 6 * 6, 830, 0.0, 4.0), &[2, 2, 6, 6]).unwrap();
+    trained.forward(&x, &mut Mode::training(1)).unwrap();
+
+    let names: Vec<String> = trained.named_state().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "0.weight",
+            "0.bias",
+            "1.gamma",
+            "1.beta",
+            "1.running_mean",
+            "1.running_var"
+        ]
+    );
+    // Optimizers see parameters only.
+    assert_eq!(trained.parameters().len(), 4);
+
+    let dir = std::env::temp_dir().join(format!("kiln-bn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bn.safetensors");
+    trained.save(&path, &Default::default()).unwrap();
+    let loaded = model();
+    loaded.load_weights(&path).unwrap();
+    for ((name, a), (_, b)) in trained.named_state().iter().zip(loaded.named_state()) {
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "{name}");
+    }
+    let eval = |m: &Sequential| m.forward(&x, &mut Mode::eval()).unwrap().to_vec().unwrap();
+    assert_eq!(eval(&trained), eval(&loaded));
+
+    // A checkpoint without the statistics is refused, naming what is missing.
+    let plain = Sequential::new()
+        .push(Conv2D::new(d, 2, 3, [3, 3], Conv2d::default(), Activation::None, 5).unwrap());
+    let old = dir.join("plain.safetensors");
+    plain.save(&old, &Default::default()).unwrap();
+    let err = model().load_weights(&old).unwrap_err().to_string();
+    assert!(err.contains("1.gamma") || err.contains("missing"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pooling_layers_report_the_shapes_they_produce() {
+    let d = device();
+    let layers: Vec<Box<dyn Layer>> = vec![
+        Box::new(MaxPool2D::new(2)),
+        Box::new(MaxPool2D::new(2).same()),
+        Box::new(AvgPool2D::new(3)),
+        Box::new(AvgPool2D::new(3).same()),
+        Box::new(GlobalAvgPool2D),
+    ];
+    for layer in &layers {
+        for [h, w] in [[7, 9], [8, 6]] {
+            let x =
+                Tensor::from_slice(d, &random_vec(2 * 3 * h * w, 840, -1.0, 1.0), &[2, 3, h, w])
+                    .unwrap();
+            let y = layer.forward(&x, &mut Mode::eval()).unwrap();
+            assert_eq!(
+                y.shape()[1..],
+                layer.output_shape(&[3, h, w]),
+                "{} on {h}x{w}",
+                layer.kind()
+            );
+        }
+    }
+}
+
+/// Images of a bright vertical or horizontal bar at a random place, far from
+/// zero mean (offset 20 to 21): batch norm has to remove the offset.
+fn bars(n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let noise = random_vec(n * 64 + 2 * n, seed, 0.0, 1.0);
+    let mut images = Vec::with_capacity(n * 64);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let label = (i % 2) as u32;
+        let at = (noise[n * 64 + 2 * i] * 8.0) as usize % 8;
+        let offset = 20.0 + noise[n * 64 + 2 * i + 1];
+        for p in 0..64 {
+            let (row, col) = (p / 8, p % 8);
+            let on = if label == 0 { col == at } else { row == at };
+            images.push(offset + noise[i * 64 + p] + if on { 3.0 } else { 0.0 });
+        }
+        labels.push(label);
+    }
+    (images, labels)
+}
+
+#[test]
+fn a_cnn_with_batch_norm_learns_and_evaluates_with_running_statistics() {
+    let d = device();
+    let model = Sequential::new()
+        .push(Conv2D::new(d, 1, 6, [3, 3], Conv2d::default(), Activation::None, 11).unwrap())
+        .push(BatchNorm2D::new(d, 6).unwrap())
+        .push(Activation::Relu)
+        .push(MaxPool2D::new(2))
+        .push(Flatten)
+        .push(Dense::new(d, 6 * 3 * 3, 2, Activation::None, 13).unwrap());
+    let (x, y) = bars(256, 850);
+    let mut opt = Adam::new(model.parameters(), 1e-2);
+    for epoch in 0..12 {
+        for b in 0..8 {
+            let xs =
+                Tensor::from_slice(d, &x[b * 32 * 64..(b + 1) * 32 * 64], &[32, 1, 8, 8]).unwrap();
+            let logits = model
+                .forward(&xs, &mut Mode::training(epoch * 8 + b as u32))
+                .unwrap();
+            let l = loss::cross_entropy(&logits, &y[b * 32..(b + 1) * 32]).unwrap();
+            opt.zero_grad();
+            l.backward().unwrap();
+            opt.step().unwrap();
+        }
+    }
+    let (tx, ty) = bars(200, 860);
+    let logits = model
+        .forward(
+            &Tensor::from_slice(d, &tx, &[200, 1, 8, 8]).unwrap(),
+            &mut Mode::eval(),
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let correct = logits
+        .chunks(2)
+        .zip(&ty)
+        .filter(|(l, &t)| u32::from(l[1] > l[0]) == t)
+        .count();
+    assert!(correct >= 196, "{correct}/200 held-out images right");
+}
