@@ -6,8 +6,9 @@
 //! KILN_BENCH_SWEEP=1 cargo bench --bench kernels   # also try other tilings
 //! ```
 
+mod reference;
+
 use kiln::device::{Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const SIZES: [usize; 3] = [256, 512, 1024];
@@ -168,22 +169,6 @@ for n in map(int, sys.argv[1:]):
         reps += 1
     print(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
 "#;
-    let python = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(sizes.iter().map(|n| n.to_string()))
-        .output()
-        .map_err(|e| format!("{python} not runnable: {e}"))?;
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let last = err.lines().last().unwrap_or("").to_string();
-        return Err(format!(
-            "numpy not available ({last}); `pip install numpy` to compare"
-        ));
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|l| l.trim().parse::<f64>().map_err(|e| e.to_string()))
-        .collect()
+    let args: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    reference::numbers(reference::run_python("numpy", script, &args)?)
 }

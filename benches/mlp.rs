@@ -6,11 +6,12 @@
 //! cargo bench --bench mlp
 //! ```
 
+mod reference;
+
 use kiln::graph::optim::{Adam, Optimizer};
 use kiln::graph::{loss, Tensor};
 use kiln::models::Mode;
 use kiln::zoo::Architecture;
-use std::process::Command;
 use std::time::Instant;
 
 const BATCH: usize = 32;
@@ -83,8 +84,8 @@ fn main() -> anyhow::Result<()> {
 
 fn torch_samples_per_second() -> Result<f64, String> {
     let script = r#"
-import time, torch
-torch.set_num_threads(2)
+import os, time, torch
+torch.set_num_threads(os.cpu_count())
 model = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                             torch.nn.ReLU(), torch.nn.Linear(64, 10))
 opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -96,21 +97,9 @@ start = time.perf_counter()
 for _ in range(400): step()
 print(400 * 32 / (time.perf_counter() - start))
 "#;
-    let python = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .output()
-        .map_err(|e| format!("{python} not runnable: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "PyTorch not installed ({}); `pip install torch` to compare",
-            err.lines().last().unwrap_or("")
-        ));
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|e| format!("unreadable PyTorch output: {e}"))
+    let values = reference::numbers(reference::run_python("torch", script, &[])?)?;
+    values
+        .first()
+        .copied()
+        .ok_or_else(|| "no output from the PyTorch script".into())
 }

@@ -63,9 +63,10 @@ enum Command {
         /// Stop after this many epochs without validation (or training) loss improvement.
         #[arg(long)]
         patience: Option<usize>,
-        /// Checkpoint written after every epoch.
-        #[arg(long, default_value = "runs/mlp/checkpoint.safetensors")]
-        checkpoint: PathBuf,
+        /// Checkpoint written after every epoch [default:
+        /// runs/<model>-<dataset>/checkpoint.safetensors].
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
         /// Continue from the checkpoint instead of starting afresh.
         #[arg(long)]
         resume: bool,
@@ -115,7 +116,11 @@ fn main() -> std::process::ExitCode {
                 seed,
                 progress: !no_progress,
                 log_epochs: true,
-                checkpoint: Some(checkpoint),
+                checkpoint: Some(checkpoint.unwrap_or_else(|| {
+                    let dataset = dataset.to_possible_value().expect("no skipped variants");
+                    PathBuf::from(format!("runs/{}-{}", model.name(), dataset.get_name()))
+                        .join("checkpoint.safetensors")
+                })),
                 early_stopping: patience.map(|patience| EarlyStopping {
                     patience,
                     min_delta: 0.0,

@@ -11,6 +11,7 @@ use crate::buffer::{DType, Element, GpuBuffer};
 use crate::error::{DeviceError, Result};
 use crate::kernel::{Kernel, KernelCache};
 use crate::pool::{bucket_size, BufferPool, FirstUse, PoolStats};
+use crate::profile::{KernelTime, Profile};
 use crate::tuning::Tuning;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,8 @@ pub struct DeviceShared {
     param_arena: wgpu::Buffer,
     param_align: u64,
     tuning: Mutex<Tuning>,
+    /// Per-kernel times while profiling is on.
+    profile: Mutex<Option<Profile>>,
 }
 
 impl DeviceShared {
@@ -180,6 +183,7 @@ impl Device {
                 param_arena,
                 param_align,
                 tuning: Mutex::new(tuning),
+                profile: Mutex::new(None),
             }),
         })
     }
@@ -227,6 +231,23 @@ impl Device {
     /// Frees every idle pooled buffer.
     pub fn trim_pool(&self) {
         lock(&self.shared.pool).trim();
+    }
+
+    /// Turns per-kernel timing on (clearing earlier times) or off. While on,
+    /// each dispatch is submitted alone and waited for; see [`Device::profile`].
+    pub fn set_profiling(&self, on: bool) -> Result<()> {
+        self.synchronize()?;
+        *lock(&self.shared.profile) = on.then(Profile::default);
+        Ok(())
+    }
+
+    /// Time per kernel and launch size since profiling was turned on, most
+    /// first; empty when it is off.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        lock(&self.shared.profile)
+            .as_ref()
+            .map(Profile::report)
+            .unwrap_or_default()
     }
 
     pub fn dispatch_stats(&self) -> DispatchStats {
@@ -510,6 +531,11 @@ impl Device {
         for b in buffers {
             self.check_same_device(b, "dispatch")?;
         }
+        let profiling = lock(&self.shared.profile).is_some();
+        if profiling {
+            // Earlier work must not count towards this kernel.
+            self.synchronize()?;
+        }
         let mut rec = lock(&self.shared.recorder);
         if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
             self.submit(&mut rec)?;
@@ -549,6 +575,15 @@ impl Device {
         });
         rec.stats.dispatches += 1;
         self.shared.pending.store(true, Ordering::Release);
+        drop(rec);
+        if profiling {
+            let start = std::time::Instant::now();
+            self.synchronize()?;
+            let seconds = start.elapsed().as_secs_f64();
+            if let Some(profile) = lock(&self.shared.profile).as_mut() {
+                profile.add(&kernel.key, workgroups, seconds);
+            }
+        }
         Ok(())
     }
 

@@ -32,6 +32,7 @@ mod info;
 mod kernel;
 pub mod kernels;
 mod pool;
+mod profile;
 mod tuning;
 
 pub use adapter::{is_cpu, list_adapters, DeviceKind, DeviceSelector};
@@ -46,5 +47,6 @@ pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand,
 pub use kernels::matmul::Matmul;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use pool::{bucket_size, PoolStats};
+pub use profile::KernelTime;
 pub use tuning::{MatmulTiling, Tuning};
 pub use wgpu;
