@@ -243,8 +243,12 @@ fn binary_reference(op: BinaryOp, a: f64, b: f64) -> f64 {
 #[test]
 fn binary_ops_broadcast_like_numpy() {
     let d = device();
-    let cases: [(&[usize], &[usize]); 7] = [
+    // Same-shape and scalar cases with a multiple of 4 elements take the packed
+    // (vec4) kernels; the others the per-element ones.
+    let cases: [(&[usize], &[usize]); 9] = [
         (&[33, 65], &[33, 65]),
+        (&[12, 8], &[12, 8]),
+        (&[16], &[1]),
         (&[33, 65], &[65]),
         (&[33, 1], &[1, 65]),
         (&[3, 1, 17], &[5, 1]),
@@ -328,15 +332,16 @@ fn custom_expression_with_three_inputs_and_scalars() {
 
 #[test]
 fn elementwise_beyond_one_dispatch_row_uses_the_2d_grid() {
-    // More than 65535 workgroups of 256: the kernel must rebuild the index from y.
+    // More than 65535 workgroups of 256: the kernel must rebuild the index from y
+    // (an odd count, so one element per invocation).
     let d = device();
-    let n = 65_535 * 256 + 1000;
+    let n = 65_535 * 256 + 1001;
     let x: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5 - 7.0).collect();
     let gx = d.upload(&x).unwrap();
     let got = d
         .read::<f32>(&d.unary(UnaryOp::AddScalar(3.0), &gx).unwrap())
         .unwrap();
-    for i in (0..n).step_by(4099).chain(n - 1000..n) {
+    for i in (0..n).step_by(4099).chain(n - 1001..n) {
         assert_eq!(got[i], x[i] + 3.0, "element {i}");
     }
 }

@@ -175,6 +175,7 @@ impl Tensor {
         if let Some(b) = bias {
             inputs.push(b);
         }
+        let (need_dx, need_dw) = (self.is_requires_grad(), weight.is_requires_grad());
         Ok(record(&inputs, out, "conv2d", move |g| {
             let device = g.device();
             // [n, o, oh, ow] -> [rows, o]
@@ -184,30 +185,38 @@ impl Tensor {
                 &[o * oh * ow, ow, 1, oh * ow],
                 0,
             )?;
-            let dw = device.matmul(
-                &g2,
-                cols.buffer(),
-                &Matmul::new(o, patch, rows).transpose_a(true),
-            )?;
-            let dw = Tensor::from_buffer(device, dw, &[o, wc, kh, kw])?;
-            let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, patch, o))?;
-            let dxp = device.col2im(&dcols, &geometry)?;
-            let dxp = Tensor::from_buffer(device, dxp, &[n, c, geometry.h, geometry.w])?;
-            let dx = if pad == [0, 0] {
-                dxp
-            } else {
-                let (h, wd) = (input_shape[2], input_shape[3]);
-                let (hp, wp) = (geometry.h, geometry.w);
-                let inner = device.strided_copy(
-                    dxp.buffer(),
-                    &input_shape,
-                    &[c * hp * wp, hp * wp, wp, 1],
-                    pad[0] * wp + pad[1],
+            // Frozen weights and inputs that need no gradient (the data, for a
+            // first layer) skip their products: the input gradient is a matmul
+            // plus a col2im, as costly as the forward pass.
+            let dw = if need_dw {
+                let dw = device.matmul(
+                    &g2,
+                    cols.buffer(),
+                    &Matmul::new(o, patch, rows).transpose_a(true),
                 )?;
-                debug_assert_eq!(inner.len(), n * c * h * wd);
-                Tensor::from_buffer(device, inner, &input_shape)?
+                Some(Tensor::from_buffer(device, dw, &[o, wc, kh, kw])?)
+            } else {
+                None
             };
-            let mut grads = vec![Some(dx), Some(dw)];
+            let dx = if need_dx {
+                let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, patch, o))?;
+                let dxp = device.col2im(&dcols, &geometry)?;
+                Some(if pad == [0, 0] {
+                    Tensor::from_buffer(device, dxp, &input_shape)?
+                } else {
+                    let (hp, wp) = (geometry.h, geometry.w);
+                    let inner = device.strided_copy(
+                        &dxp,
+                        &input_shape,
+                        &[c * hp * wp, hp * wp, wp, 1],
+                        pad[0] * wp + pad[1],
+                    )?;
+                    Tensor::from_buffer(device, inner, &input_shape)?
+                })
+            } else {
+                None
+            };
+            let mut grads = vec![dx, dw];
             if has_bias {
                 let g2 = Tensor::from_buffer(device, g2, &[rows, o])?;
                 grads.push(Some(g2.sum(0, false)?));
