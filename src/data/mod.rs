@@ -1,10 +1,12 @@
 //! Datasets: loading (MNIST from the cache, Fashion-MNIST from its Debian
-//! package, the IDX format), normalisation,
+//! package, the IDX format, IMDB reviews), text vectorisation, normalisation,
 //! validation splits, seeded shuffling and batching.
 
 pub mod fashion_mnist;
 pub mod idx;
+pub mod imdb;
 pub mod mnist;
+pub mod text;
 
 use std::path::PathBuf;
 use thiserror::Error;

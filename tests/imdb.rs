@@ -1,0 +1,60 @@
+//! The real IMDB reviews (fetched by `scripts/fetch-imdb.sh`): the split, the
+//! cleaning, the vocabulary, and clear errors for a missing or corrupt file.
+
+use kiln::data::imdb::{self, TRAIN_SIZE};
+use kiln::data::text::{TextVectorizer, PAD, UNKNOWN};
+use kiln::data::DataError;
+
+#[test]
+fn splits_the_50000_reviews_into_balanced_halves() {
+    let data = imdb::load().expect("run scripts/fetch-imdb.sh first");
+    assert_eq!(data.train.len(), TRAIN_SIZE);
+    assert_eq!(data.test.len(), TRAIN_SIZE);
+    for half in [&data.train, &data.test] {
+        let positive = half.iter().filter(|r| r.label == 1).count();
+        // A fair shuffle of 25,000/25,000 puts 12,500 +- ~80 (one sigma) in each.
+        assert!((12_200..=12_800).contains(&positive), "{positive} positive");
+        assert!(half.iter().all(|r| !r.text.contains("<br />")));
+    }
+    // The same split every time.
+    let again = imdb::load().unwrap();
+    assert_eq!(again.train[..100], data.train[..100]);
+    assert_eq!(
+        again.test[TRAIN_SIZE - 100..],
+        data.test[TRAIN_SIZE - 100..]
+    );
+}
+
+#[test]
+fn a_10000_word_vocabulary_covers_most_of_the_test_text() {
+    let data = imdb::load().expect("run scripts/fetch-imdb.sh first");
+    let v = TextVectorizer::fit(data.train.iter().map(|r| r.text.as_str()), 10_000, 200);
+    assert_eq!(v.vocab_size(), 10_000);
+    assert_eq!(v.word(2), Some("the"));
+    let ids = v.encode_all(data.test[..2000].iter().map(|r| r.text.as_str()));
+    assert_eq!(ids.len(), 2000 * 200);
+    let words = ids.iter().filter(|&&i| i != PAD).count();
+    let unknown = ids.iter().filter(|&&i| i == UNKNOWN).count();
+    // Keras's 10k-word IMDB vocabulary leaves about 5% of tokens unknown.
+    assert!(
+        (unknown as f64) < 0.08 * words as f64,
+        "{unknown} of {words} unknown"
+    );
+}
+
+#[test]
+fn missing_and_corrupt_files_say_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("kiln-imdb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reviews.json");
+    let err = imdb::load_from(&path).unwrap_err();
+    assert!(matches!(err, DataError::Missing { .. }), "{err}");
+    assert!(err.to_string().contains("fetch-imdb.sh"), "{err}");
+    std::fs::write(&path, br#"[{"t": "fine", "s": 1}]"#).unwrap();
+    let err = imdb::load_from(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("SHA-256") && err.contains("fetch-imdb.sh"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
