@@ -19,7 +19,12 @@ mkdir -p "$cache/downloads" "$dir"
 
 check() { echo "$tarball_sha256  $tarball" | sha256sum -c --quiet 2>/dev/null; }
 if [ ! -f "$tarball" ] || ! check; then
-    curl -fsSL --retry 3 -o "$tarball.part" "$url"
+    if command -v curl > /dev/null; then
+        curl -fsSL --retry 3 -o "$tarball.part" "$url"
+    else
+        python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+            "$url" "$tarball.part"
+    fi
     mv "$tarball.part" "$tarball"
 fi
 if ! check; then
