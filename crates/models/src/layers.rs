@@ -262,73 +262,71 @@ impl PoolWindow {
     }
 }
 
-/// Max pooling, like Keras's `MaxPooling2D`: `MaxPool2D::new(2)` for 2x2
-/// windows with stride 2 and no padding; set `window.padding` for "same".
-pub struct MaxPool2D {
+/// Which reduction a [`Pool2D`] applies to each window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    /// With "same" padding, padded cells are not counted in the average.
+    Avg,
+}
+
+/// Max or average pooling over windows; build it with [`MaxPool2D::new`]
+/// (Keras's `MaxPooling2D`) or [`AvgPool2D::new`] (`AveragePooling2D`): `size`
+/// x `size` windows, stride `size`, no padding, then `.same()` for
+/// `padding="same"` or set `window` for other strides.
+pub struct Pool2D {
+    pub kind: PoolKind,
     pub window: PoolWindow,
 }
+
+impl Pool2D {
+    /// Keras's `padding="same"`: `ceil(size / stride)` outputs.
+    pub fn same(mut self) -> Self {
+        self.window.padding = Padding::Same;
+        self
+    }
+}
+
+/// Constructor of max pooling layers: `MaxPool2D::new(2)`.
+pub struct MaxPool2D;
 
 impl MaxPool2D {
-    pub fn new(size: usize) -> Self {
-        Self {
+    #[allow(clippy::new_ret_no_self)] // named like the Keras layer it stands for
+    pub fn new(size: usize) -> Pool2D {
+        Pool2D {
+            kind: PoolKind::Max,
             window: PoolWindow::new(size),
         }
     }
-
-    /// Keras's `padding="same"`: `ceil(size / stride)` outputs.
-    pub fn same(mut self) -> Self {
-        self.window.padding = Padding::Same;
-        self
-    }
 }
 
-impl Layer for MaxPool2D {
-    fn kind(&self) -> &'static str {
-        "max_pool2d"
-    }
-
-    fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let w = self.window;
-        Ok(x.max_pool2d_padded(w.kernel, w.stride, w.padding)?)
-    }
-
-    fn params(&self) -> Vec<(&'static str, Tensor)> {
-        Vec::new()
-    }
-
-    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
-        self.window.output_shape(input)
-    }
-}
-
-/// Average pooling, like Keras's `AveragePooling2D`; with "same" padding the
-/// padded cells are not counted in the average.
-pub struct AvgPool2D {
-    pub window: PoolWindow,
-}
+/// Constructor of average pooling layers: `AvgPool2D::new(2)`.
+pub struct AvgPool2D;
 
 impl AvgPool2D {
-    pub fn new(size: usize) -> Self {
-        Self {
+    #[allow(clippy::new_ret_no_self)] // named like the Keras layer it stands for
+    pub fn new(size: usize) -> Pool2D {
+        Pool2D {
+            kind: PoolKind::Avg,
             window: PoolWindow::new(size),
         }
     }
-
-    /// Keras's `padding="same"`: `ceil(size / stride)` outputs.
-    pub fn same(mut self) -> Self {
-        self.window.padding = Padding::Same;
-        self
-    }
 }
 
-impl Layer for AvgPool2D {
+impl Layer for Pool2D {
     fn kind(&self) -> &'static str {
-        "avg_pool2d"
+        match self.kind {
+            PoolKind::Max => "max_pool2d",
+            PoolKind::Avg => "avg_pool2d",
+        }
     }
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
         let w = self.window;
-        Ok(x.avg_pool2d_padded(w.kernel, w.stride, w.padding)?)
+        Ok(match self.kind {
+            PoolKind::Max => x.max_pool2d_padded(w.kernel, w.stride, w.padding)?,
+            PoolKind::Avg => x.avg_pool2d_padded(w.kernel, w.stride, w.padding)?,
+        })
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {

@@ -28,6 +28,6 @@ mod sequential;
 pub use checkpoint::ModelError;
 pub use layers::{
     Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
-    MaxPool2D, Mode, PoolWindow, Reshape,
+    MaxPool2D, Mode, Pool2D, PoolKind, PoolWindow, Reshape,
 };
 pub use sequential::Sequential;

@@ -37,27 +37,25 @@ impl Sequential {
     }
 
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, layer)| {
-                layer
-                    .params()
-                    .into_iter()
-                    .map(move |(name, t)| (format!("{i}.{name}"), t))
-            })
-            .collect()
+        self.named(|layer| layer.params())
     }
 
     /// Non-trainable state (batch-norm running statistics), named like the
     /// parameters: `"{i}.{name}"`.
     pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.named(|layer| layer.buffers())
+    }
+
+    /// What `get` returns for each layer, named `"{i}.{name}"`.
+    fn named(
+        &self,
+        get: impl Fn(&dyn Layer) -> Vec<(&'static str, Tensor)>,
+    ) -> Vec<(String, Tensor)> {
         self.layers
             .iter()
             .enumerate()
             .flat_map(|(i, layer)| {
-                layer
-                    .buffers()
+                get(layer.as_ref())
                     .into_iter()
                     .map(move |(name, t)| (format!("{i}.{name}"), t))
             })
