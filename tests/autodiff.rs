@@ -1042,3 +1042,101 @@ fn pooling_gradients() {
         },
     );
 }
+
+/// LSTM reference over `[b, t, e]` input, Keras gate order (i, f, g, o) and
+/// weight layout; masked steps keep the previous state and repeat its output.
+fn cpu_lstm(x: &[Vec<f64>], mask: &[f32], [b, t, e, h]: [usize; 4]) -> Vec<f64> {
+    let (input, w_ih, w_hh, bias) = (&x[0], &x[1], &x[2], &x[3]);
+    let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+    let mut out = Vec::with_capacity(b * t * h);
+    for bi in 0..b {
+        let (mut hs, mut cs) = (vec![0.0; h], vec![0.0; h]);
+        for ti in 0..t {
+            if mask[bi * t + ti] > 0.5 {
+                let pre: Vec<f64> = (0..4 * h)
+                    .map(|k| {
+                        let from_x: f64 = (0..e)
+                            .map(|i| input[(bi * t + ti) * e + i] * w_ih[i * 4 * h + k])
+                            .sum();
+                        let from_h: f64 = (0..h).map(|j| hs[j] * w_hh[j * 4 * h + k]).sum();
+                        bias[k] + from_x + from_h
+                    })
+                    .collect();
+                for j in 0..h {
+                    let (i, f) = (sigmoid(pre[j]), sigmoid(pre[h + j]));
+                    let (g, o) = (pre[2 * h + j].tanh(), sigmoid(pre[3 * h + j]));
+                    cs[j] = f * cs[j] + i * g;
+                    hs[j] = o * cs[j].tanh();
+                }
+            }
+            out.extend_from_slice(&hs);
+        }
+    }
+    out
+}
+
+#[test]
+fn lstm_gradients_with_masking() {
+    // Odd sizes take the scalar matmul kernels, multiples of 4 the vec4 ones.
+    for (case, [b, t, e, h]) in [[3, 5, 3, 3], [2, 4, 8, 4]].into_iter().enumerate() {
+        // Sample 0 has no padding, sample 1 trailing padding, sample 2 leading
+        // padding and a hole.
+        let masks = [
+            vec![1.0; t],
+            (0..t).map(|i| if i + 2 < t { 1.0 } else { 0.0 }).collect(),
+            (0..t)
+                .map(|i| if i == 0 || i == 2 { 0.0 } else { 1.0 })
+                .collect::<Vec<f32>>(),
+        ];
+        let mask: Vec<f32> = masks.iter().take(b).flatten().copied().collect();
+        let seed = 900 + 10 * case as u64;
+        let inputs = [
+            input(&[b, t, e], seed, -1.0, 1.0),
+            input(&[e, 4 * h], seed + 1, -0.6, 0.6),
+            input(&[h, 4 * h], seed + 2, -0.6, 0.6),
+            input(&[4 * h], seed + 3, -0.5, 0.5),
+        ];
+        let gpu_mask = mask.clone();
+        grad_check(
+            &format!("lstm sequence b{b} t{t} e{e} h{h}"),
+            &inputs,
+            |x| {
+                let m = Tensor::from_slice(x[0].device(), &gpu_mask, &[b, t])?;
+                x[0].lstm(&x[1], &x[2], &x[3], Some(&m))
+            },
+            &|x: &[Vec<f64>]| cpu_lstm(x, &mask, [b, t, e, h]),
+        );
+        // Only the last step's output, as return_sequences=False uses it.
+        let gpu_mask = mask.clone();
+        grad_check(
+            &format!("lstm last step b{b} t{t} e{e} h{h}"),
+            &inputs,
+            |x| {
+                let m = Tensor::from_slice(x[0].device(), &gpu_mask, &[b, t])?;
+                x[0].lstm(&x[1], &x[2], &x[3], Some(&m))?.slice(1, t - 1, t)
+            },
+            &|x: &[Vec<f64>]| {
+                let all = cpu_lstm(x, &mask, [b, t, e, h]);
+                all.chunks(t * h)
+                    .flat_map(|s| s[(t - 1) * h..].to_vec())
+                    .collect()
+            },
+        );
+    }
+}
+
+#[test]
+fn lstm_shape_errors_name_the_expected_shapes() {
+    let d = device();
+    let x = Tensor::zeros(d, &[2, 3, 4]).unwrap();
+    let err = x
+        .lstm(
+            &Tensor::zeros(d, &[4, 8]).unwrap(),
+            &Tensor::zeros(d, &[2, 8]).unwrap(),
+            &Tensor::zeros(d, &[7]).unwrap(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bias [8]") && err.contains("[7]"), "{err}");
+}

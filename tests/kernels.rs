@@ -587,3 +587,38 @@ fn copy_and_zeros() {
         vec![0.0; 33]
     );
 }
+
+#[test]
+fn matmul_entries_into_writes_only_the_chosen_entries() {
+    // A recurrence's layout: entry z of A starts at z * m * k, B is shared.
+    let d = device();
+    for (m, n, k) in [(3, 5, 7), (4, 8, 16)] {
+        let batch = 4;
+        let spec = Matmul {
+            batch_stride_b: 0,
+            ..Matmul::batched(batch, m, n, k)
+        };
+        let a = random_vec(batch * m * k + m * k, 60, -1.0, 1.0);
+        let b = random_vec(k * n, 61, -1.0, 1.0);
+        let (want, scale) = matmul_reference(&a, &b, &spec);
+        let sentinel = vec![-7.5f32; batch * m * n];
+        let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
+        let out = d.upload(&sentinel).unwrap();
+        d.matmul_entries_into(&ga, &gb, &out, &spec, 1..3).unwrap();
+        let got = d.read::<f32>(&out).unwrap();
+        let entry = m * n;
+        assert!(got[..entry].iter().all(|&v| v == -7.5), "entry 0 touched");
+        assert!(
+            got[3 * entry..].iter().all(|&v| v == -7.5),
+            "entry 3 touched"
+        );
+        assert_close_scaled(
+            &format!("entries 1..3 of {m}x{n}x{k}"),
+            &got[entry..3 * entry],
+            &want[entry..3 * entry],
+            &scale[entry..3 * entry],
+            1e-4,
+        );
+        assert!(d.matmul_entries_into(&ga, &gb, &out, &spec, 3..5).is_err());
+    }
+}

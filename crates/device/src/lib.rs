@@ -44,6 +44,7 @@ pub use info::DeviceReport;
 pub use kernel::{Kernel, Specialize};
 pub use kernels::conv::ConvGeometry;
 pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
+pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
 pub use kernels::matmul::Matmul;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use pool::{bucket_size, PoolStats};

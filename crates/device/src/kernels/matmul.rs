@@ -109,18 +109,70 @@ impl Device {
         spec: &Matmul,
         tiling: MatmulTiling,
     ) -> Result<GpuBuffer> {
+        let tiling = self.prepare_matmul(a, b, spec, tiling)?;
+        let Matmul { batch, m, n, k, .. } = *spec;
+        if k == 0 {
+            // An empty sum: C is all zeros.
+            return self.zeros(batch * m * n, DType::F32);
+        }
+        if let Some(splits) = split_k(spec) {
+            return self.matmul_split_k(a, b, spec, tiling, splits);
+        }
+        let out = self.empty(batch * m * n, DType::F32)?;
+        if !out.is_empty() {
+            self.dispatch_matmul(a, b, &out, spec, tiling, 0..batch)?;
+        }
+        Ok(out)
+    }
+
+    /// Computes only the batch entries `entries` of `op(A) * op(B)`, into `out`,
+    /// which holds the whole `batch x m x n` result; other entries keep their
+    /// values. Recurrences use it: entry `t` reads what step `t - 1` wrote into
+    /// the same buffers, so the sequence lives in one allocation.
+    pub fn matmul_entries_into(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        out: &GpuBuffer,
+        spec: &Matmul,
+        entries: std::ops::Range<usize>,
+    ) -> Result<()> {
+        const OP: &str = "matmul_entries_into";
+        let tiling = self.prepare_matmul(a, b, spec, self.tuning().matmul)?;
+        expect_f32(OP, "C", out)?;
+        expect_len(OP, "C", out, spec.batch * spec.m * spec.n)?;
+        if entries.end > spec.batch || spec.k == 0 {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!(
+                    "entries {entries:?} of a batch of {} with k = {}",
+                    spec.batch, spec.k
+                ),
+            });
+        }
+        self.dispatch_matmul(a, b, out, spec, tiling, entries)
+    }
+
+    /// Checks the operands against `spec` and adapts `tiling` to its shape.
+    fn prepare_matmul(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+    ) -> Result<MatmulTiling> {
         const OP: &str = "matmul";
         expect_f32(OP, "A", a)?;
         expect_f32(OP, "B", b)?;
-        let Matmul { batch, m, n, k, .. } = *spec;
+        let Matmul { batch, m, k, .. } = *spec;
         if batch > 0 {
             expect_len(OP, "A", a, (batch - 1) * spec.batch_stride_a + m * k)?;
-            expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * n)?;
+            expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * spec.n)?;
         }
         tiling
             .validate(self.limits(), self.features(), self.adapter_info())
             .map_err(|message| DeviceError::Shape { op: OP, message })?;
-        let tiling = match tiling {
+        Ok(match tiling {
             MatmulTiling::Subgroup { tm, .. } if !vec4_fits(spec, tm, 4) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
@@ -134,18 +186,21 @@ impl Device {
                 }
             }
             t => t,
-        };
-        if k == 0 {
-            // An empty sum: C is all zeros.
-            return self.zeros(batch * m * n, DType::F32);
-        }
-        if let Some(splits) = split_k(spec) {
-            return self.matmul_split_k(a, b, spec, tiling, splits);
-        }
-        let out = self.empty(batch * m * n, DType::F32)?;
-        if out.is_empty() {
-            return Ok(out);
-        }
+        })
+    }
+
+    /// Dispatches the kernel for batch entries `entries`, writing into `out`.
+    fn dispatch_matmul(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        out: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+        entries: std::ops::Range<usize>,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let Matmul { m, n, k, .. } = *spec;
         let vec4 = vec4_loads_fit(spec, tiling);
         let kernel = self.kernel(
             &format!("{tiling}:{}{}:{vec4}", spec.trans_a, spec.trans_b),
@@ -166,19 +221,19 @@ impl Device {
         };
         // Batches beyond the per-dimension workgroup limit go in several dispatches.
         let max_z = self.limits().max_compute_workgroups_per_dimension as usize;
-        let mut z0 = 0;
-        while z0 < batch {
-            let count = (batch - z0).min(max_z);
+        let mut z0 = entries.start;
+        while z0 < entries.end {
+            let count = (entries.end - z0).min(max_z);
             params.z0 = to_u32(OP, "batch", z0)?;
             self.dispatch(
                 &kernel,
                 bytemuck::bytes_of(&params),
-                &[a, b, &out],
+                &[a, b, out],
                 [groups_x, groups_y, count as u32],
             )?;
             z0 += count;
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod cast;
 pub mod conv;
 pub mod elementwise;
+pub mod lstm;
 pub mod matmul;
 pub mod reduce;
 pub mod softmax;

@@ -5,6 +5,7 @@ pub(crate) mod arith;
 mod conv;
 pub use conv::{Conv2d, Padding};
 mod embedding;
+mod lstm;
 mod matmul;
 mod norm;
 pub use norm::BatchNormOutput;
