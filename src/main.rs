@@ -2,12 +2,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln::data::{fashion_mnist, mnist, Dataset};
+use kiln::data::text::TextVectorizer;
+use kiln::data::{fashion_mnist, imdb, mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 use kiln::graph::optim::Adam;
 use kiln::train::{EarlyStopping, FitOptions, Loss, Trainer};
 use kiln::zoo::Architecture;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,8 @@ struct Cli {
 enum DatasetName {
     Mnist,
     FashionMnist,
+    /// IMDB movie reviews (sentiment, 2 classes), for the lstm model.
+    Imdb,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +81,14 @@ enum Command {
         limit_test: Option<usize>,
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Classify texts with a trained text model (e.g. `kiln train lstm --dataset imdb`).
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The texts to classify.
+        #[arg(required = true)]
+        texts: Vec<String>,
     },
     /// Evaluate a checkpoint on a test set.
     Eval {
@@ -146,6 +157,7 @@ fn main() -> std::process::ExitCode {
             dataset,
             limit_test,
         } => eval(&checkpoint, dataset, limit_test),
+        Command::Predict { checkpoint, texts } => predict(&checkpoint, &texts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -177,17 +189,53 @@ fn info(all: bool) -> Result<()> {
     Ok(())
 }
 
-fn load(dataset: DatasetName) -> Result<(Dataset, Dataset)> {
+/// Train and test sets. Text datasets are encoded with `vectorizer`, or with
+/// one fitted on the training texts (returned, to be saved with the model).
+fn load(
+    dataset: DatasetName,
+    vectorizer: Option<TextVectorizer>,
+) -> Result<(Dataset, Dataset, Option<TextVectorizer>)> {
     match dataset {
         DatasetName::Mnist => {
             let m = mnist::load()?;
-            Ok((m.train, m.test))
+            Ok((m.train, m.test, None))
         }
         DatasetName::FashionMnist => {
             let m = fashion_mnist::load()?;
-            Ok((m.train, m.test))
+            Ok((m.train, m.test, None))
+        }
+        DatasetName::Imdb => {
+            let reviews = imdb::load()?;
+            let vectorizer = vectorizer.unwrap_or_else(|| {
+                TextVectorizer::fit(
+                    reviews.train.iter().map(|r| r.text.as_str()),
+                    kiln::zoo::TEXT_VOCAB,
+                    kiln::zoo::TEXT_LENGTH,
+                )
+            });
+            let train = imdb::to_dataset(&reviews.train, &vectorizer)?;
+            let test = imdb::to_dataset(&reviews.test, &vectorizer)?;
+            Ok((train, test, Some(vectorizer)))
         }
     }
+}
+
+/// Refuses model/dataset pairs that cannot work (pixels into a text model).
+fn check_pair(model: Architecture, dataset: DatasetName) -> Result<()> {
+    let text = matches!(dataset, DatasetName::Imdb);
+    if model.reads_text() != text {
+        bail!(
+            "the {} model reads {}; use {}",
+            model.name(),
+            if model.reads_text() { "text" } else { "images" },
+            if model.reads_text() {
+                "--dataset imdb"
+            } else {
+                "--dataset mnist or fashion-mnist"
+            }
+        );
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -201,7 +249,8 @@ fn train(
     limit_train: Option<usize>,
     limit_test: Option<usize>,
 ) -> Result<()> {
-    let (mut train, mut test) = load(dataset)?;
+    check_pair(model, dataset)?;
+    let (mut train, mut test, vectorizer) = load(dataset, None)?;
     if let Some(n) = limit_train {
         train = train.take(n);
     }
@@ -215,6 +264,9 @@ fn train(
     let mut trainer = Trainer::new(network, optimizer, &device);
     trainer.loss = loss;
     trainer.metadata.insert("model".into(), model.name().into());
+    if let Some(v) = &vectorizer {
+        trainer.metadata.insert("vectorizer".into(), v.to_json());
+    }
     let checkpoint = options.checkpoint.clone().expect("set by the CLI");
     if resume {
         trainer
@@ -240,7 +292,7 @@ fn train(
     let (test_loss, test_accuracy) = trainer.evaluate(&test, 250)?;
     let trained: usize = history.epochs.len() * train.len();
     println!(
-        "test loss {test_loss:.4}, test accuracy {:.2}% on {} images",
+        "test loss {test_loss:.4}, test accuracy {:.2}% on {} samples",
         100.0 * test_accuracy,
         test.len()
     );
@@ -254,7 +306,15 @@ fn train(
     Ok(())
 }
 
-fn eval(path: &PathBuf, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+/// A trained model rebuilt from a checkpoint, with its text vectorizer if it
+/// reads text.
+struct Trained {
+    model: Architecture,
+    vectorizer: Option<TextVectorizer>,
+    trainer: Trainer<Adam>,
+}
+
+fn open_trained(path: &Path) -> Result<Trained> {
     let file = kiln::models::checkpoint::Checkpoint::open(path)?;
     let metadata = file.metadata();
     let Some(model) = metadata
@@ -266,21 +326,62 @@ fn eval(path: &PathBuf, dataset: DatasetName, limit_test: Option<usize>) -> Resu
             path.display()
         );
     };
-    let (_, mut test) = load(dataset)?;
-    if let Some(n) = limit_test {
-        test = test.take(n);
-    }
+    let vectorizer = match metadata.get("vectorizer") {
+        Some(json) => Some(TextVectorizer::from_json(json)?),
+        None if model.reads_text() => bail!(
+            "{} holds a text model but no vectorizer: retrain it with `kiln train`",
+            path.display()
+        ),
+        None => None,
+    };
     let device = Device::new()?;
     let network = model.build(&device, 0)?;
     network.load_weights(path)?;
-    let optimizer = Adam::new(Vec::new(), 0.0);
-    let trainer = Trainer::new(network, optimizer, &device);
-    let (loss, accuracy) = trainer.evaluate(&test, 250)?;
+    let trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
+    Ok(Trained {
+        model,
+        vectorizer,
+        trainer,
+    })
+}
+
+fn eval(path: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+    let trained = open_trained(path)?;
+    check_pair(trained.model, dataset)?;
+    let (_, mut test, _) = load(dataset, trained.vectorizer)?;
+    if let Some(n) = limit_test {
+        test = test.take(n);
+    }
+    let (loss, accuracy) = trained.trainer.evaluate(&test, 250)?;
     println!(
-        "{}: test loss {loss:.4}, test accuracy {:.2}% on {} images",
+        "{}: test loss {loss:.4}, test accuracy {:.2}% on {} samples",
         path.display(),
         100.0 * accuracy,
         test.len()
     );
+    Ok(())
+}
+
+fn predict(path: &Path, texts: &[String]) -> Result<()> {
+    let trained = open_trained(path)?;
+    let Some(vectorizer) = trained.vectorizer else {
+        bail!(
+            "{} holds the {} model, which reads images, not text",
+            path.display(),
+            trained.model.name()
+        );
+    };
+    let ids: Vec<f32> = vectorizer
+        .encode_all(texts.iter().map(String::as_str))
+        .into_iter()
+        .map(|id| id as f32)
+        .collect();
+    let probabilities = trained.trainer.predict(&ids, vectorizer.sequence_length)?;
+    let classes = probabilities.len() / texts.len();
+    for (text, p) in texts.iter().zip(probabilities.chunks(classes)) {
+        // IMDB's labels: 0 negative, 1 positive.
+        let label = if p[1] >= p[0] { "positive" } else { "negative" };
+        println!("{label} ({:.3})  {text}", p[1]);
+    }
     Ok(())
 }

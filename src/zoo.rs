@@ -2,7 +2,9 @@
 
 use kiln_graph::Conv2d;
 use kiln_graph::Device;
-use kiln_models::{Activation, Conv2D, Dense, Flatten, MaxPool2D, ModelError, Reshape, Sequential};
+use kiln_models::{
+    Activation, Conv2D, Dense, Embedding, Flatten, Lstm, MaxPool2D, ModelError, Reshape, Sequential,
+};
 
 /// Architectures the CLI can build and rebuild from a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -12,13 +14,22 @@ pub enum Architecture {
     /// Conv(32, 3x3, relu) -> MaxPool 2 -> Conv(64, 3x3, relu) -> MaxPool 2 ->
     /// Conv(64, 3x3, relu) -> Flatten -> Dense(64, relu) -> Dense(10), on 28x28x1.
     Cnn,
+    /// Embedding(10000, 32, padding masked) -> LSTM(64) -> Dense(64, relu) ->
+    /// Dense(2), on 200 token ids (the Keras IMDB sentiment classifier).
+    Lstm,
 }
+
+/// Vocabulary of the reference text models (padding and unknown included).
+pub const TEXT_VOCAB: usize = 10_000;
+/// Tokens per review the reference text models read.
+pub const TEXT_LENGTH: usize = 200;
 
 impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Mlp => "mlp",
             Architecture::Cnn => "cnn",
+            Architecture::Lstm => "lstm",
         }
     }
 
@@ -26,6 +37,7 @@ impl Architecture {
         match name {
             "mlp" => Some(Architecture::Mlp),
             "cnn" => Some(Architecture::Cnn),
+            "lstm" => Some(Architecture::Lstm),
             _ => None,
         }
     }
@@ -36,7 +48,13 @@ impl Architecture {
         match self {
             Architecture::Mlp => mlp(device, 784, 10, seed),
             Architecture::Cnn => cnn(device, 10, seed),
+            Architecture::Lstm => lstm_classifier(device, TEXT_VOCAB, 32, 64, 2, seed),
         }
+    }
+
+    /// Whether the model reads token ids (text) rather than pixels.
+    pub fn reads_text(self) -> bool {
+        self == Architecture::Lstm
     }
 }
 
@@ -125,4 +143,21 @@ pub fn tiny_cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential
             Activation::None,
             seed + 1,
         )?))
+}
+
+/// The Keras IMDB classifier: `Embedding(vocab, dim)` with id 0 masked as
+/// padding -> `LSTM(units)` -> `Dense(64, relu)` -> `Dense(classes)`.
+pub fn lstm_classifier(
+    device: &Device,
+    vocab: usize,
+    dim: usize,
+    units: usize,
+    classes: usize,
+    seed: u64,
+) -> Result<Sequential, ModelError> {
+    Ok(Sequential::new()
+        .push(Embedding::new(device, vocab, dim, seed)?.mask_zero())
+        .push(Lstm::new(device, dim, units, seed + 1)?)
+        .push(Dense::new(device, units, 64, Activation::Relu, seed + 3)?)
+        .push(Dense::new(device, 64, classes, Activation::None, seed + 4)?))
 }

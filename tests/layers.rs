@@ -8,8 +8,8 @@ use common::{assert_close, device, random_vec};
 use kiln::graph::optim::{Adam, Optimizer};
 use kiln::graph::{loss, Conv2d, Tensor};
 use kiln::models::{
-    Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Flatten, GlobalAvgPool2D, Layer, MaxPool2D,
-    Mode, Sequential,
+    Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Embedding, Flatten, GlobalAvgPool2D, Layer,
+    Lstm, MaxPool2D, Mode, Sequential,
 };
 
 /// Per-channel mean and unbiased variance of `[n, c, rest]` data.
@@ -211,4 +211,69 @@ fn a_cnn_with_batch_norm_learns_and_evaluates_with_running_statistics() {
         .filter(|(l, &t)| u32::from(l[1] > l[0]) == t)
         .count();
     assert!(correct >= 196, "{correct}/200 held-out images right");
+}
+
+#[test]
+fn padding_never_changes_what_stacked_lstms_return() {
+    // Embedding(mask_zero) -> LSTM(return_sequences) -> LSTM: the mask reaches
+    // both LSTMs, so trailing padding leaves the final state as it was.
+    let d = device();
+    let model = Sequential::new()
+        .push(Embedding::new(d, 20, 6, 1).unwrap().mask_zero())
+        .push(Lstm::new(d, 6, 5, 2).unwrap().return_sequences())
+        .push(Lstm::new(d, 5, 4, 3).unwrap());
+    assert_eq!(
+        model
+            .summary(&[7])
+            .lines()
+            .nth(2)
+            .unwrap()
+            .split_whitespace()
+            .nth(2),
+        Some("[7,")
+    );
+    let run = |ids: &[f32], steps: usize| {
+        let x = Tensor::from_slice(d, ids, &[ids.len() / steps, steps]).unwrap();
+        model
+            .forward(&x, &mut Mode::eval())
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    let short = run(&[5.0, 7.0, 3.0, 11.0, 2.0, 9.0], 3);
+    let padded = run(&[5.0, 7.0, 3.0, 0.0, 0.0, 11.0, 2.0, 9.0, 0.0, 0.0], 5);
+    assert_eq!(short.len(), 2 * 4);
+    assert_close(
+        "padded vs short",
+        &padded,
+        &short.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+        1e-5,
+        1e-6,
+    );
+    // Without the mask the padding would change the state.
+    let unmasked = Sequential::new()
+        .push(Embedding::new(d, 20, 6, 1).unwrap())
+        .push(Lstm::new(d, 6, 5, 2).unwrap().return_sequences())
+        .push(Lstm::new(d, 5, 4, 3).unwrap());
+    let x = Tensor::from_slice(d, &[5.0, 7.0, 3.0, 0.0, 0.0], &[1, 5]).unwrap();
+    let y = unmasked
+        .forward(&x, &mut Mode::eval())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert!(y.iter().zip(&short[..4]).any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
+#[test]
+fn embedding_rejects_inputs_that_are_not_ids() {
+    let d = device();
+    let e = Embedding::new(d, 10, 3, 1).unwrap();
+    for bad in [10.0f32, -1.0, 2.5] {
+        let x = Tensor::from_slice(d, &[1.0, bad], &[1, 2]).unwrap();
+        let err = e.forward(&x, &mut Mode::eval()).unwrap_err().to_string();
+        assert!(
+            err.contains("not an id below the vocabulary size 10"),
+            "{err}"
+        );
+    }
 }

@@ -5,7 +5,8 @@
 //! `<br />` markup and splits 25,000 / 25,000 after a seeded shuffle.
 
 use super::mnist::sha256_hex;
-use super::{cache_dir, shuffled_indices, DataError};
+use super::text::TextVectorizer;
+use super::{cache_dir, shuffled_indices, DataError, Dataset};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -94,4 +95,16 @@ pub fn load_from(path: &Path) -> Result<Imdb, DataError> {
         train: shuffled,
         test,
     })
+}
+
+/// Encodes reviews with `vectorizer` into a dataset of token ids (as f32
+/// features, `sequence_length` per review) and labels, 2 classes.
+pub fn to_dataset(reviews: &[Review], vectorizer: &TextVectorizer) -> Result<Dataset, DataError> {
+    let x = vectorizer
+        .encode_all(reviews.iter().map(|r| r.text.as_str()))
+        .into_iter()
+        .map(|id| id as f32)
+        .collect();
+    let y = reviews.iter().map(|r| r.label).collect();
+    Dataset::new(vectorizer.sequence_length, x, y, 2)
 }

@@ -21,6 +21,9 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Input a layer cannot take, with what it expected.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ModelError {

@@ -4,11 +4,15 @@ use crate::checkpoint::ModelError;
 use kiln_graph::{Conv2d, Device, Padding, Tensor};
 
 /// Whether a forward pass trains (dropout active) and the seed of its random
-/// streams. Layers that draw random numbers advance `seed`.
-#[derive(Clone, Copy, Debug)]
+/// streams; layers that draw random numbers advance `seed`. `mask` carries a
+/// `[batch, steps]` padding mask (1 real, 0 padding) from the layer that knows
+/// it (an `Embedding` with `mask_zero`) to the sequence layers after it, as
+/// Keras propagates masks.
+#[derive(Clone, Debug)]
 pub struct Mode {
     pub training: bool,
     pub seed: u32,
+    pub mask: Option<Tensor>,
 }
 
 impl Mode {
@@ -16,6 +20,7 @@ impl Mode {
         Self {
             training: true,
             seed,
+            mask: None,
         }
     }
 
@@ -23,6 +28,7 @@ impl Mode {
         Self {
             training: false,
             seed: 0,
+            mask: None,
         }
     }
 }

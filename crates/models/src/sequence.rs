@@ -1,0 +1,200 @@
+//! Layers over token sequences: [`Embedding`] (ids to vectors, optionally
+//! masking padding) and [`Lstm`].
+
+use crate::checkpoint::ModelError;
+use crate::layers::{Layer, Mode};
+use kiln_graph::{Device, SplitMix64, Tensor};
+
+/// Maps integer ids (given as f32 values, the way datasets hold features) to
+/// rows of a `[vocab, dim]` table, like Keras's `Embedding` (uniform
+/// initialisation in [-0.05, 0.05]). With `mask_zero`, id 0 is padding: the
+/// layer puts a `[batch, steps]` mask in [`Mode::mask`] for the layers after it.
+///
+/// The ids are read back to the host, where the backward pass groups repeated
+/// ids (a scatter-add without atomics); that read is one sync point per batch.
+pub struct Embedding {
+    pub table: Tensor,
+    pub mask_zero: bool,
+}
+
+impl Embedding {
+    pub fn new(device: &Device, vocab: usize, dim: usize, seed: u64) -> Result<Self, ModelError> {
+        Ok(Self {
+            table: Tensor::uniform(device, &[vocab, dim], -0.05, 0.05, seed)?.requires_grad(true),
+            mask_zero: false,
+        })
+    }
+
+    /// Treat id 0 as padding and mask it for later layers.
+    pub fn mask_zero(mut self) -> Self {
+        self.mask_zero = true;
+        self
+    }
+}
+
+impl Layer for Embedding {
+    fn kind(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let values = x.to_vec()?;
+        let vocab = self.table.shape()[0];
+        let mut ids = Vec::with_capacity(values.len());
+        for &v in &values {
+            if v < 0.0 || v.fract() != 0.0 || v as usize >= vocab {
+                return Err(ModelError::Invalid(format!(
+                    "embedding: input {v} is not an id below the vocabulary size {vocab}"
+                )));
+            }
+            ids.push(v as u32);
+        }
+        if self.mask_zero {
+            let mask: Vec<f32> = ids.iter().map(|&id| f32::from(id != 0)).collect();
+            mode.mask = Some(Tensor::from_slice(x.device(), &mask, x.shape())?);
+        }
+        Ok(self.table.embedding(&ids, x.shape())?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("table", self.table.clone())]
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        let mut out = input.to_vec();
+        out.push(self.table.shape()[1]);
+        out
+    }
+}
+
+/// A long short-term memory layer over `[batch, steps, features]`, like
+/// Keras's `LSTM`: Glorot-uniform input weights, orthogonal recurrent weights,
+/// zero bias except 1 for the forget gate. Returns the last step's state
+/// `[batch, units]`, or every step's with `return_sequences`. Honours the
+/// padding mask in [`Mode::mask`] (masked steps keep the state).
+pub struct Lstm {
+    /// `[features, 4 * units]`, gates in the order input, forget, cell, output.
+    pub w_ih: Tensor,
+    /// `[units, 4 * units]`.
+    pub w_hh: Tensor,
+    /// `[4 * units]`.
+    pub bias: Tensor,
+    pub return_sequences: bool,
+}
+
+impl Lstm {
+    pub fn new(
+        device: &Device,
+        features: usize,
+        units: usize,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let limit = (6.0 / (features + 4 * units) as f32).sqrt();
+        let mut bias = vec![0.0f32; 4 * units];
+        bias[units..2 * units].fill(1.0);
+        Ok(Self {
+            w_ih: Tensor::uniform(device, &[features, 4 * units], -limit, limit, seed)?
+                .requires_grad(true),
+            w_hh: Tensor::from_slice(
+                device,
+                &orthogonal_rows(units, 4 * units, seed + 1),
+                &[units, 4 * units],
+            )?
+            .requires_grad(true),
+            bias: Tensor::from_slice(device, &bias, &[4 * units])?.requires_grad(true),
+            return_sequences: false,
+        })
+    }
+
+    /// Return every step's state (`[batch, steps, units]`), e.g. to stack LSTMs.
+    pub fn return_sequences(mut self) -> Self {
+        self.return_sequences = true;
+        self
+    }
+
+    fn units(&self) -> usize {
+        self.w_hh.shape()[0]
+    }
+}
+
+impl Layer for Lstm {
+    fn kind(&self) -> &'static str {
+        "lstm"
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let mask = mode.mask.as_ref().filter(|m| m.shape() == &x.shape()[..2]);
+        let states = x.lstm(&self.w_ih, &self.w_hh, &self.bias, mask)?;
+        if self.return_sequences {
+            return Ok(states);
+        }
+        // The sequence axis is gone, and its mask with it.
+        mode.mask = None;
+        let &[batch, steps, units] = states.shape() else {
+            unreachable!("lstm returns [batch, steps, units]")
+        };
+        Ok(states
+            .slice(1, steps - 1, steps)?
+            .reshape(&[batch, units])?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("w_ih", self.w_ih.clone()),
+            ("w_hh", self.w_hh.clone()),
+            ("bias", self.bias.clone()),
+        ]
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        match (self.return_sequences, input) {
+            (true, [steps, _]) => vec![*steps, self.units()],
+            _ => vec![self.units()],
+        }
+    }
+}
+
+/// `rows x cols` (rows <= cols) with orthonormal rows, from Gram-Schmidt on a
+/// seeded Gaussian matrix: Keras's orthogonal initialiser for recurrent weights.
+fn orthogonal_rows(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    let mut gaussian = || {
+        // Box-Muller from two uniforms in (0, 1].
+        let u1 = 1.0 - f64::from(rng.unit_f32());
+        let u2 = f64::from(rng.unit_f32());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    let mut m: Vec<Vec<f64>> = (0..rows)
+        .map(|_| (0..cols).map(|_| gaussian()).collect())
+        .collect();
+    for i in 0..rows {
+        for j in 0..i {
+            let dot: f64 = m[i].iter().zip(&m[j]).map(|(a, b)| a * b).sum();
+            let (head, tail) = m.split_at_mut(i);
+            for (a, b) in tail[0].iter_mut().zip(&head[j]) {
+                *a -= dot * b;
+            }
+        }
+        let norm = m[i].iter().map(|a| a * a).sum::<f64>().sqrt();
+        m[i].iter_mut().for_each(|a| *a /= norm);
+    }
+    m.into_iter().flatten().map(|v| v as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orthogonal_rows_are_orthonormal() {
+        let (rows, cols) = (6, 24);
+        let m = orthogonal_rows(rows, cols, 3);
+        for i in 0..rows {
+            for j in 0..rows {
+                let dot: f32 = (0..cols).map(|k| m[i * cols + k] * m[j * cols + k]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-5, "row {i} . row {j} = {dot}");
+            }
+        }
+    }
+}
