@@ -7,7 +7,7 @@
 //! KILN_PROFILE=1 cargo bench --bench conv   # also: time per kernel in one step
 //! ```
 
-mod reference;
+mod support;
 
 use kiln::graph::optim::{Adam, Optimizer};
 use kiln::graph::{loss, Conv2d, Tensor};
@@ -164,32 +164,10 @@ fn model_samples_per_second(device: &Device) -> anyhow::Result<f64> {
     if std::env::var_os("KILN_PROFILE").is_some() {
         device.set_profiling(true)?;
         step()?;
-        print_profile(&device.profile());
+        support::print_profile(&device.profile(), 25);
         device.set_profiling(false)?;
     }
     Ok(rate)
-}
-
-/// The kernels of one training step by time, each dispatch waited for alone.
-fn print_profile(times: &[kiln::device::KernelTime]) {
-    let total: f64 = times.iter().map(|t| t.seconds).sum();
-    println!();
-    println!(
-        "one training step by kernel ({:.1} ms in all, each dispatch alone):",
-        total * 1e3
-    );
-    println!("{:>8} {:>6} {:>5}  kernel [workgroups]", "ms", "%", "calls");
-    for t in times.iter().take(25) {
-        let mut name = t.kernel.clone();
-        name.truncate(90);
-        println!(
-            "{:>8.2} {:>6.1} {:>5}  {name} {:?}",
-            t.seconds * 1e3,
-            100.0 * t.seconds / total,
-            t.calls,
-            t.workgroups
-        );
-    }
 }
 
 /// PyTorch's seconds per forward + backward for each case, then its training
@@ -227,7 +205,7 @@ start = time.perf_counter()
 for _ in range(100): step()
 print(100 * 32 / (time.perf_counter() - start))
 "#;
-    let values = reference::numbers(reference::run_python("torch", script, &[])?)?;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
     if values.len() != 4 {
         return Err(format!("expected 4 numbers from PyTorch, got {values:?}"));
     }

@@ -6,7 +6,7 @@
 //! KILN_BENCH_SWEEP=1 cargo bench --bench kernels   # also try other tilings
 //! ```
 
-mod reference;
+mod support;
 
 use kiln::device::{Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
 use std::time::{Duration, Instant};
@@ -170,5 +170,5 @@ for n in map(int, sys.argv[1:]):
     print(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
 "#;
     let args: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
-    reference::numbers(reference::run_python("numpy", script, &args)?)
+    support::numbers(support::run_python("numpy", script, &args)?)
 }

@@ -6,7 +6,7 @@
 //! cargo bench --bench mlp
 //! ```
 
-mod reference;
+mod support;
 
 use kiln::graph::optim::{Adam, Optimizer};
 use kiln::graph::{loss, Tensor};
@@ -97,7 +97,7 @@ start = time.perf_counter()
 for _ in range(400): step()
 print(400 * 32 / (time.perf_counter() - start))
 "#;
-    let values = reference::numbers(reference::run_python("torch", script, &[])?)?;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
     values
         .first()
         .copied()

@@ -8,8 +8,8 @@ use common::{assert_close, device, random_vec};
 use kiln::graph::optim::{Adam, Optimizer};
 use kiln::graph::{loss, Conv2d, Tensor};
 use kiln::models::{
-    Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Embedding, Flatten, GlobalAvgPool2D, Layer,
-    Lstm, MaxPool2D, Mode, Sequential,
+    Activation, AttentionPooling, AvgPool2D, BatchNorm2D, Conv2D, Dense, Embedding, Flatten,
+    GlobalAvgPool2D, Layer, Lstm, MaxPool2D, Mode, Sequential,
 };
 
 /// Per-channel mean and unbiased variance of `[n, c, rest]` data.
@@ -276,4 +276,48 @@ fn embedding_rejects_inputs_that_are_not_ids() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn attention_pooling_weighs_the_real_steps_by_softmax_of_their_scores() {
+    let d = device();
+    let (b, t, f) = (2, 4, 3);
+    let pool = AttentionPooling::new(d, f, 7).unwrap();
+    let query = pool.query.to_vec().unwrap();
+    let data = random_vec(b * t * f, 870, -1.0, 1.0);
+    let mask = [1.0f32, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0];
+    let x = Tensor::from_slice(d, &data, &[b, t, f]).unwrap();
+    let mut mode = Mode::eval();
+    mode.mask = Some(Tensor::from_slice(d, &mask, &[b, t]).unwrap());
+    let got = pool.forward(&x, &mut mode).unwrap().to_vec().unwrap();
+    assert!(
+        mode.mask.is_none(),
+        "the pooled output has no steps to mask"
+    );
+    let mut want = Vec::new();
+    for bi in 0..b {
+        let step = |ti: usize| &data[(bi * t + ti) * f..(bi * t + ti + 1) * f];
+        let real: Vec<usize> = (0..t).filter(|&ti| mask[bi * t + ti] > 0.5).collect();
+        let scores: Vec<f64> = real
+            .iter()
+            .map(|&ti| {
+                step(ti)
+                    .iter()
+                    .zip(&query)
+                    .map(|(a, q)| f64::from(a * q))
+                    .sum()
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+        let norm: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+        for j in 0..f {
+            want.push(
+                real.iter()
+                    .zip(&scores)
+                    .map(|(&ti, s)| (s - max).exp() / norm * f64::from(step(ti)[j]))
+                    .sum(),
+            );
+        }
+    }
+    assert_close("attention pooling", &got, &want, 1e-5, 1e-6);
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`layers`]: [`Dense`], [`Conv2D`], [`MaxPool2D`], [`AvgPool2D`],
 //!   [`GlobalAvgPool2D`], [`BatchNorm2D`], [`Flatten`], [`Reshape`], [`Dropout`]
-//!   and the [`Layer`] trait; [`Embedding`] and [`Lstm`] for token sequences.
+//!   and the [`Layer`] trait; [`Embedding`], [`Lstm`] and [`AttentionPooling`] for
+//!   token sequences.
 //! - [`Sequential`]: a stack of layers, Keras style, with named parameters
 //!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
 //! - [`checkpoint`]: safetensors files written atomically (temporary file, then
@@ -31,5 +32,5 @@ pub use layers::{
     Activation, AvgPool2D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
     MaxPool2D, Mode, Pool2D, PoolKind, PoolWindow, Reshape,
 };
-pub use sequence::{Embedding, Lstm};
+pub use sequence::{AttentionPooling, Embedding, Lstm};
 pub use sequential::Sequential;

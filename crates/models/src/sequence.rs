@@ -1,5 +1,5 @@
 //! Layers over token sequences: [`Embedding`] (ids to vectors, optionally
-//! masking padding) and [`Lstm`].
+//! masking padding), [`Lstm`] and [`AttentionPooling`].
 
 use crate::checkpoint::ModelError;
 use crate::layers::{Layer, Mode};
@@ -151,6 +151,58 @@ impl Layer for Lstm {
             (true, [steps, _]) => vec![*steps, self.units()],
             _ => vec![self.units()],
         }
+    }
+}
+
+/// Pools a sequence `[batch, steps, features]` into `[batch, features]` with
+/// attention: a learned query vector scores every step by dot product, a
+/// softmax over the real (unmasked) steps turns the scores into weights, and
+/// the output is the weighted sum of the steps. Put it after an
+/// `Lstm::return_sequences()` in place of keeping only the last state.
+pub struct AttentionPooling {
+    /// `[features, 1]`.
+    pub query: Tensor,
+}
+
+impl AttentionPooling {
+    pub fn new(device: &Device, features: usize, seed: u64) -> Result<Self, ModelError> {
+        let limit = (6.0 / (features + 1) as f32).sqrt();
+        Ok(Self {
+            query: Tensor::uniform(device, &[features, 1], -limit, limit, seed)?
+                .requires_grad(true),
+        })
+    }
+}
+
+impl Layer for AttentionPooling {
+    fn kind(&self) -> &'static str {
+        "attention_pool"
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let &[batch, steps, features] = x.shape() else {
+            return Err(ModelError::Invalid(format!(
+                "attention pooling: input must be [batch, steps, features], got {:?}",
+                x.shape()
+            )));
+        };
+        let mut scores = x.matmul(&self.query)?.reshape(&[batch, steps])?;
+        if let Some(mask) = mode.mask.take().filter(|m| m.shape() == [batch, steps]) {
+            // Padded steps get a score of -1e9: a weight of exactly 0 after the
+            // softmax (exp underflows), so they add nothing.
+            let penalty = kiln_graph::no_grad(|| mask.add_scalar(-1.0)?.mul_scalar(1e9))?;
+            scores = scores.add(&penalty)?;
+        }
+        let weights = scores.softmax()?.reshape(&[batch, 1, steps])?;
+        Ok(weights.matmul(x)?.reshape(&[batch, features])?)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("query", self.query.clone())]
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        input.last().map(|&f| vec![f]).unwrap_or_default()
     }
 }
 

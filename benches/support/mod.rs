@@ -1,5 +1,6 @@
-//! Reference measurements by Python (numpy, PyTorch) in the same run as ours,
-//! so ratios compare like with like on this machine at this moment.
+//! Shared by the benches: reference measurements by Python (numpy, PyTorch) in
+//! the same run as ours, so ratios compare like with like on this machine at
+//! this moment, and the per-kernel profile table.
 #![allow(dead_code)] // each bench uses a different subset
 
 use std::process::Command;
@@ -70,4 +71,26 @@ pub fn numbers(lines: Vec<String>) -> Result<Vec<f64>, String> {
                 .map_err(|e| format!("unreadable output {l:?}: {e}"))
         })
         .collect()
+}
+
+/// Prints where one step's time went, by kernel (from `Device::profile`).
+pub fn print_profile(times: &[kiln::device::KernelTime], rows: usize) {
+    let total: f64 = times.iter().map(|t| t.seconds).sum();
+    println!();
+    println!(
+        "one training step by kernel ({:.1} ms in all, each dispatch alone):",
+        total * 1e3
+    );
+    println!("{:>8} {:>6} {:>5}  kernel [workgroups]", "ms", "%", "calls");
+    for t in times.iter().take(rows) {
+        let mut name = t.kernel.clone();
+        name.truncate(90);
+        println!(
+            "{:>8.2} {:>6.1} {:>5}  {name} {:?}",
+            t.seconds * 1e3,
+            100.0 * t.seconds / total,
+            t.calls,
+            t.workgroups
+        );
+    }
 }

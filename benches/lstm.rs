@@ -1,0 +1,128 @@
+//! Training throughput of the Keras IMDB classifier (Embedding(10000, 32) ->
+//! LSTM(64) -> Dense(64, relu) -> Dense(2), Adam) at batch 32 and 200 steps,
+//! with PyTorch CPU measured in the same run when installed, and the dispatches
+//! each time step costs.
+//!
+//! ```text
+//! cargo bench --bench lstm
+//! KILN_PROFILE=1 cargo bench --bench lstm   # also: time per kernel in one step
+//! ```
+
+mod support;
+
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, Tensor};
+use kiln::models::Mode;
+use kiln::zoo::{Architecture, TEXT_LENGTH, TEXT_VOCAB};
+use std::time::Instant;
+
+const BATCH: usize = 32;
+const STEPS: usize = 10;
+
+fn main() -> anyhow::Result<()> {
+    let device = kiln::Device::new()?;
+    let info = device.adapter_info();
+    println!("adapter: {} ({:?})", info.name, info.backend);
+    let model = Architecture::Lstm.build(&device, 0)?;
+    let mut opt = Adam::new(model.parameters(), 1e-3);
+    // Reviews of varied length: 60..200 real tokens, then padding.
+    let ids: Vec<f32> = (0..BATCH * TEXT_LENGTH)
+        .map(|i| {
+            let (row, col) = (i / TEXT_LENGTH, i % TEXT_LENGTH);
+            if col < 60 + row * 140 / BATCH {
+                (2 + (i * 7919) % (TEXT_VOCAB - 2)) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
+    let mut step = || -> anyhow::Result<()> {
+        let x = Tensor::from_slice(&device, &ids, &[BATCH, TEXT_LENGTH])?;
+        let logits = model.forward(&x, &mut Mode::training(0))?;
+        let l = loss::cross_entropy(&logits, &labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step().map_err(anyhow::Error::from)
+    };
+    for _ in 0..2 {
+        step()?;
+    }
+    device.synchronize()?;
+    let before = device.dispatch_stats();
+    let start = Instant::now();
+    for _ in 0..STEPS {
+        step()?;
+    }
+    device.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = device.dispatch_stats();
+    let rate = (STEPS * BATCH) as f64 / seconds;
+    let dispatches = (after.dispatches - before.dispatches) as f64 / STEPS as f64;
+    let submits = (after.submits - before.submits) as f64 / STEPS as f64;
+
+    println!();
+    println!("IMDB LSTM training step, batch {BATCH}, {TEXT_LENGTH} tokens");
+    println!("{:<28} {:>12}", "", "samples/s");
+    println!("{:<28} {:>12.0}", "kiln", rate);
+    match torch_samples_per_second() {
+        Ok(torch) => {
+            println!("{:<28} {:>12.0}", "pytorch cpu (same run)", torch);
+            println!("{:<28} {:>12.2}", "ratio kiln / pytorch", rate / torch);
+        }
+        Err(why) => println!("(no PyTorch reference: {why})"),
+    }
+    println!();
+    println!("per training step:");
+    println!("  dispatches           {dispatches:.0}");
+    println!(
+        "  per time step        {:.2} (forward + backward)",
+        dispatches / TEXT_LENGTH as f64
+    );
+    println!("  submits              {submits:.2}");
+    println!(
+        "  step time            {:.1} ms",
+        1e3 * seconds / STEPS as f64
+    );
+
+    if std::env::var_os("KILN_PROFILE").is_some() {
+        device.set_profiling(true)?;
+        step()?;
+        support::print_profile(&device.profile(), 15);
+        device.set_profiling(false)?;
+    }
+    Ok(())
+}
+
+fn torch_samples_per_second() -> Result<f64, String> {
+    let script = r#"
+import os, time, torch
+torch.set_num_threads(os.cpu_count())
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10000, 32, padding_idx=0)
+        self.lstm = torch.nn.LSTM(32, 64, batch_first=True)
+        self.head = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    def forward(self, ids, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.head(h[-1])
+model = Model()
+opt = torch.optim.Adam(model.parameters(), 1e-3)
+lengths = torch.tensor([60 + row * 140 // 32 for row in range(32)])
+ids = torch.randint(2, 10000, (32, 200)) * (torch.arange(200)[None, :] < lengths[:, None])
+y = torch.arange(32) % 2
+def step():
+    opt.zero_grad(); torch.nn.functional.cross_entropy(model(ids, lengths), y).backward(); opt.step()
+for _ in range(3): step()
+start = time.perf_counter()
+for _ in range(20): step()
+print(20 * 32 / (time.perf_counter() - start))
+"#;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    values
+        .first()
+        .copied()
+        .ok_or_else(|| "no output from the PyTorch script".into())
+}
