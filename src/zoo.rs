@@ -3,7 +3,8 @@
 use kiln_graph::Conv2d;
 use kiln_graph::Device;
 use kiln_models::{
-    Activation, Conv2D, Dense, Embedding, Flatten, Lstm, MaxPool2D, ModelError, Reshape, Sequential,
+    Activation, AttentionPooling, Conv2D, Dense, Embedding, Flatten, Lstm, MaxPool2D, ModelError,
+    Reshape, Sequential,
 };
 
 /// Architectures the CLI can build and rebuild from a checkpoint.
@@ -17,6 +18,12 @@ pub enum Architecture {
     /// Embedding(10000, 32, padding masked) -> LSTM(64) -> Dense(64, relu) ->
     /// Dense(2), on 200 token ids (the Keras IMDB sentiment classifier).
     Lstm,
+    /// Embedding(10000, 32, masked) -> LSTM(128, return_sequences) -> LSTM(128)
+    /// -> Dense(64, relu) -> Dense(2).
+    LstmStacked,
+    /// Embedding(10000, 32, masked) -> LSTM(64, return_sequences) -> attention
+    /// pooling -> Dense(64, relu) -> Dense(2).
+    LstmAttention,
 }
 
 /// Vocabulary of the reference text models (padding and unknown included).
@@ -30,6 +37,8 @@ impl Architecture {
             Architecture::Mlp => "mlp",
             Architecture::Cnn => "cnn",
             Architecture::Lstm => "lstm",
+            Architecture::LstmStacked => "lstm-stacked",
+            Architecture::LstmAttention => "lstm-attention",
         }
     }
 
@@ -38,6 +47,8 @@ impl Architecture {
             "mlp" => Some(Architecture::Mlp),
             "cnn" => Some(Architecture::Cnn),
             "lstm" => Some(Architecture::Lstm),
+            "lstm-stacked" => Some(Architecture::LstmStacked),
+            "lstm-attention" => Some(Architecture::LstmAttention),
             _ => None,
         }
     }
@@ -48,13 +59,30 @@ impl Architecture {
         match self {
             Architecture::Mlp => mlp(device, 784, 10, seed),
             Architecture::Cnn => cnn(device, 10, seed),
-            Architecture::Lstm => lstm_classifier(device, TEXT_VOCAB, 32, 64, 2, seed),
+            Architecture::Lstm => lstm_classifier(device, TEXT_VOCAB, 32, 64, seed),
+            Architecture::LstmStacked => text_classifier(
+                device,
+                TEXT_VOCAB,
+                32,
+                TextEncoder::Stacked { units: 128 },
+                seed,
+            ),
+            Architecture::LstmAttention => text_classifier(
+                device,
+                TEXT_VOCAB,
+                32,
+                TextEncoder::Attention { units: 64 },
+                seed,
+            ),
         }
     }
 
     /// Whether the model reads token ids (text) rather than pixels.
     pub fn reads_text(self) -> bool {
-        self == Architecture::Lstm
+        matches!(
+            self,
+            Architecture::Lstm | Architecture::LstmStacked | Architecture::LstmAttention
+        )
     }
 }
 
@@ -145,19 +173,57 @@ pub fn tiny_cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential
         )?))
 }
 
+/// How a text classifier turns embedded tokens into one vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextEncoder {
+    /// One LSTM, its last state.
+    Lstm { units: usize },
+    /// Two LSTMs, the first returning its whole sequence to the second.
+    Stacked { units: usize },
+    /// One LSTM returning its sequence, pooled by attention.
+    Attention { units: usize },
+}
+
+/// `Embedding(vocab, dim)` with id 0 masked as padding -> `encoder` ->
+/// `Dense(64, relu)` -> `Dense(2)` logits (negative, positive).
+pub fn text_classifier(
+    device: &Device,
+    vocab: usize,
+    dim: usize,
+    encoder: TextEncoder,
+    seed: u64,
+) -> Result<Sequential, ModelError> {
+    let model = Sequential::new().push(Embedding::new(device, vocab, dim, seed)?.mask_zero());
+    let (model, units) = match encoder {
+        TextEncoder::Lstm { units } => {
+            (model.push(Lstm::new(device, dim, units, seed + 1)?), units)
+        }
+        TextEncoder::Stacked { units } => (
+            model
+                .push(Lstm::new(device, dim, units, seed + 1)?.return_sequences())
+                .push(Lstm::new(device, units, units, seed + 2)?),
+            units,
+        ),
+        TextEncoder::Attention { units } => (
+            model
+                .push(Lstm::new(device, dim, units, seed + 1)?.return_sequences())
+                .push(AttentionPooling::new(device, units, seed + 2)?),
+            units,
+        ),
+    };
+    Ok(model
+        .push(Dense::new(device, units, 64, Activation::Relu, seed + 3)?)
+        .push(Dense::new(device, 64, 2, Activation::None, seed + 4)?))
+}
+
 /// The Keras IMDB classifier: `Embedding(vocab, dim)` with id 0 masked as
-/// padding -> `LSTM(units)` -> `Dense(64, relu)` -> `Dense(classes)`.
+/// padding -> `LSTM(units)` -> `Dense(64, relu)` -> `Dense(2)`.
 pub fn lstm_classifier(
     device: &Device,
     vocab: usize,
     dim: usize,
     units: usize,
-    classes: usize,
     seed: u64,
 ) -> Result<Sequential, ModelError> {
-    Ok(Sequential::new()
-        .push(Embedding::new(device, vocab, dim, seed)?.mask_zero())
-        .push(Lstm::new(device, dim, units, seed + 1)?)
-        .push(Dense::new(device, units, 64, Activation::Relu, seed + 3)?)
-        .push(Dense::new(device, 64, classes, Activation::None, seed + 4)?))
+    text_classifier(device, vocab, dim, TextEncoder::Lstm { units }, seed)
 }

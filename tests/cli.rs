@@ -67,3 +67,38 @@ fn a_bad_device_selector_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_model_and_a_dataset_that_do_not_fit_are_refused_up_front() {
+    for (model, dataset, hint) in [
+        ("cnn", "imdb", "--dataset mnist or fashion-mnist"),
+        ("lstm", "mnist", "--dataset imdb"),
+    ] {
+        let out = kiln()
+            .args(["train", model, "--dataset", dataset])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(hint), "{model} on {dataset}: {stderr}");
+    }
+}
+
+#[test]
+fn predict_needs_a_checkpoint_that_exists() {
+    let out = kiln()
+        .args([
+            "predict",
+            "--checkpoint",
+            "/nonexistent/model.safetensors",
+            "great film",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("/nonexistent/model.safetensors"),
+        "{stderr}"
+    );
+}
