@@ -205,17 +205,17 @@ fn load(
             Ok((m.train, m.test, None))
         }
         DatasetName::Imdb => {
-            let reviews = imdb::load()?;
-            let vectorizer = vectorizer.unwrap_or_else(|| {
-                TextVectorizer::fit(
-                    reviews.train.iter().map(|r| r.text.as_str()),
-                    kiln::zoo::TEXT_VOCAB,
-                    kiln::zoo::TEXT_LENGTH,
-                )
-            });
-            let train = imdb::to_dataset(&reviews.train, &vectorizer)?;
-            let test = imdb::to_dataset(&reviews.test, &vectorizer)?;
-            Ok((train, test, Some(vectorizer)))
+            let cached = imdb::load_encoded(kiln::zoo::TEXT_VOCAB, kiln::zoo::TEXT_LENGTH)?;
+            match vectorizer {
+                // A checkpoint's own vocabulary, if it differs from the cached one.
+                Some(v) if v != cached.vectorizer => {
+                    let reviews = imdb::load()?;
+                    let train = imdb::to_dataset(&reviews.train, &v)?;
+                    let test = imdb::to_dataset(&reviews.test, &v)?;
+                    Ok((train, test, Some(v)))
+                }
+                _ => Ok((cached.train, cached.test, Some(cached.vectorizer))),
+            }
         }
     }
 }

@@ -94,3 +94,35 @@ fn the_lstm_classifier_learns_sentiment_from_3000_reviews() {
         "accuracy {accuracy} on 1,000 held-out reviews"
     );
 }
+
+#[test]
+fn the_encoded_cache_matches_a_fresh_encoding_and_survives_corruption() {
+    let dir = std::env::temp_dir().join(format!("kiln-imdb-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("encoded.safetensors");
+    let source = imdb::default_path();
+    let fresh = imdb::load_encoded_at(&source, &cache, 500, 20).unwrap();
+    assert!(cache.exists());
+    let cached = imdb::load_encoded_at(&source, &cache, 500, 20).unwrap();
+    assert_eq!(cached.vectorizer, fresh.vectorizer);
+    assert_eq!(
+        (cached.train.x.len(), cached.test.y.len()),
+        (TRAIN_SIZE * 20, TRAIN_SIZE)
+    );
+    assert!(cached.train == fresh.train && cached.test == fresh.test);
+    let data = imdb::load().unwrap();
+    assert_eq!(
+        fresh.test.x[..20],
+        fresh
+            .vectorizer
+            .encode(&data.test[0].text)
+            .iter()
+            .map(|&i| i as f32)
+            .collect::<Vec<_>>()[..]
+    );
+    // A damaged cache is rebuilt, not trusted.
+    std::fs::write(&cache, b"not a cache").unwrap();
+    let rebuilt = imdb::load_encoded_at(&source, &cache, 500, 20).unwrap();
+    assert!(rebuilt.train == fresh.train);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -108,3 +108,110 @@ pub fn to_dataset(reviews: &[Review], vectorizer: &TextVectorizer) -> Result<Dat
     let y = reviews.iter().map(|r| r.label).collect();
     Dataset::new(vectorizer.sequence_length, x, y, 2)
 }
+
+/// The reviews as token ids, encoded by a vectorizer fitted on the training
+/// half; see [`load_encoded`].
+pub struct Encoded {
+    pub train: Dataset,
+    pub test: Dataset,
+    pub vectorizer: TextVectorizer,
+}
+
+/// [`load`], a vectorizer fitted on the training texts, and both halves
+/// encoded: cached as `<cache>/imdb/encoded-{max_tokens}x{sequence_length}.safetensors`
+/// (with the vectorizer and the source's checksum in its metadata), so later
+/// runs skip the tokenising. A missing, stale or unreadable cache is rebuilt.
+pub fn load_encoded(max_tokens: usize, sequence_length: usize) -> Result<Encoded, DataError> {
+    let cache = cache_dir().join("imdb").join(format!(
+        "encoded-{max_tokens}x{sequence_length}.safetensors"
+    ));
+    load_encoded_at(&default_path(), &cache, max_tokens, sequence_length)
+}
+
+/// [`load_encoded`] with explicit paths for the reviews and the cache file.
+pub fn load_encoded_at(
+    reviews: &Path,
+    cache: &Path,
+    max_tokens: usize,
+    sequence_length: usize,
+) -> Result<Encoded, DataError> {
+    if let Some(cached) = read_encoded(cache, sequence_length) {
+        return Ok(cached);
+    }
+    let reviews = load_from(reviews)?;
+    let vectorizer = TextVectorizer::fit(
+        reviews.train.iter().map(|r| r.text.as_str()),
+        max_tokens,
+        sequence_length,
+    );
+    let encoded = Encoded {
+        train: to_dataset(&reviews.train, &vectorizer)?,
+        test: to_dataset(&reviews.test, &vectorizer)?,
+        vectorizer,
+    };
+    write_encoded(cache, &encoded)?;
+    Ok(encoded)
+}
+
+const ENCODED_FORMAT: &str = "kiln-imdb-encoded-1";
+
+fn write_encoded(path: &Path, e: &Encoded) -> Result<(), DataError> {
+    let labels = |d: &Dataset| d.y.iter().map(|&l| l as f32).collect::<Vec<f32>>();
+    let tensors = vec![
+        (
+            "train_ids".to_string(),
+            vec![e.train.len(), e.train.features],
+            e.train.x.clone(),
+        ),
+        (
+            "train_labels".to_string(),
+            vec![e.train.len()],
+            labels(&e.train),
+        ),
+        (
+            "test_ids".to_string(),
+            vec![e.test.len(), e.test.features],
+            e.test.x.clone(),
+        ),
+        (
+            "test_labels".to_string(),
+            vec![e.test.len()],
+            labels(&e.test),
+        ),
+    ];
+    let metadata = [
+        ("format", ENCODED_FORMAT.to_string()),
+        ("source_sha256", REVIEWS_SHA256.to_string()),
+        ("vectorizer", e.vectorizer.to_json()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    kiln_models::checkpoint::save(path, &tensors, &metadata)
+        .map_err(|e| DataError::Invalid(format!("caching the encoded IMDB: {e}")))
+}
+
+fn read_encoded(path: &Path, sequence_length: usize) -> Option<Encoded> {
+    let file = kiln_models::checkpoint::Checkpoint::open(path).ok()?;
+    let metadata = file.metadata();
+    if metadata.get("format").map(String::as_str) != Some(ENCODED_FORMAT)
+        || metadata.get("source_sha256").map(String::as_str) != Some(REVIEWS_SHA256)
+    {
+        return None;
+    }
+    let vectorizer = TextVectorizer::from_json(metadata.get("vectorizer")?).ok()?;
+    let half = |name: &str| -> Option<Dataset> {
+        let x = file
+            .tensor_f32(&format!("{name}_ids"), &[TRAIN_SIZE, sequence_length])
+            .ok()?;
+        let y = file
+            .tensor_f32(&format!("{name}_labels"), &[TRAIN_SIZE])
+            .ok()?;
+        Dataset::new(sequence_length, x, y.iter().map(|&l| l as u32).collect(), 2).ok()
+    };
+    Some(Encoded {
+        train: half("train")?,
+        test: half("test")?,
+        vectorizer,
+    })
+}
