@@ -7,6 +7,7 @@ pub mod idx;
 pub mod imdb;
 pub mod mnist;
 pub mod text;
+pub mod tokenize;
 
 use std::path::PathBuf;
 use thiserror::Error;

@@ -8,6 +8,7 @@
 //!   token sequences.
 //! - [`Sequential`]: a stack of layers, Keras style, with named parameters
 //!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
+//! - [`bert`]: BERT encoders loaded from Hugging Face checkpoints.
 //! - [`checkpoint`]: safetensors files written atomically (temporary file, then
 //!   rename), so an interrupted save never replaces a good checkpoint.
 //!
@@ -22,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bert;
 pub mod checkpoint;
 pub mod layers;
 mod sequence;

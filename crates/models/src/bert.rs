@@ -1,0 +1,435 @@
+//! BERT encoders in Hugging Face's layout (`BertModel`): word + position +
+//! token-type embeddings, post-LayerNorm self-attention and feed-forward
+//! blocks, an optional pooler. Loads `config.json` and `model.safetensors` as
+//! Hugging Face writes them, e.g. all-MiniLM-L6-v2.
+//!
+//! Linear weights are kept `[in, out]` (Kiln's `Dense` layout); Hugging Face
+//! stores them `[out, in]`, so loading transposes them once.
+
+use crate::checkpoint::{Checkpoint, ModelError};
+use crate::layers::{Activation, Dense, Layer, Mode};
+use kiln_graph::{Device, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of a Hugging Face BERT `config.json` that shape the model.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f32,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub hidden_dropout_prob: f32,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f32,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a BERT config.json: {e}"),
+        })?;
+        config.check().map_err(|reason| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.hidden_act != "gelu" {
+            return Err(format!(
+                "hidden_act {:?}: Kiln's BERT implements \"gelu\" (exact erf)",
+                self.hidden_act
+            ));
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// Layer normalisation over the last axis with learned scale and shift.
+pub struct LayerNorm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(device: &Device, features: usize, eps: f32) -> Result<Self, ModelError> {
+        Ok(Self {
+            gamma: Tensor::ones(device, &[features])?.requires_grad(true),
+            beta: Tensor::zeros(device, &[features])?.requires_grad(true),
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(x.layer_norm(&self.gamma, &self.beta, self.eps)?)
+    }
+}
+
+/// Word, position and token-type embeddings, summed and normalised.
+pub struct BertEmbeddings {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    pub norm: LayerNorm,
+}
+
+/// One encoder block: self-attention, then feed-forward, each followed by a
+/// residual connection and LayerNorm.
+pub struct BertLayer {
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub attention_output: Dense,
+    pub attention_norm: LayerNorm,
+    pub intermediate: Dense,
+    pub output: Dense,
+    pub output_norm: LayerNorm,
+}
+
+/// A BERT encoder (`BertModel` without task heads).
+pub struct Bert {
+    pub config: BertConfig,
+    pub embeddings: BertEmbeddings,
+    pub layers: Vec<BertLayer>,
+    /// `tanh(W h_[CLS] + b)`, present in most checkpoints.
+    pub pooler: Dense,
+}
+
+/// Token ids of a padded batch and its attention mask (1 real, 0 padding).
+pub struct BertInput<'a> {
+    pub ids: &'a [u32],
+    pub mask: &'a [f32],
+    /// `[batch, tokens]`.
+    pub shape: [usize; 2],
+}
+
+impl Bert {
+    /// A randomly initialised model (uniform in +-0.05 for embeddings and
+    /// Glorot for linear layers), for training from scratch and for tests.
+    pub fn new(device: &Device, config: BertConfig, seed: u64) -> Result<Self, ModelError> {
+        config.check().map_err(ModelError::Invalid)?;
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let table = |rows: usize, s: u64| -> Result<Tensor, ModelError> {
+            Ok(Tensor::uniform(device, &[rows, h], -0.05, 0.05, s)?.requires_grad(true))
+        };
+        let embeddings = BertEmbeddings {
+            word: table(config.vocab_size, seed)?,
+            position: table(config.max_position_embeddings, seed + 1)?,
+            token_type: table(config.type_vocab_size, seed + 2)?,
+            norm: LayerNorm::new(device, h, eps)?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let s = seed + 10 * (l as u64 + 1);
+            let dense = |i, o, act, k| Dense::new(device, i, o, act, s + k);
+            layers.push(BertLayer {
+                query: dense(h, h, Activation::None, 0)?,
+                key: dense(h, h, Activation::None, 1)?,
+                value: dense(h, h, Activation::None, 2)?,
+                attention_output: dense(h, h, Activation::None, 3)?,
+                attention_norm: LayerNorm::new(device, h, eps)?,
+                intermediate: dense(h, config.intermediate_size, Activation::Gelu, 4)?,
+                output: dense(config.intermediate_size, h, Activation::None, 5)?,
+                output_norm: LayerNorm::new(device, h, eps)?,
+            });
+        }
+        let pooler = Dense::new(device, h, h, Activation::Tanh, seed + 3)?;
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face model
+    /// directory.
+    pub fn from_pretrained(device: &Device, dir: &Path) -> Result<Self, ModelError> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let model = Self::new(device, config, 0)?;
+        model.load_safetensors(&dir.join("model.safetensors"))?;
+        Ok(model)
+    }
+
+    /// Parameters under Hugging Face's names (without the `bert.` prefix).
+    /// Linear weights are `[in, out]` here, `[out, in]` in their files.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let e = &self.embeddings;
+        out.push(("embeddings.word_embeddings.weight".into(), e.word.clone()));
+        out.push((
+            "embeddings.position_embeddings.weight".into(),
+            e.position.clone(),
+        ));
+        out.push((
+            "embeddings.token_type_embeddings.weight".into(),
+            e.token_type.clone(),
+        ));
+        push_norm(&mut out, "embeddings.LayerNorm", &e.norm);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{l}.");
+            push_dense(&mut out, &format!("{p}attention.self.query"), &layer.query);
+            push_dense(&mut out, &format!("{p}attention.self.key"), &layer.key);
+            push_dense(&mut out, &format!("{p}attention.self.value"), &layer.value);
+            push_dense(
+                &mut out,
+                &format!("{p}attention.output.dense"),
+                &layer.attention_output,
+            );
+            push_norm(
+                &mut out,
+                &format!("{p}attention.output.LayerNorm"),
+                &layer.attention_norm,
+            );
+            push_dense(
+                &mut out,
+                &format!("{p}intermediate.dense"),
+                &layer.intermediate,
+            );
+            push_dense(&mut out, &format!("{p}output.dense"), &layer.output);
+            push_norm(
+                &mut out,
+                &format!("{p}output.LayerNorm"),
+                &layer.output_norm,
+            );
+        }
+        push_dense(&mut out, "pooler.dense", &self.pooler);
+        out
+    }
+
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// Fills the parameters from a Hugging Face safetensors file (F32, F16 or
+    /// BF16; names with or without the `bert.` prefix). Every parameter must be
+    /// present with its shape; tensors the model does not have are an error,
+    /// except `embeddings.position_ids` (a buffer) and pre-training heads
+    /// (`cls.*`).
+    pub fn load_safetensors(&self, path: &Path) -> Result<(), ModelError> {
+        let file = Checkpoint::open(path)?;
+        let names = file.names();
+        let prefix = if names.iter().any(|n| n.starts_with("bert.")) {
+            "bert."
+        } else {
+            ""
+        };
+        let params = self.named_parameters();
+        let expected: Vec<String> = params.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
+        let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+        let position_ids = format!("{prefix}embeddings.position_ids");
+        file.check_names(&expected, &[position_ids.as_str(), "cls."])?;
+        for (name, t) in &params {
+            let shape = t.shape();
+            let values = if is_linear_weight(name, shape) {
+                // Stored [out, in] = [cols, rows] of ours.
+                let (rows, cols) = (shape[0], shape[1]);
+                let stored = file.tensor_f32(&format!("{prefix}{name}"), &[cols, rows])?;
+                transpose(&stored, cols, rows)
+            } else {
+                file.tensor_f32(&format!("{prefix}{name}"), shape)?
+            };
+            let device = t.device();
+            device.copy_into(&device.upload(&values)?, t.buffer())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the parameters in Hugging Face's layout and names (Linear weights
+    /// `[out, in]`), atomically, so the file loads here and in `transformers`.
+    pub fn save_safetensors(&self, path: &Path) -> Result<(), ModelError> {
+        let mut tensors = Vec::new();
+        for (name, t) in self.named_parameters() {
+            let values = t.to_vec()?;
+            if is_linear_weight(&name, t.shape()) {
+                let (rows, cols) = (t.shape()[0], t.shape()[1]);
+                tensors.push((name, vec![cols, rows], transpose(&values, rows, cols)));
+            } else {
+                tensors.push((name, t.shape().to_vec(), values));
+            }
+        }
+        crate::checkpoint::save(path, &tensors, &Default::default())
+    }
+
+    /// The last hidden state, `[batch, tokens, hidden]`, for a padded batch.
+    /// Padded keys get no attention; padded positions' outputs are computed
+    /// but meaningless. Token types are all 0 (single-segment input).
+    pub fn forward(&self, input: &BertInput, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let [batch, tokens] = input.shape;
+        let c = &self.config;
+        if input.ids.len() != batch * tokens || input.mask.len() != batch * tokens {
+            return Err(ModelError::Invalid(format!(
+                "bert: {} ids and {} mask values for a [{batch}, {tokens}] batch",
+                input.ids.len(),
+                input.mask.len()
+            )));
+        }
+        if tokens > c.max_position_embeddings {
+            return Err(ModelError::Invalid(format!(
+                "bert: {tokens} tokens exceed the model's {} positions; truncate the input",
+                c.max_position_embeddings
+            )));
+        }
+        let e = &self.embeddings;
+        let device = e.word.device();
+        let x = e
+            .word
+            .embedding(input.ids, &input.shape)?
+            .add(&e.position.slice(0, 0, tokens)?)?
+            .add(&e.token_type.slice(0, 0, 1)?)?;
+        let mut x = dropout(&e.norm.forward(&x)?, c.hidden_dropout_prob, mode)?;
+        // 0 where attended, -1e9 on padded keys: exp underflows to exactly 0.
+        let bias: Vec<f32> = input.mask.iter().map(|&m| (m - 1.0) * 1e9).collect();
+        let bias = Tensor::from_slice(device, &bias, &[batch, 1, 1, tokens])?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, &bias, mode)?;
+        }
+        Ok(x)
+    }
+
+    fn block(
+        &self,
+        layer: &BertLayer,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let (batch, tokens) = (x.shape()[0], x.shape()[1]);
+        let (heads, d) = (c.num_attention_heads, c.head_dim());
+        // [b, t, h] -> [b * heads, t, d] (or [b * heads, d, t] for keys).
+        let split = |t: &Tensor, perm: &[usize]| -> Result<Tensor, ModelError> {
+            let t = t.reshape(&[batch, tokens, heads, d])?.permute(perm)?;
+            let shape = t.shape().to_vec();
+            Ok(t.reshape(&[batch * heads, shape[2], shape[3]])?)
+        };
+        let q = split(&layer.query.forward(x, mode)?, &[0, 2, 1, 3])?;
+        let k = split(&layer.key.forward(x, mode)?, &[0, 2, 3, 1])?;
+        let v = split(&layer.value.forward(x, mode)?, &[0, 2, 1, 3])?;
+        let scores = q
+            .matmul(&k)?
+            .reshape(&[batch, heads, tokens, tokens])?
+            .mul_scalar(1.0 / (d as f32).sqrt())?
+            .add(bias)?;
+        let probs = dropout(&scores.softmax()?, c.attention_probs_dropout_prob, mode)?;
+        let context = probs
+            .reshape(&[batch * heads, tokens, tokens])?
+            .matmul(&v)?
+            .reshape(&[batch, heads, tokens, d])?
+            .permute(&[0, 2, 1, 3])?
+            .reshape(&[batch, tokens, heads * d])?;
+        let attended = dropout(
+            &layer.attention_output.forward(&context, mode)?,
+            c.hidden_dropout_prob,
+            mode,
+        )?;
+        let x = layer.attention_norm.forward(&x.add(&attended)?)?;
+        let ff = layer.intermediate.forward(&x, mode)?;
+        let ff = dropout(
+            &layer.output.forward(&ff, mode)?,
+            c.hidden_dropout_prob,
+            mode,
+        )?;
+        layer.output_norm.forward(&x.add(&ff)?)
+    }
+}
+
+/// Mean of the real tokens' states (sentence-transformers' mean pooling):
+/// `[batch, tokens, hidden]` and a `[batch, tokens]` mask to `[batch, hidden]`.
+pub fn mean_pool(hidden: &Tensor, mask: &[f32]) -> Result<Tensor, ModelError> {
+    let &[batch, tokens, _] = hidden.shape() else {
+        return Err(ModelError::Invalid(format!(
+            "mean_pool: expected [batch, tokens, hidden], got {:?}",
+            hidden.shape()
+        )));
+    };
+    // Weights 1/count on real tokens, 0 on padding: one batched product.
+    let mut weights = mask.to_vec();
+    for row in weights.chunks_mut(tokens) {
+        let count: f32 = row.iter().sum();
+        row.iter_mut().for_each(|w| *w /= count.max(1.0));
+    }
+    let weights = Tensor::from_slice(hidden.device(), &weights, &[batch, 1, tokens])?;
+    let pooled = weights.matmul(hidden)?;
+    let hidden_size = pooled.shape()[2];
+    Ok(pooled.reshape(&[batch, hidden_size])?)
+}
+
+/// Rows scaled to unit L2 norm (sentence-transformers' `Normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor, ModelError> {
+    let last = x.rank() - 1;
+    let norm = x.square()?.sum(last, true)?.add_scalar(1e-24)?.sqrt()?;
+    Ok(x.div(&norm)?)
+}
+
+fn dropout(x: &Tensor, p: f32, mode: &mut Mode) -> Result<Tensor, ModelError> {
+    if !mode.training || p == 0.0 {
+        return Ok(x.clone());
+    }
+    let seed = mode.seed;
+    mode.seed = mode
+        .seed
+        .wrapping_mul(747_796_405)
+        .wrapping_add(2_891_336_453);
+    Ok(x.dropout(p, seed, true)?)
+}
+
+/// Linear layers' weights are the 2-D `.weight`s outside the embeddings.
+fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name.ends_with(".weight") && !name.starts_with("embeddings")
+}
+
+/// A `rows x cols` row-major matrix transposed.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+fn push_dense(out: &mut Vec<(String, Tensor)>, name: &str, d: &Dense) {
+    out.push((format!("{name}.weight"), d.weight.clone()));
+    out.push((format!("{name}.bias"), d.bias.clone()));
+}
+
+fn push_norm(out: &mut Vec<(String, Tensor)>, name: &str, n: &LayerNorm) {
+    out.push((format!("{name}.weight"), n.gamma.clone()));
+    out.push((format!("{name}.bias"), n.beta.clone()));
+}

@@ -1,0 +1,180 @@
+//! BERT: the real all-MiniLM-L6-v2 (fetched by `scripts/fetch-minilm.sh`)
+//! against the NumPy float64 reference of `scripts/minilm_reference.py`, whose
+//! outputs are stored in `tests/data`; and checkpoint loading errors.
+
+mod common;
+
+use kiln::data::cache_dir;
+use kiln::data::tokenize::PretrainedTokenizer;
+use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertConfig, BertInput};
+use kiln::models::Mode;
+use std::path::PathBuf;
+
+fn model_dir() -> PathBuf {
+    cache_dir().join("minilm")
+}
+
+struct Reference {
+    sentences: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    /// Each sentence's last_hidden_state, `[tokens, 384]`.
+    hidden: Vec<Vec<f32>>,
+    /// `[sentences, 384]`, L2-normalised mean pooling.
+    pooled: Vec<f32>,
+}
+
+fn reference() -> Reference {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("minilm-reference.json")).unwrap()).unwrap();
+    let sentences: Vec<String> = serde_json::from_value(meta["sentences"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(meta["ids"].clone()).unwrap();
+    let h = meta["hidden"].as_u64().unwrap() as usize;
+    let floats: Vec<f32> = std::fs::read(dir.join("minilm-reference.bin"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut at = 0;
+    let hidden = ids
+        .iter()
+        .map(|s| {
+            let part = floats[at..at + s.len() * h].to_vec();
+            at += s.len() * h;
+            part
+        })
+        .collect();
+    let pooled = floats[at..].to_vec();
+    assert_eq!(pooled.len(), sentences.len() * h);
+    Reference {
+        sentences,
+        ids,
+        hidden,
+        pooled,
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn the_tokenizer_gives_the_reference_ids() {
+    let r = reference();
+    let tokenizer = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 512)
+        .expect("run scripts/fetch-minilm.sh first");
+    for (sentence, ids) in r.sentences.iter().zip(&r.ids) {
+        assert_eq!(&tokenizer.encode(sentence).unwrap(), ids, "{sentence}");
+    }
+    // Truncation keeps [SEP] at the end.
+    let short = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 6).unwrap();
+    let cut = short.encode(&r.sentences[3]).unwrap();
+    assert_eq!(cut.len(), 6);
+    assert_eq!((cut[0], cut[5]), (101, 102));
+}
+
+#[test]
+fn minilm_matches_the_float64_reference_within_1e_4() {
+    let r = reference();
+    let d = common::device();
+    let bert = Bert::from_pretrained(d, &model_dir()).expect("run scripts/fetch-minilm.sh first");
+    let tokenizer =
+        PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 512).unwrap();
+    // One padded batch: padding must not change any real token's state.
+    let batch = tokenizer.batch(&r.sentences).unwrap();
+    let input = BertInput {
+        ids: &batch.ids,
+        mask: &batch.mask,
+        shape: batch.shape,
+    };
+    let hidden = bert.forward(&input, &mut Mode::eval()).unwrap();
+    let h = bert.config.hidden_size;
+    let tokens = batch.shape[1];
+    let all = hidden.to_vec().unwrap();
+    let mut worst = 0.0f32;
+    for (s, want) in r.hidden.iter().enumerate() {
+        let got = &all[s * tokens * h..s * tokens * h + want.len()];
+        let diff = max_abs_diff(got, want);
+        assert!(
+            diff <= 1e-4,
+            "sentence {s}: last_hidden_state max |diff| {diff}"
+        );
+        worst = worst.max(diff);
+    }
+    let pooled = l2_normalize(&mean_pool(&hidden, &batch.mask).unwrap()).unwrap();
+    let diff = max_abs_diff(&pooled.to_vec().unwrap(), &r.pooled);
+    assert!(diff <= 1e-4, "pooled embeddings max |diff| {diff}");
+    eprintln!("max |diff|: hidden states {worst:e}, pooled embeddings {diff:e}");
+}
+
+fn tiny_config() -> BertConfig {
+    BertConfig {
+        vocab_size: 30,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_act: "gelu".into(),
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+    }
+}
+
+#[test]
+fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
+    let d = common::device();
+    let dir = std::env::temp_dir().join(format!("kiln-bert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let a = Bert::new(d, tiny_config(), 1).unwrap();
+    a.save_safetensors(&path).unwrap();
+    let b = Bert::new(d, tiny_config(), 2).unwrap();
+    b.load_safetensors(&path).unwrap();
+    for ((name, x), (_, y)) in a.named_parameters().iter().zip(b.named_parameters()) {
+        assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap(), "{name}");
+    }
+    // Hugging Face stores Linear weights [out, in]: intermediate is [12, 8].
+    let file = kiln::models::checkpoint::Checkpoint::open(&path).unwrap();
+    assert!(file
+        .tensor_f32("encoder.layer.0.intermediate.dense.weight", &[12, 8])
+        .is_ok());
+
+    // A model of another size: the error names the tensor and both shapes.
+    let wider = BertConfig {
+        intermediate_size: 16,
+        ..tiny_config()
+    };
+    let err = Bert::new(d, wider, 3)
+        .unwrap()
+        .load_safetensors(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder.layer.0.intermediate.dense.weight")
+            && err.contains("[12, 8]")
+            && err.contains("[16, 8]"),
+        "{err}"
+    );
+    // A deeper model: the missing tensors are listed.
+    let deeper = BertConfig {
+        num_hidden_layers: 3,
+        ..tiny_config()
+    };
+    let err = Bert::new(d, deeper, 4)
+        .unwrap()
+        .load_safetensors(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing") && err.contains("encoder.layer.2."),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
