@@ -90,6 +90,19 @@ enum Command {
         #[arg(required = true)]
         texts: Vec<String>,
     },
+    /// Sentence embeddings (mean-pooled, L2-normalised, as sentence-transformers
+    /// computes them) from a BERT model directory; one JSON array per text.
+    Embed {
+        /// Hugging Face model directory (config.json, model.safetensors,
+        /// tokenizer.json) [default: the MiniLM fetched by scripts/fetch-minilm.sh].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens per text at most; longer texts are truncated.
+        #[arg(long, default_value_t = 256)]
+        max_length: usize,
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
     /// Evaluate a checkpoint on a test set.
     Eval {
         #[arg(long)]
@@ -158,6 +171,11 @@ fn main() -> std::process::ExitCode {
             limit_test,
         } => eval(&checkpoint, dataset, limit_test),
         Command::Predict { checkpoint, texts } => predict(&checkpoint, &texts),
+        Command::Embed {
+            model,
+            max_length,
+            texts,
+        } => embed(model, max_length, &texts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -382,6 +400,36 @@ fn predict(path: &Path, texts: &[String]) -> Result<()> {
         // IMDB's labels: 0 negative, 1 positive.
         let label = if p[1] >= p[0] { "positive" } else { "negative" };
         println!("{label} ({:.3})  {text}", p[1]);
+    }
+    Ok(())
+}
+
+fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<()> {
+    use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertInput};
+    let dir = model.unwrap_or_else(|| kiln::data::cache_dir().join("minilm"));
+    if !dir.join("model.safetensors").exists() {
+        bail!(
+            "no model.safetensors in {}: run scripts/fetch-minilm.sh, or pass --model DIR",
+            dir.display()
+        );
+    }
+    let tokenizer = kiln::data::tokenize::PretrainedTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        max_length,
+    )?;
+    let device = Device::new()?;
+    let bert = Bert::from_pretrained(&device, &dir)?;
+    let batch = tokenizer.batch(texts)?;
+    let input = BertInput {
+        ids: &batch.ids,
+        mask: &batch.mask,
+        shape: batch.shape,
+    };
+    let _no_grad = kiln::graph::NoGradGuard::new();
+    let hidden = bert.forward(&input, &mut kiln::models::Mode::eval())?;
+    let embeddings = l2_normalize(&mean_pool(&hidden, &batch.mask)?)?.to_vec()?;
+    for row in embeddings.chunks(bert.config.hidden_size) {
+        println!("{}", serde_json::to_string(row)?);
     }
     Ok(())
 }

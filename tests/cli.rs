@@ -102,3 +102,34 @@ fn predict_needs_a_checkpoint_that_exists() {
         "{stderr}"
     );
 }
+
+#[test]
+fn embed_prints_one_unit_vector_per_text() {
+    let out = kiln()
+        .args([
+            "embed",
+            "A great movie.",
+            "A wonderful film.",
+            "Stocks fell.",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<f64>> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for r in &rows {
+        assert_eq!(r.len(), 384);
+        assert!((dot(r, r) - 1.0).abs() < 1e-5);
+    }
+    // Paraphrases are closer than unrelated sentences.
+    assert!(dot(&rows[0], &rows[1]) > dot(&rows[0], &rows[2]) + 0.3);
+}
