@@ -1140,3 +1140,61 @@ fn lstm_shape_errors_name_the_expected_shapes() {
         .to_string();
     assert!(err.contains("bias [8]") && err.contains("[7]"), "{err}");
 }
+
+/// Multi-head attention reference: per sample and head, softmax(q k^T / sqrt(d)
+/// + bias) v, with `bias` per key.
+fn cpu_attention(x: &[Vec<f64>], bias: &[f64], [b, t, h, heads]: [usize; 4]) -> Vec<f64> {
+    let d = h / heads;
+    let at = |m: &[f64], bi: usize, ti: usize, j: usize| m[(bi * t + ti) * h + j];
+    let mut out = vec![0.0; b * t * h];
+    for bi in 0..b {
+        for head in 0..heads {
+            for i in 0..t {
+                let scores: Vec<f64> = (0..t)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|c| {
+                                at(&x[0], bi, i, head * d + c) * at(&x[1], bi, j, head * d + c)
+                            })
+                            .sum();
+                        dot / (d as f64).sqrt() + bias[bi * t + j]
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let norm: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for c in 0..d {
+                    out[(bi * t + i) * h + head * d + c] = (0..t)
+                        .map(|j| (scores[j] - max).exp() / norm * at(&x[2], bi, j, head * d + c))
+                        .sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn multi_head_attention_gradients_with_a_padding_mask() {
+    use kiln::models::bert::multi_head_attention;
+    use kiln::models::Mode;
+    let (b, t, h, heads) = (2, 5, 6, 3);
+    // Sample 1's last two keys are padding.
+    let mask: Vec<f64> = (0..b * t)
+        .map(|i| if i >= t && i % t >= 3 { -1e9 } else { 0.0 })
+        .collect();
+    let bias: Vec<f32> = mask.iter().map(|&m| m as f32).collect();
+    grad_check(
+        "multi_head_attention",
+        &[
+            input(&[b, t, h], 980, -1.0, 1.0),
+            input(&[b, t, h], 981, -1.0, 1.0),
+            input(&[b, t, h], 982, -1.0, 1.0),
+        ],
+        |x| {
+            let bias = Tensor::from_slice(x[0].device(), &bias, &[b, 1, 1, t])?;
+            multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
+                .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
+        },
+        &|x: &[Vec<f64>]| cpu_attention(x, &mask, [b, t, h, heads]),
+    );
+}

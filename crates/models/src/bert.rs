@@ -68,10 +68,6 @@ impl BertConfig {
         }
         Ok(())
     }
-
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
 }
 
 /// Layer normalisation over the last axis with learned scale and shift.
@@ -329,29 +325,15 @@ impl Bert {
         mode: &mut Mode,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
-        let (batch, tokens) = (x.shape()[0], x.shape()[1]);
-        let (heads, d) = (c.num_attention_heads, c.head_dim());
-        // [b, t, h] -> [b * heads, t, d] (or [b * heads, d, t] for keys).
-        let split = |t: &Tensor, perm: &[usize]| -> Result<Tensor, ModelError> {
-            let t = t.reshape(&[batch, tokens, heads, d])?.permute(perm)?;
-            let shape = t.shape().to_vec();
-            Ok(t.reshape(&[batch * heads, shape[2], shape[3]])?)
-        };
-        let q = split(&layer.query.forward(x, mode)?, &[0, 2, 1, 3])?;
-        let k = split(&layer.key.forward(x, mode)?, &[0, 2, 3, 1])?;
-        let v = split(&layer.value.forward(x, mode)?, &[0, 2, 1, 3])?;
-        let scores = q
-            .matmul(&k)?
-            .reshape(&[batch, heads, tokens, tokens])?
-            .mul_scalar(1.0 / (d as f32).sqrt())?
-            .add(bias)?;
-        let probs = dropout(&scores.softmax()?, c.attention_probs_dropout_prob, mode)?;
-        let context = probs
-            .reshape(&[batch * heads, tokens, tokens])?
-            .matmul(&v)?
-            .reshape(&[batch, heads, tokens, d])?
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[batch, tokens, heads * d])?;
+        let context = multi_head_attention(
+            &layer.query.forward(x, mode)?,
+            &layer.key.forward(x, mode)?,
+            &layer.value.forward(x, mode)?,
+            bias,
+            c.num_attention_heads,
+            c.attention_probs_dropout_prob,
+            mode,
+        )?;
         let attended = dropout(
             &layer.attention_output.forward(&context, mode)?,
             c.hidden_dropout_prob,
@@ -366,6 +348,57 @@ impl Bert {
         )?;
         layer.output_norm.forward(&x.add(&ff)?)
     }
+}
+
+/// Scaled dot-product attention over `heads` heads: `q`, `k`, `v` are
+/// `[batch, tokens, hidden]`, `bias` is added to the scores before the softmax
+/// (broadcast to `[batch, heads, tokens, tokens]`; `[batch, 1, 1, tokens]` with
+/// -1e9 on padded keys masks them). Dropout `p` applies to the attention
+/// probabilities in training mode. Returns `[batch, tokens, hidden]`.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    p: f32,
+    mode: &mut Mode,
+) -> Result<Tensor, ModelError> {
+    let &[batch, tokens, hidden] = q.shape() else {
+        return Err(ModelError::Invalid(format!(
+            "attention: q must be [batch, tokens, hidden], got {:?}",
+            q.shape()
+        )));
+    };
+    if heads == 0 || hidden % heads != 0 {
+        return Err(ModelError::Invalid(format!(
+            "attention: {hidden} features do not split into {heads} heads"
+        )));
+    }
+    let d = hidden / heads;
+    // [b, t, h] -> [b * heads, t, d] (or [b * heads, d, t] for keys).
+    let split = |t: &Tensor, perm: &[usize]| -> Result<Tensor, ModelError> {
+        let t = t.reshape(&[batch, tokens, heads, d])?.permute(perm)?;
+        let shape = t.shape().to_vec();
+        Ok(t.reshape(&[batch * heads, shape[2], shape[3]])?)
+    };
+    let (q, k, v) = (
+        split(q, &[0, 2, 1, 3])?,
+        split(k, &[0, 2, 3, 1])?,
+        split(v, &[0, 2, 1, 3])?,
+    );
+    let scores = q
+        .matmul(&k)?
+        .reshape(&[batch, heads, tokens, tokens])?
+        .mul_scalar(1.0 / (d as f32).sqrt())?
+        .add(bias)?;
+    let probs = dropout(&scores.softmax()?, p, mode)?;
+    Ok(probs
+        .reshape(&[batch * heads, tokens, tokens])?
+        .matmul(&v)?
+        .reshape(&[batch, heads, tokens, d])?
+        .permute(&[0, 2, 1, 3])?
+        .reshape(&[batch, tokens, hidden])?)
 }
 
 /// Mean of the real tokens' states (sentence-transformers' mean pooling):
