@@ -30,6 +30,12 @@ enum DatasetName {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum PretrainedName {
+    /// A BERT encoder in Hugging Face's layout (MiniLM by default).
+    Bert,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum LossName {
     CrossEntropy,
     Mse,
@@ -103,6 +109,44 @@ enum Command {
         #[arg(required = true)]
         texts: Vec<String>,
     },
+    /// Fine-tune a pretrained BERT with a classification head on a text dataset,
+    /// then report held-out accuracy.
+    Finetune {
+        #[arg(value_enum)]
+        model: PretrainedName,
+        /// Hugging Face model directory [default: the MiniLM fetched by
+        /// scripts/fetch-minilm.sh].
+        #[arg(long = "model")]
+        model_dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "imdb")]
+        dataset: DatasetName,
+        /// Training reviews, drawn at random (seeded) from the 25,000.
+        #[arg(long, default_value_t = 2000)]
+        train_samples: usize,
+        /// Held-out reviews to evaluate on.
+        #[arg(long, default_value_t = 1000)]
+        test_samples: usize,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Peak learning rate of the encoder (AdamW, warm-up then cosine decay).
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f32,
+        /// Learning rate of the new classification head (Adam).
+        #[arg(long, default_value_t = 1e-3)]
+        head_lr: f32,
+        /// Encoder blocks to freeze, from the bottom (the embeddings always are).
+        #[arg(long, default_value_t = 4)]
+        freeze_layers: usize,
+        /// Tokens per review; longer reviews are truncated.
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Evaluate a checkpoint on a test set.
     Eval {
         #[arg(long)]
@@ -171,6 +215,40 @@ fn main() -> std::process::ExitCode {
             limit_test,
         } => eval(&checkpoint, dataset, limit_test),
         Command::Predict { checkpoint, texts } => predict(&checkpoint, &texts),
+        Command::Finetune {
+            model: PretrainedName::Bert,
+            model_dir,
+            dataset,
+            train_samples,
+            test_samples,
+            epochs,
+            batch_size,
+            lr,
+            head_lr,
+            freeze_layers,
+            max_length,
+            seed,
+            no_progress,
+        } => {
+            let options = kiln::train::finetune::FinetuneOptions {
+                epochs,
+                batch_size,
+                lr,
+                head_lr,
+                seed,
+                progress: !no_progress,
+                ..Default::default()
+            };
+            let setup = FinetuneSetup {
+                model_dir,
+                dataset,
+                train_samples,
+                test_samples,
+                freeze_layers,
+                max_length,
+            };
+            finetune_bert(&setup, &options)
+        }
         Command::Embed {
             model,
             max_length,
@@ -431,5 +509,82 @@ fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<
     for row in embeddings.chunks(bert.config.hidden_size) {
         println!("{}", serde_json::to_string(row)?);
     }
+    Ok(())
+}
+
+/// What `kiln finetune bert` trains on, besides the optimiser settings.
+struct FinetuneSetup {
+    model_dir: Option<PathBuf>,
+    dataset: DatasetName,
+    train_samples: usize,
+    test_samples: usize,
+    freeze_layers: usize,
+    max_length: usize,
+}
+
+fn finetune_bert(
+    setup: &FinetuneSetup,
+    options: &kiln::train::finetune::FinetuneOptions,
+) -> Result<()> {
+    use kiln::models::bert::{Bert, BertClassifier};
+    use kiln::train::finetune::{evaluate_classifier, finetune};
+    if !matches!(setup.dataset, DatasetName::Imdb) {
+        bail!("BERT fine-tuning reads text: use --dataset imdb");
+    }
+    let dir = setup
+        .model_dir
+        .clone()
+        .unwrap_or_else(|| kiln::data::cache_dir().join("minilm"));
+    if !dir.join("model.safetensors").exists() {
+        bail!(
+            "no model.safetensors in {}: run scripts/fetch-minilm.sh, or pass --model DIR",
+            dir.display()
+        );
+    }
+    let reviews = imdb::load()?;
+    let picked = &kiln::data::shuffled_indices(reviews.train.len(), options.seed)
+        [..setup.train_samples.min(reviews.train.len())];
+    let train_texts: Vec<&str> = picked
+        .iter()
+        .map(|&i| reviews.train[i].text.as_str())
+        .collect();
+    let train_labels: Vec<u32> = picked.iter().map(|&i| reviews.train[i].label).collect();
+    let test = &reviews.test[..setup.test_samples.min(reviews.test.len())];
+    let test_texts: Vec<&str> = test.iter().map(|r| r.text.as_str()).collect();
+    let test_labels: Vec<u32> = test.iter().map(|r| r.label).collect();
+
+    let tokenizer = kiln::data::tokenize::PretrainedTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        setup.max_length,
+    )?;
+    let device = Device::new()?;
+    let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?;
+    classifier.freeze(setup.freeze_layers);
+    let layers = classifier.bert.config.num_hidden_layers;
+    println!(
+        "fine-tuning {} ({} of {layers} blocks trainable) on {} reviews, {} tokens, batch {}, on {}",
+        dir.display(),
+        layers.saturating_sub(setup.freeze_layers),
+        train_texts.len(),
+        setup.max_length,
+        options.batch_size,
+        device.adapter_info().name
+    );
+    let start = std::time::Instant::now();
+    finetune(
+        &classifier,
+        &tokenizer,
+        &train_texts,
+        &train_labels,
+        options,
+    )?;
+    let trained = start.elapsed().as_secs_f64();
+    let accuracy = evaluate_classifier(&classifier, &tokenizer, &test_texts, &test_labels, 32)?;
+    println!(
+        "test accuracy {:.2}% on {} held-out reviews; training {trained:.0} s, total {:.0} s",
+        100.0 * accuracy,
+        test_texts.len(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! [`Trainer::predict`], with validation split, progress bars, early stopping and
 //! per-epoch checkpoints that a run can resume from.
 
+pub mod finetune;
 mod history;
 
 pub use history::{EpochStats, History};

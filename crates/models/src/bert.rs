@@ -466,3 +466,57 @@ fn push_norm(out: &mut Vec<(String, Tensor)>, name: &str, n: &LayerNorm) {
     out.push((format!("{name}.weight"), n.gamma.clone()));
     out.push((format!("{name}.bias"), n.beta.clone()));
 }
+
+/// BERT with a classification head on the mean-pooled token states (the
+/// pooling sentence-transformers models such as MiniLM were trained with):
+/// `logits = W mean(h) + b`.
+pub struct BertClassifier {
+    pub bert: Bert,
+    pub head: Dense,
+}
+
+impl BertClassifier {
+    pub fn new(bert: Bert, classes: usize, seed: u64) -> Result<Self, ModelError> {
+        let device = bert.embeddings.word.device().clone();
+        let head = Dense::new(
+            &device,
+            bert.config.hidden_size,
+            classes,
+            Activation::None,
+            seed,
+        )?;
+        Ok(Self { bert, head })
+    }
+
+    /// Logits `[batch, classes]`.
+    pub fn forward(&self, input: &BertInput, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let hidden = self.bert.forward(input, mode)?;
+        let pooled = mean_pool(&hidden, input.mask)?;
+        self.head.forward(&pooled, mode)
+    }
+
+    /// Freezes the embeddings and the first `layers` encoder blocks: they get
+    /// no gradients (the backward pass stops above them) and optimizers skip
+    /// them. The pooler is unused by this head and frozen too.
+    pub fn freeze(&self, layers: usize) {
+        for (name, t) in self.bert.named_parameters() {
+            let frozen = name.starts_with("embeddings.")
+                || name.starts_with("pooler.")
+                || (0..layers).any(|l| name.starts_with(&format!("encoder.layer.{l}.")));
+            t.set_requires_grad(!frozen);
+        }
+    }
+
+    /// The encoder's parameters that are not frozen.
+    pub fn trainable_encoder_parameters(&self) -> Vec<Tensor> {
+        self.bert
+            .parameters()
+            .into_iter()
+            .filter(Tensor::is_requires_grad)
+            .collect()
+    }
+
+    pub fn head_parameters(&self) -> Vec<Tensor> {
+        vec![self.head.weight.clone(), self.head.bias.clone()]
+    }
+}
