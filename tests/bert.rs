@@ -111,6 +111,10 @@ fn minilm_matches_the_float64_reference_within_1e_4() {
     eprintln!("max |diff|: hidden states {worst:e}, pooled embeddings {diff:e}");
 }
 
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn tiny_config() -> BertConfig {
     BertConfig {
         vocab_size: 30,
@@ -177,4 +181,67 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
+    use kiln::models::bert::BertClassifier;
+    use kiln::train::finetune::{evaluate_classifier, finetune, FinetuneOptions};
+    let d = common::device();
+    let tokenizer = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 16)
+        .expect("run scripts/fetch-minilm.sh first");
+    // No dropout: at hidden size 8 it drowns the one informative word.
+    let config = BertConfig {
+        vocab_size: 30_522,
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..tiny_config()
+    };
+    let model = BertClassifier::new(Bert::new(d, config, 5).unwrap(), 2, 6).unwrap();
+    model.freeze(1);
+    let frozen_before = model.bert.named_parameters()[..8]
+        .iter()
+        .map(|(_, t)| t.to_vec().unwrap())
+        .collect::<Vec<_>>();
+    let top_before = model.bert.layers[1].query.weight.to_vec().unwrap();
+    // Sentiment carried by one word among neutral ones.
+    let filler = [
+        "the", "film", "was", "really", "quite", "a", "story", "of", "actors",
+    ];
+    let make = |n: usize, seed: usize| -> (Vec<String>, Vec<u32>) {
+        (0..n)
+            .map(|i| {
+                let label = ((i + seed) % 2) as u32;
+                let word = if label == 1 { "wonderful" } else { "terrible" };
+                let mut words: Vec<&str> =
+                    (0..5).map(|k| filler[(i * 7 + k * 3 + seed) % 9]).collect();
+                words.insert((i + seed) % 5, word);
+                (words.join(" "), label)
+            })
+            .unzip()
+    };
+    let (train, train_labels) = make(128, 0);
+    let (test, test_labels) = make(64, 1);
+    let options = FinetuneOptions {
+        epochs: 15,
+        batch_size: 16,
+        lr: 1e-2,
+        head_lr: 1e-2,
+        warmup_steps: 4,
+        progress: false,
+        ..Default::default()
+    };
+    finetune(&model, &tokenizer, &refs(&train), &train_labels, &options).unwrap();
+    let accuracy = evaluate_classifier(&model, &tokenizer, &refs(&test), &test_labels, 32).unwrap();
+    assert!(accuracy >= 0.9, "accuracy {accuracy} on 64 held-out texts");
+    for ((name, t), before) in model.bert.named_parameters()[..8]
+        .iter()
+        .zip(&frozen_before)
+    {
+        assert_eq!(&t.to_vec().unwrap(), before, "{name} is frozen");
+    }
+    assert_ne!(
+        model.bert.layers[1].query.weight.to_vec().unwrap(),
+        top_before
+    );
 }
