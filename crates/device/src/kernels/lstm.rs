@@ -56,6 +56,42 @@ pub struct LstmBackward<'a> {
     pub dh_carry: &'a GpuBuffer,
 }
 
+/// Element counts of the sequence buffers for one shape.
+struct Lengths {
+    /// `[T, B, 4H]`.
+    gates: usize,
+    /// `[T + 1, B, H]`.
+    states: usize,
+    /// `[T, B, H]`.
+    outputs: usize,
+    /// `[T, B]`.
+    mask: usize,
+    /// `[B, H]`.
+    carry: usize,
+}
+
+impl LstmShape {
+    fn lengths(&self) -> Lengths {
+        let (t, b, h) = (self.steps, self.batch, self.hidden);
+        Lengths {
+            gates: t * b * 4 * h,
+            states: (t + 1) * b * h,
+            outputs: t * b * h,
+            mask: t * b,
+            carry: b * h,
+        }
+    }
+}
+
+/// Each buffer must hold f32 and at least its length.
+fn expect_buffers(op: &'static str, buffers: &[(&str, &GpuBuffer, usize)]) -> Result<()> {
+    for &(name, buf, len) in buffers {
+        expect_f32(op, name, buf)?;
+        expect_len(op, name, buf, len)?;
+    }
+    Ok(())
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -70,25 +106,19 @@ impl Device {
     /// projections and recurrent products.
     pub fn lstm_forward_step(&self, shape: &LstmShape, t: usize, b: &LstmForward) -> Result<()> {
         const OP: &str = "lstm_forward_step";
-        let LstmShape {
-            steps,
-            batch,
-            hidden,
-        } = *shape;
-        let gate_len = steps * batch * 4 * hidden;
-        let state_len = (steps + 1) * batch * hidden;
-        for (name, buf, len) in [
-            ("xproj", b.xproj, gate_len),
-            ("rec", b.rec, gate_len),
-            ("bias", b.bias, 4 * hidden),
-            ("mask", b.mask, steps * batch),
-            ("gates", b.gates, gate_len),
-            ("cells", b.cells, state_len),
-            ("states", b.states, state_len),
-        ] {
-            expect_f32(OP, name, buf)?;
-            expect_len(OP, name, buf, len)?;
-        }
+        let len = shape.lengths();
+        expect_buffers(
+            OP,
+            &[
+                ("xproj", b.xproj, len.gates),
+                ("rec", b.rec, len.gates),
+                ("bias", b.bias, 4 * shape.hidden),
+                ("mask", b.mask, len.mask),
+                ("gates", b.gates, len.gates),
+                ("cells", b.cells, len.states),
+                ("states", b.states, len.states),
+            ],
+        )?;
         let kernel = self.kernel("lstm_step", || Specialize::new(FORWARD_SRC).build())?;
         let (params, grid) = self.lstm_launch(OP, shape, t)?;
         self.dispatch(
@@ -102,26 +132,20 @@ impl Device {
     /// Runs backward step `t` (call for `t = T-1` down to 0).
     pub fn lstm_backward_step(&self, shape: &LstmShape, t: usize, b: &LstmBackward) -> Result<()> {
         const OP: &str = "lstm_backward_step";
-        let LstmShape {
-            steps,
-            batch,
-            hidden,
-        } = *shape;
-        let gate_len = steps * batch * 4 * hidden;
-        let state_len = (steps + 1) * batch * hidden;
-        for (name, buf, len) in [
-            ("d_out", b.d_out, steps * batch * hidden),
-            ("dh_rec", b.dh_rec, state_len),
-            ("mask", b.mask, steps * batch),
-            ("gates", b.gates, gate_len),
-            ("cells", b.cells, state_len),
-            ("d_gates", b.d_gates, gate_len),
-            ("dc", b.dc, batch * hidden),
-            ("dh_carry", b.dh_carry, batch * hidden),
-        ] {
-            expect_f32(OP, name, buf)?;
-            expect_len(OP, name, buf, len)?;
-        }
+        let len = shape.lengths();
+        expect_buffers(
+            OP,
+            &[
+                ("d_out", b.d_out, len.outputs),
+                ("dh_rec", b.dh_rec, len.states),
+                ("mask", b.mask, len.mask),
+                ("gates", b.gates, len.gates),
+                ("cells", b.cells, len.states),
+                ("d_gates", b.d_gates, len.gates),
+                ("dc", b.dc, len.carry),
+                ("dh_carry", b.dh_carry, len.carry),
+            ],
+        )?;
         let kernel = self.kernel("lstm_step_backward", || {
             Specialize::new(BACKWARD_SRC).build()
         })?;
