@@ -482,15 +482,22 @@ fn predict(path: &Path, texts: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<()> {
-    use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertInput};
-    let dir = model.unwrap_or_else(|| kiln::data::cache_dir().join("minilm"));
+/// The Hugging Face model directory to use: `dir`, else the MiniLM that
+/// scripts/fetch-minilm.sh fetches; an error says how to get one.
+fn pretrained_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = dir.unwrap_or_else(|| kiln::data::cache_dir().join("minilm"));
     if !dir.join("model.safetensors").exists() {
         bail!(
             "no model.safetensors in {}: run scripts/fetch-minilm.sh, or pass --model DIR",
             dir.display()
         );
     }
+    Ok(dir)
+}
+
+fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<()> {
+    use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertInput};
+    let dir = pretrained_dir(model)?;
     let tokenizer = kiln::data::tokenize::PretrainedTokenizer::from_file(
         &dir.join("tokenizer.json"),
         max_length,
@@ -531,16 +538,7 @@ fn finetune_bert(
     if !matches!(setup.dataset, DatasetName::Imdb) {
         bail!("BERT fine-tuning reads text: use --dataset imdb");
     }
-    let dir = setup
-        .model_dir
-        .clone()
-        .unwrap_or_else(|| kiln::data::cache_dir().join("minilm"));
-    if !dir.join("model.safetensors").exists() {
-        bail!(
-            "no model.safetensors in {}: run scripts/fetch-minilm.sh, or pass --model DIR",
-            dir.display()
-        );
-    }
+    let dir = pretrained_dir(setup.model_dir.clone())?;
     let reviews = imdb::load()?;
     let picked = &kiln::data::shuffled_indices(reviews.train.len(), options.seed)
         [..setup.train_samples.min(reviews.train.len())];

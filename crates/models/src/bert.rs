@@ -433,12 +433,7 @@ fn dropout(x: &Tensor, p: f32, mode: &mut Mode) -> Result<Tensor, ModelError> {
     if !mode.training || p == 0.0 {
         return Ok(x.clone());
     }
-    let seed = mode.seed;
-    mode.seed = mode
-        .seed
-        .wrapping_mul(747_796_405)
-        .wrapping_add(2_891_336_453);
-    Ok(x.dropout(p, seed, true)?)
+    Ok(x.dropout(p, mode.next_seed(), true)?)
 }
 
 /// Linear layers' weights are the 2-D `.weight`s outside the embeddings.

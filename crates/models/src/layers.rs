@@ -31,6 +31,14 @@ impl Mode {
             mask: None,
         }
     }
+
+    /// The seed for one random draw (a dropout call), advancing `seed` so
+    /// consecutive layers and steps get different streams.
+    pub fn next_seed(&mut self) -> u32 {
+        let seed = self.seed;
+        self.seed = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+        seed
+    }
 }
 
 /// A building block of a model.
@@ -162,12 +170,7 @@ impl Layer for Dropout {
     }
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let seed = mode.seed;
-        // A new stream per dropout call: consecutive layers and steps differ.
-        mode.seed = mode
-            .seed
-            .wrapping_mul(747_796_405)
-            .wrapping_add(2_891_336_453);
+        let seed = mode.next_seed();
         Ok(x.dropout(self.p, seed, mode.training)?)
     }
 
