@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         ids: &ids,
         mask: &mask,
         shape: [INFER_BATCH, TOKENS],
+        token_types: None,
     };
     let infer = || -> anyhow::Result<()> {
         let _guard = NoGradGuard::new();
@@ -72,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         ids: &ids,
         mask: &mask,
         shape: [TRAIN_BATCH, TOKENS],
+        token_types: None,
     };
     let labels: Vec<u32> = (0..TRAIN_BATCH as u32).map(|i| i % 2).collect();
     let mut params = model.bert.parameters();

@@ -8,6 +8,8 @@
 //! - [`device`]: adapter selection, buffers and GPU kernels (`kiln-device`).
 //! - [`graph`]: tensors and autodiff (`kiln-graph`).
 //! - [`models`]: layers and models (`kiln-models`).
+//! - [`data`], [`train`], [`zoo`], [`pretrained`]: datasets, the training loop,
+//!   ready-made architectures, fine-tuned pretrained classifiers.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), kiln::device::DeviceError> {
@@ -17,6 +19,7 @@
 //! ```
 
 pub mod data;
+pub mod pretrained;
 pub mod train;
 pub mod zoo;
 

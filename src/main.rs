@@ -6,6 +6,7 @@ use kiln::data::text::TextVectorizer;
 use kiln::data::{fashion_mnist, imdb, mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 use kiln::graph::optim::Adam;
+use kiln::pretrained::TextClassifier;
 use kiln::train::{EarlyStopping, FitOptions, Loss, Trainer};
 use kiln::zoo::Architecture;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,27 @@ enum DatasetName {
 enum PretrainedName {
     /// A BERT encoder in Hugging Face's layout (MiniLM by default).
     Bert,
+}
+
+/// Which tokens of a long text a pretrained model sees.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TruncationName {
+    /// The first tokens.
+    Head,
+    /// The first quarter of the budget from the start, the rest from the end.
+    HeadTail,
+}
+
+impl TruncationName {
+    fn for_length(self, max_length: usize) -> kiln::data::tokenize::Truncation {
+        use kiln::data::tokenize::Truncation;
+        match self {
+            Self::Head => Truncation::Head,
+            Self::HeadTail => Truncation::HeadTail {
+                head: max_length / 4,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +112,8 @@ enum Command {
     },
     /// Classify texts with a trained text model (e.g. `kiln train lstm --dataset imdb`).
     Predict {
+        /// A checkpoint of `kiln train`, or the directory `kiln finetune`
+        /// wrote.
         #[arg(long)]
         checkpoint: PathBuf,
         /// The texts to classify.
@@ -142,6 +166,13 @@ enum Command {
         /// Tokens per review; longer reviews are truncated.
         #[arg(long, default_value_t = 128)]
         max_length: usize,
+        /// Which tokens of a longer review are kept.
+        #[arg(long, value_enum, default_value = "head-tail")]
+        truncation: TruncationName,
+        /// Directory to save the fine-tuned classifier and its tokenizer in
+        /// (for `kiln predict` and `kiln eval`).
+        #[arg(long, default_value = "runs/bert-imdb")]
+        output: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -227,6 +258,8 @@ fn main() -> std::process::ExitCode {
             head_lr,
             freeze_layers,
             max_length,
+            truncation,
+            output,
             seed,
             no_progress,
         } => {
@@ -246,6 +279,8 @@ fn main() -> std::process::ExitCode {
                 test_samples,
                 freeze_layers,
                 max_length,
+                truncation,
+                output,
             };
             finetune_bert(&setup, &options)
         }
@@ -442,6 +477,9 @@ fn open_trained(path: &Path) -> Result<Trained> {
 }
 
 fn eval(path: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+    if let Some(dir) = finetuned_dir(path) {
+        return eval_finetuned(&dir, dataset, limit_test);
+    }
     let trained = open_trained(path)?;
     check_pair(trained.model, dataset)?;
     let (_, mut test, _) = load(dataset, trained.vectorizer)?;
@@ -459,6 +497,9 @@ fn eval(path: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<
 }
 
 fn predict(path: &Path, texts: &[String]) -> Result<()> {
+    if let Some(dir) = finetuned_dir(path) {
+        return predict_finetuned(&dir, texts);
+    }
     let trained = open_trained(path)?;
     let Some(vectorizer) = trained.vectorizer else {
         bail!(
@@ -496,7 +537,7 @@ fn pretrained_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<()> {
-    use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertInput};
+    use kiln::models::bert::{l2_normalize, mean_pool, Bert};
     let dir = pretrained_dir(model)?;
     let tokenizer = kiln::data::tokenize::PretrainedTokenizer::from_file(
         &dir.join("tokenizer.json"),
@@ -505,11 +546,7 @@ fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<
     let device = Device::new()?;
     let bert = Bert::from_pretrained(&device, &dir)?;
     let batch = tokenizer.batch(texts)?;
-    let input = BertInput {
-        ids: &batch.ids,
-        mask: &batch.mask,
-        shape: batch.shape,
-    };
+    let input = batch.input();
     let _no_grad = kiln::graph::NoGradGuard::new();
     let hidden = bert.forward(&input, &mut kiln::models::Mode::eval())?;
     let embeddings = l2_normalize(&mean_pool(&hidden, &batch.mask)?)?.to_vec()?;
@@ -527,6 +564,8 @@ struct FinetuneSetup {
     test_samples: usize,
     freeze_layers: usize,
     max_length: usize,
+    truncation: TruncationName,
+    output: PathBuf,
 }
 
 fn finetune_bert(
@@ -554,17 +593,19 @@ fn finetune_bert(
     let tokenizer = kiln::data::tokenize::PretrainedTokenizer::from_file(
         &dir.join("tokenizer.json"),
         setup.max_length,
-    )?;
+    )?
+    .with_truncation(setup.truncation.for_length(setup.max_length));
     let device = Device::new()?;
     let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?;
     classifier.freeze(setup.freeze_layers);
     let layers = classifier.bert.config.num_hidden_layers;
     println!(
-        "fine-tuning {} ({} of {layers} blocks trainable) on {} reviews, {} tokens, batch {}, on {}",
+        "fine-tuning {} ({} of {layers} blocks trainable) on {} reviews, {} tokens ({:?}), batch {}, on {}",
         dir.display(),
         layers.saturating_sub(setup.freeze_layers),
         train_texts.len(),
         setup.max_length,
+        tokenizer.truncation,
         options.batch_size,
         device.adapter_info().name
     );
@@ -577,12 +618,83 @@ fn finetune_bert(
         options,
     )?;
     let trained = start.elapsed().as_secs_f64();
-    let accuracy = evaluate_classifier(&classifier, &tokenizer, &test_texts, &test_labels, 32)?;
+    let finetuned = TextClassifier {
+        model: classifier,
+        tokenizer,
+        labels: IMDB_LABELS.iter().map(|l| l.to_string()).collect(),
+    };
+    finetuned.save(&setup.output)?;
+    println!("saved {}", setup.output.display());
+    let accuracy = evaluate_classifier(
+        &finetuned.model,
+        &finetuned.tokenizer,
+        &test_texts,
+        &test_labels,
+        32,
+    )?;
     println!(
         "test accuracy {:.2}% on {} held-out reviews; training {trained:.0} s, total {:.0} s",
         100.0 * accuracy,
         test_texts.len(),
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// IMDB's classes by label index.
+const IMDB_LABELS: [&str; 2] = ["negative", "positive"];
+
+/// The directory of a fine-tuned classifier that `path` names (the directory
+/// itself or its model file), if it is one.
+fn finetuned_dir(path: &Path) -> Option<PathBuf> {
+    use kiln::pretrained::{MODEL_FILE, TOKENIZER_FILE};
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else if path.file_name()? == MODEL_FILE {
+        path.parent()?.to_path_buf()
+    } else {
+        return None;
+    };
+    dir.join(TOKENIZER_FILE).is_file().then_some(dir)
+}
+
+fn predict_finetuned(dir: &Path, texts: &[String]) -> Result<()> {
+    let device = Device::new()?;
+    let classifier = TextClassifier::open(&device, dir)?;
+    for (text, p) in texts.iter().zip(classifier.predict(texts, 32)?) {
+        let best = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
+            .unwrap_or(0);
+        println!("{} ({:.3})  {text}", classifier.labels[best], p[best]);
+    }
+    Ok(())
+}
+
+fn eval_finetuned(dir: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+    if !matches!(dataset, DatasetName::Imdb) {
+        bail!(
+            "{} holds a text classifier: use --dataset imdb",
+            dir.display()
+        );
+    }
+    let device = Device::new()?;
+    let classifier = TextClassifier::open(&device, dir)?;
+    let reviews = imdb::load()?;
+    let test = &reviews.test[..limit_test.unwrap_or(usize::MAX).min(reviews.test.len())];
+    let texts: Vec<&str> = test.iter().map(|r| r.text.as_str()).collect();
+    let labels: Vec<u32> = test.iter().map(|r| r.label).collect();
+    let accuracy = kiln::train::finetune::evaluate_classifier(
+        &classifier.model,
+        &classifier.tokenizer,
+        &texts,
+        &labels,
+        32,
+    )?;
+    println!(
+        "{}: test accuracy {:.2}% on {} reviews",
+        dir.display(),
+        100.0 * accuracy,
+        test.len()
     );
     Ok(())
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use kiln::data::cache_dir;
-use kiln::data::tokenize::PretrainedTokenizer;
+use kiln::data::tokenize::{PretrainedTokenizer, Truncation};
 use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertConfig, BertInput};
 use kiln::models::Mode;
 use std::path::PathBuf;
@@ -75,6 +75,19 @@ fn the_tokenizer_gives_the_reference_ids() {
     let cut = short.encode(&r.sentences[3]).unwrap();
     assert_eq!(cut.len(), 6);
     assert_eq!((cut[0], cut[5]), (101, 102));
+    let full = &r.ids[3];
+    assert_eq!(cut[1..5], full[1..5]);
+    // Head+tail keeps the first `head` text tokens and the last ones.
+    let both = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 6)
+        .unwrap()
+        .with_truncation(Truncation::HeadTail { head: 1 });
+    let cut = both.encode(&r.sentences[3]).unwrap();
+    let n = full.len();
+    assert!(n > 8, "the sentence must be longer than the limit");
+    assert_eq!(
+        cut,
+        [101, full[1], full[n - 4], full[n - 3], full[n - 2], 102]
+    );
 }
 
 #[test]
@@ -86,11 +99,7 @@ fn minilm_matches_the_float64_reference_within_1e_4() {
         PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 512).unwrap();
     // One padded batch: padding must not change any real token's state.
     let batch = tokenizer.batch(&r.sentences).unwrap();
-    let input = BertInput {
-        ids: &batch.ids,
-        mask: &batch.mask,
-        shape: batch.shape,
-    };
+    let input = batch.input();
     let hidden = bert.forward(&input, &mut Mode::eval()).unwrap();
     let h = bert.config.hidden_size;
     let tokens = batch.shape[1];
@@ -244,4 +253,144 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
         model.bert.layers[1].query.weight.to_vec().unwrap(),
         top_before
     );
+}
+
+#[test]
+fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
+    use kiln::models::bert::BertClassifier;
+    use kiln::pretrained::TextClassifier;
+    let d = common::device();
+    let dir = std::env::temp_dir().join(format!("kiln-textclf-{}", std::process::id()));
+    let config = BertConfig {
+        vocab_size: 30_522,
+        ..tiny_config()
+    };
+    let saved = TextClassifier {
+        model: BertClassifier::new(Bert::new(d, config, 7).unwrap(), 3, 8).unwrap(),
+        tokenizer: PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 12)
+            .unwrap()
+            .with_truncation(Truncation::HeadTail { head: 3 }),
+        labels: vec!["a".into(), "b".into(), "c".into()],
+    };
+    saved.save(&dir).unwrap();
+    let opened = TextClassifier::open(d, &dir).unwrap();
+    assert_eq!(opened.labels, saved.labels);
+    assert_eq!(opened.tokenizer.max_length, 12);
+    assert_eq!(
+        opened.tokenizer.truncation,
+        Truncation::HeadTail { head: 3 }
+    );
+    let texts = [
+        "a long sentence that the tokenizer has to cut somewhere in its middle",
+        "short",
+    ];
+    let before = saved.predict(&texts, 1).unwrap();
+    let after = opened.predict(&texts, 2).unwrap();
+    assert_eq!(before.len(), 2);
+    for (b, a) in before.iter().zip(&after) {
+        assert!((b.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(max_abs_diff(b, a) < 1e-6, "{b:?} vs {a:?}");
+    }
+    // The file is the plain encoder under `bert.` plus `head.*`.
+    let file = kiln::models::checkpoint::Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    assert_eq!(file.shape("head.weight"), Some(vec![3, 8]));
+    assert!(file
+        .shape("bert.encoder.layer.1.output.dense.weight")
+        .is_some());
+
+    // Labels that do not match the head, and a missing directory, are clear
+    // errors.
+    let wrong = TextClassifier {
+        labels: vec!["only".into()],
+        ..saved
+    };
+    wrong.save(&dir).unwrap();
+    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    assert!(err.contains("1 labels for a 3-class head"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    assert!(err.contains("kiln finetune bert"), "{err}");
+    // A plain encoder checkpoint is not a classifier.
+    let plain = std::env::temp_dir().join(format!("kiln-plain-{}.safetensors", std::process::id()));
+    Bert::new(d, tiny_config(), 1)
+        .unwrap()
+        .save_safetensors(&plain)
+        .unwrap();
+    let err = BertClassifier::open(d, &plain).err().unwrap().to_string();
+    assert!(err.contains("not a fine-tuned BERT classifier"), "{err}");
+    std::fs::remove_file(&plain).unwrap();
+}
+
+#[test]
+fn token_types_select_rows_of_the_token_type_table() {
+    // Swapping the table's two rows and asking for type 1 everywhere must give
+    // the default (all type 0) output of the unswapped model.
+    let d = common::device();
+    let bert = Bert::new(d, tiny_config(), 9).unwrap();
+    let ids: Vec<u32> = vec![3, 7, 1, 4, 9, 2, 2, 5];
+    let mask = vec![1.0f32; 8];
+    let shape = [2, 4];
+    let plain = BertInput {
+        ids: &ids,
+        mask: &mask,
+        shape,
+        token_types: None,
+    };
+    let want = bert
+        .forward(&plain, &mut Mode::eval())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let table = bert.embeddings.token_type.to_vec().unwrap();
+    let h = tiny_config().hidden_size;
+    let swapped: Vec<f32> = table[h..2 * h].iter().chain(&table[..h]).copied().collect();
+    d.copy_into(
+        &d.upload(&swapped).unwrap(),
+        bert.embeddings.token_type.buffer(),
+    )
+    .unwrap();
+    let ones = vec![1u32; 8];
+    let typed = BertInput {
+        token_types: Some(&ones),
+        ..plain
+    };
+    let got = bert
+        .forward(&typed, &mut Mode::eval())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert!(max_abs_diff(&want, &got) < 1e-6);
+    // Mixed types differ from both, and a bad type id or length is an error.
+    let mixed: Vec<u32> = (0..8).map(|i| i % 2).collect();
+    let other = bert
+        .forward(
+            &BertInput {
+                token_types: Some(&mixed),
+                ..plain
+            },
+            &mut Mode::eval(),
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert!(max_abs_diff(&want, &other) > 1e-3);
+    let bad = vec![2u32; 8];
+    assert!(bert
+        .forward(
+            &BertInput {
+                token_types: Some(&bad),
+                ..plain
+            },
+            &mut Mode::eval()
+        )
+        .is_err());
+    assert!(bert
+        .forward(
+            &BertInput {
+                token_types: Some(&ones[..5]),
+                ..plain
+            },
+            &mut Mode::eval()
+        )
+        .is_err());
 }

@@ -133,3 +133,65 @@ fn embed_prints_one_unit_vector_per_text() {
     // Paraphrases are closer than unrelated sentences.
     assert!(dot(&rows[0], &rows[1]) > dot(&rows[0], &rows[2]) + 0.3);
 }
+
+#[test]
+fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-bert-{}", std::process::id()));
+    let run = |args: &[&str]| {
+        let out = kiln().args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    // Head only, few short reviews: this checks the plumbing, not accuracy.
+    let dir_arg = dir.to_str().unwrap();
+    run(&[
+        "finetune",
+        "bert",
+        "--train-samples",
+        "16",
+        "--test-samples",
+        "16",
+        "--freeze-layers",
+        "6",
+        "--max-length",
+        "24",
+        "--no-progress",
+        "--output",
+        dir_arg,
+    ]);
+    let predicted = run(&[
+        "predict",
+        "--checkpoint",
+        dir_arg,
+        "What a wonderful film.",
+        "Dreadful.",
+    ]);
+    let lines: Vec<&str> = predicted.lines().collect();
+    assert_eq!(lines.len(), 2, "{predicted}");
+    for line in &lines {
+        assert!(
+            line.starts_with("positive (") || line.starts_with("negative ("),
+            "{line}"
+        );
+    }
+    let model_file = dir.join("model.safetensors");
+    let evaluated = run(&[
+        "eval",
+        "--checkpoint",
+        model_file.to_str().unwrap(),
+        "--dataset",
+        "imdb",
+        "--limit-test",
+        "8",
+    ]);
+    assert!(
+        evaluated.contains("test accuracy") && evaluated.contains("on 8 reviews"),
+        "{evaluated}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -36,6 +36,14 @@ pub enum DataError {
     },
 }
 
+/// Model code reports data problems (a missing tokenizer, a text it cannot
+/// encode) in its own error type, with the same message.
+impl From<DataError> for kiln_models::ModelError {
+    fn from(e: DataError) -> Self {
+        kiln_models::ModelError::Invalid(e.to_string())
+    }
+}
+
 /// Where Kiln keeps downloaded and converted data: `$KILN_CACHE`, else
 /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
 pub fn cache_dir() -> PathBuf {

@@ -5,7 +5,45 @@
 
 use super::DataError;
 use std::path::Path;
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
+
+/// Which tokens a text longer than the limit keeps. Special tokens
+/// (`[CLS]`, `[SEP]`) are always kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// The first tokens (what `tokenizers` and Hugging Face do by default).
+    #[default]
+    Head,
+    /// The first `head` tokens and as many of the last as fit. Reviews tend to
+    /// state their verdict at the end; Sun et al. (2019, "How to Fine-Tune BERT
+    /// for Text Classification") found head+tail best on IMDB.
+    HeadTail { head: usize },
+}
+
+impl std::fmt::Display for Truncation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Head => write!(f, "head"),
+            Self::HeadTail { head } => write!(f, "head-tail:{head}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Truncation {
+    type Err = DataError;
+
+    /// Reads what `Display` writes: `head` or `head-tail:N`.
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        let head = s.strip_prefix("head-tail:").map(str::parse::<usize>);
+        match (s, head) {
+            ("head", _) => Ok(Self::Head),
+            (_, Some(Ok(head))) => Ok(Self::HeadTail { head }),
+            _ => Err(DataError::Invalid(format!(
+                "truncation {s:?}: expected `head` or `head-tail:N`"
+            ))),
+        }
+    }
+}
 
 /// A pretrained tokenizer that truncates to `max_length` tokens (special
 /// tokens included) and pads batches to their longest member.
@@ -13,6 +51,7 @@ pub struct PretrainedTokenizer {
     inner: Tokenizer,
     pad_id: u32,
     pub max_length: usize,
+    pub truncation: Truncation,
 }
 
 /// Token ids of a padded batch, its attention mask (1 real, 0 padding) and
@@ -24,8 +63,21 @@ pub struct TokenBatch {
     pub shape: [usize; 2],
 }
 
+impl TokenBatch {
+    /// The batch as a BERT model's input (single segment).
+    pub fn input(&self) -> kiln_models::bert::BertInput<'_> {
+        kiln_models::bert::BertInput {
+            ids: &self.ids,
+            mask: &self.mask,
+            shape: self.shape,
+            token_types: None,
+        }
+    }
+}
+
 impl PretrainedTokenizer {
-    /// Reads `tokenizer.json`; inputs longer than `max_length` tokens are cut.
+    /// Reads `tokenizer.json`; inputs longer than `max_length` tokens keep
+    /// their first tokens (see [`PretrainedTokenizer::with_truncation`]).
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
         let mut inner = Tokenizer::from_file(path).map_err(|e| DataError::Corrupt {
             path: path.to_path_buf(),
@@ -34,26 +86,67 @@ impl PretrainedTokenizer {
         })?;
         inner.with_padding(None);
         inner
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| DataError::Invalid(format!("truncation to {max_length}: {e}")))?;
+            .with_truncation(None)
+            .map_err(|e| DataError::Invalid(format!("turning truncation off: {e}")))?;
         let pad_id = inner.token_to_id("[PAD]").unwrap_or(0);
         Ok(Self {
             inner,
             pad_id,
             max_length,
+            truncation: Truncation::Head,
         })
     }
 
-    /// Ids of one text, special tokens included (`[CLS] ... [SEP]` for BERT).
+    /// Writes the tokenizer as `tokenizer.json` (without padding or
+    /// truncation: those are Kiln's settings, kept by the caller), atomically.
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| DataError::Invalid(format!("serialising the tokenizer: {e}")))?;
+        kiln_models::checkpoint::write_atomic(path, json.as_bytes()).map_err(|source| {
+            DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Chooses which tokens long texts keep.
+    pub fn with_truncation(mut self, truncation: Truncation) -> Self {
+        self.truncation = truncation;
+        self
+    }
+
+    /// Ids of one text, special tokens included (`[CLS] ... [SEP]` for BERT),
+    /// cut to `max_length` as [`Truncation`] says.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         let encoding = self
             .inner
             .encode(text, true)
             .map_err(|e| DataError::Invalid(format!("tokenizing {text:?}: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = encoding.get_ids();
+        if ids.len() <= self.max_length {
+            return Ok(ids.to_vec());
+        }
+        // Special tokens sit at both ends; truncation only touches the text
+        // between them.
+        let special = encoding.get_special_tokens_mask();
+        let prefix = special.iter().take_while(|&&s| s == 1).count();
+        let suffix = special.iter().rev().take_while(|&&s| s == 1).count();
+        let budget = self.max_length.saturating_sub(prefix + suffix);
+        let content = &ids[prefix..ids.len() - suffix];
+        let head = match self.truncation {
+            Truncation::Head => budget,
+            Truncation::HeadTail { head } => head.min(budget),
+        };
+        let tail = budget - head;
+        let mut kept = Vec::with_capacity(self.max_length);
+        kept.extend_from_slice(&ids[..prefix]);
+        kept.extend_from_slice(&content[..head]);
+        kept.extend_from_slice(&content[content.len() - tail..]);
+        kept.extend_from_slice(&ids[ids.len() - suffix..]);
+        Ok(kept)
     }
 
     /// Encodes `texts` and pads them to the longest.

@@ -7,7 +7,7 @@ use crate::data::shuffled_indices;
 use crate::data::tokenize::PretrainedTokenizer;
 use kiln_graph::optim::{clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer};
 use kiln_graph::{loss, NoGradGuard};
-use kiln_models::bert::{BertClassifier, BertInput};
+use kiln_models::bert::BertClassifier;
 use kiln_models::{Mode, ModelError};
 use std::time::Instant;
 
@@ -101,12 +101,8 @@ pub fn finetune(
         for (i, indices) in batches.iter().enumerate() {
             let batch_texts: Vec<&str> = indices.iter().map(|&j| texts[j]).collect();
             let batch_labels: Vec<u32> = indices.iter().map(|&j| labels[j]).collect();
-            let tokens = tokenizer.batch(&batch_texts).map_err(data_error)?;
-            let input = BertInput {
-                ids: &tokens.ids,
-                mask: &tokens.mask,
-                shape: tokens.shape,
-            };
+            let tokens = tokenizer.batch(&batch_texts)?;
+            let input = tokens.input();
             let seed = (options.seed as u32).wrapping_add(step as u32 * 7919);
             let logits = model.forward(&input, &mut Mode::training(seed))?;
             let l = loss::cross_entropy(&logits, &batch_labels)?;
@@ -162,12 +158,8 @@ pub fn evaluate_classifier(
         .chunks(batch_size.max(1))
         .zip(labels.chunks(batch_size.max(1)))
     {
-        let tokens = tokenizer.batch(chunk).map_err(data_error)?;
-        let input = BertInput {
-            ids: &tokens.ids,
-            mask: &tokens.mask,
-            shape: tokens.shape,
-        };
+        let tokens = tokenizer.batch(chunk)?;
+        let input = tokens.input();
         let logits = model.forward(&input, &mut Mode::eval())?;
         correct += count_correct(&logits.to_vec()?, chunk_labels);
     }
@@ -188,8 +180,4 @@ fn count_correct(logits: &[f32], labels: &[u32]) -> usize {
             best == Some(label)
         })
         .count()
-}
-
-fn data_error(e: crate::data::DataError) -> ModelError {
-    ModelError::Invalid(e.to_string())
 }

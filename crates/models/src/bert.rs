@@ -6,14 +6,15 @@
 //! Linear weights are kept `[in, out]` (Kiln's `Dense` layout); Hugging Face
 //! stores them `[out, in]`, so loading transposes them once.
 
-use crate::checkpoint::{Checkpoint, ModelError};
+use crate::checkpoint::{Checkpoint, ModelError, NamedValues};
 use crate::layers::{Activation, Dense, Layer, Mode};
 use kiln_graph::{Device, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// The fields of a Hugging Face BERT `config.json` that shape the model.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct BertConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -127,6 +128,9 @@ pub struct BertInput<'a> {
     pub mask: &'a [f32],
     /// `[batch, tokens]`.
     pub shape: [usize; 2],
+    /// Segment of each token (0 for the first sentence, 1 for the second of a
+    /// pair); `None` means all 0.
+    pub token_types: Option<&'a [u32]>,
 }
 
 impl Bert {
@@ -244,52 +248,34 @@ impl Bert {
         } else {
             ""
         };
-        let params = self.named_parameters();
-        let expected: Vec<String> = params.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
-        let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+        let params = prefixed(prefix, self.named_parameters());
         let position_ids = format!("{prefix}embeddings.position_ids");
-        file.check_names(&expected, &[position_ids.as_str(), "cls."])?;
-        for (name, t) in &params {
-            let shape = t.shape();
-            let values = if is_linear_weight(name, shape) {
-                // Stored [out, in] = [cols, rows] of ours.
-                let (rows, cols) = (shape[0], shape[1]);
-                let stored = file.tensor_f32(&format!("{prefix}{name}"), &[cols, rows])?;
-                transpose(&stored, cols, rows)
-            } else {
-                file.tensor_f32(&format!("{prefix}{name}"), shape)?
-            };
-            let device = t.device();
-            device.copy_into(&device.upload(&values)?, t.buffer())?;
-        }
-        Ok(())
+        load_hf_layout(&file, &params, &[position_ids.as_str(), "cls."])
     }
 
     /// Writes the parameters in Hugging Face's layout and names (Linear weights
     /// `[out, in]`), atomically, so the file loads here and in `transformers`.
     pub fn save_safetensors(&self, path: &Path) -> Result<(), ModelError> {
-        let mut tensors = Vec::new();
-        for (name, t) in self.named_parameters() {
-            let values = t.to_vec()?;
-            if is_linear_weight(&name, t.shape()) {
-                let (rows, cols) = (t.shape()[0], t.shape()[1]);
-                tensors.push((name, vec![cols, rows], transpose(&values, rows, cols)));
-            } else {
-                tensors.push((name, t.shape().to_vec(), values));
-            }
-        }
-        crate::checkpoint::save(path, &tensors, &Default::default())
+        crate::checkpoint::save(
+            path,
+            &hf_layout(&self.named_parameters())?,
+            &Default::default(),
+        )
     }
 
     /// The last hidden state, `[batch, tokens, hidden]`, for a padded batch.
     /// Padded keys get no attention; padded positions' outputs are computed
-    /// but meaningless. Token types are all 0 (single-segment input).
+    /// but meaningless.
     pub fn forward(&self, input: &BertInput, mode: &mut Mode) -> Result<Tensor, ModelError> {
         let [batch, tokens] = input.shape;
         let c = &self.config;
-        if input.ids.len() != batch * tokens || input.mask.len() != batch * tokens {
+        let types_len = input.token_types.map_or(batch * tokens, <[u32]>::len);
+        if input.ids.len() != batch * tokens
+            || input.mask.len() != batch * tokens
+            || types_len != batch * tokens
+        {
             return Err(ModelError::Invalid(format!(
-                "bert: {} ids and {} mask values for a [{batch}, {tokens}] batch",
+                "bert: {} ids, {} mask values and {types_len} token types for a [{batch}, {tokens}] batch",
                 input.ids.len(),
                 input.mask.len()
             )));
@@ -302,11 +288,16 @@ impl Bert {
         }
         let e = &self.embeddings;
         let device = e.word.device();
+        let types = match input.token_types {
+            Some(types) => e.token_type.embedding(types, &input.shape)?,
+            // Single-segment input: one row, broadcast over every token.
+            None => e.token_type.slice(0, 0, 1)?,
+        };
         let x = e
             .word
             .embedding(input.ids, &input.shape)?
             .add(&e.position.slice(0, 0, tokens)?)?
-            .add(&e.token_type.slice(0, 0, 1)?)?;
+            .add(&types)?;
         let mut x = dropout(&e.norm.forward(&x)?, c.hidden_dropout_prob, mode)?;
         // 0 where attended, -1e9 on padded keys: exp underflows to exactly 0.
         let bias: Vec<f32> = input.mask.iter().map(|&m| (m - 1.0) * 1e9).collect();
@@ -437,8 +428,59 @@ fn dropout(x: &Tensor, p: f32, mode: &mut Mode) -> Result<Tensor, ModelError> {
 }
 
 /// Linear layers' weights are the 2-D `.weight`s outside the embeddings.
+/// `params` renamed with `prefix`.
+fn prefixed(prefix: &str, params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    params
+        .into_iter()
+        .map(|(name, t)| (format!("{prefix}{name}"), t))
+        .collect()
+}
+
+/// `params` as Hugging Face stores them: Linear weights `[out, in]`.
+fn hf_layout(params: &[(String, Tensor)]) -> Result<Vec<NamedValues>, ModelError> {
+    let mut tensors = Vec::with_capacity(params.len());
+    for (name, t) in params {
+        let values = t.to_vec()?;
+        if is_linear_weight(name, t.shape()) {
+            let (rows, cols) = (t.shape()[0], t.shape()[1]);
+            tensors.push((
+                name.clone(),
+                vec![cols, rows],
+                transpose(&values, rows, cols),
+            ));
+        } else {
+            tensors.push((name.clone(), t.shape().to_vec(), values));
+        }
+    }
+    Ok(tensors)
+}
+
+/// Fills `params` from `file` in Hugging Face's layout, after checking that
+/// the names match exactly (names starting with one of `ignore` aside).
+fn load_hf_layout(
+    file: &Checkpoint,
+    params: &[(String, Tensor)],
+    ignore: &[&str],
+) -> Result<(), ModelError> {
+    let expected: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    file.check_names(&expected, ignore)?;
+    for (name, t) in params {
+        let shape = t.shape();
+        let values = if is_linear_weight(name, shape) {
+            // Stored [out, in] = [cols, rows] of ours.
+            let (rows, cols) = (shape[0], shape[1]);
+            transpose(&file.tensor_f32(name, &[cols, rows])?, cols, rows)
+        } else {
+            file.tensor_f32(name, shape)?
+        };
+        let device = t.device();
+        device.copy_into(&device.upload(&values)?, t.buffer())?;
+    }
+    Ok(())
+}
+
 fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
-    shape.len() == 2 && name.ends_with(".weight") && !name.starts_with("embeddings")
+    shape.len() == 2 && name.ends_with(".weight") && !name.contains("embeddings.")
 }
 
 /// A `rows x cols` row-major matrix transposed.
@@ -514,4 +556,77 @@ impl BertClassifier {
     pub fn head_parameters(&self) -> Vec<Tensor> {
         vec![self.head.weight.clone(), self.head.bias.clone()]
     }
+
+    /// Every parameter under the names its checkpoint uses: the encoder's
+    /// Hugging Face names with `bert.`, then `head.weight` and `head.bias`.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut params = prefixed("bert.", self.bert.named_parameters());
+        params.push((format!("{CLASSIFIER_HEAD}weight"), self.head.weight.clone()));
+        params.push((format!("{CLASSIFIER_HEAD}bias"), self.head.bias.clone()));
+        params
+    }
+
+    /// Saves encoder and head in one safetensors file, atomically, with the
+    /// encoder's config and `metadata` (e.g. tokenizer settings) in its
+    /// header, so [`BertClassifier::open`] needs nothing else. The head is not
+    /// Hugging Face's `classifier` (that one reads the pooler) and is named
+    /// `head.*` so no other library mistakes it for one.
+    pub fn save_safetensors(
+        &self,
+        path: &Path,
+        metadata: &HashMap<String, String>,
+    ) -> Result<(), ModelError> {
+        let mut header = metadata.clone();
+        header.insert(MODEL_KEY.into(), CLASSIFIER_MODEL.into());
+        header.insert(
+            CONFIG_KEY.into(),
+            serde_json::to_string(&self.bert.config).expect("a config always serialises"),
+        );
+        crate::checkpoint::save(path, &hf_layout(&self.named_parameters())?, &header)
+    }
+
+    /// Loads a classifier written by [`BertClassifier::save_safetensors`],
+    /// with the metadata it was saved with.
+    pub fn open(
+        device: &Device,
+        path: &Path,
+    ) -> Result<(Self, HashMap<String, String>), ModelError> {
+        let file = Checkpoint::open(path)?;
+        let metadata = file.metadata();
+        let bad = |reason: String| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if metadata.get(MODEL_KEY).map(String::as_str) != Some(CLASSIFIER_MODEL) {
+            return Err(bad(format!(
+                "not a fine-tuned BERT classifier (no `{MODEL_KEY}: {CLASSIFIER_MODEL}` metadata); \
+                 write one with `kiln finetune bert`"
+            )));
+        }
+        let config: BertConfig = metadata
+            .get(CONFIG_KEY)
+            .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))
+            .and_then(|json| {
+                serde_json::from_str(json).map_err(|e| bad(format!("bad `{CONFIG_KEY}`: {e}")))
+            })?;
+        let bias = format!("{CLASSIFIER_HEAD}bias");
+        let classes = match file.shape(&bias).as_deref() {
+            Some(&[classes]) if classes > 0 => classes,
+            other => {
+                return Err(bad(format!(
+                    "tensor {bias} has shape {other:?}, expected [classes]"
+                )))
+            }
+        };
+        let model = Self::new(Bert::new(device, config, 0)?, classes, 0)?;
+        load_hf_layout(&file, &model.named_parameters(), &[])?;
+        Ok((model, metadata))
+    }
 }
+
+/// Prefix of the classification head's tensors in a saved classifier.
+const CLASSIFIER_HEAD: &str = "head.";
+/// Header keys of a saved classifier: what it holds, and the encoder's config.
+const MODEL_KEY: &str = "kiln.model";
+const CLASSIFIER_MODEL: &str = "bert-classifier";
+const CONFIG_KEY: &str = "bert.config";

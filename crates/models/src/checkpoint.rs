@@ -56,10 +56,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// A tensor as a file holds it: name, shape, f32 values.
+pub type NamedValues = (String, Vec<usize>, Vec<f32>);
+
 /// Saves f32 tensors `(name, shape, values)` and string metadata.
 pub fn save(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[NamedValues],
     metadata: &HashMap<String, String>,
 ) -> Result<(), ModelError> {
     let views: Vec<(String, TensorView<'_>)> = tensors
@@ -78,24 +81,38 @@ pub fn save(
     })
 }
 
-/// A safetensors file read into memory and validated.
+/// A safetensors file, memory-mapped (tensors are paged in as they are read,
+/// never copied whole into RAM) and validated.
 pub struct Checkpoint {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: memmap2::Mmap,
 }
 
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        SafeTensors::deserialize(&bytes).map_err(|e| {
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let invalid = |e: String| {
             bad(
                 path,
                 format!("not a valid safetensors file ({e}); was it truncated?"),
             )
-        })?;
+        };
+        // An empty file cannot be mapped; a safetensors file starts with an
+        // 8-byte header length anyway.
+        if len < 8 {
+            return Err(invalid(format!("{len} bytes")));
+        }
+        // SAFETY: the map is read-only and lives as long as `self`. Another
+        // process truncating the file in place would make reads fault; Kiln
+        // itself only ever replaces checkpoints by renaming a new file over
+        // the old one, which leaves this mapping's inode intact.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             path: path.to_path_buf(),
             bytes,
@@ -149,6 +166,11 @@ impl Checkpoint {
             &self.path,
             format!("does not match the model: missing {missing:?}, unexpected {extra:?}"),
         ))
+    }
+
+    /// The shape of tensor `name`, if the file has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.parsed().tensor(name).ok().map(|t| t.shape().to_vec())
     }
 
     /// Tensor `name` as f32 values, checked against `shape`.

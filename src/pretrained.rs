@@ -1,0 +1,117 @@
+//! A fine-tuned pretrained text classifier as a user handles it: the BERT
+//! classifier and its tokenizer, saved to one directory, opened again, asked
+//! for class probabilities.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = kiln::Device::new()?;
+//! // A directory written by `kiln finetune bert` (or `TextClassifier::save`).
+//! let classifier = kiln::pretrained::TextClassifier::open(&device, "runs/bert-imdb".as_ref())?;
+//! let p = classifier.predict(&["A wonderful, moving film."], 32)?;
+//! println!("{}: {:.3}", classifier.labels[1], p[0][1]);
+//! # Ok(()) }
+//! ```
+
+use crate::data::tokenize::{PretrainedTokenizer, Truncation};
+use kiln_graph::Device;
+use kiln_graph::NoGradGuard;
+use kiln_models::bert::BertClassifier;
+use kiln_models::{Mode, ModelError};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// File names inside a saved classifier's directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Header keys for the tokenizer settings and class names.
+const MAX_LENGTH_KEY: &str = "kiln.max_length";
+const TRUNCATION_KEY: &str = "kiln.truncation";
+const LABELS_KEY: &str = "kiln.labels";
+
+/// A BERT classifier with the tokenizer (and its settings) it was trained
+/// with, and the names of its classes.
+pub struct TextClassifier {
+    pub model: BertClassifier,
+    pub tokenizer: PretrainedTokenizer,
+    pub labels: Vec<String>,
+}
+
+impl TextClassifier {
+    /// Writes `dir/tokenizer.json` and then `dir/model.safetensors` (weights,
+    /// encoder config, tokenizer settings, labels), each atomically: an
+    /// interrupted save leaves the previous files whole.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+        let metadata = HashMap::from([
+            (MAX_LENGTH_KEY.into(), self.tokenizer.max_length.to_string()),
+            (TRUNCATION_KEY.into(), self.tokenizer.truncation.to_string()),
+            (
+                LABELS_KEY.into(),
+                serde_json::to_string(&self.labels).expect("strings serialise"),
+            ),
+        ]);
+        self.model
+            .save_safetensors(&dir.join(MODEL_FILE), &metadata)
+    }
+
+    /// Opens a directory written by [`TextClassifier::save`].
+    pub fn open(device: &Device, dir: &Path) -> Result<Self, ModelError> {
+        let model_path = dir.join(MODEL_FILE);
+        if !model_path.is_file() {
+            return Err(ModelError::Invalid(format!(
+                "no {MODEL_FILE} in {}: fine-tune one with `kiln finetune bert --output {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let (model, metadata) = BertClassifier::open(device, &model_path)?;
+        let setting = |key: &str| {
+            metadata.get(key).ok_or_else(|| ModelError::Checkpoint {
+                path: model_path.clone(),
+                reason: format!("no `{key}` metadata: it was not saved by a TextClassifier"),
+            })
+        };
+        let max_length: usize = setting(MAX_LENGTH_KEY)?
+            .parse()
+            .map_err(|e| ModelError::Invalid(format!("{MAX_LENGTH_KEY}: {e}")))?;
+        let truncation: Truncation = setting(TRUNCATION_KEY)?.parse()?;
+        let labels: Vec<String> = serde_json::from_str(setting(LABELS_KEY)?)
+            .map_err(|e| ModelError::Invalid(format!("{LABELS_KEY}: {e}")))?;
+        let classes = model.head.bias.shape()[0];
+        if labels.len() != classes {
+            return Err(ModelError::Checkpoint {
+                path: model_path,
+                reason: format!("{} labels for a {classes}-class head", labels.len()),
+            });
+        }
+        let tokenizer = PretrainedTokenizer::from_file(&dir.join(TOKENIZER_FILE), max_length)?
+            .with_truncation(truncation);
+        Ok(Self {
+            model,
+            tokenizer,
+            labels,
+        })
+    }
+
+    /// Class probabilities of each text, computed `batch_size` texts at a
+    /// time.
+    pub fn predict<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let _guard = NoGradGuard::new();
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(batch_size.max(1)) {
+            let tokens = self.tokenizer.batch(chunk)?;
+            let probabilities = self
+                .model
+                .forward(&tokens.input(), &mut Mode::eval())?
+                .softmax()?
+                .to_vec()?;
+            out.extend(probabilities.chunks(self.labels.len()).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+}
