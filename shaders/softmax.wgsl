@@ -1,18 +1,34 @@
-// Softmax (or log-softmax when LOG) along the last axis of a [rows, cols] view, one
-// workgroup per row: max, then sum of exp(x - max), then the normalised output,
-// each pass striding over the row and combining through shared memory.
-// Prepended: WG (power of two), LOG.
+// Softmax (or log-softmax when LOG) along the last axis of a [rows, cols] view of
+// z = scale * x + bias, one workgroup per row: max, then sum of exp(z - max),
+// then the normalised output, each pass striding over the row and combining
+// through shared memory. With BIAS, `bias` is [rows / rows_per_bias, cols] and
+// row r adds bias row r / rows_per_bias (attention: a -1e9 mask per sequence,
+// shared by its heads and queries); without it the binding is unused.
+// Prepended: WG (power of two), LOG, BIAS.
 
 struct Params {
     rows: u32,
     cols: u32,
     row_groups: u32,
-    _pad: u32,
+    rows_per_bias: u32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn z(base: u32, bias_base: u32, c: u32) -> f32 {
+    var v = p.scale * x[base + c];
+    if (BIAS) {
+        v += bias[bias_base + c];
+    }
+    return v;
+}
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -47,10 +63,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let base = row * p.cols;
+    let bias_base = (row / p.rows_per_bias) * p.cols;
 
     var m = -3.4028235e38;
     for (var c = lid; c < p.cols; c += WG) {
-        m = max(m, x[base + c]);
+        m = max(m, z(base, bias_base, c));
     }
     partial[lid] = m;
     workgroupBarrier();
@@ -58,7 +75,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     var s = 0.0;
     for (var c = lid; c < p.cols; c += WG) {
-        s += exp(x[base + c] - m);
+        s += exp(z(base, bias_base, c) - m);
     }
     partial[lid] = s;
     workgroupBarrier();
@@ -67,7 +84,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let log_s = log(s);
     let inv_s = 1.0 / s;
     for (var c = lid; c < p.cols; c += WG) {
-        let shifted = x[base + c] - m;
+        let shifted = z(base, bias_base, c) - m;
         if (LOG) {
             out[base + c] = shifted - log_s;
         } else {

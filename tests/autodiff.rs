@@ -1174,6 +1174,76 @@ fn cpu_attention(x: &[Vec<f64>], bias: &[f64], [b, t, h, heads]: [usize; 4]) -> 
 }
 
 #[test]
+fn scaled_softmax_with_a_bias_gradient() {
+    // [2, 3, 5] scores, a [2, 5] bias shared by each sample's 3 rows.
+    let (groups, block, cols, scale) = (2, 3, 5, 0.6);
+    let bias = random_vec(groups * cols, 960, -1.5, 1.5);
+    let bias64: Vec<f64> = bias.iter().map(|&v| f64::from(v)).collect();
+    grad_check(
+        "softmax_scaled",
+        &[input(&[groups, block, cols], 961, -2.0, 2.0)],
+        |x| {
+            let b = Tensor::from_slice(x[0].device(), &bias, &[groups, cols])?;
+            x[0].softmax_scaled(scale as f32, Some(&b))
+        },
+        &|x: &[Vec<f64>]| {
+            let mut out = Vec::new();
+            for (r, row) in x[0].chunks(cols).enumerate() {
+                let z: Vec<f64> = row
+                    .iter()
+                    .zip(&bias64[(r / block) * cols..])
+                    .map(|(v, b)| scale * v + b)
+                    .collect();
+                let m = z.iter().cloned().fold(f64::MIN, f64::max);
+                let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                out.extend(z.iter().map(|v| (v - m).exp() / sum));
+            }
+            out
+        },
+    );
+}
+
+#[test]
+fn attention_with_a_general_bias_matches_the_fused_padding_path() {
+    use kiln::models::bert::multi_head_attention;
+    use kiln::models::Mode;
+    let d = device();
+    let (b, t, h, heads) = (2, 4, 6, 2);
+    let qkv: Vec<Tensor> = (0..3)
+        .map(|i| {
+            Tensor::from_slice(d, &random_vec(b * t * h, 970 + i, -1.0, 1.0), &[b, t, h]).unwrap()
+        })
+        .collect();
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| if i % t == 3 && i >= t { -1e9 } else { 0.0 })
+        .collect();
+    let padding = Tensor::from_slice(d, &mask, &[b, 1, 1, t]).unwrap();
+    // The same mask spelt out per head and query takes the unfused path.
+    let full: Vec<f32> = (0..b * heads * t * t)
+        .map(|i| mask[(i / (heads * t * t)) * t + i % t])
+        .collect();
+    let full = Tensor::from_slice(d, &full, &[b, heads, t, t]).unwrap();
+    let run = |bias: &Tensor| {
+        multi_head_attention(
+            &qkv[0],
+            &qkv[1],
+            &qkv[2],
+            bias,
+            heads,
+            0.0,
+            &mut Mode::eval(),
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap()
+    };
+    let (fused, general) = (run(&padding), run(&full));
+    for (i, (f, g)) in fused.iter().zip(&general).enumerate() {
+        assert!((f - g).abs() < 1e-5, "element {i}: {f} vs {g}");
+    }
+}
+
+#[test]
 fn multi_head_attention_gradients_with_a_padding_mask() {
     use kiln::models::bert::multi_head_attention;
     use kiln::models::Mode;

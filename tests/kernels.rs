@@ -521,6 +521,64 @@ fn softmax_and_log_softmax_match_reference() {
     }
 }
 
+#[test]
+fn scaled_softmax_with_a_row_block_bias_matches_reference() {
+    use kiln::device::SoftmaxInput;
+    let d = device();
+    // rows = groups * block: each group of rows shares one bias row.
+    for (groups, block, cols, scale) in [(1, 1, 5, 0.5f32), (3, 4, 9, 0.125), (2, 7, 130, 2.0)] {
+        let rows = groups * block;
+        let x = random_vec(rows * cols, (rows * cols) as u64 + 7, -10.0, 10.0);
+        // A padding-style mask (-1e9 on some columns) plus random offsets.
+        let bias: Vec<f32> = random_vec(groups * cols, 11, -2.0, 2.0)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i % cols > cols / 2 && i / cols == groups - 1 {
+                    -1e9
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let mut want = Vec::new();
+        for r in 0..rows {
+            let g = r / block;
+            let z: Vec<f64> = (0..cols)
+                .map(|c| {
+                    f64::from(scale) * f64::from(x[r * cols + c]) + f64::from(bias[g * cols + c])
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+            want.extend(z.iter().map(|v| (v - m).exp() / sum));
+        }
+        let (gx, gb) = (d.upload(&x).unwrap(), d.upload(&bias).unwrap());
+        let input = SoftmaxInput {
+            scale,
+            bias: Some(&gb),
+        };
+        let got = d
+            .read::<f32>(&d.softmax_scaled(&gx, rows, cols, input).unwrap())
+            .unwrap();
+        assert_close(
+            &format!("softmax_scaled {groups}x{block}x{cols}"),
+            &got,
+            &want,
+            1e-4,
+            1e-7,
+        );
+    }
+    // A bias whose rows do not divide the rows is refused.
+    let gx = d.upload(&random_vec(6 * 4, 3, -1.0, 1.0)).unwrap();
+    let gb = d.upload(&random_vec(4 * 4, 4, -1.0, 1.0)).unwrap();
+    let input = SoftmaxInput {
+        scale: 1.0,
+        bias: Some(&gb),
+    };
+    assert!(d.softmax_scaled(&gx, 6, 4, input).is_err());
+}
+
 // ----- buffers ---------------------------------------------------------------
 
 #[test]

@@ -47,6 +47,7 @@ pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand,
 pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
 pub use kernels::matmul::Matmul;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
+pub use kernels::softmax::SoftmaxInput;
 pub use pool::{bucket_size, PoolStats};
 pub use profile::KernelTime;
 pub use tuning::{MatmulTiling, Tuning};

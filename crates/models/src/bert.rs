@@ -378,12 +378,17 @@ pub fn multi_head_attention(
         split(k, &[0, 2, 3, 1])?,
         split(v, &[0, 2, 1, 3])?,
     );
-    let scores = q
-        .matmul(&k)?
-        .reshape(&[batch, heads, tokens, tokens])?
-        .mul_scalar(1.0 / (d as f32).sqrt())?
-        .add(bias)?;
-    let probs = dropout(&scores.softmax()?, p, mode)?;
+    let scores = q.matmul(&k)?.reshape(&[batch, heads, tokens, tokens])?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let probs = if bias.shape() == [batch, 1, 1, tokens] {
+        // A padding mask: scaling and mask fused into the softmax, one pass
+        // over the scores.
+        scores.softmax_scaled(scale, Some(bias))?
+    } else {
+        // Any other broadcastable bias (a causal mask, per-head biases).
+        scores.mul_scalar(scale)?.add(bias)?.softmax()?
+    };
+    let probs = dropout(&probs, p, mode)?;
     Ok(probs
         .reshape(&[batch * heads, tokens, tokens])?
         .matmul(&v)?

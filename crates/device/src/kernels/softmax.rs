@@ -3,7 +3,7 @@
 use super::{expect_f32, expect_len, grid_2d, to_u32};
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 
 const SRC: &str = include_str!("../../../../shaders/softmax.wgsl");
@@ -15,19 +15,53 @@ struct Params {
     rows: u32,
     cols: u32,
     row_groups: u32,
-    _pad: u32,
+    rows_per_bias: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+/// What the softmax kernels normalise: `scale * x + bias` along each row.
+#[derive(Clone, Copy)]
+pub struct SoftmaxInput<'a> {
+    pub scale: f32,
+    /// `[groups, cols]` added to consecutive blocks of `rows / groups` rows
+    /// (attention: one padding mask per sequence, shared by all its heads and
+    /// queries).
+    pub bias: Option<&'a GpuBuffer>,
+}
+
+impl Default for SoftmaxInput<'_> {
+    fn default() -> Self {
+        Self {
+            scale: 1.0,
+            bias: None,
+        }
+    }
 }
 
 impl Device {
     /// Softmax over the last axis of a `rows x cols` matrix.
     pub fn softmax(&self, x: &GpuBuffer, rows: usize, cols: usize) -> Result<GpuBuffer> {
-        self.softmax_impl(x, rows, cols, false)
+        self.softmax_impl(x, rows, cols, SoftmaxInput::default(), false)
     }
 
     /// Log-softmax over the last axis, computed as `x - max - log(sum(exp(x - max)))`
     /// so it never overflows.
     pub fn log_softmax(&self, x: &GpuBuffer, rows: usize, cols: usize) -> Result<GpuBuffer> {
-        self.softmax_impl(x, rows, cols, true)
+        self.softmax_impl(x, rows, cols, SoftmaxInput::default(), true)
+    }
+
+    /// Softmax over the last axis of `scale * x + bias` in one pass over `x`:
+    /// attention's scaling and padding mask without two more full passes over
+    /// the scores.
+    pub fn softmax_scaled(
+        &self,
+        x: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        input: SoftmaxInput,
+    ) -> Result<GpuBuffer> {
+        self.softmax_impl(x, rows, cols, input, false)
     }
 
     fn softmax_impl(
@@ -35,19 +69,39 @@ impl Device {
         x: &GpuBuffer,
         rows: usize,
         cols: usize,
+        input: SoftmaxInput,
         log: bool,
     ) -> Result<GpuBuffer> {
         let op = if log { "log_softmax" } else { "softmax" };
         expect_f32(op, "input", x)?;
         expect_len(op, "input", x, rows * cols)?;
+        let rows_per_bias = match input.bias {
+            Some(bias) => {
+                expect_f32(op, "bias", bias)?;
+                let groups = bias.len() / cols.max(1);
+                if groups == 0 || bias.len() != groups * cols || rows % groups != 0 {
+                    return Err(DeviceError::Shape {
+                        op,
+                        message: format!(
+                            "bias of {} values is not [groups, {cols}] with groups dividing {rows} rows",
+                            bias.len()
+                        ),
+                    });
+                }
+                rows / groups
+            }
+            None => rows.max(1),
+        };
         let out = self.empty(rows * cols, DType::F32)?;
         if out.is_empty() {
             return Ok(out);
         }
-        let kernel = self.kernel(&format!("softmax:{log}"), || {
+        let has_bias = input.bias.is_some();
+        let kernel = self.kernel(&format!("softmax:{log}:{has_bias}"), || {
             Specialize::new(SRC)
                 .constant_u32("WG", SOFTMAX_WORKGROUP)
                 .constant_bool("LOG", log)
+                .constant_bool("BIAS", has_bias)
                 .build()
         })?;
         let grid = grid_2d(
@@ -58,9 +112,14 @@ impl Device {
             rows: to_u32(op, "rows", rows)?,
             cols: to_u32(op, "cols", cols)?,
             row_groups: grid[0],
-            _pad: 0,
+            rows_per_bias: to_u32(op, "rows per bias row", rows_per_bias)?,
+            scale: input.scale,
+            _pad: [0; 3],
         };
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[x, &out], grid)?;
+        // Without a bias the binding still needs a buffer: `x` again, read-only
+        // in both places, and never read through it.
+        let bias = input.bias.unwrap_or(x);
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[x, bias, &out], grid)?;
         Ok(out)
     }
 }

@@ -3,7 +3,7 @@
 use super::arith::map;
 use super::record;
 use crate::tensor::Tensor;
-use kiln_device::{DeviceError, Elementwise, Result};
+use kiln_device::{DeviceError, Elementwise, Result, SoftmaxInput};
 
 fn rows_cols(t: &Tensor, op: &'static str) -> Result<(usize, usize)> {
     match t.shape().last() {
@@ -26,6 +26,37 @@ impl Tensor {
             // dx = y * (g - sum(g * y))
             let gy_sum = g.mul(&y)?.sum(y.rank() - 1, true)?;
             let rule = Elementwise::new("softmax_grad", "x2 * (x0 - x1)");
+            Ok(vec![Some(map(&rule, &[g, &gy_sum, &y])?)])
+        }))
+    }
+
+    /// Softmax over the last axis of `scale * self + bias`, in one kernel:
+    /// attention's `softmax(q k^T / sqrt(d) + mask)` without two extra passes
+    /// over the scores. `bias` (a constant: it gets no gradient) is
+    /// `[groups, cols]` and is added to consecutive blocks of rows, e.g. a
+    /// `[batch, keys]` padding mask for scores `[batch, heads, queries, keys]`.
+    pub fn softmax_scaled(&self, scale: f32, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, cols) = rows_cols(self, "softmax_scaled")?;
+        if bias.is_some_and(Tensor::is_requires_grad) {
+            return Err(DeviceError::Shape {
+                op: "softmax_scaled",
+                message: "the bias is a constant mask; detach it".into(),
+            });
+        }
+        let input = SoftmaxInput {
+            scale,
+            bias: bias.map(Tensor::buffer),
+        };
+        let buffer = self
+            .device()
+            .softmax_scaled(self.buffer(), rows, cols, input)?;
+        let out = Tensor::from_buffer(self.device(), buffer, self.shape())?;
+        let y = out.detach();
+        Ok(record(&[self], out, "softmax_scaled", move |g| {
+            // dx = scale * y * (g - sum(g * y))
+            let gy_sum = g.mul(&y)?.sum(y.rank() - 1, true)?;
+            let rule =
+                Elementwise::new("softmax_scaled_grad", "s0 * x2 * (x0 - x1)").scalars(&[scale]);
             Ok(vec![Some(map(&rule, &[g, &gy_sum, &y])?)])
         }))
     }
