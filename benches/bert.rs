@@ -95,6 +95,13 @@ fn main() -> anyhow::Result<()> {
         step(s + 1)?;
     }
     let samples_per_s = (steps as usize * TRAIN_BATCH) as f64 / start.elapsed().as_secs_f64();
+    if std::env::var_os("KILN_PROFILE").is_some() {
+        device.set_profiling(true)?;
+        step(99)?;
+        println!("one training step, by kernel:");
+        support::print_profile(&device.profile(), 25);
+        device.set_profiling(false)?;
+    }
 
     println!();
     println!("MiniLM-sized BERT, {TOKENS} tokens");

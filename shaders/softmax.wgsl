@@ -4,7 +4,10 @@
 // through shared memory. With BIAS, `bias` is [rows / rows_per_bias, cols] and
 // row r adds bias row r / rows_per_bias (attention: a -1e9 mask per sequence,
 // shared by its heads and queries); without it the binding is unused.
-// Prepended: WG (power of two), LOG, BIAS.
+// With ROW_PER_THREAD each invocation instead walks one whole row alone: no
+// shared memory or barriers, which CPU adapters pay dearly for, and enough
+// parallelism when there are many short rows (attention scores).
+// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD.
 
 struct Params {
     rows: u32,
@@ -56,8 +59,38 @@ fn reduce_sum(lid: u32) -> f32 {
     return r;
 }
 
+fn softmax_row(row: u32) {
+    let base = row * p.cols;
+    let bias_base = (row / p.rows_per_bias) * p.cols;
+    var m = -3.4028235e38;
+    for (var c = 0u; c < p.cols; c++) {
+        m = max(m, z(base, bias_base, c));
+    }
+    var s = 0.0;
+    for (var c = 0u; c < p.cols; c++) {
+        s += exp(z(base, bias_base, c) - m);
+    }
+    let log_s = log(s);
+    let inv_s = 1.0 / s;
+    for (var c = 0u; c < p.cols; c++) {
+        let shifted = z(base, bias_base, c) - m;
+        if (LOG) {
+            out[base + c] = shifted - log_s;
+        } else {
+            out[base + c] = exp(shifted) * inv_s;
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if (ROW_PER_THREAD) {
+        let row = (wid.y * p.row_groups + wid.x) * WG + lid;
+        if (row < p.rows) {
+            softmax_row(row);
+        }
+        return;
+    }
     let row = wid.y * p.row_groups + wid.x;
     if (row >= p.rows) {
         return;

@@ -145,7 +145,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "imdb")]
         dataset: DatasetName,
         /// Training reviews, drawn at random (seeded) from the 25,000.
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 4000)]
         train_samples: usize,
         /// Held-out reviews to evaluate on.
         #[arg(long, default_value_t = 1000)]
@@ -155,7 +155,7 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         /// Peak learning rate of the encoder (AdamW, warm-up then cosine decay).
-        #[arg(long, default_value_t = 5e-5)]
+        #[arg(long, default_value_t = 1e-4)]
         lr: f32,
         /// Learning rate of the new classification head (Adam).
         #[arg(long, default_value_t = 1e-3)]

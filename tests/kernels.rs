@@ -526,7 +526,14 @@ fn scaled_softmax_with_a_row_block_bias_matches_reference() {
     use kiln::device::SoftmaxInput;
     let d = device();
     // rows = groups * block: each group of rows shares one bias row.
-    for (groups, block, cols, scale) in [(1, 1, 5, 0.5f32), (3, 4, 9, 0.125), (2, 7, 130, 2.0)] {
+    // Rows shorter than 512 take the row-per-invocation kernel, the last case the
+    // workgroup-per-row one.
+    for (groups, block, cols, scale) in [
+        (1, 1, 5, 0.5f32),
+        (3, 4, 9, 0.125),
+        (2, 7, 130, 2.0),
+        (2, 3, 600, 0.7),
+    ] {
         let rows = groups * block;
         let x = random_vec(rows * cols, (rows * cols) as u64 + 7, -10.0, 10.0);
         // A padding-style mask (-1e9 on some columns) plus random offsets.

@@ -97,15 +97,27 @@ impl Device {
             return Ok(out);
         }
         let has_bias = input.bias.is_some();
-        let kernel = self.kernel(&format!("softmax:{log}:{has_bias}"), || {
-            Specialize::new(SRC)
-                .constant_u32("WG", SOFTMAX_WORKGROUP)
-                .constant_bool("LOG", log)
-                .constant_bool("BIAS", has_bias)
-                .build()
-        })?;
+        // Like reductions: a workgroup per row pays off only for long rows
+        // that are too few to keep the adapter busy one invocation each.
+        let row_per_thread = cols < 512 || rows >= 4096;
+        let kernel = self.kernel(
+            &format!("softmax:{log}:{has_bias}:{row_per_thread}"),
+            || {
+                Specialize::new(SRC)
+                    .constant_u32("WG", SOFTMAX_WORKGROUP)
+                    .constant_bool("LOG", log)
+                    .constant_bool("BIAS", has_bias)
+                    .constant_bool("ROW_PER_THREAD", row_per_thread)
+                    .build()
+            },
+        )?;
+        let groups = if row_per_thread {
+            rows.div_ceil(SOFTMAX_WORKGROUP as usize)
+        } else {
+            rows
+        };
         let grid = grid_2d(
-            rows as u64,
+            groups as u64,
             self.limits().max_compute_workgroups_per_dimension,
         )?;
         let params = Params {
