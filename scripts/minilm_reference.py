@@ -10,7 +10,8 @@ GELU, eps 1e-12), then sentence-transformers' mean pooling and L2 normalisation.
 Writes tests/data/minilm-reference.json (sentences, ids, shapes) and
 tests/data/minilm-reference.bin (little-endian f32: each sentence's
 last_hidden_state [tokens, 384], then the [sentences, 384] normalised
-embeddings). Needs: numpy, tokenizers (pip install numpy tokenizers).
+embeddings, then the [sentences, 384] pooler outputs tanh(W h_[CLS] + b)).
+Needs: numpy, tokenizers (pip install numpy tokenizers).
 """
 
 import json
@@ -113,7 +114,7 @@ def main():
     tensors = read_safetensors(os.path.join(model, "model.safetensors"))
 
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data")
-    ids, hidden, pooled = [], [], []
+    ids, hidden, pooled, pooler = [], [], [], []
     for sentence in SENTENCES:
         encoding = tokenizer.encode(sentence)
         ids.append(encoding.ids)
@@ -121,10 +122,13 @@ def main():
         hidden.append(h)
         mean = h.mean(0)
         pooled.append(mean / np.linalg.norm(mean))
+        w, b = tensors["pooler.dense.weight"], tensors["pooler.dense.bias"]
+        pooler.append(np.tanh(w @ h[0] + b))
     with open(os.path.join(out_dir, "minilm-reference.bin"), "wb") as f:
         for h in hidden:
             f.write(h.astype("<f4").tobytes())
         f.write(np.stack(pooled).astype("<f4").tobytes())
+        f.write(np.stack(pooler).astype("<f4").tobytes())
     with open(os.path.join(out_dir, "minilm-reference.json"), "w") as f:
         json.dump({"sentences": SENTENCES, "ids": ids, "hidden": cfg["hidden_size"]}, f, indent=1)
         f.write("\n")

@@ -36,6 +36,15 @@ enum PretrainedName {
     Bert,
 }
 
+/// What a fine-tuned BERT's classification head reads.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PoolingName {
+    /// The mean of the token states (how MiniLM was trained).
+    Mean,
+    /// The pooler on [CLS] (Hugging Face's BertForSequenceClassification).
+    Cls,
+}
+
 /// Which tokens of a long text a pretrained model sees.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TruncationName {
@@ -169,6 +178,8 @@ enum Command {
         /// Which tokens of a longer review are kept.
         #[arg(long, value_enum, default_value = "head-tail")]
         truncation: TruncationName,
+        #[arg(long, value_enum, default_value = "mean")]
+        pooling: PoolingName,
         /// Directory to save the fine-tuned classifier and its tokenizer in
         /// (for `kiln predict` and `kiln eval`).
         #[arg(long, default_value = "runs/bert-imdb")]
@@ -259,6 +270,7 @@ fn main() -> std::process::ExitCode {
             freeze_layers,
             max_length,
             truncation,
+            pooling,
             output,
             seed,
             no_progress,
@@ -280,6 +292,7 @@ fn main() -> std::process::ExitCode {
                 freeze_layers,
                 max_length,
                 truncation,
+                pooling,
                 output,
             };
             finetune_bert(&setup, &options)
@@ -565,6 +578,7 @@ struct FinetuneSetup {
     freeze_layers: usize,
     max_length: usize,
     truncation: TruncationName,
+    pooling: PoolingName,
     output: PathBuf,
 }
 
@@ -572,7 +586,7 @@ fn finetune_bert(
     setup: &FinetuneSetup,
     options: &kiln::train::finetune::FinetuneOptions,
 ) -> Result<()> {
-    use kiln::models::bert::{Bert, BertClassifier};
+    use kiln::models::bert::{Bert, BertClassifier, Pooling};
     use kiln::train::finetune::{evaluate_classifier, finetune};
     if !matches!(setup.dataset, DatasetName::Imdb) {
         bail!("BERT fine-tuning reads text: use --dataset imdb");
@@ -596,7 +610,12 @@ fn finetune_bert(
     )?
     .with_truncation(setup.truncation.for_length(setup.max_length));
     let device = Device::new()?;
-    let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?;
+    let pooling = match setup.pooling {
+        PoolingName::Mean => Pooling::Mean,
+        PoolingName::Cls => Pooling::Cls,
+    };
+    let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?
+        .with_pooling(pooling);
     classifier.freeze(setup.freeze_layers);
     let layers = classifier.bert.config.num_hidden_layers;
     println!(

@@ -21,6 +21,8 @@ struct Reference {
     hidden: Vec<Vec<f32>>,
     /// `[sentences, 384]`, L2-normalised mean pooling.
     pooled: Vec<f32>,
+    /// `[sentences, 384]`, the pooler: `tanh(W h_[CLS] + b)`.
+    pooler: Vec<f32>,
 }
 
 fn reference() -> Reference {
@@ -44,13 +46,16 @@ fn reference() -> Reference {
             part
         })
         .collect();
-    let pooled = floats[at..].to_vec();
-    assert_eq!(pooled.len(), sentences.len() * h);
+    let rows = sentences.len() * h;
+    assert_eq!(floats.len(), at + 2 * rows);
+    let pooled = floats[at..at + rows].to_vec();
+    let pooler = floats[at + rows..].to_vec();
     Reference {
         sentences,
         ids,
         hidden,
         pooled,
+        pooler,
     }
 }
 
@@ -117,7 +122,19 @@ fn minilm_matches_the_float64_reference_within_1e_4() {
     let pooled = l2_normalize(&mean_pool(&hidden, &batch.mask).unwrap()).unwrap();
     let diff = max_abs_diff(&pooled.to_vec().unwrap(), &r.pooled);
     assert!(diff <= 1e-4, "pooled embeddings max |diff| {diff}");
-    eprintln!("max |diff|: hidden states {worst:e}, pooled embeddings {diff:e}");
+    let pooler = bert
+        .pool(&hidden, &mut Mode::eval())
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let pooler_diff = max_abs_diff(&pooler, &r.pooler);
+    assert!(
+        pooler_diff <= 1e-4,
+        "pooler output max |diff| {pooler_diff}"
+    );
+    eprintln!(
+        "max |diff|: hidden states {worst:e}, pooled embeddings {diff:e}, pooler {pooler_diff:e}"
+    );
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -257,7 +274,7 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
 
 #[test]
 fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
-    use kiln::models::bert::BertClassifier;
+    use kiln::models::bert::{BertClassifier, Pooling};
     use kiln::pretrained::TextClassifier;
     let d = common::device();
     let dir = std::env::temp_dir().join(format!("kiln-textclf-{}", std::process::id()));
@@ -266,7 +283,9 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
         ..tiny_config()
     };
     let saved = TextClassifier {
-        model: BertClassifier::new(Bert::new(d, config, 7).unwrap(), 3, 8).unwrap(),
+        model: BertClassifier::new(Bert::new(d, config, 7).unwrap(), 3, 8)
+            .unwrap()
+            .with_pooling(Pooling::Cls),
         tokenizer: PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 12)
             .unwrap()
             .with_truncation(Truncation::HeadTail { head: 3 }),
@@ -275,6 +294,11 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
     saved.save(&dir).unwrap();
     let opened = TextClassifier::open(d, &dir).unwrap();
     assert_eq!(opened.labels, saved.labels);
+    assert_eq!(opened.model.pooling, Pooling::Cls);
+    // The pooler feeds a CLS head, so freezing the encoder leaves it trainable.
+    opened.model.freeze(2);
+    assert!(opened.model.bert.pooler.weight.is_requires_grad());
+    assert!(!opened.model.bert.layers[1].query.weight.is_requires_grad());
     assert_eq!(opened.tokenizer.max_length, 12);
     assert_eq!(
         opened.tokenizer.truncation,

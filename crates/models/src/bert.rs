@@ -308,6 +308,19 @@ impl Bert {
         Ok(x)
     }
 
+    /// Hugging Face's `pooler_output`: `tanh(W h_[CLS] + b)` from the first
+    /// token's last hidden state, `[batch, hidden]`.
+    pub fn pool(&self, hidden: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
+        let &[batch, _, h] = hidden.shape() else {
+            return Err(ModelError::Invalid(format!(
+                "pool: expected [batch, tokens, hidden], got {:?}",
+                hidden.shape()
+            )));
+        };
+        let first = hidden.slice(1, 0, 1)?.reshape(&[batch, h])?;
+        self.pooler.forward(&first, mode)
+    }
+
     fn block(
         &self,
         layer: &BertLayer,
@@ -509,12 +522,39 @@ fn push_norm(out: &mut Vec<(String, Tensor)>, name: &str, n: &LayerNorm) {
     out.push((format!("{name}.bias"), n.beta.clone()));
 }
 
-/// BERT with a classification head on the mean-pooled token states (the
-/// pooling sentence-transformers models such as MiniLM were trained with):
-/// `logits = W mean(h) + b`.
+/// Which summary of the token states a [`BertClassifier`]'s head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The mean over real tokens: what sentence-transformers models such as
+    /// MiniLM were trained to make meaningful.
+    #[default]
+    Mean,
+    /// The pooler on the `[CLS]` state, as Hugging Face's
+    /// `BertForSequenceClassification` does.
+    Cls,
+}
+
+impl Pooling {
+    fn name(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        [Pooling::Mean, Pooling::Cls]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+}
+
+/// BERT with a linear classification head on a pooled summary of the token
+/// states: `logits = W pool(h) + b`.
 pub struct BertClassifier {
     pub bert: Bert,
     pub head: Dense,
+    pub pooling: Pooling,
 }
 
 impl BertClassifier {
@@ -527,23 +567,37 @@ impl BertClassifier {
             Activation::None,
             seed,
         )?;
-        Ok(Self { bert, head })
+        Ok(Self {
+            bert,
+            head,
+            pooling: Pooling::Mean,
+        })
+    }
+
+    /// The same model reading another summary of the token states.
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
     }
 
     /// Logits `[batch, classes]`.
     pub fn forward(&self, input: &BertInput, mode: &mut Mode) -> Result<Tensor, ModelError> {
         let hidden = self.bert.forward(input, mode)?;
-        let pooled = mean_pool(&hidden, input.mask)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => mean_pool(&hidden, input.mask)?,
+            Pooling::Cls => self.bert.pool(&hidden, mode)?,
+        };
         self.head.forward(&pooled, mode)
     }
 
     /// Freezes the embeddings and the first `layers` encoder blocks: they get
     /// no gradients (the backward pass stops above them) and optimizers skip
-    /// them. The pooler is unused by this head and frozen too.
+    /// them. The pooler trains with [`Pooling::Cls`] and is frozen (unused)
+    /// with [`Pooling::Mean`].
     pub fn freeze(&self, layers: usize) {
         for (name, t) in self.bert.named_parameters() {
             let frozen = name.starts_with("embeddings.")
-                || name.starts_with("pooler.")
+                || (name.starts_with("pooler.") && self.pooling == Pooling::Mean)
                 || (0..layers).any(|l| name.starts_with(&format!("encoder.layer.{l}.")));
             t.set_requires_grad(!frozen);
         }
@@ -572,10 +626,10 @@ impl BertClassifier {
     }
 
     /// Saves encoder and head in one safetensors file, atomically, with the
-    /// encoder's config and `metadata` (e.g. tokenizer settings) in its
-    /// header, so [`BertClassifier::open`] needs nothing else. The head is not
-    /// Hugging Face's `classifier` (that one reads the pooler) and is named
-    /// `head.*` so no other library mistakes it for one.
+    /// encoder's config, the pooling and `metadata` (e.g. tokenizer settings)
+    /// in its header, so [`BertClassifier::open`] needs nothing else. The head
+    /// is named `head.*`, not Hugging Face's `classifier`, so no other library
+    /// loads a mean-pooling head as its pooler-reading one.
     pub fn save_safetensors(
         &self,
         path: &Path,
@@ -583,6 +637,7 @@ impl BertClassifier {
     ) -> Result<(), ModelError> {
         let mut header = metadata.clone();
         header.insert(MODEL_KEY.into(), CLASSIFIER_MODEL.into());
+        header.insert(POOLING_KEY.into(), self.pooling.name().into());
         header.insert(
             CONFIG_KEY.into(),
             serde_json::to_string(&self.bert.config).expect("a config always serialises"),
@@ -623,7 +678,12 @@ impl BertClassifier {
                 )))
             }
         };
-        let model = Self::new(Bert::new(device, config, 0)?, classes, 0)?;
+        let pooling = match metadata.get(POOLING_KEY) {
+            None => Pooling::Mean,
+            Some(name) => Pooling::from_name(name)
+                .ok_or_else(|| bad(format!("unknown `{POOLING_KEY}` {name:?}")))?,
+        };
+        let model = Self::new(Bert::new(device, config, 0)?, classes, 0)?.with_pooling(pooling);
         load_hf_layout(&file, &model.named_parameters(), &[])?;
         Ok((model, metadata))
     }
@@ -635,3 +695,4 @@ const CLASSIFIER_HEAD: &str = "head.";
 const MODEL_KEY: &str = "kiln.model";
 const CLASSIFIER_MODEL: &str = "bert-classifier";
 const CONFIG_KEY: &str = "bert.config";
+const POOLING_KEY: &str = "kiln.pooling";
