@@ -9,6 +9,7 @@
 mod common;
 
 use common::{broadcast_reference, device, erf, random_vec};
+use kiln::device::UnaryOp;
 use kiln::graph::{loss, Padding, Tensor};
 
 type CpuFn<'a> = dyn Fn(&[Vec<f64>]) -> Vec<f64> + 'a;
@@ -219,11 +220,56 @@ fn unary_gradients() {
             |x| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
         ),
     ];
-    for (i, (name, lo, hi, gpu, cpu)) in cases.into_iter().enumerate() {
+    // The ops without a method of their own, through `Tensor::unary`.
+    let more: Vec<Case> = vec![
+        (
+            "rsqrt",
+            0.3,
+            3.0,
+            |t| t.unary(UnaryOp::Rsqrt),
+            |x| 1.0 / x.sqrt(),
+        ),
+        ("recip", 0.3, 3.0, |t| t.unary(UnaryOp::Recip), |x| 1.0 / x),
+        ("sin", -3.0, 3.0, |t| t.unary(UnaryOp::Sin), f64::sin),
+        ("cos", -3.0, 3.0, |t| t.unary(UnaryOp::Cos), f64::cos),
+        ("erf", -2.0, 2.0, |t| t.unary(UnaryOp::Erf), erf),
+    ];
+    for (i, (name, lo, hi, gpu, cpu)) in cases.into_iter().chain(more).enumerate() {
         let x = input(&[3, 7], 200 + i as u64, lo, hi);
         grad_check(name, &[x], |t| gpu(&t[0]), &|x: &[Vec<f64>]| {
             x[0].iter().map(|&v| cpu(v)).collect()
         });
+    }
+}
+
+#[test]
+fn fused_add_then_activation_gradients() {
+    // op(x + bias) in one kernel, bias broadcast over rows, for every
+    // activation Dense uses (and one with a parameter).
+    type Case = (UnaryOp, fn(f64) -> f64);
+    let cases: Vec<Case> = vec![
+        (UnaryOp::Relu, |z| z.max(0.0)),
+        (UnaryOp::Sigmoid, |z| 1.0 / (1.0 + (-z).exp())),
+        (UnaryOp::Tanh, f64::tanh),
+        (UnaryOp::Gelu, |z| {
+            0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
+        }),
+        (
+            UnaryOp::LeakyRelu(0.2),
+            |z| if z > 0.0 { z } else { 0.2 * z },
+        ),
+    ];
+    for (i, (op, f)) in cases.into_iter().enumerate() {
+        let seed = 300 + 2 * i as u64;
+        grad_check(
+            &format!("add_then {op:?}"),
+            &[
+                input(&[4, 6], seed, -2.0, 2.0),
+                input(&[6], seed + 1, -1.0, 1.0),
+            ],
+            |t| t[0].add_then(&t[1], op),
+            &|x: &[Vec<f64>]| (0..24).map(|j| f(x[0][j] + x[1][j % 6])).collect(),
+        );
     }
 }
 
@@ -680,29 +726,37 @@ fn batch_norm_reports_batch_statistics() {
 
 #[test]
 fn layer_norm_gradients() {
-    let cpu = |x: &[Vec<f64>]| -> Vec<f64> {
-        let (rows, cols) = (3, 5);
-        let mut out = Vec::new();
-        for r in 0..rows {
-            let row = &x[0][r * cols..(r + 1) * cols];
-            let mean = row.iter().sum::<f64>() / cols as f64;
-            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
-            for c in 0..cols {
-                out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[1][c] + x[2][c]);
+    // Short rows, a 3-D input, and rows longer than a workgroup is wide.
+    for (i, shape) in [vec![3, 5], vec![2, 3, 7], vec![2, 300]]
+        .into_iter()
+        .enumerate()
+    {
+        let cols = *shape.last().unwrap();
+        let rows: usize = shape.iter().product::<usize>() / cols;
+        let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
+            let mut out = Vec::new();
+            for r in 0..rows {
+                let row = &x[0][r * cols..(r + 1) * cols];
+                let mean = row.iter().sum::<f64>() / cols as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+                for c in 0..cols {
+                    out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[1][c] + x[2][c]);
+                }
             }
-        }
-        out
-    };
-    grad_check(
-        "layer_norm",
-        &[
-            input(&[3, 5], 60, -2.0, 2.0),
-            input(&[5], 61, 0.5, 1.5),
-            input(&[5], 62, -0.5, 0.5),
-        ],
-        |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
-        &cpu,
-    );
+            out
+        };
+        let seed = 60 + 3 * i as u64;
+        grad_check(
+            &format!("layer_norm {shape:?}"),
+            &[
+                input(&shape, seed, -2.0, 2.0),
+                input(&[cols], seed + 1, 0.5, 1.5),
+                input(&[cols], seed + 2, -0.5, 0.5),
+            ],
+            |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+            &cpu,
+        );
+    }
 }
 
 #[test]

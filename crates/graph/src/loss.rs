@@ -67,8 +67,8 @@ pub fn binary_cross_entropy_with_logits(
             "binary_cross_entropy_with_logits",
             "max(x0, 0.0) - x0 * x1 + log(1.0 + exp(-abs(x0)))",
         ),
-        "x0 * (kiln_sigmoid(x1) - x2)",
-        "-x0 * x1",
+        "x0 * (kiln_sigmoid(x2) - x3)",
+        "-x0 * x2",
     )?;
     let count = per_item.numel();
     reduce(per_item, reduction, count)

@@ -1,6 +1,7 @@
 //! Layers: each maps a tensor to a tensor and owns named parameters.
 
 use crate::checkpoint::ModelError;
+use kiln_graph::device::UnaryOp;
 use kiln_graph::{Conv2d, Device, Padding, Tensor};
 
 /// Whether a forward pass trains (dropout active) and the seed of its random
@@ -82,6 +83,20 @@ impl Activation {
             Activation::Softmax => x.softmax(),
         }
     }
+
+    /// `activation(x + bias)`, as one kernel when the activation is
+    /// elementwise (the sum is never written out).
+    pub fn apply_with_bias(self, x: &Tensor, bias: &Tensor) -> kiln_graph::Result<Tensor> {
+        let op = match self {
+            Activation::None => return x.add(bias),
+            Activation::Softmax => return x.add(bias)?.softmax(),
+            Activation::Relu => UnaryOp::Relu,
+            Activation::Sigmoid => UnaryOp::Sigmoid,
+            Activation::Tanh => UnaryOp::Tanh,
+            Activation::Gelu => UnaryOp::Gelu,
+        };
+        x.add_then(bias, op)
+    }
 }
 
 /// An activation on its own is a layer too (Keras's `Activation`), e.g. after
@@ -136,8 +151,8 @@ impl Layer for Dense {
     }
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let y = x.matmul(&self.weight)?.add(&self.bias)?;
-        Ok(self.activation.apply(&y)?)
+        let y = x.matmul(&self.weight)?;
+        Ok(self.activation.apply_with_bias(&y, &self.bias)?)
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {

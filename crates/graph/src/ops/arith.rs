@@ -1,11 +1,18 @@
-//! Elementwise arithmetic and activations with broadcasting.
+//! Elementwise arithmetic and activations with broadcasting, all through one
+//! mechanism: an op is a forward expression, evaluated by the generated
+//! elementwise kernel, and per input a gradient expression, evaluated by the
+//! same kernel in the backward pass. Expressions compose by substitution, so
+//! a chain such as bias + activation becomes one kernel each way
+//! ([`Tensor::add_then`]).
 //!
-//! Backward rules are elementwise expressions too, evaluated by the same
-//! generated kernel: `x0` is the incoming gradient, `x1`, `x2` the saved values.
+//! Gradient expressions read `x0` = the incoming gradient, `x1` = the op's
+//! output and `x2`, `x3` = its inputs. Only the variables an expression uses
+//! are bound, a gradient that is the incoming one (`x0`) costs no kernel, and
+//! equal gradient expressions are evaluated once.
 
 use super::{record, sum_to_shape};
 use crate::tensor::Tensor;
-use kiln_device::{Elementwise, Operand, Result, UnaryOp};
+use kiln_device::{DeviceError, Elementwise, Operand, Result, UnaryOp};
 
 /// Evaluates an elementwise expression over tensors, with broadcasting (no graph).
 pub(crate) fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
@@ -18,52 +25,201 @@ pub(crate) fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
     Tensor::from_buffer(device, buffer, &shape)
 }
 
-/// A broadcasting binary op. `grad_a` / `grad_b` are the partial derivatives
-/// times the incoming gradient, as expressions of x0 = gradient, x1 = a, x2 = b.
+/// `expr` with every variable `x<i>` replaced by `rename(i)`, in one pass (a
+/// replacement is never renamed again).
+pub(crate) fn rename_vars(expr: &str, mut rename: impl FnMut(usize) -> String) -> String {
+    let bytes = expr.as_bytes();
+    let mut out = String::with_capacity(expr.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        let digits = bytes[i + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        let ends_word = bytes
+            .get(i + 1 + digits)
+            .is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_'));
+        if bytes[i] == b'x' && starts_word && digits > 0 && ends_word {
+            let index = expr[i + 1..i + 1 + digits].parse().expect("digits");
+            out.push_str(&rename(index));
+            i += 1 + digits;
+        } else {
+            out.push(bytes[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Evaluates `expr` over those of `inputs` it names, renumbered from `x0`:
+/// unused inputs are not bound (so they cannot keep a broadcast input from
+/// the packed vec4 path).
+fn map_used(
+    name: &'static str,
+    expr: &str,
+    scalars: [f32; 4],
+    inputs: &[&Tensor],
+) -> Result<Tensor> {
+    let mut used: Vec<usize> = Vec::new();
+    let compact = rename_vars(expr, |i| {
+        let slot = used.iter().position(|&u| u == i).unwrap_or_else(|| {
+            used.push(i);
+            used.len() - 1
+        });
+        format!("x{slot}")
+    });
+    let bound: Vec<&Tensor> = used
+        .iter()
+        .map(|&i| {
+            inputs.get(i).copied().ok_or_else(|| DeviceError::Shape {
+                op: name,
+                message: format!(
+                    "expression {expr:?} reads x{i}, only {} inputs",
+                    inputs.len()
+                ),
+            })
+        })
+        .collect::<Result<_>>()?;
+    if bound.is_empty() {
+        return Err(DeviceError::Shape {
+            op: name,
+            message: format!("expression {expr:?} reads no input"),
+        });
+    }
+    let mut op = Elementwise::new(name, &compact);
+    op.scalars = scalars;
+    map(&op, &bound)
+}
+
+/// An elementwise op: `forward` over the inputs `x0..`, and for each input its
+/// gradient (see the module docs for the variables).
+pub(crate) struct Rule {
+    pub name: &'static str,
+    pub forward: String,
+    pub partials: Vec<String>,
+    pub scalars: [f32; 4],
+}
+
+/// Runs `rule` over `inputs` (broadcasting) as one kernel and records its
+/// backward pass.
+pub(crate) fn fused(inputs: &[&Tensor], rule: Rule) -> Result<Tensor> {
+    let out = map_used(rule.name, &rule.forward, rule.scalars, inputs)?;
+    let saved: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    let needed: Vec<bool> = inputs.iter().map(|t| t.is_requires_grad()).collect();
+    let y = out.detach();
+    Ok(record(inputs, out, rule.name, move |g| {
+        let mut vars: Vec<&Tensor> = vec![g, &y];
+        vars.extend(saved.iter());
+        let mut done: Vec<(&str, Tensor)> = Vec::new();
+        let mut grads = Vec::with_capacity(saved.len());
+        for ((partial, input), &need) in rule.partials.iter().zip(&saved).zip(&needed) {
+            if !need {
+                grads.push(None);
+                continue;
+            }
+            let full = if partial == "x0" {
+                g.clone()
+            } else if let Some((_, t)) = done.iter().find(|(e, _)| e == partial) {
+                t.clone()
+            } else {
+                let t = map_used("elementwise_grad", partial, rule.scalars, &vars)?;
+                done.push((partial, t.clone()));
+                t
+            };
+            grads.push(Some(sum_to_shape(&full, input.shape())?));
+        }
+        Ok(grads)
+    }))
+}
+
+/// A broadcasting binary op; `grad_a` / `grad_b` as in the module docs.
 pub(crate) fn binary(
     a: &Tensor,
     b: &Tensor,
     op: Elementwise<'static>,
-    grad_a: &'static str,
-    grad_b: &'static str,
+    grad_a: &str,
+    grad_b: &str,
 ) -> Result<Tensor> {
-    let out = map(&op, &[a, b])?;
-    let (sa, sb) = (a.detach(), b.detach());
-    Ok(record(&[a, b], out, op.name, move |g| {
-        let partial = |e: &'static str, shape: &[usize]| -> Result<Option<Tensor>> {
-            let full = map(&Elementwise::new("binary_grad", e), &[g, &sa, &sb])?;
-            Ok(Some(sum_to_shape(&full, shape)?))
-        };
-        Ok(vec![
-            partial(grad_a, sa.shape())?,
-            partial(grad_b, sb.shape())?,
-        ])
-    }))
+    fused(
+        &[a, b],
+        Rule {
+            name: op.name,
+            forward: op.expr.to_string(),
+            partials: vec![grad_a.to_string(), grad_b.to_string()],
+            scalars: op.scalars,
+        },
+    )
 }
 
-/// A unary op whose derivative reads the input or the output.
-fn unary(x: &Tensor, op: UnaryOp, grad: &'static str, saved: Saved) -> Result<Tensor> {
+/// The gradient of a unary op, as in the module docs (`x1` its output, `x2`
+/// its input).
+fn derivative(op: UnaryOp) -> &'static str {
+    match op {
+        UnaryOp::Neg => "-x0",
+        UnaryOp::Abs => "x0 * sign(x2)",
+        UnaryOp::Exp => "x0 * x1",
+        UnaryOp::Log => "x0 / x2",
+        UnaryOp::Sqrt => "0.5 * x0 / x1",
+        UnaryOp::Rsqrt => "-0.5 * x0 * x1 * x1 * x1",
+        UnaryOp::Recip => "-x0 * x1 * x1",
+        UnaryOp::Square => "2.0 * x0 * x2",
+        UnaryOp::Sin => "x0 * cos(x2)",
+        UnaryOp::Cos => "-x0 * sin(x2)",
+        UnaryOp::Relu => "select(0.0, x0, x2 > 0.0)",
+        UnaryOp::LeakyRelu(_) => "select(s0 * x0, x0, x2 > 0.0)",
+        UnaryOp::Sigmoid => "x0 * x1 * (1.0 - x1)",
+        UnaryOp::Tanh => "x0 * (1.0 - x1 * x1)",
+        // Exact GELU, x * Phi(x): the derivative is Phi(x) + x * phi(x).
+        UnaryOp::Gelu => {
+            "x0 * (0.5 * (1.0 + kiln_erf(x2 * 0.70710678118654752)) \
+             + x2 * 0.39894228040143268 * exp(-0.5 * x2 * x2))"
+        }
+        UnaryOp::Erf => "x0 * 1.1283791670955126 * exp(-x2 * x2)",
+        UnaryOp::AddScalar(_) => "x0",
+        UnaryOp::MulScalar(_) => "x0 * s0",
+        UnaryOp::PowScalar(_) => "x0 * s0 * pow(x2, s0 - 1.0)",
+    }
+}
+
+fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     let forward = op.elementwise();
-    let out = map(&forward, &[x])?;
-    let keep = match saved {
-        Saved::Input => x.detach(),
-        Saved::Output => out.detach(),
-    };
-    let scalars = forward.scalars;
-    Ok(record(&[x], out, forward.name, move |g| {
-        let mut rule = Elementwise::new("unary_grad", grad);
-        rule.scalars = scalars;
-        Ok(vec![Some(map(&rule, &[g, &keep])?)])
-    }))
-}
-
-#[derive(Clone, Copy)]
-enum Saved {
-    Input,
-    Output,
+    fused(
+        &[x],
+        Rule {
+            name: forward.name,
+            forward: forward.expr.to_string(),
+            partials: vec![derivative(op).to_string()],
+            scalars: forward.scalars,
+        },
+    )
 }
 
 impl Tensor {
+    /// `op(self + other)` as one kernel, broadcasting like numpy: a layer's
+    /// bias and activation, or a residual sum and its activation, without the
+    /// intermediate sum ever being written. The backward pass is one kernel
+    /// too (plus the sum over broadcast axes).
+    pub fn add_then(&self, other: &Tensor, op: UnaryOp) -> Result<Tensor> {
+        let unary = op.elementwise();
+        let forward = rename_vars(unary.expr, |_| "(x0 + x1)".to_string());
+        // The unary derivative reads its own input as x2: here that is the
+        // sum of this op's two inputs, x2 + x3.
+        let partial = rename_vars(derivative(op), |i| match i {
+            2 => "(x2 + x3)".to_string(),
+            i => format!("x{i}"),
+        });
+        fused(
+            &[self, other],
+            Rule {
+                name: unary.name,
+                forward,
+                partials: vec![partial.clone(), partial],
+                scalars: unary.scalars,
+            },
+        )
+    }
+
     /// `self + other`, broadcasting like numpy.
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
         binary(self, other, Elementwise::new("add", "x0 + x1"), "x0", "x0")
@@ -78,8 +234,8 @@ impl Tensor {
             self,
             other,
             Elementwise::new("mul", "x0 * x1"),
+            "x0 * x3",
             "x0 * x2",
-            "x0 * x1",
         )
     }
 
@@ -88,8 +244,8 @@ impl Tensor {
             self,
             other,
             Elementwise::new("div", "x0 / x1"),
-            "x0 / x2",
-            "-x0 * x1 / (x2 * x2)",
+            "x0 / x3",
+            "-x0 * x1 / x3",
         )
     }
 
@@ -100,8 +256,8 @@ impl Tensor {
             self,
             other,
             Elementwise::new("pow", "pow(x0, x1)"),
-            "x0 * x2 * pow(x1, x2 - 1.0)",
-            "x0 * pow(x1, x2) * log(x1)",
+            "x0 * x3 * pow(x2, x3 - 1.0)",
+            "x0 * x1 * log(x2)",
         )
     }
 
@@ -112,92 +268,71 @@ impl Tensor {
             self,
             other,
             Elementwise::new("maximum", "max(x0, x1)"),
-            "select(0.0, x0, x1 >= x2)",
-            "select(x0, 0.0, x1 >= x2)",
+            "select(0.0, x0, x2 >= x3)",
+            "select(x0, 0.0, x2 >= x3)",
         )
     }
 
     pub fn abs(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Abs, "x0 * sign(x1)", Saved::Input)
+        unary(self, UnaryOp::Abs)
     }
 
     pub fn neg(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Neg, "-x0", Saved::Input)
+        unary(self, UnaryOp::Neg)
     }
 
     pub fn add_scalar(&self, s: f32) -> Result<Tensor> {
-        unary(self, UnaryOp::AddScalar(s), "x0", Saved::Input)
+        unary(self, UnaryOp::AddScalar(s))
     }
 
     pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
-        unary(self, UnaryOp::MulScalar(s), "x0 * s0", Saved::Input)
+        unary(self, UnaryOp::MulScalar(s))
     }
 
     /// `self^p` elementwise (for positive inputs unless `p` is an integer).
     pub fn pow_scalar(&self, p: f32) -> Result<Tensor> {
-        unary(
-            self,
-            UnaryOp::PowScalar(p),
-            "x0 * s0 * pow(x1, s0 - 1.0)",
-            Saved::Input,
-        )
+        unary(self, UnaryOp::PowScalar(p))
     }
 
     pub fn square(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Square, "2.0 * x0 * x1", Saved::Input)
+        unary(self, UnaryOp::Square)
     }
 
     pub fn exp(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Exp, "x0 * x1", Saved::Output)
+        unary(self, UnaryOp::Exp)
     }
 
     pub fn log(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Log, "x0 / x1", Saved::Input)
+        unary(self, UnaryOp::Log)
     }
 
     pub fn sqrt(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Sqrt, "0.5 * x0 / x1", Saved::Output)
+        unary(self, UnaryOp::Sqrt)
     }
 
     pub fn relu(&self) -> Result<Tensor> {
-        unary(
-            self,
-            UnaryOp::Relu,
-            "select(0.0, x0, x1 > 0.0)",
-            Saved::Input,
-        )
+        unary(self, UnaryOp::Relu)
     }
 
     pub fn leaky_relu(&self, slope: f32) -> Result<Tensor> {
-        unary(
-            self,
-            UnaryOp::LeakyRelu(slope),
-            "select(s0 * x0, x0, x1 > 0.0)",
-            Saved::Input,
-        )
+        unary(self, UnaryOp::LeakyRelu(slope))
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
-        unary(
-            self,
-            UnaryOp::Sigmoid,
-            "x0 * x1 * (1.0 - x1)",
-            Saved::Output,
-        )
+        unary(self, UnaryOp::Sigmoid)
     }
 
     pub fn tanh(&self) -> Result<Tensor> {
-        unary(self, UnaryOp::Tanh, "x0 * (1.0 - x1 * x1)", Saved::Output)
+        unary(self, UnaryOp::Tanh)
     }
 
-    /// Exact GELU, `x * Phi(x)`; its derivative is `Phi(x) + x * phi(x)`.
+    /// Exact GELU, `x * Phi(x)`.
     pub fn gelu(&self) -> Result<Tensor> {
-        unary(
-            self,
-            UnaryOp::Gelu,
-            "x0 * (0.5 * (1.0 + kiln_erf(x1 * 0.70710678118654752)) \
-             + x1 * 0.39894228040143268 * exp(-0.5 * x1 * x1))",
-            Saved::Input,
-        )
+        unary(self, UnaryOp::Gelu)
+    }
+
+    /// Any named unary op, with its gradient.
+    pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        unary(self, op)
     }
 }
