@@ -6,6 +6,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod lstm;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
 pub mod softmax;
 

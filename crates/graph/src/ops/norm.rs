@@ -1,6 +1,8 @@
-//! Layer normalisation, composed from differentiable ops so its gradient comes
-//! from the same (checked) rules.
+//! Layer normalisation (one fused kernel each way) and batch normalisation
+//! (composed from differentiable ops, so its gradient comes from their checked
+//! rules).
 
+use super::record;
 use crate::tensor::Tensor;
 use kiln_device::{DeviceError, Result};
 
@@ -28,10 +30,44 @@ impl Tensor {
                 ),
             });
         }
-        let centered = self.sub(&self.mean(last, true)?)?;
-        let variance = centered.square()?.mean(last, true)?;
-        let inv_std = variance.add_scalar(eps)?.pow_scalar(-0.5)?;
-        centered.mul(&inv_std)?.mul(gamma)?.add(beta)
+        let cols = features[0];
+        let rows = self.numel() / cols.max(1);
+        let device = self.device();
+        let fwd = device.layer_norm(
+            self.buffer(),
+            gamma.buffer(),
+            beta.buffer(),
+            rows,
+            cols,
+            eps,
+        )?;
+        let out = Tensor::from_buffer(device, fwd.out, self.shape())?;
+        let stats = Tensor::from_buffer(device, fwd.stats, &[rows, 2])?;
+        let (x, gamma_saved) = (self.detach(), gamma.detach());
+        let needs = [gamma.is_requires_grad(), beta.is_requires_grad()];
+        Ok(record(&[self, gamma, beta], out, "layer_norm", move |g| {
+            let device = x.device();
+            let (dx, gxhat) = device.layer_norm_backward(
+                x.buffer(),
+                gamma_saved.buffer(),
+                g.buffer(),
+                stats.buffer(),
+                rows,
+                cols,
+            )?;
+            let dx = Tensor::from_buffer(device, dx, x.shape())?;
+            let dgamma = if needs[0] {
+                Some(Tensor::from_buffer(device, gxhat, &[rows, cols])?.sum(0, false)?)
+            } else {
+                None
+            };
+            let dbeta = if needs[1] {
+                Some(g.reshape(&[rows, cols])?.sum(0, false)?)
+            } else {
+                None
+            };
+            Ok(vec![Some(dx), dgamma, dbeta])
+        }))
     }
 }
 

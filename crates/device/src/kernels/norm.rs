@@ -1,0 +1,131 @@
+//! Layer normalisation over the last axis, forward and backward, one
+//! invocation per row.
+
+use super::{expect_f32, expect_len, grid_2d, to_u32};
+use crate::buffer::{DType, GpuBuffer};
+use crate::device::Device;
+use crate::error::Result;
+use crate::kernel::Specialize;
+
+const FORWARD_SRC: &str = include_str!("../../../../shaders/layer_norm.wgsl");
+const BACKWARD_SRC: &str = include_str!("../../../../shaders/layer_norm_backward.wgsl");
+const WORKGROUP: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_groups: u32,
+    eps: f32,
+}
+
+/// What [`Device::layer_norm`] returns: the output and each row's
+/// `(mean, 1 / std)`, which the backward pass reads.
+pub struct LayerNormOutput {
+    pub out: GpuBuffer,
+    pub stats: GpuBuffer,
+}
+
+impl Device {
+    /// `(x - mean) / sqrt(var + eps) * gamma + beta` along each row of a
+    /// `rows x cols` matrix (biased variance); `gamma` and `beta` hold `cols`.
+    pub fn layer_norm(
+        &self,
+        x: &GpuBuffer,
+        gamma: &GpuBuffer,
+        beta: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<LayerNormOutput> {
+        const OP: &str = "layer_norm";
+        for (name, b, len) in [
+            ("x", x, rows * cols),
+            ("gamma", gamma, cols),
+            ("beta", beta, cols),
+        ] {
+            expect_f32(OP, name, b)?;
+            expect_len(OP, name, b, len)?;
+        }
+        let out = self.empty(rows * cols, DType::F32)?;
+        let stats = self.empty(2 * rows, DType::F32)?;
+        if out.is_empty() {
+            return Ok(LayerNormOutput { out, stats });
+        }
+        let kernel = self.kernel("layer_norm", || {
+            Specialize::new(FORWARD_SRC)
+                .constant_u32("WG", WORKGROUP)
+                .build()
+        })?;
+        let grid = self.row_grid(rows)?;
+        let params = Params {
+            rows: to_u32(OP, "rows", rows)?,
+            cols: to_u32(OP, "cols", cols)?,
+            row_groups: grid[0],
+            eps,
+        };
+        self.dispatch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &[x, gamma, beta, &out, &stats],
+            grid,
+        )?;
+        Ok(LayerNormOutput { out, stats })
+    }
+
+    /// The gradient with respect to `x` of [`Device::layer_norm`] given the
+    /// output's gradient `g`, and `g * xhat` per element (its column sums are
+    /// the gradient of `gamma`).
+    pub fn layer_norm_backward(
+        &self,
+        x: &GpuBuffer,
+        gamma: &GpuBuffer,
+        g: &GpuBuffer,
+        stats: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(GpuBuffer, GpuBuffer)> {
+        const OP: &str = "layer_norm_backward";
+        for (name, b, len) in [
+            ("x", x, rows * cols),
+            ("gamma", gamma, cols),
+            ("gradient", g, rows * cols),
+            ("stats", stats, 2 * rows),
+        ] {
+            expect_f32(OP, name, b)?;
+            expect_len(OP, name, b, len)?;
+        }
+        let dx = self.empty(rows * cols, DType::F32)?;
+        let gxhat = self.empty(rows * cols, DType::F32)?;
+        if dx.is_empty() {
+            return Ok((dx, gxhat));
+        }
+        let kernel = self.kernel("layer_norm_backward", || {
+            Specialize::new(BACKWARD_SRC)
+                .constant_u32("WG", WORKGROUP)
+                .build()
+        })?;
+        let grid = self.row_grid(rows)?;
+        let params = Params {
+            rows: to_u32(OP, "rows", rows)?,
+            cols: to_u32(OP, "cols", cols)?,
+            row_groups: grid[0],
+            eps: 0.0,
+        };
+        self.dispatch(
+            &kernel,
+            bytemuck::bytes_of(&params),
+            &[x, gamma, g, stats, &dx, &gxhat],
+            grid,
+        )?;
+        Ok((dx, gxhat))
+    }
+
+    fn row_grid(&self, rows: usize) -> Result<[u32; 3]> {
+        grid_2d(
+            rows.div_ceil(WORKGROUP as usize) as u64,
+            self.limits().max_compute_workgroups_per_dimension,
+        )
+    }
+}
