@@ -123,3 +123,29 @@ fn pool_capacity_bounds_idle_memory() {
     let want: Vec<f32> = x.iter().map(|v| -v).collect();
     assert_eq!(d.read::<f32>(&negated).unwrap(), want);
 }
+
+#[test]
+fn autotune_measures_every_candidate_once_then_reads_its_cache() {
+    use kiln::device::Tuning;
+    let d = device();
+    let file = std::env::temp_dir().join(format!("kiln-tune-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let before = d.tuning();
+    let candidates = Tuning::candidates(d.adapter_info(), d.features(), d.limits());
+    let first = d.autotune(&file).unwrap();
+    assert_eq!(first.measured.len(), candidates.len());
+    assert!(first.measured.iter().all(|(_, s)| *s > 0.0));
+    assert!(candidates.contains(&first.chosen));
+    assert_eq!(d.tuning().matmul, first.chosen);
+    let second = d.autotune(&file).unwrap();
+    assert!(
+        second.measured.is_empty(),
+        "the cache file is read, not re-measured"
+    );
+    assert_eq!(second.chosen, first.chosen);
+    // A file naming a tiling this adapter cannot run is measured over.
+    std::fs::write(&file, "matmul = shared:9x9x9:1x1\n").unwrap();
+    assert_eq!(d.autotune(&file).unwrap().measured.len(), candidates.len());
+    d.set_tuning(before);
+    std::fs::remove_file(&file).unwrap();
+}

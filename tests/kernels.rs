@@ -18,6 +18,11 @@ use kiln::device::{
 fn tilings() -> Vec<MatmulTiling> {
     let d = device();
     let mut t = vec![d.tuning().matmul, Tuning::CPU.matmul, Tuning::GPU.matmul];
+    t.extend(Tuning::candidates(
+        d.adapter_info(),
+        d.features(),
+        d.limits(),
+    ));
     for s in [
         "register:4x4:16x16",
         "subgroup:4:8:64",
@@ -30,8 +35,13 @@ fn tilings() -> Vec<MatmulTiling> {
         t.validate(d.limits(), d.features(), d.adapter_info())
             .is_ok()
     });
-    t.dedup();
-    t
+    let mut unique = Vec::new();
+    for tiling in t {
+        if !unique.contains(&tiling) {
+            unique.push(tiling);
+        }
+    }
+    unique
 }
 
 /// f64 reference of `C[z] = op(A[z]) op(B[z])` and the per-element error scale.

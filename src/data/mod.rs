@@ -44,18 +44,9 @@ impl From<DataError> for kiln_models::ModelError {
     }
 }
 
-/// Where Kiln keeps downloaded and converted data: `$KILN_CACHE`, else
-/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KILN_CACHE") {
-        return dir.into();
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("kiln");
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
-    PathBuf::from(home).join(".cache").join("kiln")
-}
+/// Where Kiln keeps downloaded and converted data (and the device's tuning):
+/// `$KILN_CACHE`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub use kiln_device::cache_dir;
 
 /// Samples with `features` f32 inputs each and a class label.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -167,7 +167,7 @@ impl Device {
             mapped_at_creation: false,
         });
         let tuning = Tuning::for_adapter(&info, features);
-        Ok(Self {
+        let opened = Self {
             shared: Arc::new(DeviceShared {
                 device,
                 queue,
@@ -185,7 +185,25 @@ impl Device {
                 tuning: Mutex::new(tuning),
                 profile: Mutex::new(None),
             }),
-        })
+        };
+        opened.tune_on_open();
+        Ok(opened)
+    }
+
+    /// Loads or measures the matmul tiling (see [`crate::autotune`]) unless
+    /// `KILN_MATMUL` fixes it or `KILN_AUTOTUNE=0` asks for the defaults. A
+    /// failed measurement keeps the defaults: tuning is never worth an error.
+    fn tune_on_open(&self) {
+        let fixed = std::env::var_os("KILN_MATMUL").is_some();
+        let off = std::env::var("KILN_AUTOTUNE").is_ok_and(|v| v == "0");
+        if fixed || off {
+            return;
+        }
+        let defaults = self.tuning();
+        if let Err(e) = self.autotune(&self.tuning_cache_file()) {
+            eprintln!("kiln: matmul autotuning failed ({e}); using the defaults");
+            self.set_tuning(defaults);
+        }
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {

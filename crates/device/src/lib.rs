@@ -25,6 +25,7 @@
 //! ```
 
 mod adapter;
+pub mod autotune;
 mod buffer;
 mod device;
 mod error;
@@ -36,6 +37,7 @@ mod profile;
 mod tuning;
 
 pub use adapter::{is_cpu, list_adapters, DeviceKind, DeviceSelector};
+pub use autotune::{cache_dir, AutotuneReport};
 pub use buffer::{DType, Element, GpuBuffer};
 pub use device::{Device, DispatchStats, MAX_PARAM_BYTES};
 pub use error::{DeviceError, Result};
@@ -46,6 +48,7 @@ pub use kernels::conv::ConvGeometry;
 pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
 pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
 pub use kernels::matmul::Matmul;
+pub use kernels::norm::LayerNormOutput;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use kernels::softmax::SoftmaxInput;
 pub use pool::{bucket_size, PoolStats};

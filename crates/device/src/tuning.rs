@@ -199,10 +199,47 @@ impl Tuning {
         },
     };
 
-    /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
-    /// overrides the matmul tiling.
-    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
-        let mut tuning = if !crate::adapter::is_cpu(info) {
+    /// Every matmul tiling the autotuner may pick on this adapter (kernel
+    /// tests run each of them), the default first.
+    pub fn candidates(
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+    ) -> Vec<MatmulTiling> {
+        let default = Self::defaults(info, features).matmul;
+        let others: Vec<String> = if !crate::adapter::is_cpu(info) {
+            [
+                "shared:128x64x16:8x4",
+                "shared:128x128x8:8x8",
+                "shared:32x32x16:2x2",
+            ]
+            .map(String::from)
+            .to_vec()
+        } else if let MatmulTiling::Subgroup { sg, .. } = default {
+            vec![
+                format!("subgroup:8:{sg}:64"),
+                format!("subgroup:2:{sg}:64"),
+                format!("subgroup:4:{sg}:32"),
+                "register:16x16:8x4".into(),
+            ]
+        } else {
+            ["register:8x16:8x4", "register:8x8:8x8"]
+                .map(String::from)
+                .to_vec()
+        };
+        let mut out = vec![default];
+        for s in others {
+            let t: MatmulTiling = s.parse().expect("candidate tilings parse");
+            if !out.contains(&t) && t.validate(limits, features, info).is_ok() {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    /// The built-in choice for an adapter, before any measurement.
+    pub fn defaults(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
+        if !crate::adapter::is_cpu(info) {
             Self::GPU
         } else if features.contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size == info.subgroup_max_size
@@ -217,7 +254,13 @@ impl Tuning {
             }
         } else {
             Self::CPU
-        };
+        }
+    }
+
+    /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
+    /// overrides the matmul tiling.
+    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
+        let mut tuning = Self::defaults(info, features);
         if let Ok(s) = std::env::var("KILN_MATMUL") {
             match s.parse() {
                 Ok(t) => tuning.matmul = t,

@@ -1,0 +1,172 @@
+//! Choosing the matmul tiling by measurement. The first time Kiln opens an
+//! adapter, every candidate tiling for that kind of adapter times a few
+//! products of shapes training actually uses; the fastest is kept and written
+//! to `<cache>/tuning/<adapter>.txt`, so later runs start with it at the cost
+//! of a file read. `KILN_MATMUL` (a fixed tiling) or `KILN_AUTOTUNE=0` (the
+//! built-in default) skip it.
+
+use crate::buffer::GpuBuffer;
+use crate::device::Device;
+use crate::error::Result;
+use crate::kernels::matmul::Matmul;
+use crate::tuning::{MatmulTiling, Tuning};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where Kiln keeps downloads and measurements: `$KILN_CACHE`, else
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_CACHE") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("kiln");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".cache").join("kiln")
+}
+
+/// What [`Device::autotune`] decided and how.
+#[derive(Clone, Debug)]
+pub struct AutotuneReport {
+    pub chosen: MatmulTiling,
+    /// Seconds each candidate took over the probe shapes; empty when the
+    /// choice came from the cache file.
+    pub measured: Vec<(MatmulTiling, f64)>,
+    pub cache_file: PathBuf,
+}
+
+/// Shapes the probe times: a square product, a layer's forward at batch 32,
+/// and a weight gradient (`A^T B`).
+const PROBES: [(usize, usize, usize, bool); 3] = [
+    (512, 512, 512, false),
+    (32, 256, 784, false),
+    (784, 64, 128, true),
+];
+
+impl Device {
+    /// The cache file of this adapter's tuning.
+    pub fn tuning_cache_file(&self) -> PathBuf {
+        let info = self.adapter_info();
+        let key = format!(
+            "{}-{:?}-{}-{}-{}-kiln{}",
+            info.name,
+            info.backend,
+            info.driver,
+            info.driver_info,
+            info.device,
+            env!("CARGO_PKG_VERSION")
+        );
+        let file: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        cache_dir().join("tuning").join(format!("{file}.txt"))
+    }
+
+    /// Sets the matmul tiling from `cache_file` if it holds one this adapter
+    /// can run, else measures every candidate, keeps the fastest and writes it
+    /// to `cache_file` (a failed write only costs the next run a re-measure).
+    pub fn autotune(&self, cache_file: &Path) -> Result<AutotuneReport> {
+        let candidates = Tuning::candidates(self.adapter_info(), self.features(), self.limits());
+        if let Some(cached) = std::fs::read_to_string(cache_file)
+            .ok()
+            .and_then(|text| parse_cache(&text))
+            .filter(|t| candidates.contains(t))
+        {
+            self.set_tuning(Tuning { matmul: cached });
+            return Ok(AutotuneReport {
+                chosen: cached,
+                measured: Vec::new(),
+                cache_file: cache_file.to_path_buf(),
+            });
+        }
+        let mut measured = Vec::with_capacity(candidates.len());
+        for &tiling in &candidates {
+            measured.push((tiling, self.probe(tiling)?));
+        }
+        let chosen = measured
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(self.tuning().matmul, |m| m.0);
+        self.set_tuning(Tuning { matmul: chosen });
+        let _ = write_cache(cache_file, chosen, &measured);
+        Ok(AutotuneReport {
+            chosen,
+            measured,
+            cache_file: cache_file.to_path_buf(),
+        })
+    }
+
+    /// Seconds `tiling` takes for the probe shapes, best of a few runs each.
+    fn probe(&self, tiling: MatmulTiling) -> Result<f64> {
+        let mut total = 0.0;
+        for (i, &(m, n, k, trans_a)) in PROBES.iter().enumerate() {
+            let a = self.upload(&probe_data(m * k, i as u32))?;
+            let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
+            let spec = Matmul::new(m, n, k).transpose_a(trans_a);
+            // The first run compiles the kernel.
+            let run = || -> Result<f64> {
+                let start = Instant::now();
+                let out: GpuBuffer = self.matmul_with(&a, &b, &spec, tiling)?;
+                self.synchronize()?;
+                drop(out);
+                Ok(start.elapsed().as_secs_f64())
+            };
+            run()?;
+            let (mut best, start) = (f64::MAX, Instant::now());
+            for rep in 0.. {
+                best = best.min(run()?);
+                if rep >= 2 && start.elapsed() > Duration::from_millis(30) {
+                    break;
+                }
+            }
+            total += best;
+        }
+        Ok(total)
+    }
+}
+
+fn probe_data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5
+        })
+        .collect()
+}
+
+/// The tiling recorded in a cache file (`matmul = <tiling>`).
+fn parse_cache(text: &str) -> Option<MatmulTiling> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .find(|(key, _)| key.trim() == "matmul")
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+/// Writes the choice and the measurements (for people reading the file),
+/// through a temporary file renamed into place.
+fn write_cache(
+    path: &Path,
+    chosen: MatmulTiling,
+    measured: &[(MatmulTiling, f64)],
+) -> std::io::Result<()> {
+    let mut text = format!("matmul = {chosen}\n");
+    for (t, seconds) in measured {
+        text.push_str(&format!(
+            "# {t}: {:.3} ms over the probe shapes\n",
+            seconds * 1e3
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
