@@ -1,9 +1,175 @@
-//! Shared by the benches: reference measurements by Python (numpy, PyTorch) in
-//! the same run as ours, so ratios compare like with like on this machine at
-//! this moment, and the per-kernel profile table.
-#![allow(dead_code)] // each bench uses a different subset
+//! Shared by the workloads: reference measurements by Python (numpy, PyTorch)
+//! in the same run as ours, so ratios compare like with like on this machine
+//! at this moment; the one results table and its JSON; the per-kernel profile.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::time::Instant;
+
+/// One line of the results table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub workload: String,
+    /// What the figures count; higher is better unless it is a time.
+    pub unit: &'static str,
+    pub kiln: f64,
+    /// The same measurement by `reference_name`, in the same run.
+    pub reference: Option<f64>,
+    pub reference_name: &'static str,
+    /// Why there is no reference figure, when there is none.
+    pub missing_reference: Option<String>,
+    pub dispatches_per_step: Option<f64>,
+    pub submits_per_step: Option<f64>,
+}
+
+impl Row {
+    pub fn new(workload: impl Into<String>, unit: &'static str, kiln: f64) -> Self {
+        Self {
+            workload: workload.into(),
+            unit,
+            kiln,
+            reference: None,
+            reference_name: "",
+            missing_reference: None,
+            dispatches_per_step: None,
+            submits_per_step: None,
+        }
+    }
+
+    /// Attaches the reference figure (or why it is missing).
+    pub fn against(mut self, name: &'static str, value: Result<f64, &String>) -> Self {
+        self.reference_name = name;
+        match value {
+            Ok(v) => self.reference = Some(v),
+            Err(why) => self.missing_reference = Some(why.clone()),
+        }
+        self
+    }
+
+    pub fn per_step(mut self, counts: StepCounts) -> Self {
+        self.dispatches_per_step = Some(counts.dispatches);
+        self.submits_per_step = Some(counts.submits);
+        self
+    }
+
+    /// Kiln's figure over the reference's, oriented so that above 1 means
+    /// Kiln is faster.
+    pub fn ratio(&self) -> Option<f64> {
+        let r = self.reference?;
+        Some(
+            if self.unit.starts_with("us") || self.unit.starts_with("ms") {
+                r / self.kiln
+            } else {
+                self.kiln / r
+            },
+        )
+    }
+}
+
+/// Dispatches and submits per training step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepCounts {
+    pub dispatches: f64,
+    pub submits: f64,
+}
+
+/// Runs `steps` calls of `step` (after the device is idle) and returns the
+/// seconds they took and what each cost in dispatches and submits.
+pub fn measure_steps(
+    device: &kiln::Device,
+    steps: usize,
+    mut step: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, StepCounts)> {
+    device.synchronize()?;
+    let before = device.dispatch_stats();
+    let start = Instant::now();
+    for i in 0..steps {
+        step(i)?;
+    }
+    device.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = device.dispatch_stats();
+    let counts = StepCounts {
+        dispatches: (after.dispatches - before.dispatches) as f64 / steps as f64,
+        submits: (after.submits - before.submits) as f64 / steps as f64,
+    };
+    Ok((seconds, counts))
+}
+
+/// Prints the one results table.
+pub fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7}",
+        "workload", "unit", "kiln", "reference", "(by)", "ratio", "disp/step", "subm/st"
+    );
+    let opt = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "-".into(),
+    };
+    for r in rows {
+        println!(
+            "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7}",
+            r.workload,
+            r.unit,
+            format_figure(r.kiln),
+            r.reference.map_or("-".into(), format_figure),
+            r.reference_name,
+            opt(r.ratio(), 2),
+            opt(r.dispatches_per_step, 0),
+            opt(r.submits_per_step, 2),
+        );
+    }
+    let missing: Vec<&String> = rows
+        .iter()
+        .filter_map(|r| r.missing_reference.as_ref())
+        .collect();
+    if let Some(why) = missing.first() {
+        println!("(some references missing: {why})");
+    }
+    println!("ratio > 1: Kiln faster. References ran on the same machine in the same run.");
+}
+
+fn format_figure(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Writes the rows, the adapter and the commit as JSON under
+/// `target/kiln-bench/` (one file per run, and `latest.json`), so runs can be
+/// compared across commits; returns the per-run file.
+pub fn write_json(device: &kiln::Device, rows: &[Row]) -> anyhow::Result<PathBuf> {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let when = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let info = device.adapter_info();
+    let report = serde_json::json!({
+        "commit": commit,
+        "unix_time": when,
+        "adapter": info.name,
+        "backend": format!("{:?}", info.backend),
+        "rows": rows,
+    });
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench");
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    let path = dir.join(format!("{when}-{commit}.json"));
+    std::fs::write(&path, &text)?;
+    std::fs::write(dir.join("latest.json"), &text)?;
+    Ok(path)
+}
 
 /// Interpreters tried in order: `KILN_PYTHON` alone when set, else `python3`
 /// on the PATH and then the system one (where Debian's `python3-torch` lives

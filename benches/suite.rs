@@ -1,0 +1,43 @@
+//! Every reference workload, each against its reference (numpy's sgemm,
+//! PyTorch CPU) measured in the same run, in one table; the rows are also
+//! written as JSON under `target/kiln-bench/` to compare across commits.
+//!
+//! ```text
+//! cargo bench --bench suite                   # everything (minutes on a CPU adapter)
+//! cargo bench --bench suite -- mlp bert       # only the workloads named
+//! KILN_PROFILE=1 cargo bench --bench suite -- conv   # also: time per kernel of one step
+//! KILN_BENCH_SWEEP=1 cargo bench --bench suite -- matmul   # also: other tilings
+//! ```
+
+mod support;
+mod workloads;
+
+fn main() -> anyhow::Result<()> {
+    // Cargo passes `--bench`; everything else names workloads.
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let unknown: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !workloads::ALL.iter().any(|(name, _)| name == w))
+        .collect();
+    if !unknown.is_empty() {
+        let names: Vec<&str> = workloads::ALL.iter().map(|(name, _)| *name).collect();
+        anyhow::bail!("unknown workloads {unknown:?}; choose from {names:?}");
+    }
+    let device = kiln::Device::new()?;
+    let info = device.adapter_info();
+    println!("adapter: {} ({:?})", info.name, info.backend);
+    let mut rows = Vec::new();
+    for (name, run) in workloads::ALL {
+        if wanted.is_empty() || wanted.iter().any(|w| w == name) {
+            eprintln!("running {name} ...");
+            rows.extend(run(&device)?);
+        }
+    }
+    support::print_table(&rows);
+    let path = support::write_json(&device, &rows)?;
+    println!("results: {}", path.display());
+    Ok(())
+}

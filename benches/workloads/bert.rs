@@ -1,0 +1,162 @@
+//! all-MiniLM-L6-v2-sized BERT (6 layers, hidden 384, 12 heads) at 128 tokens:
+//! inference tokens/s and full fine-tuning samples/s (every layer trainable,
+//! AdamW), against PyTorch CPU running the same architecture written with its
+//! own modules. Weights are random: speed does not depend on them.
+
+use crate::support::{self, Row};
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, NoGradGuard};
+use kiln::models::bert::{Bert, BertClassifier, BertConfig, BertInput};
+use kiln::models::Mode;
+use kiln::Device;
+
+const TOKENS: usize = 128;
+const INFER_BATCH: usize = 16;
+const TRAIN_BATCH: usize = 8;
+
+fn minilm() -> BertConfig {
+    BertConfig {
+        vocab_size: 30_522,
+        hidden_size: 384,
+        num_hidden_layers: 6,
+        num_attention_heads: 12,
+        intermediate_size: 1536,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_act: "gelu".into(),
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+    }
+}
+
+fn batch(n: usize) -> (Vec<u32>, Vec<f32>) {
+    let ids = (0..n * TOKENS)
+        .map(|i| (1000 + (i * 7919) % 20_000) as u32)
+        .collect();
+    (ids, vec![1.0; n * TOKENS])
+}
+
+pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let model = BertClassifier::new(Bert::new(device, minilm(), 0)?, 2, 1)?;
+
+    let (ids, mask) = batch(INFER_BATCH);
+    let input = BertInput {
+        ids: &ids,
+        mask: &mask,
+        shape: [INFER_BATCH, TOKENS],
+        token_types: None,
+    };
+    let infer = || -> anyhow::Result<()> {
+        let _guard = NoGradGuard::new();
+        model.bert.forward(&input, &mut Mode::eval())?.to_vec()?;
+        Ok(())
+    };
+    infer()?;
+    let reps = 3;
+    let (seconds, infer_counts) = support::measure_steps(device, reps, |_| infer())?;
+    let tokens_per_s = (reps * INFER_BATCH * TOKENS) as f64 / seconds;
+
+    let (ids, mask) = batch(TRAIN_BATCH);
+    let input = BertInput {
+        ids: &ids,
+        mask: &mask,
+        shape: [TRAIN_BATCH, TOKENS],
+        token_types: None,
+    };
+    let labels: Vec<u32> = (0..TRAIN_BATCH as u32).map(|i| i % 2).collect();
+    let mut params = model.bert.parameters();
+    params.extend(model.head_parameters());
+    let mut opt = Adam::adamw(params, 5e-5, 0.01);
+    let mut step = |seed: u32| -> anyhow::Result<()> {
+        let logits = model.forward(&input, &mut Mode::training(seed))?;
+        let l = loss::cross_entropy(&logits, &labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step()?;
+        l.item()?;
+        Ok(())
+    };
+    step(0)?;
+    let steps = 3;
+    let (seconds, train_counts) = support::measure_steps(device, steps, |s| step(s as u32 + 1))?;
+    let samples_per_s = (steps * TRAIN_BATCH) as f64 / seconds;
+    super::maybe_profile(device, "MiniLM training step", || step(99))?;
+
+    let torch = torch_reference();
+    Ok(vec![
+        Row::new(
+            format!("MiniLM-sized BERT inference, {INFER_BATCH} x {TOKENS} tokens"),
+            "tokens/s",
+            tokens_per_s,
+        )
+        .against("pytorch cpu", torch.as_ref().map(|t| t.0))
+        .per_step(infer_counts),
+        Row::new(
+            format!("MiniLM-sized BERT full fine-tuning, {TRAIN_BATCH} x {TOKENS}"),
+            "samples/s",
+            samples_per_s,
+        )
+        .against("pytorch cpu", torch.as_ref().map(|t| t.1))
+        .per_step(train_counts),
+    ])
+}
+
+/// PyTorch's inference tokens/s and training samples/s for the same
+/// architecture, written out with its own modules.
+fn torch_reference() -> Result<(f64, f64), String> {
+    let script = r#"
+import math, os, time, torch
+torch.set_num_threads(os.cpu_count())
+F = torch.nn.functional
+H, L, HEADS, I, V, T = 384, 6, 12, 1536, 30522, 128
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.ModuleList([torch.nn.Linear(H, H) for _ in range(3)])
+        self.o, self.n1 = torch.nn.Linear(H, H), torch.nn.LayerNorm(H, eps=1e-12)
+        self.i, self.out, self.n2 = torch.nn.Linear(H, I), torch.nn.Linear(I, H), torch.nn.LayerNorm(H, eps=1e-12)
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, HEADS, H // HEADS).transpose(1, 2) for m in self.qkv)
+        p = F.dropout(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(H // HEADS), -1), 0.1, self.training)
+        c = (p @ v).transpose(1, 2).reshape(b, t, H)
+        x = self.n1(x + F.dropout(self.o(c), 0.1, self.training))
+        return self.n2(x + F.dropout(self.out(F.gelu(self.i(x))), 0.1, self.training))
+class Bert(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.p, self.ty = torch.nn.Embedding(V, H), torch.nn.Embedding(512, H), torch.nn.Embedding(2, H)
+        self.n = torch.nn.LayerNorm(H, eps=1e-12)
+        self.blocks = torch.nn.ModuleList([Block() for _ in range(L)])
+        self.head = torch.nn.Linear(H, 2)
+    def forward(self, ids):
+        x = self.w(ids) + self.p.weight[: ids.shape[1]] + self.ty.weight[0]
+        x = F.dropout(self.n(x), 0.1, self.training)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+model = Bert()
+ids = torch.randint(1000, 21000, (16, T))
+model.eval()
+with torch.no_grad():
+    model(ids)
+    start = time.perf_counter()
+    for _ in range(3): model(ids)
+print(3 * 16 * T / (time.perf_counter() - start))
+model.train()
+opt = torch.optim.AdamW(model.parameters(), 5e-5, weight_decay=0.01)
+ids, y = ids[:8], torch.arange(8) % 2
+def step():
+    opt.zero_grad(); F.cross_entropy(model.head(model(ids).mean(1)), y).backward(); opt.step()
+step()
+start = time.perf_counter()
+for _ in range(3): step()
+print(3 * 8 / (time.perf_counter() - start))
+"#;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    match values[..] {
+        [infer, train] => Ok((infer, train)),
+        _ => Err(format!("expected 2 numbers from PyTorch, got {values:?}")),
+    }
+}

@@ -1,0 +1,178 @@
+//! Convolution throughput for the reference MNIST CNN's three conv layers at
+//! batch 32 (forward + both backward passes), and training samples/s of the
+//! whole model, against PyTorch CPU.
+
+use crate::support::{self, Row, StepCounts};
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, Conv2d, Tensor};
+use kiln::models::Mode;
+use kiln::zoo::Architecture;
+use kiln::Device;
+use std::time::{Duration, Instant};
+
+const BATCH: usize = 32;
+const MODEL_STEPS: usize = 30;
+
+/// One conv layer of the reference model: input `[BATCH, c, h, w]`, `out`
+/// filters of 3x3, stride 1, no padding.
+struct ConvCase {
+    name: &'static str,
+    c: usize,
+    h: usize,
+    w: usize,
+    out: usize,
+}
+
+const CASES: [ConvCase; 3] = [
+    ConvCase {
+        name: "conv1 1->32 @28x28",
+        c: 1,
+        h: 28,
+        w: 28,
+        out: 32,
+    },
+    ConvCase {
+        name: "conv2 32->64 @13x13",
+        c: 32,
+        h: 13,
+        w: 13,
+        out: 64,
+    },
+    ConvCase {
+        name: "conv3 64->64 @5x5",
+        c: 64,
+        h: 5,
+        w: 5,
+        out: 64,
+    },
+];
+
+impl ConvCase {
+    /// Forward, input-gradient and weight-gradient products: three times the
+    /// forward's 2 * n * oh * ow * out * c * 9 flops.
+    fn flops(&self) -> f64 {
+        let (oh, ow) = (self.h - 2, self.w - 2);
+        3.0 * 2.0 * (BATCH * oh * ow * self.out * self.c * 9) as f64
+    }
+}
+
+pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let torch = torch_reference();
+    let mut rows = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        let seconds = time_conv(device, case)?;
+        let reference = torch.as_ref().map(|t| case.flops() / t[i] / 1e9);
+        rows.push(
+            Row::new(
+                format!("{} fwd+bwd, batch {BATCH}", case.name),
+                "GFLOP/s",
+                case.flops() / seconds / 1e9,
+            )
+            .against("pytorch cpu", reference),
+        );
+    }
+    let (rate, counts) = model_samples_per_second(device)?;
+    rows.push(
+        Row::new(
+            format!("reference CNN training, batch {BATCH}"),
+            "samples/s",
+            rate,
+        )
+        .against("pytorch cpu", torch.as_ref().map(|t| t[3]))
+        .per_step(counts),
+    );
+    Ok(rows)
+}
+
+/// Seconds per forward + backward of one conv layer (median-free mean over at
+/// least a second of repetitions, each waited for).
+fn time_conv(device: &Device, case: &ConvCase) -> anyhow::Result<f64> {
+    let x = Tensor::uniform(device, &[BATCH, case.c, case.h, case.w], -1.0, 1.0, 1)?
+        .requires_grad(true);
+    let w = Tensor::uniform(device, &[case.out, case.c, 3, 3], -0.3, 0.3, 2)?.requires_grad(true);
+    let b = Tensor::uniform(device, &[case.out], -0.1, 0.1, 3)?.requires_grad(true);
+    let run = || -> anyhow::Result<()> {
+        for t in [&x, &w, &b] {
+            t.zero_grad();
+        }
+        x.conv2d(&w, Some(&b), Conv2d::default())?
+            .sum_all()?
+            .backward()?;
+        device.synchronize()?;
+        Ok(())
+    };
+    for _ in 0..3 {
+        run()?;
+    }
+    let (start, mut reps) = (Instant::now(), 0);
+    while reps < 5 || start.elapsed() < Duration::from_secs(1) {
+        run()?;
+        reps += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / reps as f64)
+}
+
+fn model_samples_per_second(device: &Device) -> anyhow::Result<(f64, StepCounts)> {
+    let model = Architecture::Cnn.build(device, 0)?;
+    let mut opt = Adam::new(model.parameters(), 1e-3);
+    let x: Vec<f32> = (0..BATCH * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let mut step = || -> anyhow::Result<()> {
+        let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
+        let logits = model.forward(&xt, &mut Mode::training(0))?;
+        let l = loss::cross_entropy(&logits, &labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step().map_err(anyhow::Error::from)
+    };
+    for _ in 0..3 {
+        step()?;
+    }
+    let (seconds, counts) = support::measure_steps(device, MODEL_STEPS, |_| step())?;
+    super::maybe_profile(device, "CNN training step", step)?;
+    Ok(((MODEL_STEPS * BATCH) as f64 / seconds, counts))
+}
+
+/// PyTorch's seconds per forward + backward for each case, then its training
+/// samples/s for the same model.
+fn torch_reference() -> Result<Vec<f64>, String> {
+    let script = r#"
+import os, time, torch
+torch.set_num_threads(os.cpu_count())
+F = torch.nn.functional
+def timed(fn, min_seconds=1.0):
+    for _ in range(3): fn()
+    reps, start = 0, time.perf_counter()
+    while reps < 5 or time.perf_counter() - start < min_seconds:
+        fn(); reps += 1
+    return (time.perf_counter() - start) / reps
+for c, h, out in [(1, 28, 32), (32, 13, 64), (64, 5, 64)]:
+    x = torch.rand(32, c, h, h, requires_grad=True)
+    w = (torch.rand(out, c, 3, 3) - 0.5).requires_grad_()
+    b = torch.rand(out, requires_grad=True)
+    def run():
+        x.grad = w.grad = b.grad = None
+        F.conv2d(x, w, b).sum().backward()
+    print(timed(run))
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(64, 64, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    torch.nn.Linear(576, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+opt = torch.optim.Adam(model.parameters(), 1e-3)
+x = torch.rand(32, 1, 28, 28); y = torch.arange(32) % 10
+def step():
+    opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+for _ in range(10): step()
+start = time.perf_counter()
+for _ in range(100): step()
+print(100 * 32 / (time.perf_counter() - start))
+"#;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    if values.len() != 4 {
+        return Err(format!("expected 4 numbers from PyTorch, got {values:?}"));
+    }
+    Ok(values)
+}

@@ -1,0 +1,94 @@
+//! Training throughput of the Keras IMDB classifier (Embedding(10000, 32) ->
+//! LSTM(64) -> Dense(64, relu) -> Dense(2), Adam) at batch 32 and 200 steps,
+//! against PyTorch CPU with packed sequences (the same masking) and, for
+//! reference, over the padded batch without masking.
+
+use crate::support::{self, Row};
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, Tensor};
+use kiln::models::Mode;
+use kiln::zoo::{Architecture, TEXT_LENGTH, TEXT_VOCAB};
+use kiln::Device;
+
+const BATCH: usize = 32;
+const STEPS: usize = 10;
+
+pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let model = Architecture::Lstm.build(device, 0)?;
+    let mut opt = Adam::new(model.parameters(), 1e-3);
+    // Reviews of varied length: 60..200 real tokens, then padding.
+    let ids: Vec<f32> = (0..BATCH * TEXT_LENGTH)
+        .map(|i| {
+            let (row, col) = (i / TEXT_LENGTH, i % TEXT_LENGTH);
+            if col < 60 + row * 140 / BATCH {
+                (2 + (i * 7919) % (TEXT_VOCAB - 2)) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
+    let mut step = || -> anyhow::Result<()> {
+        let x = Tensor::from_slice(device, &ids, &[BATCH, TEXT_LENGTH])?;
+        let logits = model.forward(&x, &mut Mode::training(0))?;
+        let l = loss::cross_entropy(&logits, &labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step().map_err(anyhow::Error::from)
+    };
+    for _ in 0..2 {
+        step()?;
+    }
+    let (seconds, counts) = support::measure_steps(device, STEPS, |_| step())?;
+    super::maybe_profile(device, "LSTM training step", step)?;
+    let rate = (STEPS * BATCH) as f64 / seconds;
+    let torch = torch_samples_per_second();
+    let name = format!("IMDB LSTM training, {BATCH} x {TEXT_LENGTH} tokens, masked");
+    Ok(vec![
+        Row::new(name.clone(), "samples/s", rate)
+            .against("pytorch packed", torch.as_ref().map(|t| t.0))
+            .per_step(counts),
+        Row::new(format!("{name} (vs unmasked)"), "samples/s", rate)
+            .against("pytorch padded", torch.as_ref().map(|t| t.1)),
+    ])
+}
+
+/// PyTorch's samples/s with packed sequences (its way of masking padding,
+/// the same computation as ours) and, for reference, over the padded batch.
+fn torch_samples_per_second() -> Result<(f64, f64), String> {
+    let script = r#"
+import os, time, torch
+torch.set_num_threads(os.cpu_count())
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10000, 32, padding_idx=0)
+        self.lstm = torch.nn.LSTM(32, 64, batch_first=True)
+        self.head = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    def forward(self, ids, lengths, packed):
+        x = self.embed(ids)
+        if packed:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(x)
+        return self.head(h[-1])
+model = Model()
+opt = torch.optim.Adam(model.parameters(), 1e-3)
+lengths = torch.tensor([60 + row * 140 // 32 for row in range(32)])
+ids = torch.randint(2, 10000, (32, 200)) * (torch.arange(200)[None, :] < lengths[:, None])
+y = torch.arange(32) % 2
+for packed in (True, False):
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids, lengths, packed), y).backward()
+        opt.step()
+    for _ in range(3): step()
+    start = time.perf_counter()
+    for _ in range(20): step()
+    print(20 * 32 / (time.perf_counter() - start))
+"#;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    match values[..] {
+        [packed, padded] => Ok((packed, padded)),
+        _ => Err(format!("expected 2 numbers from PyTorch, got {values:?}")),
+    }
+}

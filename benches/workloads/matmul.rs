@@ -1,0 +1,130 @@
+//! Matmul throughput (square N from 256 to 4096) against numpy's sgemm
+//! (OpenBLAS) in the same run, and the cost of one dispatch with and without
+//! batching. `KILN_BENCH_SWEEP=1` adds rows for other tilings at N = 1024.
+
+use super::random;
+use crate::support::{self, Row};
+use kiln::device::{Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
+use std::time::{Duration, Instant};
+
+const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
+
+pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let numpy = numpy_sgemm_gflops(&SIZES);
+    let tiling = device.tuning().matmul;
+    let mut rows = Vec::new();
+    for (i, &n) in SIZES.iter().enumerate() {
+        let gflops = matmul_gflops(device, tiling, n)?;
+        rows.push(
+            Row::new(format!("matmul f32 N={n} ({tiling})"), "GFLOP/s", gflops)
+                .against("numpy sgemm", numpy.as_ref().map(|r| r[i])),
+        );
+    }
+    if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
+        let n = 1024;
+        let reference = numpy.as_ref().map(|r| r[2]);
+        for s in [
+            "subgroup:4:8:64",
+            "subgroup:8:8:64",
+            "subgroup:4:8:32",
+            "subgroup:2:8:64",
+            "register:16x16:8x4",
+            "register:8x16:8x4",
+            "shared:64x64x16:4x4",
+        ] {
+            let t: MatmulTiling = s.parse().map_err(anyhow::Error::msg)?;
+            let valid = t
+                .validate(device.limits(), device.features(), device.adapter_info())
+                .is_ok();
+            if t != tiling && valid {
+                let gflops = matmul_gflops(device, t, n)?;
+                rows.push(
+                    Row::new(format!("matmul f32 N={n} ({t})"), "GFLOP/s", gflops)
+                        .against("numpy sgemm", reference),
+                );
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Runs `f` until at least `min_time` has passed (after one warm-up call) and
+/// returns seconds per call.
+fn time_per_call(
+    min_time: Duration,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    let start = Instant::now();
+    let mut calls = 0u32;
+    while calls == 0 || start.elapsed() < min_time {
+        f()?;
+        calls += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / f64::from(calls))
+}
+
+fn matmul_gflops(device: &Device, tiling: MatmulTiling, n: usize) -> anyhow::Result<f64> {
+    let a = device.upload(&random(n * n, 1))?;
+    let b = device.upload(&random(n * n, 2))?;
+    let spec = Matmul::new(n, n, n);
+    // Several products per submit so the figure is kernel time, not submit time.
+    let reps = (2048 / n).max(1);
+    let seconds = time_per_call(Duration::from_secs(2), || {
+        let outs: Vec<GpuBuffer> = (0..reps)
+            .map(|_| device.matmul_with(&a, &b, &spec, tiling))
+            .collect::<Result<_, _>>()?;
+        device.synchronize()?;
+        drop(outs);
+        Ok(())
+    })?;
+    Ok(spec.flops() * reps as f64 / seconds / 1e9)
+}
+
+/// Microseconds per dispatch of a 1024-element op: recorded 1000 to a submit,
+/// and submitted and waited for one at a time.
+pub fn dispatch(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let x = device.upload(&random(1024, 3))?;
+    let count = 1000;
+    let batched = time_per_call(Duration::from_secs(1), || {
+        let mut y = device.unary(UnaryOp::Neg, &x)?;
+        for _ in 1..count {
+            y = device.unary(UnaryOp::Neg, &y)?;
+        }
+        device.synchronize()?;
+        Ok(())
+    })? / f64::from(count);
+    let unbatched = time_per_call(Duration::from_secs(1), || {
+        let mut y = device.unary(UnaryOp::Neg, &x)?;
+        device.synchronize()?;
+        for _ in 1..100 {
+            y = device.unary(UnaryOp::Neg, &y)?;
+            device.synchronize()?;
+        }
+        Ok(())
+    })? / 100.0;
+    Ok(vec![
+        Row::new("dispatch, batched (1000 per submit)", "us", batched * 1e6),
+        Row::new("dispatch, unbatched (submit + wait)", "us", unbatched * 1e6),
+    ])
+}
+
+/// numpy's float32 matmul throughput for each size, measured now on this machine.
+fn numpy_sgemm_gflops(sizes: &[usize]) -> Result<Vec<f64>, String> {
+    let script = r#"
+import sys, time
+import numpy as np
+for n in map(int, sys.argv[1:]):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - start < 1.0:
+        a @ b
+        reps += 1
+    print(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+"#;
+    let args: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    support::numbers(support::run_python("numpy", script, &args)?)
+}

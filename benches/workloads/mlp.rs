@@ -1,0 +1,69 @@
+//! Training throughput of the reference MNIST MLP (784-64-64-10, Adam, batch
+//! 32) against PyTorch CPU.
+
+use crate::support::{self, Row};
+use kiln::graph::optim::{Adam, Optimizer};
+use kiln::graph::{loss, Tensor};
+use kiln::models::Mode;
+use kiln::zoo::Architecture;
+use kiln::Device;
+
+const BATCH: usize = 32;
+const STEPS: usize = 400;
+
+pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    let model = Architecture::Mlp.build(device, 0)?;
+    let mut opt = Adam::new(model.parameters(), 1e-3);
+    let x: Vec<f32> = (0..BATCH * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
+    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let mut step = |read: bool| -> anyhow::Result<()> {
+        let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
+        let logits = model.forward(&xt, &mut Mode::training(0))?;
+        let l = loss::cross_entropy(&logits, &labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step()?;
+        if read {
+            l.item()?;
+        }
+        Ok(())
+    };
+    for _ in 0..20 {
+        step(true)?;
+    }
+    // Read the loss every 50 steps, as `fit` does for its progress bar.
+    let (seconds, counts) = support::measure_steps(device, STEPS, |i| step(i % 50 == 49))?;
+    super::maybe_profile(device, "MLP training step", || step(true))?;
+    let torch = torch_samples_per_second();
+    Ok(vec![Row::new(
+        format!("MNIST MLP training, batch {BATCH}"),
+        "samples/s",
+        (STEPS * BATCH) as f64 / seconds,
+    )
+    .against("pytorch cpu", torch.as_ref().copied())
+    .per_step(counts)])
+}
+
+fn torch_samples_per_second() -> Result<f64, String> {
+    let script = r#"
+import os, time, torch
+torch.set_num_threads(os.cpu_count())
+model = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                            torch.nn.ReLU(), torch.nn.Linear(64, 10))
+opt = torch.optim.Adam(model.parameters(), 1e-3)
+x = torch.rand(32, 784); y = torch.arange(32) % 10
+def step():
+    opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
+for _ in range(20): step()
+start = time.perf_counter()
+for _ in range(400): step()
+print(400 * 32 / (time.perf_counter() - start))
+"#;
+    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    values
+        .first()
+        .copied()
+        .ok_or_else(|| "no output from the PyTorch script".into())
+}

@@ -1,0 +1,53 @@
+//! The reference workloads, each measured against its reference in the same
+//! run and reported as rows of the one results table.
+
+pub mod bert;
+pub mod conv;
+pub mod lstm;
+pub mod matmul;
+pub mod mlp;
+
+use crate::support::Row;
+use kiln::Device;
+
+/// A workload: its name (what `cargo bench --bench suite -- NAME` selects) and
+/// what runs it.
+pub type Workload = (&'static str, fn(&Device) -> anyhow::Result<Vec<Row>>);
+
+/// Every workload, cheapest first.
+pub const ALL: [Workload; 6] = [
+    ("dispatch", matmul::dispatch),
+    ("mlp", mlp::run),
+    ("matmul", matmul::run),
+    ("conv", conv::run),
+    ("lstm", lstm::run),
+    ("bert", bert::run),
+];
+
+/// Deterministic benchmark data in [-0.5, 0.5) (a small LCG is enough).
+pub fn random(n: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(747796405).wrapping_add(2891336453);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Prints where one step's time went when `KILN_PROFILE` is set.
+pub fn maybe_profile(
+    device: &Device,
+    title: &str,
+    step: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if std::env::var_os("KILN_PROFILE").is_none() {
+        return Ok(());
+    }
+    device.set_profiling(true)?;
+    step()?;
+    println!("{title}:");
+    crate::support::print_profile(&device.profile(), 25);
+    device.set_profiling(false)?;
+    Ok(())
+}
