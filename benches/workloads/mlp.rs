@@ -10,6 +10,8 @@ use kiln::Device;
 
 const BATCH: usize = 32;
 const STEPS: usize = 400;
+/// Timed windows of `STEPS` steps each, for Kiln and PyTorch; the best counts.
+const WINDOWS: usize = 5;
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let model = Architecture::Mlp.build(device, 0)?;
@@ -33,8 +35,17 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     for _ in 0..20 {
         step(true)?;
     }
-    // Read the loss every 50 steps, as `fit` does for its progress bar.
-    let (seconds, counts) = support::measure_steps(device, STEPS, |i| step(i % 50 == 49))?;
+    // Read the loss every 50 steps, as `fit` does for its progress bar. A step
+    // takes milliseconds, so the best of a few windows (for PyTorch too) keeps
+    // a moment's interference on this shared machine out of the ratio.
+    let mut best: Option<(f64, support::StepCounts)> = None;
+    for _ in 0..WINDOWS {
+        let (seconds, counts) = support::measure_steps(device, STEPS, |i| step(i % 50 == 49))?;
+        if best.is_none_or(|(b, _)| seconds < b) {
+            best = Some((seconds, counts));
+        }
+    }
+    let (seconds, counts) = best.expect("at least one window");
     super::maybe_profile(device, "MLP training step", || step(true))?;
     let torch = torch_samples_per_second();
     Ok(vec![Row::new(
@@ -48,7 +59,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
 
 fn torch_samples_per_second() -> Result<f64, String> {
     let script = r#"
-import os, time, torch
+import os, sys, time, torch
 torch.set_num_threads(os.cpu_count())
 model = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                             torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -57,11 +68,18 @@ x = torch.rand(32, 784); y = torch.arange(32) % 10
 def step():
     opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
 for _ in range(20): step()
-start = time.perf_counter()
-for _ in range(400): step()
-print(400 * 32 / (time.perf_counter() - start))
+best = 0.0
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    for _ in range(400): step()
+    best = max(best, 400 * 32 / (time.perf_counter() - start))
+print(best)
 "#;
-    let values = support::numbers(support::run_python("torch", script, &[])?)?;
+    let values = support::numbers(support::run_python(
+        "torch",
+        script,
+        &[WINDOWS.to_string()],
+    )?)?;
     values
         .first()
         .copied()
