@@ -418,3 +418,69 @@ fn token_types_select_rows_of_the_token_type_table() {
         )
         .is_err());
 }
+
+#[test]
+fn f16_and_bf16_checkpoints_load_as_their_rounded_values() {
+    use kiln::device::half::{bf16, f16};
+    use kiln::models::checkpoint::Checkpoint;
+    let d = common::device();
+    let dir = std::env::temp_dir().join(format!("kiln-half-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f32_path = dir.join("f32.safetensors");
+    let original = Bert::new(d, tiny_config(), 11).unwrap();
+    original.save_safetensors(&f32_path).unwrap();
+
+    // Rewrite every tensor as F16 or BF16 (alternating), by hand: an 8-byte
+    // header length, the JSON header, then the data.
+    let file = Checkpoint::open(&f32_path).unwrap();
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::<u8>::new());
+    for (i, name) in file.names().iter().enumerate() {
+        let shape = file.shape(name).unwrap();
+        let values = file.tensor_f32(name, &shape).unwrap();
+        let start = data.len();
+        let dtype = if i % 2 == 0 { "F16" } else { "BF16" };
+        for v in values {
+            let bytes = if i % 2 == 0 {
+                f16::from_f32(v).to_le_bytes()
+            } else {
+                bf16::from_f32(v).to_le_bytes()
+            };
+            data.extend_from_slice(&bytes);
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&data);
+    let half_path = dir.join("half.safetensors");
+    std::fs::write(&half_path, bytes).unwrap();
+
+    let loaded = Bert::new(d, tiny_config(), 12).unwrap();
+    loaded.load_safetensors(&half_path).unwrap();
+    let names = file.names();
+    for ((name, a), (_, b)) in original
+        .named_parameters()
+        .iter()
+        .zip(loaded.named_parameters())
+    {
+        let is_f16 = names.iter().position(|n| n == name).unwrap() % 2 == 0;
+        let want: Vec<f32> = a
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|&v| {
+                if is_f16 {
+                    f16::from_f32(v).to_f32()
+                } else {
+                    bf16::from_f32(v).to_f32()
+                }
+            })
+            .collect();
+        assert_eq!(b.to_vec().unwrap(), want, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
