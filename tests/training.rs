@@ -14,28 +14,52 @@ const N: usize = 37;
 
 /// Runs 5 steps where step t's gradient is a fixed random vector c_t (the
 /// gradient of sum(w * c_t)), and compares w after every step with `reference`,
-/// which applies the same update in f64.
+/// which applies the same update in f64. The N weights are split into
+/// `PIECES` tensors of uneven sizes, more than one grouped update kernel
+/// takes, so group boundaries and several dispatches are exercised.
 fn check_optimizer(
     name: &str,
     make: impl Fn(Vec<Tensor>) -> Box<dyn Optimizer>,
     mut reference: impl FnMut(&mut [f64], &[f64], usize),
 ) {
+    const PIECES: usize = 11;
     let d = device();
     let w0 = random_vec(N, 1, -1.0, 1.0);
-    let w = Tensor::from_slice(d, &w0, &[N])
-        .unwrap()
-        .requires_grad(true);
-    let mut opt = make(vec![w.clone()]);
+    // Cut points spread unevenly over 0..N.
+    let mut cuts: Vec<usize> = (1..PIECES)
+        .map(|k| (k * k * N) / (PIECES * PIECES))
+        .collect();
+    cuts.insert(0, 0);
+    cuts.push(N);
+    cuts.dedup();
+    let ranges: Vec<std::ops::Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+    let ws: Vec<Tensor> = ranges
+        .iter()
+        .map(|r| {
+            Tensor::from_slice(d, &w0[r.clone()], &[r.len()])
+                .unwrap()
+                .requires_grad(true)
+        })
+        .collect();
+    let mut opt = make(ws.clone());
     let mut w_ref: Vec<f64> = w0.iter().map(|&v| f64::from(v)).collect();
     for t in 1..=5 {
         let c = random_vec(N, 10 + t as u64, -2.0, 2.0);
-        let ct = Tensor::from_slice(d, &c, &[N]).unwrap();
         opt.zero_grad();
-        w.mul(&ct).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut loss = None;
+        for (w, r) in ws.iter().zip(&ranges) {
+            let ct = Tensor::from_slice(d, &c[r.clone()], &[r.len()]).unwrap();
+            let part = w.mul(&ct).unwrap().sum_all().unwrap();
+            loss = Some(match loss {
+                None => part,
+                Some(l) => part.add(&l).unwrap(),
+            });
+        }
+        loss.unwrap().backward().unwrap();
         opt.step().unwrap();
         let g: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
         reference(&mut w_ref, &g, t);
-        let got = w.to_vec().unwrap();
+        let got: Vec<f32> = ws.iter().flat_map(|w| w.to_vec().unwrap()).collect();
         for i in 0..N {
             let err = (f64::from(got[i]) - w_ref[i]).abs();
             assert!(

@@ -1,6 +1,8 @@
-//! Optimizers: one fused GPU kernel per parameter tensor updates the parameter
-//! and its state in place. Frozen parameters (`requires_grad == false`) and ones
-//! without a gradient are skipped.
+//! Optimizers: one generated GPU kernel updates a group of parameter tensors
+//! and their state in place, so a model's whole update is a few dispatches
+//! rather than one per tensor. Each optimizer's WGSL is only its per-element
+//! rule (`fn update`); the grouping is generated. Frozen parameters
+//! (`requires_grad == false`) and ones without a gradient are skipped.
 
 use crate::tensor::Tensor;
 use kiln_device::{DType, GpuBuffer, Result};
@@ -91,42 +93,150 @@ fn load_slots(
     Ok(())
 }
 
-/// Runs an optimizer's update kernel on one parameter. Bindings: the parameter
-/// (updated in place), its gradient, then `states`. `block` builds the kernel's
-/// parameter block from the element count and the grid's `row_threads`.
-fn launch(
-    name: &str,
-    source: &'static str,
-    param: &Tensor,
-    grad: &Tensor,
-    states: &[&GpuBuffer],
-    block: impl FnOnce(u32, u32) -> Vec<u8>,
-) -> Result<()> {
-    let device = param.device();
-    let kernel = device.kernel(name, || source.to_string())?;
-    let (grid, row_threads) = device.linear_grid(param.numel())?;
-    let mut buffers = vec![param.buffer(), grad.buffer()];
-    buffers.extend_from_slice(states);
-    device.dispatch(
-        &kernel,
-        &block(param.numel() as u32, row_threads),
-        &buffers,
-        grid,
-    )
+/// One tensor of a grouped update: the parameter (updated in place), its
+/// gradient and its state buffers.
+struct UpdateItem<'a> {
+    param: &'a Tensor,
+    grad: Tensor,
+    states: Vec<&'a GpuBuffer>,
 }
 
-/// A state buffer the kernel reads only when `used`; otherwise a one-element
-/// stand-in, since every binding needs some buffer.
-fn optional_state<'a>(
-    slot: &'a mut Option<GpuBuffer>,
-    param: &Tensor,
-    used: bool,
-) -> Result<&'a GpuBuffer> {
-    if used {
-        state(slot, param)
-    } else {
-        state(slot, &Tensor::zeros(param.device(), &[1])?)
+/// Most tensors one grouped kernel updates (its element ranges live in two
+/// vec4s of the parameter block).
+const MAX_GROUP: usize = 8;
+
+/// Updates every item with the optimizer rule `rule` (WGSL declaring
+/// `struct Hyper` and `fn update(x, g, s: vec2<f32>) -> Step`), reading and
+/// writing `states` state buffers per tensor, `hyper` being the bytes of its
+/// `Hyper`. Items go in groups as large as the adapter's storage-binding limit
+/// allows, one dispatch per group.
+fn update_grouped(
+    name: &str,
+    rule: &'static str,
+    states: usize,
+    hyper: &[u8],
+    items: &[UpdateItem<'_>],
+) -> Result<()> {
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    let device = first.param.device();
+    let per_tensor = 2 + states;
+    let bindings = device.limits().max_storage_buffers_per_shader_stage as usize;
+    let group = (bindings / per_tensor).clamp(1, MAX_GROUP);
+    for chunk in items.chunks(group) {
+        let kernel = device.kernel(&format!("{name}:{states}:{}", chunk.len()), || {
+            grouped_source(rule, states, chunk.len())
+        })?;
+        let mut ends = [0u32; MAX_GROUP];
+        let mut total = 0usize;
+        for (k, item) in chunk.iter().enumerate() {
+            total += item.param.numel();
+            ends[k] = u32::try_from(total).map_err(|_| kiln_device::DeviceError::Shape {
+                op: "optimizer step",
+                message: format!("{total} elements in one update group exceed u32"),
+            })?;
+        }
+        let (grid, row_threads) = device.linear_grid(total)?;
+        let mut block = hyper.to_vec();
+        block.extend_from_slice(bytemuck::cast_slice(&ends));
+        block.extend_from_slice(bytemuck::cast_slice(&[row_threads, 0, 0, 0]));
+        let mut buffers = Vec::with_capacity(chunk.len() * per_tensor);
+        for item in chunk {
+            buffers.push(item.param.buffer());
+            buffers.push(item.grad.buffer());
+            buffers.extend(item.states.iter().copied());
+        }
+        device.dispatch(&kernel, &block, &buffers, grid)?;
     }
+    Ok(())
+}
+
+/// The WGSL of a kernel updating `count` tensors with `states` state buffers
+/// each: invocation `i` finds its tensor from the cumulative element counts
+/// and applies the optimizer's `update` to its element.
+fn grouped_source(rule: &str, states: usize, count: usize) -> String {
+    let mut src = String::from("struct Step {\n    x: f32,\n    s: vec2<f32>,\n}\n\n");
+    src.push_str(rule);
+    src.push_str(
+        "\nstruct Params {\n    hyper: Hyper,\n    ends: array<vec4<u32>, 2>,\n    row_threads: u32,\n    _pad: vec3<u32>,\n}\n\n@group(0) @binding(0) var<uniform> p: Params;\n",
+    );
+    let mut binding = 1;
+    for k in 0..count {
+        src.push_str(&format!(
+            "@group(0) @binding({binding}) var<storage, read_write> param{k}: array<f32>;\n@group(0) @binding({}) var<storage, read> grad{k}: array<f32>;\n",
+            binding + 1
+        ));
+        binding += 2;
+        for j in 0..states {
+            src.push_str(&format!(
+                "@group(0) @binding({binding}) var<storage, read_write> state{k}_{j}: array<f32>;\n"
+            ));
+            binding += 1;
+        }
+    }
+    src.push_str(
+        "\n@compute @workgroup_size(256)\nfn main(@builtin(global_invocation_id) gid: vec3<u32>) {\n    let i = gid.y * p.row_threads + gid.x;\n",
+    );
+    for k in 0..count {
+        let end = format!("p.ends[{}].{}", k / 4, ["x", "y", "z", "w"][k % 4]);
+        let start = if k == 0 {
+            "0u".to_string()
+        } else {
+            format!(
+                "p.ends[{}].{}",
+                (k - 1) / 4,
+                ["x", "y", "z", "w"][(k - 1) % 4]
+            )
+        };
+        let load = |j: usize| {
+            if j < states {
+                format!("state{k}_{j}[e]")
+            } else {
+                "0.0".into()
+            }
+        };
+        src.push_str(&format!(
+            "    if (i < {end}) {{\n        let e = i - {start};\n        let r = update(param{k}[e], grad{k}[e], vec2<f32>({}, {}));\n        param{k}[e] = r.x;\n",
+            load(0),
+            load(1)
+        ));
+        for (j, lane) in ["x", "y"].iter().enumerate().take(states) {
+            src.push_str(&format!("        state{k}_{j}[e] = r.s.{lane};\n"));
+        }
+        src.push_str("        return;\n    }\n");
+    }
+    src.push_str("}\n");
+    src
+}
+
+/// Makes the state buffers in `slots` (one list per kind of state) of every
+/// parameter about to be updated.
+fn ensure_states(params: &[Tensor], slots: &mut [&mut Vec<Option<GpuBuffer>>]) -> Result<()> {
+    for (i, p, _) in updatable(params) {
+        for kind in slots.iter_mut() {
+            state(&mut kind[i], p)?;
+        }
+    }
+    Ok(())
+}
+
+/// The parameters to update with their gradients and state buffers (made by
+/// [`ensure_states`]).
+fn update_items<'a>(
+    params: &'a [Tensor],
+    slots: &[&'a Vec<Option<GpuBuffer>>],
+) -> Vec<UpdateItem<'a>> {
+    updatable(params)
+        .map(|(i, param, grad)| UpdateItem {
+            param,
+            grad,
+            states: slots
+                .iter()
+                .map(|kind| kind[i].as_ref().expect("made by ensure_states"))
+                .collect(),
+        })
+        .collect()
 }
 
 /// A zeroed state buffer shaped like `param`, made on first use.
@@ -189,17 +299,14 @@ impl Sgd {
     }
 }
 
+/// `Hyper` of shaders/sgd.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct SgdParams {
-    n: u32,
-    row_threads: u32,
+struct SgdHyper {
     nesterov: u32,
-    _pad: u32,
     lr: f32,
     momentum: f32,
     weight_decay: f32,
-    _pad2: f32,
 }
 
 impl Optimizer for Sgd {
@@ -216,23 +323,20 @@ impl Optimizer for Sgd {
     }
 
     fn step(&mut self) -> Result<()> {
-        for (i, p, g) in updatable(&self.params) {
-            let velocity = optional_state(&mut self.velocity[i], p, self.momentum != 0.0)?;
-            launch("sgd", SGD_SRC, p, &g, &[velocity], |n, row_threads| {
-                bytemuck::bytes_of(&SgdParams {
-                    n,
-                    row_threads,
-                    nesterov: u32::from(self.nesterov),
-                    _pad: 0,
-                    lr: self.lr,
-                    momentum: self.momentum,
-                    weight_decay: self.weight_decay,
-                    _pad2: 0.0,
-                })
-                .to_vec()
-            })?;
+        let hyper = SgdHyper {
+            nesterov: u32::from(self.nesterov),
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+        };
+        if self.momentum != 0.0 {
+            ensure_states(&self.params, &mut [&mut self.velocity])?;
+            let items = update_items(&self.params, &[&self.velocity]);
+            update_grouped("sgd", SGD_SRC, 1, bytemuck::bytes_of(&hyper), &items)
+        } else {
+            let items = update_items(&self.params, &[]);
+            update_grouped("sgd", SGD_SRC, 0, bytemuck::bytes_of(&hyper), &items)
         }
-        Ok(())
     }
 
     fn params(&self) -> &[Tensor] {
@@ -312,13 +416,11 @@ impl Adam {
     }
 }
 
+/// `Hyper` of shaders/adam.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct AdamParams {
-    n: u32,
-    row_threads: u32,
+struct AdamHyper {
     decoupled: u32,
-    _pad: u32,
     lr: f32,
     beta1: f32,
     beta2: f32,
@@ -326,7 +428,6 @@ struct AdamParams {
     weight_decay: f32,
     bc1: f32,
     bc2: f32,
-    _pad2: f32,
 }
 
 impl Optimizer for Adam {
@@ -353,28 +454,19 @@ impl Optimizer for Adam {
         // Bias corrections in f64 so late steps do not lose them to rounding.
         let bc1 = (1.0 - f64::from(self.beta1).powi(t)) as f32;
         let bc2 = (1.0 - f64::from(self.beta2).powi(t)) as f32;
-        for (i, p, g) in updatable(&self.params) {
-            let m = state(&mut self.m[i], p)?;
-            let v = state(&mut self.v[i], p)?;
-            launch("adam", ADAM_SRC, p, &g, &[m, v], |n, row_threads| {
-                bytemuck::bytes_of(&AdamParams {
-                    n,
-                    row_threads,
-                    decoupled: u32::from(self.decoupled),
-                    _pad: 0,
-                    lr: self.lr,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    eps: self.eps,
-                    weight_decay: self.weight_decay,
-                    bc1,
-                    bc2,
-                    _pad2: 0.0,
-                })
-                .to_vec()
-            })?;
-        }
-        Ok(())
+        let hyper = AdamHyper {
+            decoupled: u32::from(self.decoupled),
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bc1,
+            bc2,
+        };
+        ensure_states(&self.params, &mut [&mut self.m, &mut self.v])?;
+        let items = update_items(&self.params, &[&self.m, &self.v]);
+        update_grouped("adam", ADAM_SRC, 2, bytemuck::bytes_of(&hyper), &items)
     }
 
     fn params(&self) -> &[Tensor] {
@@ -439,48 +531,41 @@ impl RmsProp {
     }
 }
 
+/// `Hyper` of shaders/rmsprop.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct RmsPropParams {
-    n: u32,
-    row_threads: u32,
-    _pad: [u32; 2],
+struct RmsPropHyper {
     lr: f32,
     alpha: f32,
     eps: f32,
     weight_decay: f32,
     momentum: f32,
-    _pad2: [f32; 3],
+    _pad: [f32; 3],
 }
 
 impl Optimizer for RmsProp {
     fn step(&mut self) -> Result<()> {
-        for (i, p, g) in updatable(&self.params) {
-            let square_avg = state(&mut self.square_avg[i], p)?;
-            let momentum_buf = optional_state(&mut self.momentum_buf[i], p, self.momentum != 0.0)?;
-            launch(
-                "rmsprop",
-                RMSPROP_SRC,
-                p,
-                &g,
-                &[square_avg, momentum_buf],
-                |n, row_threads| {
-                    bytemuck::bytes_of(&RmsPropParams {
-                        n,
-                        row_threads,
-                        _pad: [0; 2],
-                        lr: self.lr,
-                        alpha: self.alpha,
-                        eps: self.eps,
-                        weight_decay: self.weight_decay,
-                        momentum: self.momentum,
-                        _pad2: [0.0; 3],
-                    })
-                    .to_vec()
-                },
+        let hyper = RmsPropHyper {
+            lr: self.lr,
+            alpha: self.alpha,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            momentum: self.momentum,
+            _pad: [0.0; 3],
+        };
+        let bytes = bytemuck::bytes_of(&hyper);
+        if self.momentum != 0.0 {
+            ensure_states(
+                &self.params,
+                &mut [&mut self.square_avg, &mut self.momentum_buf],
             )?;
+            let items = update_items(&self.params, &[&self.square_avg, &self.momentum_buf]);
+            update_grouped("rmsprop", RMSPROP_SRC, 2, bytes, &items)
+        } else {
+            ensure_states(&self.params, &mut [&mut self.square_avg])?;
+            let items = update_items(&self.params, &[&self.square_avg]);
+            update_grouped("rmsprop", RMSPROP_SRC, 1, bytes, &items)
         }
-        Ok(())
     }
 
     fn state(&self) -> Result<OptimizerState> {
