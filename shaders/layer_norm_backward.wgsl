@@ -3,7 +3,9 @@
 //   dx = rstd * (gg - mean(gg) - xhat * mean(gg * xhat))
 // and gxhat = g * xhat per element, which the caller sums over rows for the
 // gradient of gamma (that of beta is the row sum of g).
-// Prepended: WG.
+// With RESIDUAL the normalised value is x + r (a residual sum that is never
+// written out); without it `r` is bound but unused.
+// Prepended: WG, RESIDUAL.
 
 struct Params {
     rows: u32,
@@ -14,11 +16,19 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> gamma: array<f32>;
-@group(0) @binding(3) var<storage, read> g: array<f32>;
-@group(0) @binding(4) var<storage, read> stats: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
-@group(0) @binding(6) var<storage, read_write> gxhat: array<f32>;
+@group(0) @binding(2) var<storage, read> r: array<f32>;
+
+fn xv(i: u32) -> f32 {
+    if (RESIDUAL) {
+        return x[i] + r[i];
+    }
+    return x[i];
+}
+@group(0) @binding(3) var<storage, read> gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> g: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(7) var<storage, read_write> gxhat: array<f32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -32,7 +42,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var sum_gg = 0.0;
     var sum_gg_xhat = 0.0;
     for (var c = 0u; c < p.cols; c++) {
-        let xhat = (x[base + c] - mean) * rstd;
+        let xhat = (xv(base + c) - mean) * rstd;
         let gg = g[base + c] * gamma[c];
         sum_gg += gg;
         sum_gg_xhat += gg * xhat;
@@ -42,7 +52,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let mean_gg = sum_gg / n;
     let mean_gg_xhat = sum_gg_xhat / n;
     for (var c = 0u; c < p.cols; c++) {
-        let xhat = (x[base + c] - mean) * rstd;
+        let xhat = (xv(base + c) - mean) * rstd;
         dx[base + c] = rstd * (g[base + c] * gamma[c] - mean_gg - xhat * mean_gg_xhat);
     }
 }

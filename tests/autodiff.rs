@@ -760,6 +760,37 @@ fn layer_norm_gradients() {
 }
 
 #[test]
+fn add_layer_norm_gradients() {
+    // LayerNorm(x + r) in one kernel: both summands get the gradient.
+    let (rows, cols) = (4, 6);
+    let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
+        let mut out = Vec::new();
+        for r in 0..rows {
+            let row: Vec<f64> = (0..cols)
+                .map(|c| x[0][r * cols + c] + x[1][r * cols + c])
+                .collect();
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[2][c] + x[3][c]);
+            }
+        }
+        out
+    };
+    grad_check(
+        "add_layer_norm",
+        &[
+            input(&[2, 2, cols], 90, -2.0, 2.0),
+            input(&[2, 2, cols], 91, -1.0, 1.0),
+            input(&[cols], 92, 0.5, 1.5),
+            input(&[cols], 93, -0.5, 0.5),
+        ],
+        |t| t[0].add_layer_norm(&t[1], &t[2], &t[3], 1e-5),
+        &cpu,
+    );
+}
+
+#[test]
 fn embedding_gradient_adds_up_repeated_ids() {
     let ids = [3u32, 1, 3, 0, 3, 1];
     grad_check(

@@ -90,6 +90,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         Ok(x.layer_norm(&self.gamma, &self.beta, self.eps)?)
     }
+
+    /// `LayerNorm(x + residual)`, the residual sum never written out.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(x.add_layer_norm(residual, &self.gamma, &self.beta, self.eps)?)
+    }
 }
 
 /// Word, position and token-type embeddings, summed and normalised.
@@ -343,14 +348,14 @@ impl Bert {
             c.hidden_dropout_prob,
             mode,
         )?;
-        let x = layer.attention_norm.forward(&x.add(&attended)?)?;
+        let x = layer.attention_norm.forward_residual(x, &attended)?;
         let ff = layer.intermediate.forward(&x, mode)?;
         let ff = dropout(
             &layer.output.forward(&ff, mode)?,
             c.hidden_dropout_prob,
             mode,
         )?;
-        layer.output_norm.forward(&x.add(&ff)?)
+        layer.output_norm.forward_residual(&x, &ff)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Layer normalisation over the last axis, forward and backward, one
-//! invocation per row.
+//! invocation per row, optionally of a residual sum `x + r` that is never
+//! written out.
 
 use super::{expect_f32, expect_len, grid_2d, to_u32};
 use crate::buffer::{DType, GpuBuffer};
@@ -29,10 +30,13 @@ pub struct LayerNormOutput {
 
 impl Device {
     /// `(x - mean) / sqrt(var + eps) * gamma + beta` along each row of a
-    /// `rows x cols` matrix (biased variance); `gamma` and `beta` hold `cols`.
+    /// `rows x cols` matrix (biased variance), where x is `x + residual` when
+    /// a residual is given; `gamma` and `beta` hold `cols`.
+    #[allow(clippy::too_many_arguments)] // the op's natural inputs
     pub fn layer_norm(
         &self,
         x: &GpuBuffer,
+        residual: Option<&GpuBuffer>,
         gamma: &GpuBuffer,
         beta: &GpuBuffer,
         rows: usize,
@@ -40,8 +44,10 @@ impl Device {
         eps: f32,
     ) -> Result<LayerNormOutput> {
         const OP: &str = "layer_norm";
+        let r = residual.unwrap_or(x);
         for (name, b, len) in [
             ("x", x, rows * cols),
+            ("residual", r, rows * cols),
             ("gamma", gamma, cols),
             ("beta", beta, cols),
         ] {
@@ -53,11 +59,7 @@ impl Device {
         if out.is_empty() {
             return Ok(LayerNormOutput { out, stats });
         }
-        let kernel = self.kernel("layer_norm", || {
-            Specialize::new(FORWARD_SRC)
-                .constant_u32("WG", WORKGROUP)
-                .build()
-        })?;
+        let kernel = self.norm_kernel("layer_norm", FORWARD_SRC, residual.is_some())?;
         let grid = self.row_grid(rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
@@ -68,18 +70,21 @@ impl Device {
         self.dispatch(
             &kernel,
             bytemuck::bytes_of(&params),
-            &[x, gamma, beta, &out, &stats],
+            // Without a residual, `x` again fills its (unread) binding.
+            &[x, r, gamma, beta, &out, &stats],
             grid,
         )?;
         Ok(LayerNormOutput { out, stats })
     }
 
-    /// The gradient with respect to `x` of [`Device::layer_norm`] given the
-    /// output's gradient `g`, and `g * xhat` per element (its column sums are
-    /// the gradient of `gamma`).
+    /// The gradient with respect to `x` (and the residual: the same) of
+    /// [`Device::layer_norm`] given the output's gradient `g`, and `g * xhat`
+    /// per element (its column sums are the gradient of `gamma`).
+    #[allow(clippy::too_many_arguments)] // the op's natural inputs
     pub fn layer_norm_backward(
         &self,
         x: &GpuBuffer,
+        residual: Option<&GpuBuffer>,
         gamma: &GpuBuffer,
         g: &GpuBuffer,
         stats: &GpuBuffer,
@@ -87,8 +92,10 @@ impl Device {
         cols: usize,
     ) -> Result<(GpuBuffer, GpuBuffer)> {
         const OP: &str = "layer_norm_backward";
+        let r = residual.unwrap_or(x);
         for (name, b, len) in [
             ("x", x, rows * cols),
+            ("residual", r, rows * cols),
             ("gamma", gamma, cols),
             ("gradient", g, rows * cols),
             ("stats", stats, 2 * rows),
@@ -101,11 +108,7 @@ impl Device {
         if dx.is_empty() {
             return Ok((dx, gxhat));
         }
-        let kernel = self.kernel("layer_norm_backward", || {
-            Specialize::new(BACKWARD_SRC)
-                .constant_u32("WG", WORKGROUP)
-                .build()
-        })?;
+        let kernel = self.norm_kernel("layer_norm_backward", BACKWARD_SRC, residual.is_some())?;
         let grid = self.row_grid(rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
@@ -116,10 +119,24 @@ impl Device {
         self.dispatch(
             &kernel,
             bytemuck::bytes_of(&params),
-            &[x, gamma, g, stats, &dx, &gxhat],
+            &[x, r, gamma, g, stats, &dx, &gxhat],
             grid,
         )?;
         Ok((dx, gxhat))
+    }
+
+    fn norm_kernel(
+        &self,
+        name: &str,
+        source: &'static str,
+        residual: bool,
+    ) -> Result<std::sync::Arc<crate::kernel::Kernel>> {
+        self.kernel(&format!("{name}:{residual}"), || {
+            Specialize::new(source)
+                .constant_u32("WG", WORKGROUP)
+                .constant_bool("RESIDUAL", residual)
+                .build()
+        })
     }
 
     fn row_grid(&self, rows: usize) -> Result<[u32; 3]> {

@@ -31,21 +31,33 @@ impl Tensor {
         } else {
             vec![batch, m, n]
         };
-        let spec = Matmul {
-            batch_stride_b: if shared_b { 0 } else { k * n },
-            ..Matmul::batched(batch, m, n, k)
+        // A shared B times a contiguous batch of A is one product over the
+        // flattened batch * m rows: fewer, fuller workgroups than `batch`
+        // small products.
+        let spec = if shared_b {
+            Matmul::new(batch * m, n, k)
+        } else {
+            Matmul::batched(batch, m, n, k)
         };
         let out = product(self, other, spec, out_shape)?;
         let (sa, sb) = (self.detach(), other.detach());
+        // Gradients nobody asked for are not computed (a first layer's input,
+        // the layer above a frozen one).
+        let needs = [self.is_requires_grad(), other.is_requires_grad()];
         Ok(record(&[self, other], out, "matmul", move |g| {
-            // dA = dC * B^T (B shared across the batch when stride is 0).
-            let grad_a = Matmul {
-                trans_b: true,
-                batch_stride_a: m * n,
-                batch_stride_b: spec.batch_stride_b,
-                ..Matmul::batched(batch, m, k, n)
+            // dA = dC * B^T (for a shared B, again over the flattened rows).
+            let ga = if !needs[0] {
+                None
+            } else if shared_b {
+                let spec = Matmul::new(batch * m, k, n).transpose_b(true);
+                Some(product(g, &sb, spec, sa.shape().to_vec())?)
+            } else {
+                let spec = Matmul::batched(batch, m, k, n).transpose_b(true);
+                Some(product(g, &sb, spec, sa.shape().to_vec())?)
             };
-            let ga = product(g, &sb, grad_a, sa.shape().to_vec())?;
+            if !needs[1] {
+                return Ok(vec![ga, None]);
+            }
             // dB = A^T * dC; for a shared B, summed over the batch, which is one
             // product over the flattened batch*m rows.
             let gb = if shared_b {
@@ -60,7 +72,7 @@ impl Tensor {
                 };
                 product(&sa, g, spec, sb.shape().to_vec())?
             };
-            Ok(vec![Some(ga), Some(gb)])
+            Ok(vec![ga, Some(gb)])
         }))
     }
 }

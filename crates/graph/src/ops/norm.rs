@@ -11,64 +11,107 @@ impl Tensor {
     /// variance, as PyTorch), then scales by `gamma` and shifts by `beta`, both
     /// shaped like the last axis.
     pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-        let last = self
-            .rank()
-            .checked_sub(1)
-            .ok_or_else(|| DeviceError::Shape {
-                op: "layer_norm",
-                message: "needs at least one dim".into(),
-            })?;
-        let features = &self.shape()[last..];
-        if gamma.shape() != features || beta.shape() != features {
+        layer_norm(self, None, gamma, beta, eps)
+    }
+
+    /// `(self + residual).layer_norm(gamma, beta, eps)` in one kernel each way:
+    /// a post-LayerNorm block's residual sum is never written out.
+    pub fn add_layer_norm(
+        &self,
+        residual: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        if residual.shape() != self.shape() {
             return Err(DeviceError::Shape {
-                op: "layer_norm",
+                op: "add_layer_norm",
                 message: format!(
-                    "gamma {:?} and beta {:?} must match the last axis of {:?}",
-                    gamma.shape(),
-                    beta.shape(),
+                    "the residual {:?} must have the input's shape {:?}",
+                    residual.shape(),
                     self.shape()
                 ),
             });
         }
-        let cols = features[0];
-        let rows = self.numel() / cols.max(1);
-        let device = self.device();
-        let fwd = device.layer_norm(
-            self.buffer(),
-            gamma.buffer(),
-            beta.buffer(),
+        layer_norm(self, Some(residual), gamma, beta, eps)
+    }
+}
+
+fn layer_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    let last = x.rank().checked_sub(1).ok_or_else(|| DeviceError::Shape {
+        op: "layer_norm",
+        message: "needs at least one dim".into(),
+    })?;
+    let features = &x.shape()[last..];
+    if gamma.shape() != features || beta.shape() != features {
+        return Err(DeviceError::Shape {
+            op: "layer_norm",
+            message: format!(
+                "gamma {:?} and beta {:?} must match the last axis of {:?}",
+                gamma.shape(),
+                beta.shape(),
+                x.shape()
+            ),
+        });
+    }
+    let cols = features[0];
+    let rows = x.numel() / cols.max(1);
+    let device = x.device();
+    let fwd = device.layer_norm(
+        x.buffer(),
+        residual.map(Tensor::buffer),
+        gamma.buffer(),
+        beta.buffer(),
+        rows,
+        cols,
+        eps,
+    )?;
+    let out = Tensor::from_buffer(device, fwd.out, x.shape())?;
+    let stats = Tensor::from_buffer(device, fwd.stats, &[rows, 2])?;
+    let saved_x = x.detach();
+    let saved_r = residual.map(Tensor::detach);
+    let saved_gamma = gamma.detach();
+    let needs_gamma = gamma.is_requires_grad();
+    let needs_beta = beta.is_requires_grad();
+    let mut inputs = vec![x];
+    inputs.extend(residual);
+    inputs.extend([gamma, beta]);
+    Ok(record(&inputs, out, "layer_norm", move |g| {
+        let device = saved_x.device();
+        let (dx, gxhat) = device.layer_norm_backward(
+            saved_x.buffer(),
+            saved_r.as_ref().map(Tensor::buffer),
+            saved_gamma.buffer(),
+            g.buffer(),
+            stats.buffer(),
             rows,
             cols,
-            eps,
         )?;
-        let out = Tensor::from_buffer(device, fwd.out, self.shape())?;
-        let stats = Tensor::from_buffer(device, fwd.stats, &[rows, 2])?;
-        let (x, gamma_saved) = (self.detach(), gamma.detach());
-        let needs = [gamma.is_requires_grad(), beta.is_requires_grad()];
-        Ok(record(&[self, gamma, beta], out, "layer_norm", move |g| {
-            let device = x.device();
-            let (dx, gxhat) = device.layer_norm_backward(
-                x.buffer(),
-                gamma_saved.buffer(),
-                g.buffer(),
-                stats.buffer(),
-                rows,
-                cols,
-            )?;
-            let dx = Tensor::from_buffer(device, dx, x.shape())?;
-            let dgamma = if needs[0] {
-                Some(Tensor::from_buffer(device, gxhat, &[rows, cols])?.sum(0, false)?)
-            } else {
-                None
-            };
-            let dbeta = if needs[1] {
-                Some(g.reshape(&[rows, cols])?.sum(0, false)?)
-            } else {
-                None
-            };
-            Ok(vec![Some(dx), dgamma, dbeta])
-        }))
-    }
+        let dx = Tensor::from_buffer(device, dx, saved_x.shape())?;
+        let dgamma = if needs_gamma {
+            Some(Tensor::from_buffer(device, gxhat, &[rows, cols])?.sum(0, false)?)
+        } else {
+            None
+        };
+        let dbeta = if needs_beta {
+            Some(g.reshape(&[rows, cols])?.sum(0, false)?)
+        } else {
+            None
+        };
+        // The sum's two terms get the same gradient.
+        let mut grads = vec![Some(dx.clone())];
+        if saved_r.is_some() {
+            grads.push(Some(dx));
+        }
+        grads.extend([dgamma, dbeta]);
+        Ok(grads)
+    }))
 }
 
 /// What a training-mode batch normalisation returns: the output and the batch
