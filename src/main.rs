@@ -116,6 +116,9 @@ enum Command {
         /// Evaluate on only the first N test samples.
         #[arg(long)]
         limit_test: Option<usize>,
+        /// Matrix products on f16 operands with loss scaling.
+        #[arg(long)]
+        mixed_precision: bool,
         #[arg(long)]
         no_progress: bool,
     },
@@ -186,6 +189,9 @@ enum Command {
         output: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Matrix products on f16 operands with loss scaling.
+        #[arg(long)]
+        mixed_precision: bool,
         #[arg(long)]
         no_progress: bool,
     },
@@ -217,6 +223,7 @@ fn main() -> std::process::ExitCode {
             resume,
             limit_train,
             limit_test,
+            mixed_precision,
             no_progress,
         } => {
             let options = FitOptions {
@@ -235,6 +242,7 @@ fn main() -> std::process::ExitCode {
                     patience,
                     min_delta: 0.0,
                 }),
+                mixed_precision,
             };
             let loss = match loss {
                 LossName::CrossEntropy => Loss::SparseCategoricalCrossEntropy,
@@ -273,6 +281,7 @@ fn main() -> std::process::ExitCode {
             pooling,
             output,
             seed,
+            mixed_precision,
             no_progress,
         } => {
             let options = kiln::train::finetune::FinetuneOptions {
@@ -282,6 +291,7 @@ fn main() -> std::process::ExitCode {
                 head_lr,
                 seed,
                 progress: !no_progress,
+                mixed_precision,
                 ..Default::default()
             };
             let setup = FinetuneSetup {

@@ -7,8 +7,8 @@ mod common;
 
 use common::{assert_close, assert_close_scaled, broadcast_reference, device, erf, random_vec};
 use kiln::device::{
-    BinaryOp, DType, DeviceError, Elementwise, Matmul, MatmulTiling, Operand, Reduce, ReduceOp,
-    ReduceStrategy, Tuning, UnaryOp,
+    half::f16, BinaryOp, DType, DeviceError, Elementwise, HalfLoads, Matmul, MatmulTiling, Operand,
+    Reduce, ReduceOp, ReduceStrategy, Tuning, UnaryOp,
 };
 
 // ----- matmul ----------------------------------------------------------------
@@ -134,6 +134,81 @@ fn long_k_weight_gradients_split_k_and_still_match() {
         for (m, n, k) in [(32, 9, 4096), (20, 36, 2560), (8, 8, 21632)] {
             check_matmul(Matmul::new(m, n, k).transpose_a(true), tiling, 21);
         }
+    }
+}
+
+/// Ways this device can read f16 operands.
+fn half_load_paths() -> Vec<HalfLoads> {
+    let mut paths = vec![HalfLoads::Packed];
+    if device()
+        .features()
+        .contains(kiln::device::wgpu::Features::SHADER_F16)
+    {
+        paths.push(HalfLoads::Native);
+    }
+    paths
+}
+
+/// `spec` with A and/or B stored as f16, against the f64 product of the
+/// f16-rounded inputs: each product of two halves is exact in f32, so the
+/// f32 tolerance applies unchanged.
+fn check_half_matmul(spec: Matmul, tiling: MatmulTiling, half: HalfLoads, dtypes: [DType; 2]) {
+    let d = device();
+    let a_len = (spec.batch - 1) * spec.batch_stride_a + spec.m * spec.k;
+    let b_len = (spec.batch - 1) * spec.batch_stride_b + spec.k * spec.n;
+    let round = |v: Vec<f32>, dtype: DType| -> Vec<f32> {
+        if dtype == DType::F16 {
+            v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+        } else {
+            v
+        }
+    };
+    let a = round(random_vec(a_len, 31, -2.0, 2.0), dtypes[0]);
+    let b = round(random_vec(b_len, 32, -2.0, 2.0), dtypes[1]);
+    let upload = |v: &[f32], dtype: DType| {
+        let g = d.upload(v).unwrap();
+        d.cast(&g, dtype).unwrap()
+    };
+    let (ga, gb) = (upload(&a, dtypes[0]), upload(&b, dtypes[1]));
+    let gc = d.matmul_variant(&ga, &gb, &spec, tiling, half).unwrap();
+    let got = d.read::<f32>(&gc).unwrap();
+    let (want, scale) = matmul_reference(&a, &b, &spec);
+    let what = format!("{tiling} {half:?} {dtypes:?} {spec:?}");
+    assert_close_scaled(&what, &got, &want, &scale, 1e-4);
+}
+
+#[test]
+fn f16_operands_match_reference_for_every_tiling_and_load_path() {
+    const BOTH: [DType; 2] = [DType::F16, DType::F16];
+    const TRANSPOSES: [(bool, bool); 4] =
+        [(false, false), (true, false), (false, true), (true, true)];
+    let d = device();
+    // Every tiling with the loads this device uses: multiples of four take the
+    // vec4 loads, odd shapes the scalar ones.
+    for tiling in tilings() {
+        for (ta, tb) in TRANSPOSES {
+            let spec = Matmul::new(64, 64, 64).transpose_a(ta).transpose_b(tb);
+            check_half_matmul(spec, tiling, d.half_loads(), BOTH);
+        }
+        for (ta, tb) in [(false, false), (true, true)] {
+            let spec = Matmul::new(33, 65, 17).transpose_a(ta).transpose_b(tb);
+            check_half_matmul(spec, tiling, d.half_loads(), BOTH);
+        }
+    }
+    // Every load path, mixed operand types and split k with the tuned tiling.
+    let tiling = d.tuning().matmul;
+    for half in half_load_paths() {
+        for (ta, tb) in TRANSPOSES {
+            for (m, n, k) in [(17, 130, 129), (36, 20, 44)] {
+                let spec = Matmul::new(m, n, k).transpose_a(ta).transpose_b(tb);
+                check_half_matmul(spec, tiling, half, BOTH);
+            }
+        }
+        let spec = Matmul::batched(3, 36, 20, 44);
+        check_half_matmul(spec, tiling, half, [DType::F16, DType::F32]);
+        check_half_matmul(spec, tiling, half, [DType::F32, DType::F16]);
+        let split = Matmul::new(32, 9, 4096).transpose_a(true);
+        check_half_matmul(split, tiling, half, BOTH);
     }
 }
 
@@ -618,9 +693,13 @@ fn f16_round_trip_and_dtype_checks() {
 fn cast_between_f32_and_f16_matches_the_half_crate() {
     let d = device();
     for n in [1usize, 2, 7, 1000] {
-        // Within f16's finite range: WGSL leaves overflow to the driver.
         let mut x = random_vec(n, n as u64, -65000.0, 65000.0);
         x[0] = 1e-6; // a subnormal in f16
+                     // Overflow: 65519 rounds down to 65504, 65520 up to infinity.
+        let extremes = [65519.0, -65520.0, 1e30, f32::INFINITY, f32::NEG_INFINITY];
+        for (i, &v) in extremes.iter().enumerate().take(n.saturating_sub(1)) {
+            x[i + 1] = v;
+        }
         let g = d.upload(&x).unwrap();
         let h = d.cast(&g, DType::F16).unwrap();
         let want: Vec<kiln::device::half::f16> = x
@@ -640,6 +719,12 @@ fn cast_between_f32_and_f16_matches_the_half_crate() {
         let want_back: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
         assert_eq!(back, want_back, "to f32, n = {n}");
     }
+    let nan = d.upload(&[f32::NAN, 1.0]).unwrap();
+    let back = d.read::<f32>(
+        &d.cast(&d.cast(&nan, DType::F16).unwrap(), DType::F32)
+            .unwrap(),
+    );
+    assert!(back.unwrap()[0].is_nan(), "NaN must survive the round trip");
 }
 
 #[test]

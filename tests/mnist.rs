@@ -98,6 +98,31 @@ fn mlp_learns_from_2000_samples_in_2_epochs() {
 }
 
 #[test]
+fn mixed_precision_learns_as_well_as_f32() {
+    // Same subset, seed and initialisation; only the products' precision
+    // differs. f16 operands perturb each step slightly, so the two runs end
+    // near each other rather than equal.
+    let m = data();
+    let train = subset(&m.train, 2000, 4);
+    let test = m.test.take(1000);
+    let mut accuracies = Vec::new();
+    for mixed_precision in [false, true] {
+        let mut trainer = trainer(4, 3e-3);
+        let options = FitOptions {
+            mixed_precision,
+            ..quiet(2, 16, 4)
+        };
+        trainer.fit(&train, &options).unwrap();
+        accuracies.push(trainer.evaluate(&test, 500).unwrap().1);
+    }
+    let (f32_accuracy, mixed) = (accuracies[0], accuracies[1]);
+    assert!(
+        mixed > 0.85 && (mixed - f32_accuracy).abs() < 0.02,
+        "mixed precision {mixed} vs f32 {f32_accuracy} on 1,000 test images"
+    );
+}
+
+#[test]
 fn the_loss_is_a_choice_like_keras_compile() {
     let m = data();
     let mut trainer = trainer(3, 3e-3);

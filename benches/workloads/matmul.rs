@@ -1,10 +1,11 @@
-//! Matmul throughput (square N from 256 to 4096) against numpy's sgemm
-//! (OpenBLAS) in the same run, and the cost of one dispatch with and without
-//! batching. `KILN_BENCH_SWEEP=1` adds rows for other tilings at N = 1024.
+//! Matmul throughput (square N from 256 to 4096, f32; f16 operands at 1024
+//! and 4096) against numpy's sgemm (OpenBLAS) in the same run, and the cost
+//! of one dispatch with and without batching. `KILN_BENCH_SWEEP=1` adds rows
+//! for other tilings at N = 1024.
 
 use super::random;
 use crate::support::{self, Row};
-use kiln::device::{Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
+use kiln::device::{DType, Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
 use std::time::{Duration, Instant};
 
 const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
@@ -14,10 +15,26 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let tiling = device.tuning().matmul;
     let mut rows = Vec::new();
     for (i, &n) in SIZES.iter().enumerate() {
-        let gflops = matmul_gflops(device, tiling, n)?;
+        let gflops = matmul_gflops(device, tiling, n, DType::F32)?;
         rows.push(
             Row::new(format!("matmul f32 N={n} ({tiling})"), "GFLOP/s", gflops)
                 .against("numpy sgemm", numpy.as_ref().map(|r| r[i])),
+        );
+    }
+    // f16 storage, f32 arithmetic: what mixed precision's products run.
+    for (i, &n) in SIZES
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n == 1024 || n == 4096)
+    {
+        let gflops = matmul_gflops(device, tiling, n, DType::F16)?;
+        rows.push(
+            Row::new(
+                format!("matmul f16 operands N={n} ({tiling})"),
+                "GFLOP/s",
+                gflops,
+            )
+            .against("numpy sgemm", numpy.as_ref().map(|r| r[i])),
         );
     }
     if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
@@ -37,7 +54,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
                 .validate(device.limits(), device.features(), device.adapter_info())
                 .is_ok();
             if t != tiling && valid {
-                let gflops = matmul_gflops(device, t, n)?;
+                let gflops = matmul_gflops(device, t, n, DType::F32)?;
                 rows.push(
                     Row::new(format!("matmul f32 N={n} ({t})"), "GFLOP/s", gflops)
                         .against("numpy sgemm", reference),
@@ -64,9 +81,14 @@ fn time_per_call(
     Ok(start.elapsed().as_secs_f64() / f64::from(calls))
 }
 
-fn matmul_gflops(device: &Device, tiling: MatmulTiling, n: usize) -> anyhow::Result<f64> {
-    let a = device.upload(&random(n * n, 1))?;
-    let b = device.upload(&random(n * n, 2))?;
+fn matmul_gflops(
+    device: &Device,
+    tiling: MatmulTiling,
+    n: usize,
+    dtype: DType,
+) -> anyhow::Result<f64> {
+    let a = device.cast(&device.upload(&random(n * n, 1))?, dtype)?;
+    let b = device.cast(&device.upload(&random(n * n, 2))?, dtype)?;
     let spec = Matmul::new(n, n, n);
     // Several products per submit so the figure is kernel time, not submit time.
     let reps = (2048 / n).max(1);

@@ -5,6 +5,7 @@
 use super::{progress_bar, Result};
 use crate::data::shuffled_indices;
 use crate::data::tokenize::PretrainedTokenizer;
+use kiln_graph::amp::{AutocastGuard, LossScaler};
 use kiln_graph::optim::{clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer};
 use kiln_graph::{loss, NoGradGuard};
 use kiln_models::bert::BertClassifier;
@@ -27,6 +28,9 @@ pub struct FinetuneOptions {
     pub clip_norm: f32,
     pub seed: u64,
     pub progress: bool,
+    /// Matrix products on f16 operands with loss scaling (see
+    /// [`kiln_graph::amp`]).
+    pub mixed_precision: bool,
 }
 
 impl Default for FinetuneOptions {
@@ -41,6 +45,7 @@ impl Default for FinetuneOptions {
             clip_norm: 1.0,
             seed: 0,
             progress: true,
+            mixed_precision: false,
         }
     }
 }
@@ -92,6 +97,8 @@ pub fn finetune(
     all_params.extend(model.head_parameters());
     let mut step = 0;
     let mut epochs = Vec::new();
+    // Without mixed precision the scale stays 1 and no step is skipped.
+    let mut scaler = options.mixed_precision.then(LossScaler::new);
     for epoch in 1..=options.epochs {
         let order = shuffled_indices(texts.len(), options.seed + epoch as u64);
         let batches: Vec<&[usize]> = order.chunks(options.batch_size).collect();
@@ -104,15 +111,26 @@ pub fn finetune(
             let tokens = tokenizer.batch(&batch_texts)?;
             let input = tokens.input();
             let seed = (options.seed as u32).wrapping_add(step as u32 * 7919);
+            let autocast = AutocastGuard::with(options.mixed_precision);
             let logits = model.forward(&input, &mut Mode::training(seed))?;
             let l = loss::cross_entropy(&logits, &batch_labels)?;
             encoder.zero_grad();
             head.zero_grad();
-            l.backward()?;
-            clip_grad_norm(&all_params, options.clip_norm)?;
             encoder.set_learning_rate(schedule.lr(step));
-            encoder.step()?;
-            head.step()?;
+            match &mut scaler {
+                Some(scaler) => {
+                    scaler.backward(&l)?;
+                    clip_grad_norm(&all_params, options.clip_norm * scaler.scale())?;
+                    scaler.step_all(&mut [&mut encoder, &mut head])?;
+                }
+                None => {
+                    l.backward()?;
+                    clip_grad_norm(&all_params, options.clip_norm)?;
+                    encoder.step()?;
+                    head.step()?;
+                }
+            }
+            drop(autocast);
             step += 1;
             // Reading the loss syncs once per batch; at seconds per batch on a
             // CPU adapter that costs nothing measurable.

@@ -9,6 +9,7 @@ pub use history::{EpochStats, History};
 
 use crate::data::{shuffled_indices, Dataset};
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_graph::amp::{AutocastGuard, LossScaler};
 use kiln_graph::optim::Optimizer;
 use kiln_graph::{loss, no_grad, Device, Elementwise, Tensor};
 use kiln_models::checkpoint::{self, Checkpoint};
@@ -40,6 +41,10 @@ pub struct FitOptions {
     /// Stop when the monitored loss (validation if any, else training) has not
     /// improved by `min_delta` for `patience` epochs.
     pub early_stopping: Option<EarlyStopping>,
+    /// Matrix products on f16 operands with dynamic loss scaling (see
+    /// [`kiln_graph::amp`]): half the memory traffic of the products on
+    /// GPUs; the parameters and everything else stay f32.
+    pub mixed_precision: bool,
 }
 
 impl Default for FitOptions {
@@ -53,6 +58,7 @@ impl Default for FitOptions {
             log_epochs: true,
             checkpoint: None,
             early_stopping: None,
+            mixed_precision: false,
         }
     }
 }
@@ -201,6 +207,7 @@ impl<O: Optimizer> Trainer<O> {
         let mut best = f32::INFINITY;
         let mut since_best = 0;
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
+        let mut scaler = options.mixed_precision.then(LossScaler::new);
         while self.epochs_done < options.epochs {
             let epoch = self.epochs_done + 1;
             let start = Instant::now();
@@ -214,11 +221,21 @@ impl<O: Optimizer> Trainer<O> {
                 let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
                 let target = one_hot(&self.device, &yb, train.classes)?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
+                let autocast = AutocastGuard::with(options.mixed_precision);
                 let logits = self.model.forward(&x, &mut Mode::training(seed))?;
                 let loss = self.loss.compute(&logits, &target)?;
                 self.optimizer.zero_grad();
-                loss.backward()?;
-                self.optimizer.step()?;
+                match &mut scaler {
+                    Some(scaler) => {
+                        scaler.backward(&loss)?;
+                        scaler.step(&mut self.optimizer)?;
+                    }
+                    None => {
+                        loss.backward()?;
+                        self.optimizer.step()?;
+                    }
+                }
+                drop(autocast);
                 tally.add(&loss, &logits, &target, yb.len())?;
                 // Reading metrics syncs with the device: only now and then.
                 if step % 50 == 49 || step + 1 == steps {

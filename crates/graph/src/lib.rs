@@ -33,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod amp;
 mod autograd;
 pub mod loss;
 mod ops;

@@ -22,7 +22,12 @@ pub struct OptimizerState {
 /// What every optimizer offers a training loop.
 pub trait Optimizer {
     /// Applies one update from the parameters' current gradients.
-    fn step(&mut self) -> Result<()>;
+    fn step(&mut self) -> Result<()> {
+        self.step_scaled(1.0)
+    }
+    /// Applies one update from the gradients multiplied by `grad_scale`,
+    /// inside the update kernel (loss scaling divides them back this way).
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()>;
     /// Reads the state back for a checkpoint.
     fn state(&self) -> Result<OptimizerState>;
     /// Restores a state saved by [`Optimizer::state`] for the same parameters.
@@ -108,13 +113,14 @@ const MAX_GROUP: usize = 8;
 /// Updates every item with the optimizer rule `rule` (WGSL declaring
 /// `struct Hyper` and `fn update(x, g, s: vec2<f32>) -> Step`), reading and
 /// writing `states` state buffers per tensor, `hyper` being the bytes of its
-/// `Hyper`. Items go in groups as large as the adapter's storage-binding limit
+/// `Hyper`; gradients are multiplied by `grad_scale` first. Items go in groups as large as the adapter's storage-binding limit
 /// allows, one dispatch per group.
 fn update_grouped(
     name: &str,
     rule: &'static str,
     states: usize,
     hyper: &[u8],
+    grad_scale: f32,
     items: &[UpdateItem<'_>],
 ) -> Result<()> {
     let Some(first) = items.first() else {
@@ -140,7 +146,12 @@ fn update_grouped(
         let (grid, row_threads) = device.linear_grid(total)?;
         let mut block = hyper.to_vec();
         block.extend_from_slice(bytemuck::cast_slice(&ends));
-        block.extend_from_slice(bytemuck::cast_slice(&[row_threads, 0, 0, 0]));
+        block.extend_from_slice(bytemuck::cast_slice(&[
+            row_threads,
+            grad_scale.to_bits(),
+            0,
+            0,
+        ]));
         let mut buffers = Vec::with_capacity(chunk.len() * per_tensor);
         for item in chunk {
             buffers.push(item.param.buffer());
@@ -159,7 +170,7 @@ fn grouped_source(rule: &str, states: usize, count: usize) -> String {
     let mut src = String::from("struct Step {\n    x: f32,\n    s: vec2<f32>,\n}\n\n");
     src.push_str(rule);
     src.push_str(
-        "\nstruct Params {\n    hyper: Hyper,\n    ends: array<vec4<u32>, 2>,\n    row_threads: u32,\n    _pad: vec3<u32>,\n}\n\n@group(0) @binding(0) var<uniform> p: Params;\n",
+        "\nstruct Params {\n    hyper: Hyper,\n    ends: array<vec4<u32>, 2>,\n    row_threads: u32,\n    grad_scale: f32,\n    _pad: vec2<u32>,\n}\n\n@group(0) @binding(0) var<uniform> p: Params;\n",
     );
     let mut binding = 1;
     for k in 0..count {
@@ -197,7 +208,7 @@ fn grouped_source(rule: &str, states: usize, count: usize) -> String {
             }
         };
         src.push_str(&format!(
-            "    if (i < {end}) {{\n        let e = i - {start};\n        let r = update(param{k}[e], grad{k}[e], vec2<f32>({}, {}));\n        param{k}[e] = r.x;\n",
+            "    if (i < {end}) {{\n        let e = i - {start};\n        let r = update(param{k}[e], grad{k}[e] * p.grad_scale, vec2<f32>({}, {}));\n        param{k}[e] = r.x;\n",
             load(0),
             load(1)
         ));
@@ -322,7 +333,7 @@ impl Optimizer for Sgd {
         load_slots(state, "velocity", &mut self.velocity, &self.params)
     }
 
-    fn step(&mut self) -> Result<()> {
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
         let hyper = SgdHyper {
             nesterov: u32::from(self.nesterov),
             lr: self.lr,
@@ -332,10 +343,24 @@ impl Optimizer for Sgd {
         if self.momentum != 0.0 {
             ensure_states(&self.params, &mut [&mut self.velocity])?;
             let items = update_items(&self.params, &[&self.velocity]);
-            update_grouped("sgd", SGD_SRC, 1, bytemuck::bytes_of(&hyper), &items)
+            update_grouped(
+                "sgd",
+                SGD_SRC,
+                1,
+                bytemuck::bytes_of(&hyper),
+                grad_scale,
+                &items,
+            )
         } else {
             let items = update_items(&self.params, &[]);
-            update_grouped("sgd", SGD_SRC, 0, bytemuck::bytes_of(&hyper), &items)
+            update_grouped(
+                "sgd",
+                SGD_SRC,
+                0,
+                bytemuck::bytes_of(&hyper),
+                grad_scale,
+                &items,
+            )
         }
     }
 
@@ -448,7 +473,7 @@ impl Optimizer for Adam {
         Ok(())
     }
 
-    fn step(&mut self) -> Result<()> {
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         // Bias corrections in f64 so late steps do not lose them to rounding.
@@ -466,7 +491,14 @@ impl Optimizer for Adam {
         };
         ensure_states(&self.params, &mut [&mut self.m, &mut self.v])?;
         let items = update_items(&self.params, &[&self.m, &self.v]);
-        update_grouped("adam", ADAM_SRC, 2, bytemuck::bytes_of(&hyper), &items)
+        update_grouped(
+            "adam",
+            ADAM_SRC,
+            2,
+            bytemuck::bytes_of(&hyper),
+            grad_scale,
+            &items,
+        )
     }
 
     fn params(&self) -> &[Tensor] {
@@ -544,7 +576,7 @@ struct RmsPropHyper {
 }
 
 impl Optimizer for RmsProp {
-    fn step(&mut self) -> Result<()> {
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
         let hyper = RmsPropHyper {
             lr: self.lr,
             alpha: self.alpha,
@@ -560,11 +592,11 @@ impl Optimizer for RmsProp {
                 &mut [&mut self.square_avg, &mut self.momentum_buf],
             )?;
             let items = update_items(&self.params, &[&self.square_avg, &self.momentum_buf]);
-            update_grouped("rmsprop", RMSPROP_SRC, 2, bytes, &items)
+            update_grouped("rmsprop", RMSPROP_SRC, 2, bytes, grad_scale, &items)
         } else {
             ensure_states(&self.params, &mut [&mut self.square_avg])?;
             let items = update_items(&self.params, &[&self.square_avg]);
-            update_grouped("rmsprop", RMSPROP_SRC, 1, bytes, &items)
+            update_grouped("rmsprop", RMSPROP_SRC, 1, bytes, grad_scale, &items)
         }
     }
 

@@ -18,8 +18,9 @@ struct Params {
 
 impl Device {
     /// Converts between f32 and f16 storage (a copy when the types agree).
-    /// f16 rounds to nearest even; values beyond its finite range (65504) are
-    /// left to the driver by WGSL, so clamp first if they can occur.
+    /// f16 rounds to nearest even; values beyond its finite range (65504)
+    /// become infinities and NaN stays NaN, as IEEE rounding would have it
+    /// (loss scaling relies on seeing overflow).
     pub fn cast(&self, x: &GpuBuffer, to: DType) -> Result<GpuBuffer> {
         let from = x.dtype();
         if from == to {

@@ -96,7 +96,9 @@ struct Params {
 }
 
 impl Device {
-    /// Computes `op(A) * op(B)` with this device's tuned tiling.
+    /// Computes `op(A) * op(B)` with this device's tuned tiling. A and B may
+    /// each hold f32 or f16 (half the memory traffic; products and sums stay
+    /// f32, as on tensor cores); C is f32.
     pub fn matmul(&self, a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<GpuBuffer> {
         self.matmul_with(a, b, spec, self.tuning().matmul)
     }
@@ -109,6 +111,35 @@ impl Device {
         spec: &Matmul,
         tiling: MatmulTiling,
     ) -> Result<GpuBuffer> {
+        self.matmul_variant(a, b, spec, tiling, self.half_loads())
+    }
+
+    /// How kernels on this device read f16 storage: natively where the
+    /// adapter has SHADER_F16, else unpacked from 32-bit words.
+    pub fn half_loads(&self) -> HalfLoads {
+        if self.features().contains(wgpu::Features::SHADER_F16) {
+            HalfLoads::Native
+        } else {
+            HalfLoads::Packed
+        }
+    }
+
+    /// Computes `op(A) * op(B)` with an explicit tiling and way of reading f16
+    /// operands (kernel tests run every combination the device can take).
+    pub fn matmul_variant(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+        half: HalfLoads,
+    ) -> Result<GpuBuffer> {
+        if half == HalfLoads::Native && !self.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(DeviceError::Shape {
+                op: "matmul",
+                message: "native f16 loads need an adapter with SHADER_F16".into(),
+            });
+        }
         let tiling = self.prepare_matmul(a, b, spec, tiling)?;
         let Matmul { batch, m, n, k, .. } = *spec;
         if k == 0 {
@@ -116,11 +147,11 @@ impl Device {
             return self.zeros(batch * m * n, DType::F32);
         }
         if let Some(splits) = split_k(spec) {
-            return self.matmul_split_k(a, b, spec, tiling, splits);
+            return self.matmul_split_k(a, b, spec, tiling, splits, half);
         }
         let out = self.empty(batch * m * n, DType::F32)?;
         if !out.is_empty() {
-            self.dispatch_matmul(a, b, &out, spec, tiling, 0..batch)?;
+            self.dispatch_matmul(a, b, &out, spec, (tiling, half), 0..batch)?;
         }
         Ok(out)
     }
@@ -150,7 +181,7 @@ impl Device {
                 ),
             });
         }
-        self.dispatch_matmul(a, b, out, spec, tiling, entries)
+        self.dispatch_matmul(a, b, out, spec, (tiling, self.half_loads()), entries)
     }
 
     /// Checks the operands against `spec` and adapts `tiling` to its shape.
@@ -162,8 +193,8 @@ impl Device {
         tiling: MatmulTiling,
     ) -> Result<MatmulTiling> {
         const OP: &str = "matmul";
-        expect_f32(OP, "A", a)?;
-        expect_f32(OP, "B", b)?;
+        expect_float(OP, "A", a)?;
+        expect_float(OP, "B", b)?;
         let Matmul { batch, m, k, .. } = *spec;
         if batch > 0 {
             expect_len(OP, "A", a, (batch - 1) * spec.batch_stride_a + m * k)?;
@@ -196,15 +227,21 @@ impl Device {
         b: &GpuBuffer,
         out: &GpuBuffer,
         spec: &Matmul,
-        tiling: MatmulTiling,
+        (tiling, half): (MatmulTiling, HalfLoads),
         entries: std::ops::Range<usize>,
     ) -> Result<()> {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
         let vec4 = vec4_loads_fit(spec, tiling);
+        let operands = Operands {
+            a: a.dtype(),
+            b: b.dtype(),
+            half,
+            vec4,
+        };
         let kernel = self.kernel(
-            &format!("{tiling}:{}{}:{vec4}", spec.trans_a, spec.trans_b),
-            || specialise(tiling, spec.trans_a, spec.trans_b, vec4),
+            &format!("{tiling}:{}{}:{operands:?}", spec.trans_a, spec.trans_b),
+            || specialise(tiling, spec.trans_a, spec.trans_b, operands),
         )?;
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
@@ -265,6 +302,7 @@ impl Device {
         spec: &Matmul,
         tiling: MatmulTiling,
         splits: usize,
+        half: HalfLoads,
     ) -> Result<GpuBuffer> {
         let chunk = spec.k / splits;
         let partial = Matmul {
@@ -274,7 +312,7 @@ impl Device {
             batch_stride_b: chunk * spec.n,
             ..*spec
         };
-        let partials = self.matmul_with(a, b, &partial, tiling)?;
+        let partials = self.matmul_variant(a, b, &partial, tiling, half)?;
         self.reduce(
             &partials,
             &crate::kernels::reduce::Reduce {
@@ -309,7 +347,66 @@ fn vec4_fits(spec: &Matmul, tm: u32, tn: u32) -> bool {
         && cols_ok
 }
 
-fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, vec4: bool) -> String {
+/// How a matmul kernel variant reads f16 operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HalfLoads {
+    /// As WGSL `f16` (`enable f16;`): needs SHADER_F16.
+    Native,
+    /// As 32-bit words holding two halves, through `unpack2x16float`: core
+    /// WGSL, so any adapter.
+    Packed,
+}
+
+/// The storage types of a kernel's operands and how it loads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Operands {
+    a: DType,
+    b: DType,
+    half: HalfLoads,
+    /// Loads come four elements at a time (see [`vec4_loads_fit`]).
+    vec4: bool,
+}
+
+impl Operands {
+    fn native_half(&self) -> bool {
+        self.half == HalfLoads::Native && (self.a == DType::F16 || self.b == DType::F16)
+    }
+}
+
+fn expect_float(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
+    if b.dtype() == DType::F16 {
+        Ok(())
+    } else {
+        expect_f32(op, name, b)
+    }
+}
+
+/// The binding of operand `name` and its loader `load_<name>(i)`, returning
+/// element `i` (or the `i`-th group of four, for vec4 loads) as f32.
+fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> String {
+    let (element, body) = match (dtype, ops.vec4, ops.half) {
+        (DType::F16, false, HalfLoads::Native) => ("f16", format!("f32({name}[i])")),
+        (DType::F16, true, HalfLoads::Native) => ("vec4<f16>", format!("vec4<f32>({name}[i])")),
+        (DType::F16, false, HalfLoads::Packed) => (
+            "u32",
+            format!("select(unpack2x16float({name}[i >> 1u]).x, unpack2x16float({name}[i >> 1u]).y, (i & 1u) == 1u)"),
+        ),
+        (DType::F16, true, HalfLoads::Packed) => (
+            "vec2<u32>",
+            format!("vec4<f32>(unpack2x16float({name}[i].x), unpack2x16float({name}[i].y))"),
+        ),
+        (_, false, _) => ("f32", format!("{name}[i]")),
+        (_, true, _) => ("vec4<f32>", format!("{name}[i]")),
+    };
+    let value = if ops.vec4 { "vec4<f32>" } else { "f32" };
+    format!(
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{element}>;\n\
+         fn load_{name}(i: u32) -> {value} {{\n    return {body};\n}}\n"
+    )
+}
+
+fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands) -> String {
+    let vec4 = ops.vec4;
     let spec = match tiling {
         MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
             let (source, offsets, step) = if vec4 {
@@ -361,7 +458,15 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, vec4: bool) ->
         .constant_bool("TRANS_A", trans_a)
         .constant_bool("TRANS_B", trans_b)
         .build();
-    format!("{PARAMS_SRC}\n{body}")
+    // `enable` must open the module.
+    let enable = if ops.native_half() {
+        "enable f16;\n"
+    } else {
+        ""
+    };
+    let a = operand_source("a", 1, ops.a, &ops);
+    let b = operand_source("b", 2, ops.b, &ops);
+    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{body}")
 }
 
 const LANES: [&str; 4] = ["x", "y", "z", "w"];
@@ -426,14 +531,14 @@ fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
     let mut s = vec4_a_loads(tm, trans_a);
     if trans_b {
         for j in 0..tn {
-            let _ = writeln!(s, "        let b_{j} = b[b_off_{j} + kq];");
+            let _ = writeln!(s, "        let b_{j} = load_b(b_off_{j} + kq);");
         }
     } else {
         for t in 0..4 {
             for q in 0..tn / 4 {
                 let _ = writeln!(
                     s,
-                    "        let b_{t}_{q} = b[b_off_{q} + (4u * kq + {t}u) * n4];"
+                    "        let b_{t}_{q} = load_b(b_off_{q} + (4u * kq + {t}u) * n4);"
                 );
             }
         }
@@ -465,13 +570,13 @@ fn vec4_a_loads(tm: u32, trans_a: bool) -> String {
             for g in 0..tm / 4 {
                 let _ = writeln!(
                     s,
-                    "        let a_{t}_{g} = a[a_off_{g} + (4u * kq + {t}u) * m4];"
+                    "        let a_{t}_{g} = load_a(a_off_{g} + (4u * kq + {t}u) * m4);"
                 );
             }
         }
     } else {
         for i in 0..tm {
-            let _ = writeln!(s, "        let a_{i} = a[a_off_{i} + kq];");
+            let _ = writeln!(s, "        let a_{i} = load_a(a_off_{i} + kq);");
         }
     }
     s
@@ -510,9 +615,12 @@ fn subgroup_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
     let mut s = vec4_a_loads(tm, trans_a);
     for t in 0..4 {
         let _ = if trans_b {
-            writeln!(s, "        let bl_{t} = b[b_off_{t} + kq];")
+            writeln!(s, "        let bl_{t} = load_b(b_off_{t} + kq);")
         } else {
-            writeln!(s, "        let bl_{t} = b[b_off + (4u * kq + {t}u) * n4];")
+            writeln!(
+                s,
+                "        let bl_{t} = load_b(b_off + (4u * kq + {t}u) * n4);"
+            )
         };
     }
     for (t, lane_t) in LANES.iter().enumerate() {
@@ -567,10 +675,10 @@ fn register_offsets(tm: u32, tn: u32) -> String {
 fn register_step(tm: u32, tn: u32) -> String {
     let mut s = String::new();
     for i in 0..tm {
-        let _ = writeln!(s, "        let a_{i} = a[a_off_{i} + ak];");
+        let _ = writeln!(s, "        let a_{i} = load_a(a_off_{i} + ak);");
     }
     for j in 0..tn {
-        let _ = writeln!(s, "        let b_{j} = b[b_off_{j} + bk];");
+        let _ = writeln!(s, "        let b_{j} = load_b(b_off_{j} + bk);");
     }
     for i in 0..tm {
         for j in 0..tn {

@@ -2,12 +2,21 @@
 
 use super::record;
 use crate::tensor::Tensor;
-use kiln_device::{DeviceError, Matmul, Result};
+use kiln_device::{DType, DeviceError, Matmul, Result};
 
 /// `op(a) * op(b)` on raw tensors (no graph).
 fn product(a: &Tensor, b: &Tensor, spec: Matmul, shape: Vec<usize>) -> Result<Tensor> {
     let buffer = a.device().matmul(a.buffer(), b.buffer(), &spec)?;
     Tensor::from_buffer(a.device(), buffer, &shape)
+}
+
+/// `t` without its graph, stored as `dtype` (a cast only where it differs).
+fn stored_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.buffer().dtype() == dtype {
+        return Ok(t.detach());
+    }
+    let buffer = t.device().cast(t.buffer(), dtype)?;
+    Tensor::from_buffer(t.device(), buffer, t.shape())
 }
 
 impl Tensor {
@@ -39,12 +48,16 @@ impl Tensor {
         } else {
             Matmul::batched(batch, m, n, k)
         };
-        let out = product(self, other, spec, out_shape)?;
-        let (sa, sb) = (self.detach(), other.detach());
+        // Under autocast the product reads f16 copies, and the backward pass
+        // keeps those (half the memory) and rounds the incoming gradient too.
+        let dtype = crate::amp::matmul_operand_dtype();
+        let (sa, sb) = (stored_as(self, dtype)?, stored_as(other, dtype)?);
+        let out = product(&sa, &sb, spec, out_shape)?;
         // Gradients nobody asked for are not computed (a first layer's input,
         // the layer above a frozen one).
         let needs = [self.is_requires_grad(), other.is_requires_grad()];
         Ok(record(&[self, other], out, "matmul", move |g| {
+            let g = &stored_as(g, dtype)?;
             // dA = dC * B^T (for a shared B, again over the flattened rows).
             let ga = if !needs[0] {
                 None

@@ -1,0 +1,206 @@
+//! Mixed precision: products under `autocast` against f64 references built from
+//! the f16-rounded operands (exact products, so the f32 dot-product bound of
+//! 1e-4 of the absolute terms applies), and the loss scaler's unscaling,
+//! overflow skipping, growth and rescue of gradients too small for f16.
+
+mod common;
+
+use common::{assert_close_scaled, device, random_vec};
+use kiln::device::half::f16;
+use kiln::graph::amp::{self, LossScaler};
+use kiln::graph::optim::{Adam, Optimizer, Sgd};
+use kiln::graph::Tensor;
+
+fn round16(v: &[f32]) -> Vec<f64> {
+    v.iter()
+        .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+        .collect()
+}
+
+/// `C = A B` for row-major `m x k` and `k x n`, with the abs-term scale.
+fn product(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut c = vec![0.0; m * n];
+    let mut scale = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for p in 0..k {
+                let t = a[i * k + p] * b[p * n + j];
+                c[i * n + j] += t;
+                scale[i * n + j] += t.abs();
+            }
+        }
+    }
+    (c, scale)
+}
+
+fn transpose(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; x.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = x[i * cols + j];
+        }
+    }
+    t
+}
+
+#[test]
+fn autocast_products_and_their_gradients_use_rounded_operands() {
+    let d = device();
+    let (m, k, n) = (13, 37, 11);
+    let (a, b) = (
+        random_vec(m * k, 1, -2.0, 2.0),
+        random_vec(k * n, 2, -2.0, 2.0),
+    );
+    // loss = sum(C * r): dC = r, dA = r B^T, dB = A^T r, all from halves.
+    let r = random_vec(m * n, 3, -1.0, 1.0);
+    let ta = Tensor::from_slice(d, &a, &[m, k])
+        .unwrap()
+        .requires_grad(true);
+    let tb = Tensor::from_slice(d, &b, &[k, n])
+        .unwrap()
+        .requires_grad(true);
+    let tr = Tensor::from_slice(d, &r, &[m, n]).unwrap();
+    let c = amp::autocast(|| ta.matmul(&tb)).unwrap();
+    c.mul(&tr).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let (a16, b16, r16) = (round16(&a), round16(&b), round16(&r));
+    let (want_c, scale_c) = product(&a16, &b16, m, k, n);
+    assert_close_scaled("C", &c.to_vec().unwrap(), &want_c, &scale_c, 1e-4);
+    let (want_da, scale_da) = product(&r16, &transpose(&b16, k, n), m, n, k);
+    let da = ta.grad().unwrap().to_vec().unwrap();
+    assert_close_scaled("dA", &da, &want_da, &scale_da, 1e-4);
+    let (want_db, scale_db) = product(&transpose(&a16, m, k), &r16, k, m, n);
+    let db = tb.grad().unwrap().to_vec().unwrap();
+    assert_close_scaled("dB", &db, &want_db, &scale_db, 1e-4);
+
+    // The rounding is real: f32 products of the same data differ from these.
+    let exact = ta.matmul(&tb).unwrap().to_vec().unwrap();
+    assert!(exact
+        .iter()
+        .zip(c.to_vec().unwrap())
+        .any(|(x, y)| (x - y).abs() > 1e-4));
+    // And autocast ends with its closure.
+    let after = ta.matmul(&tb).unwrap().to_vec().unwrap();
+    assert_eq!(after, exact);
+}
+
+/// One SGD step with learning rate `1 / factor` on the loss
+/// `sum((x W) * r) * factor`, with or without autocast and a scaler; returns
+/// the weights before and after and whether the step ran.
+fn sgd_step(
+    factor: f32,
+    mixed: bool,
+    scaler: Option<&mut LossScaler>,
+) -> (Vec<f32>, Vec<f32>, bool) {
+    let d = device();
+    let w0 = random_vec(24 * 5, 4, -1.0, 1.0);
+    let w = Tensor::from_slice(d, &w0, &[24, 5])
+        .unwrap()
+        .requires_grad(true);
+    let x = Tensor::from_slice(d, &random_vec(6 * 24, 5, -1.0, 1.0), &[6, 24]).unwrap();
+    let r = Tensor::from_slice(d, &random_vec(6 * 5, 6, -1.0, 1.0), &[6, 5]).unwrap();
+    let mut opt = Sgd::new(vec![w.clone()], 1.0 / factor);
+    let _autocast = amp::AutocastGuard::with(mixed);
+    let loss = x
+        .matmul(&w)
+        .unwrap()
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .mul_scalar(factor)
+        .unwrap();
+    opt.zero_grad();
+    let stepped = match scaler {
+        Some(s) => {
+            s.backward(&loss).unwrap();
+            s.step(&mut opt).unwrap()
+        }
+        None => {
+            loss.backward().unwrap();
+            opt.step().unwrap();
+            true
+        }
+    };
+    (w0, w.to_vec().unwrap(), stepped)
+}
+
+#[test]
+fn loss_scaling_divides_the_gradients_back() {
+    let (w0, plain, _) = sgd_step(1e-3, false, None);
+    let mut scaler = LossScaler::new().initial_scale(1024.0);
+    let (_, scaled, stepped) = sgd_step(1e-3, false, Some(&mut scaler));
+    assert!(stepped);
+    for i in 0..w0.len() {
+        let (dp, ds) = (plain[i] - w0[i], scaled[i] - w0[i]);
+        assert!(
+            (dp - ds).abs() <= 1e-5 * dp.abs() + 1e-7,
+            "weight {i}: step {ds} with scaling, {dp} without"
+        );
+    }
+    assert!(plain.iter().zip(&w0).any(|(a, b)| a != b));
+}
+
+#[test]
+fn overflowing_steps_are_skipped_and_the_scale_backs_off() {
+    // 2^120 times a gradient near 1 overflows f16 (and f32 further on).
+    let mut scaler = LossScaler::new().initial_scale(2f32.powi(120));
+    let (w0, w, stepped) = sgd_step(1.0, true, Some(&mut scaler));
+    assert!(!stepped);
+    assert_eq!(w, w0, "a skipped step must not touch the weights");
+    assert_eq!(scaler.scale(), 2f32.powi(119));
+    assert_eq!(scaler.skipped_steps(), 1);
+}
+
+#[test]
+fn the_scale_grows_after_an_interval_of_finite_steps() {
+    let d = device();
+    let w = Tensor::from_slice(d, &random_vec(8, 7, -1.0, 1.0), &[8])
+        .unwrap()
+        .requires_grad(true);
+    let mut opt = Adam::new(vec![w.clone()], 1e-3);
+    let mut scaler = LossScaler::new().initial_scale(8.0).growth_interval(3);
+    for step in 1..=6 {
+        opt.zero_grad();
+        scaler
+            .backward(&w.square().unwrap().sum_all().unwrap())
+            .unwrap();
+        assert!(scaler.step(&mut opt).unwrap());
+        let want = if step >= 6 {
+            32.0
+        } else if step >= 3 {
+            16.0
+        } else {
+            8.0
+        };
+        assert_eq!(scaler.scale(), want, "after step {step}");
+    }
+}
+
+#[test]
+fn scaling_rescues_gradients_that_f16_would_flush_to_zero() {
+    // Gradients below 1e-8 round to zero in f16 (smallest subnormal 6e-8).
+    let (w0, unscaled, _) = sgd_step(1e-8, true, None);
+    assert_eq!(unscaled, w0, "without scaling the f16 gradients vanish");
+    let (_, reference, _) = sgd_step(1e-8, false, None);
+    let mut scaler = LossScaler::new();
+    let (_, rescued, stepped) = sgd_step(1e-8, true, Some(&mut scaler));
+    assert!(stepped);
+    let steps =
+        |w: &[f32]| -> Vec<f64> { w.iter().zip(&w0).map(|(a, b)| f64::from(a - b)).collect() };
+    let (want, got) = (steps(&reference), steps(&rescued));
+    let largest = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(
+        largest > 0.1,
+        "the reference step must be visible: {largest}"
+    );
+    for i in 0..w0.len() {
+        // Both operands rounded to f16 (~3 digits each), sums of 6 terms.
+        assert!(
+            (want[i] - got[i]).abs() <= 5e-3 * largest,
+            "weight {i}: step {} with scaling, {} in f32",
+            got[i],
+            want[i]
+        );
+    }
+}
