@@ -105,15 +105,33 @@ pub(crate) struct Rule {
 /// backward pass.
 pub(crate) fn fused(inputs: &[&Tensor], rule: Rule) -> Result<Tensor> {
     let out = map_used(rule.name, &rule.forward, rule.scalars, inputs)?;
-    let saved: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    // Keep for the backward pass only what some gradient reads (an add keeps
+    // nothing), so activations are not held longer than they must be.
+    let mut reads = vec![false; inputs.len() + 2];
+    for partial in &rule.partials {
+        rename_vars(partial, |i| {
+            if let Some(r) = reads.get_mut(i) {
+                *r = true;
+            }
+            String::new()
+        });
+    }
+    let keep = |read: bool, t: &Tensor| read.then(|| t.detach());
+    let y = keep(reads[1], &out);
+    let saved: Vec<Option<Tensor>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| keep(reads[i + 2], t))
+        .collect();
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
     let needed: Vec<bool> = inputs.iter().map(|t| t.is_requires_grad()).collect();
-    let y = out.detach();
     Ok(record(inputs, out, rule.name, move |g| {
-        let mut vars: Vec<&Tensor> = vec![g, &y];
-        vars.extend(saved.iter());
+        // Variables no gradient reads are never bound; `g` fills their slots.
+        let mut vars: Vec<&Tensor> = vec![g, y.as_ref().unwrap_or(g)];
+        vars.extend(saved.iter().map(|t| t.as_ref().unwrap_or(g)));
         let mut done: Vec<(&str, Tensor)> = Vec::new();
-        let mut grads = Vec::with_capacity(saved.len());
-        for ((partial, input), &need) in rule.partials.iter().zip(&saved).zip(&needed) {
+        let mut grads = Vec::with_capacity(shapes.len());
+        for ((partial, shape), &need) in rule.partials.iter().zip(&shapes).zip(&needed) {
             if !need {
                 grads.push(None);
                 continue;
@@ -127,7 +145,7 @@ pub(crate) fn fused(inputs: &[&Tensor], rule: Rule) -> Result<Tensor> {
                 done.push((partial, t.clone()));
                 t
             };
-            grads.push(Some(sum_to_shape(&full, input.shape())?));
+            grads.push(Some(sum_to_shape(&full, shape)?));
         }
         Ok(grads)
     }))
