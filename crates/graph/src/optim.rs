@@ -340,28 +340,16 @@ impl Optimizer for Sgd {
             momentum: self.momentum,
             weight_decay: self.weight_decay,
         };
-        if self.momentum != 0.0 {
+        // The velocity exists only with momentum.
+        let states = if self.momentum != 0.0 {
             ensure_states(&self.params, &mut [&mut self.velocity])?;
-            let items = update_items(&self.params, &[&self.velocity]);
-            update_grouped(
-                "sgd",
-                SGD_SRC,
-                1,
-                bytemuck::bytes_of(&hyper),
-                grad_scale,
-                &items,
-            )
+            vec![&self.velocity]
         } else {
-            let items = update_items(&self.params, &[]);
-            update_grouped(
-                "sgd",
-                SGD_SRC,
-                0,
-                bytemuck::bytes_of(&hyper),
-                grad_scale,
-                &items,
-            )
-        }
+            Vec::new()
+        };
+        let items = update_items(&self.params, &states);
+        let hyper = bytemuck::bytes_of(&hyper);
+        update_grouped("sgd", SGD_SRC, states.len(), hyper, grad_scale, &items)
     }
 
     fn params(&self) -> &[Tensor] {
