@@ -4,27 +4,10 @@
 //   out = (x - mean) * rstd * gamma + beta,  rstd = 1 / sqrt(var + eps),
 // with the biased variance taken around the mean (two passes: no cancellation).
 // Each row's (mean, rstd) goes to `stats` for the backward pass.
-// With RESIDUAL the normalised value is x + r (a residual sum that is never
-// written out); without it `r` is bound but unused.
+// Params, bindings 0-2 and xv(i) (x, or x + r with RESIDUAL):
+// layer_norm_input.wgsl.
 // Prepended: WG, RESIDUAL.
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_groups: u32,
-    eps: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> r: array<f32>;
-
-fn xv(i: u32) -> f32 {
-    if (RESIDUAL) {
-        return x[i] + r[i];
-    }
-    return x[i];
-}
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
 @group(0) @binding(4) var<storage, read> beta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;

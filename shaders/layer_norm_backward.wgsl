@@ -3,27 +3,10 @@
 //   dx = rstd * (gg - mean(gg) - xhat * mean(gg * xhat))
 // and gxhat = g * xhat per element, which the caller sums over rows for the
 // gradient of gamma (that of beta is the row sum of g).
-// With RESIDUAL the normalised value is x + r (a residual sum that is never
-// written out); without it `r` is bound but unused.
+// Params, bindings 0-2 and xv(i) (x, or x + r with RESIDUAL):
+// layer_norm_input.wgsl.
 // Prepended: WG, RESIDUAL.
 
-struct Params {
-    rows: u32,
-    cols: u32,
-    row_groups: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> r: array<f32>;
-
-fn xv(i: u32) -> f32 {
-    if (RESIDUAL) {
-        return x[i] + r[i];
-    }
-    return x[i];
-}
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
 @group(0) @binding(4) var<storage, read> g: array<f32>;
 @group(0) @binding(5) var<storage, read> stats: array<f32>;

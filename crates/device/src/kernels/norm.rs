@@ -10,6 +10,8 @@ use crate::kernel::Specialize;
 
 const FORWARD_SRC: &str = include_str!("../../../../shaders/layer_norm.wgsl");
 const BACKWARD_SRC: &str = include_str!("../../../../shaders/layer_norm_backward.wgsl");
+/// Parameters, input bindings and the residual sum, shared by both.
+const INPUT_SRC: &str = include_str!("../../../../shaders/layer_norm_input.wgsl");
 const WORKGROUP: u32 = 64;
 
 #[repr(C)]
@@ -132,7 +134,7 @@ impl Device {
         residual: bool,
     ) -> Result<std::sync::Arc<crate::kernel::Kernel>> {
         self.kernel(&format!("{name}:{residual}"), || {
-            Specialize::new(source)
+            Specialize::new(&format!("{INPUT_SRC}\n{source}"))
                 .constant_u32("WG", WORKGROUP)
                 .constant_bool("RESIDUAL", residual)
                 .build()

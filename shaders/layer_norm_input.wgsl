@@ -1,0 +1,23 @@
+// Shared by layer_norm.wgsl and layer_norm_backward.wgsl, which the host
+// (kernels/norm.rs) appends to it: the parameters, and the values being
+// normalised, x or with RESIDUAL x + r (a residual sum that is never written
+// out; without RESIDUAL `r` is bound but unused).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_groups: u32,
+    // Forward only.
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> r: array<f32>;
+
+fn xv(i: u32) -> f32 {
+    if (RESIDUAL) {
+        return x[i] + r[i];
+    }
+    return x[i];
+}
