@@ -110,19 +110,24 @@ struct UpdateItem<'a> {
 /// vec4s of the parameter block).
 const MAX_GROUP: usize = 8;
 
-/// Updates every item with the optimizer rule `rule` (WGSL declaring
-/// `struct Hyper` and `fn update(x, g, s: vec2<f32>) -> Step`), reading and
-/// writing `states` state buffers per tensor, `hyper` being the bytes of its
-/// `Hyper`; gradients are multiplied by `grad_scale` first. Items go in groups as large as the adapter's storage-binding limit
-/// allows, one dispatch per group.
+/// Updates every parameter that has a gradient with the optimizer rule
+/// `rule` (WGSL declaring `struct Hyper` and
+/// `fn update(x, g, s: vec2<f32>) -> Step`), `hyper` being the bytes of its
+/// `Hyper`. Each kind of state in `slots` gives every parameter one buffer,
+/// made on first use and read and written by the rule. Gradients are
+/// multiplied by `grad_scale` first. Tensors go in groups as large as the
+/// adapter's storage-binding limit allows, one dispatch per group.
 fn update_grouped(
     name: &str,
     rule: &'static str,
-    states: usize,
     hyper: &[u8],
     grad_scale: f32,
-    items: &[UpdateItem<'_>],
+    params: &[Tensor],
+    slots: &mut [&mut Vec<Option<GpuBuffer>>],
 ) -> Result<()> {
+    let states = slots.len();
+    ensure_states(params, slots)?;
+    let items = update_items(params, slots);
     let Some(first) = items.first() else {
         return Ok(());
     };
@@ -236,7 +241,7 @@ fn ensure_states(params: &[Tensor], slots: &mut [&mut Vec<Option<GpuBuffer>>]) -
 /// [`ensure_states`]).
 fn update_items<'a>(
     params: &'a [Tensor],
-    slots: &[&'a Vec<Option<GpuBuffer>>],
+    slots: &'a [&mut Vec<Option<GpuBuffer>>],
 ) -> Vec<UpdateItem<'a>> {
     updatable(params)
         .map(|(i, param, grad)| UpdateItem {
@@ -341,15 +346,13 @@ impl Optimizer for Sgd {
             weight_decay: self.weight_decay,
         };
         // The velocity exists only with momentum.
-        let states = if self.momentum != 0.0 {
-            ensure_states(&self.params, &mut [&mut self.velocity])?;
-            vec![&self.velocity]
+        let mut slots = if self.momentum != 0.0 {
+            vec![&mut self.velocity]
         } else {
             Vec::new()
         };
-        let items = update_items(&self.params, &states);
         let hyper = bytemuck::bytes_of(&hyper);
-        update_grouped("sgd", SGD_SRC, states.len(), hyper, grad_scale, &items)
+        update_grouped("sgd", SGD_SRC, hyper, grad_scale, &self.params, &mut slots)
     }
 
     fn params(&self) -> &[Tensor] {
@@ -477,15 +480,13 @@ impl Optimizer for Adam {
             bc1,
             bc2,
         };
-        ensure_states(&self.params, &mut [&mut self.m, &mut self.v])?;
-        let items = update_items(&self.params, &[&self.m, &self.v]);
         update_grouped(
             "adam",
             ADAM_SRC,
-            2,
             bytemuck::bytes_of(&hyper),
             grad_scale,
-            &items,
+            &self.params,
+            &mut [&mut self.m, &mut self.v],
         )
     }
 
@@ -573,19 +574,20 @@ impl Optimizer for RmsProp {
             momentum: self.momentum,
             _pad: [0.0; 3],
         };
-        let bytes = bytemuck::bytes_of(&hyper);
+        // The momentum buffer exists only with momentum.
+        let mut slots = vec![&mut self.square_avg];
         if self.momentum != 0.0 {
-            ensure_states(
-                &self.params,
-                &mut [&mut self.square_avg, &mut self.momentum_buf],
-            )?;
-            let items = update_items(&self.params, &[&self.square_avg, &self.momentum_buf]);
-            update_grouped("rmsprop", RMSPROP_SRC, 2, bytes, grad_scale, &items)
-        } else {
-            ensure_states(&self.params, &mut [&mut self.square_avg])?;
-            let items = update_items(&self.params, &[&self.square_avg]);
-            update_grouped("rmsprop", RMSPROP_SRC, 1, bytes, grad_scale, &items)
+            slots.push(&mut self.momentum_buf);
         }
+        let hyper = bytemuck::bytes_of(&hyper);
+        update_grouped(
+            "rmsprop",
+            RMSPROP_SRC,
+            hyper,
+            grad_scale,
+            &self.params,
+            &mut slots,
+        )
     }
 
     fn state(&self) -> Result<OptimizerState> {
