@@ -97,7 +97,7 @@ pub fn finetune(
     all_params.extend(model.head_parameters());
     let mut step = 0;
     let mut epochs = Vec::new();
-    // Without mixed precision the scale stays 1 and no step is skipped.
+    // Only with mixed precision: scaled backward, overflow-checked steps.
     let mut scaler = options.mixed_precision.then(LossScaler::new);
     for epoch in 1..=options.epochs {
         let order = shuffled_indices(texts.len(), options.seed + epoch as u64);
