@@ -210,6 +210,79 @@ fn f16_operands_match_reference_for_every_tiling_and_load_path() {
     }
 }
 
+/// f16 operands multiplied in f16 ([`HalfLoads::NativeArithmetic`]): within
+/// four-term f16 rounding of the f64 product on every register tiling and
+/// layout, and provably f16 inside: with every entry 1 + 2^-10 each product
+/// rounds to 1 + 2^-9 in f16 (f32 keeps the 2^-20 term), and 1024 four-term
+/// dots summed in f32 reach 4104 exactly (an f16 sum would stall near 4096).
+#[test]
+fn f16_arithmetic_matches_rounded_reference_and_multiplies_in_f16() {
+    let d = device();
+    let half_math = HalfLoads::NativeArithmetic;
+    if !d
+        .features()
+        .contains(kiln::device::wgpu::Features::SHADER_F16)
+    {
+        // Where the adapter cannot, asking must fail clearly.
+        assert!(d.set_half_arithmetic(true).is_err());
+        let x = d
+            .cast(&d.upload(&[1.0f32; 16]).unwrap(), DType::F16)
+            .unwrap();
+        let spec = Matmul::new(4, 4, 4);
+        assert!(d
+            .matmul_variant(&x, &x, &spec, Tuning::CPU.matmul, half_math)
+            .is_err());
+        return;
+    }
+    for tiling in tilings() {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let spec = Matmul::new(36, 20, 44).transpose_a(ta).transpose_b(tb);
+            let d = device();
+            let a = random_vec(spec.m * spec.k, 41, -2.0, 2.0);
+            let b = random_vec(spec.k * spec.n, 42, -2.0, 2.0);
+            let a: Vec<f32> = a.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+            let b: Vec<f32> = b.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+            let ga = d.cast(&d.upload(&a).unwrap(), DType::F16).unwrap();
+            let gb = d.cast(&d.upload(&b).unwrap(), DType::F16).unwrap();
+            let gc = d
+                .matmul_variant(&ga, &gb, &spec, tiling, half_math)
+                .unwrap();
+            let got = d.read::<f32>(&gc).unwrap();
+            let (want, scale) = matmul_reference(&a, &b, &spec);
+            // Four products and three sums rounded to f16 (2^-11 each) per dot.
+            let what = format!("{tiling} f16 arithmetic {spec:?}");
+            assert_close_scaled(&what, &got, &want, &scale, 4e-3);
+        }
+    }
+    let x = 1.0 + 2f32.powi(-10);
+    let ones = d
+        .cast(&d.upload(&vec![x; 4 * 4096]).unwrap(), DType::F16)
+        .unwrap();
+    let f32_ones = d.upload(&[x; 16]).unwrap();
+    let tiling = d.tuning().matmul;
+    for (ta, tb) in [(false, false), (true, true)] {
+        let dot = Matmul::new(4, 4, 4).transpose_a(ta).transpose_b(tb);
+        let product = |a, b, half| {
+            let c = d.matmul_variant(a, b, &dot, tiling, half).unwrap();
+            d.read::<f32>(&c).unwrap()
+        };
+        // 4 (1 + 2^-10)^2 = 4 + 2^-7 + 2^-18: f16 products drop the 2^-18.
+        let in_f32 = 4.0 + 2f32.powi(-7) + 2f32.powi(-18);
+        assert_eq!(
+            product(&ones, &ones, half_math),
+            vec![4.0 + 2f32.powi(-7); 16]
+        );
+        assert_eq!(product(&ones, &ones, HalfLoads::Native), vec![in_f32; 16]);
+        // Operands that are not both f16 keep f32 arithmetic.
+        assert_eq!(product(&ones, &f32_ones, half_math), vec![in_f32; 16]);
+        let long = Matmul::new(4, 4, 4096).transpose_a(ta).transpose_b(tb);
+        let c = d
+            .matmul_variant(&ones, &ones, &long, tiling, half_math)
+            .unwrap();
+        assert_eq!(d.read::<f32>(&c).unwrap(), vec![4104.0; 16], "{long:?}");
+    }
+}
+
 #[test]
 fn matmul_with_empty_inner_dimension_is_zero() {
     let d = device();

@@ -76,6 +76,8 @@ pub struct DeviceShared {
     param_arena: wgpu::Buffer,
     param_align: u64,
     tuning: Mutex<Tuning>,
+    /// f16 products multiply in f16 (see [`Device::set_half_arithmetic`]).
+    half_arithmetic: AtomicBool,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
 }
@@ -183,6 +185,7 @@ impl Device {
                 param_arena,
                 param_align,
                 tuning: Mutex::new(tuning),
+                half_arithmetic: AtomicBool::new(false),
                 profile: Mutex::new(None),
             }),
         };
@@ -235,6 +238,39 @@ impl Device {
 
     pub fn set_tuning(&self, tuning: Tuning) {
         *lock(&self.shared.tuning) = tuning;
+    }
+
+    /// Makes matrix products of two f16 operands (mixed precision's) multiply
+    /// in f16 as well as read it, four-term dots summed in f32 (see
+    /// [`HalfLoads::NativeArithmetic`](crate::HalfLoads::NativeArithmetic)):
+    /// faster on GPUs with packed half math, at the cost of f16 rounding in
+    /// every product. Off by default. Fails on adapters without SHADER_F16.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// let device = kiln_device::Device::new()?;
+    /// if device.set_half_arithmetic(true).is_err() {
+    ///     println!("no f16 arithmetic here; f16 products stay f32 inside");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn set_half_arithmetic(&self, on: bool) -> Result<()> {
+        if on && !self.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(DeviceError::Shape {
+                op: "set_half_arithmetic",
+                message: format!(
+                    "{} has no SHADER_F16; f16 operands are still read, products stay f32",
+                    self.adapter_info().name
+                ),
+            });
+        }
+        self.shared.half_arithmetic.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`Device::set_half_arithmetic`] is on.
+    pub fn half_arithmetic(&self) -> bool {
+        self.shared.half_arithmetic.load(Ordering::Relaxed)
     }
 
     pub fn pool_stats(&self) -> PoolStats {

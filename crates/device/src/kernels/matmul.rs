@@ -115,12 +115,15 @@ impl Device {
     }
 
     /// How kernels on this device read f16 storage: natively where the
-    /// adapter has SHADER_F16, else unpacked from 32-bit words.
+    /// adapter has SHADER_F16 (multiplying in f16 too after
+    /// [`Device::set_half_arithmetic`]), else unpacked from 32-bit words.
     pub fn half_loads(&self) -> HalfLoads {
-        if self.features().contains(wgpu::Features::SHADER_F16) {
-            HalfLoads::Native
-        } else {
+        if !self.features().contains(wgpu::Features::SHADER_F16) {
             HalfLoads::Packed
+        } else if self.half_arithmetic() {
+            HalfLoads::NativeArithmetic
+        } else {
+            HalfLoads::Native
         }
     }
 
@@ -134,12 +137,13 @@ impl Device {
         tiling: MatmulTiling,
         half: HalfLoads,
     ) -> Result<GpuBuffer> {
-        if half == HalfLoads::Native && !self.features().contains(wgpu::Features::SHADER_F16) {
+        if half != HalfLoads::Packed && !self.features().contains(wgpu::Features::SHADER_F16) {
             return Err(DeviceError::Shape {
                 op: "matmul",
-                message: "native f16 loads need an adapter with SHADER_F16".into(),
+                message: format!("{half:?} f16 loads need an adapter with SHADER_F16"),
             });
         }
+        let (tiling, half) = half_arithmetic_route(a, b, spec, tiling, half);
         let tiling = self.prepare_matmul(a, b, spec, tiling)?;
         let Matmul { batch, m, n, k, .. } = *spec;
         if k == 0 {
@@ -169,7 +173,9 @@ impl Device {
         entries: std::ops::Range<usize>,
     ) -> Result<()> {
         const OP: &str = "matmul_entries_into";
-        let tiling = self.prepare_matmul(a, b, spec, self.tuning().matmul)?;
+        let (tiling, half) =
+            half_arithmetic_route(a, b, spec, self.tuning().matmul, self.half_loads());
+        let tiling = self.prepare_matmul(a, b, spec, tiling)?;
         expect_f32(OP, "C", out)?;
         expect_len(OP, "C", out, spec.batch * spec.m * spec.n)?;
         if entries.end > spec.batch || spec.k == 0 {
@@ -181,7 +187,7 @@ impl Device {
                 ),
             });
         }
-        self.dispatch_matmul(a, b, out, spec, (tiling, self.half_loads()), entries)
+        self.dispatch_matmul(a, b, out, spec, (tiling, half), entries)
     }
 
     /// Checks the operands against `spec` and adapts `tiling` to its shape.
@@ -325,6 +331,31 @@ impl Device {
     }
 }
 
+/// Where f16 arithmetic applies (both operands f16, vec4 loads), the register
+/// tiling it runs on; elsewhere [`HalfLoads::NativeArithmetic`] reads as
+/// [`HalfLoads::Native`].
+fn half_arithmetic_route(
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    spec: &Matmul,
+    tiling: MatmulTiling,
+    half: HalfLoads,
+) -> (MatmulTiling, HalfLoads) {
+    if half != HalfLoads::NativeArithmetic {
+        return (tiling, half);
+    }
+    let register = match tiling {
+        MatmulTiling::Register { .. } => tiling,
+        _ => MatmulTiling::SUBGROUP_FALLBACK,
+    };
+    let both_half = a.dtype() == DType::F16 && b.dtype() == DType::F16;
+    if both_half && vec4_loads_fit(spec, register) {
+        (register, half)
+    } else {
+        (tiling, HalfLoads::Native)
+    }
+}
+
 /// True when the register kernel may read both operands as `vec4`s: k and the
 /// extents read along their contiguous axis are multiples of 4, and so are the
 /// batch strides (so every vec4 is aligned).
@@ -355,6 +386,14 @@ pub enum HalfLoads {
     /// As 32-bit words holding two halves, through `unpack2x16float`: core
     /// WGSL, so any adapter.
     Packed,
+    /// As WGSL `f16`, multiplying in f16 too: each product of four k steps is
+    /// a `dot` of two `vec4<f16>` (packed half math on GPUs, twice the f32
+    /// rate on many), and those partial dots are summed in f32, so rounding
+    /// stays that of four-term f16 sums however long k is. Needs SHADER_F16.
+    /// Only products whose operands are both f16 and whose shape takes vec4
+    /// loads (see [`Matmul`]) run it, on register tiles; others run as
+    /// [`HalfLoads::Native`].
+    NativeArithmetic,
 }
 
 /// The storage types of a kernel's operands and how it loads them.
@@ -369,7 +408,12 @@ struct Operands {
 
 impl Operands {
     fn native_half(&self) -> bool {
-        self.half == HalfLoads::Native && (self.a == DType::F16 || self.b == DType::F16)
+        self.half != HalfLoads::Packed && (self.a == DType::F16 || self.b == DType::F16)
+    }
+
+    /// Products in f16 (only routed here with both operands f16 and vec4 loads).
+    fn half_arithmetic(&self) -> bool {
+        self.half == HalfLoads::NativeArithmetic
     }
 }
 
@@ -385,8 +429,9 @@ fn expect_float(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
 /// element `i` (or the `i`-th group of four, for vec4 loads) as f32.
 fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> String {
     let (element, body) = match (dtype, ops.vec4, ops.half) {
-        (DType::F16, false, HalfLoads::Native) => ("f16", format!("f32({name}[i])")),
-        (DType::F16, true, HalfLoads::Native) => ("vec4<f16>", format!("vec4<f32>({name}[i])")),
+        (DType::F16, true, HalfLoads::NativeArithmetic) => ("vec4<f16>", format!("{name}[i]")),
+        (DType::F16, false, _) if ops.native_half() => ("f16", format!("f32({name}[i])")),
+        (DType::F16, true, _) if ops.native_half() => ("vec4<f16>", format!("vec4<f32>({name}[i])")),
         (DType::F16, false, HalfLoads::Packed) => (
             "u32",
             format!("select(unpack2x16float({name}[i >> 1u]).x, unpack2x16float({name}[i >> 1u]).y, (i & 1u) == 1u)"),
@@ -398,7 +443,11 @@ fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> Str
         (_, false, _) => ("f32", format!("{name}[i]")),
         (_, true, _) => ("vec4<f32>", format!("{name}[i]")),
     };
-    let value = if ops.vec4 { "vec4<f32>" } else { "f32" };
+    let value = match (ops.vec4, ops.half_arithmetic()) {
+        (true, true) => "vec4<f16>",
+        (true, false) => "vec4<f32>",
+        _ => "f32",
+    };
     format!(
         "@group(0) @binding({binding}) var<storage, read> {name}: array<{element}>;\n\
          fn load_{name}(i: u32) -> {value} {{\n    return {body};\n}}\n"
@@ -410,10 +459,15 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands)
     let spec = match tiling {
         MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
             let (source, offsets, step) = if vec4 {
+                let step = if ops.half_arithmetic() {
+                    vec4_half_step(tm, tn, trans_a, trans_b)
+                } else {
+                    vec4_step(tm, tn, trans_a, trans_b)
+                };
                 (
                     REGISTER_VEC4_SRC,
                     vec4_offsets(tm, tn, trans_a, trans_b),
-                    vec4_step(tm, tn, trans_a, trans_b),
+                    step,
                 )
             } else {
                 (
@@ -557,6 +611,53 @@ fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
                     "        acc_{i}_{j} = fma({a_val}, {b_val}, acc_{i}_{j});"
                 );
             }
+        }
+    }
+    s
+}
+
+/// Four k steps in f16 arithmetic: the same loads as [`vec4_step`] (as
+/// `vec4<f16>`), then per output one four-term f16 `dot` added to the f32
+/// accumulator. Operands loaded along m or n are regathered into vectors
+/// along k first.
+fn vec4_half_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_a_loads(tm, trans_a);
+    if trans_b {
+        for j in 0..tn {
+            let _ = writeln!(s, "        let b_{j} = load_b(b_off_{j} + kq);");
+        }
+    } else {
+        for t in 0..4 {
+            for q in 0..tn / 4 {
+                let _ = writeln!(
+                    s,
+                    "        let b_{t}_{q} = load_b(b_off_{q} + (4u * kq + {t}u) * n4);"
+                );
+            }
+        }
+    }
+    let along_k = |parts: [String; 4]| format!("vec4<f16>({})", parts.join(", "));
+    for i in 0..tm {
+        let a_row = if trans_a {
+            along_k(std::array::from_fn(|t| vec4_a_value(i, t, true)))
+        } else {
+            format!("a_{i}")
+        };
+        let _ = writeln!(s, "        let ak_{i} = {a_row};");
+    }
+    for j in 0..tn {
+        let b_col = if trans_b {
+            format!("b_{j}")
+        } else {
+            along_k(std::array::from_fn(|t| {
+                format!("b_{t}_{}.{}", j / 4, LANES[(j % 4) as usize])
+            }))
+        };
+        let _ = writeln!(s, "        let bk_{j} = {b_col};");
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "        acc_{i}_{j} += f32(dot(ak_{i}, bk_{j}));");
         }
     }
     s
