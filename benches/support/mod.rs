@@ -2,8 +2,9 @@
 //! in the same run as ours, so ratios compare like with like on this machine
 //! at this moment; the one results table and its JSON; the per-kernel profile.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 /// One line of the results table.
@@ -181,51 +182,155 @@ fn interpreters() -> Vec<String> {
     }
 }
 
-/// Runs `script` with `args` under the first interpreter that can import
-/// `module`, and returns its stdout lines. The error says how to install the
-/// module when none can.
-pub fn run_python(module: &str, script: &str, args: &[String]) -> Result<Vec<String>, String> {
+/// The first interpreter that can import `module`; the error says how to
+/// install the module when none can.
+fn interpreter_with(module: &str) -> Result<String, String> {
     let mut last_error = String::from("no Python interpreter found");
     for python in interpreters() {
-        let probe = Command::new(&python)
+        match Command::new(&python)
             .args(["-c", &format!("import {module}")])
-            .output();
-        match probe {
-            Ok(out) if out.status.success() => {}
+            .output()
+        {
+            Ok(out) if out.status.success() => return Ok(python),
             Ok(out) => {
                 let err = String::from_utf8_lossy(&out.stderr);
                 last_error = format!("{python}: {}", err.lines().last().unwrap_or(""));
-                continue;
             }
-            Err(e) => {
-                last_error = format!("{python} not runnable: {e}");
-                continue;
-            }
+            Err(e) => last_error = format!("{python} not runnable: {e}"),
         }
-        let out = Command::new(&python)
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .output()
-            .map_err(|e| format!("{python} not runnable: {e}"))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!(
-                "{python} failed: {}",
-                err.lines().last().unwrap_or("")
-            ));
-        }
-        return Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect());
     }
     let hint = match module {
         "torch" => "`apt-get install python3-torch` or `pip install torch` to compare",
         _ => "`pip install numpy` to compare",
     };
     Err(format!("{module} not available ({last_error}); {hint}"))
+}
+
+/// A reference implementation kept running in a Python process beside Kiln,
+/// measuring on request. Workloads alternate windows (Kiln, reference, Kiln,
+/// ...) so both sides see the same machine: on a shared VM the speed of
+/// either drifts by 2x over a minute, which sequential runs turn into noise
+/// in the ratio.
+pub struct Reference {
+    child: Child,
+    requests: ChildStdin,
+    replies: BufReader<ChildStdout>,
+}
+
+impl Reference {
+    /// Starts `script` under the first interpreter that can import `module`.
+    /// The script sets its model up and defines `measure(request: str) ->
+    /// float`; each [`Reference::measure`] call runs it once.
+    pub fn start(module: &str, script: &str) -> Result<Self, String> {
+        let python = interpreter_with(module)?;
+        let program = format!(
+            "{script}\nimport sys\nfor _request in sys.stdin:\n    print(measure(_request.strip()), flush=True)\n"
+        );
+        let mut child = Command::new(&python)
+            .arg("-c")
+            .arg(program)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{python} not runnable: {e}"))?;
+        let requests = child.stdin.take().expect("piped stdin");
+        let replies = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Ok(Self {
+            child,
+            requests,
+            replies,
+        })
+    }
+
+    /// Runs `measure(request)` in the reference process and returns its figure.
+    pub fn measure(&mut self, request: &str) -> Result<f64, String> {
+        let mut line = String::new();
+        let sent = writeln!(self.requests, "{request}").and_then(|_| self.requests.flush());
+        let read = sent.and_then(|_| self.replies.read_line(&mut line));
+        match read {
+            Ok(n) if n > 0 => line
+                .trim()
+                .parse()
+                .map_err(|e| format!("unreadable reply {line:?}: {e}")),
+            _ => Err(self.failure()),
+        }
+    }
+
+    /// The last line the reference process wrote to stderr, once it has died.
+    fn failure(&mut self) -> String {
+        let _ = self.child.wait();
+        let mut err = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut err);
+        }
+        format!(
+            "reference process failed: {}",
+            err.lines().last().unwrap_or("no message")
+        )
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The best of `windows` alternating measurements: Kiln's (`kiln` returns a
+/// figure where higher is better, with whatever it wants to keep alongside)
+/// and, when there is one, the reference's for `request`.
+pub fn alternate<T>(
+    windows: usize,
+    mut kiln: impl FnMut() -> anyhow::Result<(f64, T)>,
+    reference: &mut Result<Reference, String>,
+    request: &str,
+) -> anyhow::Result<((f64, T), Result<f64, String>)> {
+    let mut best_kiln: Option<(f64, T)> = None;
+    let mut best_reference: Result<f64, String> = Err("no window measured".into());
+    for _ in 0..windows {
+        let (value, extra) = kiln()?;
+        if best_kiln.as_ref().is_none_or(|(b, _)| value > *b) {
+            best_kiln = Some((value, extra));
+        }
+        best_reference = match reference.as_mut() {
+            Err(why) => Err(why.clone()),
+            Ok(r) => match (r.measure(request), best_reference) {
+                (Ok(v), Ok(b)) => Ok(v.max(b)),
+                (Ok(v), Err(_)) => Ok(v),
+                (Err(why), _) => {
+                    *reference = Err(why.clone());
+                    Err(why)
+                }
+            },
+        };
+    }
+    Ok((best_kiln.expect("at least one window"), best_reference))
+}
+
+/// Runs `script` with `args` under the first interpreter that can import
+/// `module`, and returns its stdout lines.
+pub fn run_python(module: &str, script: &str, args: &[String]) -> Result<Vec<String>, String> {
+    let python = interpreter_with(module)?;
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{python} not runnable: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "{python} failed: {}",
+            err.lines().last().unwrap_or("")
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 /// Parses one number per line.

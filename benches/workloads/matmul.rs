@@ -11,35 +11,40 @@ use std::time::{Duration, Instant};
 const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
-    let numpy = numpy_sgemm_gflops(&SIZES);
+    let mut numpy = support::Reference::start("numpy", NUMPY_SGEMM);
     let tiling = device.tuning().matmul;
     let mut rows = Vec::new();
-    for (i, &n) in SIZES.iter().enumerate() {
-        let gflops = matmul_gflops(device, tiling, n, DType::F32)?;
+    // One figure per size, each Kiln window followed by numpy's at the same size.
+    let mut measure = |name: String, tiling: MatmulTiling, n: usize, dtype: DType| {
+        let ((gflops, ()), reference) = support::alternate(
+            WINDOWS,
+            || Ok((matmul_gflops(device, tiling, n, dtype)?, ())),
+            &mut numpy,
+            &n.to_string(),
+        )?;
         rows.push(
-            Row::new(format!("matmul f32 N={n} ({tiling})"), "GFLOP/s", gflops)
-                .against("numpy sgemm", numpy.as_ref().map(|r| r[i])),
+            Row::new(name, "GFLOP/s", gflops).against("numpy sgemm", reference.as_ref().copied()),
         );
+        anyhow::Ok(())
+    };
+    for n in SIZES {
+        measure(
+            format!("matmul f32 N={n} ({tiling})"),
+            tiling,
+            n,
+            DType::F32,
+        )?;
     }
     // f16 storage, f32 arithmetic: what mixed precision's products run.
-    for (i, &n) in SIZES
-        .iter()
-        .enumerate()
-        .filter(|(_, &n)| n == 1024 || n == 4096)
-    {
-        let gflops = matmul_gflops(device, tiling, n, DType::F16)?;
-        rows.push(
-            Row::new(
-                format!("matmul f16 operands N={n} ({tiling})"),
-                "GFLOP/s",
-                gflops,
-            )
-            .against("numpy sgemm", numpy.as_ref().map(|r| r[i])),
-        );
+    for n in [1024, 4096] {
+        measure(
+            format!("matmul f16 operands N={n} ({tiling})"),
+            tiling,
+            n,
+            DType::F16,
+        )?;
     }
     if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
-        let n = 1024;
-        let reference = numpy.as_ref().map(|r| r[2]);
         for s in [
             "subgroup:4:8:64",
             "subgroup:8:8:64",
@@ -54,16 +59,15 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
                 .validate(device.limits(), device.features(), device.adapter_info())
                 .is_ok();
             if t != tiling && valid {
-                let gflops = matmul_gflops(device, t, n, DType::F32)?;
-                rows.push(
-                    Row::new(format!("matmul f32 N={n} ({t})"), "GFLOP/s", gflops)
-                        .against("numpy sgemm", reference),
-                );
+                measure(format!("matmul f32 N=1024 ({t})"), t, 1024, DType::F32)?;
             }
         }
     }
     Ok(rows)
 }
+
+/// Alternating windows per figure (each at least two seconds of Kiln's).
+const WINDOWS: usize = 2;
 
 /// Runs `f` until at least `min_time` has passed (after one warm-up call) and
 /// returns seconds per call.
@@ -131,12 +135,12 @@ pub fn dispatch(device: &Device) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
-/// numpy's float32 matmul throughput for each size, measured now on this machine.
-fn numpy_sgemm_gflops(sizes: &[usize]) -> Result<Vec<f64>, String> {
-    let script = r#"
-import sys, time
+/// numpy's float32 matmul throughput at the size requested, over a second.
+const NUMPY_SGEMM: &str = r#"
+import time
 import numpy as np
-for n in map(int, sys.argv[1:]):
+def measure(n):
+    n = int(n)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -145,8 +149,5 @@ for n in map(int, sys.argv[1:]):
     while reps == 0 or time.perf_counter() - start < 1.0:
         a @ b
         reps += 1
-    print(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 "#;
-    let args: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
-    support::numbers(support::run_python("numpy", script, &args)?)
-}
