@@ -580,8 +580,8 @@ fn vec4_a_offsets(tm: u32, trans_a: bool) -> String {
     s
 }
 
-/// Four k steps: vec4 loads, then 4 * TM * TN multiply-adds on their lanes.
-fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+/// The vec4 loads of A and B for four k steps.
+fn vec4_loads(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
     let mut s = vec4_a_loads(tm, trans_a);
     if trans_b {
         for j in 0..tn {
@@ -597,6 +597,12 @@ fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
             }
         }
     }
+    s
+}
+
+/// Four k steps: vec4 loads, then 4 * TM * TN multiply-adds on their lanes.
+fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
+    let mut s = vec4_loads(tm, tn, trans_a, trans_b);
     for (t, lane_t) in LANES.iter().enumerate() {
         for i in 0..tm {
             let a_val = vec4_a_value(i, t, trans_a);
@@ -621,21 +627,7 @@ fn vec4_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
 /// accumulator. Operands loaded along m or n are regathered into vectors
 /// along k first.
 fn vec4_half_step(tm: u32, tn: u32, trans_a: bool, trans_b: bool) -> String {
-    let mut s = vec4_a_loads(tm, trans_a);
-    if trans_b {
-        for j in 0..tn {
-            let _ = writeln!(s, "        let b_{j} = load_b(b_off_{j} + kq);");
-        }
-    } else {
-        for t in 0..4 {
-            for q in 0..tn / 4 {
-                let _ = writeln!(
-                    s,
-                    "        let b_{t}_{q} = load_b(b_off_{q} + (4u * kq + {t}u) * n4);"
-                );
-            }
-        }
-    }
+    let mut s = vec4_loads(tm, tn, trans_a, trans_b);
     let along_k = |parts: [String; 4]| format!("vec4<f16>({})", parts.join(", "));
     for i in 0..tm {
         let a_row = if trans_a {
