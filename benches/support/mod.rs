@@ -288,24 +288,28 @@ pub fn alternate<T>(
     request: &str,
 ) -> anyhow::Result<((f64, T), Result<f64, String>)> {
     let mut best_kiln: Option<(f64, T)> = None;
-    let mut best_reference: Result<f64, String> = Err("no window measured".into());
+    let mut best_reference: Option<f64> = None;
     for _ in 0..windows {
         let (value, extra) = kiln()?;
         if best_kiln.as_ref().is_none_or(|(b, _)| value > *b) {
             best_kiln = Some((value, extra));
         }
-        best_reference = match reference.as_mut() {
-            Err(why) => Err(why.clone()),
-            Ok(r) => match (r.measure(request), best_reference) {
-                (Ok(v), Ok(b)) => Ok(v.max(b)),
-                (Ok(v), Err(_)) => Ok(v),
-                (Err(why), _) => {
-                    *reference = Err(why.clone());
-                    Err(why)
+        if let Ok(r) = reference.as_mut() {
+            match r.measure(request) {
+                Ok(v) => best_reference = Some(best_reference.map_or(v, |b| b.max(v))),
+                // A reference that failed once reports its failure, not earlier figures.
+                Err(why) => {
+                    *reference = Err(why);
+                    best_reference = None;
                 }
-            },
-        };
+            }
+        }
     }
+    let best_reference = match (best_reference, reference) {
+        (Some(v), _) => Ok(v),
+        (None, Err(why)) => Err(why.clone()),
+        (None, Ok(_)) => Err("no window measured".into()),
+    };
     Ok((best_kiln.expect("at least one window"), best_reference))
 }
 

@@ -137,14 +137,7 @@ impl Device {
         tiling: MatmulTiling,
         half: HalfLoads,
     ) -> Result<GpuBuffer> {
-        if half != HalfLoads::Packed && !self.features().contains(wgpu::Features::SHADER_F16) {
-            return Err(DeviceError::Shape {
-                op: "matmul",
-                message: format!("{half:?} f16 loads need an adapter with SHADER_F16"),
-            });
-        }
-        let (tiling, half) = half_arithmetic_route(a, b, spec, tiling, half);
-        let tiling = self.prepare_matmul(a, b, spec, tiling)?;
+        let (tiling, half) = self.prepare_matmul(a, b, spec, tiling, half)?;
         let Matmul { batch, m, n, k, .. } = *spec;
         if k == 0 {
             // An empty sum: C is all zeros.
@@ -174,8 +167,7 @@ impl Device {
     ) -> Result<()> {
         const OP: &str = "matmul_entries_into";
         let (tiling, half) =
-            half_arithmetic_route(a, b, spec, self.tuning().matmul, self.half_loads());
-        let tiling = self.prepare_matmul(a, b, spec, tiling)?;
+            self.prepare_matmul(a, b, spec, self.tuning().matmul, self.half_loads())?;
         expect_f32(OP, "C", out)?;
         expect_len(OP, "C", out, spec.batch * spec.m * spec.n)?;
         if entries.end > spec.batch || spec.k == 0 {
@@ -190,15 +182,24 @@ impl Device {
         self.dispatch_matmul(a, b, out, spec, (tiling, half), entries)
     }
 
-    /// Checks the operands against `spec` and adapts `tiling` to its shape.
+    /// Checks the operands against `spec`, and adapts `tiling` and `half` to
+    /// the shape and operand types.
     fn prepare_matmul(
         &self,
         a: &GpuBuffer,
         b: &GpuBuffer,
         spec: &Matmul,
         tiling: MatmulTiling,
-    ) -> Result<MatmulTiling> {
+        half: HalfLoads,
+    ) -> Result<(MatmulTiling, HalfLoads)> {
         const OP: &str = "matmul";
+        if half != HalfLoads::Packed && !self.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!("{half:?} f16 loads need an adapter with SHADER_F16"),
+            });
+        }
+        let (tiling, half) = half_arithmetic_route(a, b, spec, tiling, half);
         expect_float(OP, "A", a)?;
         expect_float(OP, "B", b)?;
         let Matmul { batch, m, k, .. } = *spec;
@@ -209,7 +210,7 @@ impl Device {
         tiling
             .validate(self.limits(), self.features(), self.adapter_info())
             .map_err(|message| DeviceError::Shape { op: OP, message })?;
-        Ok(match tiling {
+        let tiling = match tiling {
             MatmulTiling::Subgroup { tm, .. } if !vec4_fits(spec, tm, 4) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
@@ -223,7 +224,8 @@ impl Device {
                 }
             }
             t => t,
-        })
+        };
+        Ok((tiling, half))
     }
 
     /// Dispatches the kernel for batch entries `entries`, writing into `out`.
