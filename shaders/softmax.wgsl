@@ -7,7 +7,12 @@
 // With ROW_PER_THREAD each invocation instead walks one whole row alone: no
 // shared memory or barriers, which CPU adapters pay dearly for, and enough
 // parallelism when there are many short rows (attention scores).
-// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD.
+// With CROSS_ENTROPY the kernel is a classifier's whole loss in one pass:
+// row r's loss -log softmax(z)[label] goes to row_loss[r] and the gradient
+// softmax(z) - onehot(label) to out, both times loss_scale (the mean's 1/count).
+// A label >= cols marks an ignored row: zero loss and gradient. Without
+// CROSS_ENTROPY `labels` and `row_loss` are unused.
+// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY.
 
 struct Params {
     rows: u32,
@@ -15,7 +20,7 @@ struct Params {
     row_groups: u32,
     rows_per_bias: u32,
     scale: f32,
-    _pad0: u32,
+    loss_scale: f32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -24,6 +29,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> labels: array<u32>;
+@group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 
 fn z(base: u32, bias_base: u32, c: u32) -> f32 {
     var v = p.scale * x[base + c];
@@ -59,6 +66,38 @@ fn reduce_sum(lid: u32) -> f32 {
     return r;
 }
 
+// The output pass over columns first, first + step, ... of a row whose max is
+// `m` and whose sum of exp(z - m) is `s`; `lead` also writes the row's loss.
+fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
+    let base = row * p.cols;
+    let bias_base = (row / p.rows_per_bias) * p.cols;
+    let log_s = log(s);
+    let inv_s = 1.0 / s;
+    var label = 0u;
+    var weight = 0.0;
+    if (CROSS_ENTROPY) {
+        label = labels[row];
+        weight = select(0.0, p.loss_scale, label < p.cols);
+    }
+    for (var c = first; c < p.cols; c += step) {
+        let shifted = z(base, bias_base, c) - m;
+        if (CROSS_ENTROPY) {
+            out[base + c] = (exp(shifted) * inv_s - select(0.0, 1.0, c == label)) * weight;
+        } else if (LOG) {
+            out[base + c] = shifted - log_s;
+        } else {
+            out[base + c] = exp(shifted) * inv_s;
+        }
+    }
+    if (CROSS_ENTROPY && lead) {
+        var picked = log_s;
+        if (label < p.cols) {
+            picked = z(base, bias_base, label) - m;
+        }
+        row_loss[row] = (log_s - picked) * weight;
+    }
+}
+
 fn softmax_row(row: u32) {
     let base = row * p.cols;
     let bias_base = (row / p.rows_per_bias) * p.cols;
@@ -70,16 +109,7 @@ fn softmax_row(row: u32) {
     for (var c = 0u; c < p.cols; c++) {
         s += exp(z(base, bias_base, c) - m);
     }
-    let log_s = log(s);
-    let inv_s = 1.0 / s;
-    for (var c = 0u; c < p.cols; c++) {
-        let shifted = z(base, bias_base, c) - m;
-        if (LOG) {
-            out[base + c] = shifted - log_s;
-        } else {
-            out[base + c] = exp(shifted) * inv_s;
-        }
-    }
+    finish_row(row, m, s, 0u, 1u, true);
 }
 
 @compute @workgroup_size(WG)
@@ -114,14 +144,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     s = reduce_sum(lid);
 
-    let log_s = log(s);
-    let inv_s = 1.0 / s;
-    for (var c = lid; c < p.cols; c += WG) {
-        let shifted = z(base, bias_base, c) - m;
-        if (LOG) {
-            out[base + c] = shifted - log_s;
-        } else {
-            out[base + c] = exp(shifted) * inv_s;
-        }
-    }
+    finish_row(row, m, s, lid, WG, lid == 0u);
 }

@@ -845,6 +845,34 @@ fn loss_variants() {
             vec![-lp[2] - lp[6]]
         },
     );
+    // Per-sample losses (ignored rows give 0), and a mean over counted rows.
+    let labels = [2u32, 9, 0, 9, 1];
+    let per_row = |x: &[Vec<f64>]| -> Vec<f64> {
+        let lp = cpu_log_softmax(&x[0], 3);
+        labels
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| if l == 9 { 0.0 } else { -lp[i * 3 + l as usize] })
+            .collect()
+    };
+    for reduction in [loss::Reduction::None, loss::Reduction::Mean] {
+        let options = loss::CrossEntropy {
+            reduction,
+            ignore_index: Some(9),
+        };
+        grad_check(
+            &format!("cross_entropy {reduction:?}, ignore 9"),
+            &[input(&[5, 3], 84, -3.0, 3.0)],
+            |t| loss::cross_entropy_with(&t[0], &labels, options),
+            &|x: &[Vec<f64>]| {
+                let rows = per_row(x);
+                match reduction {
+                    loss::Reduction::None => rows,
+                    _ => vec![rows.iter().sum::<f64>() / 3.0],
+                }
+            },
+        );
+    }
     let probs = [0.1f32, 0.7, 0.2, 0.5, 0.25, 0.25];
     grad_check(
         "categorical cross entropy",

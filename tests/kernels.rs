@@ -678,6 +678,73 @@ fn softmax_and_log_softmax_match_reference() {
 }
 
 #[test]
+fn softmax_cross_entropy_matches_reference() {
+    let d = device();
+    // Short rows run one invocation per row, long ones a workgroup per row.
+    for (rows, cols) in [(1, 1), (7, 10), (33, 65), (5, 1000)] {
+        let x = random_vec(rows * cols, (rows + cols) as u64, -30.0, 30.0);
+        // Every third row ignored (an id past the classes).
+        let labels: Vec<u32> = (0..rows)
+            .map(|r| {
+                if r % 3 == 2 {
+                    u32::MAX
+                } else {
+                    ((r * 7) % cols) as u32
+                }
+            })
+            .collect();
+        let scale = 0.25f32;
+        let (mut want_loss, mut want_grad) = (Vec::new(), Vec::new());
+        for (r, &label) in labels.iter().enumerate() {
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let weight = if label == u32::MAX {
+                0.0
+            } else {
+                f64::from(scale)
+            };
+            let picked = row.get(label as usize).copied().unwrap_or(lse);
+            want_loss.push((lse - picked) * weight);
+            want_grad.extend(row.iter().enumerate().map(|(c, v)| {
+                let onehot = if c == label as usize { 1.0 } else { 0.0 };
+                ((v - lse).exp() - onehot) * weight
+            }));
+        }
+        let gx = d.upload(&x).unwrap();
+        let gl = d.upload(&labels).unwrap();
+        let (loss, grad) = d
+            .softmax_cross_entropy(&gx, &gl, rows, cols, scale)
+            .unwrap();
+        let what = format!("cross-entropy {rows}x{cols}");
+        assert_close(
+            &what,
+            &d.read::<f32>(&loss).unwrap(),
+            &want_loss,
+            1e-4,
+            1e-6,
+        );
+        assert_close(
+            &what,
+            &d.read::<f32>(&grad).unwrap(),
+            &want_grad,
+            1e-4,
+            1e-7,
+        );
+    }
+    // Labels must be one u32 per row.
+    let gx = d.upload(&[0.5f32; 6]).unwrap();
+    let err = d
+        .softmax_cross_entropy(&gx, &d.upload(&[0u32; 3]).unwrap(), 2, 3, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("labels must be 2 u32 class ids"), "{err}");
+}
+
+#[test]
 fn scaled_softmax_with_a_row_block_bias_matches_reference() {
     use kiln::device::SoftmaxInput;
     let d = device();

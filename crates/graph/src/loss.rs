@@ -2,6 +2,7 @@
 //! reduction is [`Reduction::None`].
 
 use crate::ops::arith::binary;
+use crate::ops::record;
 use crate::tensor::Tensor;
 use kiln_device::{DeviceError, Elementwise, Result};
 
@@ -118,17 +119,38 @@ pub fn cross_entropy_with(
             format!("label {bad} out of range for {classes} classes"),
         ));
     }
-    // A one-hot selection of -log p(label) per row, as a weight matrix.
-    let mut weights = vec![0.0f32; n * classes];
-    for (i, &l) in labels.iter().enumerate() {
-        if !ignored(l) {
-            weights[i * classes + l as usize] = -1.0;
-        }
-    }
-    let w = Tensor::from_slice(logits.device(), &weights, &[n, classes])?;
-    let per_sample = logits.log_softmax()?.mul(&w)?.sum(1, false)?;
+    // One fused kernel gives every row's loss and the gradient of the
+    // (scaled) loss, which the backward pass only multiplies by the incoming
+    // gradient: three dispatches per step in all, where log-softmax, a
+    // one-hot selection and their backward passes took eleven.
+    let ids: Vec<u32> = labels
+        .iter()
+        .map(|&l| if ignored(l) { u32::MAX } else { l })
+        .collect();
     let counted = labels.iter().filter(|&&l| !ignored(l)).count();
-    reduce(per_sample, options.reduction, counted)
+    let loss_scale = match options.reduction {
+        Reduction::Mean => 1.0 / counted.max(1) as f32,
+        Reduction::Sum | Reduction::None => 1.0,
+    };
+    let device = logits.device();
+    let ids = device.upload(&ids)?;
+    let (row_loss, grad) =
+        device.softmax_cross_entropy(logits.buffer(), &ids, n, classes, loss_scale)?;
+    let row_loss = Tensor::from_buffer(device, row_loss, &[n])?;
+    let grad = Tensor::from_buffer(device, grad, &[n, classes])?;
+    let out = match options.reduction {
+        Reduction::None => row_loss,
+        Reduction::Mean | Reduction::Sum => row_loss.sum_all()?,
+    };
+    Ok(record(&[logits], out, OP, move |g| {
+        // A per-row gradient scales its row; the reduced loss's scales all.
+        let g = if g.rank() == 1 {
+            g.reshape(&[n, 1])?
+        } else {
+            g.clone()
+        };
+        Ok(vec![Some(g.mul(&grad)?)])
+    }))
 }
 
 /// Categorical cross-entropy against probability (e.g. one-hot or smoothed)

@@ -1,4 +1,5 @@
-//! Softmax and log-softmax along the last axis.
+//! Softmax and log-softmax along the last axis, and the softmax cross-entropy
+//! loss fused into the same pass.
 
 use super::{expect_f32, expect_len, grid_2d, to_u32};
 use crate::buffer::{DType, GpuBuffer};
@@ -17,7 +18,8 @@ struct Params {
     row_groups: u32,
     rows_per_bias: u32,
     scale: f32,
-    _pad: [u32; 3],
+    loss_scale: f32,
+    _pad: [u32; 2],
 }
 
 /// What the softmax kernels normalise: `scale * x + bias` along each row.
@@ -39,16 +41,65 @@ impl Default for SoftmaxInput<'_> {
     }
 }
 
+/// What the kernel writes for each row.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    Softmax,
+    LogSoftmax,
+    /// The loss against a class id per row and its gradient; see
+    /// [`Device::softmax_cross_entropy`].
+    CrossEntropy {
+        labels: &'a GpuBuffer,
+        loss_scale: f32,
+    },
+}
+
 impl Device {
     /// Softmax over the last axis of a `rows x cols` matrix.
     pub fn softmax(&self, x: &GpuBuffer, rows: usize, cols: usize) -> Result<GpuBuffer> {
-        self.softmax_impl(x, rows, cols, SoftmaxInput::default(), false)
+        let input = SoftmaxInput::default();
+        Ok(self.softmax_impl(x, rows, cols, input, Output::Softmax)?.0)
     }
 
     /// Log-softmax over the last axis, computed as `x - max - log(sum(exp(x - max)))`
     /// so it never overflows.
     pub fn log_softmax(&self, x: &GpuBuffer, rows: usize, cols: usize) -> Result<GpuBuffer> {
-        self.softmax_impl(x, rows, cols, SoftmaxInput::default(), true)
+        let input = SoftmaxInput::default();
+        Ok(self
+            .softmax_impl(x, rows, cols, input, Output::LogSoftmax)?
+            .0)
+    }
+
+    /// A classifier's cross-entropy in one pass over the `rows x cols` logits:
+    /// returns each row's loss `-log softmax(x)[label]` and the loss's gradient
+    /// with respect to the logits, `softmax(x) - onehot(label)`, both
+    /// multiplied by `loss_scale` (`1 / rows` for a mean). `labels` holds one
+    /// u32 class id per row; an id `>= cols` marks a row to ignore (zero loss
+    /// and gradient). Separate log-softmax, selection and gradient kernels
+    /// would cost several dispatches, which dominate a small model's step.
+    pub fn softmax_cross_entropy(
+        &self,
+        logits: &GpuBuffer,
+        labels: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        loss_scale: f32,
+    ) -> Result<(GpuBuffer, GpuBuffer)> {
+        const OP: &str = "softmax_cross_entropy";
+        if labels.dtype() != DType::U32 || labels.len() != rows {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!(
+                    "labels must be {rows} u32 class ids, got {} {:?}",
+                    labels.len(),
+                    labels.dtype()
+                ),
+            });
+        }
+        let output = Output::CrossEntropy { labels, loss_scale };
+        let (grad, loss) =
+            self.softmax_impl(logits, rows, cols, SoftmaxInput::default(), output)?;
+        Ok((loss.expect("the cross-entropy output has row losses"), grad))
     }
 
     /// Softmax over the last axis of `scale * x + bias` in one pass over `x`:
@@ -61,18 +112,23 @@ impl Device {
         cols: usize,
         input: SoftmaxInput,
     ) -> Result<GpuBuffer> {
-        self.softmax_impl(x, rows, cols, input, false)
+        Ok(self.softmax_impl(x, rows, cols, input, Output::Softmax)?.0)
     }
 
+    /// The rows' outputs, and with cross-entropy the rows' losses.
     fn softmax_impl(
         &self,
         x: &GpuBuffer,
         rows: usize,
         cols: usize,
         input: SoftmaxInput,
-        log: bool,
-    ) -> Result<GpuBuffer> {
-        let op = if log { "log_softmax" } else { "softmax" };
+        output: Output,
+    ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
+        let (op, log, cross_entropy) = match output {
+            Output::Softmax => ("softmax", false, false),
+            Output::LogSoftmax => ("log_softmax", true, false),
+            Output::CrossEntropy { .. } => ("softmax_cross_entropy", false, true),
+        };
         expect_f32(op, "input", x)?;
         expect_len(op, "input", x, rows * cols)?;
         let rows_per_bias = match input.bias {
@@ -93,21 +149,25 @@ impl Device {
             None => rows.max(1),
         };
         let out = self.empty(rows * cols, DType::F32)?;
+        let row_loss = cross_entropy
+            .then(|| self.empty(rows, DType::F32))
+            .transpose()?;
         if out.is_empty() {
-            return Ok(out);
+            return Ok((out, row_loss));
         }
         let has_bias = input.bias.is_some();
         // Like reductions: a workgroup per row pays off only for long rows
         // that are too few to keep the adapter busy one invocation each.
         let row_per_thread = cols < 512 || rows >= 4096;
         let kernel = self.kernel(
-            &format!("softmax:{log}:{has_bias}:{row_per_thread}"),
+            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}"),
             || {
                 Specialize::new(SRC)
                     .constant_u32("WG", SOFTMAX_WORKGROUP)
                     .constant_bool("LOG", log)
                     .constant_bool("BIAS", has_bias)
                     .constant_bool("ROW_PER_THREAD", row_per_thread)
+                    .constant_bool("CROSS_ENTROPY", cross_entropy)
                     .build()
             },
         )?;
@@ -126,12 +186,21 @@ impl Device {
             row_groups: grid[0],
             rows_per_bias: to_u32(op, "rows per bias row", rows_per_bias)?,
             scale: input.scale,
-            _pad: [0; 3],
+            loss_scale: match output {
+                Output::CrossEntropy { loss_scale, .. } => loss_scale,
+                _ => 1.0,
+            },
+            _pad: [0; 2],
         };
-        // Without a bias the binding still needs a buffer: `x` again, read-only
-        // in both places, and never read through it.
+        // Unused bindings still need buffers, which the kernel never touches:
+        // `x` again for read-only ones and `out` again for `row_loss`.
         let bias = input.bias.unwrap_or(x);
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[x, bias, &out], grid)?;
-        Ok(out)
+        let labels = match output {
+            Output::CrossEntropy { labels, .. } => labels,
+            _ => x,
+        };
+        let buffers = [x, bias, &out, labels, row_loss.as_ref().unwrap_or(&out)];
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
+        Ok((out, row_loss))
     }
 }
