@@ -325,6 +325,73 @@ fn matmul_gradients() {
 }
 
 #[test]
+fn dense_layer_gradients() {
+    // activation(x W + b): fused into the product for None, ReLU, sigmoid and
+    // tanh (their derivatives read the output); GELU and leaky ReLU take the
+    // unfused path. 2-D input and a [batch, steps, features] sequence.
+    type Case = (Option<UnaryOp>, fn(f64) -> f64);
+    let cases: Vec<Case> = vec![
+        (None, |z| z),
+        (Some(UnaryOp::Relu), |z| z.max(0.0)),
+        (Some(UnaryOp::Sigmoid), |z| 1.0 / (1.0 + (-z).exp())),
+        (Some(UnaryOp::Tanh), f64::tanh),
+        (Some(UnaryOp::Gelu), |z| {
+            0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
+        }),
+        (Some(UnaryOp::LeakyRelu(0.2)), |z| {
+            if z > 0.0 {
+                z
+            } else {
+                0.2 * z
+            }
+        }),
+    ];
+    let (k, n) = (7, 6);
+    for (i, (op, f)) in cases.into_iter().enumerate() {
+        for x_shape in [vec![5, k], vec![2, 3, k]] {
+            let seed = 400 + 3 * i as u64;
+            let rows = x_shape[..x_shape.len() - 1].iter().product::<usize>();
+            grad_check(
+                &format!("dense {op:?} {x_shape:?}"),
+                &[
+                    input(&x_shape, seed, -1.0, 1.0),
+                    input(&[k, n], seed + 1, -1.0, 1.0),
+                    input(&[n], seed + 2, -1.0, 1.0),
+                ],
+                |t| t[0].dense(&t[1], &t[2], op),
+                &|x: &[Vec<f64>]| {
+                    let product = cpu_matmul(&x[0], &x[1], 1, rows, k, n, false);
+                    (0..rows * n).map(|j| f(product[j] + x[2][j % n])).collect()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dense_layer_is_one_kernel_forward_where_the_activation_allows() {
+    // Its own device, so other tests' dispatches do not count.
+    let d = kiln::Device::new().unwrap();
+    let x = Tensor::from_slice(&d, &random_vec(12, 1, -1.0, 1.0), &[4, 3]).unwrap();
+    let w = Tensor::from_slice(&d, &random_vec(15, 2, -1.0, 1.0), &[3, 5])
+        .unwrap()
+        .requires_grad(true);
+    let b = Tensor::from_slice(&d, &random_vec(5, 3, -1.0, 1.0), &[5])
+        .unwrap()
+        .requires_grad(true);
+    let dispatches = |op: Option<UnaryOp>| {
+        let before = d.dispatch_stats().dispatches;
+        x.dense(&w, &b, op).unwrap();
+        d.dispatch_stats().dispatches - before
+    };
+    assert_eq!(dispatches(Some(UnaryOp::Relu)), 1);
+    assert_eq!(dispatches(None), 1);
+    // GELU's derivative needs the pre-activation, which the fused kernel
+    // never writes: product, then bias + GELU.
+    assert_eq!(dispatches(Some(UnaryOp::Gelu)), 2);
+}
+
+#[test]
 fn shape_and_reduction_gradients() {
     // [2, 3, 4] permuted to [4, 2, 3].
     grad_check(

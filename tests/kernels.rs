@@ -137,6 +137,98 @@ fn long_k_weight_gradients_split_k_and_still_match() {
     }
 }
 
+#[test]
+fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
+    let d = device();
+    // (epilogue, reference of (product + bias)); the leaky ReLU reads a scalar,
+    // GELU a shared helper.
+    let leaky = |v: f64| if v > 0.0 { v } else { 0.1 * v };
+    let gelu = |v: f64| 0.5 * v * (1.0 + erf(v / 2f64.sqrt()));
+    let epilogues: [(Elementwise, &dyn Fn(f64) -> f64); 2] = [
+        (
+            Elementwise::new(
+                "bias_leaky",
+                "select(s0 * (x0 + x1), x0 + x1, x0 + x1 > 0.0)",
+            )
+            .scalars(&[0.1]),
+            &leaky,
+        ),
+        (Elementwise::new("bias_gelu", "kiln_gelu(x0 + x1)"), &gelu),
+    ];
+    // Every tiling with one epilogue on a plain and a transposed, batched
+    // layout; the tuned tiling with both on odd and vec4-friendly shapes, a
+    // split-k product and an empty k (the last two take the epilogue as a
+    // second pass). Each combination is a kernel to compile, which on a CPU
+    // adapter takes seconds.
+    let mut cases: Vec<(MatmulTiling, Matmul, &Elementwise)> = Vec::new();
+    for tiling in tilings() {
+        for spec in [
+            Matmul::new(33, 65, 17),
+            Matmul::batched(2, 36, 20, 44).transpose_a(true),
+        ] {
+            cases.push((tiling, spec, &epilogues[0].0));
+        }
+    }
+    for spec in [
+        Matmul::new(1, 7, 1),
+        Matmul::new(64, 64, 64).transpose_b(true),
+        Matmul::new(32, 9, 4096).transpose_a(true),
+        Matmul::new(5, 3, 0),
+    ] {
+        for (op, _) in &epilogues {
+            cases.push((d.tuning().matmul, spec, op));
+        }
+    }
+    for (seed, (tiling, spec, op)) in cases.into_iter().enumerate() {
+        let seed = seed as u64 * 3;
+        let a = random_vec(spec.batch * spec.m * spec.k, seed, -1.0, 1.0);
+        let b = random_vec(spec.batch * spec.k * spec.n, seed + 1, -1.0, 1.0);
+        let bias = random_vec(spec.n, seed + 2, -1.0, 1.0);
+        let (product, terms) = matmul_reference(&a, &b, &spec);
+        let (ga, gb, gbias) = (
+            d.upload(&a).unwrap(),
+            d.upload(&b).unwrap(),
+            d.upload(&bias).unwrap(),
+        );
+        let epilogue = kiln::device::Epilogue {
+            op: op.clone(),
+            bias: &gbias,
+        };
+        let got = d
+            .read::<f32>(
+                &d.matmul_fused_with(&ga, &gb, &spec, &epilogue, tiling)
+                    .unwrap(),
+            )
+            .unwrap();
+        let reference = epilogues.iter().find(|(e, _)| e.name == op.name).unwrap().1;
+        let column = |i: usize| f64::from(bias[i % spec.n]);
+        let want: Vec<f64> = (0..product.len())
+            .map(|i| reference(product[i] + column(i)))
+            .collect();
+        // The activations change errors by at most a factor of 1.13.
+        let scale: Vec<f64> = (0..product.len())
+            .map(|i| 1.2 * (terms[i] + column(i).abs()) + 1e-2)
+            .collect();
+        let what = format!("{} {tiling} {spec:?}", op.name);
+        assert_close_scaled(&what, &got, &want, &scale, 1e-4);
+    }
+    // The bias must be one f32 per column.
+    let (ga, gb) = (
+        d.upload(&[1.0f32; 6]).unwrap(),
+        d.upload(&[1.0f32; 9]).unwrap(),
+    );
+    let short = d.upload(&[1.0f32; 2]).unwrap();
+    let epilogue = kiln::device::Epilogue {
+        op: Elementwise::new("bias", "x0 + x1"),
+        bias: &short,
+    };
+    let err = d
+        .matmul_fused(&ga, &gb, &Matmul::new(2, 3, 3), &epilogue)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bias holds 2 values for 3 columns"), "{err}");
+}
+
 /// Ways this device can read f16 operands.
 fn half_load_paths() -> Vec<HalfLoads> {
     let mut paths = vec![HalfLoads::Packed];

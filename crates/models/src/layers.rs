@@ -84,18 +84,23 @@ impl Activation {
         }
     }
 
-    /// `activation(x + bias)`, as one kernel when the activation is
-    /// elementwise (the sum is never written out).
-    pub fn apply_with_bias(self, x: &Tensor, bias: &Tensor) -> kiln_graph::Result<Tensor> {
+    /// `activation(x weight + bias)`: one kernel where the activation can
+    /// be fused into the product (see [`Tensor::dense`]).
+    pub fn apply_dense(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+    ) -> kiln_graph::Result<Tensor> {
         let op = match self {
-            Activation::None => return x.add(bias),
-            Activation::Softmax => return x.add(bias)?.softmax(),
-            Activation::Relu => UnaryOp::Relu,
-            Activation::Sigmoid => UnaryOp::Sigmoid,
-            Activation::Tanh => UnaryOp::Tanh,
-            Activation::Gelu => UnaryOp::Gelu,
+            Activation::None => None,
+            Activation::Softmax => return x.dense(weight, bias, None)?.softmax(),
+            Activation::Relu => Some(UnaryOp::Relu),
+            Activation::Sigmoid => Some(UnaryOp::Sigmoid),
+            Activation::Tanh => Some(UnaryOp::Tanh),
+            Activation::Gelu => Some(UnaryOp::Gelu),
         };
-        x.add_then(bias, op)
+        x.dense(weight, bias, op)
     }
 }
 
@@ -151,8 +156,7 @@ impl Layer for Dense {
     }
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let y = x.matmul(&self.weight)?;
-        Ok(self.activation.apply_with_bias(&y, &self.bias)?)
+        Ok(self.activation.apply_dense(x, &self.weight, &self.bias)?)
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {

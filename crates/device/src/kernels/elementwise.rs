@@ -666,6 +666,7 @@ fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>, packed: b
         .replace("BINDINGS", &bindings)
         .replace("LOADS", &loads)
         .replace("STORE", &store)
+        .replace("HELPERS", super::EXPR_HELPERS)
         .build()
 }
 

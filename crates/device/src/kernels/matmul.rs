@@ -1,6 +1,7 @@
 //! Batched matrix multiply with optional transposes.
 
-use super::{expect_f32, expect_len, to_u32};
+use super::elementwise::{Elementwise, Operand};
+use super::{expect_f32, expect_len, to_u32, EXPR_HELPERS};
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
 use crate::error::{DeviceError, Result};
@@ -82,6 +83,74 @@ impl Matmul {
     }
 }
 
+/// An elementwise function the product kernel applies to each element of C
+/// as it stores it, instead of a separate pass over C: a layer's bias and
+/// activation. The expression reads the product element as `x0` and
+/// `bias[column]` as `x1`, and may use the scalars `s0..s3` and the helpers
+/// of [`Elementwise`] expressions.
+///
+/// ```no_run
+/// # fn main() -> Result<(), kiln_device::DeviceError> {
+/// use kiln_device::{Device, Elementwise, Epilogue, Matmul};
+/// let device = Device::new()?;
+/// let a = device.upload(&[1.0f32, -2.0, 3.0, -4.0])?; // 2x2
+/// let b = device.upload(&[1.0f32, 0.0, 0.0, 1.0])?; // identity
+/// let bias = device.upload(&[0.5f32, 1.0])?;
+/// let relu = Elementwise::new("bias_relu", "max(x0 + x1, 0.0)");
+/// let epilogue = Epilogue { op: relu, bias: &bias };
+/// let c = device.matmul_fused(&a, &b, &Matmul::new(2, 2, 2), &epilogue)?;
+/// assert_eq!(device.read::<f32>(&c)?, vec![1.5, 0.0, 3.5, 0.0]);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Epilogue<'a> {
+    pub op: Elementwise<'a>,
+    /// One f32 per column of C, shared by every row and batch entry.
+    pub bias: &'a GpuBuffer,
+}
+
+impl Epilogue<'_> {
+    /// What tells kernels with different epilogues apart.
+    fn key(&self) -> String {
+        let scalars = self.op.scalars.map(f32::to_bits);
+        format!("{}:{scalars:?}", self.op.expr)
+    }
+
+    /// The epilogue applied as a separate elementwise pass over `product`
+    /// (`rows x n`), for the products not computed by one kernel.
+    fn apply(
+        &self,
+        device: &Device,
+        product: &GpuBuffer,
+        rows: usize,
+        n: usize,
+    ) -> Result<GpuBuffer> {
+        let (c_shape, bias_shape) = ([rows, n], [n]);
+        let operands = [
+            Operand::new(product, &c_shape),
+            Operand::new(self.bias, &bias_shape),
+        ];
+        Ok(device.elementwise(&self.op, &operands)?.0)
+    }
+}
+
+/// WGSL `fn epilogue(v, col)`, which every kernel applies to what it stores:
+/// the identity, or the epilogue's expression with its bias at binding 4.
+fn epilogue_source(epilogue: Option<&Epilogue>) -> String {
+    let Some(e) = epilogue else {
+        return "fn epilogue(v: f32, col: u32) -> f32 {\n    return v;\n}\n".into();
+    };
+    let mut s = format!(
+        "{EXPR_HELPERS}\n@group(0) @binding(4) var<storage, read> bias: array<f32>;\n\n\
+         fn epilogue(v: f32, col: u32) -> f32 {{\n    let x0 = v;\n    let x1 = bias[col];\n"
+    );
+    for (i, value) in e.op.scalars.iter().enumerate() {
+        let _ = writeln!(s, "    let s{i} = bitcast<f32>({:#x}u);", value.to_bits());
+    }
+    let _ = writeln!(s, "    return {};\n}}", e.op.expr);
+    s
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -137,18 +206,73 @@ impl Device {
         tiling: MatmulTiling,
         half: HalfLoads,
     ) -> Result<GpuBuffer> {
+        self.matmul_impl(a, b, spec, (tiling, half), None)
+    }
+
+    /// `epilogue(op(A) * op(B))` with this device's tuned tiling, the
+    /// epilogue applied as the product is stored (see [`Epilogue`]).
+    pub fn matmul_fused(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        epilogue: &Epilogue,
+    ) -> Result<GpuBuffer> {
+        self.matmul_fused_with(a, b, spec, epilogue, self.tuning().matmul)
+    }
+
+    /// [`Device::matmul_fused`] with an explicit tiling (for tests).
+    pub fn matmul_fused_with(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        epilogue: &Epilogue,
+        tiling: MatmulTiling,
+    ) -> Result<GpuBuffer> {
+        self.matmul_impl(a, b, spec, (tiling, self.half_loads()), Some(epilogue))
+    }
+
+    fn matmul_impl(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        (tiling, half): (MatmulTiling, HalfLoads),
+        epilogue: Option<&Epilogue>,
+    ) -> Result<GpuBuffer> {
         let (tiling, half) = self.prepare_matmul(a, b, spec, tiling, half)?;
         let Matmul { batch, m, n, k, .. } = *spec;
-        if k == 0 {
-            // An empty sum: C is all zeros.
-            return self.zeros(batch * m * n, DType::F32);
+        if let Some(e) = epilogue {
+            expect_f32("matmul", "epilogue bias", e.bias)?;
+            if e.bias.len() != n {
+                return Err(DeviceError::Shape {
+                    op: "matmul",
+                    message: format!(
+                        "the epilogue bias holds {} values for {n} columns",
+                        e.bias.len()
+                    ),
+                });
+            }
         }
-        if let Some(splits) = split_k(spec) {
-            return self.matmul_split_k(a, b, spec, tiling, splits, half);
+        // Products not made by one kernel take the epilogue as a second pass.
+        let unfused = if k == 0 {
+            // An empty sum: C is all zeros.
+            Some(self.zeros(batch * m * n, DType::F32)?)
+        } else if let Some(splits) = split_k(spec) {
+            Some(self.matmul_split_k(a, b, spec, tiling, splits, half)?)
+        } else {
+            None
+        };
+        if let Some(product) = unfused {
+            return match epilogue {
+                Some(e) if !product.is_empty() => e.apply(self, &product, batch * m, n),
+                _ => Ok(product),
+            };
         }
         let out = self.empty(batch * m * n, DType::F32)?;
         if !out.is_empty() {
-            self.dispatch_matmul(a, b, &out, spec, (tiling, half), 0..batch)?;
+            self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..batch, epilogue)?;
         }
         Ok(out)
     }
@@ -179,7 +303,7 @@ impl Device {
                 ),
             });
         }
-        self.dispatch_matmul(a, b, out, spec, (tiling, half), entries)
+        self.dispatch_matmul([a, b, out], spec, (tiling, half), entries, None)
     }
 
     /// Checks the operands against `spec`, and adapts `tiling` and `half` to
@@ -228,15 +352,15 @@ impl Device {
         Ok((tiling, half))
     }
 
-    /// Dispatches the kernel for batch entries `entries`, writing into `out`.
+    /// Dispatches the kernel for batch entries `entries` of `a x b`, writing
+    /// into `out`.
     fn dispatch_matmul(
         &self,
-        a: &GpuBuffer,
-        b: &GpuBuffer,
-        out: &GpuBuffer,
+        [a, b, out]: [&GpuBuffer; 3],
         spec: &Matmul,
         (tiling, half): (MatmulTiling, HalfLoads),
         entries: std::ops::Range<usize>,
+        epilogue: Option<&Epilogue>,
     ) -> Result<()> {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
@@ -247,10 +371,16 @@ impl Device {
             half,
             vec4,
         };
+        let epilogue_key = epilogue.map(Epilogue::key).unwrap_or_default();
         let kernel = self.kernel(
-            &format!("{tiling}:{}{}:{operands:?}", spec.trans_a, spec.trans_b),
-            || specialise(tiling, spec.trans_a, spec.trans_b, operands),
+            &format!(
+                "{tiling}:{}{}:{operands:?}:{epilogue_key}",
+                spec.trans_a, spec.trans_b
+            ),
+            || specialise(tiling, spec.trans_a, spec.trans_b, operands, epilogue),
         )?;
+        let mut buffers = vec![a, b, out];
+        buffers.extend(epilogue.map(|e| e.bias));
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
         let groups_y = to_u32(OP, "m blocks", m.div_ceil(block_m as usize))?;
@@ -273,7 +403,7 @@ impl Device {
             self.dispatch(
                 &kernel,
                 bytemuck::bytes_of(&params),
-                &[a, b, out],
+                &buffers,
                 [groups_x, groups_y, count as u32],
             )?;
             z0 += count;
@@ -456,7 +586,13 @@ fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> Str
     )
 }
 
-fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands) -> String {
+fn specialise(
+    tiling: MatmulTiling,
+    trans_a: bool,
+    trans_b: bool,
+    ops: Operands,
+    epilogue: Option<&Epilogue>,
+) -> String {
     let vec4 = ops.vec4;
     let spec = match tiling {
         MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
@@ -485,7 +621,7 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands)
                 .constant_u32("WG_Y", wg_y)
                 .replace("OFFSETS", &offsets)
                 .replace("STEP", &step)
-                .replace("STORE", &register_store(tm, tn))
+                .replace("STORE", &register_store(tm, tn, epilogue.is_some()))
         }
         MatmulTiling::Subgroup { tm, sg, wg } => Specialize::new(SUBGROUP_SRC)
             .constant_u32("TM", tm)
@@ -494,7 +630,7 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands)
             .constant_u32("WG", wg)
             .replace("OFFSETS", &subgroup_offsets(tm, 4 * sg, trans_a, trans_b))
             .replace("STEP", &subgroup_step(tm, 4 * sg, trans_a, trans_b))
-            .replace("STORE", &register_store(tm, 4 * sg)),
+            .replace("STORE", &register_store(tm, 4 * sg, epilogue.is_some())),
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } => Specialize::new(SHARED_SRC)
@@ -522,7 +658,8 @@ fn specialise(tiling: MatmulTiling, trans_a: bool, trans_b: bool, ops: Operands)
     };
     let a = operand_source("a", 1, ops.a, &ops);
     let b = operand_source("b", 2, ops.b, &ops);
-    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{body}")
+    let epilogue = epilogue_source(epilogue);
+    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{epilogue}\n{body}")
 }
 
 const LANES: [&str; 4] = ["x", "y", "z", "w"];
@@ -783,8 +920,33 @@ fn register_step(tm: u32, tn: u32) -> String {
     s
 }
 
-fn register_store(tm: u32, tn: u32) -> String {
+/// Stores the named accumulators `acc_i_j` to C. Without an epilogue every
+/// store is unrolled; with one the accumulators go through one loop, so the
+/// epilogue is compiled once rather than `tm * tn` times (an inlined GELU per
+/// store made a kernel take half a minute to compile on a CPU adapter).
+fn register_store(tm: u32, tn: u32, fused: bool) -> String {
     let mut s = String::new();
+    if fused {
+        let values: Vec<String> = (0..tm)
+            .flat_map(|i| (0..tn).map(move |j| format!("acc_{i}_{j}")))
+            .collect();
+        let _ = writeln!(
+            s,
+            "    var tile = array<f32, {}>({});",
+            tm * tn,
+            values.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "    for (var e = 0u; e < {}u; e++) {{
+                     let row = row0 + e / {tn}u;
+                     let col = col0 + e % {tn}u;
+                     if (row < p.m && col < p.n) {{ c[c_base + row * p.n + col] = epilogue(tile[e], col); }}
+                 }}",
+            tm * tn
+        );
+        return s;
+    }
     for i in 0..tm {
         let _ = writeln!(s, "    if (row0 + {i}u < p.m) {{");
         let _ = writeln!(

@@ -55,7 +55,7 @@ pub(crate) fn rename_vars(expr: &str, mut rename: impl FnMut(usize) -> String) -
 /// Evaluates `expr` over those of `inputs` it names, renumbered from `x0`:
 /// unused inputs are not bound (so they cannot keep a broadcast input from
 /// the packed vec4 path).
-fn map_used(
+pub(crate) fn map_used(
     name: &'static str,
     expr: &str,
     scalars: [f32; 4],
@@ -184,7 +184,9 @@ fn derivative(op: UnaryOp) -> &'static str {
         UnaryOp::Square => "2.0 * x0 * x2",
         UnaryOp::Sin => "x0 * cos(x2)",
         UnaryOp::Cos => "-x0 * sin(x2)",
-        UnaryOp::Relu => "select(0.0, x0, x2 > 0.0)",
+        // From the output (positive exactly where the input is), so a fused
+        // dense layer need not keep its pre-activation.
+        UnaryOp::Relu => "select(0.0, x0, x1 > 0.0)",
         UnaryOp::LeakyRelu(_) => "select(s0 * x0, x0, x2 > 0.0)",
         UnaryOp::Sigmoid => "x0 * x1 * (1.0 - x1)",
         UnaryOp::Tanh => "x0 * (1.0 - x1 * x1)",
@@ -198,6 +200,19 @@ fn derivative(op: UnaryOp) -> &'static str {
         UnaryOp::MulScalar(_) => "x0 * s0",
         UnaryOp::PowScalar(_) => "x0 * s0 * pow(x2, s0 - 1.0)",
     }
+}
+
+/// The gradient of `op` from the incoming gradient (`x0`) and the op's
+/// output (`x1`) alone, where its derivative needs nothing else: what an op
+/// fused after another kernel, which never writes the op's input, can use.
+pub(crate) fn output_derivative(op: UnaryOp) -> Option<String> {
+    let expr = derivative(op);
+    let mut reads_input = false;
+    rename_vars(expr, |i| {
+        reads_input |= i >= 2;
+        String::new()
+    });
+    (!reads_input).then(|| expr.to_string())
 }
 
 fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {

@@ -1,8 +1,10 @@
-//! Matrix products: 2-D, batched 3-D, and 3-D by a shared 2-D matrix.
+//! Matrix products: 2-D, batched 3-D, and 3-D by a shared 2-D matrix; and a
+//! dense layer's product, bias and activation as one kernel.
 
-use super::record;
+use super::arith::{map_used, output_derivative, rename_vars};
+use super::{record, sum_to_shape};
 use crate::tensor::Tensor;
-use kiln_device::{DType, DeviceError, Matmul, Result};
+use kiln_device::{DType, DeviceError, Elementwise, Epilogue, Matmul, Result, UnaryOp};
 
 /// `op(a) * op(b)` on raw tensors (no graph).
 fn product(a: &Tensor, b: &Tensor, spec: Matmul, shape: Vec<usize>) -> Result<Tensor> {
@@ -19,73 +21,211 @@ fn stored_as(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Tensor::from_buffer(t.device(), buffer, t.shape())
 }
 
+/// How the operands of `a x b` line up, from their shapes.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// `[b, m, k] x [k, n]`: one B for every batch entry.
+    shared_b: bool,
+    /// The output keeps a batch axis.
+    batched_out: bool,
+}
+
+impl Geometry {
+    fn of(a: &[usize], b: &[usize]) -> Result<Self> {
+        let (batch, m, k, n, shared_b) = match (a, b) {
+            (&[m, k], &[k2, n]) if k == k2 => (1, m, k, n, false),
+            (&[ba, m, k], &[bb, k2, n]) if k == k2 && ba == bb => (ba, m, k, n, false),
+            (&[ba, m, k], &[k2, n]) if k == k2 => (ba, m, k, n, true),
+            _ => {
+                return Err(DeviceError::Shape {
+                    op: "matmul",
+                    message: format!("cannot multiply {a:?} by {b:?}"),
+                })
+            }
+        };
+        Ok(Self {
+            batch,
+            m,
+            k,
+            n,
+            shared_b,
+            batched_out: a.len() == 3,
+        })
+    }
+
+    fn out_shape(&self) -> Vec<usize> {
+        if self.batched_out {
+            vec![self.batch, self.m, self.n]
+        } else {
+            vec![self.m, self.n]
+        }
+    }
+
+    /// The forward product. A shared B times a contiguous batch of A is one
+    /// product over the flattened batch * m rows: fewer, fuller workgroups
+    /// than `batch` small products.
+    fn spec(&self) -> Matmul {
+        let Self { batch, m, k, n, .. } = *self;
+        if self.shared_b {
+            Matmul::new(batch * m, n, k)
+        } else {
+            Matmul::batched(batch, m, n, k)
+        }
+    }
+
+    /// The gradients of A and B (where `needs`) from the output's gradient
+    /// `g`, with `sa`, `sb` the operands as the forward product read them.
+    fn backward(
+        &self,
+        g: &Tensor,
+        sa: &Tensor,
+        sb: &Tensor,
+        needs: [bool; 2],
+    ) -> Result<[Option<Tensor>; 2]> {
+        let Self { batch, m, k, n, .. } = *self;
+        // dA = dC * B^T (for a shared B, again over the flattened rows).
+        let ga = if !needs[0] {
+            None
+        } else if self.shared_b {
+            let spec = Matmul::new(batch * m, k, n).transpose_b(true);
+            Some(product(g, sb, spec, sa.shape().to_vec())?)
+        } else {
+            let spec = Matmul::batched(batch, m, k, n).transpose_b(true);
+            Some(product(g, sb, spec, sa.shape().to_vec())?)
+        };
+        if !needs[1] {
+            return Ok([ga, None]);
+        }
+        // dB = A^T * dC; for a shared B, summed over the batch, which is one
+        // product over the flattened batch*m rows.
+        let gb = if self.shared_b {
+            let spec = Matmul::new(k, n, batch * m).transpose_a(true);
+            product(sa, g, spec, vec![k, n])?
+        } else {
+            let spec = Matmul {
+                trans_a: true,
+                batch_stride_a: m * k,
+                batch_stride_b: m * n,
+                ..Matmul::batched(batch, k, n, m)
+            };
+            product(sa, g, spec, sb.shape().to_vec())?
+        };
+        Ok([ga, Some(gb)])
+    }
+}
+
 impl Tensor {
     /// Matrix product. Shapes: `[m, k] x [k, n]`, `[b, m, k] x [b, k, n]`, or
     /// `[b, m, k] x [k, n]` (the same matrix for every batch, as in a linear layer
     /// over a sequence).
     pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
-        let (a, b) = (self.shape().to_vec(), other.shape().to_vec());
-        let mismatch = || DeviceError::Shape {
-            op: "matmul",
-            message: format!("cannot multiply {a:?} by {b:?}"),
-        };
-        let (batch, m, k, n, shared_b) = match (a.as_slice(), b.as_slice()) {
-            (&[m, k], &[k2, n]) if k == k2 => (1, m, k, n, false),
-            (&[ba, m, k], &[bb, k2, n]) if k == k2 && ba == bb => (ba, m, k, n, false),
-            (&[ba, m, k], &[k2, n]) if k == k2 => (ba, m, k, n, true),
-            _ => return Err(mismatch()),
-        };
-        let out_shape = if a.len() == 2 {
-            vec![m, n]
-        } else {
-            vec![batch, m, n]
-        };
-        // A shared B times a contiguous batch of A is one product over the
-        // flattened batch * m rows: fewer, fuller workgroups than `batch`
-        // small products.
-        let spec = if shared_b {
-            Matmul::new(batch * m, n, k)
-        } else {
-            Matmul::batched(batch, m, n, k)
-        };
+        let geometry = Geometry::of(self.shape(), other.shape())?;
         // Under autocast the product reads f16 copies, and the backward pass
         // keeps those (half the memory) and rounds the incoming gradient too.
         let dtype = crate::amp::matmul_operand_dtype();
         let (sa, sb) = (stored_as(self, dtype)?, stored_as(other, dtype)?);
-        let out = product(&sa, &sb, spec, out_shape)?;
+        let out = product(&sa, &sb, geometry.spec(), geometry.out_shape())?;
         // Gradients nobody asked for are not computed (a first layer's input,
         // the layer above a frozen one).
         let needs = [self.is_requires_grad(), other.is_requires_grad()];
         Ok(record(&[self, other], out, "matmul", move |g| {
             let g = &stored_as(g, dtype)?;
-            // dA = dC * B^T (for a shared B, again over the flattened rows).
-            let ga = if !needs[0] {
-                None
-            } else if shared_b {
-                let spec = Matmul::new(batch * m, k, n).transpose_b(true);
-                Some(product(g, &sb, spec, sa.shape().to_vec())?)
-            } else {
-                let spec = Matmul::batched(batch, m, k, n).transpose_b(true);
-                Some(product(g, &sb, spec, sa.shape().to_vec())?)
+            Ok(geometry.backward(g, &sa, &sb, needs)?.into())
+        }))
+    }
+
+    /// A dense layer, `activation(self x weight + bias)`, with `weight`
+    /// `[k, n]`, `bias` `[n]` and `self` `[m, k]` or `[b, m, k]`.
+    ///
+    /// The bias and activation are applied by the product kernel as it stores
+    /// its output, so the pre-activation is never written, when the
+    /// activation's derivative can be had from its output (ReLU, sigmoid,
+    /// tanh); other activations (GELU) take a second kernel.
+    ///
+    /// ```
+    /// # fn main() -> kiln_device::Result<()> {
+    /// use kiln_graph::{device::UnaryOp, Device, Tensor};
+    /// let device = Device::new()?;
+    /// let x = Tensor::from_slice(&device, &[1.0, -2.0], &[1, 2])?;
+    /// let w = Tensor::from_slice(&device, &[1.0, 0.0, 0.0, 1.0], &[2, 2])?;
+    /// let b = Tensor::from_slice(&device, &[0.5, 1.0], &[2])?;
+    /// let y = x.dense(&w, &b, Some(UnaryOp::Relu))?;
+    /// assert_eq!(y.to_vec()?, vec![1.5, 0.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn dense(
+        &self,
+        weight: &Tensor,
+        bias: &Tensor,
+        activation: Option<UnaryOp>,
+    ) -> Result<Tensor> {
+        let partial = match activation {
+            None => Some("x0".to_string()),
+            Some(op) => output_derivative(op),
+        };
+        let fusable = weight.rank() == 2
+            && bias.shape() == [weight.shape()[1]]
+            && bias.buffer().dtype() == DType::F32;
+        let (Some(partial), true) = (partial, fusable) else {
+            let y = self.matmul(weight)?;
+            return match activation {
+                None => y.add(bias),
+                Some(op) => y.add_then(bias, op),
             };
-            if !needs[1] {
-                return Ok(vec![ga, None]);
+        };
+        let geometry = Geometry::of(self.shape(), weight.shape())?;
+        let (expr, scalars, name) = match activation {
+            None => ("x0 + x1".to_string(), [0.0; 4], "dense"),
+            Some(op) => {
+                let unary = op.elementwise();
+                let expr = rename_vars(unary.expr, |_| "(x0 + x1)".to_string());
+                (expr, unary.scalars, unary.name)
             }
-            // dB = A^T * dC; for a shared B, summed over the batch, which is one
-            // product over the flattened batch*m rows.
-            let gb = if shared_b {
-                let spec = Matmul::new(k, n, batch * m).transpose_a(true);
-                product(&sa, g, spec, vec![k, n])?
+        };
+        let mut op = Elementwise::new(name, &expr);
+        op.scalars = scalars;
+        let epilogue = Epilogue {
+            op,
+            bias: bias.buffer(),
+        };
+        let dtype = crate::amp::matmul_operand_dtype();
+        let (sa, sb) = (stored_as(self, dtype)?, stored_as(weight, dtype)?);
+        let device = self.device();
+        let buffer = device.matmul_fused(sa.buffer(), sb.buffer(), &geometry.spec(), &epilogue)?;
+        let out = Tensor::from_buffer(device, buffer, &geometry.out_shape())?;
+        // The activation's derivative reads the incoming gradient (x0) and at
+        // most the output (x1), kept only if it does.
+        let mut reads_output = false;
+        rename_vars(&partial, |i| {
+            reads_output |= i == 1;
+            String::new()
+        });
+        let output = reads_output.then(|| out.detach());
+        let needs = [
+            self.is_requires_grad(),
+            weight.is_requires_grad(),
+            bias.is_requires_grad(),
+        ];
+        let n = geometry.n;
+        Ok(record(&[self, weight, bias], out, "dense", move |g| {
+            let pre = if partial == "x0" {
+                g.clone()
             } else {
-                let spec = Matmul {
-                    trans_a: true,
-                    batch_stride_a: m * k,
-                    batch_stride_b: m * n,
-                    ..Matmul::batched(batch, k, n, m)
-                };
-                product(&sa, g, spec, sb.shape().to_vec())?
+                let y = output.as_ref().unwrap_or(g);
+                map_used("dense_grad", &partial, scalars, &[g, y])?
             };
-            Ok(vec![ga, Some(gb)])
+            let g = &stored_as(&pre, dtype)?;
+            let [ga, gw] = geometry.backward(g, &sa, &sb, [needs[0], needs[1]])?;
+            let gb = if needs[2] {
+                Some(sum_to_shape(&pre, &[n])?)
+            } else {
+                None
+            };
+            Ok(vec![ga, gw, gb])
         }))
     }
 }
