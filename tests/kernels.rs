@@ -212,6 +212,33 @@ fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
         let what = format!("{} {tiling} {spec:?}", op.name);
         assert_close_scaled(&what, &got, &want, &scale, 1e-4);
     }
+    // f16 operands (a dense layer under autocast): the epilogue sees the same
+    // f32 product.
+    let spec = Matmul::new(40, 24, 36);
+    let half = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
+    let a = half(random_vec(spec.m * spec.k, 91, -1.0, 1.0));
+    let b = half(random_vec(spec.k * spec.n, 92, -1.0, 1.0));
+    let bias = random_vec(spec.n, 93, -1.0, 1.0);
+    let to_f16 = |v: &[f32]| d.cast(&d.upload(v).unwrap(), DType::F16).unwrap();
+    let gbias = d.upload(&bias).unwrap();
+    let epilogue = kiln::device::Epilogue {
+        op: epilogues[1].0.clone(),
+        bias: &gbias,
+    };
+    let got = d
+        .read::<f32>(
+            &d.matmul_fused(&to_f16(&a), &to_f16(&b), &spec, &epilogue)
+                .unwrap(),
+        )
+        .unwrap();
+    let (product, terms) = matmul_reference(&a, &b, &spec);
+    let want: Vec<f64> = (0..product.len())
+        .map(|i| gelu(product[i] + f64::from(bias[i % spec.n])))
+        .collect();
+    let scale: Vec<f64> = (0..product.len())
+        .map(|i| 1.2 * (terms[i] + f64::from(bias[i % spec.n]).abs()) + 1e-2)
+        .collect();
+    assert_close_scaled("gelu epilogue, f16 operands", &got, &want, &scale, 1e-4);
     // The bias must be one f32 per column.
     let (ga, gb) = (
         d.upload(&[1.0f32; 6]).unwrap(),

@@ -7,7 +7,7 @@
 
 use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
-use kiln_device::{ConvGeometry, DeviceError, Matmul, Result};
+use kiln_device::{ConvGeometry, DType, DeviceError, Elementwise, Epilogue, Matmul, Result};
 
 /// Stride, zero padding and dilation of a convolution, per (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,16 +152,24 @@ impl Tensor {
             device.im2col(padded.buffer(), &geometry)?,
             &[rows, patch],
         )?;
-        // [rows, patch] x [o, patch]^T
-        let y = device.matmul(
-            cols.buffer(),
-            weight.buffer(),
-            &Matmul::new(rows, o, patch).transpose_b(true),
-        )?;
-        let mut y = Tensor::from_buffer(device, y, &[rows, o])?;
-        if let Some(b) = bias {
-            y = crate::no_grad(|| y.add(&b.detach()))?;
-        }
+        // [rows, patch] x [o, patch]^T, plus the bias per output channel (a
+        // column here) as the product is stored.
+        let spec = Matmul::new(rows, o, patch).transpose_b(true);
+        let product = |epilogue: Option<&Epilogue>| -> Result<Tensor> {
+            let y = match epilogue {
+                Some(e) => device.matmul_fused(cols.buffer(), weight.buffer(), &spec, e)?,
+                None => device.matmul(cols.buffer(), weight.buffer(), &spec)?,
+            };
+            Tensor::from_buffer(device, y, &[rows, o])
+        };
+        let y = match bias {
+            Some(b) if b.buffer().dtype() == DType::F32 => product(Some(&Epilogue {
+                op: Elementwise::new("conv_bias", "x0 + x1"),
+                bias: b.buffer(),
+            }))?,
+            Some(b) => crate::no_grad(|| product(None)?.add(&b.detach()))?,
+            None => product(None)?,
+        };
         // [n, oh, ow, o] -> [n, o, oh, ow]
         let out =
             device.strided_copy(y.buffer(), &[n, o, oh, ow], &[oh * ow * o, 1, ow * o, o], 0)?;
