@@ -2,7 +2,7 @@
 //! in the same run as ours, so ratios compare like with like on this machine
 //! at this moment; the one results table and its JSON; the per-kernel profile.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -215,6 +215,9 @@ pub struct Reference {
     child: Child,
     requests: ChildStdin,
     replies: BufReader<ChildStdout>,
+    /// Where the process's stderr goes: a file, not a pipe, so warnings
+    /// cannot fill a pipe nobody reads while it runs and stall it.
+    log: PathBuf,
 }
 
 impl Reference {
@@ -226,12 +229,17 @@ impl Reference {
         let program = format!(
             "{script}\nimport sys\nfor _request in sys.stdin:\n    print(measure(_request.strip()), flush=True)\n"
         );
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log =
+            std::env::temp_dir().join(format!("kiln-reference-{}-{n}.log", std::process::id()));
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let mut child = Command::new(&python)
             .arg("-c")
             .arg(program)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("{python} not runnable: {e}"))?;
         let requests = child.stdin.take().expect("piped stdin");
@@ -240,6 +248,7 @@ impl Reference {
             child,
             requests,
             replies,
+            log,
         })
     }
 
@@ -260,10 +269,7 @@ impl Reference {
     /// The last line the reference process wrote to stderr, once it has died.
     fn failure(&mut self) -> String {
         let _ = self.child.wait();
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err);
-        }
+        let err = std::fs::read_to_string(&self.log).unwrap_or_default();
         format!(
             "reference process failed: {}",
             err.lines().last().unwrap_or("no message")
@@ -275,6 +281,7 @@ impl Drop for Reference {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -311,41 +318,6 @@ pub fn alternate<T>(
         (None, Ok(_)) => Err("no window measured".into()),
     };
     Ok((best_kiln.expect("at least one window"), best_reference))
-}
-
-/// Runs `script` with `args` under the first interpreter that can import
-/// `module`, and returns its stdout lines.
-pub fn run_python(module: &str, script: &str, args: &[String]) -> Result<Vec<String>, String> {
-    let python = interpreter_with(module)?;
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{python} not runnable: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{python} failed: {}",
-            err.lines().last().unwrap_or("")
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
-}
-
-/// Parses one number per line.
-pub fn numbers(lines: Vec<String>) -> Result<Vec<f64>, String> {
-    lines
-        .iter()
-        .map(|l| {
-            l.parse::<f64>()
-                .map_err(|e| format!("unreadable output {l:?}: {e}"))
-        })
-        .collect()
 }
 
 /// Prints where one step's time went, by kernel (from `Device::profile`).

@@ -56,31 +56,49 @@ impl ConvCase {
     }
 }
 
+/// Alternating timed windows, Kiln's and PyTorch's, per measurement; the
+/// best of each counts.
+const WINDOWS: usize = 3;
+
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
-    let torch = torch_reference();
+    let mut torch = support::Reference::start("torch", TORCH_CONV);
     let mut rows = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
-        let seconds = time_conv(device, case)?;
-        let reference = torch.as_ref().map(|t| case.flops() / t[i] / 1e9);
+        // PyTorch answers passes per second.
+        let (rate, torch_passes) = support::alternate(
+            WINDOWS,
+            || Ok((case.flops() / time_conv(device, case)? / 1e9, ())),
+            &mut torch,
+            &format!("conv {i}"),
+        )?;
+        let reference = torch_passes.map(|per_second| case.flops() * per_second / 1e9);
         rows.push(
             Row::new(
                 format!("{} fwd+bwd, batch {BATCH}", case.name),
                 "GFLOP/s",
-                case.flops() / seconds / 1e9,
+                rate.0,
             )
-            .against("pytorch cpu", reference),
+            .against("pytorch cpu", reference.as_ref().copied()),
         );
     }
-    let (rate, counts) = model_samples_per_second(device)?;
+    let ((rate, counts), torch_rate) = support::alternate(
+        WINDOWS,
+        || model_samples_per_second(device),
+        &mut torch,
+        "model",
+    )?;
     rows.push(
         Row::new(
             format!("reference CNN training, batch {BATCH}"),
             "samples/s",
             rate,
         )
-        .against("pytorch cpu", torch.as_ref().map(|t| t[3]))
+        .against("pytorch cpu", torch_rate.as_ref().copied())
         .per_step(counts),
     );
+    super::maybe_profile(device, "CNN training step", || {
+        model_samples_per_second(device).map(|_| ())
+    })?;
     Ok(rows)
 }
 
@@ -131,31 +149,30 @@ fn model_samples_per_second(device: &Device) -> anyhow::Result<(f64, StepCounts)
         step()?;
     }
     let (seconds, counts) = support::measure_steps(device, MODEL_STEPS, |_| step())?;
-    super::maybe_profile(device, "CNN training step", step)?;
     Ok(((MODEL_STEPS * BATCH) as f64 / seconds, counts))
 }
 
-/// PyTorch's seconds per forward + backward for each case, then its training
-/// samples/s for the same model.
-fn torch_reference() -> Result<Vec<f64>, String> {
-    let script = r#"
+/// The same layers and model in PyTorch. Requests: `conv I` answers forward
+/// + backward passes per second of case `I`, `model` training samples/s.
+const TORCH_CONV: &str = r#"
 import os, time, torch
 torch.set_num_threads(os.cpu_count())
 F = torch.nn.functional
-def timed(fn, min_seconds=1.0):
-    for _ in range(3): fn()
+def per_second(fn, min_seconds=1.0):
+    fn()
     reps, start = 0, time.perf_counter()
     while reps < 5 or time.perf_counter() - start < min_seconds:
         fn(); reps += 1
-    return (time.perf_counter() - start) / reps
-for c, h, out in [(1, 28, 32), (32, 13, 64), (64, 5, 64)]:
+    return reps / (time.perf_counter() - start)
+def conv_case(c, h, out):
     x = torch.rand(32, c, h, h, requires_grad=True)
     w = (torch.rand(out, c, 3, 3) - 0.5).requires_grad_()
     b = torch.rand(out, requires_grad=True)
     def run():
         x.grad = w.grad = b.grad = None
         F.conv2d(x, w, b).sum().backward()
-    print(timed(run))
+    return run
+cases = [conv_case(c, h, out) for c, h, out in [(1, 28, 32), (32, 13, 64), (64, 5, 64)]]
 model = torch.nn.Sequential(
     torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
     torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -166,13 +183,8 @@ x = torch.rand(32, 1, 28, 28); y = torch.arange(32) % 10
 def step():
     opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 for _ in range(10): step()
-start = time.perf_counter()
-for _ in range(100): step()
-print(100 * 32 / (time.perf_counter() - start))
+def measure(request):
+    if request == "model":
+        return 32 * per_second(step)
+    return per_second(cases[int(request.split()[1])])
 "#;
-    let values = support::numbers(support::run_python("torch", script, &[])?)?;
-    if values.len() != 4 {
-        return Err(format!("expected 4 numbers from PyTorch, got {values:?}"));
-    }
-    Ok(values)
-}
