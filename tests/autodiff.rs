@@ -880,6 +880,56 @@ fn embedding_gradient_adds_up_repeated_ids() {
 }
 
 #[test]
+fn a_loss_backward_from_itself_uses_its_fused_gradient() {
+    // `loss.backward()` seeds with exactly 1, so cross-entropy hands back the
+    // gradient its forward kernel computed, with no multiply; checked against
+    // central differences, then accumulated by a second backward pass.
+    let d = device();
+    let labels = [2u32, 9, 0, 1, 9, 2];
+    let x = random_vec(18, 85, -3.0, 3.0);
+    let cpu = |x: &[f64]| -> f64 {
+        let lp = cpu_log_softmax(x, 3);
+        let counted: Vec<usize> = (0..6).filter(|&i| labels[i] != 9).collect();
+        -counted
+            .iter()
+            .map(|&i| lp[i * 3 + labels[i] as usize])
+            .sum::<f64>()
+            / counted.len() as f64
+    };
+    let options = loss::CrossEntropy {
+        reduction: loss::Reduction::Mean,
+        ignore_index: Some(9),
+    };
+    let logits = Tensor::from_slice(d, &x, &[6, 3])
+        .unwrap()
+        .requires_grad(true);
+    let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let numeric: Vec<f64> = (0..18)
+        .map(|i| {
+            let h = 1e-6;
+            let (mut plus, mut minus) = (x64.clone(), x64.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            (cpu(&plus) - cpu(&minus)) / (2.0 * h)
+        })
+        .collect();
+    for pass in 1..=2 {
+        let l = loss::cross_entropy_with(&logits, &labels, options).unwrap();
+        assert!((f64::from(l.item().unwrap()) - cpu(&x64)).abs() < 1e-5);
+        l.backward().unwrap();
+        let got = logits.grad().unwrap().to_vec().unwrap();
+        for i in 0..18 {
+            let want = f64::from(pass) * numeric[i];
+            assert!(
+                (f64::from(got[i]) - want).abs() < 1e-5,
+                "pass {pass}, element {i}: got {}, want {want}",
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
 fn loss_variants() {
     let targets = random_vec(12, 80, 0.0, 1.0);
     grad_check(

@@ -19,6 +19,25 @@ pub(crate) struct GradFn {
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    /// The id of the seed gradient (all ones) of the backward pass running on
+    /// this thread.
+    static UNIT_SEED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Whether `g` is the seed of the running backward pass, whose every element
+/// is 1: a backward rule that would multiply by it can skip the kernel (a
+/// loss's gradient, computed with its forward pass, is then final as it is).
+pub(crate) fn is_unit_seed(g: &Tensor) -> bool {
+    UNIT_SEED.with(Cell::get) == Some(g.id())
+}
+
+/// Clears the seed mark when the backward pass ends, however it ends.
+struct SeedMark(Option<u64>);
+
+impl Drop for SeedMark {
+    fn drop(&mut self) {
+        UNIT_SEED.with(|s| s.set(self.0));
+    }
 }
 
 /// True unless inside [`no_grad`].
@@ -112,7 +131,9 @@ pub(crate) fn backward(root: &Tensor) -> Result<()> {
     let _guard = NoGradGuard::new();
     let order = topological_order(root);
     let mut grads: HashMap<u64, Tensor> = HashMap::new();
-    grads.insert(root.id(), Tensor::ones(root.device(), root.shape())?);
+    let seed = Tensor::ones(root.device(), root.shape())?;
+    let _seed_mark = SeedMark(UNIT_SEED.with(|s| s.replace(Some(seed.id()))));
+    grads.insert(root.id(), seed);
     for t in order.iter().rev() {
         let Some(grad) = grads.remove(&t.id()) else {
             continue;

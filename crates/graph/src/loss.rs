@@ -143,6 +143,10 @@ pub fn cross_entropy_with(
         Reduction::Mean | Reduction::Sum => row_loss.sum_all()?,
     };
     Ok(record(&[logits], out, OP, move |g| {
+        // Backward from this loss itself: the fused gradient is final.
+        if crate::autograd::is_unit_seed(g) {
+            return Ok(vec![Some(grad.clone())]);
+        }
         // A per-row gradient scales its row; the reduced loss's scales all.
         let g = if g.rank() == 1 {
             g.reshape(&[n, 1])?
