@@ -1214,6 +1214,34 @@ fn cpu_pool(
 }
 
 #[test]
+fn max_pooling_sends_a_tied_windows_gradient_to_its_first_maximum() {
+    // As PyTorch: overlapping 2x2 windows at stride 1 over a plane whose
+    // top-left 2x2 block ties; each window's gradient goes to the first of
+    // its tied maxima in row-major order, the others get none from it.
+    let d = device();
+    #[rustfmt::skip]
+    let x = [
+        5.0, 5.0, 1.0,
+        5.0, 5.0, 2.0,
+        0.0, 3.0, 4.0,
+    ];
+    let t = Tensor::from_slice(d, &x, &[1, 1, 3, 3])
+        .unwrap()
+        .requires_grad(true);
+    let y = t.max_pool2d([2, 2], [1, 1]).unwrap();
+    assert_eq!(y.to_vec().unwrap(), vec![5.0, 5.0, 5.0, 5.0]);
+    let g = Tensor::from_slice(d, &[1.0, 10.0, 100.0, 1000.0], &[1, 1, 2, 2]).unwrap();
+    y.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+    #[rustfmt::skip]
+    let want = vec![
+        1.0, 10.0, 0.0,
+        100.0, 1000.0, 0.0,
+        0.0, 0.0, 0.0,
+    ];
+    assert_eq!(t.grad().unwrap().to_vec().unwrap(), want);
+}
+
+#[test]
 fn pooling_gradients() {
     for (i, (shape, k, s)) in [
         ([2, 3, 6, 6], [2, 2], [2, 2]),

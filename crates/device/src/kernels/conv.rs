@@ -9,6 +9,7 @@ use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 
 const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
+const MAX_POOL_SRC: &str = include_str!("../../../../shaders/max_pool.wgsl");
 
 /// Geometry of a 2-D convolution over an already padded NCHW input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,11 +55,35 @@ impl ConvGeometry {
     pub fn patch(&self) -> usize {
         self.c * self.kh * self.kw
     }
+
+    /// `shader` with the geometry as the constants the window kernels read
+    /// (N, C, H, W, OH, OW, KH, KW, SH, SW, DH, DW): index arithmetic then
+    /// divides by constants, cheap on CPU adapters. Callers check first that
+    /// the element counts fit u32, so every value does.
+    fn constants(&self, shader: Specialize, (oh, ow): (usize, usize)) -> Specialize {
+        let values = [
+            ("N", self.n),
+            ("C", self.c),
+            ("H", self.h),
+            ("W", self.w),
+            ("OH", oh),
+            ("OW", ow),
+            ("KH", self.kh),
+            ("KW", self.kw),
+            ("SH", self.stride[0]),
+            ("SW", self.stride[1]),
+            ("DH", self.dilation[0]),
+            ("DW", self.dilation[1]),
+        ];
+        values
+            .iter()
+            .fold(shader, |s, &(name, v)| s.constant_u32(name, v as u32))
+    }
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Col2ImParams {
+struct WindowParams {
     row_threads: u32,
     _pad: [u32; 3],
 }
@@ -94,33 +119,79 @@ impl Device {
         let out = self.empty(numel, DType::F32)?;
         let (grid, row_threads) = self.linear_grid(numel)?;
         to_u32(OP, "elements", numel)?;
-        let constants = [
-            ("N", g.n),
-            ("C", g.c),
-            ("H", g.h),
-            ("W", g.w),
-            ("OH", oh),
-            ("OW", ow),
-            ("KH", g.kh),
-            ("KW", g.kw),
-            ("SH", g.stride[0]),
-            ("SW", g.stride[1]),
-            ("DH", g.dilation[0]),
-            ("DW", g.dilation[1]),
-        ];
         let kernel = self.kernel(&format!("col2im:{g:?}"), || {
-            constants
-                .iter()
-                .fold(Specialize::new(COL2IM_SRC), |s, &(name, v)| {
-                    s.constant_u32(name, v as u32)
-                })
-                .build()
+            g.constants(Specialize::new(COL2IM_SRC), (oh, ow)).build()
         })?;
-        let params = Col2ImParams {
+        let params = WindowParams {
             row_threads,
             _pad: [0; 3],
         };
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &[cols, &out], grid)?;
         Ok(out)
+    }
+
+    /// Max pooling over the windows of `g` (input already padded): the
+    /// `[n, c, oh, ow]` maxima, and where each was in its input plane
+    /// (`i * w + j`, u32) for [`Device::max_pool2d_backward`]. Ties go to the
+    /// first maximum in row-major window order.
+    pub fn max_pool2d(&self, x: &GpuBuffer, g: &ConvGeometry) -> Result<(GpuBuffer, GpuBuffer)> {
+        const OP: &str = "max_pool2d";
+        let (oh, ow) = g.output()?;
+        super::expect_f32(OP, "input", x)?;
+        super::expect_len(OP, "input", x, g.n * g.c * g.h * g.w)?;
+        let outputs = g.n * g.c * oh * ow;
+        let values = self.empty(outputs, DType::F32)?;
+        let argmax = self.empty(outputs, DType::U32)?;
+        self.dispatch_max_pool(g, false, [x, &argmax, &values], outputs)?;
+        Ok((values, argmax))
+    }
+
+    /// The input gradient of [`Device::max_pool2d`]: each window's incoming
+    /// gradient goes to its maximum; `[n, c, h, w]` (padded).
+    pub fn max_pool2d_backward(
+        &self,
+        grad: &GpuBuffer,
+        argmax: &GpuBuffer,
+        g: &ConvGeometry,
+    ) -> Result<GpuBuffer> {
+        const OP: &str = "max_pool2d_backward";
+        let (oh, ow) = g.output()?;
+        super::expect_f32(OP, "gradient", grad)?;
+        super::expect_len(OP, "gradient", grad, g.n * g.c * oh * ow)?;
+        super::expect_len(OP, "argmax", argmax, g.n * g.c * oh * ow)?;
+        if argmax.dtype() != DType::U32 {
+            return Err(DeviceError::Shape {
+                op: OP,
+                message: format!("argmax must be u32, got {:?}", argmax.dtype()),
+            });
+        }
+        let inputs = g.n * g.c * g.h * g.w;
+        let dx = self.empty(inputs, DType::F32)?;
+        self.dispatch_max_pool(g, true, [grad, argmax, &dx], inputs)?;
+        Ok(dx)
+    }
+
+    fn dispatch_max_pool(
+        &self,
+        g: &ConvGeometry,
+        backward: bool,
+        buffers: [&GpuBuffer; 3],
+        invocations: usize,
+    ) -> Result<()> {
+        if invocations == 0 {
+            return Ok(());
+        }
+        let (oh, ow) = g.output()?;
+        to_u32("max_pool2d", "input elements", g.n * g.c * g.h * g.w)?;
+        let kernel = self.kernel(&format!("max_pool:{backward}:{g:?}"), || {
+            let shader = Specialize::new(MAX_POOL_SRC).constant_bool("BACKWARD", backward);
+            g.constants(shader, (oh, ow)).build()
+        })?;
+        let (grid, row_threads) = self.linear_grid(invocations)?;
+        let params = WindowParams {
+            row_threads,
+            _pad: [0; 3],
+        };
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)
     }
 }

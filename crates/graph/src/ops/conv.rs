@@ -299,19 +299,28 @@ impl Tensor {
         let input = self.pad2d_with(pads, fill)?;
         let g = pool_geometry(&input, kernel, stride, op)?;
         let (oh, ow) = g.output()?;
+        if max {
+            // One kernel each way; the padding's own backward crops the
+            // gradient back to the input.
+            let device = self.device();
+            let (values, argmax) = device.max_pool2d(input.buffer(), &g)?;
+            let out = Tensor::from_buffer(device, values, &[g.n, g.c, oh, ow])?;
+            let padded_shape = input.shape().to_vec();
+            return Ok(record(&[&input], out, op, move |grad| {
+                let device = grad.device();
+                let dx = device.max_pool2d_backward(grad.buffer(), &argmax, &g)?;
+                Ok(vec![Some(Tensor::from_buffer(device, dx, &padded_shape)?)])
+            }));
+        }
         // [n*oh*ow, c*kh*kw] -> [n*oh*ow*c, kh*kw]: one row per window.
         let windows = input
             .unfold2d(g)?
             .reshape(&[g.n * oh * ow * g.c, g.kh * g.kw])?;
-        let pooled = if max {
-            windows.max(1, false)?
-        } else {
-            windows.mean(1, false)?
-        };
-        let pooled = pooled
+        let pooled = windows
+            .mean(1, false)?
             .reshape(&[g.n, oh, ow, g.c])?
             .permute(&[0, 3, 1, 2])?;
-        if max || pads == [[0, 0], [0, 0]] {
+        if pads == [[0, 0], [0, 0]] {
             return Ok(pooled);
         }
         // Averages over the real cells only: rescale each position's mean by
@@ -330,7 +339,7 @@ impl Tensor {
     }
 
     /// Max pooling without padding (Keras `MaxPooling2D`, "valid"); the gradient
-    /// goes to each window's maximum, split between ties.
+    /// goes to each window's maximum (the first of equal ones, as in PyTorch).
     pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2]) -> Result<Tensor> {
         self.pool2d(kernel, stride, Padding::Valid, true)
     }

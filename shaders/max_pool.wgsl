@@ -1,0 +1,88 @@
+// Max pooling over an (already padded) NCHW input, and its gradient.
+//
+// Forward (BACKWARD false): one invocation per output (n, c, oy, ox) writes the
+// window's maximum to `values` and where it was (i * W + j in the input plane)
+// to `argmax`; ties go to the first maximum in row-major window order, as in
+// PyTorch. Backward: one invocation per input element (n, c, i, j) sums the
+// incoming gradient (`values`) of every window whose argmax is this element: a
+// gather, so overlapping windows need no atomics.
+// Prepended: the geometry as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
+// DW) and BACKWARD.
+
+struct Params {
+    row_threads: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// Forward: the input. Backward: the output's gradient.
+@group(0) @binding(1) var<storage, read> source: array<f32>;
+@group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
+// Forward: the pooled values. Backward: the input's gradient.
+@group(0) @binding(3) var<storage, read_write> result: array<f32>;
+
+fn forward(idx: u32) {
+    let ox = idx % OW;
+    let oy = (idx / OW) % OH;
+    let plane = idx / (OW * OH);
+    let base = plane * H * W;
+    var best_at = oy * SH * W + ox * SW;
+    var best = source[base + best_at];
+    for (var a = 0u; a < KH; a++) {
+        for (var b = 0u; b < KW; b++) {
+            let at = (oy * SH + a * DH) * W + ox * SW + b * DW;
+            let v = source[base + at];
+            if (v > best) {
+                best = v;
+                best_at = at;
+            }
+        }
+    }
+    result[idx] = best;
+    argmax[idx] = best_at;
+}
+
+fn backward(idx: u32) {
+    let j = idx % W;
+    let i = (idx / W) % H;
+    let plane = idx / (W * H);
+    let here = i * W + j;
+    var acc = 0.0;
+    for (var a = 0u; a < KH; a++) {
+        if (i < a * DH || (i - a * DH) % SH != 0u) {
+            continue;
+        }
+        let oy = (i - a * DH) / SH;
+        if (oy >= OH) {
+            continue;
+        }
+        for (var b = 0u; b < KW; b++) {
+            if (j < b * DW || (j - b * DW) % SW != 0u) {
+                continue;
+            }
+            let ox = (j - b * DW) / SW;
+            if (ox >= OW) {
+                continue;
+            }
+            let o = (plane * OH + oy) * OW + ox;
+            if (argmax[o] == here) {
+                acc += source[o];
+            }
+        }
+    }
+    result[idx] = acc;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let idx = gid.y * p.row_threads + gid.x;
+    if (BACKWARD) {
+        if (idx < N * C * H * W) {
+            backward(idx);
+        }
+    } else if (idx < N * C * OH * OW) {
+        forward(idx);
+    }
+}
