@@ -89,7 +89,7 @@ impl Matmul {
 /// `bias[column]` as `x1`, and may use the scalars `s0..s3` and the helpers
 /// of [`Elementwise`] expressions.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> Result<(), kiln_device::DeviceError> {
 /// use kiln_device::{Device, Elementwise, Epilogue, Matmul};
 /// let device = Device::new()?;
