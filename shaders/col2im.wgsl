@@ -3,6 +3,7 @@
 // whose window covered it. cols is [n * oh * ow, c * kh * kw], row-major.
 // The geometry is prepended as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
 // DW), so the index arithmetic divides by constants: cheap on CPU adapters.
+// Appended: shaders/conv_window.wgsl.
 
 struct Params {
     row_threads: u32,
@@ -28,18 +29,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row_len = C * KH * KW;
     var acc = 0.0;
     for (var a = 0u; a < KH; a++) {
-        if (i < a * DH || (i - a * DH) % SH != 0u) {
-            continue;
-        }
-        let oy = (i - a * DH) / SH;
+        let oy = covering_row(i, a);
         if (oy >= OH) {
             continue;
         }
         for (var b = 0u; b < KW; b++) {
-            if (j < b * DW || (j - b * DW) % SW != 0u) {
-                continue;
-            }
-            let ox = (j - b * DW) / SW;
+            let ox = covering_col(j, b);
             if (ox >= OW) {
                 continue;
             }

@@ -7,7 +7,7 @@
 // incoming gradient (`values`) of every window whose argmax is this element: a
 // gather, so overlapping windows need no atomics.
 // Prepended: the geometry as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
-// DW) and BACKWARD.
+// DW) and BACKWARD. Appended: shaders/conv_window.wgsl.
 
 struct Params {
     row_threads: u32,
@@ -51,18 +51,12 @@ fn backward(idx: u32) {
     let here = i * W + j;
     var acc = 0.0;
     for (var a = 0u; a < KH; a++) {
-        if (i < a * DH || (i - a * DH) % SH != 0u) {
-            continue;
-        }
-        let oy = (i - a * DH) / SH;
+        let oy = covering_row(i, a);
         if (oy >= OH) {
             continue;
         }
         for (var b = 0u; b < KW; b++) {
-            if (j < b * DW || (j - b * DW) % SW != 0u) {
-                continue;
-            }
-            let ox = (j - b * DW) / SW;
+            let ox = covering_col(j, b);
             if (ox >= OW) {
                 continue;
             }

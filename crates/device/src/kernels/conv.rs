@@ -10,6 +10,8 @@ use crate::kernel::Specialize;
 
 const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
 const MAX_POOL_SRC: &str = include_str!("../../../../shaders/max_pool.wgsl");
+/// Which windows cover an input cell: shared by the gather kernels.
+const WINDOW_SRC: &str = include_str!("../../../../shaders/conv_window.wgsl");
 
 /// Geometry of a 2-D convolution over an already padded NCHW input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +122,8 @@ impl Device {
         let (grid, row_threads) = self.linear_grid(numel)?;
         to_u32(OP, "elements", numel)?;
         let kernel = self.kernel(&format!("col2im:{g:?}"), || {
-            g.constants(Specialize::new(COL2IM_SRC), (oh, ow)).build()
+            let source = format!("{COL2IM_SRC}\n{WINDOW_SRC}");
+            g.constants(Specialize::new(&source), (oh, ow)).build()
         })?;
         let params = WindowParams {
             row_threads,
@@ -184,7 +187,8 @@ impl Device {
         let (oh, ow) = g.output()?;
         to_u32("max_pool2d", "input elements", g.n * g.c * g.h * g.w)?;
         let kernel = self.kernel(&format!("max_pool:{backward}:{g:?}"), || {
-            let shader = Specialize::new(MAX_POOL_SRC).constant_bool("BACKWARD", backward);
+            let source = format!("{MAX_POOL_SRC}\n{WINDOW_SRC}");
+            let shader = Specialize::new(&source).constant_bool("BACKWARD", backward);
             g.constants(shader, (oh, ow)).build()
         })?;
         let (grid, row_threads) = self.linear_grid(invocations)?;
