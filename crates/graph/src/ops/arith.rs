@@ -52,6 +52,29 @@ pub(crate) fn rename_vars(expr: &str, mut rename: impl FnMut(usize) -> String) -
     out
 }
 
+/// The indices `i` of the variables `x<i>` that `expr` reads.
+fn variables(expr: &str) -> Vec<usize> {
+    let mut found = Vec::new();
+    rename_vars(expr, |i| {
+        found.push(i);
+        String::new()
+    });
+    found
+}
+
+/// Whether `expr` reads a variable `x<i>` for which `wanted(i)` holds.
+pub(crate) fn reads_var(expr: &str, wanted: impl FnMut(usize) -> bool) -> bool {
+    variables(expr).into_iter().any(wanted)
+}
+
+/// `op(x0 + x1)` as an expression, with the op's scalars and name: a bias
+/// (or residual) and an activation in one kernel.
+pub(crate) fn after_sum(op: UnaryOp) -> (String, [f32; 4], &'static str) {
+    let unary = op.elementwise();
+    let expr = rename_vars(unary.expr, |_| "(x0 + x1)".to_string());
+    (expr, unary.scalars, unary.name)
+}
+
 /// Evaluates `expr` over those of `inputs` it names, renumbered from `x0`:
 /// unused inputs are not bound (so they cannot keep a broadcast input from
 /// the packed vec4 path).
@@ -108,13 +131,10 @@ pub(crate) fn fused(inputs: &[&Tensor], rule: Rule) -> Result<Tensor> {
     // Keep for the backward pass only what some gradient reads (an add keeps
     // nothing), so activations are not held longer than they must be.
     let mut reads = vec![false; inputs.len() + 2];
-    for partial in &rule.partials {
-        rename_vars(partial, |i| {
-            if let Some(r) = reads.get_mut(i) {
-                *r = true;
-            }
-            String::new()
-        });
+    for i in rule.partials.iter().flat_map(|p| variables(p)) {
+        if let Some(r) = reads.get_mut(i) {
+            *r = true;
+        }
     }
     let keep = |read: bool, t: &Tensor| read.then(|| t.detach());
     let y = keep(reads[1], &out);
@@ -207,12 +227,7 @@ fn derivative(op: UnaryOp) -> &'static str {
 /// fused after another kernel, which never writes the op's input, can use.
 pub(crate) fn output_derivative(op: UnaryOp) -> Option<String> {
     let expr = derivative(op);
-    let mut reads_input = false;
-    rename_vars(expr, |i| {
-        reads_input |= i >= 2;
-        String::new()
-    });
-    (!reads_input).then(|| expr.to_string())
+    (!reads_var(expr, |i| i >= 2)).then(|| expr.to_string())
 }
 
 fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
@@ -234,8 +249,7 @@ impl Tensor {
     /// intermediate sum ever being written. The backward pass is one kernel
     /// too (plus the sum over broadcast axes).
     pub fn add_then(&self, other: &Tensor, op: UnaryOp) -> Result<Tensor> {
-        let unary = op.elementwise();
-        let forward = rename_vars(unary.expr, |_| "(x0 + x1)".to_string());
+        let (forward, scalars, name) = after_sum(op);
         // The unary derivative reads its own input as x2: here that is the
         // sum of this op's two inputs, x2 + x3.
         let partial = rename_vars(derivative(op), |i| match i {
@@ -245,10 +259,10 @@ impl Tensor {
         fused(
             &[self, other],
             Rule {
-                name: unary.name,
+                name,
                 forward,
                 partials: vec![partial.clone(), partial],
-                scalars: unary.scalars,
+                scalars,
             },
         )
     }

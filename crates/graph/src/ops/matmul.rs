@@ -1,7 +1,7 @@
 //! Matrix products: 2-D, batched 3-D, and 3-D by a shared 2-D matrix; and a
 //! dense layer's product, bias and activation as one kernel.
 
-use super::arith::{map_used, output_derivative, rename_vars};
+use super::arith::{after_sum, map_used, output_derivative, reads_var};
 use super::{record, sum_to_shape};
 use crate::tensor::Tensor;
 use kiln_device::{DType, DeviceError, Elementwise, Epilogue, Matmul, Result, UnaryOp};
@@ -180,11 +180,7 @@ impl Tensor {
         let geometry = Geometry::of(self.shape(), weight.shape())?;
         let (expr, scalars, name) = match activation {
             None => ("x0 + x1".to_string(), [0.0; 4], "dense"),
-            Some(op) => {
-                let unary = op.elementwise();
-                let expr = rename_vars(unary.expr, |_| "(x0 + x1)".to_string());
-                (expr, unary.scalars, unary.name)
-            }
+            Some(op) => after_sum(op),
         };
         let mut op = Elementwise::new(name, &expr);
         op.scalars = scalars;
@@ -199,12 +195,7 @@ impl Tensor {
         let out = Tensor::from_buffer(device, buffer, &geometry.out_shape())?;
         // The activation's derivative reads the incoming gradient (x0) and at
         // most the output (x1), kept only if it does.
-        let mut reads_output = false;
-        rename_vars(&partial, |i| {
-            reads_output |= i == 1;
-            String::new()
-        });
-        let output = reads_output.then(|| out.detach());
+        let output = reads_var(&partial, |i| i == 1).then(|| out.detach());
         let needs = [
             self.is_requires_grad(),
             weight.is_requires_grad(),
