@@ -2,7 +2,8 @@
 //
 // Prepended by the host: TM, TN (outputs per invocation), WG_X, WG_Y (workgroup
 // shape), TRANS_A, TRANS_B (operands stored transposed). The host also generates
-// the fully unrolled OFFSETS, STEP and STORE blocks: TM x TN accumulators named
+// the fully unrolled OFFSETS and STEP blocks, STORE and COLUMN_SUMS (the
+// column sums of op(B), when asked for): TM x TN accumulators named
 // acc_I_J and loads a_I / b_J. Unrolling by generation rather than by WGSL loops
 // over private arrays keeps the accumulators in registers on drivers that do not
 // unroll big loops themselves (lavapipe otherwise keeps them in memory).
@@ -36,7 +37,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let bk = kk * b_step;
 {{STEP}}
     }
-
+{{COLUMN_SUMS}}
     let c_base = z * p.c_batch;
 {{STORE}}
 }

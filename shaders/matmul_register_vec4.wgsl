@@ -4,8 +4,8 @@
 // Used instead of matmul_register.wgsl when k and the contiguous extents are
 // multiples of four. CPU adapters turn every per-invocation load into a loop over
 // SIMD lanes, so quartering the number of loads is what pays there.
-// Prepended: TM, TN, WG_X, WG_Y, TRANS_A, TRANS_B; generated: OFFSETS, STEP, STORE
-// (see kernels/matmul.rs).
+// Prepended: TM, TN, WG_X, WG_Y, TRANS_A, TRANS_B; generated: OFFSETS, STEP,
+// STORE, COLUMN_SUMS (see kernels/matmul.rs).
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their vec4 loaders load_a / load_b (f32 or f16
@@ -33,7 +33,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var kq = 0u; kq < k4; kq++) {
 {{STEP}}
     }
-
+{{COLUMN_SUMS}}
     let c_base = z * p.c_batch;
 {{STORE}}
 }

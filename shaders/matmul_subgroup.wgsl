@@ -10,8 +10,8 @@
 // costs tens of cycles and a broadcast is a register shuffle, this beats plain
 // register tiles by cutting loads about threefold.
 // Prepended: TM, TN, SG, WG (lanes per workgroup), TRANS_A, TRANS_B; generated:
-// OFFSETS, STEP, STORE (see kernels/matmul.rs). Requires k % 4 == 0, n % 4 == 0
-// unless TRANS_B, m % 4 == 0 when TRANS_A.
+// OFFSETS, STEP, STORE, COLUMN_SUMS (see kernels/matmul.rs). Requires k % 4 == 0,
+// n % 4 == 0 unless TRANS_B, m % 4 == 0 when TRANS_A.
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their vec4 loaders load_a / load_b (f32 or f16
@@ -46,7 +46,7 @@ fn main(
     for (var kq = 0u; kq < k4; kq++) {
 {{STEP}}
     }
-
+{{COLUMN_SUMS}}
     let c_base = z * p.c_batch;
 {{STORE}}
 }

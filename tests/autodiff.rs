@@ -389,6 +389,15 @@ fn a_dense_layer_is_one_kernel_forward_where_the_activation_allows() {
     // GELU's derivative needs the pre-activation, which the fused kernel
     // never writes: product, then bias + GELU.
     assert_eq!(dispatches(Some(UnaryOp::Gelu)), 2);
+    // Backward from a cross-entropy loss (whose own gradient is ready): the
+    // ReLU mask, then the weight gradient with the bias's in the same kernel;
+    // x needs none.
+    let y = x.dense(&w, &b, Some(UnaryOp::Relu)).unwrap();
+    let l = loss::cross_entropy(&y, &[0, 4, 2, 1]).unwrap();
+    let before = d.dispatch_stats().dispatches;
+    l.backward().unwrap();
+    assert_eq!(d.dispatch_stats().dispatches - before, 2);
+    assert!(w.grad().is_some() && b.grad().is_some());
 }
 
 #[test]

@@ -256,6 +256,70 @@ fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
     assert!(err.contains("bias holds 2 values for 3 columns"), "{err}");
 }
 
+#[test]
+fn column_sums_of_b_come_with_the_product_on_every_tiling() {
+    // The product and, where the kernel adds them up as it goes, the sums of
+    // op(B)'s columns over k (a dense layer's bias gradient with its weight
+    // gradient), against f64 references; plain, transposed-B, the MLP's
+    // first weight gradient (A^T G) and odd shapes with scalar loads.
+    let d = device();
+    for (t, tiling) in tilings().into_iter().enumerate() {
+        for (s, spec) in [
+            Matmul::new(784, 64, 32).transpose_a(true),
+            Matmul::new(33, 65, 17),
+            Matmul::new(36, 20, 44).transpose_b(true),
+            Matmul::new(40, 24, 36).transpose_a(true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 500 + 10 * t as u64 + 2 * s as u64;
+            let a = random_vec(spec.m * spec.k, seed, -1.0, 1.0);
+            let b = random_vec(spec.k * spec.n, seed + 1, -1.0, 1.0);
+            let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
+            let (c, sums) = d.matmul_column_sums_with(&ga, &gb, &spec, tiling).unwrap();
+            let what = format!("{tiling} {spec:?}");
+            let (want, scale) = matmul_reference(&a, &b, &spec);
+            assert_close_scaled(&what, &d.read::<f32>(&c).unwrap(), &want, &scale, 1e-4);
+            let Some(sums) = sums else {
+                // Only the shared-memory kernel has no block for the sums.
+                assert!(tiling.to_string().starts_with("shared"), "{what}: no sums");
+                continue;
+            };
+            let b_at = |kk: usize, j: usize| {
+                f64::from(if spec.trans_b {
+                    b[j * spec.k + kk]
+                } else {
+                    b[kk * spec.n + j]
+                })
+            };
+            let want: Vec<f64> = (0..spec.n)
+                .map(|j| (0..spec.k).map(|kk| b_at(kk, j)).sum())
+                .collect();
+            let scale: Vec<f64> = (0..spec.n)
+                .map(|j| (0..spec.k).map(|kk| b_at(kk, j).abs()).sum())
+                .collect();
+            let got = d.read::<f32>(&sums).unwrap();
+            assert_close_scaled(&format!("{what} column sums"), &got, &want, &scale, 1e-5);
+        }
+    }
+    // A batch of products, f16 B and a split k fall back: no sums.
+    let spec = Matmul::batched(2, 4, 4, 4);
+    let x = d.upload(&random_vec(32, 1, -1.0, 1.0)).unwrap();
+    assert!(d.matmul_column_sums(&x, &x, &spec).unwrap().1.is_none());
+    let half = d.cast(&x, DType::F16).unwrap();
+    let spec = Matmul::new(4, 4, 4);
+    assert!(d.matmul_column_sums(&x, &half, &spec).unwrap().1.is_none());
+    let long = d.upload(&random_vec(32 * 4096, 2, -1.0, 1.0)).unwrap();
+    let small = d.upload(&random_vec(9 * 4096, 3, -1.0, 1.0)).unwrap();
+    let spec = Matmul::new(32, 9, 4096).transpose_a(true);
+    assert!(d
+        .matmul_column_sums(&long, &small, &spec)
+        .unwrap()
+        .1
+        .is_none());
+}
+
 /// Ways this device can read f16 operands.
 fn half_load_paths() -> Vec<HalfLoads> {
     let mut paths = vec![HalfLoads::Packed];

@@ -151,6 +151,74 @@ fn epilogue_source(epilogue: Option<&Epilogue>) -> String {
     s
 }
 
+/// What a product kernel does besides computing C: an epilogue on what it
+/// stores, and the column sums of op(B) over k (a dense layer's bias
+/// gradient, when B is the output's gradient), written by the invocations of
+/// the first row block.
+#[derive(Clone, Copy, Default)]
+struct Extras<'e> {
+    epilogue: Option<&'e Epilogue<'e>>,
+    column_sums: Option<&'e GpuBuffer>,
+}
+
+impl Extras<'_> {
+    fn key(&self) -> String {
+        let epilogue = self.epilogue.map(Epilogue::key).unwrap_or_default();
+        format!("{epilogue}:{}", self.column_sums.is_some())
+    }
+
+    /// The buffers after A, B and C, in binding order (4, 5).
+    fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
+        self.epilogue
+            .map(|e| e.bias)
+            .into_iter()
+            .chain(self.column_sums)
+    }
+}
+
+/// The WGSL that sums columns `col0 + j` of op(B) over k into `column_sums`
+/// (bound after the epilogue's bias), for the invocations where `first` holds,
+/// each taking the columns of the loop header `columns`. B is f32 storage,
+/// read one element at a time whatever the kernel's loads.
+fn column_sums_source(
+    binding: u32,
+    first: &str,
+    columns: &str,
+    ops: &Operands,
+    trans_b: bool,
+) -> (String, String) {
+    let declaration = format!(
+        "@group(0) @binding({binding}) var<storage, read_write> column_sums: array<f32>;
+"
+    );
+    let index = if trans_b {
+        "col * p.k + kk"
+    } else {
+        "kk * p.n + col"
+    };
+    let element = if ops.vec4 {
+        "b[i >> 2u][i & 3u]"
+    } else {
+        "b[i]"
+    };
+    let block = format!(
+        "    if ({first}) {{\n        \
+         for ({columns}) {{\n            \
+         let col = col0 + j;\n            \
+         if (col < p.n) {{\n                \
+         var total = 0.0;\n                \
+         for (var kk = 0u; kk < p.k; kk++) {{\n                    \
+         let i = {index};\n                    \
+         total += {element};\n                \
+         }}\n                \
+         column_sums[col] = total;\n            \
+         }}\n        \
+         }}\n    \
+         }}\n"
+    );
+    (declaration, block)
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -233,6 +301,51 @@ impl Device {
         self.matmul_impl(a, b, spec, (tiling, self.half_loads()), Some(epilogue))
     }
 
+    /// `op(A) * op(B)` and, where the product kernel can add them up as it
+    /// goes, the sums of op(B)'s columns over k: for a dense layer's weight
+    /// gradient `X^T G` they are the bias gradient, which then costs no
+    /// reduction of its own. The sums come back `None` where they cannot be
+    /// had this way (the caller reduces instead): a batch of products, f16 B,
+    /// a split or empty k, or a shared-memory tiling.
+    pub fn matmul_column_sums(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+    ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
+        self.matmul_column_sums_with(a, b, spec, self.tuning().matmul)
+    }
+
+    /// [`Device::matmul_column_sums`] with an explicit tiling (for tests).
+    pub fn matmul_column_sums_with(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+    ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
+        let half = self.half_loads();
+        let (tiling, half) = self.prepare_matmul(a, b, spec, tiling, half)?;
+        let Matmul { batch, m, n, k, .. } = *spec;
+        let summable = batch == 1
+            && k > 0
+            && m * n > 0
+            && b.dtype() == DType::F32
+            && split_k(spec).is_none()
+            && !matches!(tiling, MatmulTiling::Shared { .. });
+        if !summable {
+            return Ok((self.matmul_impl(a, b, spec, (tiling, half), None)?, None));
+        }
+        let out = self.empty(m * n, DType::F32)?;
+        let sums = self.empty(n, DType::F32)?;
+        let extras = Extras {
+            epilogue: None,
+            column_sums: Some(&sums),
+        };
+        self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..1, extras)?;
+        Ok((out, Some(sums)))
+    }
+
     fn matmul_impl(
         &self,
         a: &GpuBuffer,
@@ -272,7 +385,11 @@ impl Device {
         }
         let out = self.empty(batch * m * n, DType::F32)?;
         if !out.is_empty() {
-            self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..batch, epilogue)?;
+            let extras = Extras {
+                epilogue,
+                column_sums: None,
+            };
+            self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..batch, extras)?;
         }
         Ok(out)
     }
@@ -303,7 +420,13 @@ impl Device {
                 ),
             });
         }
-        self.dispatch_matmul([a, b, out], spec, (tiling, half), entries, None)
+        self.dispatch_matmul(
+            [a, b, out],
+            spec,
+            (tiling, half),
+            entries,
+            Extras::default(),
+        )
     }
 
     /// Checks the operands against `spec`, and adapts `tiling` and `half` to
@@ -360,7 +483,7 @@ impl Device {
         spec: &Matmul,
         (tiling, half): (MatmulTiling, HalfLoads),
         entries: std::ops::Range<usize>,
-        epilogue: Option<&Epilogue>,
+        extras: Extras,
     ) -> Result<()> {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
@@ -371,16 +494,17 @@ impl Device {
             half,
             vec4,
         };
-        let epilogue_key = epilogue.map(Epilogue::key).unwrap_or_default();
         let kernel = self.kernel(
             &format!(
-                "{tiling}:{}{}:{operands:?}:{epilogue_key}",
-                spec.trans_a, spec.trans_b
+                "{tiling}:{}{}:{operands:?}:{}",
+                spec.trans_a,
+                spec.trans_b,
+                extras.key()
             ),
-            || specialise(tiling, spec.trans_a, spec.trans_b, operands, epilogue),
+            || specialise(tiling, spec.trans_a, spec.trans_b, operands, extras),
         )?;
         let mut buffers = vec![a, b, out];
-        buffers.extend(epilogue.map(|e| e.bias));
+        buffers.extend(extras.buffers());
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
         let groups_y = to_u32(OP, "m blocks", m.div_ceil(block_m as usize))?;
@@ -591,9 +715,17 @@ fn specialise(
     trans_a: bool,
     trans_b: bool,
     ops: Operands,
-    epilogue: Option<&Epilogue>,
+    extras: Extras,
 ) -> String {
     let vec4 = ops.vec4;
+    // Column sums bind after the epilogue's bias; tilings without a block
+    // for them are never asked (see `Device::matmul_column_sums`).
+    let sums_binding = if extras.epilogue.is_some() { 5 } else { 4 };
+    let column_sums = |first: &str, columns: &str| match extras.column_sums {
+        Some(_) => column_sums_source(sums_binding, first, columns, &ops, trans_b),
+        None => (String::new(), String::new()),
+    };
+    let mut declarations = String::new();
     let spec = match tiling {
         MatmulTiling::Register { tm, tn, wg_x, wg_y } => {
             let (source, offsets, step) = if vec4 {
@@ -614,6 +746,9 @@ fn specialise(
                     register_step(tm, tn),
                 )
             };
+            // Each invocation of the first row block sums its own columns.
+            let (declaration, sums) = column_sums("row0 == 0u", "var j = 0u; j < TN; j++");
+            declarations = declaration;
             Specialize::new(source)
                 .constant_u32("TM", tm)
                 .constant_u32("TN", tn)
@@ -621,16 +756,23 @@ fn specialise(
                 .constant_u32("WG_Y", wg_y)
                 .replace("OFFSETS", &offsets)
                 .replace("STEP", &step)
+                .replace("COLUMN_SUMS", &sums)
                 .replace("STORE", &register_store(tm, tn))
         }
-        MatmulTiling::Subgroup { tm, sg, wg } => Specialize::new(SUBGROUP_SRC)
-            .constant_u32("TM", tm)
-            .constant_u32("TN", 4 * sg)
-            .constant_u32("SG", sg)
-            .constant_u32("WG", wg)
-            .replace("OFFSETS", &subgroup_offsets(tm, 4 * sg, trans_a, trans_b))
-            .replace("STEP", &subgroup_step(tm, 4 * sg, trans_a, trans_b))
-            .replace("STORE", &register_store(tm, 4 * sg)),
+        MatmulTiling::Subgroup { tm, sg, wg } => {
+            // The lanes of the first workgroup of rows share its columns.
+            let (declaration, sums) = column_sums("wid.y == 0u", "var j = lid.x; j < TN; j += WG");
+            declarations = declaration;
+            Specialize::new(SUBGROUP_SRC)
+                .constant_u32("TM", tm)
+                .constant_u32("TN", 4 * sg)
+                .constant_u32("SG", sg)
+                .constant_u32("WG", wg)
+                .replace("OFFSETS", &subgroup_offsets(tm, 4 * sg, trans_a, trans_b))
+                .replace("STEP", &subgroup_step(tm, 4 * sg, trans_a, trans_b))
+                .replace("COLUMN_SUMS", &sums)
+                .replace("STORE", &register_store(tm, 4 * sg))
+        }
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } => Specialize::new(SHARED_SRC)
@@ -658,8 +800,8 @@ fn specialise(
     };
     let a = operand_source("a", 1, ops.a, &ops);
     let b = operand_source("b", 2, ops.b, &ops);
-    let epilogue = epilogue_source(epilogue);
-    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{epilogue}\n{body}")
+    let epilogue = epilogue_source(extras.epilogue);
+    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{epilogue}\n{declarations}\n{body}")
 }
 
 const LANES: [&str; 4] = ["x", "y", "z", "w"];

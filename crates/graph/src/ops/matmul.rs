@@ -86,35 +86,55 @@ impl Geometry {
         sb: &Tensor,
         needs: [bool; 2],
     ) -> Result<[Option<Tensor>; 2]> {
+        let ga = needs[0].then(|| self.input_grad(g, sa, sb)).transpose()?;
+        let gb = needs[1]
+            .then(|| self.weight_grad(g, sa, sb, false))
+            .transpose()?;
+        Ok([ga, gb.map(|(gb, _)| gb)])
+    }
+
+    /// dA = dC * B^T (for a shared B, again over the flattened rows).
+    fn input_grad(&self, g: &Tensor, sa: &Tensor, sb: &Tensor) -> Result<Tensor> {
         let Self { batch, m, k, n, .. } = *self;
-        // dA = dC * B^T (for a shared B, again over the flattened rows).
-        let ga = if !needs[0] {
-            None
-        } else if self.shared_b {
-            let spec = Matmul::new(batch * m, k, n).transpose_b(true);
-            Some(product(g, sb, spec, sa.shape().to_vec())?)
+        let spec = if self.shared_b {
+            Matmul::new(batch * m, k, n).transpose_b(true)
         } else {
-            let spec = Matmul::batched(batch, m, k, n).transpose_b(true);
-            Some(product(g, sb, spec, sa.shape().to_vec())?)
+            Matmul::batched(batch, m, k, n).transpose_b(true)
         };
-        if !needs[1] {
-            return Ok([ga, None]);
-        }
-        // dB = A^T * dC; for a shared B, summed over the batch, which is one
-        // product over the flattened batch*m rows.
-        let gb = if self.shared_b {
-            let spec = Matmul::new(k, n, batch * m).transpose_a(true);
-            product(sa, g, spec, vec![k, n])?
+        product(g, sb, spec, sa.shape().to_vec())
+    }
+
+    /// dB = A^T * dC; for a shared B, summed over the batch, which is one
+    /// product over the flattened batch*m rows. With `column_sums`, also the
+    /// sums of dC's columns over those rows (a bias's gradient) where the
+    /// product kernel can add them up as it goes.
+    fn weight_grad(
+        &self,
+        g: &Tensor,
+        sa: &Tensor,
+        sb: &Tensor,
+        column_sums: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let Self { batch, m, k, n, .. } = *self;
+        let spec = if self.shared_b {
+            Matmul::new(k, n, batch * m).transpose_a(true)
         } else {
-            let spec = Matmul {
+            Matmul {
                 trans_a: true,
                 batch_stride_a: m * k,
                 batch_stride_b: m * n,
                 ..Matmul::batched(batch, k, n, m)
-            };
-            product(sa, g, spec, sb.shape().to_vec())?
+            }
         };
-        Ok([ga, Some(gb)])
+        if !column_sums {
+            return Ok((product(sa, g, spec, sb.shape().to_vec())?, None));
+        }
+        let device = g.device();
+        let (gb, sums) = device.matmul_column_sums(sa.buffer(), g.buffer(), &spec)?;
+        let sums = sums
+            .map(|s| Tensor::from_buffer(device, s, &[n]))
+            .transpose()?;
+        Ok((Tensor::from_buffer(device, gb, sb.shape())?, sums))
     }
 }
 
@@ -210,12 +230,21 @@ impl Tensor {
                 map_used("dense_grad", &partial, scalars, &[g, y])?
             };
             let g = &stored_as(&pre, dtype)?;
-            let [ga, gw] = geometry.backward(g, &sa, &sb, [needs[0], needs[1]])?;
-            let gb = if needs[2] {
-                Some(sum_to_shape(&pre, &[n])?)
-            } else {
-                None
+            let ga = needs[0]
+                .then(|| geometry.input_grad(g, &sa, &sb))
+                .transpose()?;
+            // The bias gradient comes with the weight's where the product
+            // kernel can sum the columns of g as it goes.
+            let (gw, mut gb) = match needs[1] {
+                true => {
+                    let (gw, sums) = geometry.weight_grad(g, &sa, &sb, needs[2])?;
+                    (Some(gw), sums)
+                }
+                false => (None, None),
             };
+            if needs[2] && gb.is_none() {
+                gb = Some(sum_to_shape(&pre, &[n])?);
+            }
             Ok(vec![ga, gw, gb])
         }))
     }
