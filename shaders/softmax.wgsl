@@ -11,8 +11,10 @@
 // row r's loss -log softmax(z)[label] goes to row_loss[r] and the gradient
 // softmax(z) - onehot(label) to out, both times loss_scale (the mean's 1/count).
 // A label >= cols marks an ignored row: zero loss and gradient. Without
-// CROSS_ENTROPY `labels` and `row_loss` are unused.
-// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY.
+// CROSS_ENTROPY `labels` and `row_loss` are unused. With TOTAL (cross-entropy
+// rows per thread, a classifier's batch) one workgroup takes every row and
+// also writes the sum of the row losses to `total[0]`.
+// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY, TOTAL.
 
 struct Params {
     rows: u32,
@@ -31,6 +33,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> labels: array<u32>;
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(6) var<storage, read_write> total: array<f32>;
 
 fn z(base: u32, bias_base: u32, c: u32) -> f32 {
     var v = p.scale * x[base + c];
@@ -114,6 +117,20 @@ fn softmax_row(row: u32) {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if (TOTAL) {
+        var mine = 0.0;
+        for (var row = lid; row < p.rows; row += WG) {
+            softmax_row(row);
+            mine += row_loss[row];
+        }
+        partial[lid] = mine;
+        workgroupBarrier();
+        let sum = reduce_sum(lid);
+        if (lid == 0u) {
+            total[0] = sum;
+        }
+        return;
+    }
     if (ROW_PER_THREAD) {
         let row = (wid.y * p.row_groups + wid.x) * WG + lid;
         if (row < p.rows) {

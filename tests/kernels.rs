@@ -864,7 +864,9 @@ fn softmax_and_log_softmax_match_reference() {
 fn softmax_cross_entropy_matches_reference() {
     let d = device();
     // Short rows run one invocation per row, long ones a workgroup per row.
-    for (rows, cols) in [(1, 1), (7, 10), (33, 65), (5, 1000)] {
+    // Up to 1024 short rows also give their total: one workgroup walks them
+    // all, several rows per invocation past 64.
+    for (rows, cols) in [(1, 1), (7, 10), (33, 65), (700, 12), (1500, 8), (5, 1000)] {
         let x = random_vec(rows * cols, (rows + cols) as u64, -30.0, 30.0);
         // Every third row ignored (an id past the classes).
         let labels: Vec<u32> = (0..rows)
@@ -899,10 +901,18 @@ fn softmax_cross_entropy_matches_reference() {
         }
         let gx = d.upload(&x).unwrap();
         let gl = d.upload(&labels).unwrap();
-        let (loss, grad) = d
+        let fused = d
             .softmax_cross_entropy(&gx, &gl, rows, cols, scale)
             .unwrap();
+        let (loss, grad) = (fused.row_loss, fused.grad);
         let what = format!("cross-entropy {rows}x{cols}");
+        assert_eq!(fused.total.is_some(), cols < 512 && rows <= 1024, "{what}");
+        if let Some(total) = fused.total {
+            let want: f64 = want_loss.iter().sum();
+            let scale: f64 = want_loss.iter().map(|v| v.abs()).sum();
+            let got = d.read::<f32>(&total).unwrap();
+            assert_close_scaled(&format!("{what} total"), &got, &[want], &[scale], 1e-5);
+        }
         assert_close(
             &what,
             &d.read::<f32>(&loss).unwrap(),

@@ -50,7 +50,7 @@ pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
 pub use kernels::matmul::{Epilogue, HalfLoads, Matmul};
 pub use kernels::norm::LayerNormOutput;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
-pub use kernels::softmax::SoftmaxInput;
+pub use kernels::softmax::{CrossEntropyOutput, SoftmaxInput};
 pub use pool::{bucket_size, PoolStats};
 pub use profile::KernelTime;
 pub use tuning::{MatmulTiling, Tuning};

@@ -119,10 +119,11 @@ pub fn cross_entropy_with(
             format!("label {bad} out of range for {classes} classes"),
         ));
     }
-    // One fused kernel gives every row's loss and the gradient of the
-    // (scaled) loss, which the backward pass only multiplies by the incoming
-    // gradient: three dispatches per step in all, where log-softmax, a
-    // one-hot selection and their backward passes took eleven.
+    // One fused kernel gives every row's loss, their total (for up to 1024
+    // rows) and the gradient of the scaled loss, which the backward pass
+    // multiplies by the incoming gradient, or takes as it is when backward
+    // starts at this loss: one dispatch per step for a classifier, where
+    // log-softmax, a one-hot selection and their backward passes took eleven.
     let ids: Vec<u32> = labels
         .iter()
         .map(|&l| if ignored(l) { u32::MAX } else { l })
@@ -134,13 +135,14 @@ pub fn cross_entropy_with(
     };
     let device = logits.device();
     let ids = device.upload(&ids)?;
-    let (row_loss, grad) =
-        device.softmax_cross_entropy(logits.buffer(), &ids, n, classes, loss_scale)?;
-    let row_loss = Tensor::from_buffer(device, row_loss, &[n])?;
-    let grad = Tensor::from_buffer(device, grad, &[n, classes])?;
-    let out = match options.reduction {
-        Reduction::None => row_loss,
-        Reduction::Mean | Reduction::Sum => row_loss.sum_all()?,
+    let fused = device.softmax_cross_entropy(logits.buffer(), &ids, n, classes, loss_scale)?;
+    let row_loss = Tensor::from_buffer(device, fused.row_loss, &[n])?;
+    let grad = Tensor::from_buffer(device, fused.grad, &[n, classes])?;
+    // The kernel adds a classifier batch's losses up itself.
+    let out = match (options.reduction, fused.total) {
+        (Reduction::None, _) => row_loss,
+        (_, Some(total)) => Tensor::from_buffer(device, total, &[])?,
+        (_, None) => row_loss.sum_all()?,
     };
     Ok(record(&[logits], out, OP, move |g| {
         // Backward from this loss itself: the fused gradient is final.

@@ -9,6 +9,22 @@ use crate::kernel::Specialize;
 
 const SRC: &str = include_str!("../../../../shaders/softmax.wgsl");
 const SOFTMAX_WORKGROUP: u32 = 64;
+/// The most rows a cross-entropy adds up in its own kernel (one workgroup
+/// walking every row): past this a parallel reduction pays for its dispatch.
+const TOTAL_MAX_ROWS: usize = 1024;
+
+/// What [`Device::softmax_cross_entropy`] computes.
+#[derive(Debug)]
+pub struct CrossEntropyOutput {
+    /// Each row's loss, times the loss scale.
+    pub row_loss: GpuBuffer,
+    /// The scaled loss's gradient with respect to the logits.
+    pub grad: GpuBuffer,
+    /// The sum of the row losses (one f32) where the kernel added them up
+    /// itself: up to 1024 rows of fewer than 512 classes, a classifier's
+    /// batch. Otherwise the caller reduces `row_loss`.
+    pub total: Option<GpuBuffer>,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -84,7 +100,7 @@ impl Device {
         rows: usize,
         cols: usize,
         loss_scale: f32,
-    ) -> Result<(GpuBuffer, GpuBuffer)> {
+    ) -> Result<CrossEntropyOutput> {
         const OP: &str = "softmax_cross_entropy";
         if labels.dtype() != DType::U32 || labels.len() != rows {
             return Err(DeviceError::Shape {
@@ -97,9 +113,13 @@ impl Device {
             });
         }
         let output = Output::CrossEntropy { labels, loss_scale };
-        let (grad, loss) =
+        let (grad, row_loss, total) =
             self.softmax_impl(logits, rows, cols, SoftmaxInput::default(), output)?;
-        Ok((loss.expect("the cross-entropy output has row losses"), grad))
+        Ok(CrossEntropyOutput {
+            row_loss: row_loss.expect("the cross-entropy output has row losses"),
+            grad,
+            total,
+        })
     }
 
     /// Softmax over the last axis of `scale * x + bias` in one pass over `x`:
@@ -115,7 +135,8 @@ impl Device {
         Ok(self.softmax_impl(x, rows, cols, input, Output::Softmax)?.0)
     }
 
-    /// The rows' outputs, and with cross-entropy the rows' losses.
+    /// The rows' outputs, and with cross-entropy the rows' losses and, where
+    /// the kernel adds them up, their total.
     fn softmax_impl(
         &self,
         x: &GpuBuffer,
@@ -123,7 +144,7 @@ impl Device {
         cols: usize,
         input: SoftmaxInput,
         output: Output,
-    ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
+    ) -> Result<(GpuBuffer, Option<GpuBuffer>, Option<GpuBuffer>)> {
         let (op, log, cross_entropy) = match output {
             Output::Softmax => ("softmax", false, false),
             Output::LogSoftmax => ("log_softmax", true, false),
@@ -153,14 +174,17 @@ impl Device {
             .then(|| self.empty(rows, DType::F32))
             .transpose()?;
         if out.is_empty() {
-            return Ok((out, row_loss));
+            return Ok((out, row_loss, None));
         }
         let has_bias = input.bias.is_some();
         // Like reductions: a workgroup per row pays off only for long rows
         // that are too few to keep the adapter busy one invocation each.
         let row_per_thread = cols < 512 || rows >= 4096;
+        // A classifier's batch: one workgroup takes every row and adds the
+        // losses up too, saving the loss's reduction a dispatch.
+        let total = cross_entropy && row_per_thread && rows <= TOTAL_MAX_ROWS;
         let kernel = self.kernel(
-            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}"),
+            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}:{total}"),
             || {
                 Specialize::new(SRC)
                     .constant_u32("WG", SOFTMAX_WORKGROUP)
@@ -168,10 +192,14 @@ impl Device {
                     .constant_bool("BIAS", has_bias)
                     .constant_bool("ROW_PER_THREAD", row_per_thread)
                     .constant_bool("CROSS_ENTROPY", cross_entropy)
+                    .constant_bool("TOTAL", total)
                     .build()
             },
         )?;
-        let groups = if row_per_thread {
+        let total = total.then(|| self.empty(1, DType::F32)).transpose()?;
+        let groups = if total.is_some() {
+            1
+        } else if row_per_thread {
             rows.div_ceil(SOFTMAX_WORKGROUP as usize)
         } else {
             rows
@@ -193,14 +221,22 @@ impl Device {
             _pad: [0; 2],
         };
         // Unused bindings still need buffers, which the kernel never touches:
-        // `x` again for read-only ones and `out` again for `row_loss`.
+        // `x` again for read-only ones and `out` again for `row_loss` and
+        // `total`.
         let bias = input.bias.unwrap_or(x);
         let labels = match output {
             Output::CrossEntropy { labels, .. } => labels,
             _ => x,
         };
-        let buffers = [x, bias, &out, labels, row_loss.as_ref().unwrap_or(&out)];
+        let buffers = [
+            x,
+            bias,
+            &out,
+            labels,
+            row_loss.as_ref().unwrap_or(&out),
+            total.as_ref().unwrap_or(&out),
+        ];
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
-        Ok((out, row_loss))
+        Ok((out, row_loss, total))
     }
 }
