@@ -392,12 +392,18 @@ fn a_dense_layer_is_one_kernel_forward_where_the_activation_allows() {
     // Backward from a cross-entropy loss (whose own gradient is ready): the
     // ReLU mask, then the weight gradient with the bias's in the same kernel;
     // x needs none.
-    let y = x.dense(&w, &b, Some(UnaryOp::Relu)).unwrap();
-    let l = loss::cross_entropy(&y, &[0, 4, 2, 1]).unwrap();
-    let before = d.dispatch_stats().dispatches;
-    l.backward().unwrap();
-    assert_eq!(d.dispatch_stats().dispatches - before, 2);
-    assert!(w.grad().is_some() && b.grad().is_some());
+    // The same for GELU: its derivative, then the weight and bias gradients.
+    for op in [UnaryOp::Relu, UnaryOp::Gelu] {
+        // (Fresh gradients: accumulating would add a kernel per parameter.)
+        w.zero_grad();
+        b.zero_grad();
+        let y = x.dense(&w, &b, Some(op)).unwrap();
+        let l = loss::cross_entropy(&y, &[0, 4, 2, 1]).unwrap();
+        let before = d.dispatch_stats().dispatches;
+        l.backward().unwrap();
+        assert_eq!(d.dispatch_stats().dispatches - before, 2, "{op:?}");
+        assert!(w.grad().is_some() && b.grad().is_some());
+    }
 }
 
 #[test]

@@ -164,7 +164,8 @@ impl Tensor {
     /// The bias and activation are applied by the product kernel as it stores
     /// its output, so the pre-activation is never written, when the
     /// activation's derivative can be had from its output (ReLU, sigmoid,
-    /// tanh); other activations (GELU) take a second kernel.
+    /// tanh); other activations (GELU) take a second kernel. The backward pass
+    /// sums the bias gradient in the weight gradient's kernel where it can.
     ///
     /// ```
     /// # fn main() -> kiln_device::Result<()> {
@@ -191,10 +192,13 @@ impl Tensor {
             && bias.shape() == [weight.shape()[1]]
             && bias.buffer().dtype() == DType::F32;
         let (Some(partial), true) = (partial, fusable) else {
-            let y = self.matmul(weight)?;
-            return match activation {
-                None => y.add(bias),
-                Some(op) => y.add_then(bias, op),
+            return match (activation, fusable) {
+                // The derivative needs the pre-activation: the product adds
+                // the bias (and its gradient gets summed with the weight's),
+                // then the activation is its own kernel.
+                (Some(op), true) => self.dense(weight, bias, None)?.unary(op),
+                (None, _) => self.matmul(weight)?.add(bias),
+                (Some(op), false) => self.matmul(weight)?.add_then(bias, op),
             };
         };
         let geometry = Geometry::of(self.shape(), weight.shape())?;
