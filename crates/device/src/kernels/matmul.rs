@@ -188,8 +188,7 @@ fn column_sums_source(
     trans_b: bool,
 ) -> (String, String) {
     let declaration = format!(
-        "@group(0) @binding({binding}) var<storage, read_write> column_sums: array<f32>;
-"
+        "@group(0) @binding({binding}) var<storage, read_write> column_sums: array<f32>;\n"
     );
     let index = if trans_b {
         "col * p.k + kk"
