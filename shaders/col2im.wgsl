@@ -16,31 +16,19 @@ struct Params {
 @group(0) @binding(1) var<storage, read> cols: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
+// Column entry (a, b) of channel c in the im2col row of output (oy, ox).
+fn window_term(plane: u32, cell: u32, oy: u32, ox: u32, a: u32, b: u32) -> f32 {
+    let n = plane / C;
+    let c = plane % C;
+    let row = (n * OH + oy) * OW + ox;
+    return cols[row * C * KH * KW + (c * KH + a) * KW + b];
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.y * p.row_threads + gid.x;
     if (idx >= N * C * H * W) {
         return;
     }
-    let j = idx % W;
-    let i = (idx / W) % H;
-    let c = (idx / (W * H)) % C;
-    let n = idx / (W * H * C);
-    let row_len = C * KH * KW;
-    var acc = 0.0;
-    for (var a = 0u; a < KH; a++) {
-        let oy = covering_row(i, a);
-        if (oy >= OH) {
-            continue;
-        }
-        for (var b = 0u; b < KW; b++) {
-            let ox = covering_col(j, b);
-            if (ox >= OW) {
-                continue;
-            }
-            let row = (n * OH + oy) * OW + ox;
-            acc += cols[row * row_len + (c * KH + a) * KW + b];
-        }
-    }
-    out[idx] = acc;
+    out[idx] = sum_over_covering_windows(idx);
 }

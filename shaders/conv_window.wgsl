@@ -1,8 +1,11 @@
-// Which windows cover an input cell, for the gather kernels (col2im, the max
-// pool's gradient): cell row `i` is row `a` of the window at output row
-// `covering_row(i, a)`, or of none when that is >= OH; likewise columns.
+// The gather half of the window kernels (col2im, the max pool's gradient): the
+// sum, over every window that covers input element `idx` of an [N*C, H, W]
+// stack of planes, of `window_term(plane, cell, oy, ox, a, b)`: the window at
+// output (oy, ox) of `plane` holds input cell `cell` = i * W + j as its cell
+// (a, b). Each including kernel defines window_term.
 // Prepended: the geometry constants (H, W, OH, OW, KH, KW, SH, SW, DH, DW).
 
+// The output row whose window has input row `i` as its row `a`, or OH if none.
 fn covering_row(i: u32, a: u32) -> u32 {
     if (i < a * DH || (i - a * DH) % SH != 0u) {
         return OH;
@@ -10,9 +13,31 @@ fn covering_row(i: u32, a: u32) -> u32 {
     return (i - a * DH) / SH;
 }
 
+// Likewise for columns, or OW if none.
 fn covering_col(j: u32, b: u32) -> u32 {
     if (j < b * DW || (j - b * DW) % SW != 0u) {
         return OW;
     }
     return (j - b * DW) / SW;
+}
+
+fn sum_over_covering_windows(idx: u32) -> f32 {
+    let j = idx % W;
+    let i = (idx / W) % H;
+    let plane = idx / (W * H);
+    var acc = 0.0;
+    for (var a = 0u; a < KH; a++) {
+        let oy = covering_row(i, a);
+        if (oy >= OH) {
+            continue;
+        }
+        for (var b = 0u; b < KW; b++) {
+            let ox = covering_col(j, b);
+            if (ox >= OW) {
+                continue;
+            }
+            acc += window_term(plane, i * W + j, oy, ox, a, b);
+        }
+    }
+    return acc;
 }

@@ -44,29 +44,10 @@ fn forward(idx: u32) {
     argmax[idx] = best_at;
 }
 
-fn backward(idx: u32) {
-    let j = idx % W;
-    let i = (idx / W) % H;
-    let plane = idx / (W * H);
-    let here = i * W + j;
-    var acc = 0.0;
-    for (var a = 0u; a < KH; a++) {
-        let oy = covering_row(i, a);
-        if (oy >= OH) {
-            continue;
-        }
-        for (var b = 0u; b < KW; b++) {
-            let ox = covering_col(j, b);
-            if (ox >= OW) {
-                continue;
-            }
-            let o = (plane * OH + oy) * OW + ox;
-            if (argmax[o] == here) {
-                acc += source[o];
-            }
-        }
-    }
-    result[idx] = acc;
+// The window's incoming gradient if its maximum was input cell `cell`.
+fn window_term(plane: u32, cell: u32, oy: u32, ox: u32, a: u32, b: u32) -> f32 {
+    let o = (plane * OH + oy) * OW + ox;
+    return select(0.0, source[o], argmax[o] == cell);
 }
 
 @compute @workgroup_size(256)
@@ -74,7 +55,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let idx = gid.y * p.row_threads + gid.x;
     if (BACKWARD) {
         if (idx < N * C * H * W) {
-            backward(idx);
+            result[idx] = sum_over_covering_windows(idx);
         }
     } else if (idx < N * C * OH * OW) {
         forward(idx);
