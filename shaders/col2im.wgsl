@@ -5,14 +5,7 @@
 // DW), so the index arithmetic divides by constants: cheap on CPU adapters.
 // Appended: shaders/conv_window.wgsl.
 
-struct Params {
-    row_threads: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0: conv_window.wgsl.
 @group(0) @binding(1) var<storage, read> cols: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 

@@ -9,14 +9,7 @@
 // Prepended: the geometry as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
 // DW) and BACKWARD. Appended: shaders/conv_window.wgsl.
 
-struct Params {
-    row_threads: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0: conv_window.wgsl.
 // Forward: the input. Backward: the output's gradient.
 @group(0) @binding(1) var<storage, read> source: array<f32>;
 @group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
