@@ -1,8 +1,9 @@
 // Shared by the window kernels (col2im, max pooling): their parameters, and
-// the gather half of col2im and of the max pool's gradient: the sum, over every window that covers input element `idx` of an [N*C, H, W]
-// stack of planes, of `window_term(plane, cell, oy, ox, a, b)`: the window at
-// output (oy, ox) of `plane` holds input cell `cell` = i * W + j as its cell
-// (a, b). Each including kernel defines window_term.
+// the gather half of col2im and of the max pool's gradient: the sum, over
+// every window that covers input element `idx` of an [N*C, H, W] stack of
+// planes, of `window_term(plane, cell, oy, ox, a, b)`: the window at output
+// (oy, ox) of `plane` holds input cell `cell` = i * W + j as its cell (a, b).
+// Each including kernel defines window_term.
 // Prepended: the geometry constants (H, W, OH, OW, KH, KW, SH, SW, DH, DW).
 
 // One invocation per element; row_threads spans a row of the 2-D grid.
