@@ -83,9 +83,18 @@ pub enum Loss {
 }
 
 impl Loss {
-    fn compute(self, logits: &Tensor, one_hot: &Tensor) -> kiln_graph::Result<Tensor> {
+    /// The batch's mean loss for class ids `labels` (`one_hot` the same as
+    /// rows of a one-hot matrix).
+    fn compute(
+        self,
+        logits: &Tensor,
+        labels: &[u32],
+        one_hot: &Tensor,
+    ) -> kiln_graph::Result<Tensor> {
         match self {
-            Loss::SparseCategoricalCrossEntropy => loss::categorical_cross_entropy(logits, one_hot),
+            // One fused kernel for the loss, its gradient and the batch's
+            // mean, rather than log-softmax against the one-hot rows.
+            Loss::SparseCategoricalCrossEntropy => loss::cross_entropy(logits, labels),
             Loss::MeanSquaredError => loss::mse_loss(&logits.softmax()?, one_hot),
         }
     }
@@ -223,7 +232,7 @@ impl<O: Optimizer> Trainer<O> {
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
                 let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                let loss = self.loss.compute(&logits, &target)?;
+                let loss = self.loss.compute(&logits, &yb, &target)?;
                 self.optimizer.zero_grad();
                 match &mut scaler {
                     Some(scaler) => {
@@ -299,7 +308,7 @@ impl<O: Optimizer> Trainer<O> {
             let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
             let target = one_hot(&self.device, &yb, data.classes)?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
-            let loss = self.loss.compute(&logits, &target)?;
+            let loss = self.loss.compute(&logits, &yb, &target)?;
             tally.add(&loss, &logits, &target, yb.len())?;
         }
         tally.read()
