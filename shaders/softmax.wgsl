@@ -13,7 +13,8 @@
 // A label >= cols marks an ignored row: zero loss and gradient. Without
 // CROSS_ENTROPY `labels` and `row_loss` are unused. With TOTAL (cross-entropy
 // rows per thread, a classifier's batch) one workgroup takes every row and
-// also writes the sum of the row losses to `total[0]`.
+// also writes the sum of the row losses to `total[0]` and the number of rows
+// whose label has the largest logit (correct predictions) to `hits[0]`.
 // Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY, TOTAL.
 
 struct Params {
@@ -34,6 +35,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> labels: array<u32>;
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> total: array<f32>;
+@group(0) @binding(7) var<storage, read_write> hits: array<f32>;
 
 fn z(base: u32, bias_base: u32, c: u32) -> f32 {
     var v = p.scale * x[base + c];
@@ -101,7 +103,9 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
     }
 }
 
-fn softmax_row(row: u32) {
+// Normalises one row; with CROSS_ENTROPY returns 1 when the label's logit is
+// the row's largest (ties count), else 0.
+fn softmax_row(row: u32) -> f32 {
     let base = row * p.cols;
     let bias_base = (row / p.rows_per_bias) * p.cols;
     var m = -3.4028235e38;
@@ -113,28 +117,41 @@ fn softmax_row(row: u32) {
         s += exp(z(base, bias_base, c) - m);
     }
     finish_row(row, m, s, 0u, 1u, true);
+    var hit = 0.0;
+    if (CROSS_ENTROPY) {
+        let label = labels[row];
+        if (label < p.cols && z(base, bias_base, label) >= m) {
+            hit = 1.0;
+        }
+    }
+    return hit;
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     if (TOTAL) {
         var mine = 0.0;
+        var my_hits = 0.0;
         for (var row = lid; row < p.rows; row += WG) {
-            softmax_row(row);
+            my_hits += softmax_row(row);
             mine += row_loss[row];
         }
         partial[lid] = mine;
         workgroupBarrier();
         let sum = reduce_sum(lid);
+        partial[lid] = my_hits;
+        workgroupBarrier();
+        let hit_count = reduce_sum(lid);
         if (lid == 0u) {
             total[0] = sum;
+            hits[0] = hit_count;
         }
         return;
     }
     if (ROW_PER_THREAD) {
         let row = (wid.y * p.row_groups + wid.x) * WG + lid;
         if (row < p.rows) {
-            softmax_row(row);
+            _ = softmax_row(row);
         }
         return;
     }

@@ -879,12 +879,16 @@ fn softmax_cross_entropy_matches_reference() {
             })
             .collect();
         let scale = 0.25f32;
-        let (mut want_loss, mut want_grad) = (Vec::new(), Vec::new());
+        let (mut want_loss, mut want_grad, mut want_hits) = (Vec::new(), Vec::new(), 0.0);
         for (r, &label) in labels.iter().enumerate() {
             let row: Vec<f64> = x[r * cols..(r + 1) * cols]
                 .iter()
                 .map(|&v| f64::from(v))
                 .collect();
+            let top = row.iter().cloned().fold(f64::MIN, f64::max);
+            if row.get(label as usize).is_some_and(|&v| v >= top) {
+                want_hits += 1.0;
+            }
             let m = row.iter().cloned().fold(f64::MIN, f64::max);
             let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
             let weight = if label == u32::MAX {
@@ -907,6 +911,15 @@ fn softmax_cross_entropy_matches_reference() {
         let (loss, grad) = (fused.row_loss, fused.grad);
         let what = format!("cross-entropy {rows}x{cols}");
         assert_eq!(fused.total.is_some(), cols < 512 && rows <= 1024, "{what}");
+        assert_eq!(fused.hits.is_some(), fused.total.is_some(), "{what}");
+        if let Some(hits) = fused.hits {
+            // Random logits: about one row in `cols` has its label on top.
+            assert_eq!(
+                d.read::<f32>(&hits).unwrap(),
+                vec![want_hits as f32],
+                "{what} hits"
+            );
+        }
         if let Some(total) = fused.total {
             let want: f64 = want_loss.iter().sum();
             let scale: f64 = want_loss.iter().map(|v| v.abs()).sum();

@@ -84,18 +84,22 @@ pub enum Loss {
 
 impl Loss {
     /// The batch's mean loss for class ids `labels` (`one_hot` the same as
-    /// rows of a one-hot matrix).
+    /// rows of a one-hot matrix), and its correct predictions where the
+    /// loss's kernel counted them.
     fn compute(
         self,
         logits: &Tensor,
         labels: &[u32],
         one_hot: &Tensor,
-    ) -> kiln_graph::Result<Tensor> {
+    ) -> kiln_graph::Result<(Tensor, Option<Tensor>)> {
         match self {
-            // One fused kernel for the loss, its gradient and the batch's
-            // mean, rather than log-softmax against the one-hot rows.
-            Loss::SparseCategoricalCrossEntropy => loss::cross_entropy(logits, labels),
-            Loss::MeanSquaredError => loss::mse_loss(&logits.softmax()?, one_hot),
+            // One fused kernel for the loss, its gradient, the batch's mean
+            // and its hits, rather than log-softmax against the one-hot rows.
+            Loss::SparseCategoricalCrossEntropy => {
+                let options = loss::CrossEntropy::default();
+                loss::cross_entropy_counting_hits(logits, labels, options)
+            }
+            Loss::MeanSquaredError => Ok((loss::mse_loss(&logits.softmax()?, one_hot)?, None)),
         }
     }
 }
@@ -128,21 +132,28 @@ impl Tally {
         }
     }
 
-    /// Adds a batch's mean loss and its correct predictions, without a sync.
+    /// Adds a batch's mean loss and its correct predictions (counted here
+    /// unless the loss's kernel counted them: `hits`), without a sync.
     fn add(
         &mut self,
-        mean_loss: &Tensor,
+        (mean_loss, hits): (&Tensor, Option<&Tensor>),
         logits: &Tensor,
         one_hot: &Tensor,
         n: usize,
     ) -> Result<()> {
         no_grad(|| -> Result<()> {
             let batch_loss = mean_loss.detach().mul_scalar(n as f32)?;
-            // A sample is right when the logit of its label is the row's maximum.
-            let picked = logits.mul(one_hot)?.sum(1, true)?;
-            let best = logits.max(1, true)?;
-            let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
-            let correct = kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?;
+            let correct = match hits {
+                Some(hits) => hits.clone(),
+                None => {
+                    // A sample is right when the logit of its label is the
+                    // row's maximum.
+                    let picked = logits.mul(one_hot)?.sum(1, true)?;
+                    let best = logits.max(1, true)?;
+                    let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
+                    kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?
+                }
+            };
             self.loss_sum = Some(match self.loss_sum.take() {
                 Some(t) => t.add(&batch_loss)?,
                 None => batch_loss,
@@ -232,7 +243,7 @@ impl<O: Optimizer> Trainer<O> {
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
                 let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                let loss = self.loss.compute(&logits, &yb, &target)?;
+                let (loss, hits) = self.loss.compute(&logits, &yb, &target)?;
                 self.optimizer.zero_grad();
                 match &mut scaler {
                     Some(scaler) => {
@@ -245,7 +256,7 @@ impl<O: Optimizer> Trainer<O> {
                     }
                 }
                 drop(autocast);
-                tally.add(&loss, &logits, &target, yb.len())?;
+                tally.add((&loss, hits.as_ref()), &logits, &target, yb.len())?;
                 // Reading metrics syncs with the device: only now and then.
                 if step % 50 == 49 || step + 1 == steps {
                     let (l, a) = tally.read()?;
@@ -308,8 +319,8 @@ impl<O: Optimizer> Trainer<O> {
             let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
             let target = one_hot(&self.device, &yb, data.classes)?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
-            let loss = self.loss.compute(&logits, &yb, &target)?;
-            tally.add(&loss, &logits, &target, yb.len())?;
+            let (loss, hits) = self.loss.compute(&logits, &yb, &target)?;
+            tally.add((&loss, hits.as_ref()), &logits, &target, yb.len())?;
         }
         tally.read()
     }

@@ -13,6 +13,9 @@ const SOFTMAX_WORKGROUP: u32 = 64;
 /// walking every row): past this a parallel reduction pays for its dispatch.
 const TOTAL_MAX_ROWS: usize = 1024;
 
+/// A cross-entropy batch's sum of row losses and count of correct rows.
+type Totals = (GpuBuffer, GpuBuffer);
+
 /// What [`Device::softmax_cross_entropy`] computes.
 #[derive(Debug)]
 pub struct CrossEntropyOutput {
@@ -24,6 +27,9 @@ pub struct CrossEntropyOutput {
     /// itself: up to 1024 rows of fewer than 512 classes, a classifier's
     /// batch. Otherwise the caller reduces `row_loss`.
     pub total: Option<GpuBuffer>,
+    /// With `total`: how many rows' label has the largest logit (ties
+    /// count), a classifier's correct predictions, as one f32.
+    pub hits: Option<GpuBuffer>,
 }
 
 #[repr(C)]
@@ -113,12 +119,14 @@ impl Device {
             });
         }
         let output = Output::CrossEntropy { labels, loss_scale };
-        let (grad, row_loss, total) =
+        let (grad, row_loss, totals) =
             self.softmax_impl(logits, rows, cols, SoftmaxInput::default(), output)?;
+        let (total, hits) = totals.unzip();
         Ok(CrossEntropyOutput {
             row_loss: row_loss.expect("the cross-entropy output has row losses"),
             grad,
             total,
+            hits,
         })
     }
 
@@ -136,7 +144,7 @@ impl Device {
     }
 
     /// The rows' outputs, and with cross-entropy the rows' losses and, where
-    /// the kernel adds them up, their total.
+    /// the kernel adds them up, their total and the count of correct rows.
     fn softmax_impl(
         &self,
         x: &GpuBuffer,
@@ -144,7 +152,7 @@ impl Device {
         cols: usize,
         input: SoftmaxInput,
         output: Output,
-    ) -> Result<(GpuBuffer, Option<GpuBuffer>, Option<GpuBuffer>)> {
+    ) -> Result<(GpuBuffer, Option<GpuBuffer>, Option<Totals>)> {
         let (op, log, cross_entropy) = match output {
             Output::Softmax => ("softmax", false, false),
             Output::LogSoftmax => ("log_softmax", true, false),
@@ -196,8 +204,11 @@ impl Device {
                     .build()
             },
         )?;
-        let total = total.then(|| self.empty(1, DType::F32)).transpose()?;
-        let groups = if total.is_some() {
+        let totals = match total {
+            true => Some((self.empty(1, DType::F32)?, self.empty(1, DType::F32)?)),
+            false => None,
+        };
+        let groups = if totals.is_some() {
             1
         } else if row_per_thread {
             rows.div_ceil(SOFTMAX_WORKGROUP as usize)
@@ -221,8 +232,8 @@ impl Device {
             _pad: [0; 2],
         };
         // Unused bindings still need buffers, which the kernel never touches:
-        // `x` again for read-only ones and `out` again for `row_loss` and
-        // `total`.
+        // `x` again for read-only ones and `out` again for `row_loss`, `total`
+        // and `hits`.
         let bias = input.bias.unwrap_or(x);
         let labels = match output {
             Output::CrossEntropy { labels, .. } => labels,
@@ -234,9 +245,10 @@ impl Device {
             &out,
             labels,
             row_loss.as_ref().unwrap_or(&out),
-            total.as_ref().unwrap_or(&out),
+            totals.as_ref().map_or(&out, |t| &t.0),
+            totals.as_ref().map_or(&out, |t| &t.1),
         ];
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
-        Ok((out, row_loss, total))
+        Ok((out, row_loss, totals))
     }
 }
