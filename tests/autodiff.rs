@@ -407,6 +407,111 @@ fn a_dense_layer_is_one_kernel_forward_where_the_activation_allows() {
 }
 
 #[test]
+fn stacked_dense_layers_pass_activation_derivatives_down() {
+    // A dense layer whose input is another's ReLU, sigmoid or tanh applies
+    // that derivative in its input-gradient product; the lower layer then
+    // skips its own. Checked against central differences for each, and for
+    // an activation read by two layers, whose summed gradient must arrive
+    // without the derivative.
+    type Act = fn(f64) -> f64;
+    let acts: [(UnaryOp, Act); 3] = [
+        (UnaryOp::Relu, |z| z.max(0.0)),
+        (UnaryOp::Sigmoid, |z| 1.0 / (1.0 + (-z).exp())),
+        (UnaryOp::Tanh, f64::tanh),
+    ];
+    let (rows, k, h, n) = (5, 7, 6, 4);
+    let layer = |x: &[f64], w: &[f64], b: &[f64], rows, k, n, f: &dyn Fn(f64) -> f64| {
+        let product = cpu_matmul(x, w, 1, rows, k, n, false);
+        (0..rows * n)
+            .map(|j| f(product[j] + b[j % n]))
+            .collect::<Vec<_>>()
+    };
+    for (i, (op, f)) in acts.into_iter().enumerate() {
+        let seed = 430 + 5 * i as u64;
+        grad_check(
+            &format!("dense {op:?} into dense ReLU"),
+            &[
+                input(&[rows, k], seed, -1.0, 1.0),
+                input(&[k, h], seed + 1, -1.0, 1.0),
+                input(&[h], seed + 2, -1.0, 1.0),
+                input(&[h, n], seed + 3, -1.0, 1.0),
+                input(&[n], seed + 4, -1.0, 1.0),
+            ],
+            |t| {
+                t[0].dense(&t[1], &t[2], Some(op))?
+                    .dense(&t[3], &t[4], Some(UnaryOp::Relu))
+            },
+            &|x: &[Vec<f64>]| {
+                let hidden = layer(&x[0], &x[1], &x[2], rows, k, h, &f);
+                layer(&hidden, &x[3], &x[4], rows, h, n, &|z| z.max(0.0))
+            },
+        );
+    }
+    grad_check(
+        "dense sigmoid read by two dense layers",
+        &[
+            input(&[rows, k], 460, -1.0, 1.0),
+            input(&[k, h], 461, -1.0, 1.0),
+            input(&[h], 462, -1.0, 1.0),
+            input(&[h, n], 463, -1.0, 1.0),
+            input(&[n], 464, -1.0, 1.0),
+            input(&[h, n], 465, -1.0, 1.0),
+        ],
+        |t| {
+            let hidden = t[0].dense(&t[1], &t[2], Some(UnaryOp::Sigmoid))?;
+            let zeros = Tensor::zeros(t[0].device(), &[n])?;
+            hidden.dense(&t[3], &t[4], None)?.add(&hidden.dense(
+                &t[5],
+                &zeros,
+                Some(UnaryOp::Tanh),
+            )?)
+        },
+        &|x: &[Vec<f64>]| {
+            let hidden = layer(&x[0], &x[1], &x[2], rows, k, h, &|z| {
+                1.0 / (1.0 + (-z).exp())
+            });
+            let first = layer(&hidden, &x[3], &x[4], rows, h, n, &|z| z);
+            let second = layer(&hidden, &x[5], &[0.0; 4], rows, h, n, &f64::tanh);
+            first.iter().zip(&second).map(|(a, b)| a + b).collect()
+        },
+    );
+}
+
+#[test]
+fn a_two_layer_mlp_backward_takes_three_kernels() {
+    // From a cross-entropy loss, whose gradient is ready: the top layer's
+    // weight and bias gradients (one kernel) and its input gradient with the
+    // ReLU mask applied as stored (one), then the bottom layer's weight and
+    // bias gradients (one); the input batch needs none.
+    let d = kiln::Device::new().unwrap();
+    let param = |shape: &[usize], seed| {
+        let len = shape.iter().product();
+        Tensor::from_slice(&d, &random_vec(len, seed, -1.0, 1.0), shape)
+            .unwrap()
+            .requires_grad(true)
+    };
+    let x = Tensor::from_slice(&d, &random_vec(24, 1, -1.0, 1.0), &[4, 6]).unwrap();
+    let (w1, b1, w2, b2) = (
+        param(&[6, 8], 2),
+        param(&[8], 3),
+        param(&[8, 5], 4),
+        param(&[5], 5),
+    );
+    let logits = x
+        .dense(&w1, &b1, Some(UnaryOp::Relu))
+        .unwrap()
+        .dense(&w2, &b2, None)
+        .unwrap();
+    let l = loss::cross_entropy(&logits, &[0, 4, 2, 1]).unwrap();
+    let before = d.dispatch_stats().dispatches;
+    l.backward().unwrap();
+    assert_eq!(d.dispatch_stats().dispatches - before, 3);
+    for p in [&w1, &b1, &w2, &b2] {
+        assert!(p.grad().is_some());
+    }
+}
+
+#[test]
 fn shape_and_reduction_gradients() {
     // [2, 3, 4] permuted to [4, 2, 3].
     grad_check(

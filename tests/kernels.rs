@@ -7,8 +7,8 @@ mod common;
 
 use common::{assert_close, assert_close_scaled, broadcast_reference, device, erf, random_vec};
 use kiln::device::{
-    half::f16, BinaryOp, DType, DeviceError, Elementwise, HalfLoads, Matmul, MatmulTiling, Operand,
-    Reduce, ReduceOp, ReduceStrategy, Tuning, UnaryOp,
+    half::f16, BinaryOp, DType, DeviceError, Elementwise, EpilogueOperand, HalfLoads, Matmul,
+    MatmulTiling, Operand, Reduce, ReduceOp, ReduceStrategy, Tuning, UnaryOp,
 };
 
 // ----- matmul ----------------------------------------------------------------
@@ -192,7 +192,7 @@ fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
         );
         let epilogue = kiln::device::Epilogue {
             op: op.clone(),
-            bias: &gbias,
+            operand: EpilogueOperand::Column(&gbias),
         };
         let got = d
             .read::<f32>(
@@ -223,7 +223,7 @@ fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
     let gbias = d.upload(&bias).unwrap();
     let epilogue = kiln::device::Epilogue {
         op: epilogues[1].0.clone(),
-        bias: &gbias,
+        operand: EpilogueOperand::Column(&gbias),
     };
     let got = d
         .read::<f32>(
@@ -247,13 +247,88 @@ fn fused_bias_and_activation_epilogues_match_reference_every_tiling() {
     let short = d.upload(&[1.0f32; 2]).unwrap();
     let epilogue = kiln::device::Epilogue {
         op: Elementwise::new("bias", "x0 + x1"),
-        bias: &short,
+        operand: EpilogueOperand::Column(&short),
     };
     let err = d
         .matmul_fused(&ga, &gb, &Matmul::new(2, 3, 3), &epilogue)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("bias holds 2 values for 3 columns"), "{err}");
+    assert!(
+        err.contains("operand holds 2 values for 3 columns"),
+        "{err}"
+    );
+}
+
+#[test]
+fn per_element_epilogues_match_reference_every_tiling() {
+    // An operand laid out like C (an activation's output, whose derivative a
+    // backward product applies to the input gradient it stores): every
+    // tiling on a plain and a batched transposed-B layout, then the tuned
+    // tiling on a split-k product and an empty k (second-pass epilogues).
+    let d = device();
+    let op = Elementwise::new("sigmoid_grad", "x0 * x1 * (s0 - x1)").scalars(&[1.0]);
+    let mut cases: Vec<(MatmulTiling, Matmul)> = Vec::new();
+    for tiling in tilings() {
+        for spec in [
+            Matmul::new(33, 65, 17),
+            Matmul::batched(2, 36, 20, 44).transpose_b(true),
+        ] {
+            cases.push((tiling, spec));
+        }
+    }
+    for spec in [
+        Matmul::new(32, 9, 4096).transpose_a(true),
+        Matmul::new(5, 3, 0),
+    ] {
+        cases.push((d.tuning().matmul, spec));
+    }
+    for (seed, (tiling, spec)) in cases.into_iter().enumerate() {
+        let seed = 700 + seed as u64 * 3;
+        let a = random_vec(spec.batch * spec.m * spec.k, seed, -1.0, 1.0);
+        let b = random_vec(spec.batch * spec.k * spec.n, seed + 1, -1.0, 1.0);
+        let y = random_vec(spec.batch * spec.m * spec.n, seed + 2, 0.0, 1.0);
+        let (product, terms) = matmul_reference(&a, &b, &spec);
+        let (ga, gb, gy) = (
+            d.upload(&a).unwrap(),
+            d.upload(&b).unwrap(),
+            d.upload(&y).unwrap(),
+        );
+        let epilogue = kiln::device::Epilogue {
+            op: op.clone(),
+            operand: EpilogueOperand::Element(&gy),
+        };
+        let got = d
+            .read::<f32>(
+                &d.matmul_fused_with(&ga, &gb, &spec, &epilogue, tiling)
+                    .unwrap(),
+            )
+            .unwrap();
+        let factor = |i: usize| f64::from(y[i]) * (1.0 - f64::from(y[i]));
+        let want: Vec<f64> = (0..product.len()).map(|i| product[i] * factor(i)).collect();
+        let scale: Vec<f64> = (0..product.len())
+            .map(|i| terms[i] * factor(i) + 1e-3)
+            .collect();
+        let what = format!("element epilogue {tiling} {spec:?}");
+        assert_close_scaled(&what, &got, &want, &scale, 1e-4);
+    }
+    // The operand must hold one value per element of C.
+    let (ga, gb, short) = (
+        d.upload(&[1.0f32; 6]).unwrap(),
+        d.upload(&[1.0f32; 9]).unwrap(),
+        d.upload(&[1.0f32; 5]).unwrap(),
+    );
+    let epilogue = kiln::device::Epilogue {
+        op: op.clone(),
+        operand: EpilogueOperand::Element(&short),
+    };
+    let err = d
+        .matmul_fused(&ga, &gb, &Matmul::new(2, 3, 3), &epilogue)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("operand holds 5 values for a 2 x 3 product"),
+        "{err}"
+    );
 }
 
 #[test]

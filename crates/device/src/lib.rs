@@ -47,7 +47,7 @@ pub use kernel::{Kernel, Specialize};
 pub use kernels::conv::ConvGeometry;
 pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
 pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
-pub use kernels::matmul::{Epilogue, HalfLoads, Matmul};
+pub use kernels::matmul::{Epilogue, EpilogueOperand, HalfLoads, Matmul};
 pub use kernels::norm::LayerNormOutput;
 pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use kernels::softmax::{CrossEntropyOutput, SoftmaxInput};

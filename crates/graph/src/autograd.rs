@@ -3,7 +3,7 @@
 
 use crate::tensor::Tensor;
 use kiln_device::{DeviceError, Result};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 
 /// Computes the gradients of one op's inputs from the gradient of its output.
@@ -15,6 +15,21 @@ pub(crate) struct GradFn {
     pub op: &'static str,
     pub inputs: Vec<Tensor>,
     pub backward: BackwardFn,
+    /// Set when the backward rule starts by multiplying the output's gradient
+    /// by a factor computed from the output alone (see [`OutputFactor`]).
+    pub output_factor: Option<OutputFactor>,
+}
+
+/// An elementwise factor, `expr` of the incoming gradient `x0` and the op's
+/// output `x1` (with scalars `s0..s3`), that an op's backward rule applies
+/// first: the derivative of an activation fused into the op (ReLU's mask).
+/// When the op's output feeds exactly one consumer, that consumer may apply
+/// the factor to the gradient it computes (a product's epilogue, say) and
+/// mark it with [`mark_factored`]; the op then skips its own kernel.
+#[derive(Clone, Debug)]
+pub(crate) struct OutputFactor {
+    pub expr: String,
+    pub scalars: [f32; 4],
 }
 
 thread_local! {
@@ -22,6 +37,62 @@ thread_local! {
     /// The id of the seed gradient (all ones) of the backward pass running on
     /// this thread.
     static UNIT_SEED: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Tensors of the running backward pass whose producer has an output
+    /// factor and whose gradient comes from one consumer alone.
+    static FOLDABLE: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
+    /// Gradients that already include their tensor's output factor.
+    static FACTORED: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
+}
+
+/// The output factor a consumer of `input` may apply to the gradient it
+/// computes for it, in the running backward pass: `input`'s producer has
+/// one and the consumer asking is `input`'s only one.
+pub(crate) fn foldable_factor(input: &Tensor) -> Option<OutputFactor> {
+    if !FOLDABLE.with(|f| f.borrow().contains(&input.id())) {
+        return None;
+    }
+    input.grad_fn()?.output_factor.clone()
+}
+
+/// Records that `grad`, computed for a tensor from [`foldable_factor`], has
+/// that tensor's output factor applied.
+pub(crate) fn mark_factored(grad: &Tensor) {
+    FACTORED.with(|f| f.borrow_mut().insert(grad.id()));
+}
+
+/// Whether `grad` arrives with the receiving op's output factor applied.
+pub(crate) fn is_factored(grad: &Tensor) -> bool {
+    FACTORED.with(|f| f.borrow().contains(&grad.id()))
+}
+
+/// Empties the fold sets when the backward pass ends, however it ends.
+struct FoldSets;
+
+impl Drop for FoldSets {
+    fn drop(&mut self) {
+        FOLDABLE.with(|f| f.borrow_mut().clear());
+        FACTORED.with(|f| f.borrow_mut().clear());
+    }
+}
+
+/// The tensors of `order` whose gradient may carry their producer's output
+/// factor: those with an output factor consumed along exactly one edge (a
+/// gradient summed from several consumers must arrive without it).
+fn foldable(order: &[Tensor]) -> HashSet<u64> {
+    let mut edges: HashMap<u64, usize> = HashMap::new();
+    for t in order {
+        for input in t.grad_fn().map_or(&[][..], |f| &f.inputs) {
+            if input.is_requires_grad() {
+                *edges.entry(input.id()).or_default() += 1;
+            }
+        }
+    }
+    order
+        .iter()
+        .filter(|t| t.grad_fn().is_some_and(|f| f.output_factor.is_some()))
+        .filter(|t| edges.get(&t.id()) == Some(&1))
+        .map(Tensor::id)
+        .collect()
 }
 
 /// Whether `g` is the seed of the running backward pass, whose every element
@@ -130,6 +201,8 @@ pub(crate) fn backward(root: &Tensor) -> Result<()> {
     }
     let _guard = NoGradGuard::new();
     let order = topological_order(root);
+    let _fold_sets = FoldSets;
+    FOLDABLE.with(|f| *f.borrow_mut() = foldable(&order));
     let mut grads: HashMap<u64, Tensor> = HashMap::new();
     let seed = Tensor::ones(root.device(), root.shape())?;
     let _seed_mark = SeedMark(UNIT_SEED.with(|s| s.replace(Some(seed.id()))));

@@ -85,19 +85,20 @@ impl Matmul {
 
 /// An elementwise function the product kernel applies to each element of C
 /// as it stores it, instead of a separate pass over C: a layer's bias and
-/// activation. The expression reads the product element as `x0` and
-/// `bias[column]` as `x1`, and may use the scalars `s0..s3` and the helpers
-/// of [`Elementwise`] expressions.
+/// activation, or an activation's derivative applied to the input gradient
+/// that a backward product computes. The expression reads the product
+/// element as `x0` and its [`EpilogueOperand`] as `x1`, and may use the
+/// scalars `s0..s3` and the helpers of [`Elementwise`] expressions.
 ///
 /// ```
 /// # fn main() -> Result<(), kiln_device::DeviceError> {
-/// use kiln_device::{Device, Elementwise, Epilogue, Matmul};
+/// use kiln_device::{Device, Elementwise, Epilogue, EpilogueOperand, Matmul};
 /// let device = Device::new()?;
 /// let a = device.upload(&[1.0f32, -2.0, 3.0, -4.0])?; // 2x2
 /// let b = device.upload(&[1.0f32, 0.0, 0.0, 1.0])?; // identity
 /// let bias = device.upload(&[0.5f32, 1.0])?;
 /// let relu = Elementwise::new("bias_relu", "max(x0 + x1, 0.0)");
-/// let epilogue = Epilogue { op: relu, bias: &bias };
+/// let epilogue = Epilogue { op: relu, operand: EpilogueOperand::Column(&bias) };
 /// let c = device.matmul_fused(&a, &b, &Matmul::new(2, 2, 2), &epilogue)?;
 /// assert_eq!(device.read::<f32>(&c)?, vec![1.5, 0.0, 3.5, 0.0]);
 /// # Ok(()) }
@@ -105,15 +106,55 @@ impl Matmul {
 #[derive(Clone, Debug)]
 pub struct Epilogue<'a> {
     pub op: Elementwise<'a>,
-    /// One f32 per column of C, shared by every row and batch entry.
-    pub bias: &'a GpuBuffer,
+    /// What the expression reads as `x1`.
+    pub operand: EpilogueOperand<'a>,
+}
+
+/// The f32 values an [`Epilogue`] reads besides the product.
+#[derive(Clone, Copy, Debug)]
+pub enum EpilogueOperand<'a> {
+    /// One per column of C, shared by every row and batch entry (a bias).
+    Column(&'a GpuBuffer),
+    /// One per element of C, laid out as C is (batch, row, column).
+    Element(&'a GpuBuffer),
+}
+
+impl<'a> EpilogueOperand<'a> {
+    fn buffer(self) -> &'a GpuBuffer {
+        match self {
+            Self::Column(b) | Self::Element(b) => b,
+        }
+    }
 }
 
 impl Epilogue<'_> {
     /// What tells kernels with different epilogues apart.
     fn key(&self) -> String {
         let scalars = self.op.scalars.map(f32::to_bits);
-        format!("{}:{scalars:?}", self.op.expr)
+        let operand = match self.operand {
+            EpilogueOperand::Column(_) => "column",
+            EpilogueOperand::Element(_) => "element",
+        };
+        format!("{}:{operand}:{scalars:?}", self.op.expr)
+    }
+
+    /// Checks the operand against C's `rows x n` (all batch entries' rows).
+    fn validate(&self, rows: usize, n: usize) -> Result<()> {
+        let (buffer, wanted, per) = match self.operand {
+            EpilogueOperand::Column(b) => (b, n, format!("{n} columns")),
+            EpilogueOperand::Element(b) => (b, rows * n, format!("a {rows} x {n} product")),
+        };
+        expect_f32("matmul", "epilogue operand", buffer)?;
+        if buffer.len() != wanted {
+            return Err(DeviceError::Shape {
+                op: "matmul",
+                message: format!(
+                    "the epilogue operand holds {} values for {per}",
+                    buffer.len()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The epilogue applied as a separate elementwise pass over `product`
@@ -125,24 +166,30 @@ impl Epilogue<'_> {
         rows: usize,
         n: usize,
     ) -> Result<GpuBuffer> {
-        let (c_shape, bias_shape) = ([rows, n], [n]);
-        let operands = [
-            Operand::new(product, &c_shape),
-            Operand::new(self.bias, &bias_shape),
-        ];
+        let (c_shape, column_shape) = ([rows, n], [n]);
+        let operand = match self.operand {
+            EpilogueOperand::Column(b) => Operand::new(b, &column_shape),
+            EpilogueOperand::Element(b) => Operand::new(b, &c_shape),
+        };
+        let operands = [Operand::new(product, &c_shape), operand];
         Ok(device.elementwise(&self.op, &operands)?.0)
     }
 }
 
-/// WGSL `fn epilogue(v, col)`, which every kernel applies to what it stores:
-/// the identity, or the epilogue's expression with its bias at binding 4.
+/// WGSL `fn epilogue(v, index, col)`, which every kernel applies to what it
+/// stores at `c[index]` (column `col`): the identity, or the epilogue's
+/// expression with its operand at binding 4.
 fn epilogue_source(epilogue: Option<&Epilogue>) -> String {
     let Some(e) = epilogue else {
-        return "fn epilogue(v: f32, col: u32) -> f32 {\n    return v;\n}\n".into();
+        return "fn epilogue(v: f32, index: u32, col: u32) -> f32 {\n    return v;\n}\n".into();
+    };
+    let x1 = match e.operand {
+        EpilogueOperand::Column(_) => "operand[col]",
+        EpilogueOperand::Element(_) => "operand[index]",
     };
     let mut s = format!(
-        "{EXPR_HELPERS}\n@group(0) @binding(4) var<storage, read> bias: array<f32>;\n\n\
-         fn epilogue(v: f32, col: u32) -> f32 {{\n    let x0 = v;\n    let x1 = bias[col];\n"
+        "{EXPR_HELPERS}\n@group(0) @binding(4) var<storage, read> operand: array<f32>;\n\n\
+         fn epilogue(v: f32, index: u32, col: u32) -> f32 {{\n    let x0 = v;\n    let x1 = {x1};\n"
     );
     for (i, value) in e.op.scalars.iter().enumerate() {
         let _ = writeln!(s, "    let s{i} = bitcast<f32>({:#x}u);", value.to_bits());
@@ -170,14 +217,14 @@ impl Extras<'_> {
     /// The buffers after A, B and C, in binding order (4, 5).
     fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
         self.epilogue
-            .map(|e| e.bias)
+            .map(|e| e.operand.buffer())
             .into_iter()
             .chain(self.column_sums)
     }
 }
 
 /// The WGSL that sums columns `col0 + j` of op(B) over k into `column_sums`
-/// (bound after the epilogue's bias), for the invocations where `first` holds,
+/// (bound after the epilogue's operand), for the invocations where `first` holds,
 /// each taking the columns of the loop header `columns`. B is f32 storage,
 /// read one element at a time whatever the kernel's loads.
 fn column_sums_source(
@@ -356,16 +403,7 @@ impl Device {
         let (tiling, half) = self.prepare_matmul(a, b, spec, tiling, half)?;
         let Matmul { batch, m, n, k, .. } = *spec;
         if let Some(e) = epilogue {
-            expect_f32("matmul", "epilogue bias", e.bias)?;
-            if e.bias.len() != n {
-                return Err(DeviceError::Shape {
-                    op: "matmul",
-                    message: format!(
-                        "the epilogue bias holds {} values for {n} columns",
-                        e.bias.len()
-                    ),
-                });
-            }
+            e.validate(batch * m, n)?;
         }
         // Products not made by one kernel take the epilogue as a second pass.
         let unfused = if k == 0 {
@@ -717,7 +755,7 @@ fn specialise(
     extras: Extras,
 ) -> String {
     let vec4 = ops.vec4;
-    // Column sums bind after the epilogue's bias; tilings without a block
+    // Column sums bind after the epilogue's operand; tilings without a block
     // for them are never asked (see `Device::matmul_column_sums`).
     let sums_binding = if extras.epilogue.is_some() { 5 } else { 4 };
     let column_sums = |first: &str, columns: &str| match extras.column_sums {
@@ -1078,7 +1116,10 @@ fn register_store(tm: u32, tn: u32) -> String {
          for (var e = 0u; e < {count}u; e++) {{\n        \
          let row = row0 + e / {tn}u;\n        \
          let col = col0 + e % {tn}u;\n        \
-         if (row < p.m && col < p.n) {{ c[c_base + row * p.n + col] = epilogue(tile[e], col); }}\n    \
+         if (row < p.m && col < p.n) {{\n            \
+         let index = c_base + row * p.n + col;\n            \
+         c[index] = epilogue(tile[e], index, col);\n        \
+         }}\n    \
          }}\n",
         values.join(", ")
     )

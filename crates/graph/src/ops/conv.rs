@@ -7,7 +7,9 @@
 
 use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
-use kiln_device::{ConvGeometry, DType, DeviceError, Elementwise, Epilogue, Matmul, Result};
+use kiln_device::{
+    ConvGeometry, DType, DeviceError, Elementwise, Epilogue, EpilogueOperand, Matmul, Result,
+};
 
 /// Stride, zero padding and dilation of a convolution, per (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +167,7 @@ impl Tensor {
         let y = match bias {
             Some(b) if b.buffer().dtype() == DType::F32 => product(Some(&Epilogue {
                 op: Elementwise::new("conv_bias", "x0 + x1"),
-                bias: b.buffer(),
+                operand: EpilogueOperand::Column(b.buffer()),
             }))?,
             Some(b) => crate::no_grad(|| product(None)?.add(&b.detach()))?,
             None => product(None)?,

@@ -2,9 +2,12 @@
 //! dense layer's product, bias and activation as one kernel.
 
 use super::arith::{after_sum, map_used, output_derivative, reads_var};
-use super::{record, sum_to_shape};
+use super::{record, record_factored, sum_to_shape};
+use crate::autograd::OutputFactor;
 use crate::tensor::Tensor;
-use kiln_device::{DType, DeviceError, Elementwise, Epilogue, Matmul, Result, UnaryOp};
+use kiln_device::{
+    DType, DeviceError, Elementwise, Epilogue, EpilogueOperand, Matmul, Result, UnaryOp,
+};
 
 /// `op(a) * op(b)` on raw tensors (no graph).
 fn product(a: &Tensor, b: &Tensor, spec: Matmul, shape: Vec<usize>) -> Result<Tensor> {
@@ -95,13 +98,40 @@ impl Geometry {
 
     /// dA = dC * B^T (for a shared B, again over the flattened rows).
     fn input_grad(&self, g: &Tensor, sa: &Tensor, sb: &Tensor) -> Result<Tensor> {
+        product(g, sb, self.input_grad_spec(), sa.shape().to_vec())
+    }
+
+    fn input_grad_spec(&self) -> Matmul {
         let Self { batch, m, k, n, .. } = *self;
-        let spec = if self.shared_b {
+        if self.shared_b {
             Matmul::new(batch * m, k, n).transpose_b(true)
         } else {
             Matmul::batched(batch, m, k, n).transpose_b(true)
+        }
+    }
+
+    /// dA with the output factor of A's producer applied as the product is
+    /// stored (`x1` of the factor being A itself, that producer's output),
+    /// marked so the producer does not apply it again.
+    fn input_grad_factored(
+        &self,
+        g: &Tensor,
+        sb: &Tensor,
+        a: &Tensor,
+        factor: &OutputFactor,
+    ) -> Result<Tensor> {
+        let mut op = Elementwise::new("output_factor", &factor.expr);
+        op.scalars = factor.scalars;
+        let epilogue = Epilogue {
+            op,
+            operand: EpilogueOperand::Element(a.buffer()),
         };
-        product(g, sb, spec, sa.shape().to_vec())
+        let device = g.device();
+        let buffer =
+            device.matmul_fused(g.buffer(), sb.buffer(), &self.input_grad_spec(), &epilogue)?;
+        let grad = Tensor::from_buffer(device, buffer, a.shape())?;
+        crate::autograd::mark_factored(&grad);
+        Ok(grad)
     }
 
     /// dB = A^T * dC; for a shared B, summed over the batch, which is one
@@ -210,7 +240,7 @@ impl Tensor {
         op.scalars = scalars;
         let epilogue = Epilogue {
             op,
-            bias: bias.buffer(),
+            operand: EpilogueOperand::Column(bias.buffer()),
         };
         let dtype = crate::amp::matmul_operand_dtype();
         let (sa, sb) = (stored_as(self, dtype)?, stored_as(weight, dtype)?);
@@ -225,18 +255,36 @@ impl Tensor {
             weight.is_requires_grad(),
             bias.is_requires_grad(),
         ];
+        // When the input is another dense layer's activation, this layer's
+        // input gradient can take that activation's derivative as its
+        // product is stored (if this layer is the input's only consumer).
+        let input = (needs[0]
+            && self.buffer().dtype() == DType::F32
+            && self.grad_fn().is_some_and(|f| f.output_factor.is_some()))
+        .then(|| self.clone());
         let n = geometry.n;
-        Ok(record(&[self, weight, bias], out, "dense", move |g| {
-            let pre = if partial == "x0" {
+        let factor = (partial != "x0").then(|| OutputFactor {
+            expr: partial.clone(),
+            scalars,
+        });
+        let inputs = [self, weight, bias];
+        Ok(record_factored(&inputs, out, "dense", factor, move |g| {
+            let pre = if partial == "x0" || crate::autograd::is_factored(g) {
                 g.clone()
             } else {
                 let y = output.as_ref().unwrap_or(g);
                 map_used("dense_grad", &partial, scalars, &[g, y])?
             };
             let g = &stored_as(&pre, dtype)?;
-            let ga = needs[0]
-                .then(|| geometry.input_grad(g, &sa, &sb))
-                .transpose()?;
+            let folded = input
+                .as_ref()
+                .and_then(|a| Some((a, crate::autograd::foldable_factor(a)?)));
+            let ga = match folded {
+                Some((a, factor)) => Some(geometry.input_grad_factored(g, &sb, a, &factor)?),
+                None => needs[0]
+                    .then(|| geometry.input_grad(g, &sa, &sb))
+                    .transpose()?,
+            };
             // The bias gradient comes with the weight's where the product
             // kernel can sum the columns of g as it goes.
             let (gw, mut gb) = match needs[1] {

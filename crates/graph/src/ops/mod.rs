@@ -15,7 +15,7 @@ mod select;
 mod shape;
 mod softmax;
 
-use crate::autograd::{is_grad_enabled, GradFn};
+use crate::autograd::{is_grad_enabled, GradFn, OutputFactor};
 use crate::tensor::Tensor;
 use kiln_device::Result;
 
@@ -27,6 +27,18 @@ pub(crate) fn record(
     op: &'static str,
     backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Tensor {
+    record_factored(inputs, out, op, None, backward)
+}
+
+/// [`record`] for an op whose backward rule starts with `output_factor` and
+/// skips it for a gradient that arrives [`is_factored`](crate::autograd::is_factored).
+pub(crate) fn record_factored(
+    inputs: &[&Tensor],
+    out: Tensor,
+    op: &'static str,
+    output_factor: Option<OutputFactor>,
+    backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Tensor {
     let needs_grad = is_grad_enabled() && inputs.iter().any(|t| t.is_requires_grad());
     if !needs_grad {
         return out;
@@ -35,6 +47,7 @@ pub(crate) fn record(
         op,
         inputs: inputs.iter().map(|t| (*t).clone()).collect(),
         backward: Box::new(backward),
+        output_factor,
     };
     Tensor::from_parts(
         out.device(),
