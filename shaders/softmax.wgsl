@@ -14,8 +14,12 @@
 // CROSS_ENTROPY `labels` and `row_loss` are unused. With TOTAL (cross-entropy
 // rows per thread, a classifier's batch) one workgroup takes every row and
 // also writes the sum of the row losses to `total[0]` and the number of rows
-// whose label has the largest logit (correct predictions) to `hits[0]`.
-// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY, TOTAL.
+// whose label has the largest logit (correct predictions) to `hits[0]`. With
+// TALLY (and TOTAL) it also adds the sum of the row losses before loss_scale
+// to `tally[0]` and the correct count to `tally[1]`: a training loop's running
+// totals, updated in place.
+// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY, TOTAL,
+// TALLY.
 
 struct Params {
     rows: u32,
@@ -36,6 +40,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> total: array<f32>;
 @group(0) @binding(7) var<storage, read_write> hits: array<f32>;
+@group(0) @binding(8) var<storage, read_write> tally: array<f32>;
 
 fn z(base: u32, bias_base: u32, c: u32) -> f32 {
     var v = p.scale * x[base + c];
@@ -145,6 +150,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (lid == 0u) {
             total[0] = sum;
             hits[0] = hit_count;
+            if (TALLY) {
+                tally[0] += sum / p.loss_scale;
+                tally[1] += hit_count;
+            }
         }
         return;
     }

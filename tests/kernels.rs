@@ -1015,7 +1015,50 @@ fn softmax_cross_entropy_matches_reference() {
             1e-4,
             1e-7,
         );
+        // A running tally (from non-zero totals) takes two batches' unscaled
+        // loss sums and hits where the kernel adds the batch up; elsewhere it
+        // is left alone.
+        let start = [3.5f32, 7.0];
+        let tally = d.upload(&start).unwrap();
+        let mut tallied = Vec::new();
+        for _ in 0..2 {
+            let out = d
+                .softmax_cross_entropy_tallied(&gx, &gl, rows, cols, scale, &tally)
+                .unwrap();
+            assert_eq!(out.tallied, out.total.is_some(), "{what} tallied");
+            tallied.push(out.tallied);
+        }
+        let got = d.read::<f32>(&tally).unwrap();
+        let raw: f64 = want_loss.iter().sum::<f64>() / f64::from(scale);
+        let raw_scale: f64 = want_loss.iter().map(|v| v.abs()).sum::<f64>() / f64::from(scale);
+        let (want_tally, tally_scale) = match tallied[0] {
+            true => (
+                [
+                    f64::from(start[0]) + 2.0 * raw,
+                    f64::from(start[1]) + 2.0 * want_hits,
+                ],
+                [2.0 * raw_scale + 4.0, 1.0],
+            ),
+            false => ([f64::from(start[0]), f64::from(start[1])], [1.0, 1.0]),
+        };
+        assert_close_scaled(
+            &format!("{what} tally"),
+            &got,
+            &want_tally,
+            &tally_scale,
+            1e-5,
+        );
     }
+    // The tally must be two f32.
+    let (gx, gl) = (
+        d.upload(&[0.5f32; 6]).unwrap(),
+        d.upload(&[0u32; 2]).unwrap(),
+    );
+    let err = d
+        .softmax_cross_entropy_tallied(&gx, &gl, 2, 3, 1.0, &d.upload(&[0.0f32; 3]).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tally"), "{err}");
     // Labels must be one u32 per row.
     let gx = d.upload(&[0.5f32; 6]).unwrap();
     let err = d

@@ -5,7 +5,7 @@ mod common;
 
 use kiln::data::{mnist, shuffled_indices, Dataset};
 use kiln::graph::optim::Adam;
-use kiln::train::{FitOptions, Trainer};
+use kiln::train::{FitOptions, Loss, Trainer};
 use kiln::zoo::Architecture;
 use std::sync::OnceLock;
 
@@ -126,7 +126,7 @@ fn mixed_precision_learns_as_well_as_f32() {
 fn the_loss_is_a_choice_like_keras_compile() {
     let m = data();
     let mut trainer = trainer(3, 3e-3);
-    trainer.loss = kiln::train::Loss::MeanSquaredError;
+    trainer.loss = Loss::MeanSquaredError;
     let history = trainer
         .fit(&subset(&m.train, 2000, 3), &quiet(2, 16, 3))
         .unwrap();
@@ -134,6 +134,57 @@ fn the_loss_is_a_choice_like_keras_compile() {
     // An untrained model scores about 0.09 (uniform probabilities against one-hot).
     assert!(loss < 0.03 && loss < history.epochs[0].loss, "loss {loss}");
     assert!(accuracy > 0.8, "accuracy {accuracy}");
+}
+
+#[test]
+fn evaluate_agrees_with_the_predicted_probabilities() {
+    // The loss and accuracy `evaluate` keeps on the device (in the loss's
+    // kernel for batches up to 1024, with kernels of its own for larger ones
+    // and for MSE) against the same figures computed here from `predict`.
+    let m = data();
+    let mut trainer = trainer(11, 3e-3);
+    trainer
+        .fit(&subset(&m.train, 1000, 11), &quiet(1, 32, 11))
+        .unwrap();
+    let test = m.test.take(1500);
+    let probs = trainer.predict(&test.x, test.features).unwrap();
+    let classes = test.classes;
+    let rows = || probs.chunks(classes).zip(&test.y);
+    let n = test.len() as f64;
+    let cross_entropy = rows()
+        .map(|(p, &y)| -f64::from(p[y as usize]).ln())
+        .sum::<f64>()
+        / n;
+    let squared_error = rows()
+        .map(|(p, &y)| {
+            p.iter()
+                .enumerate()
+                .map(|(c, &v)| (f64::from(v) - if c == y as usize { 1.0 } else { 0.0 }).powi(2))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / (n * classes as f64);
+    let correct = rows()
+        .filter(|(p, &y)| p.iter().all(|&v| v <= p[y as usize]))
+        .count() as f64
+        / n;
+    for (loss, want, batch) in [
+        (Loss::SparseCategoricalCrossEntropy, cross_entropy, 500),
+        (Loss::SparseCategoricalCrossEntropy, cross_entropy, 1500),
+        (Loss::MeanSquaredError, squared_error, 500),
+    ] {
+        trainer.loss = loss;
+        let (got_loss, got_accuracy) = trainer.evaluate(&test, batch).unwrap();
+        let what = format!("{loss:?}, batches of {batch}");
+        assert!(
+            (f64::from(got_loss) - want).abs() <= 1e-4 * want,
+            "{what}: loss {got_loss}, want {want}"
+        );
+        assert!(
+            (f64::from(got_accuracy) - correct).abs() <= 0.5 / n,
+            "{what}: accuracy {got_accuracy}, want {correct}"
+        );
+    }
 }
 
 #[test]

@@ -83,23 +83,35 @@ pub enum Loss {
 }
 
 impl Loss {
-    /// The batch's mean loss for class ids `labels` (`one_hot` the same as
-    /// rows of a one-hot matrix), and its correct predictions where the
-    /// loss's kernel counted them.
+    /// The batch's mean loss for class ids `labels` (of `classes`), adding
+    /// the batch to `tally`.
     fn compute(
         self,
         logits: &Tensor,
         labels: &[u32],
-        one_hot: &Tensor,
-    ) -> kiln_graph::Result<(Tensor, Option<Tensor>)> {
+        classes: usize,
+        tally: &mut Tally,
+    ) -> kiln_graph::Result<Tensor> {
         match self {
-            // One fused kernel for the loss, its gradient, the batch's mean
-            // and its hits, rather than log-softmax against the one-hot rows.
+            // One fused kernel for the loss, its gradient and the batch's
+            // share of the running loss and accuracy, rather than
+            // log-softmax against one-hot rows and kernels to count.
             Loss::SparseCategoricalCrossEntropy => {
                 let options = loss::CrossEntropy::default();
-                loss::cross_entropy_counting_hits(logits, labels, options)
+                let (mean, tallied) =
+                    loss::cross_entropy_tallied(logits, labels, options, &tally.running)?;
+                match tallied {
+                    true => tally.samples += labels.len(),
+                    false => tally.add(&mean, logits, labels, classes)?,
+                }
+                Ok(mean)
             }
-            Loss::MeanSquaredError => Ok((loss::mse_loss(&logits.softmax()?, one_hot)?, None)),
+            Loss::MeanSquaredError => {
+                let target = one_hot(logits.device(), labels, classes)?;
+                let mean = loss::mse_loss(&logits.softmax()?, &target)?;
+                tally.add(&mean, logits, labels, classes)?;
+                Ok(mean)
+            }
         }
     }
 }
@@ -118,42 +130,44 @@ pub struct Trainer<O: Optimizer> {
 
 /// Loss sum and correct count of a pass, kept on the device until read.
 struct Tally {
+    /// [summed sample losses, correct predictions] of the batches whose loss
+    /// kernel added them itself.
+    running: Tensor,
+    /// The same for other batches, added up by kernels here.
     loss_sum: Option<Tensor>,
     correct: Option<Tensor>,
     samples: usize,
 }
 
 impl Tally {
-    fn new() -> Self {
-        Self {
+    fn new(device: &Device) -> kiln_graph::Result<Self> {
+        Ok(Self {
+            running: Tensor::zeros(device, &[2])?,
             loss_sum: None,
             correct: None,
             samples: 0,
-        }
+        })
     }
 
-    /// Adds a batch's mean loss and its correct predictions (counted here
-    /// unless the loss's kernel counted them: `hits`), without a sync.
+    /// Adds a batch's mean loss and its correct predictions, counted here
+    /// from the logits, without a sync.
     fn add(
         &mut self,
-        (mean_loss, hits): (&Tensor, Option<&Tensor>),
+        mean_loss: &Tensor,
         logits: &Tensor,
-        one_hot: &Tensor,
-        n: usize,
-    ) -> Result<()> {
-        no_grad(|| -> Result<()> {
+        labels: &[u32],
+        classes: usize,
+    ) -> kiln_graph::Result<()> {
+        let n = labels.len();
+        no_grad(|| -> kiln_graph::Result<()> {
             let batch_loss = mean_loss.detach().mul_scalar(n as f32)?;
-            let correct = match hits {
-                Some(hits) => hits.clone(),
-                None => {
-                    // A sample is right when the logit of its label is the
-                    // row's maximum.
-                    let picked = logits.mul(one_hot)?.sum(1, true)?;
-                    let best = logits.max(1, true)?;
-                    let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
-                    kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?
-                }
-            };
+            // A sample is right when the logit of its label is the row's
+            // maximum.
+            let target = one_hot(logits.device(), labels, classes)?;
+            let picked = logits.mul(&target)?.sum(1, true)?;
+            let best = logits.max(1, true)?;
+            let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
+            let correct = kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?;
             self.loss_sum = Some(match self.loss_sum.take() {
                 Some(t) => t.add(&batch_loss)?,
                 None => batch_loss,
@@ -167,18 +181,19 @@ impl Tally {
         })
     }
 
-    /// (mean loss, accuracy) so far; reads two numbers back.
-    fn read(&self) -> Result<(f32, f32)> {
+    /// (mean loss, accuracy) so far; one readback, two more for batches the
+    /// loss kernel did not count.
+    fn read(&self) -> kiln_graph::Result<(f32, f32)> {
         let n = self.samples.max(1) as f32;
-        let loss = match &self.loss_sum {
-            Some(t) => t.item()? / n,
-            None => 0.0,
-        };
-        let correct = match &self.correct {
-            Some(t) => t.item()?,
-            None => 0.0,
-        };
-        Ok((loss, correct / n))
+        let running = self.running.to_vec()?;
+        let (mut loss, mut correct) = (running[0], running[1]);
+        if let Some(t) = &self.loss_sum {
+            loss += t.item()?;
+        }
+        if let Some(t) = &self.correct {
+            correct += t.item()?;
+        }
+        Ok((loss / n, correct / n))
     }
 }
 
@@ -235,15 +250,14 @@ impl<O: Optimizer> Trainer<O> {
             let order = shuffled_indices(train.len(), options.seed.wrapping_add(epoch as u64));
             let steps = train.len().div_ceil(options.batch_size);
             let bar = progress_bar(options.progress, steps, epoch, options.epochs);
-            let mut tally = Tally::new();
+            let mut tally = Tally::new(&self.device)?;
             for (step, indices) in order.chunks(options.batch_size).enumerate() {
                 train.gather(indices, &mut xb, &mut yb);
                 let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
-                let target = one_hot(&self.device, &yb, train.classes)?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
                 let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                let (loss, hits) = self.loss.compute(&logits, &yb, &target)?;
+                let loss = self.loss.compute(&logits, &yb, train.classes, &mut tally)?;
                 self.optimizer.zero_grad();
                 match &mut scaler {
                     Some(scaler) => {
@@ -256,7 +270,6 @@ impl<O: Optimizer> Trainer<O> {
                     }
                 }
                 drop(autocast);
-                tally.add((&loss, hits.as_ref()), &logits, &target, yb.len())?;
                 // Reading metrics syncs with the device: only now and then.
                 if step % 50 == 49 || step + 1 == steps {
                     let (l, a) = tally.read()?;
@@ -311,18 +324,16 @@ impl<O: Optimizer> Trainer<O> {
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f32, f32)> {
         self.check_data(data, batch_size)?;
         let _guard = kiln_graph::NoGradGuard::new();
-        let mut tally = Tally::new();
+        let mut tally = Tally::new(&self.device)?;
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
         let all: Vec<usize> = (0..data.len()).collect();
         for indices in all.chunks(batch_size) {
             data.gather(indices, &mut xb, &mut yb);
             let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
-            let target = one_hot(&self.device, &yb, data.classes)?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
-            let (loss, hits) = self.loss.compute(&logits, &yb, &target)?;
-            tally.add((&loss, hits.as_ref()), &logits, &target, yb.len())?;
+            self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
         }
-        tally.read()
+        Ok(tally.read()?)
     }
 
     /// Class probabilities (softmax of the logits) for `n` samples of `x`.

@@ -175,9 +175,9 @@ fn unusable_reason(adapter: &wgpu::Adapter) -> Option<String> {
             limits.max_compute_invocations_per_workgroup
         ));
     }
-    if limits.max_storage_buffers_per_shader_stage < 6 {
+    if limits.max_storage_buffers_per_shader_stage < 8 {
         return Some(format!(
-            "only {} storage buffers per shader stage (Kiln needs 6)",
+            "only {} storage buffers per shader stage (Kiln needs 8)",
             limits.max_storage_buffers_per_shader_stage
         ));
     }

@@ -109,6 +109,56 @@ pub fn cross_entropy_counting_hits(
     labels: &[u32],
     options: CrossEntropy,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let (loss, hits, _) = fused_cross_entropy(logits, labels, options, None)?;
+    Ok((loss, hits))
+}
+
+/// [`cross_entropy_with`] that also adds the batch to `tally`, a `[2]` f32
+/// tensor updated in place on the device: the sum of the samples' losses
+/// (unscaled by the reduction) and the count of samples whose label has the
+/// largest logit. The loss's kernel does this in the same pass for batches
+/// of up to 1024 samples and fewer than 512 classes, and the returned flag
+/// says whether it did; for other batches the caller keeps its own count.
+/// A training loop keeps its running loss and accuracy this way without a
+/// kernel or a sync per batch.
+///
+/// ```
+/// # fn main() -> kiln_device::Result<()> {
+/// use kiln_graph::{loss, Device, Tensor};
+/// let device = Device::new()?;
+/// let tally = Tensor::zeros(&device, &[2])?;
+/// let logits = Tensor::from_slice(&device, &[2.0, 0.0, 0.0, 1.0], &[2, 2])?;
+/// let (_loss, tallied) =
+///     loss::cross_entropy_tallied(&logits, &[0, 0], loss::CrossEntropy::default(), &tally)?;
+/// assert!(tallied);
+/// let totals = tally.to_vec()?; // [summed losses, correct predictions]
+/// assert_eq!(totals[1], 1.0);
+/// # Ok(()) }
+/// ```
+pub fn cross_entropy_tallied(
+    logits: &Tensor,
+    labels: &[u32],
+    options: CrossEntropy,
+    tally: &Tensor,
+) -> Result<(Tensor, bool)> {
+    if tally.shape() != [2] {
+        return Err(shape_error(
+            "cross_entropy",
+            format!("the tally must have shape [2], got {:?}", tally.shape()),
+        ));
+    }
+    let (loss, _, tallied) = fused_cross_entropy(logits, labels, options, Some(tally))?;
+    Ok((loss, tallied))
+}
+
+/// The fused cross-entropy: the loss, the batch's hits and whether `tally`
+/// took the batch, where the kernel could do each.
+fn fused_cross_entropy(
+    logits: &Tensor,
+    labels: &[u32],
+    options: CrossEntropy,
+    tally: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>, bool)> {
     const OP: &str = "cross_entropy";
     let &[n, classes] = logits.shape() else {
         return Err(shape_error(
@@ -148,7 +198,18 @@ pub fn cross_entropy_counting_hits(
     };
     let device = logits.device();
     let ids = device.upload(&ids)?;
-    let fused = device.softmax_cross_entropy(logits.buffer(), &ids, n, classes, loss_scale)?;
+    let fused = match tally {
+        Some(t) => device.softmax_cross_entropy_tallied(
+            logits.buffer(),
+            &ids,
+            n,
+            classes,
+            loss_scale,
+            t.buffer(),
+        )?,
+        None => device.softmax_cross_entropy(logits.buffer(), &ids, n, classes, loss_scale)?,
+    };
+    let tallied = fused.tallied;
     let row_loss = Tensor::from_buffer(device, fused.row_loss, &[n])?;
     let grad = Tensor::from_buffer(device, fused.grad, &[n, classes])?;
     let hits = fused
@@ -174,7 +235,7 @@ pub fn cross_entropy_counting_hits(
         };
         Ok(vec![Some(g.mul(&grad)?)])
     });
-    Ok((loss, hits))
+    Ok((loss, hits, tallied))
 }
 
 /// Categorical cross-entropy against probability (e.g. one-hot or smoothed)

@@ -30,6 +30,10 @@ pub struct CrossEntropyOutput {
     /// With `total`: how many rows' label has the largest logit (ties
     /// count), a classifier's correct predictions, as one f32.
     pub hits: Option<GpuBuffer>,
+    /// Whether the kernel added the batch to the tally it was given (see
+    /// [`Device::softmax_cross_entropy_tallied`]): exactly when it computed
+    /// `total`.
+    pub tallied: bool,
 }
 
 #[repr(C)]
@@ -73,6 +77,7 @@ enum Output<'a> {
     CrossEntropy {
         labels: &'a GpuBuffer,
         loss_scale: f32,
+        tally: Option<&'a GpuBuffer>,
     },
 }
 
@@ -107,6 +112,52 @@ impl Device {
         cols: usize,
         loss_scale: f32,
     ) -> Result<CrossEntropyOutput> {
+        self.cross_entropy_impl(logits, labels, rows, cols, loss_scale, None)
+    }
+
+    /// [`Device::softmax_cross_entropy`] that also adds the batch to `tally`,
+    /// two f32 updated in place: the sum of its rows' losses (before
+    /// `loss_scale`) and its count of correct rows. The kernel does so where
+    /// it adds the batch up itself (see [`CrossEntropyOutput::total`]) and
+    /// says so in [`CrossEntropyOutput::tallied`]. A training loop keeps its
+    /// epoch's loss and accuracy on the device this way at no extra kernel.
+    pub fn softmax_cross_entropy_tallied(
+        &self,
+        logits: &GpuBuffer,
+        labels: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        loss_scale: f32,
+        tally: &GpuBuffer,
+    ) -> Result<CrossEntropyOutput> {
+        expect_f32("softmax_cross_entropy", "tally", tally)?;
+        if tally.len() != 2 {
+            return Err(DeviceError::Shape {
+                op: "softmax_cross_entropy",
+                message: format!(
+                    "the tally must be 2 f32 (loss sum, correct count), got {}",
+                    tally.len()
+                ),
+            });
+        }
+        if loss_scale <= 0.0 {
+            return Err(DeviceError::Shape {
+                op: "softmax_cross_entropy",
+                message: format!("a tallied loss needs a positive loss scale, got {loss_scale}"),
+            });
+        }
+        self.cross_entropy_impl(logits, labels, rows, cols, loss_scale, Some(tally))
+    }
+
+    fn cross_entropy_impl(
+        &self,
+        logits: &GpuBuffer,
+        labels: &GpuBuffer,
+        rows: usize,
+        cols: usize,
+        loss_scale: f32,
+        tally: Option<&GpuBuffer>,
+    ) -> Result<CrossEntropyOutput> {
         const OP: &str = "softmax_cross_entropy";
         if labels.dtype() != DType::U32 || labels.len() != rows {
             return Err(DeviceError::Shape {
@@ -118,13 +169,18 @@ impl Device {
                 ),
             });
         }
-        let output = Output::CrossEntropy { labels, loss_scale };
+        let output = Output::CrossEntropy {
+            labels,
+            loss_scale,
+            tally,
+        };
         let (grad, row_loss, totals) =
             self.softmax_impl(logits, rows, cols, SoftmaxInput::default(), output)?;
         let (total, hits) = totals.unzip();
         Ok(CrossEntropyOutput {
             row_loss: row_loss.expect("the cross-entropy output has row losses"),
             grad,
+            tallied: tally.is_some() && total.is_some(),
             total,
             hits,
         })
@@ -191,8 +247,13 @@ impl Device {
         // A classifier's batch: one workgroup takes every row and adds the
         // losses up too, saving the loss's reduction a dispatch.
         let total = cross_entropy && row_per_thread && rows <= TOTAL_MAX_ROWS;
+        let tally = match output {
+            Output::CrossEntropy { tally, .. } if total => tally,
+            _ => None,
+        };
+        let tallied = tally.is_some();
         let kernel = self.kernel(
-            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}:{total}"),
+            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}:{total}:{tallied}"),
             || {
                 Specialize::new(SRC)
                     .constant_u32("WG", SOFTMAX_WORKGROUP)
@@ -201,6 +262,7 @@ impl Device {
                     .constant_bool("ROW_PER_THREAD", row_per_thread)
                     .constant_bool("CROSS_ENTROPY", cross_entropy)
                     .constant_bool("TOTAL", total)
+                    .constant_bool("TALLY", tallied)
                     .build()
             },
         )?;
@@ -232,8 +294,8 @@ impl Device {
             _pad: [0; 2],
         };
         // Unused bindings still need buffers, which the kernel never touches:
-        // `x` again for read-only ones and `out` again for `row_loss`, `total`
-        // and `hits`.
+        // `x` again for read-only ones and `out` again for `row_loss`, `total`,
+        // `hits` and `tally`.
         let bias = input.bias.unwrap_or(x);
         let labels = match output {
             Output::CrossEntropy { labels, .. } => labels,
@@ -247,6 +309,7 @@ impl Device {
             row_loss.as_ref().unwrap_or(&out),
             totals.as_ref().map_or(&out, |t| &t.0),
             totals.as_ref().map_or(&out, |t| &t.1),
+            tally.unwrap_or(&out),
         ];
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
         Ok((out, row_loss, totals))
