@@ -1272,6 +1272,48 @@ fn conv2d_gradients() {
             },
         );
     }
+    // With the layer's activation: bias and ReLU, sigmoid or tanh in the
+    // product's epilogue, GELU as a kernel of its own.
+    type Act = (UnaryOp, fn(f64) -> f64);
+    let acts: [Act; 4] = [
+        (UnaryOp::Relu, |z| z.max(0.0)),
+        (UnaryOp::Sigmoid, |z| 1.0 / (1.0 + (-z).exp())),
+        (UnaryOp::Tanh, f64::tanh),
+        (UnaryOp::Gelu, |z| {
+            0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
+        }),
+    ];
+    for (i, (op, f)) in acts.into_iter().enumerate() {
+        let (xs, [o, kh, kw]) = ([2, 3, 9, 7], [4, 3, 3]);
+        let conv = Conv2d {
+            stride: [2, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let seed = 360 + 3 * i as u64;
+        grad_check(
+            &format!("conv2d then {op:?}"),
+            &[
+                input(&xs, seed, -1.0, 1.0),
+                input(&[o, 3, kh, kw], seed + 1, -1.0, 1.0),
+                input(&[o], seed + 2, -1.0, 1.0),
+            ],
+            |t| t[0].conv2d_then(&t[1], &t[2], conv, op),
+            &move |x: &[Vec<f64>]| {
+                let z = cpu_conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    xs,
+                    [o, kh, kw],
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                );
+                z.into_iter().map(f).collect()
+            },
+        );
+    }
     let d = device();
     let x = Tensor::zeros(d, &[1, 3, 5, 5]).unwrap();
     let w = Tensor::zeros(d, &[2, 4, 3, 3]).unwrap();

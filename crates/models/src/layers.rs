@@ -102,6 +102,28 @@ impl Activation {
         };
         x.dense(weight, bias, op)
     }
+
+    /// `activation(conv2d(x, weight) + bias)`: bias and activation in the
+    /// convolution's product kernel where they can be (see
+    /// [`Tensor::conv2d_then`]).
+    pub fn apply_conv(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        conv: kiln_graph::Conv2d,
+    ) -> kiln_graph::Result<Tensor> {
+        let op = match self {
+            Activation::Relu => UnaryOp::Relu,
+            Activation::Sigmoid => UnaryOp::Sigmoid,
+            Activation::Tanh => UnaryOp::Tanh,
+            Activation::Gelu => UnaryOp::Gelu,
+            Activation::None | Activation::Softmax => {
+                return self.apply(&x.conv2d(weight, Some(bias), conv)?)
+            }
+        };
+        x.conv2d_then(weight, bias, conv, op)
+    }
 }
 
 /// An activation on its own is a layer too (Keras's `Activation`), e.g. after
@@ -239,8 +261,9 @@ impl Layer for Conv2D {
     }
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let y = x.conv2d(&self.weight, Some(&self.bias), self.conv)?;
-        Ok(self.activation.apply(&y)?)
+        Ok(self
+            .activation
+            .apply_conv(x, &self.weight, &self.bias, self.conv)?)
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {

@@ -5,10 +5,12 @@
 //! The backward pass reuses the forward's column matrix for the weight
 //! gradient and scatters the column gradient back with col2im.
 
+use super::arith::{after_sum, map_used, output_derivative};
 use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{
     ConvGeometry, DType, DeviceError, Elementwise, Epilogue, EpilogueOperand, Matmul, Result,
+    UnaryOp,
 };
 
 /// Stride, zero padding and dilation of a convolution, per (height, width).
@@ -112,6 +114,50 @@ impl Tensor {
     /// `weight` `[out, c, kh, kw]`, `bias` `[out]`; the result is
     /// `[n, out, oh, ow]`.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, conv: Conv2d) -> Result<Tensor> {
+        self.conv2d_impl(weight, bias, conv, None)
+    }
+
+    /// `op(conv2d(self, weight) + bias)`, a convolution layer with its
+    /// activation. For ReLU, sigmoid and tanh (whose derivatives read their
+    /// output) the product kernel applies the bias and the activation as it
+    /// stores, so the pre-activation is never written; other activations
+    /// take a kernel of their own.
+    ///
+    /// ```
+    /// # fn main() -> kiln_device::Result<()> {
+    /// use kiln_graph::{device::UnaryOp, Conv2d, Device, Tensor};
+    /// let device = Device::new()?;
+    /// let x = Tensor::from_slice(&device, &[1.0, -2.0, 3.0, -4.0], &[1, 1, 2, 2])?;
+    /// let w = Tensor::from_slice(&device, &[1.0, -1.0], &[2, 1, 1, 1])?;
+    /// let b = Tensor::from_slice(&device, &[0.5, 0.0], &[2])?;
+    /// let y = x.conv2d_then(&w, &b, Conv2d::default(), UnaryOp::Relu)?;
+    /// assert_eq!(y.to_vec()?, vec![1.5, 0.0, 3.5, 0.0, 0.0, 2.0, 0.0, 4.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn conv2d_then(
+        &self,
+        weight: &Tensor,
+        bias: &Tensor,
+        conv: Conv2d,
+        op: UnaryOp,
+    ) -> Result<Tensor> {
+        match output_derivative(op) {
+            Some(_) if bias.buffer().dtype() == DType::F32 => {
+                self.conv2d_impl(weight, Some(bias), conv, Some(op))
+            }
+            _ => self.conv2d_impl(weight, Some(bias), conv, None)?.unary(op),
+        }
+    }
+
+    /// The convolution, with `activation` (one whose derivative reads its
+    /// output, and an f32 bias) applied in the product's epilogue.
+    fn conv2d_impl(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        conv: Conv2d,
+        activation: Option<UnaryOp>,
+    ) -> Result<Tensor> {
         let (&[n, c, _, _], &[o, wc, kh, kw]) = (self.shape(), weight.shape()) else {
             return Err(shape_error(format!(
                 "input must be [n, c, h, w] and weight [out, c, kh, kw], got {:?} and {:?}",
@@ -164,11 +210,24 @@ impl Tensor {
             };
             Tensor::from_buffer(device, y, &[rows, o])
         };
+        // The activation's derivative, of the incoming gradient (x0) and the
+        // output (x1).
+        let (expr, scalars, partial) = match activation {
+            Some(op) => {
+                let (expr, scalars, _) = after_sum(op);
+                (expr, scalars, output_derivative(op))
+            }
+            None => ("x0 + x1".to_string(), [0.0; 4], None),
+        };
         let y = match bias {
-            Some(b) if b.buffer().dtype() == DType::F32 => product(Some(&Epilogue {
-                op: Elementwise::new("conv_bias", "x0 + x1"),
-                operand: EpilogueOperand::Column(b.buffer()),
-            }))?,
+            Some(b) if b.buffer().dtype() == DType::F32 => {
+                let mut op = Elementwise::new("conv_bias", &expr);
+                op.scalars = scalars;
+                product(Some(&Epilogue {
+                    op,
+                    operand: EpilogueOperand::Column(b.buffer()),
+                }))?
+            }
             Some(b) => crate::no_grad(|| product(None)?.add(&b.detach()))?,
             None => product(None)?,
         };
@@ -176,6 +235,7 @@ impl Tensor {
         let out =
             device.strided_copy(y.buffer(), &[n, o, oh, ow], &[oh * ow * o, 1, ow * o, o], 0)?;
         let out = Tensor::from_buffer(device, out, &[n, o, oh, ow])?;
+        let output = partial.is_some().then(|| out.detach());
 
         let w = weight.detach();
         let input_shape = self.shape().to_vec();
@@ -187,6 +247,14 @@ impl Tensor {
         }
         let (need_dx, need_dw) = (self.is_requires_grad(), weight.is_requires_grad());
         Ok(record(&inputs, out, "conv2d", move |g| {
+            let pre;
+            let g = match (&partial, &output) {
+                (Some(partial), Some(y)) => {
+                    pre = map_used("conv2d_grad", partial, scalars, &[g, y])?;
+                    &pre
+                }
+                _ => g,
+            };
             let device = g.device();
             // [n, o, oh, ow] -> [rows, o]
             let g2 = device.strided_copy(
