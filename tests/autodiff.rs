@@ -1235,8 +1235,11 @@ fn conv2d_gradients() {
     use kiln::graph::Conv2d;
     // (input [n, c, h, w], weight [o, kh, kw], stride, padding, dilation)
     type Case = ([usize; 4], [usize; 3], [usize; 2], [usize; 2], [usize; 2]);
-    let cases: [Case; 5] = [
+    // Patches of c * kh * kw = 27, 27, 30, 18, 25 (rows padded to a multiple
+    // of 4 for the products) and 36.
+    let cases: [Case; 6] = [
         ([2, 3, 7, 6], [5, 3, 3], [1, 1], [0, 0], [1, 1]),
+        ([2, 4, 6, 6], [3, 3, 3], [1, 2], [1, 0], [1, 1]),
         ([2, 3, 9, 7], [4, 3, 3], [2, 2], [1, 1], [1, 1]),
         ([1, 5, 8, 10], [3, 2, 3], [2, 1], [1, 2], [1, 1]),
         ([3, 2, 9, 9], [2, 3, 3], [1, 2], [0, 1], [2, 2]),

@@ -1244,3 +1244,114 @@ fn matmul_entries_into_writes_only_the_chosen_entries() {
         assert!(d.matmul_entries_into(&ga, &gb, &out, &spec, 3..5).is_err());
     }
 }
+
+// ----- convolution windows ---------------------------------------------------
+
+#[test]
+fn im2col_rows_match_reference_and_col2im_is_their_adjoint() {
+    use kiln::device::ConvGeometry;
+    let d = device();
+    // (geometry, row width): patches of 27 with and without padding to 28,
+    // and a strided, dilated 2x3 window over 2 channels (patch 12).
+    let cases = [
+        (
+            ConvGeometry {
+                n: 2,
+                c: 3,
+                h: 7,
+                w: 6,
+                kh: 3,
+                kw: 3,
+                stride: [1, 2],
+                dilation: [1, 1],
+            },
+            28,
+        ),
+        (
+            ConvGeometry {
+                n: 2,
+                c: 3,
+                h: 7,
+                w: 6,
+                kh: 3,
+                kw: 3,
+                stride: [1, 2],
+                dilation: [1, 1],
+            },
+            27,
+        ),
+        (
+            ConvGeometry {
+                n: 1,
+                c: 2,
+                h: 9,
+                w: 8,
+                kh: 2,
+                kw: 3,
+                stride: [2, 1],
+                dilation: [2, 1],
+            },
+            12,
+        ),
+    ];
+    for (i, (g, width)) in cases.into_iter().enumerate() {
+        let (oh, ow) = g.output().unwrap();
+        let x = random_vec(g.n * g.c * g.h * g.w, 50 + i as u64, -1.0, 1.0);
+        let rows = g.n * oh * ow;
+        let mut want = vec![0.0f64; rows * width];
+        for n in 0..g.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let row = (n * oh + oy) * ow + ox;
+                    for c in 0..g.c {
+                        for a in 0..g.kh {
+                            for b in 0..g.kw {
+                                let y = oy * g.stride[0] + a * g.dilation[0];
+                                let xx = ox * g.stride[1] + b * g.dilation[1];
+                                want[row * width + (c * g.kh + a) * g.kw + b] =
+                                    f64::from(x[((n * g.c + c) * g.h + y) * g.w + xx]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let gx = d.upload(&x).unwrap();
+        let cols = d.im2col(&gx, &g, width).unwrap();
+        let got = d.read::<f32>(&cols).unwrap();
+        assert_close(
+            &format!("im2col {g:?} width {width}"),
+            &got,
+            &want,
+            0.0,
+            0.0,
+        );
+        // <im2col(x), y> = <x, col2im(y)>, padding columns of y included.
+        let y = random_vec(rows * width, 60 + i as u64, -1.0, 1.0);
+        let back = d
+            .read::<f32>(&d.col2im(&d.upload(&y).unwrap(), &g, width).unwrap())
+            .unwrap();
+        let lhs: f64 = got
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        let rhs: f64 = x
+            .iter()
+            .zip(&back)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
+            "col2im {g:?}: {lhs} vs {rhs}"
+        );
+    }
+    // A row must hold the whole patch.
+    let g = cases[0].0;
+    let x = d.upload(&vec![0.5f32; g.n * g.c * g.h * g.w]).unwrap();
+    let err = d.im2col(&x, &g, 20).unwrap_err().to_string();
+    assert!(
+        err.contains("rows of 20 cannot hold a patch of 27"),
+        "{err}"
+    );
+}

@@ -1,6 +1,6 @@
-//! Convolution as im2col + matmul. im2col is a strided view of the (padded)
-//! input, copied by the elementwise generator; its adjoint col2im is a gather
-//! kernel, so the backward pass needs no atomics.
+//! Convolution as im2col + matmul. im2col gathers the (padded) input's
+//! windows into rows; its adjoint col2im is a gather kernel too, so the
+//! backward pass needs no atomics.
 
 use super::to_u32;
 use crate::buffer::{DType, GpuBuffer};
@@ -8,6 +8,7 @@ use crate::device::Device;
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 
+const IM2COL_SRC: &str = include_str!("../../../../shaders/im2col.wgsl");
 const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
 const MAX_POOL_SRC: &str = include_str!("../../../../shaders/max_pool.wgsl");
 /// Which windows cover an input cell: shared by the gather kernels.
@@ -83,6 +84,23 @@ impl ConvGeometry {
     }
 }
 
+/// An im2col row must hold the whole patch.
+fn check_row_width(op: &'static str, g: &ConvGeometry, row_width: usize) -> Result<()> {
+    if row_width < g.patch() {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!(
+                "rows of {row_width} cannot hold a patch of {} ({} channels x {}x{})",
+                g.patch(),
+                g.c,
+                g.kh,
+                g.kw
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct WindowParams {
@@ -91,39 +109,56 @@ struct WindowParams {
 }
 
 impl Device {
-    /// The `[n * oh * ow, c * kh * kw]` matrix of input windows.
-    pub fn im2col(&self, x: &GpuBuffer, g: &ConvGeometry) -> Result<GpuBuffer> {
+    /// The `[n * oh * ow, row_width]` matrix of input windows: each row the
+    /// `c * kh * kw` window entries, then zeros up to `row_width` (at least
+    /// the patch). A row width that is a multiple of 4 lets the product over
+    /// the rows take vec4 loads when the patch is not.
+    pub fn im2col(&self, x: &GpuBuffer, g: &ConvGeometry, row_width: usize) -> Result<GpuBuffer> {
+        const OP: &str = "im2col";
         let (oh, ow) = g.output()?;
-        let (h, w) = (g.h, g.w);
-        self.strided_copy(
-            x,
-            &[g.n, oh, ow, g.c, g.kh, g.kw],
-            &[
-                g.c * h * w,
-                g.stride[0] * w,
-                g.stride[1],
-                h * w,
-                g.dilation[0] * w,
-                g.dilation[1],
-            ],
-            0,
-        )
+        super::expect_f32(OP, "input", x)?;
+        super::expect_len(OP, "input", x, g.n * g.c * g.h * g.w)?;
+        check_row_width(OP, g, row_width)?;
+        let numel = g.n * oh * ow * row_width;
+        to_u32(OP, "elements", numel)?;
+        let out = self.empty(numel, DType::F32)?;
+        let (grid, row_threads) = self.linear_grid(numel)?;
+        let kernel = self.kernel(&format!("im2col:{g:?}:{row_width}"), || {
+            g.constants(Specialize::new(IM2COL_SRC), (oh, ow))
+                .constant_u32("ROW_WIDTH", row_width as u32)
+                .build()
+        })?;
+        let params = WindowParams {
+            row_threads,
+            _pad: [0; 3],
+        };
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[x, &out], grid)?;
+        Ok(out)
     }
 
-    /// The adjoint of [`Device::im2col`]: sums window columns back into an
-    /// `[n, c, h, w]` (padded) image.
-    pub fn col2im(&self, cols: &GpuBuffer, g: &ConvGeometry) -> Result<GpuBuffer> {
+    /// The adjoint of [`Device::im2col`]: sums window columns (rows of
+    /// `row_width`, padding ignored) back into an `[n, c, h, w]` (padded)
+    /// image.
+    pub fn col2im(
+        &self,
+        cols: &GpuBuffer,
+        g: &ConvGeometry,
+        row_width: usize,
+    ) -> Result<GpuBuffer> {
         const OP: &str = "col2im";
         let (oh, ow) = g.output()?;
         super::expect_f32(OP, "columns", cols)?;
-        super::expect_len(OP, "columns", cols, g.n * oh * ow * g.patch())?;
+        check_row_width(OP, g, row_width)?;
+        super::expect_len(OP, "columns", cols, g.n * oh * ow * row_width)?;
         let numel = g.n * g.c * g.h * g.w;
         let out = self.empty(numel, DType::F32)?;
         let (grid, row_threads) = self.linear_grid(numel)?;
         to_u32(OP, "elements", numel)?;
-        let kernel = self.kernel(&format!("col2im:{g:?}"), || {
+        let kernel = self.kernel(&format!("col2im:{g:?}:{row_width}"), || {
             let source = format!("{COL2IM_SRC}\n{WINDOW_SRC}");
-            g.constants(Specialize::new(&source), (oh, ow)).build()
+            g.constants(Specialize::new(&source), (oh, ow))
+                .constant_u32("ROW_WIDTH", row_width as u32)
+                .build()
         })?;
         let params = WindowParams {
             row_threads,

@@ -194,15 +194,29 @@ impl Tensor {
         let (oh, ow) = geometry.output()?;
         let device = self.device();
         let rows = n * oh * ow;
+        // Patches of 1 or 3 channels (c * kh * kw not a multiple of 4) would
+        // keep the products from vec4 loads, several times slower on CPU
+        // adapters: their rows get zero columns up to a multiple of 4, and
+        // the weight as many (through pad2d, whose gradient drops them).
         let patch = geometry.patch();
+        let width = patch.next_multiple_of(4);
+        let padded_weight;
+        let weight = if width == patch {
+            weight
+        } else {
+            padded_weight = weight
+                .reshape(&[o, patch])?
+                .pad2d_with([[0, 0], [0, width - patch]], 0.0)?;
+            &padded_weight
+        };
         let cols = Tensor::from_buffer(
             device,
-            device.im2col(padded.buffer(), &geometry)?,
-            &[rows, patch],
+            device.im2col(padded.buffer(), &geometry, width)?,
+            &[rows, width],
         )?;
-        // [rows, patch] x [o, patch]^T, plus the bias per output channel (a
+        // [rows, width] x [o, width]^T, plus the bias per output channel (a
         // column here) as the product is stored.
-        let spec = Matmul::new(rows, o, patch).transpose_b(true);
+        let spec = Matmul::new(rows, o, width).transpose_b(true);
         let product = |epilogue: Option<&Epilogue>| -> Result<Tensor> {
             let y = match epilogue {
                 Some(e) => device.matmul_fused(cols.buffer(), weight.buffer(), &spec, e)?,
@@ -238,6 +252,7 @@ impl Tensor {
         let output = partial.is_some().then(|| out.detach());
 
         let w = weight.detach();
+        let weight_shape = weight.shape().to_vec();
         let input_shape = self.shape().to_vec();
         let pad = conv.padding;
         let has_bias = bias.is_some();
@@ -270,15 +285,15 @@ impl Tensor {
                 let dw = device.matmul(
                     &g2,
                     cols.buffer(),
-                    &Matmul::new(o, patch, rows).transpose_a(true),
+                    &Matmul::new(o, width, rows).transpose_a(true),
                 )?;
-                Some(Tensor::from_buffer(device, dw, &[o, wc, kh, kw])?)
+                Some(Tensor::from_buffer(device, dw, &weight_shape)?)
             } else {
                 None
             };
             let dx = if need_dx {
-                let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, patch, o))?;
-                let dxp = device.col2im(&dcols, &geometry)?;
+                let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, width, o))?;
+                let dxp = device.col2im(&dcols, &geometry, width)?;
                 Some(if pad == [0, 0] {
                     Tensor::from_buffer(device, dxp, &input_shape)?
                 } else {
@@ -335,12 +350,12 @@ impl Tensor {
     pub fn unfold2d(&self, geometry: ConvGeometry) -> Result<Tensor> {
         let (oh, ow) = geometry.output()?;
         let device = self.device();
-        let cols = device.im2col(self.buffer(), &geometry)?;
+        let cols = device.im2col(self.buffer(), &geometry, geometry.patch())?;
         let shape = [geometry.n * oh * ow, geometry.patch()];
         let out = Tensor::from_buffer(device, cols, &shape)?;
         let input_shape = self.shape().to_vec();
         Ok(record(&[self], out, "unfold2d", move |g| {
-            let dx = g.device().col2im(g.buffer(), &geometry)?;
+            let dx = g.device().col2im(g.buffer(), &geometry, geometry.patch())?;
             Ok(vec![Some(Tensor::from_buffer(
                 g.device(),
                 dx,
