@@ -817,6 +817,53 @@ fn strided_copy_transposes_permutes_and_slices() {
 }
 
 #[test]
+fn elementwise_over_strided_views_matches_reference() {
+    use kiln::device::View;
+    let d = device();
+    let x = random_vec(3 * 5 * 7, 21, -1.0, 1.0); // [3, 5, 7]
+    let y = random_vec(2 * 7 * 3 * 5, 22, -1.0, 1.0); // [2, 7, 3, 5]
+    let (gx, gy) = (d.upload(&x).unwrap(), d.upload(&y).unwrap());
+    // x permuted to [7, 3, 5] and y's second entry, both read as [7, 3, 5].
+    let views = [
+        View {
+            buffer: &gx,
+            strides: &[1, 35, 7],
+            offset: 0,
+        },
+        View {
+            buffer: &gy,
+            strides: &[15, 5, 1],
+            offset: 105,
+        },
+    ];
+    let op = Elementwise::new("mul_add", "x0 * x1 + s0").scalars(&[0.5]);
+    let got = d
+        .read::<f32>(&d.elementwise_views(&op, &views, &[7, 3, 5]).unwrap())
+        .unwrap();
+    let mut want = Vec::new();
+    for i in 0..7 {
+        for j in 0..3 {
+            for k in 0..5 {
+                let (a, b) = (x[j * 35 + k * 7 + i], y[105 + i * 15 + j * 5 + k]);
+                want.push(f64::from(a) * f64::from(b) + 0.5);
+            }
+        }
+    }
+    assert_close("elementwise over views", &got, &want, 1e-6, 1e-7);
+    // Every view must fit its buffer.
+    let past = View {
+        buffer: &gx,
+        strides: &[1, 35, 8],
+        offset: 0,
+    };
+    let err = d
+        .elementwise_views(&op, &[views[1], past], &[7, 3, 5])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reaches element"), "{err}");
+}
+
+#[test]
 fn strided_write_fills_only_its_view() {
     let d = device();
     let base = random_vec(3 * 5 * 7, 12, -1.0, 1.0);

@@ -45,7 +45,7 @@ pub use half;
 pub use info::DeviceReport;
 pub use kernel::{Kernel, Specialize};
 pub use kernels::conv::ConvGeometry;
-pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp};
+pub use kernels::elementwise::{broadcast_shapes, BinaryOp, Elementwise, Operand, UnaryOp, View};
 pub use kernels::lstm::{LstmBackward, LstmForward, LstmShape};
 pub use kernels::matmul::{Epilogue, EpilogueOperand, HalfLoads, Matmul};
 pub use kernels::norm::LayerNormOutput;

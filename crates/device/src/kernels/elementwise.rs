@@ -23,6 +23,16 @@ pub struct Operand<'a> {
     pub shape: &'a [usize],
 }
 
+/// A strided view of a buffer, for [`Device::elementwise_views`]: element
+/// `index` (unravelled over the view's shape) is read at
+/// `offset + sum(index_d * strides[d])`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub buffer: &'a GpuBuffer,
+    pub strides: &'a [usize],
+    pub offset: usize,
+}
+
 impl<'a> Operand<'a> {
     pub fn new(buffer: &'a GpuBuffer, shape: &'a [usize]) -> Self {
         Self { buffer, shape }
@@ -399,26 +409,59 @@ impl Device {
         strides: &[usize],
         offset: usize,
     ) -> Result<GpuBuffer> {
-        const OP: &str = "strided_copy";
-        super::expect_f32(OP, "input", x)?;
-        check_view(OP, x, shape, strides, offset)?;
+        let view = View {
+            buffer: x,
+            strides,
+            offset,
+        };
+        self.elementwise_views(&Elementwise::new("strided_copy", "x0"), &[view], shape)
+    }
+
+    /// `op` over strided views of its inputs, all of shape `shape`, into a
+    /// new contiguous buffer: a layout change and the arithmetic on its
+    /// elements in one pass (a convolution's gradient, say, masked by its
+    /// activation's derivative as it goes from NCHW to rows of channels).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_device::{Device, Elementwise, View};
+    /// let device = Device::new()?;
+    /// let a = device.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0])?; // 2x3
+    /// let b = device.upload(&[1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0])?; // 2x3
+    /// // Both transposed to 3x2, multiplied.
+    /// let t = |buffer| View { buffer, strides: &[1, 3], offset: 0 };
+    /// let y = device.elementwise_views(&Elementwise::new("mul", "x0 * x1"), &[t(&a), t(&b)], &[3, 2])?;
+    /// assert_eq!(device.read::<f32>(&y)?, vec![1.0, 0.0, 0.0, 5.0, 3.0, 0.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn elementwise_views(
+        &self,
+        op: &Elementwise<'_>,
+        views: &[View<'_>],
+        shape: &[usize],
+    ) -> Result<GpuBuffer> {
+        let name = op.name;
+        if views.is_empty() || views.len() > MAX_INPUTS {
+            return Err(DeviceError::Shape {
+                op: name,
+                message: format!("takes 1 to {MAX_INPUTS} views, got {}", views.len()),
+            });
+        }
+        let mut offsets = [0; MAX_INPUTS];
+        for (i, v) in views.iter().enumerate() {
+            super::expect_f32(name, "input", v.buffer)?;
+            check_view(name, v.buffer, shape, v.strides, v.offset)?;
+            offsets[i] = v.offset;
+        }
         let numel: usize = shape.iter().product();
-        let out = self.empty(numel, x.dtype())?;
+        let out = self.empty(numel, DType::F32)?;
         if numel == 0 {
             return Ok(out);
         }
-        let copy = Elementwise::new(OP, "x0");
-        let mut offsets = [0; MAX_INPUTS];
-        offsets[0] = offset;
-        self.run_elementwise(
-            &copy,
-            &[x],
-            &[Access::Strided],
-            shape,
-            vec![strides.to_vec()],
-            &offsets,
-            &out,
-        )?;
+        let buffers: Vec<&GpuBuffer> = views.iter().map(|v| v.buffer).collect();
+        let access = vec![Access::Strided; views.len()];
+        let strides = views.iter().map(|v| v.strides.to_vec()).collect();
+        self.run_elementwise(op, &buffers, &access, shape, strides, &offsets, &out)?;
         Ok(out)
     }
 

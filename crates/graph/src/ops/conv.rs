@@ -5,12 +5,12 @@
 //! The backward pass reuses the forward's column matrix for the weight
 //! gradient and scatters the column gradient back with col2im.
 
-use super::arith::{after_sum, map_used, output_derivative};
+use super::arith::{after_sum, output_derivative};
 use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{
     ConvGeometry, DType, DeviceError, Elementwise, Epilogue, EpilogueOperand, Matmul, Result,
-    UnaryOp,
+    UnaryOp, View,
 };
 
 /// Stride, zero padding and dilation of a convolution, per (height, width).
@@ -262,22 +262,23 @@ impl Tensor {
         }
         let (need_dx, need_dw) = (self.is_requires_grad(), weight.is_requires_grad());
         Ok(record(&inputs, out, "conv2d", move |g| {
-            let pre;
-            let g = match (&partial, &output) {
-                (Some(partial), Some(y)) => {
-                    pre = map_used("conv2d_grad", partial, scalars, &[g, y])?;
-                    &pre
-                }
-                _ => g,
-            };
             let device = g.device();
-            // [n, o, oh, ow] -> [rows, o]
-            let g2 = device.strided_copy(
-                g.buffer(),
-                &[n, oh, ow, o],
-                &[o * oh * ow, ow, 1, oh * ow],
-                0,
-            )?;
+            // [n, o, oh, ow] -> [rows, o], through the activation's derivative
+            // (of g and the output, read through the same view) if fused.
+            let (rows_view, view) = ([n, oh, ow, o], [o * oh * ow, ow, 1, oh * ow]);
+            let g2 = match (&partial, &output) {
+                (Some(partial), Some(y)) => {
+                    let mut op = Elementwise::new("conv2d_grad", partial);
+                    op.scalars = scalars;
+                    let at = |buffer| View {
+                        buffer,
+                        strides: &view,
+                        offset: 0,
+                    };
+                    device.elementwise_views(&op, &[at(g.buffer()), at(y.buffer())], &rows_view)?
+                }
+                _ => device.strided_copy(g.buffer(), &rows_view, &view, 0)?,
+            };
             // Frozen weights and inputs that need no gradient (the data, for a
             // first layer) skip their products: the input gradient is a matmul
             // plus a col2im, as costly as the forward pass.
