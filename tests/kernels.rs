@@ -332,6 +332,92 @@ fn per_element_epilogues_match_reference_every_tiling() {
 }
 
 #[test]
+fn planar_stores_match_reference_every_tiling() {
+    // C stored as [m / plane, n, plane] (a convolution's output as NCHW
+    // planes), through a per-column bias and ReLU, and through an element
+    // operand read in the same layout: every tiling on a plain and a
+    // transposed-B product, the tuned tiling on split-k and empty-k products
+    // (reordered in a second pass).
+    let d = device();
+    let relu = Elementwise::new("bias_relu", "max(x0 + x1, 0.0)");
+    let scale = Elementwise::new("scale", "x0 * x1");
+    let mut cases: Vec<(MatmulTiling, Matmul, usize)> = Vec::new();
+    for tiling in tilings() {
+        cases.push((tiling, Matmul::new(36, 20, 44), 9));
+        cases.push((tiling, Matmul::new(33, 12, 17).transpose_b(true), 11));
+    }
+    cases.push((
+        d.tuning().matmul,
+        Matmul::new(32, 9, 4096).transpose_a(true),
+        8,
+    ));
+    cases.push((d.tuning().matmul, Matmul::new(6, 3, 0), 2));
+    for (seed, (tiling, spec, plane)) in cases.into_iter().enumerate() {
+        let seed = 800 + seed as u64 * 4;
+        let a = random_vec(spec.m * spec.k, seed, -1.0, 1.0);
+        let b = random_vec(spec.k * spec.n, seed + 1, -1.0, 1.0);
+        let bias = random_vec(spec.n, seed + 2, -1.0, 1.0);
+        let other = random_vec(spec.m * spec.n, seed + 3, -1.0, 1.0);
+        let (product, terms) = matmul_reference(&a, &b, &spec);
+        let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
+        let (gbias, gother) = (d.upload(&bias).unwrap(), d.upload(&other).unwrap());
+        // Element (r, j) of the row-major product lands here.
+        let planar = |r: usize, j: usize| (r / plane * spec.n + j) * plane + r % plane;
+        for (op, operand) in [
+            (&relu, EpilogueOperand::Column(&gbias)),
+            (&scale, EpilogueOperand::Element(&gother)),
+        ] {
+            let epilogue = kiln::device::Epilogue {
+                op: op.clone(),
+                operand,
+            };
+            let got = d
+                .read::<f32>(
+                    &d.matmul_fused_planar_with(&ga, &gb, &spec, &epilogue, plane, tiling)
+                        .unwrap(),
+                )
+                .unwrap();
+            let mut want = vec![0.0; product.len()];
+            let mut tolerance = vec![0.0; product.len()];
+            for r in 0..spec.m {
+                for (j, &column_bias) in bias.iter().enumerate() {
+                    let (i, at) = (r * spec.n + j, planar(r, j));
+                    let (value, size) = match operand {
+                        EpilogueOperand::Column(_) => {
+                            let b = f64::from(column_bias);
+                            ((product[i] + b).max(0.0), terms[i] + b.abs())
+                        }
+                        EpilogueOperand::Element(_) => {
+                            let o = f64::from(other[at]);
+                            (product[i] * o, terms[i] * o.abs())
+                        }
+                    };
+                    want[at] = value;
+                    tolerance[at] = size + 1e-3;
+                }
+            }
+            let what = format!("{} planes of {plane} {tiling} {spec:?}", op.name);
+            assert_close_scaled(&what, &got, &want, &tolerance, 1e-4);
+        }
+    }
+    // Planes must divide m.
+    let (ga, gb, gbias) = (
+        d.upload(&[1.0f32; 6]).unwrap(),
+        d.upload(&[1.0f32; 9]).unwrap(),
+        d.upload(&[1.0f32; 3]).unwrap(),
+    );
+    let epilogue = kiln::device::Epilogue {
+        op: relu.clone(),
+        operand: EpilogueOperand::Column(&gbias),
+    };
+    let err = d
+        .matmul_fused_planar(&ga, &gb, &Matmul::new(2, 3, 3), &epilogue, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("planes of 4 rows"), "{err}");
+}
+
+#[test]
 fn column_sums_of_b_come_with_the_product_on_every_tiling() {
     // The product and, where the kernel adds them up as it goes, the sums of
     // op(B)'s columns over k (a dense layer's bias gradient with its weight

@@ -1,6 +1,6 @@
 //! Batched matrix multiply with optional transposes.
 
-use super::elementwise::{Elementwise, Operand};
+use super::elementwise::{Elementwise, Operand, View};
 use super::{expect_f32, expect_len, to_u32, EXPR_HELPERS};
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
@@ -198,6 +198,24 @@ fn epilogue_source(epilogue: Option<&Epilogue>) -> String {
     s
 }
 
+/// How a product's C is stored: through an epilogue, and in planes of rows
+/// (see [`Device::matmul_fused_planar`]).
+#[derive(Clone, Copy, Default)]
+struct Stored<'e> {
+    epilogue: Option<&'e Epilogue<'e>>,
+    plane: Option<usize>,
+}
+
+/// WGSL `fn c_index(row, col)`: where C's element goes within its batch
+/// entry, row-major or in planes of `plane` rows.
+fn c_index_source(plane: Option<usize>) -> String {
+    let body = match plane {
+        None => "row * p.n + col".to_string(),
+        Some(plane) => format!("(row / {plane}u * p.n + col) * {plane}u + row % {plane}u"),
+    };
+    format!("fn c_index(row: u32, col: u32) -> u32 {{\n    return {body};\n}}\n")
+}
+
 /// What a product kernel does besides computing C: an epilogue on what it
 /// stores, and the column sums of op(B) over k (a dense layer's bias
 /// gradient, when B is the output's gradient), written by the invocations of
@@ -206,12 +224,18 @@ fn epilogue_source(epilogue: Option<&Epilogue>) -> String {
 struct Extras<'e> {
     epilogue: Option<&'e Epilogue<'e>>,
     column_sums: Option<&'e GpuBuffer>,
+    /// C stored in planes of this many rows.
+    plane: Option<usize>,
 }
 
 impl Extras<'_> {
     fn key(&self) -> String {
         let epilogue = self.epilogue.map(Epilogue::key).unwrap_or_default();
-        format!("{epilogue}:{}", self.column_sums.is_some())
+        let plane = self
+            .plane
+            .map(|p| format!(":planes{p}"))
+            .unwrap_or_default();
+        format!("{epilogue}:{}{plane}", self.column_sums.is_some())
     }
 
     /// The buffers after A, B and C, in binding order (4, 5).
@@ -320,7 +344,7 @@ impl Device {
         tiling: MatmulTiling,
         half: HalfLoads,
     ) -> Result<GpuBuffer> {
-        self.matmul_impl(a, b, spec, (tiling, half), None)
+        self.matmul_impl(a, b, spec, (tiling, half), Stored::default())
     }
 
     /// `epilogue(op(A) * op(B))` with this device's tuned tiling, the
@@ -335,6 +359,64 @@ impl Device {
         self.matmul_fused_with(a, b, spec, epilogue, self.tuning().matmul)
     }
 
+    /// [`Device::matmul_fused`] storing C as `[m / plane, n, plane]`: each
+    /// block of `plane` consecutive rows transposed, so row `q * plane + s`,
+    /// column `j` lands at `(q * n + j) * plane + s`. A convolution's product
+    /// (rows of output positions, columns of channels) comes out as NCHW
+    /// planes this way, without a pass to reorder it. An element epilogue
+    /// operand is read in the same layout. Needs `batch == 1` and `plane`
+    /// dividing `m`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_device::{Device, Elementwise, Epilogue, EpilogueOperand, Matmul};
+    /// let device = Device::new()?;
+    /// let a = device.upload(&[1.0f32, 2.0, 3.0, 4.0])?; // 4x1: positions
+    /// let b = device.upload(&[1.0f32, 10.0])?; // 1x2: channels
+    /// let bias = device.upload(&[0.0f32, 0.5])?;
+    /// let add = Epilogue { op: Elementwise::new("bias", "x0 + x1"), operand: EpilogueOperand::Column(&bias) };
+    /// let c = device.matmul_fused_planar(&a, &b, &Matmul::new(4, 2, 1), &add, 2)?;
+    /// // Two images of 2 positions: [channel 0 plane, channel 1 plane] each.
+    /// assert_eq!(device.read::<f32>(&c)?, vec![1.0, 2.0, 10.5, 20.5, 3.0, 4.0, 30.5, 40.5]);
+    /// # Ok(()) }
+    /// ```
+    pub fn matmul_fused_planar(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        epilogue: &Epilogue,
+        plane: usize,
+    ) -> Result<GpuBuffer> {
+        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.tuning().matmul)
+    }
+
+    /// [`Device::matmul_fused_planar`] with an explicit tiling (for tests).
+    pub fn matmul_fused_planar_with(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        epilogue: &Epilogue,
+        plane: usize,
+        tiling: MatmulTiling,
+    ) -> Result<GpuBuffer> {
+        if spec.batch != 1 || plane == 0 || spec.m % plane != 0 {
+            return Err(DeviceError::Shape {
+                op: "matmul",
+                message: format!(
+                    "planes of {plane} rows need a single product whose m ({}) they divide, batch {}",
+                    spec.m, spec.batch
+                ),
+            });
+        }
+        let stored = Stored {
+            epilogue: Some(epilogue),
+            plane: Some(plane),
+        };
+        self.matmul_impl(a, b, spec, (tiling, self.half_loads()), stored)
+    }
+
     /// [`Device::matmul_fused`] with an explicit tiling (for tests).
     pub fn matmul_fused_with(
         &self,
@@ -344,7 +426,11 @@ impl Device {
         epilogue: &Epilogue,
         tiling: MatmulTiling,
     ) -> Result<GpuBuffer> {
-        self.matmul_impl(a, b, spec, (tiling, self.half_loads()), Some(epilogue))
+        let stored = Stored {
+            epilogue: Some(epilogue),
+            plane: None,
+        };
+        self.matmul_impl(a, b, spec, (tiling, self.half_loads()), stored)
     }
 
     /// `op(A) * op(B)` and, where the product kernel can add them up as it
@@ -380,13 +466,15 @@ impl Device {
             && split_k(spec).is_none()
             && !matches!(tiling, MatmulTiling::Shared { .. });
         if !summable {
-            return Ok((self.matmul_impl(a, b, spec, (tiling, half), None)?, None));
+            let product = self.matmul_impl(a, b, spec, (tiling, half), Stored::default())?;
+            return Ok((product, None));
         }
         let out = self.empty(m * n, DType::F32)?;
         let sums = self.empty(n, DType::F32)?;
         let extras = Extras {
             epilogue: None,
             column_sums: Some(&sums),
+            plane: None,
         };
         self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..1, extras)?;
         Ok((out, Some(sums)))
@@ -398,7 +486,7 @@ impl Device {
         b: &GpuBuffer,
         spec: &Matmul,
         (tiling, half): (MatmulTiling, HalfLoads),
-        epilogue: Option<&Epilogue>,
+        Stored { epilogue, plane }: Stored,
     ) -> Result<GpuBuffer> {
         let (tiling, half) = self.prepare_matmul(a, b, spec, tiling, half)?;
         let Matmul { batch, m, n, k, .. } = *spec;
@@ -415,9 +503,13 @@ impl Device {
             None
         };
         if let Some(product) = unfused {
-            return match epilogue {
-                Some(e) if !product.is_empty() => e.apply(self, &product, batch * m, n),
-                _ => Ok(product),
+            return match (plane, product.is_empty()) {
+                (_, true) => Ok(product),
+                (Some(plane), false) => self.store_planar(&product, epilogue, [m, n], plane),
+                (None, false) => match epilogue {
+                    Some(e) => e.apply(self, &product, batch * m, n),
+                    None => Ok(product),
+                },
             };
         }
         let out = self.empty(batch * m * n, DType::F32)?;
@@ -425,10 +517,42 @@ impl Device {
             let extras = Extras {
                 epilogue,
                 column_sums: None,
+                plane,
             };
             self.dispatch_matmul([a, b, &out], spec, (tiling, half), 0..batch, extras)?;
         }
         Ok(out)
+    }
+
+    /// The row-major `m x n` product reordered into planes of `plane` rows
+    /// (see [`Device::matmul_fused_planar`]), through the epilogue if any: one
+    /// pass over views in the planar order.
+    fn store_planar(
+        &self,
+        product: &GpuBuffer,
+        epilogue: Option<&Epilogue>,
+        [m, n]: [usize; 2],
+        plane: usize,
+    ) -> Result<GpuBuffer> {
+        let shape = [m / plane, n, plane];
+        let rows = View {
+            buffer: product,
+            strides: &[plane * n, 1, n],
+            offset: 0,
+        };
+        let Some(e) = epilogue else {
+            return self.elementwise_views(&Elementwise::new("planes", "x0"), &[rows], &shape);
+        };
+        let (buffer, strides) = match e.operand {
+            EpilogueOperand::Column(b) => (b, [0, 1, 0]),
+            EpilogueOperand::Element(b) => (b, [n * plane, plane, 1]),
+        };
+        let operand = View {
+            buffer,
+            strides: &strides,
+            offset: 0,
+        };
+        self.elementwise_views(&e.op, &[rows, operand], &shape)
     }
 
     /// Computes only the batch entries `entries` of `op(A) * op(B)`, into `out`,
@@ -838,7 +962,8 @@ fn specialise(
     let a = operand_source("a", 1, ops.a, &ops);
     let b = operand_source("b", 2, ops.b, &ops);
     let epilogue = epilogue_source(extras.epilogue);
-    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{epilogue}\n{declarations}\n{body}")
+    let c_index = c_index_source(extras.plane);
+    format!("{enable}{PARAMS_SRC}\n{a}{b}\n{epilogue}\n{c_index}\n{declarations}\n{body}")
 }
 
 const LANES: [&str; 4] = ["x", "y", "z", "w"];
@@ -1117,7 +1242,7 @@ fn register_store(tm: u32, tn: u32) -> String {
          let row = row0 + e / {tn}u;\n        \
          let col = col0 + e % {tn}u;\n        \
          if (row < p.m && col < p.n) {{\n            \
-         let index = c_base + row * p.n + col;\n            \
+         let index = c_base + c_index(row, col);\n            \
          c[index] = epilogue(tile[e], index, col);\n        \
          }}\n    \
          }}\n",

@@ -217,13 +217,13 @@ impl Tensor {
         // [rows, width] x [o, width]^T, plus the bias per output channel (a
         // column here) as the product is stored.
         let spec = Matmul::new(rows, o, width).transpose_b(true);
-        let product = |epilogue: Option<&Epilogue>| -> Result<Tensor> {
-            let y = match epilogue {
-                Some(e) => device.matmul_fused(cols.buffer(), weight.buffer(), &spec, e)?,
-                None => device.matmul(cols.buffer(), weight.buffer(), &spec)?,
-            };
-            Tensor::from_buffer(device, y, &[rows, o])
+        // [n, oh, ow, o] -> [n, o, oh, ow]
+        let to_nchw = |y: &kiln_device::GpuBuffer| -> Result<Tensor> {
+            let strides = [oh * ow * o, 1, ow * o, o];
+            let out = device.strided_copy(y, &[n, o, oh, ow], &strides, 0)?;
+            Tensor::from_buffer(device, out, &[n, o, oh, ow])
         };
+        let plain = || device.matmul(cols.buffer(), weight.buffer(), &spec);
         // The activation's derivative, of the incoming gradient (x0) and the
         // output (x1).
         let (expr, scalars, partial) = match activation {
@@ -233,22 +233,30 @@ impl Tensor {
             }
             None => ("x0 + x1".to_string(), [0.0; 4], None),
         };
-        let y = match bias {
+        let out = match bias {
+            // The product stores its rows of channels as NCHW planes, adding
+            // the bias per channel (and the activation) as it goes.
             Some(b) if b.buffer().dtype() == DType::F32 => {
                 let mut op = Elementwise::new("conv_bias", &expr);
                 op.scalars = scalars;
-                product(Some(&Epilogue {
+                let epilogue = Epilogue {
                     op,
                     operand: EpilogueOperand::Column(b.buffer()),
-                }))?
+                };
+                let planes = device.matmul_fused_planar(
+                    cols.buffer(),
+                    weight.buffer(),
+                    &spec,
+                    &epilogue,
+                    oh * ow,
+                )?;
+                Tensor::from_buffer(device, planes, &[n, o, oh, ow])?
             }
-            Some(b) => crate::no_grad(|| product(None)?.add(&b.detach()))?,
-            None => product(None)?,
+            Some(b) => {
+                crate::no_grad(|| to_nchw(&plain()?)?.add(&b.detach().reshape(&[o, 1, 1])?))?
+            }
+            None => to_nchw(&plain()?)?,
         };
-        // [n, oh, ow, o] -> [n, o, oh, ow]
-        let out =
-            device.strided_copy(y.buffer(), &[n, o, oh, ow], &[oh * ow * o, 1, ow * o, o], 0)?;
-        let out = Tensor::from_buffer(device, out, &[n, o, oh, ow])?;
         let output = partial.is_some().then(|| out.detach());
 
         let w = weight.detach();
