@@ -1386,46 +1386,21 @@ fn im2col_rows_match_reference_and_col2im_is_their_adjoint() {
     let d = device();
     // (geometry, row width): patches of 27 with and without padding to 28,
     // and a strided, dilated 2x3 window over 2 channels (patch 12).
+    let window = |[n, c, h, w]: [usize; 4], [kh, kw]: [usize; 2], stride, dilation| ConvGeometry {
+        n,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        stride,
+        dilation,
+    };
+    let rgb = window([2, 3, 7, 6], [3, 3], [1, 2], [1, 1]);
     let cases = [
-        (
-            ConvGeometry {
-                n: 2,
-                c: 3,
-                h: 7,
-                w: 6,
-                kh: 3,
-                kw: 3,
-                stride: [1, 2],
-                dilation: [1, 1],
-            },
-            28,
-        ),
-        (
-            ConvGeometry {
-                n: 2,
-                c: 3,
-                h: 7,
-                w: 6,
-                kh: 3,
-                kw: 3,
-                stride: [1, 2],
-                dilation: [1, 1],
-            },
-            27,
-        ),
-        (
-            ConvGeometry {
-                n: 1,
-                c: 2,
-                h: 9,
-                w: 8,
-                kh: 2,
-                kw: 3,
-                stride: [2, 1],
-                dilation: [2, 1],
-            },
-            12,
-        ),
+        (rgb, 28),
+        (rgb, 27),
+        (window([1, 2, 9, 8], [2, 3], [2, 1], [2, 1]), 12),
     ];
     for (i, (g, width)) in cases.into_iter().enumerate() {
         let (oh, ow) = g.output().unwrap();

@@ -84,23 +84,6 @@ impl ConvGeometry {
     }
 }
 
-/// An im2col row must hold the whole patch.
-fn check_row_width(op: &'static str, g: &ConvGeometry, row_width: usize) -> Result<()> {
-    if row_width < g.patch() {
-        return Err(DeviceError::Shape {
-            op,
-            message: format!(
-                "rows of {row_width} cannot hold a patch of {} ({} channels x {}x{})",
-                g.patch(),
-                g.c,
-                g.kh,
-                g.kw
-            ),
-        });
-    }
-    Ok(())
-}
-
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct WindowParams {
@@ -118,22 +101,8 @@ impl Device {
         let (oh, ow) = g.output()?;
         super::expect_f32(OP, "input", x)?;
         super::expect_len(OP, "input", x, g.n * g.c * g.h * g.w)?;
-        check_row_width(OP, g, row_width)?;
         let numel = g.n * oh * ow * row_width;
-        to_u32(OP, "elements", numel)?;
-        let out = self.empty(numel, DType::F32)?;
-        let (grid, row_threads) = self.linear_grid(numel)?;
-        let kernel = self.kernel(&format!("im2col:{g:?}:{row_width}"), || {
-            g.constants(Specialize::new(IM2COL_SRC), (oh, ow))
-                .constant_u32("ROW_WIDTH", row_width as u32)
-                .build()
-        })?;
-        let params = WindowParams {
-            row_threads,
-            _pad: [0; 3],
-        };
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[x, &out], grid)?;
-        Ok(out)
+        self.run_rows_kernel(OP, IM2COL_SRC.to_string(), g, row_width, x, numel)
     }
 
     /// The adjoint of [`Device::im2col`]: sums window columns (rows of
@@ -148,14 +117,39 @@ impl Device {
         const OP: &str = "col2im";
         let (oh, ow) = g.output()?;
         super::expect_f32(OP, "columns", cols)?;
-        check_row_width(OP, g, row_width)?;
         super::expect_len(OP, "columns", cols, g.n * oh * ow * row_width)?;
-        let numel = g.n * g.c * g.h * g.w;
+        let source = format!("{COL2IM_SRC}\n{WINDOW_SRC}");
+        self.run_rows_kernel(OP, source, g, row_width, cols, g.n * g.c * g.h * g.w)
+    }
+
+    /// Runs `source`, specialised to `g` and the im2col `row_width`, with one
+    /// invocation per element of its `numel`-element output.
+    fn run_rows_kernel(
+        &self,
+        op: &'static str,
+        source: String,
+        g: &ConvGeometry,
+        row_width: usize,
+        input: &GpuBuffer,
+        numel: usize,
+    ) -> Result<GpuBuffer> {
+        if row_width < g.patch() {
+            return Err(DeviceError::Shape {
+                op,
+                message: format!(
+                    "rows of {row_width} cannot hold a patch of {} ({} channels x {}x{})",
+                    g.patch(),
+                    g.c,
+                    g.kh,
+                    g.kw
+                ),
+            });
+        }
+        let (oh, ow) = g.output()?;
+        to_u32(op, "elements", numel)?;
         let out = self.empty(numel, DType::F32)?;
         let (grid, row_threads) = self.linear_grid(numel)?;
-        to_u32(OP, "elements", numel)?;
-        let kernel = self.kernel(&format!("col2im:{g:?}:{row_width}"), || {
-            let source = format!("{COL2IM_SRC}\n{WINDOW_SRC}");
+        let kernel = self.kernel(&format!("{op}:{g:?}:{row_width}"), || {
             g.constants(Specialize::new(&source), (oh, ow))
                 .constant_u32("ROW_WIDTH", row_width as u32)
                 .build()
@@ -164,7 +158,7 @@ impl Device {
             row_threads,
             _pad: [0; 3],
         };
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[cols, &out], grid)?;
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &[input, &out], grid)?;
         Ok(out)
     }
 
