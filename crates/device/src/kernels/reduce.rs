@@ -9,6 +9,9 @@ use crate::kernel::Specialize;
 const THREAD_SRC: &str = include_str!("../../../../shaders/reduce_thread.wgsl");
 const WORKGROUP_SRC: &str = include_str!("../../../../shaders/reduce_workgroup.wgsl");
 const REDUCE_WORKGROUP: u32 = 256;
+/// Below this many outputs a CPU adapter reduces in workgroups of 8 (see
+/// `Device::reduce_with`).
+const THREAD_SPLIT_OUTPUTS: usize = 2048;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
@@ -132,15 +135,24 @@ impl Device {
         } else {
             "acc"
         };
+        // A CPU adapter runs a workgroup on one thread: few outputs (a conv
+        // bias gradient's 32 channels over 21,632 rows) in one workgroup of
+        // 256 would leave the other cores idle, so there they go in
+        // workgroups of 8, one SIMD batch of lavapipe's.
+        let thread_group = match self.is_cpu() && outputs < THREAD_SPLIT_OUTPUTS {
+            true => 8,
+            false => LINEAR_WORKGROUP,
+        };
         let (source, per_group) = match strategy {
             ReduceStrategy::Workgroup => (WORKGROUP_SRC, 1),
-            _ => (THREAD_SRC, LINEAR_WORKGROUP),
+            _ => (THREAD_SRC, thread_group),
         };
-        let key = format!("reduce:{strategy:?}:{:?}", spec.op);
+        let key = format!("reduce:{strategy:?}:{:?}:{per_group}", spec.op);
         let kernel = self.kernel(&key, || {
             Specialize::new(source)
                 .constant("INIT", "f32", spec.op.init())
                 .constant_u32("WG", REDUCE_WORKGROUP)
+                .constant_u32("TWG", thread_group)
                 .replace("COMBINE", spec.op.combine())
                 .replace("FINISH", finish)
                 .build()
