@@ -65,13 +65,28 @@ pub(crate) fn is_factored(grad: &Tensor) -> bool {
     FACTORED.with(|f| f.borrow().contains(&grad.id()))
 }
 
-/// Empties the fold sets when the backward pass ends, however it ends.
-struct FoldSets;
+/// The fold sets of a running backward pass: set up from its graph, and
+/// given back to whatever pass was running before when it ends, however it
+/// ends (as [`SeedMark`] does for the seed).
+struct FoldSets {
+    previous: (HashSet<u64>, HashSet<u64>),
+}
+
+impl FoldSets {
+    fn enter(order: &[Tensor]) -> Self {
+        let foldable = FOLDABLE.with(|f| f.replace(foldable(order)));
+        let factored = FACTORED.with(|f| f.take());
+        Self {
+            previous: (foldable, factored),
+        }
+    }
+}
 
 impl Drop for FoldSets {
     fn drop(&mut self) {
-        FOLDABLE.with(|f| f.borrow_mut().clear());
-        FACTORED.with(|f| f.borrow_mut().clear());
+        let (foldable, factored) = std::mem::take(&mut self.previous);
+        FOLDABLE.with(|f| *f.borrow_mut() = foldable);
+        FACTORED.with(|f| *f.borrow_mut() = factored);
     }
 }
 
@@ -201,8 +216,7 @@ pub(crate) fn backward(root: &Tensor) -> Result<()> {
     }
     let _guard = NoGradGuard::new();
     let order = topological_order(root);
-    let _fold_sets = FoldSets;
-    FOLDABLE.with(|f| *f.borrow_mut() = foldable(&order));
+    let _fold_sets = FoldSets::enter(&order);
     let mut grads: HashMap<u64, Tensor> = HashMap::new();
     let seed = Tensor::ones(root.device(), root.shape())?;
     let _seed_mark = SeedMark(UNIT_SEED.with(|s| s.replace(Some(seed.id()))));
