@@ -102,14 +102,17 @@ impl Loss {
                     loss::cross_entropy_tallied(logits, labels, options, &tally.running)?;
                 match tallied {
                     true => tally.samples += labels.len(),
-                    false => tally.add(&mean, logits, labels, classes)?,
+                    false => {
+                        let target = one_hot(logits.device(), labels, classes)?;
+                        tally.add(&mean, logits, &target, labels.len())?;
+                    }
                 }
                 Ok(mean)
             }
             Loss::MeanSquaredError => {
                 let target = one_hot(logits.device(), labels, classes)?;
                 let mean = loss::mse_loss(&logits.softmax()?, &target)?;
-                tally.add(&mean, logits, labels, classes)?;
+                tally.add(&mean, logits, &target, labels.len())?;
                 Ok(mean)
             }
         }
@@ -149,22 +152,20 @@ impl Tally {
         })
     }
 
-    /// Adds a batch's mean loss and its correct predictions, counted here
-    /// from the logits, without a sync.
+    /// Adds the mean loss of a batch of `n` and its correct predictions,
+    /// counted here from the logits and the one-hot `target`, without a sync.
     fn add(
         &mut self,
         mean_loss: &Tensor,
         logits: &Tensor,
-        labels: &[u32],
-        classes: usize,
+        target: &Tensor,
+        n: usize,
     ) -> kiln_graph::Result<()> {
-        let n = labels.len();
         no_grad(|| -> kiln_graph::Result<()> {
             let batch_loss = mean_loss.detach().mul_scalar(n as f32)?;
             // A sample is right when the logit of its label is the row's
             // maximum.
-            let target = one_hot(logits.device(), labels, classes)?;
-            let picked = logits.mul(&target)?.sum(1, true)?;
+            let picked = logits.mul(target)?.sum(1, true)?;
             let best = logits.max(1, true)?;
             let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
             let correct = kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?;
