@@ -1,6 +1,8 @@
 //! Every reference workload, each against its reference (numpy's sgemm,
-//! PyTorch CPU) measured in the same run, in one table; the rows are also
-//! written as JSON under `target/kiln-bench/` to compare across commits.
+//! PyTorch CPU; cuBLAS and PyTorch CUDA with `KILN_BENCH_REFERENCE=cuda` on a
+//! GPU machine, see scripts/gpu-bench.sh) measured in the same run, in one
+//! table; the rows are also written as JSON under `target/kiln-bench/` to
+//! compare across commits.
 //!
 //! ```text
 //! cargo bench --bench suite                   # everything (minutes on a CPU adapter)

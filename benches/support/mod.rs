@@ -97,6 +97,36 @@ pub fn measure_steps(
     Ok((seconds, counts))
 }
 
+/// Whether the PyTorch references run on CUDA (`KILN_BENCH_REFERENCE=cuda`,
+/// on a GPU machine) rather than the CPU.
+pub fn cuda_reference() -> bool {
+    std::env::var("KILN_BENCH_REFERENCE").is_ok_and(|v| v == "cuda")
+}
+
+/// The PyTorch references' name in the table.
+pub fn torch_name() -> &'static str {
+    if cuda_reference() {
+        "pytorch cuda"
+    } else {
+        "pytorch cpu"
+    }
+}
+
+/// Prepended to every PyTorch reference: `DEV`, where it runs (CUDA with
+/// `KILN_BENCH_REFERENCE=cuda`, TF32 off so that f32 products are f32
+/// products), and `sync()`, which waits for that device before a timer is
+/// read (a no-op on the CPU).
+const TORCH_PRELUDE: &str = r#"
+import os, torch
+DEV = torch.device(os.environ.get("KILN_BENCH_REFERENCE", "cpu"))
+if DEV.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+"#;
+
 /// Prints the one results table.
 pub fn print_table(rows: &[Row]) {
     println!();
@@ -142,16 +172,20 @@ fn format_figure(v: f64) -> String {
 }
 
 /// Writes the rows, the adapter and the commit as JSON under
-/// `target/kiln-bench/` (one file per run, and `latest.json`), so runs can be
-/// compared across commits; returns the per-run file.
+/// `target/kiln-bench/` or `KILN_BENCH_OUT` (one file per run, and
+/// `latest.json`), so runs can be compared across commits; returns the
+/// per-run file.
 pub fn write_json(device: &kiln::Device, rows: &[Row]) -> anyhow::Result<PathBuf> {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    // KILN_BENCH_COMMIT names the commit where there is no git checkout.
+    let commit = std::env::var("KILN_BENCH_COMMIT").ok().unwrap_or_else(|| {
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    });
     let when = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -161,9 +195,14 @@ pub fn write_json(device: &kiln::Device, rows: &[Row]) -> anyhow::Result<PathBuf
         "unix_time": when,
         "adapter": info.name,
         "backend": format!("{:?}", info.backend),
+        "reference_device": if cuda_reference() { "cuda" } else { "cpu" },
         "rows": rows,
     });
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench");
+    // KILN_BENCH_OUT redirects them (a prebuilt binary run elsewhere).
+    let dir = match std::env::var_os("KILN_BENCH_OUT") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench"),
+    };
     std::fs::create_dir_all(&dir)?;
     let text = serde_json::to_string_pretty(&report)?;
     let path = dir.join(format!("{when}-{commit}.json"));
@@ -226,8 +265,9 @@ impl Reference {
     /// float`; each [`Reference::measure`] call runs it once.
     pub fn start(module: &str, script: &str) -> Result<Self, String> {
         let python = interpreter_with(module)?;
+        let prelude = if module == "torch" { TORCH_PRELUDE } else { "" };
         let program = format!(
-            "{script}\nimport sys\nfor _request in sys.stdin:\n    print(measure(_request.strip()), flush=True)\n"
+            "{prelude}\n{script}\nimport sys\nfor _request in sys.stdin:\n    print(measure(_request.strip()), flush=True)\n"
         );
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

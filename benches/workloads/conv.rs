@@ -78,7 +78,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
                 "GFLOP/s",
                 rate.0,
             )
-            .against("pytorch cpu", reference.as_ref().copied()),
+            .against(support::torch_name(), reference.as_ref().copied()),
         );
     }
     // The last window also profiles a step (when KILN_PROFILE is set).
@@ -98,7 +98,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
             "samples/s",
             rate,
         )
-        .against("pytorch cpu", torch_rate.as_ref().copied())
+        .against(support::torch_name(), torch_rate.as_ref().copied())
         .per_step(counts),
     );
     Ok(rows)
@@ -164,15 +164,17 @@ import os, time, torch
 torch.set_num_threads(os.cpu_count())
 F = torch.nn.functional
 def per_second(fn, min_seconds=1.0):
-    fn()
+    fn(); sync()
     reps, start = 0, time.perf_counter()
     while reps < 5 or time.perf_counter() - start < min_seconds:
         fn(); reps += 1
+        if reps % 5 == 0: sync()
+    sync()
     return reps / (time.perf_counter() - start)
 def conv_case(c, h, out):
-    x = torch.rand(32, c, h, h, requires_grad=True)
-    w = (torch.rand(out, c, 3, 3) - 0.5).requires_grad_()
-    b = torch.rand(out, requires_grad=True)
+    x = torch.rand(32, c, h, h, device=DEV, requires_grad=True)
+    w = (torch.rand(out, c, 3, 3, device=DEV) - 0.5).requires_grad_()
+    b = torch.rand(out, device=DEV, requires_grad=True)
     def run():
         x.grad = w.grad = b.grad = None
         F.conv2d(x, w, b).sum().backward()
@@ -182,9 +184,9 @@ model = torch.nn.Sequential(
     torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
     torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
     torch.nn.Conv2d(64, 64, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-    torch.nn.Linear(576, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    torch.nn.Linear(576, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).to(DEV)
 opt = torch.optim.Adam(model.parameters(), 1e-3)
-x = torch.rand(32, 1, 28, 28); y = torch.arange(32) % 10
+x = torch.rand(32, 1, 28, 28, device=DEV); y = torch.arange(32, device=DEV) % 10
 def step():
     opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
 for _ in range(10): step()

@@ -87,11 +87,12 @@ class Model(torch.nn.Module):
             x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, (h, _) = self.lstm(x)
         return self.head(h[-1])
-model = Model()
+model = Model().to(DEV)
 opt = torch.optim.Adam(model.parameters(), 1e-3)
+# The lengths stay on the CPU, where pack_padded_sequence wants them.
 lengths = torch.tensor([60 + row * 140 // 32 for row in range(32)])
-ids = torch.randint(2, 10000, (32, 200)) * (torch.arange(200)[None, :] < lengths[:, None])
-y = torch.arange(32) % 2
+ids = (torch.randint(2, 10000, (32, 200)) * (torch.arange(200)[None, :] < lengths[:, None])).to(DEV)
+y = (torch.arange(32) % 2).to(DEV)
 def step(packed):
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(ids, lengths, packed), y).backward()
@@ -99,7 +100,7 @@ def step(packed):
 for _ in range(3): step(True); step(False)
 def measure(request):
     packed = request == "packed"
-    start = time.perf_counter()
+    sync(); start = time.perf_counter()
     for _ in range(20): step(packed)
-    return 20 * 32 / (time.perf_counter() - start)
+    sync(); return 20 * 32 / (time.perf_counter() - start)
 "#;

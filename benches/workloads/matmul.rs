@@ -1,5 +1,6 @@
 //! Matmul throughput (square N from 256 to 4096, f32; f16 operands at 1024
-//! and 4096) against numpy's sgemm (OpenBLAS) in the same run, and the cost
+//! and 4096) against numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch
+//! with `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost
 //! of one dispatch with and without batching. `KILN_BENCH_SWEEP=1` adds rows
 //! for other tilings at N = 1024.
 
@@ -11,19 +12,25 @@ use std::time::{Duration, Instant};
 const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
-    let mut numpy = support::Reference::start("numpy", NUMPY_SGEMM);
+    // cuBLAS through PyTorch (TF32 off) on a GPU machine, numpy's OpenBLAS
+    // elsewhere.
+    let (mut reference, reference_name) = match support::cuda_reference() {
+        true => (support::Reference::start("torch", TORCH_SGEMM), "cublas sgemm"),
+        false => (support::Reference::start("numpy", NUMPY_SGEMM), "numpy sgemm"),
+    };
     let tiling = device.tuning().matmul;
     let mut rows = Vec::new();
-    // One figure per size, each Kiln window followed by numpy's at the same size.
+    // One figure per size, each Kiln window followed by the reference's at the
+    // same size.
     let mut measure = |name: String, tiling: MatmulTiling, n: usize, dtype: DType| {
-        let ((gflops, ()), reference) = support::alternate(
+        let ((gflops, ()), figure) = support::alternate(
             WINDOWS,
             || Ok((matmul_gflops(device, tiling, n, dtype)?, ())),
-            &mut numpy,
+            &mut reference,
             &n.to_string(),
         )?;
         rows.push(
-            Row::new(name, "GFLOP/s", gflops).against("numpy sgemm", reference.as_ref().copied()),
+            Row::new(name, "GFLOP/s", gflops).against(reference_name, figure.as_ref().copied()),
         );
         anyhow::Ok(())
     };
@@ -149,5 +156,24 @@ def measure(n):
     while reps == 0 or time.perf_counter() - start < 1.0:
         a @ b
         reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+"#;
+
+/// cuBLAS's float32 matmul throughput through PyTorch on the GPU (TF32 off,
+/// see the prelude), over a second.
+const TORCH_SGEMM: &str = r#"
+import time
+def measure(n):
+    n = int(n)
+    a = torch.randn(n, n, device=DEV)
+    b = torch.randn(n, n, device=DEV)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - start < 1.0:
+        for _ in range(10):
+            a @ b
+        sync()
+        reps += 10
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 "#;

@@ -55,7 +55,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         "samples/s",
         rate,
     )
-    .against("pytorch cpu", torch_rate.as_ref().copied())
+    .against(support::torch_name(), torch_rate.as_ref().copied())
     .per_step(counts)])
 }
 
@@ -66,9 +66,9 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
 const TORCH_MLP: &str = r#"
 import os, time, torch
 model = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                            torch.nn.ReLU(), torch.nn.Linear(64, 10))
+                            torch.nn.ReLU(), torch.nn.Linear(64, 10)).to(DEV)
 opt = torch.optim.Adam(model.parameters(), 1e-3)
-x = torch.rand(32, 784); y = torch.arange(32) % 10
+x = torch.rand(32, 784, device=DEV); y = torch.arange(32, device=DEV) % 10
 def step():
     opt.zero_grad(); loss = torch.nn.functional.cross_entropy(model(x), y); loss.backward(); opt.step()
 for _ in range(20): step()
@@ -76,8 +76,8 @@ def measure(steps):
     best = 0.0
     for threads in sorted({1, os.cpu_count()}):
         torch.set_num_threads(threads)
-        start = time.perf_counter()
+        sync(); start = time.perf_counter()
         for _ in range(int(steps)): step()
-        best = max(best, int(steps) * 32 / (time.perf_counter() - start))
+        sync(); best = max(best, int(steps) * 32 / (time.perf_counter() - start))
     return best
 "#;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: the kernel tests on the GPU (Vulkan), then
+# the benchmark suite against PyTorch on CUDA (TF32 off), with the GPU's name
+# and driver; everything lands in OUTDIR (default target/gpu-bench), the table
+# in bench.log and the rows in latest.json, for benches/RESULTS.md. Workload
+# names after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
+# KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to try the script
+# on a CPU machine).
+# Uses the binaries in .gpu/ (scripts/build-gpu-binaries.sh) if there is no
+# cargo. Needs the Vulkan loader (libvulkan1) and python3 with torch (CUDA).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/gpu-bench}
+shift || true
+mkdir -p "$out"
+export KILN_DEVICE=${KILN_DEVICE:-gpu} KILN_BENCH_REFERENCE=${KILN_BENCH_REFERENCE:-cuda}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' >>"$out/gpu.txt" 2>&1
+if command -v cargo >/dev/null; then
+    tests=(cargo test --release --test kernels --)
+    bench=(cargo bench --bench suite --)
+else
+    tests=(.gpu/kernels)
+    bench=(.gpu/suite --bench)
+    KILN_BENCH_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
+    export KILN_BENCH_COMMIT
+fi
+export KILN_BENCH_OUT="$out"
+"${tests[@]}" --test-threads=1 >"$out/kernels.log" 2>&1
+echo "kernel tests: exit $?" >>"$out/gpu.txt"
+"${bench[@]}" "$@" >"$out/bench.log" 2>&1
+echo "bench: exit $?" >>"$out/gpu.txt"
+cat "$out/gpu.txt"
+tail -n 25 "$out/bench.log"
