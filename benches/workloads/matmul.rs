@@ -15,8 +15,14 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     // cuBLAS through PyTorch (TF32 off) on a GPU machine, numpy's OpenBLAS
     // elsewhere.
     let (mut reference, reference_name) = match support::cuda_reference() {
-        true => (support::Reference::start("torch", TORCH_SGEMM), "cublas sgemm"),
-        false => (support::Reference::start("numpy", NUMPY_SGEMM), "numpy sgemm"),
+        true => (
+            support::Reference::start("torch", TORCH_SGEMM),
+            "cublas sgemm",
+        ),
+        false => (
+            support::Reference::start("numpy", NUMPY_SGEMM),
+            "numpy sgemm",
+        ),
     };
     let tiling = device.tuning().matmul;
     let mut rows = Vec::new();

@@ -75,6 +75,18 @@ pub(crate) fn after_sum(op: UnaryOp) -> (String, [f32; 4], &'static str) {
     (expr, unary.scalars, unary.name)
 }
 
+/// A product epilogue's expression and scalars for a layer's bias (`x1`)
+/// and then `activation`, if any: [`after_sum`], or the plain sum.
+pub(crate) fn bias_then(activation: Option<UnaryOp>) -> (String, [f32; 4]) {
+    match activation {
+        Some(op) => {
+            let (expr, scalars, _) = after_sum(op);
+            (expr, scalars)
+        }
+        None => ("x0 + x1".to_string(), [0.0; 4]),
+    }
+}
+
 /// Evaluates `expr` over those of `inputs` it names, renumbered from `x0`:
 /// unused inputs are not bound (so they cannot keep a broadcast input from
 /// the packed vec4 path).
@@ -110,9 +122,7 @@ pub(crate) fn map_used(
             message: format!("expression {expr:?} reads no input"),
         });
     }
-    let mut op = Elementwise::new(name, &compact);
-    op.scalars = scalars;
-    map(&op, &bound)
+    map(&Elementwise::new(name, &compact).scalars(&scalars), &bound)
 }
 
 /// An elementwise op: `forward` over the inputs `x0..`, and for each input its

@@ -5,7 +5,7 @@
 //! The backward pass reuses the forward's column matrix for the weight
 //! gradient and scatters the column gradient back with col2im.
 
-use super::arith::{after_sum, output_derivative};
+use super::arith::{bias_then, output_derivative};
 use super::{contiguous_strides, record};
 use crate::tensor::Tensor;
 use kiln_device::{
@@ -224,23 +224,16 @@ impl Tensor {
             Tensor::from_buffer(device, out, &[n, o, oh, ow])
         };
         let plain = || device.matmul(cols.buffer(), weight.buffer(), &spec);
+        let (expr, scalars) = bias_then(activation);
         // The activation's derivative, of the incoming gradient (x0) and the
         // output (x1).
-        let (expr, scalars, partial) = match activation {
-            Some(op) => {
-                let (expr, scalars, _) = after_sum(op);
-                (expr, scalars, output_derivative(op))
-            }
-            None => ("x0 + x1".to_string(), [0.0; 4], None),
-        };
+        let partial = activation.and_then(output_derivative);
         let out = match bias {
             // The product stores its rows of channels as NCHW planes, adding
             // the bias per channel (and the activation) as it goes.
             Some(b) if b.buffer().dtype() == DType::F32 => {
-                let mut op = Elementwise::new("conv_bias", &expr);
-                op.scalars = scalars;
                 let epilogue = Epilogue {
-                    op,
+                    op: Elementwise::new("conv_bias", &expr).scalars(&scalars),
                     operand: EpilogueOperand::Column(b.buffer()),
                 };
                 let planes = device.matmul_fused_planar(
@@ -276,8 +269,7 @@ impl Tensor {
             let (rows_view, view) = ([n, oh, ow, o], [o * oh * ow, ow, 1, oh * ow]);
             let g2 = match (&partial, &output) {
                 (Some(partial), Some(y)) => {
-                    let mut op = Elementwise::new("conv2d_grad", partial);
-                    op.scalars = scalars;
+                    let op = Elementwise::new("conv2d_grad", partial).scalars(&scalars);
                     let at = |buffer| View {
                         buffer,
                         strides: &view,

@@ -1,7 +1,7 @@
 //! Matrix products: 2-D, batched 3-D, and 3-D by a shared 2-D matrix; and a
 //! dense layer's product, bias and activation as one kernel.
 
-use super::arith::{after_sum, map_used, output_derivative, reads_var};
+use super::arith::{bias_then, map_used, output_derivative, reads_var};
 use super::{record, record_factored, sum_to_shape};
 use crate::autograd::OutputFactor;
 use crate::tensor::Tensor;
@@ -120,10 +120,8 @@ impl Geometry {
         a: &Tensor,
         factor: &OutputFactor,
     ) -> Result<Tensor> {
-        let mut op = Elementwise::new("output_factor", &factor.expr);
-        op.scalars = factor.scalars;
         let epilogue = Epilogue {
-            op,
+            op: Elementwise::new("output_factor", &factor.expr).scalars(&factor.scalars),
             operand: EpilogueOperand::Element(a.buffer()),
         };
         let device = g.device();
@@ -232,14 +230,9 @@ impl Tensor {
             };
         };
         let geometry = Geometry::of(self.shape(), weight.shape())?;
-        let (expr, scalars, name) = match activation {
-            None => ("x0 + x1".to_string(), [0.0; 4], "dense"),
-            Some(op) => after_sum(op),
-        };
-        let mut op = Elementwise::new(name, &expr);
-        op.scalars = scalars;
+        let (expr, scalars) = bias_then(activation);
         let epilogue = Epilogue {
-            op,
+            op: Elementwise::new("dense", &expr).scalars(&scalars),
             operand: EpilogueOperand::Column(bias.buffer()),
         };
         let dtype = crate::amp::matmul_operand_dtype();
