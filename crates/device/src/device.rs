@@ -7,6 +7,7 @@
 //! kernels affordable on adapters where a submit costs tens of microseconds.
 
 use crate::adapter::{self, DeviceSelector};
+use crate::binding::{BindGroupCache, KernelLayout};
 use crate::buffer::{DType, Element, GpuBuffer};
 use crate::error::{DeviceError, Result};
 use crate::kernel::{Kernel, KernelCache};
@@ -24,6 +25,9 @@ pub const MAX_PARAM_BYTES: usize = 256;
 /// Uploads queued without a submit before one is forced. wgpu stages
 /// `write_buffer` data until the next submit; bounding it bounds staging memory.
 const UPLOAD_FLUSH_BYTES: u64 = 64 << 20;
+/// Bind groups kept for reuse (see [`crate::binding`]); a BERT training step
+/// binds a few hundred distinct ones.
+const BIND_GROUP_CACHE_ENTRIES: usize = 4096;
 /// Idle bytes the buffer pool keeps by default.
 const DEFAULT_POOL_CAPACITY: u64 = 2 << 30;
 
@@ -38,6 +42,10 @@ enum Command {
     Dispatch {
         pipeline: wgpu::ComputePipeline,
         bind_group: wgpu::BindGroup,
+        /// Where this dispatch's parameter block sits in the arena.
+        param_offset: u32,
+        /// Bytes of the block passed as immediate data, if the kernel takes it so.
+        immediate_bytes: Option<u32>,
         workgroups: [u32; 3],
     },
     Copy {
@@ -72,6 +80,7 @@ pub struct DeviceShared {
     /// True while commands or uploads are recorded but not submitted.
     pending: AtomicBool,
     kernels: Mutex<KernelCache>,
+    bind_groups: Mutex<BindGroupCache>,
     errors: Arc<Mutex<Vec<String>>>,
     param_arena: wgpu::Buffer,
     param_align: u64,
@@ -85,7 +94,10 @@ pub struct DeviceShared {
 impl DeviceShared {
     pub(crate) fn release(&self, bucket: u64, buffer: wgpu::Buffer) {
         let pending = self.pending.load(Ordering::Acquire);
-        lock(&self.pool).release(bucket, buffer, pending);
+        let dropped = lock(&self.pool).release(bucket, buffer, pending);
+        if let Some(buffer) = dropped {
+            lock(&self.bind_groups).forget(&buffer);
+        }
     }
 }
 
@@ -131,7 +143,13 @@ impl Device {
     /// defaults are far lower: 8 storage buffers per stage, 16 KiB shared memory).
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let mut wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::IMMEDIATES;
+        // KILN_IMMEDIATES=0 passes kernel parameters in a uniform buffer even
+        // where immediates work, as on adapters without them (CI tests both).
+        if std::env::var("KILN_IMMEDIATES").is_ok_and(|v| v == "0") {
+            wanted.remove(wgpu::Features::IMMEDIATES);
+        }
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -181,6 +199,7 @@ impl Device {
                 recorder: Mutex::new(Recorder::default()),
                 pending: AtomicBool::new(false),
                 kernels: Mutex::new(KernelCache::new(1024)),
+                bind_groups: Mutex::new(BindGroupCache::new(BIND_GROUP_CACHE_ENTRIES)),
                 errors,
                 param_arena,
                 param_align,
@@ -285,6 +304,8 @@ impl Device {
     /// Frees every idle pooled buffer.
     pub fn trim_pool(&self) {
         lock(&self.shared.pool).trim();
+        // Cached bind groups hold idle buffers too; they are rebuilt on demand.
+        lock(&self.shared.bind_groups).clear();
     }
 
     /// Turns per-kernel timing on (clearing earlier times) or off. While on,
@@ -505,15 +526,38 @@ impl Device {
             return Ok(k);
         }
         let device = &self.shared.device;
+        let shader_error = |message: String| DeviceError::Shader {
+            key: key.to_string(),
+            message,
+        };
+        let max_immediate_bytes = if self.shared.features.contains(wgpu::Features::IMMEDIATES) {
+            self.shared.limits.max_immediate_size
+        } else {
+            0
+        };
+        let KernelLayout {
+            source,
+            entries,
+            immediate_bytes,
+        } = KernelLayout::read(source(), max_immediate_bytes).map_err(shader_error)?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(key),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(key),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: immediate_bytes.unwrap_or(0),
+        });
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key),
-            source: wgpu::ShaderSource::Wgsl(source().into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         };
         let module = device.create_shader_module(desc);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key),
-            layout: None,
+            layout: Some(&pipeline_layout),
             module: &module,
             entry_point: Some("main"),
             compilation_options: wgpu::PipelineCompilationOptions {
@@ -524,15 +568,12 @@ impl Device {
             cache: None,
         });
         if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(DeviceError::Shader {
-                key: key.to_string(),
-                message: err.to_string(),
-            });
+            return Err(shader_error(err.to_string()));
         }
-        let layout = pipeline.get_bind_group_layout(0);
         let kernel = Arc::new(Kernel {
             pipeline,
             layout,
+            immediate_bytes,
             key: key.to_string(),
         });
         lock(&self.shared.kernels).insert(kernel.clone());
@@ -599,32 +640,32 @@ impl Device {
         rec.params
             .resize((offset + self.shared.param_align) as usize, 0);
 
-        let mut entries = Vec::with_capacity(buffers.len() + 1);
-        entries.push(wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.shared.param_arena,
-                offset,
-                size: wgpu::BufferSize::new(MAX_PARAM_BYTES as u64),
-            }),
-        });
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: b.raw().as_entire_binding(),
-            });
-        }
-        let bind_group = self
-            .shared
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &kernel.layout,
-                entries: &entries,
-            });
+        let raw: Vec<&wgpu::Buffer> = buffers.iter().map(|b| b.raw()).collect();
+        let arena = match kernel.immediate_bytes {
+            None => Some((&self.shared.param_arena, MAX_PARAM_BYTES as u64)),
+            Some(bytes) if params.len() > bytes as usize => {
+                return Err(DeviceError::Shape {
+                    op: "dispatch",
+                    message: format!(
+                        "{}: {} bytes of parameters for a {bytes}-byte block",
+                        kernel.key,
+                        params.len()
+                    ),
+                })
+            }
+            Some(_) => None,
+        };
+        let bind_group = lock(&self.shared.bind_groups).get_or_create(
+            &self.shared.device,
+            &kernel.layout,
+            arena,
+            &raw,
+        );
         rec.commands.push(Command::Dispatch {
             pipeline: kernel.pipeline.clone(),
             bind_group,
+            param_offset: offset as u32,
+            immediate_bytes: kernel.immediate_bytes,
             workgroups,
         });
         rec.stats.dispatches += 1;
@@ -693,11 +734,21 @@ impl Device {
                     while let Some(Command::Dispatch {
                         pipeline,
                         bind_group,
+                        param_offset,
+                        immediate_bytes,
                         workgroups: [x, y, z],
                     }) = commands.get(i)
                     {
                         pass.set_pipeline(pipeline);
-                        pass.set_bind_group(0, bind_group, &[]);
+                        match immediate_bytes {
+                            // The block was zero-padded to the arena's slot size.
+                            Some(bytes) => {
+                                let start = *param_offset as usize;
+                                pass.set_bind_group(0, bind_group, &[]);
+                                pass.set_immediates(0, &rec.params[start..start + *bytes as usize]);
+                            }
+                            None => pass.set_bind_group(0, bind_group, &[*param_offset]),
+                        }
                         pass.dispatch_workgroups(*x, *y, *z);
                         i += 1;
                     }

@@ -14,10 +14,13 @@ use std::sync::Arc;
 ///
 /// Binding convention for every Kiln kernel: binding 0 is a uniform block of
 /// parameters, bindings 1.. are storage buffers in the order passed to
-/// [`crate::Device::dispatch`].
+/// [`crate::Device::dispatch`]. Where the adapter allows, the parameter block
+/// is passed as immediate data instead (see `binding.rs`).
 pub struct Kernel {
     pub(crate) pipeline: wgpu::ComputePipeline,
     pub(crate) layout: wgpu::BindGroupLayout,
+    /// Size of the parameter block when it is passed as immediate data.
+    pub(crate) immediate_bytes: Option<u32>,
     pub(crate) key: String,
 }
 

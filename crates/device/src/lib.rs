@@ -26,6 +26,7 @@
 
 mod adapter;
 pub mod autotune;
+mod binding;
 mod buffer;
 mod device;
 mod error;

@@ -83,13 +83,19 @@ impl BufferPool {
     }
 
     /// Returns a buffer. `pending` says whether recorded-but-unsubmitted work exists.
-    pub fn release(&mut self, bucket: u64, buffer: wgpu::Buffer, pending: bool) {
+    /// A buffer the pool has no room for comes back, for the caller to drop.
+    #[must_use]
+    pub fn release(
+        &mut self,
+        bucket: u64,
+        buffer: wgpu::Buffer,
+        pending: bool,
+    ) -> Option<wgpu::Buffer> {
         self.stats.live_bytes -= bucket;
         if self.stats.cached_bytes + bucket > self.capacity {
             // Dropped, not destroyed: recorded commands may still use it, and wgpu
             // frees the memory once they are done.
-            drop(buffer);
-            return;
+            return Some(buffer);
         }
         self.stats.cached_bytes += bucket;
         let list = if pending {
@@ -98,6 +104,7 @@ impl BufferPool {
             &mut self.free
         };
         list.entry(bucket).or_default().push(buffer);
+        None
     }
 
     /// After a submit, retired buffers may be written by uploads again.

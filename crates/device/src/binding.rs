@@ -1,0 +1,241 @@
+//! Bind groups: each kernel's layout, read from its WGSL, and a bounded cache of
+//! the bind groups built on those layouts.
+//!
+//! A training step dispatches the same kernels on the same pooled buffers every
+//! step; only the parameter block moves, and it is bound with a dynamic offset
+//! into the parameter arena. So a bind group is keyed by layout and buffers and
+//! built once. Building one costs more than it seems: validation and tracking
+//! in wgpu, and on lavapipe a descriptor pool mapped and unmapped each time,
+//! which made up a third of the recording thread's time in an MLP step.
+
+use std::collections::HashMap;
+use wgpu::naga;
+
+/// How every Kiln kernel declares its parameter block.
+pub(crate) const PARAM_DECLARATION: &str = "@group(0) @binding(0) var<uniform> p: Params;";
+/// The same block passed as immediate data (push constants).
+const IMMEDIATE_DECLARATION: &str = "var<immediate> p: Params;";
+
+/// A kernel's WGSL and bind group layout, with its parameter block passed as
+/// immediate data where the adapter allows it (see [`KernelLayout::read`]).
+pub(crate) struct KernelLayout {
+    pub source: String,
+    pub entries: Vec<wgpu::BindGroupLayoutEntry>,
+    /// Bytes of immediate data holding the parameters; `None` when they are
+    /// the uniform buffer at binding 0, bound at a dynamic offset.
+    pub immediate_bytes: Option<u32>,
+}
+
+impl KernelLayout {
+    /// Reads the bindings of a Kiln kernel: binding 0 is the uniform parameter
+    /// block, every other binding a storage buffer, read-only unless the shader
+    /// writes it. Parameters of up to `max_immediate_bytes` move to immediate
+    /// data, so the bind group holds storage buffers only and can be reused.
+    pub fn read(source: String, max_immediate_bytes: u32) -> Result<Self, String> {
+        let module =
+            naga::front::wgsl::parse_str(&source).map_err(|e| e.emit_to_string(&source))?;
+        let mut entries = Vec::new();
+        let mut param_bytes = None;
+        for (_, global) in module.global_variables.iter() {
+            let Some(binding) = &global.binding else {
+                continue;
+            };
+            if binding.group != 0 {
+                return Err(format!(
+                    "binding {} is in group {}; Kiln kernels use group 0 only",
+                    binding.binding, binding.group
+                ));
+            }
+            let ty = match global.space {
+                naga::AddressSpace::Uniform if binding.binding == 0 => {
+                    param_bytes = Some(module.types[global.ty].inner.size(module.to_ctx()));
+                    wgpu::BufferBindingType::Uniform
+                }
+                naga::AddressSpace::Storage { access } => wgpu::BufferBindingType::Storage {
+                    read_only: !access.contains(naga::StorageAccess::STORE),
+                },
+                space => {
+                    return Err(format!(
+                        "binding {}: {space:?} is not a Kiln binding (uniform parameters \
+                         at 0, storage buffers after)",
+                        binding.binding
+                    ))
+                }
+            };
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: binding.binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: binding.binding == 0,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        entries.sort_by_key(|e| e.binding);
+        let immediate_bytes =
+            param_bytes.filter(|&b| b <= max_immediate_bytes && source.contains(PARAM_DECLARATION));
+        let source = match immediate_bytes {
+            Some(_) => {
+                entries.retain(|e| e.binding != 0);
+                source.replacen(PARAM_DECLARATION, IMMEDIATE_DECLARATION, 1)
+            }
+            None => source,
+        };
+        Ok(Self {
+            source,
+            entries,
+            immediate_bytes,
+        })
+    }
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    layout: wgpu::BindGroupLayout,
+    buffers: Vec<wgpu::Buffer>,
+}
+
+/// Bind groups by layout and storage buffers. Bounded: past `max_entries` it
+/// starts over. Entries hold their buffers, so the pool tells it which buffers
+/// it lets go of ([`BindGroupCache::forget`]) and their memory is freed.
+pub(crate) struct BindGroupCache {
+    groups: HashMap<BindKey, wgpu::BindGroup>,
+    max_entries: usize,
+}
+
+impl BindGroupCache {
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            groups: HashMap::new(),
+            max_entries,
+        }
+    }
+
+    /// The bind group of `layout` with `buffers` at bindings 1.. and, unless
+    /// the kernel takes its parameters as immediate data, the parameter arena
+    /// (one block of `param_bytes` at a dynamic offset) at binding 0.
+    pub fn get_or_create(
+        &mut self,
+        device: &wgpu::Device,
+        layout: &wgpu::BindGroupLayout,
+        params: Option<(&wgpu::Buffer, u64)>,
+        buffers: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
+        let key = BindKey {
+            layout: layout.clone(),
+            buffers: buffers.iter().map(|&b| b.clone()).collect(),
+        };
+        if let Some(group) = self.groups.get(&key) {
+            return group.clone();
+        }
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        if let Some((buffer, bytes)) = params {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(bytes),
+                }),
+            });
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout,
+            entries: &entries,
+        });
+        if self.groups.len() >= self.max_entries {
+            self.groups.clear();
+        }
+        self.groups.insert(key, group.clone());
+        group
+    }
+
+    /// Drops the bind groups that hold `buffer`.
+    pub fn forget(&mut self, buffer: &wgpu::Buffer) {
+        self.groups.retain(|key, _| !key.buffers.contains(buffer));
+    }
+
+    pub fn clear(&mut self) {
+        self.groups.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KERNEL: &str = "struct Params { n: u32, scale: f32 }\n\
+                          @group(0) @binding(0) var<uniform> p: Params;\n\
+                          @group(0) @binding(2) var<storage, read_write> out: array<f32>;\n\
+                          @group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+                          @compute @workgroup_size(1) fn main() { out[0] = x[p.n] * p.scale; }";
+
+    fn kinds(layout: &KernelLayout) -> Vec<(u32, wgpu::BufferBindingType, bool)> {
+        layout
+            .entries
+            .iter()
+            .map(|e| match e.ty {
+                wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset,
+                    ..
+                } => (e.binding, ty, has_dynamic_offset),
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layouts_follow_the_declared_access() {
+        let layout = KernelLayout::read(KERNEL.into(), 0).unwrap();
+        assert_eq!(layout.immediate_bytes, None);
+        assert_eq!(layout.source, KERNEL);
+        assert_eq!(
+            kinds(&layout),
+            vec![
+                (0, wgpu::BufferBindingType::Uniform, true),
+                (
+                    1,
+                    wgpu::BufferBindingType::Storage { read_only: true },
+                    false
+                ),
+                (
+                    2,
+                    wgpu::BufferBindingType::Storage { read_only: false },
+                    false
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn parameters_move_to_immediates_when_they_fit() {
+        let layout = KernelLayout::read(KERNEL.into(), 8).unwrap();
+        assert_eq!(layout.immediate_bytes, Some(8));
+        assert!(layout.source.contains("var<immediate> p: Params;"));
+        assert!(!layout.source.contains("var<uniform>"));
+        assert_eq!(kinds(&layout).len(), 2);
+        // Too large a block stays a uniform buffer.
+        let layout = KernelLayout::read(KERNEL.into(), 4).unwrap();
+        assert_eq!(layout.immediate_bytes, None);
+        assert_eq!(kinds(&layout).len(), 3);
+    }
+
+    #[test]
+    fn layouts_reject_what_kiln_cannot_bind() {
+        let textured = "@group(0) @binding(1) var t: texture_2d<f32>;\n\
+                        @compute @workgroup_size(1) fn main() {}";
+        let err = KernelLayout::read(textured.into(), 0).err().unwrap();
+        assert!(err.contains("binding 1"), "{err}");
+        assert!(KernelLayout::read("fn main( {".into(), 0).is_err());
+    }
+}
