@@ -62,6 +62,47 @@ impl MatmulTiling {
         }
     }
 
+    /// A register tiling shrunk to a small `m x n` product, for CPU adapters.
+    ///
+    /// A CPU adapter runs eight or so lanes of a workgroup as one SIMD vector
+    /// and a workgroup on one core, and every lane pays for its whole tile
+    /// even where it lies past the product's edge. A big tile on a small
+    /// product (16x16 on a layer's 32x10 output) thus leaves one core doing
+    /// eight times the useful work while the others idle. The tile halves,
+    /// larger side first and not below 4x4 (which keeps vec4 loads), until
+    /// the product has `lanes_wanted` tiles (one vector per core), then the
+    /// workgroup shrinks to the tiles there are. Other tilings are returned
+    /// unchanged.
+    pub fn fitted(self, m: usize, n: usize, lanes_wanted: usize) -> MatmulTiling {
+        let MatmulTiling::Register {
+            mut tm,
+            mut tn,
+            wg_x,
+            wg_y,
+        } = self
+        else {
+            return self;
+        };
+        let tiles = |tm: u32, tn: u32| m.div_ceil(tm as usize) * n.div_ceil(tn as usize);
+        while tiles(tm, tn) < lanes_wanted && tm.max(tn) > 4 {
+            if tm >= tn {
+                tm = (tm / 2).max(1);
+            } else {
+                tn = (tn / 2).max(1);
+            }
+        }
+        // Powers of two, so that workgroups of different products nest when
+        // they are fused (see `fusion`).
+        let lanes_y = (m.div_ceil(tm as usize).max(1) as u32).next_power_of_two();
+        let lanes_x = (n.div_ceil(tn as usize).max(1) as u32).next_power_of_two();
+        MatmulTiling::Register {
+            tm,
+            tn,
+            wg_x: wg_x.min(lanes_x),
+            wg_y: wg_y.min(lanes_y),
+        }
+    }
+
     /// Checks the parameters against each other and the adapter.
     pub fn validate(
         &self,
@@ -282,5 +323,22 @@ mod tests {
         }
         assert!("register:8x0:8x8".parse::<MatmulTiling>().is_err());
         assert!("shared:64x64:4x4".parse::<MatmulTiling>().is_err());
+    }
+
+    #[test]
+    fn register_tiles_shrink_to_small_products_only() {
+        let big: MatmulTiling = "register:16x16:8x4".parse().unwrap();
+        let fit = |m, n| big.fitted(m, n, 16).to_string();
+        // A classifier head's 32x10 output: 16 tiles of 4x8 in 2x4 workgroups.
+        assert_eq!(fit(32, 10), "register:4x8:2x4");
+        assert_eq!(fit(64, 10), "register:8x8:2x4");
+        // Never below 4x4, and a single element keeps one lane.
+        assert_eq!(fit(1, 1), "register:4x4:1x1");
+        // Products with enough tiles keep the tile; the workgroup still
+        // shrinks to the tiles there are.
+        assert_eq!(fit(64, 64), "register:16x16:4x4");
+        assert_eq!(fit(1024, 1024), "register:16x16:8x4");
+        let subgroup: MatmulTiling = "subgroup:4:8:32".parse().unwrap();
+        assert_eq!(subgroup.fitted(1, 1, 16), subgroup);
     }
 }

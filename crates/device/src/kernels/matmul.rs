@@ -622,6 +622,12 @@ impl Device {
             MatmulTiling::Subgroup { tm, .. } if !vec4_fits(spec, tm, 4) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
+            t => t,
+        };
+        let tiling = match tiling {
+            MatmulTiling::Register { .. } if self.is_cpu() => {
+                tiling.fitted(spec.m, spec.n, cpu_lanes_wanted())
+            }
             // Few rows: shrink the workgroup so lanes do not idle on clamped rows.
             MatmulTiling::Subgroup { tm, sg, wg } => {
                 let lanes = m.div_ceil(tm as usize).next_multiple_of(sg as usize) as u32;
@@ -695,6 +701,14 @@ impl Device {
         }
         Ok(())
     }
+}
+
+/// Output tiles a product should have on a CPU adapter to give every core one
+/// SIMD vector of lanes (see [`MatmulTiling::fitted`]).
+fn cpu_lanes_wanted() -> usize {
+    const SIMD_LANES: usize = 8;
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    SIMD_LANES * *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// How many chunks to split k into, for products with few outputs and a long k
