@@ -149,3 +149,76 @@ fn autotune_measures_every_candidate_once_then_reads_its_cache() {
     d.set_tuning(before);
     std::fs::remove_file(&file).unwrap();
 }
+
+/// Whether `Device::together` fuses in this run (`KILN_FUSION=0` turns it off).
+fn fusion_on() -> bool {
+    std::env::var("KILN_FUSION").map_or(true, |v| v != "0")
+}
+
+/// Reads `buffers` back as f32.
+fn read_all(d: &Device, buffers: &[&kiln::device::GpuBuffer]) -> Vec<Vec<f32>> {
+    buffers.iter().map(|b| d.read::<f32>(b).unwrap()).collect()
+}
+
+#[test]
+fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_results() {
+    let d = Device::new().unwrap();
+    // A layer's backward pass: weight gradient A^T G and input gradient G W^T,
+    // plus G^T G, all reading G.
+    let (m, k, n) = (37, 45, 10);
+    let a = d.upload(&random_vec(m * k, 1, -1.0, 1.0)).unwrap();
+    let w = d.upload(&random_vec(k * n, 2, -1.0, 1.0)).unwrap();
+    let g = d.upload(&random_vec(m * n, 3, -1.0, 1.0)).unwrap();
+    let candidates = kiln::device::Tuning::candidates(d.adapter_info(), d.features(), d.limits());
+    for tiling in candidates {
+        let run = || -> kiln::device::Result<_> {
+            let gw = d.matmul_with(&a, &g, &Matmul::new(k, n, m).transpose_a(true), tiling)?;
+            let ga = d.matmul_with(&g, &w, &Matmul::new(m, k, n).transpose_b(true), tiling)?;
+            let t = d.matmul_with(&g, &g, &Matmul::new(n, n, m).transpose_a(true), tiling)?;
+            Ok((gw, ga, t))
+        };
+        let (gw, ga, t) = run().unwrap();
+        let want = read_all(&d, &[&gw, &ga, &t]);
+        let before = d.dispatch_stats();
+        let (gw, ga, t) = d.together(run).unwrap();
+        let got = read_all(&d, &[&gw, &ga, &t]);
+        let dispatches = d.dispatch_stats().dispatches - before.dispatches;
+        // Shared-memory tilings (GPUs) use barriers, which fusion refuses.
+        let fusable = !matches!(tiling, kiln::device::MatmulTiling::Shared { .. });
+        let fused = fusion_on() && fusable;
+        assert_eq!(dispatches, if fused { 1 } else { 3 }, "{tiling}");
+        // Each part runs the same code on the same data: bit for bit equal.
+        assert_eq!(got, want, "{tiling}");
+    }
+}
+
+#[test]
+fn kernels_that_depend_on_each_other_are_not_fused() {
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(300, 4, -1.0, 1.0)).unwrap();
+    let w = d.upload(&random_vec(300 * 8, 5, -1.0, 1.0)).unwrap();
+    let run = || -> kiln::device::Result<_> {
+        // Second reads the first's output; third is independent of the second
+        // and joins it.
+        let h = d.matmul(&x, &w, &Matmul::new(1, 8, 300))?;
+        let y = d.matmul(&h, &h, &Matmul::new(8, 8, 1).transpose_a(true))?;
+        let z = d.matmul(&x, &w, &Matmul::new(2, 8, 150))?;
+        Ok((h, y, z))
+    };
+    let (h, y, z) = run().unwrap();
+    let want = read_all(&d, &[&h, &y, &z]);
+    let before = d.dispatch_stats();
+    let (h, y, z) = d.together(run).unwrap();
+    let got = read_all(&d, &[&h, &y, &z]);
+    let dispatches = d.dispatch_stats().dispatches - before.dispatches;
+    assert_eq!(dispatches, if fusion_on() { 2 } else { 3 });
+    assert_eq!(got, want);
+    // Nothing is held back once `together` returns, even on error.
+    let before = d.dispatch_stats();
+    let err = d.together(|| -> kiln::device::Result<()> {
+        d.unary(UnaryOp::Tanh, &x)?;
+        d.matmul(&x, &w, &Matmul::new(2, 8, 300)).map(|_| ())
+    });
+    assert!(err.is_err());
+    assert_eq!(d.dispatch_stats().dispatches - before.dispatches, 1);
+}

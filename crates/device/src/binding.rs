@@ -24,6 +24,8 @@ pub(crate) struct KernelLayout {
     /// Bytes of immediate data holding the parameters; `None` when they are
     /// the uniform buffer at binding 0, bound at a dynamic offset.
     pub immediate_bytes: Option<u32>,
+    /// The storage bindings the kernel writes.
+    pub writable: Vec<u32>,
 }
 
 impl KernelLayout {
@@ -74,6 +76,19 @@ impl KernelLayout {
             });
         }
         entries.sort_by_key(|e| e.binding);
+        let writable = entries
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.ty,
+                    wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: false },
+                        ..
+                    }
+                )
+            })
+            .map(|e| e.binding)
+            .collect();
         let immediate_bytes =
             param_bytes.filter(|&b| b <= max_immediate_bytes && source.contains(PARAM_DECLARATION));
         let source = match immediate_bytes {
@@ -87,6 +102,7 @@ impl KernelLayout {
             source,
             entries,
             immediate_bytes,
+            writable,
         })
     }
 }

@@ -10,6 +10,7 @@ use crate::adapter::{self, DeviceSelector};
 use crate::binding::{BindGroupCache, KernelLayout};
 use crate::buffer::{DType, Element, GpuBuffer};
 use crate::error::{DeviceError, Result};
+use crate::fusion::{self, FusedSource};
 use crate::kernel::{Kernel, KernelCache};
 use crate::pool::{bucket_size, BufferPool, FirstUse, PoolStats};
 use crate::profile::{KernelTime, Profile};
@@ -17,6 +18,13 @@ use crate::tuning::Tuning;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
+
+/// Whether [`Device::together`] fuses (`KILN_FUSION=0` turns it off, to
+/// compare).
+fn fusion_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_FUSION").map_or(true, |v| v != "0"))
+}
 
 /// Bytes of uniform parameters one batch can hold; one slot per dispatch.
 const PARAM_ARENA_BYTES: u64 = 1 << 20;
@@ -65,6 +73,36 @@ struct Recorder {
     params: Vec<u8>,
     upload_bytes: u64,
     stats: DispatchStats,
+    /// Inside [`Device::together`]: launches held back to be fused.
+    gathering: Option<Vec<Launch>>,
+}
+
+/// A dispatch held back by [`Device::together`].
+struct Launch {
+    kernel: Kernel,
+    params: Vec<u8>,
+    buffers: Vec<wgpu::Buffer>,
+    workgroups: [u32; 3],
+}
+
+impl Launch {
+    /// Whether either launch writes a buffer the other binds.
+    fn conflicts(&self, other: &Launch) -> bool {
+        let writes = |l: &Launch, buffer: &wgpu::Buffer| {
+            l.kernel
+                .writable
+                .iter()
+                .any(|&b| l.buffers.get(b as usize - 1) == Some(buffer))
+        };
+        other.buffers.iter().any(|b| writes(self, b))
+            || self.buffers.iter().any(|b| writes(other, b))
+    }
+}
+
+/// A fused kernel and how to fill its parameter block.
+struct FusedPlan {
+    kernel: Arc<Kernel>,
+    source: FusedSource,
 }
 
 /// State shared by a [`Device`] and every buffer it handed out.
@@ -89,6 +127,9 @@ pub struct DeviceShared {
     half_arithmetic: AtomicBool,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
+    /// Fused kernels by their parts' keys; `None` where the parts cannot be
+    /// fused (so that is found out once).
+    fusions: Mutex<HashMap<String, Option<Arc<FusedPlan>>>>,
 }
 
 impl DeviceShared {
@@ -206,6 +247,7 @@ impl Device {
                 tuning: Mutex::new(tuning),
                 half_arithmetic: AtomicBool::new(false),
                 profile: Mutex::new(None),
+                fusions: Mutex::new(HashMap::new()),
             }),
         };
         opened.tune_on_open();
@@ -535,11 +577,13 @@ impl Device {
         } else {
             0
         };
+        let original: Arc<str> = source().into();
         let KernelLayout {
             source,
             entries,
             immediate_bytes,
-        } = KernelLayout::read(source(), max_immediate_bytes).map_err(shader_error)?;
+            writable,
+        } = KernelLayout::read(original.to_string(), max_immediate_bytes).map_err(shader_error)?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(key),
@@ -575,6 +619,8 @@ impl Device {
             layout,
             immediate_bytes,
             key: key.to_string(),
+            source: original,
+            writable: writable.into(),
         });
         lock(&self.shared.kernels).insert(kernel.clone());
         Ok(kernel)
@@ -631,19 +677,8 @@ impl Device {
             // Earlier work must not count towards this kernel.
             self.synchronize()?;
         }
-        let mut rec = lock(&self.shared.recorder);
-        if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
-            self.submit(&mut rec)?;
-        }
-        let offset = rec.params.len() as u64;
-        rec.params.extend_from_slice(params);
-        rec.params
-            .resize((offset + self.shared.param_align) as usize, 0);
-
-        let raw: Vec<&wgpu::Buffer> = buffers.iter().map(|b| b.raw()).collect();
-        let arena = match kernel.immediate_bytes {
-            None => Some((&self.shared.param_arena, MAX_PARAM_BYTES as u64)),
-            Some(bytes) if params.len() > bytes as usize => {
+        if let Some(bytes) = kernel.immediate_bytes {
+            if params.len() > bytes as usize {
                 return Err(DeviceError::Shape {
                     op: "dispatch",
                     message: format!(
@@ -651,10 +686,64 @@ impl Device {
                         kernel.key,
                         params.len()
                     ),
-                })
+                });
             }
+        }
+        let raw: Vec<wgpu::Buffer> = buffers.iter().map(|b| b.raw().clone()).collect();
+        let mut rec = lock(&self.shared.recorder);
+        if rec.gathering.is_some() {
+            let launch = Launch {
+                kernel: kernel.clone(),
+                params: params.to_vec(),
+                buffers: raw,
+                workgroups,
+            };
+            // A launch that depends on a held one starts a new group.
+            let held = rec.gathering.as_ref().map_or(0, Vec::len);
+            let gathered = rec.gathering.as_ref().expect("checked");
+            if held >= fusion::MAX_PARTS || gathered.iter().any(|l| l.conflicts(&launch)) {
+                self.emit_gathered(&mut rec)?;
+            }
+            rec.gathering
+                .as_mut()
+                .expect("gathering stays on")
+                .push(launch);
+            return Ok(());
+        }
+        self.record_dispatch(&mut rec, kernel, params, &raw, workgroups)?;
+        drop(rec);
+        if profiling {
+            let start = std::time::Instant::now();
+            self.synchronize()?;
+            let seconds = start.elapsed().as_secs_f64();
+            if let Some(profile) = lock(&self.shared.profile).as_mut() {
+                profile.add(&kernel.key, workgroups, seconds);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one dispatch to the recorder.
+    fn record_dispatch(
+        &self,
+        rec: &mut Recorder,
+        kernel: &Kernel,
+        params: &[u8],
+        buffers: &[wgpu::Buffer],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
+            self.submit(rec)?;
+        }
+        let offset = rec.params.len() as u64;
+        rec.params.extend_from_slice(params);
+        rec.params
+            .resize((offset + self.shared.param_align) as usize, 0);
+        let arena = match kernel.immediate_bytes {
+            None => Some((&self.shared.param_arena, MAX_PARAM_BYTES as u64)),
             Some(_) => None,
         };
+        let raw: Vec<&wgpu::Buffer> = buffers.iter().collect();
         let bind_group = lock(&self.shared.bind_groups).get_or_create(
             &self.shared.device,
             &kernel.layout,
@@ -670,20 +759,144 @@ impl Device {
         });
         rec.stats.dispatches += 1;
         self.shared.pending.store(true, Ordering::Release);
-        drop(rec);
-        if profiling {
-            let start = std::time::Instant::now();
-            self.synchronize()?;
-            let seconds = start.elapsed().as_secs_f64();
-            if let Some(profile) = lock(&self.shared.profile).as_mut() {
-                profile.add(&kernel.key, workgroups, seconds);
+        Ok(())
+    }
+
+    /// Runs `work`, dispatching the kernels it launches that do not depend on
+    /// each other as one kernel where they can be fused (see the `fusion`
+    /// module): a layer's weight and input gradients, or projections of one
+    /// input. Launches that read what an earlier one writes start a new
+    /// group, so any `work` is correct; only independent neighbours merge.
+    /// Nested calls join the outer one. Off while profiling, which times
+    /// every dispatch alone.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_device::{Device, Matmul};
+    /// let device = Device::new()?;
+    /// let a = device.upload(&[1.0f32, 2.0, 3.0, 4.0])?;
+    /// let b = device.upload(&[0.5f32, -1.0, 2.0, 0.0])?;
+    /// let spec = Matmul::new(2, 2, 2);
+    /// // Two independent products, one dispatch.
+    /// let (ab, ba) = device.together(|| {
+    ///     Ok((device.matmul(&a, &b, &spec)?, device.matmul(&b, &a, &spec)?))
+    /// })?;
+    /// assert_eq!(device.read::<f32>(&ab)?, vec![4.5, -1.0, 9.5, -3.0]);
+    /// assert_eq!(device.read::<f32>(&ba)?, vec![-2.5, -3.0, 2.0, 4.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn together<R>(&self, work: impl FnOnce() -> Result<R>) -> Result<R> {
+        let outer = {
+            let mut rec = lock(&self.shared.recorder);
+            let profiling = lock(&self.shared.profile).is_some();
+            let start = rec.gathering.is_none() && !profiling && fusion_enabled();
+            if start {
+                rec.gathering = Some(Vec::new());
             }
+            start
+        };
+        let result = work();
+        if outer {
+            let mut rec = lock(&self.shared.recorder);
+            let emitted = self.emit_gathered(&mut rec);
+            rec.gathering = None;
+            emitted?;
+        }
+        result
+    }
+
+    /// Records the held launches: fused into one dispatch where they can be,
+    /// else one by one in the order they came.
+    fn emit_gathered(&self, rec: &mut Recorder) -> Result<()> {
+        let launches = match rec.gathering.as_mut() {
+            Some(held) if !held.is_empty() => std::mem::take(held),
+            _ => return Ok(()),
+        };
+        if launches.len() >= 2 {
+            if let Some(plan) = self.fused_plan(&launches)? {
+                let (block, workgroups) = self.fused_block(&plan.source, &launches)?;
+                let buffers: Vec<wgpu::Buffer> = launches
+                    .iter()
+                    .flat_map(|l| l.buffers.iter().cloned())
+                    .collect();
+                return self.record_dispatch(rec, &plan.kernel, &block, &buffers, workgroups);
+            }
+        }
+        for l in &launches {
+            self.record_dispatch(rec, &l.kernel, &l.params, &l.buffers, l.workgroups)?;
         }
         Ok(())
     }
 
+    /// The fused kernel for `launches`, built the first time; `None` where
+    /// they cannot be fused on this adapter.
+    fn fused_plan(&self, launches: &[Launch]) -> Result<Option<Arc<FusedPlan>>> {
+        let key = launches
+            .iter()
+            .map(|l| l.kernel.key.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ");
+        if let Some(plan) = lock(&self.shared.fusions).get(&key) {
+            return Ok(plan.clone());
+        }
+        let info = &self.shared.info;
+        let subgroup_size = (self.shared.features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size)
+            .then_some(info.subgroup_min_size);
+        let sources: Vec<&str> = launches.iter().map(|l| &*l.kernel.source).collect();
+        let bindings: u32 = launches.iter().map(|l| l.buffers.len() as u32).sum();
+        let max_invocations = self.shared.limits.max_compute_invocations_per_workgroup;
+        let plan = match fusion::fuse_sources(&sources, subgroup_size, max_invocations) {
+            Ok(source)
+                if source.block_bytes <= MAX_PARAM_BYTES
+                    && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage =>
+            {
+                let kernel = self.kernel(&format!("fused[{key}]"), || source.wgsl.clone())?;
+                Some(Arc::new(FusedPlan { kernel, source }))
+            }
+            // Too many bindings or parameters, or parts it cannot fuse: they
+            // run one by one.
+            _ => None,
+        };
+        lock(&self.shared.fusions).insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// The fused parameter block and grid for `launches`.
+    fn fused_block(
+        &self,
+        source: &FusedSource,
+        launches: &[Launch],
+    ) -> Result<(Vec<u8>, [u32; 3])> {
+        let mut block = vec![0u8; source.block_bytes];
+        let mut put = |at: usize, words: &[u32]| {
+            block[at..at + 4 * words.len()].copy_from_slice(bytemuck::cast_slice(words));
+        };
+        let mut end = 0u64;
+        for (i, (part, l)) in source.parts.iter().zip(launches).enumerate() {
+            let [x, y, z] = l.workgroups;
+            end += (u64::from(x) * u64::from(y) * u64::from(z)).div_ceil(u64::from(part.ratio));
+            let end32 = u32::try_from(end).map_err(|_| DeviceError::Shape {
+                op: "dispatch",
+                message: format!("{end} fused workgroups exceed 32-bit indexing"),
+            })?;
+            put(source.grids_offset + 16 * i, &[x, y, z, end32]);
+        }
+        let grid =
+            crate::kernels::grid_2d(end, self.shared.limits.max_compute_workgroups_per_dimension)?;
+        put(source.row_offset, &[grid[0]]);
+        for (part, l) in source.parts.iter().zip(launches) {
+            if let Some(at) = part.param_offset {
+                block[at..at + l.params.len()].copy_from_slice(&l.params);
+            }
+        }
+        Ok((block, grid))
+    }
+
     fn record(&self, command: Command) -> Result<()> {
-        lock(&self.shared.recorder).commands.push(command);
+        let mut rec = lock(&self.shared.recorder);
+        self.emit_gathered(&mut rec)?;
+        rec.commands.push(command);
         self.shared.pending.store(true, Ordering::Release);
         Ok(())
     }
@@ -707,6 +920,7 @@ impl Device {
     }
 
     fn submit(&self, rec: &mut Recorder) -> Result<()> {
+        self.emit_gathered(rec)?;
         if rec.commands.is_empty() && rec.upload_bytes == 0 {
             return Ok(());
         }

@@ -16,12 +16,18 @@ use std::sync::Arc;
 /// parameters, bindings 1.. are storage buffers in the order passed to
 /// [`crate::Device::dispatch`]. Where the adapter allows, the parameter block
 /// is passed as immediate data instead (see `binding.rs`).
+#[derive(Clone)]
 pub struct Kernel {
     pub(crate) pipeline: wgpu::ComputePipeline,
     pub(crate) layout: wgpu::BindGroupLayout,
     /// Size of the parameter block when it is passed as immediate data.
     pub(crate) immediate_bytes: Option<u32>,
     pub(crate) key: String,
+    /// The WGSL it was built from (before the parameter block moved to
+    /// immediate data), for horizontal fusion.
+    pub(crate) source: Arc<str>,
+    /// The storage bindings it writes.
+    pub(crate) writable: Arc<[u32]>,
 }
 
 impl Kernel {

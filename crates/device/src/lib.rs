@@ -30,6 +30,7 @@ mod binding;
 mod buffer;
 mod device;
 mod error;
+mod fusion;
 mod info;
 mod kernel;
 pub mod kernels;

@@ -89,11 +89,14 @@ impl Geometry {
         sb: &Tensor,
         needs: [bool; 2],
     ) -> Result<[Option<Tensor>; 2]> {
-        let ga = needs[0].then(|| self.input_grad(g, sa, sb)).transpose()?;
-        let gb = needs[1]
-            .then(|| self.weight_grad(g, sa, sb, false))
-            .transpose()?;
-        Ok([ga, gb.map(|(gb, _)| gb)])
+        // The two products only read g and the operands: one dispatch.
+        g.device().together(|| {
+            let ga = needs[0].then(|| self.input_grad(g, sa, sb)).transpose()?;
+            let gb = needs[1]
+                .then(|| self.weight_grad(g, sa, sb, false))
+                .transpose()?;
+            Ok([ga, gb.map(|(gb, _)| gb)])
+        })
     }
 
     /// dA = dC * B^T (for a shared B, again over the flattened rows).
@@ -272,21 +275,25 @@ impl Tensor {
             let folded = input
                 .as_ref()
                 .and_then(|a| Some((a, crate::autograd::foldable_factor(a)?)));
-            let ga = match folded {
-                Some((a, factor)) => Some(geometry.input_grad_factored(g, &sb, a, &factor)?),
-                None => needs[0]
-                    .then(|| geometry.input_grad(g, &sa, &sb))
-                    .transpose()?,
-            };
-            // The bias gradient comes with the weight's where the product
-            // kernel can sum the columns of g as it goes.
-            let (gw, mut gb) = match needs[1] {
-                true => {
-                    let (gw, sums) = geometry.weight_grad(g, &sa, &sb, needs[2])?;
-                    (Some(gw), sums)
-                }
-                false => (None, None),
-            };
+            // The input and weight gradients only read g and the operands:
+            // one dispatch.
+            let (ga, gw, mut gb) = g.device().together(|| {
+                let ga = match folded {
+                    Some((a, factor)) => Some(geometry.input_grad_factored(g, &sb, a, &factor)?),
+                    None => needs[0]
+                        .then(|| geometry.input_grad(g, &sa, &sb))
+                        .transpose()?,
+                };
+                // The bias gradient comes with the weight's where the product
+                // kernel can sum the columns of g as it goes.
+                Ok(match needs[1] {
+                    true => {
+                        let (gw, sums) = geometry.weight_grad(g, &sa, &sb, needs[2])?;
+                        (ga, Some(gw), sums)
+                    }
+                    false => (ga, None, None),
+                })
+            })?;
             if needs[2] && gb.is_none() {
                 gb = Some(sum_to_shape(&pre, &[n])?);
             }
