@@ -334,10 +334,18 @@ impl Bert {
         mode: &mut Mode,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
+        // Three products of the same input: one dispatch where they fuse.
+        let (query, key, value) = x.device().together(|| {
+            Ok((
+                layer.query.forward(x, mode),
+                layer.key.forward(x, mode),
+                layer.value.forward(x, mode),
+            ))
+        })?;
         let context = multi_head_attention(
-            &layer.query.forward(x, mode)?,
-            &layer.key.forward(x, mode)?,
-            &layer.value.forward(x, mode)?,
+            &query?,
+            &key?,
+            &value?,
             bias,
             c.num_attention_heads,
             c.attention_probs_dropout_prob,

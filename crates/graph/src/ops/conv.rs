@@ -282,18 +282,24 @@ impl Tensor {
             // Frozen weights and inputs that need no gradient (the data, for a
             // first layer) skip their products: the input gradient is a matmul
             // plus a col2im, as costly as the forward pass.
-            let dw = if need_dw {
-                let dw = device.matmul(
-                    &g2,
-                    cols.buffer(),
-                    &Matmul::new(o, width, rows).transpose_a(true),
-                )?;
-                Some(Tensor::from_buffer(device, dw, &weight_shape)?)
-            } else {
-                None
-            };
-            let dx = if need_dx {
-                let dcols = device.matmul(&g2, w.buffer(), &Matmul::new(rows, width, o))?;
+            // The two products only read g2 and the forward's operands: one
+            // dispatch where they fuse.
+            let (dw, dcols) = device.together(|| {
+                let dw = need_dw
+                    .then(|| {
+                        let spec = Matmul::new(o, width, rows).transpose_a(true);
+                        device.matmul(&g2, cols.buffer(), &spec)
+                    })
+                    .transpose()?;
+                let dcols = need_dx
+                    .then(|| device.matmul(&g2, w.buffer(), &Matmul::new(rows, width, o)))
+                    .transpose()?;
+                Ok((dw, dcols))
+            })?;
+            let dw = dw
+                .map(|dw| Tensor::from_buffer(device, dw, &weight_shape))
+                .transpose()?;
+            let dx = if let Some(dcols) = dcols {
                 let dxp = device.col2im(&dcols, &geometry, width)?;
                 Some(if pad == [0, 0] {
                     Tensor::from_buffer(device, dxp, &input_shape)?
