@@ -84,23 +84,27 @@ fn layer_norm(
     inputs.extend([gamma, beta]);
     Ok(record(&inputs, out, "layer_norm", move |g| {
         let device = saved_x.device();
-        let (dx, gxhat) = device.layer_norm_backward(
-            saved_x.buffer(),
-            saved_r.as_ref().map(Tensor::buffer),
-            saved_gamma.buffer(),
-            g.buffer(),
-            stats.buffer(),
-            rows,
-            cols,
-        )?;
+        // beta's gradient (column sums of g) and the row-wise backward kernel
+        // only read g: one dispatch where they fuse; gamma's gradient sums
+        // the latter's output, so it follows.
+        let (dbeta, dx, gxhat) = device.together(|| {
+            let dbeta = needs_beta
+                .then(|| g.reshape(&[rows, cols])?.sum(0, false))
+                .transpose()?;
+            let (dx, gxhat) = device.layer_norm_backward(
+                saved_x.buffer(),
+                saved_r.as_ref().map(Tensor::buffer),
+                saved_gamma.buffer(),
+                g.buffer(),
+                stats.buffer(),
+                rows,
+                cols,
+            )?;
+            Ok((dbeta, dx, gxhat))
+        })?;
         let dx = Tensor::from_buffer(device, dx, saved_x.shape())?;
         let dgamma = if needs_gamma {
             Some(Tensor::from_buffer(device, gxhat, &[rows, cols])?.sum(0, false)?)
-        } else {
-            None
-        };
-        let dbeta = if needs_beta {
-            Some(g.reshape(&[rows, cols])?.sum(0, false)?)
         } else {
             None
         };
