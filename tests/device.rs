@@ -3,7 +3,7 @@
 mod common;
 
 use common::{device, random_vec};
-use kiln::device::{Device, Matmul, Operand, Reduce, ReduceOp, UnaryOp};
+use kiln::device::{Device, GpuBuffer, Matmul, Operand, Reduce, ReduceOp, UnaryOp};
 
 /// One "training-like" step: upload a batch, two layers, a reduction, a readback.
 fn step(d: &Device, w: &kiln::device::GpuBuffer, seed: u64) -> f32 {
@@ -155,9 +155,20 @@ fn fusion_on() -> bool {
     std::env::var("KILN_FUSION").map_or(true, |v| v != "0")
 }
 
-/// Reads `buffers` back as f32.
-fn read_all(d: &Device, buffers: &[&kiln::device::GpuBuffer]) -> Vec<Vec<f32>> {
-    buffers.iter().map(|b| d.read::<f32>(b).unwrap()).collect()
+/// Runs `launch` alone, then again inside `Device::together`; returns both
+/// runs' outputs read back and the dispatches the second took.
+fn alone_then_together(
+    d: &Device,
+    launch: impl Fn() -> kiln::device::Result<[GpuBuffer; 3]>,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, u64) {
+    let read = |outs: [GpuBuffer; 3]| -> Vec<Vec<f32>> {
+        outs.iter().map(|b| d.read::<f32>(b).unwrap()).collect()
+    };
+    let alone = read(launch().unwrap());
+    let before = d.dispatch_stats().dispatches;
+    let outs = d.together(&launch).unwrap();
+    let dispatches = d.dispatch_stats().dispatches - before;
+    (alone, read(outs), dispatches)
 }
 
 #[test]
@@ -171,18 +182,13 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
     let g = d.upload(&random_vec(m * n, 3, -1.0, 1.0)).unwrap();
     let candidates = kiln::device::Tuning::candidates(d.adapter_info(), d.features(), d.limits());
     for tiling in candidates {
-        let run = || -> kiln::device::Result<_> {
-            let gw = d.matmul_with(&a, &g, &Matmul::new(k, n, m).transpose_a(true), tiling)?;
-            let ga = d.matmul_with(&g, &w, &Matmul::new(m, k, n).transpose_b(true), tiling)?;
-            let t = d.matmul_with(&g, &g, &Matmul::new(n, n, m).transpose_a(true), tiling)?;
-            Ok((gw, ga, t))
-        };
-        let (gw, ga, t) = run().unwrap();
-        let want = read_all(&d, &[&gw, &ga, &t]);
-        let before = d.dispatch_stats();
-        let (gw, ga, t) = d.together(run).unwrap();
-        let got = read_all(&d, &[&gw, &ga, &t]);
-        let dispatches = d.dispatch_stats().dispatches - before.dispatches;
+        let (want, got, dispatches) = alone_then_together(&d, || {
+            Ok([
+                d.matmul_with(&a, &g, &Matmul::new(k, n, m).transpose_a(true), tiling)?,
+                d.matmul_with(&g, &w, &Matmul::new(m, k, n).transpose_b(true), tiling)?,
+                d.matmul_with(&g, &g, &Matmul::new(n, n, m).transpose_a(true), tiling)?,
+            ])
+        });
         // Shared-memory tilings (GPUs) use barriers, which fusion refuses.
         let fusable = !matches!(tiling, kiln::device::MatmulTiling::Shared { .. });
         let fused = fusion_on() && fusable;
@@ -197,20 +203,14 @@ fn kernels_that_depend_on_each_other_are_not_fused() {
     let d = Device::new().unwrap();
     let x = d.upload(&random_vec(300, 4, -1.0, 1.0)).unwrap();
     let w = d.upload(&random_vec(300 * 8, 5, -1.0, 1.0)).unwrap();
-    let run = || -> kiln::device::Result<_> {
+    let (want, got, dispatches) = alone_then_together(&d, || {
         // Second reads the first's output; third is independent of the second
         // and joins it.
         let h = d.matmul(&x, &w, &Matmul::new(1, 8, 300))?;
         let y = d.matmul(&h, &h, &Matmul::new(8, 8, 1).transpose_a(true))?;
         let z = d.matmul(&x, &w, &Matmul::new(2, 8, 150))?;
-        Ok((h, y, z))
-    };
-    let (h, y, z) = run().unwrap();
-    let want = read_all(&d, &[&h, &y, &z]);
-    let before = d.dispatch_stats();
-    let (h, y, z) = d.together(run).unwrap();
-    let got = read_all(&d, &[&h, &y, &z]);
-    let dispatches = d.dispatch_stats().dispatches - before.dispatches;
+        Ok([h, y, z])
+    });
     assert_eq!(dispatches, if fusion_on() { 2 } else { 3 });
     assert_eq!(got, want);
     // Nothing is held back once `together` returns, even on error.

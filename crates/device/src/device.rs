@@ -689,25 +689,22 @@ impl Device {
                 });
             }
         }
-        let raw: Vec<wgpu::Buffer> = buffers.iter().map(|b| b.raw().clone()).collect();
+        let raw: Vec<&wgpu::Buffer> = buffers.iter().map(|b| b.raw()).collect();
         let mut rec = lock(&self.shared.recorder);
-        if rec.gathering.is_some() {
+        if let Some(held) = rec.gathering.as_ref() {
             let launch = Launch {
                 kernel: kernel.clone(),
                 params: params.to_vec(),
-                buffers: raw,
+                buffers: raw.into_iter().cloned().collect(),
                 workgroups,
             };
             // A launch that depends on a held one starts a new group.
-            let held = rec.gathering.as_ref().map_or(0, Vec::len);
-            let gathered = rec.gathering.as_ref().expect("checked");
-            if held >= fusion::MAX_PARTS || gathered.iter().any(|l| l.conflicts(&launch)) {
+            if held.len() >= fusion::MAX_PARTS || held.iter().any(|l| l.conflicts(&launch)) {
                 self.emit_gathered(&mut rec)?;
             }
-            rec.gathering
-                .as_mut()
-                .expect("gathering stays on")
-                .push(launch);
+            if let Some(held) = rec.gathering.as_mut() {
+                held.push(launch);
+            }
             return Ok(());
         }
         self.record_dispatch(&mut rec, kernel, params, &raw, workgroups)?;
@@ -729,7 +726,7 @@ impl Device {
         rec: &mut Recorder,
         kernel: &Kernel,
         params: &[u8],
-        buffers: &[wgpu::Buffer],
+        buffers: &[&wgpu::Buffer],
         workgroups: [u32; 3],
     ) -> Result<()> {
         if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
@@ -743,12 +740,11 @@ impl Device {
             None => Some((&self.shared.param_arena, MAX_PARAM_BYTES as u64)),
             Some(_) => None,
         };
-        let raw: Vec<&wgpu::Buffer> = buffers.iter().collect();
         let bind_group = lock(&self.shared.bind_groups).get_or_create(
             &self.shared.device,
             &kernel.layout,
             arena,
-            &raw,
+            buffers,
         );
         rec.commands.push(Command::Dispatch {
             pipeline: kernel.pipeline.clone(),
@@ -813,17 +809,22 @@ impl Device {
             _ => return Ok(()),
         };
         if launches.len() >= 2 {
-            if let Some(plan) = self.fused_plan(&launches)? {
+            let plan = self.fused_plan(&launches)?.filter(|plan| {
+                let parts = plan.source.parts.iter().zip(&launches);
+                parts
+                    .into_iter()
+                    .all(|(part, l)| part.storage_bindings as usize == l.buffers.len())
+            });
+            if let Some(plan) = plan {
                 let (block, workgroups) = self.fused_block(&plan.source, &launches)?;
-                let buffers: Vec<wgpu::Buffer> = launches
-                    .iter()
-                    .flat_map(|l| l.buffers.iter().cloned())
-                    .collect();
+                let buffers: Vec<&wgpu::Buffer> =
+                    launches.iter().flat_map(|l| l.buffers.iter()).collect();
                 return self.record_dispatch(rec, &plan.kernel, &block, &buffers, workgroups);
             }
         }
         for l in &launches {
-            self.record_dispatch(rec, &l.kernel, &l.params, &l.buffers, l.workgroups)?;
+            let buffers: Vec<&wgpu::Buffer> = l.buffers.iter().collect();
+            self.record_dispatch(rec, &l.kernel, &l.params, &buffers, l.workgroups)?;
         }
         Ok(())
     }

@@ -35,8 +35,6 @@ pub(crate) const MAX_PARTS: usize = 4;
 /// One part of a fused kernel, as the host must feed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PartPlan {
-    /// Invocations per workgroup of the part's own kernel.
-    pub threads: u32,
     /// Virtual workgroups of the part per fused workgroup.
     pub ratio: u32,
     /// Byte offset of the part's parameter block in the fused block, if it
@@ -131,7 +129,6 @@ pub(crate) fn fuse_sources(
     let mut plans = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         plans.push(PartPlan {
-            threads: part.threads,
             ratio: threads / part.threads,
             param_offset: part
                 .has_params
@@ -207,7 +204,13 @@ impl Part {
         if entry.workgroup_size_overrides.is_some() {
             return Err("workgroup sizes set by overrides are not supported".into());
         }
-        if source.contains("Barrier(") {
+        // What the code uses, not what its comments mention.
+        let code_only: String = source
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if code_only.contains("Barrier(") {
             return Err("parts may not use barriers".into());
         }
         let mut builtins = Vec::new();
@@ -228,7 +231,7 @@ impl Part {
         }
         let size = entry.workgroup_size;
         let threads = size.iter().product::<u32>();
-        if source.contains("subgroup") {
+        if code_only.contains("subgroup") {
             match subgroup_size {
                 Some(s) if threads % s == 0 => {}
                 _ => {
