@@ -3,7 +3,9 @@
 mod common;
 
 use common::{device, random_vec};
-use kiln::device::{Device, GpuBuffer, Matmul, Operand, Reduce, ReduceOp, UnaryOp};
+use kiln::device::{
+    Device, GpuBuffer, Matmul, MatmulTiling, Operand, Reduce, ReduceOp, Tuning, UnaryOp,
+};
 
 /// One "training-like" step: upload a batch, two layers, a reduction, a readback.
 fn step(d: &Device, w: &kiln::device::GpuBuffer, seed: u64) -> f32 {
@@ -180,8 +182,14 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
     let a = d.upload(&random_vec(m * k, 1, -1.0, 1.0)).unwrap();
     let w = d.upload(&random_vec(k * n, 2, -1.0, 1.0)).unwrap();
     let g = d.upload(&random_vec(m * n, 3, -1.0, 1.0)).unwrap();
-    let candidates = kiln::device::Tuning::candidates(d.adapter_info(), d.features(), d.limits());
-    for tiling in candidates {
+    // Every tiling the tuner may pick here, and the GPUs' shared-memory ones.
+    let mut tilings = Tuning::candidates(d.adapter_info(), d.features(), d.limits());
+    tilings.extend([Tuning::GPU.matmul, "shared:32x32x8:2x2".parse().unwrap()]);
+    tilings.retain(|t| {
+        t.validate(d.limits(), d.features(), d.adapter_info())
+            .is_ok()
+    });
+    for tiling in tilings {
         let (want, got, dispatches) = alone_then_together(&d, || {
             Ok([
                 d.matmul_with(&a, &g, &Matmul::new(k, n, m).transpose_a(true), tiling)?,
@@ -189,8 +197,14 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
                 d.matmul_with(&g, &g, &Matmul::new(n, n, m).transpose_a(true), tiling)?,
             ])
         });
-        // Shared-memory tilings (GPUs) use barriers, which fusion refuses.
-        let fusable = !matches!(tiling, kiln::device::MatmulTiling::Shared { .. });
+        // Shared-memory tilings fuse while the three parts' tiles fit in
+        // the adapter's workgroup memory side by side.
+        let fusable = match tiling {
+            MatmulTiling::Shared { bm, bn, bk, .. } => {
+                3 * 4 * bk * (bm + bn) <= d.limits().max_compute_workgroup_storage_size
+            }
+            _ => true,
+        };
         let fused = fusion_on() && fusable;
         assert_eq!(dispatches, if fused { 1 } else { 3 }, "{tiling}");
         // Each part runs the same code on the same data: bit for bit equal.

@@ -840,14 +840,17 @@ impl Device {
         if let Some(plan) = lock(&self.shared.fusions).get(&key) {
             return Ok(plan.clone());
         }
-        let info = &self.shared.info;
-        let subgroup_size = (self.shared.features.contains(wgpu::Features::SUBGROUP)
-            && info.subgroup_min_size == info.subgroup_max_size)
-            .then_some(info.subgroup_min_size);
+        let (info, limits) = (&self.shared.info, &self.shared.limits);
+        let fusion_limits = fusion::FusionLimits {
+            subgroup_size: (self.shared.features.contains(wgpu::Features::SUBGROUP)
+                && info.subgroup_min_size == info.subgroup_max_size)
+                .then_some(info.subgroup_min_size),
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroup_bytes: limits.max_compute_workgroup_storage_size,
+        };
         let sources: Vec<&str> = launches.iter().map(|l| &*l.kernel.source).collect();
         let bindings: u32 = launches.iter().map(|l| l.buffers.len() as u32).sum();
-        let max_invocations = self.shared.limits.max_compute_invocations_per_workgroup;
-        let plan = match fusion::fuse_sources(&sources, subgroup_size, max_invocations) {
+        let plan = match fusion::fuse_sources(&sources, fusion_limits) {
             Ok(source)
                 if source.block_bytes <= MAX_PARAM_BYTES
                     && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage =>

@@ -16,8 +16,10 @@
 //! workgroups than the fused one sees several *virtual* workgroups, each with
 //! the workgroup and local ids it would have had in its own dispatch.
 //!
-//! Parts may not use workgroup memory or barriers (a fused workgroup holds
-//! several virtual ones), nor the subgroup id builtins. Parts using subgroup
+//! Parts that use workgroup memory or barriers need workgroups of one size
+//! (so a fused workgroup is exactly one of theirs, and every branch on the
+//! part is uniform across it), and their workgroup memory must fit side by
+//! side. The subgroup id builtins are not supported. Parts using subgroup
 //! operations need workgroups of whole subgroups, which then stay intact.
 //! Anything else unsupported makes [`fuse_sources`] refuse, and the launches
 //! run one by one as before.
@@ -58,14 +60,23 @@ pub(crate) struct FusedSource {
     pub block_bytes: usize,
 }
 
+/// What the adapter allows a fused kernel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FusionLimits {
+    /// The adapter's fixed subgroup size, if it has one.
+    pub subgroup_size: Option<u32>,
+    pub max_invocations: u32,
+    pub max_workgroup_bytes: u32,
+}
+
 /// Builds the fused kernel of `sources` (Kiln kernels with entry point
-/// `main`), or says why they cannot be fused. `subgroup_size` is the
-/// adapter's fixed subgroup size, if it has one.
-pub(crate) fn fuse_sources(
-    sources: &[&str],
-    subgroup_size: Option<u32>,
-    max_invocations: u32,
-) -> Result<FusedSource, String> {
+/// `main`), or says why they cannot be fused.
+pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<FusedSource, String> {
+    let FusionLimits {
+        subgroup_size,
+        max_invocations,
+        max_workgroup_bytes,
+    } = limits;
     if !(2..=MAX_PARTS).contains(&sources.len()) {
         return Err(format!(
             "{} parts; fusion takes 2..={MAX_PARTS}",
@@ -88,6 +99,15 @@ pub(crate) fn fuse_sources(
         ));
     }
     let threads = threads as u32;
+    if parts.iter().any(|p| p.shares_workgroup) && parts.iter().any(|p| p.threads != threads) {
+        return Err("parts with barriers or workgroup memory need workgroups of one size".into());
+    }
+    let workgroup_bytes: u32 = parts.iter().map(|p| p.workgroup_bytes).sum();
+    if workgroup_bytes > max_workgroup_bytes {
+        return Err(format!(
+            "{workgroup_bytes} bytes of workgroup memory, over the adapter's {max_workgroup_bytes}"
+        ));
+    }
     let mut directives: Vec<&str> = Vec::new();
     let mut body = String::new();
     for part in &parts {
@@ -183,6 +203,9 @@ struct Part {
     size: [u32; 3],
     /// The builtins the entry point takes, in order.
     builtins: Vec<naga::BuiltIn>,
+    /// Whether it uses barriers or workgroup memory.
+    shares_workgroup: bool,
+    workgroup_bytes: u32,
     has_params: bool,
     storage_bindings: u32,
 }
@@ -210,9 +233,8 @@ impl Part {
             .map(|line| line.split("//").next().unwrap_or(""))
             .collect::<Vec<_>>()
             .join("\n");
-        if code_only.contains("Barrier(") {
-            return Err("parts may not use barriers".into());
-        }
+        let mut shares_workgroup = code_only.contains("Barrier(");
+        let mut workgroup_bytes = 0;
         let mut builtins = Vec::new();
         for arg in &entry.function.arguments {
             use naga::BuiltIn as B;
@@ -247,7 +269,8 @@ impl Part {
         let mut storage_bindings = 0;
         for (_, global) in module.global_variables.iter() {
             if global.space == naga::AddressSpace::WorkGroup {
-                return Err("parts may not use workgroup memory".into());
+                shares_workgroup = true;
+                workgroup_bytes += module.types[global.ty].inner.size(module.to_ctx());
             }
             let Some(name) = &global.name else { continue };
             match &global.binding {
@@ -300,6 +323,8 @@ impl Part {
             threads,
             size,
             builtins,
+            shares_workgroup,
+            workgroup_bytes,
             has_params,
             storage_bindings,
         })
@@ -580,9 +605,17 @@ mod tests {
         fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32) {\n\
         \x20   let i = wid.x * 32u + l;\n    if (i < p.n) {\n        x[i] = x[i] + 1.0;\n    }\n}\n";
 
+    fn limits(subgroup_size: Option<u32>, max_invocations: u32) -> FusionLimits {
+        FusionLimits {
+            subgroup_size,
+            max_invocations,
+            max_workgroup_bytes: 16384,
+        }
+    }
+
     #[test]
     fn parts_keep_their_names_apart_and_their_bindings_follow_each_other() {
-        let fused = fuse_sources(&[SCALE, SUM], None, 256).unwrap();
+        let fused = fuse_sources(&[SCALE, SUM], limits(None, 256)).unwrap();
         let w = &fused.wgsl;
         assert!(w.contains("struct Params_k0 {\n    n: u32,"), "{w}");
         assert!(w.contains("var<storage, read> x_k0"), "{w}");
@@ -606,23 +639,35 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_fuse() {
+        // Barriers and workgroup memory: only beside workgroups of one size,
+        // and only as much memory as the adapter has.
         let barrier = SUM.replace("let i =", "workgroupBarrier();\n    let i =");
-        assert!(fuse_sources(&[SCALE, &barrier], None, 256)
-            .unwrap_err()
-            .contains("barrier"));
+        let fused = fuse_sources(&[SCALE, &barrier], limits(None, 256));
+        assert!(fused.unwrap_err().contains("one size"));
+        let same_size = SCALE.replace("@workgroup_size(4, 2)", "@workgroup_size(8, 4)");
+        assert!(fuse_sources(&[&same_size, &barrier], limits(None, 256)).is_ok());
+        let shared = barrier.replace(
+            "@compute",
+            "var<workgroup> tile: array<f32, 3072>;\n@compute",
+        );
+        let fused = fuse_sources(&[&shared, &shared], limits(None, 256));
+        assert!(fused.unwrap_err().contains("24576 bytes"));
         let odd = SUM.replace("@workgroup_size(32)", "@workgroup_size(12)");
         assert_eq!(
-            fuse_sources(&[SCALE, &odd], None, 256).unwrap().parts[1].ratio,
+            fuse_sources(&[SCALE, &odd], limits(None, 256))
+                .unwrap()
+                .parts[1]
+                .ratio,
             2
         );
-        assert!(fuse_sources(&[SCALE, &odd], None, 16)
+        assert!(fuse_sources(&[SCALE, &odd], limits(None, 16))
             .unwrap_err()
             .contains("over"));
-        assert!(fuse_sources(&[SCALE], None, 256).is_err());
+        assert!(fuse_sources(&[SCALE], limits(None, 256)).is_err());
         let subgroup = SUM.replace("x[i] + 1.0", "subgroupAdd(x[i])");
-        assert!(fuse_sources(&[SCALE, &subgroup], None, 256).is_err());
-        assert!(fuse_sources(&[SCALE, &subgroup], Some(8), 256).is_ok());
-        assert!(fuse_sources(&[SCALE, &subgroup], Some(64), 256).is_err());
+        assert!(fuse_sources(&[SCALE, &subgroup], limits(None, 256)).is_err());
+        assert!(fuse_sources(&[SCALE, &subgroup], limits(Some(8), 256)).is_ok());
+        assert!(fuse_sources(&[SCALE, &subgroup], limits(Some(64), 256)).is_err());
     }
 
     #[test]
