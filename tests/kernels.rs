@@ -1463,3 +1463,69 @@ fn im2col_rows_match_reference_and_col2im_is_their_adjoint() {
         "{err}"
     );
 }
+
+#[test]
+fn matmul_with_a_texture_operand_matches_reference() {
+    // A read through a texture (the CPU adapters' faster path for large
+    // products), forced on odd and vec4-friendly shapes, every transpose and
+    // a batch. Epilogues and column sums bind after A and are unchanged by it;
+    // the BERT tests run large products through this path with both.
+    let d = kiln::Device::new().unwrap();
+    d.set_texture_operands(kiln::device::TextureOperands::Always);
+    let check = |spec: Matmul, seed: u64| {
+        let a_len = (spec.batch - 1) * spec.batch_stride_a + spec.m * spec.k;
+        let b_len = (spec.batch - 1) * spec.batch_stride_b + spec.k * spec.n;
+        let a = random_vec(a_len, seed, -1.0, 1.0);
+        let b = random_vec(b_len, seed + 1, -1.0, 1.0);
+        let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
+        let got = d.read::<f32>(&d.matmul(&ga, &gb, &spec).unwrap()).unwrap();
+        let (want, scale) = matmul_reference(&a, &b, &spec);
+        assert_close_scaled(&format!("texture A {spec:?}"), &got, &want, &scale, 1e-4);
+    };
+    // Rows of 256 texels: lengths below, at and past one row and a partial
+    // last row.
+    for (m, n, k) in [
+        (4, 8, 4),
+        (33, 64, 36),
+        (64, 64, 64),
+        (130, 36, 1032),
+        (17, 130, 129),
+    ] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            check(
+                Matmul::new(m, n, k).transpose_a(ta).transpose_b(tb),
+                (m + n + k) as u64,
+            );
+        }
+        check(Matmul::batched(3, m, n, k), 5);
+    }
+    // The path was taken (where the adapter's tiling has it).
+    if matches!(d.tuning().matmul, MatmulTiling::Subgroup { .. }) && d.is_cpu() {
+        d.set_profiling(true).unwrap();
+        check(Matmul::new(8, 8, 8), 9);
+        let profile = d.profile();
+        d.set_profiling(false).unwrap();
+        assert!(
+            profile.iter().any(|t| t.kernel.contains("a_texture: true")),
+            "{profile:?}"
+        );
+    }
+    // Two products in a row reuse one texture: the second copy must wait
+    // for the first product.
+    let x = d.upload(&random_vec(64 * 64, 3, -1.0, 1.0)).unwrap();
+    let y = d.upload(&random_vec(64 * 64, 4, -1.0, 1.0)).unwrap();
+    let spec = Matmul::new(64, 64, 64);
+    let (xy, yx) = (
+        d.matmul(&x, &y, &spec).unwrap(),
+        d.matmul(&y, &x, &spec).unwrap(),
+    );
+    d.set_texture_operands(kiln::device::TextureOperands::Never);
+    assert_eq!(
+        d.read::<f32>(&xy).unwrap(),
+        d.read::<f32>(&d.matmul(&x, &y, &spec).unwrap()).unwrap()
+    );
+    assert_eq!(
+        d.read::<f32>(&yx).unwrap(),
+        d.read::<f32>(&d.matmul(&y, &x, &spec).unwrap()).unwrap()
+    );
+}

@@ -48,6 +48,30 @@ impl KernelLayout {
                     binding.binding, binding.group
                 ));
             }
+            if let naga::TypeInner::Image {
+                dim: naga::ImageDimension::D2,
+                arrayed: false,
+                class:
+                    naga::ImageClass::Sampled {
+                        kind: naga::ScalarKind::Float,
+                        multi: false,
+                    },
+            } = module.types[global.ty].inner
+            {
+                // A texture operand (see `Device::texture_operand`): read
+                // with textureLoad only, so unfilterable.
+                entries.push(wgpu::BindGroupLayoutEntry {
+                    binding: binding.binding,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
+                    },
+                    count: None,
+                });
+                continue;
+            }
             let ty = match global.space {
                 naga::AddressSpace::Uniform if binding.binding == 0 => {
                     param_bytes = Some(module.types[global.ty].inner.size(module.to_ctx()));
@@ -107,10 +131,24 @@ impl KernelLayout {
     }
 }
 
+/// What a kernel binds at 1..: storage buffers, and textures where an
+/// operand is read through one.
+#[derive(Clone, Copy)]
+pub(crate) enum Bound<'a> {
+    Buffer(&'a wgpu::Buffer),
+    Texture(&'a wgpu::TextureView),
+}
+
+#[derive(PartialEq, Eq, Hash)]
+enum BoundKey {
+    Buffer(wgpu::Buffer),
+    Texture(wgpu::TextureView),
+}
+
 #[derive(PartialEq, Eq, Hash)]
 struct BindKey {
     layout: wgpu::BindGroupLayout,
-    buffers: Vec<wgpu::Buffer>,
+    resources: Vec<BoundKey>,
 }
 
 /// Bind groups by layout and storage buffers. Bounded: past `max_entries` it
@@ -137,16 +175,22 @@ impl BindGroupCache {
         device: &wgpu::Device,
         layout: &wgpu::BindGroupLayout,
         params: Option<(&wgpu::Buffer, u64)>,
-        buffers: &[&wgpu::Buffer],
+        resources: &[Bound],
     ) -> wgpu::BindGroup {
         let key = BindKey {
             layout: layout.clone(),
-            buffers: buffers.iter().map(|&b| b.clone()).collect(),
+            resources: resources
+                .iter()
+                .map(|r| match *r {
+                    Bound::Buffer(b) => BoundKey::Buffer(b.clone()),
+                    Bound::Texture(t) => BoundKey::Texture(t.clone()),
+                })
+                .collect(),
         };
         if let Some(group) = self.groups.get(&key) {
             return group.clone();
         }
-        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        let mut entries = Vec::with_capacity(resources.len() + 1);
         if let Some((buffer, bytes)) = params {
             entries.push(wgpu::BindGroupEntry {
                 binding: 0,
@@ -157,10 +201,13 @@ impl BindGroupCache {
                 }),
             });
         }
-        for (i, b) in buffers.iter().enumerate() {
+        for (i, r) in resources.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
-                resource: b.as_entire_binding(),
+                resource: match *r {
+                    Bound::Buffer(b) => b.as_entire_binding(),
+                    Bound::Texture(t) => wgpu::BindingResource::TextureView(t),
+                },
             });
         }
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -177,7 +224,11 @@ impl BindGroupCache {
 
     /// Drops the bind groups that hold `buffer`.
     pub fn forget(&mut self, buffer: &wgpu::Buffer) {
-        self.groups.retain(|key, _| !key.buffers.contains(buffer));
+        self.groups.retain(|key, _| {
+            !key.resources
+                .iter()
+                .any(|r| matches!(r, BoundKey::Buffer(b) if b == buffer))
+        });
     }
 
     pub fn clear(&mut self) {
@@ -247,10 +298,19 @@ mod tests {
     }
 
     #[test]
-    fn layouts_reject_what_kiln_cannot_bind() {
+    fn layouts_take_float_textures_and_reject_what_kiln_cannot_bind() {
         let textured = "@group(0) @binding(1) var t: texture_2d<f32>;\n\
                         @compute @workgroup_size(1) fn main() {}";
-        let err = KernelLayout::read(textured.into(), 0).err().unwrap();
+        let layout = KernelLayout::read(textured.into(), 0).unwrap();
+        assert!(matches!(
+            layout.entries[0].ty,
+            wgpu::BindingType::Texture {
+                sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                ..
+            }
+        ));
+        let integer = textured.replace("texture_2d<f32>", "texture_2d<u32>");
+        let err = KernelLayout::read(integer, 0).err().unwrap();
         assert!(err.contains("binding 1"), "{err}");
         assert!(KernelLayout::read("fn main( {".into(), 0).is_err());
     }

@@ -7,7 +7,7 @@
 //! kernels affordable on adapters where a submit costs tens of microseconds.
 
 use crate::adapter::{self, DeviceSelector};
-use crate::binding::{BindGroupCache, KernelLayout};
+use crate::binding::{BindGroupCache, Bound, KernelLayout};
 use crate::buffer::{DType, Element, GpuBuffer};
 use crate::error::{DeviceError, Result};
 use crate::fusion::{self, FusedSource};
@@ -24,6 +24,36 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 fn fusion_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KILN_FUSION").map_or(true, |v| v != "0"))
+}
+
+/// Texels per row of an operand texture (see [`Device::texture_operand`]):
+/// 4 KiB rows, the copy alignment wgpu asks for many times over.
+pub const TEXTURE_ROW_TEXELS: u32 = 256;
+/// Operand textures kept for reuse (one per size).
+const MAX_OPERAND_TEXTURES: usize = 16;
+
+/// When a product reads its A operand through a texture. On lavapipe a
+/// storage-buffer load whose index differs per lane is a loop over the lanes
+/// with a bounds check each, while a texel fetch is a plain gather: the
+/// subgroup kernel with A in a texture ran about 1.4x faster at N=1024, for
+/// one copy of A per product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextureOperands {
+    /// Large f32 products on CPU adapters with the subgroup kernel.
+    Auto,
+    /// Every product that can (for tests).
+    Always,
+    Never,
+}
+
+impl TextureOperands {
+    /// `KILN_TEXTURES=0` turns them off, to compare.
+    fn from_env() -> Self {
+        match std::env::var("KILN_TEXTURES").as_deref() {
+            Ok("0") => Self::Never,
+            _ => Self::Auto,
+        }
+    }
 }
 
 /// Bytes of uniform parameters one batch can hold; one slot per dispatch.
@@ -64,6 +94,14 @@ enum Command {
     Clear {
         buffer: wgpu::Buffer,
         size: u64,
+    },
+    /// `rows` full rows of texels and then `tail` more from `src` into
+    /// `texture` (see [`Device::texture_operand`]).
+    CopyToTexture {
+        src: wgpu::Buffer,
+        texture: wgpu::Texture,
+        rows: u32,
+        tail: u32,
     },
 }
 
@@ -125,6 +163,10 @@ pub struct DeviceShared {
     tuning: Mutex<Tuning>,
     /// f16 products multiply in f16 (see [`Device::set_half_arithmetic`]).
     half_arithmetic: AtomicBool,
+    /// When matmul reads A through a texture (see [`TextureOperands`]).
+    texture_operands: Mutex<TextureOperands>,
+    /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`].
+    textures: Mutex<HashMap<u32, (wgpu::Texture, wgpu::TextureView)>>,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
     /// Fused kernels by their parts' keys; `None` where the parts cannot be
@@ -246,6 +288,8 @@ impl Device {
                 param_align,
                 tuning: Mutex::new(tuning),
                 half_arithmetic: AtomicBool::new(false),
+                texture_operands: Mutex::new(TextureOperands::from_env()),
+                textures: Mutex::new(HashMap::new()),
                 profile: Mutex::new(None),
                 fusions: Mutex::new(HashMap::new()),
             }),
@@ -334,6 +378,65 @@ impl Device {
         self.shared.half_arithmetic.load(Ordering::Relaxed)
     }
 
+    /// Sets when products read their A operand through a texture (see
+    /// [`TextureOperands`]).
+    pub fn set_texture_operands(&self, mode: TextureOperands) {
+        *lock(&self.shared.texture_operands) = mode;
+    }
+
+    pub fn texture_operands(&self) -> TextureOperands {
+        *lock(&self.shared.texture_operands)
+    }
+
+    /// A texture holding `buffer`'s f32 values as `rgba32float` texels,
+    /// [`TEXTURE_ROW_TEXELS`] to a row, filled by a copy recorded now (so it
+    /// holds them for the next dispatch that reads it). `None` when the
+    /// values do not fit the adapter's largest texture. Textures are kept by
+    /// size and reused: commands run in order, so a later copy into one waits
+    /// for the dispatches recorded before it.
+    pub(crate) fn texture_operand(&self, buffer: &GpuBuffer) -> Result<Option<wgpu::TextureView>> {
+        self.check_same_device(buffer, "texture operand")?;
+        let texels = u32::try_from(buffer.len().div_ceil(4)).unwrap_or(u32::MAX);
+        let height = texels.div_ceil(TEXTURE_ROW_TEXELS).max(1);
+        if buffer.dtype() != DType::F32 || height > self.shared.limits.max_texture_dimension_2d {
+            return Ok(None);
+        }
+        let (texture, view) = {
+            let mut textures = lock(&self.shared.textures);
+            if !textures.contains_key(&height) && textures.len() >= MAX_OPERAND_TEXTURES {
+                textures.clear();
+            }
+            textures
+                .entry(height)
+                .or_insert_with(|| {
+                    let texture = self.shared.device.create_texture(&wgpu::TextureDescriptor {
+                        label: Some("kiln operand"),
+                        size: wgpu::Extent3d {
+                            width: TEXTURE_ROW_TEXELS,
+                            height,
+                            depth_or_array_layers: 1,
+                        },
+                        mip_level_count: 1,
+                        sample_count: 1,
+                        dimension: wgpu::TextureDimension::D2,
+                        format: wgpu::TextureFormat::Rgba32Float,
+                        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                        view_formats: &[],
+                    });
+                    let view = texture.create_view(&Default::default());
+                    (texture, view)
+                })
+                .clone()
+        };
+        self.record(Command::CopyToTexture {
+            src: buffer.raw().clone(),
+            texture,
+            rows: texels / TEXTURE_ROW_TEXELS,
+            tail: texels % TEXTURE_ROW_TEXELS,
+        })?;
+        Ok(Some(view))
+    }
+
     pub fn pool_stats(&self) -> PoolStats {
         lock(&self.shared.pool).stats()
     }
@@ -348,6 +451,7 @@ impl Device {
         lock(&self.shared.pool).trim();
         // Cached bind groups hold idle buffers too; they are rebuilt on demand.
         lock(&self.shared.bind_groups).clear();
+        lock(&self.shared.textures).clear();
     }
 
     /// Turns per-kernel timing on (clearing earlier times) or off. While on,
@@ -626,7 +730,7 @@ impl Device {
         Ok(kernel)
     }
 
-    fn check_same_device(&self, buffer: &GpuBuffer, op: &'static str) -> Result<()> {
+    pub(crate) fn check_same_device(&self, buffer: &GpuBuffer, op: &'static str) -> Result<()> {
         if buffer.same_device(&self.shared) {
             Ok(())
         } else {
@@ -672,6 +776,18 @@ impl Device {
         for b in buffers {
             self.check_same_device(b, "dispatch")?;
         }
+        let bound: Vec<Bound> = buffers.iter().map(|b| Bound::Buffer(b.raw())).collect();
+        self.dispatch_bound(kernel, params, &bound, workgroups)
+    }
+
+    /// [`Device::dispatch`] of checked resources, textures among them.
+    pub(crate) fn dispatch_bound(
+        &self,
+        kernel: &Kernel,
+        params: &[u8],
+        resources: &[Bound],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
         let profiling = lock(&self.shared.profile).is_some();
         if profiling {
             // Earlier work must not count towards this kernel.
@@ -689,13 +805,25 @@ impl Device {
                 });
             }
         }
-        let raw: Vec<&wgpu::Buffer> = buffers.iter().map(|b| b.raw()).collect();
         let mut rec = lock(&self.shared.recorder);
-        if let Some(held) = rec.gathering.as_ref() {
+        // Only storage-buffer launches are held for fusion.
+        let buffers: Option<Vec<wgpu::Buffer>> = rec.gathering.as_ref().and_then(|_| {
+            resources
+                .iter()
+                .map(|r| match r {
+                    Bound::Buffer(b) => Some((*b).clone()),
+                    Bound::Texture(_) => None,
+                })
+                .collect()
+        });
+        if rec.gathering.is_some() && buffers.is_none() {
+            self.emit_gathered(&mut rec)?;
+        }
+        if let (Some(held), Some(buffers)) = (rec.gathering.as_ref(), buffers) {
             let launch = Launch {
                 kernel: kernel.clone(),
                 params: params.to_vec(),
-                buffers: raw.into_iter().cloned().collect(),
+                buffers,
                 workgroups,
             };
             // A launch that depends on a held one starts a new group.
@@ -707,7 +835,7 @@ impl Device {
             }
             return Ok(());
         }
-        self.record_dispatch(&mut rec, kernel, params, &raw, workgroups)?;
+        self.record_dispatch(&mut rec, kernel, params, resources, workgroups)?;
         drop(rec);
         if profiling {
             let start = std::time::Instant::now();
@@ -726,7 +854,7 @@ impl Device {
         rec: &mut Recorder,
         kernel: &Kernel,
         params: &[u8],
-        buffers: &[&wgpu::Buffer],
+        resources: &[Bound],
         workgroups: [u32; 3],
     ) -> Result<()> {
         if rec.params.len() as u64 + self.shared.param_align > PARAM_ARENA_BYTES {
@@ -744,7 +872,7 @@ impl Device {
             &self.shared.device,
             &kernel.layout,
             arena,
-            buffers,
+            resources,
         );
         rec.commands.push(Command::Dispatch {
             pipeline: kernel.pipeline.clone(),
@@ -817,13 +945,15 @@ impl Device {
             });
             if let Some(plan) = plan {
                 let (block, workgroups) = self.fused_block(&plan.source, &launches)?;
-                let buffers: Vec<&wgpu::Buffer> =
-                    launches.iter().flat_map(|l| l.buffers.iter()).collect();
+                let buffers: Vec<Bound> = launches
+                    .iter()
+                    .flat_map(|l| l.buffers.iter().map(Bound::Buffer))
+                    .collect();
                 return self.record_dispatch(rec, &plan.kernel, &block, &buffers, workgroups);
             }
         }
         for l in &launches {
-            let buffers: Vec<&wgpu::Buffer> = l.buffers.iter().collect();
+            let buffers: Vec<Bound> = l.buffers.iter().map(Bound::Buffer).collect();
             self.record_dispatch(rec, &l.kernel, &l.params, &buffers, l.workgroups)?;
         }
         Ok(())
@@ -977,6 +1107,48 @@ impl Device {
                 }
                 Command::Clear { buffer, size } => {
                     encoder.clear_buffer(buffer, 0, Some(*size));
+                    i += 1;
+                }
+                Command::CopyToTexture {
+                    src,
+                    texture,
+                    rows,
+                    tail,
+                } => {
+                    let row_bytes = TEXTURE_ROW_TEXELS * 16;
+                    // Full rows, then the last row's first `tail` texels.
+                    for (first_row, height, width) in
+                        [(0, *rows, TEXTURE_ROW_TEXELS), (*rows, 1, *tail)]
+                    {
+                        if height == 0 || width == 0 {
+                            continue;
+                        }
+                        encoder.copy_buffer_to_texture(
+                            wgpu::TexelCopyBufferInfo {
+                                buffer: src,
+                                layout: wgpu::TexelCopyBufferLayout {
+                                    offset: u64::from(first_row) * u64::from(row_bytes),
+                                    bytes_per_row: Some(row_bytes),
+                                    rows_per_image: None,
+                                },
+                            },
+                            wgpu::TexelCopyTextureInfo {
+                                texture,
+                                mip_level: 0,
+                                origin: wgpu::Origin3d {
+                                    x: 0,
+                                    y: first_row,
+                                    z: 0,
+                                },
+                                aspect: wgpu::TextureAspect::All,
+                            },
+                            wgpu::Extent3d {
+                                width,
+                                height,
+                                depth_or_array_layers: 1,
+                            },
+                        );
+                    }
                     i += 1;
                 }
             }

@@ -41,7 +41,7 @@ mod tuning;
 pub use adapter::{is_cpu, list_adapters, DeviceKind, DeviceSelector};
 pub use autotune::{cache_dir, AutotuneReport};
 pub use buffer::{DType, Element, GpuBuffer};
-pub use device::{Device, DispatchStats, MAX_PARAM_BYTES};
+pub use device::{Device, DispatchStats, TextureOperands, MAX_PARAM_BYTES, TEXTURE_ROW_TEXELS};
 pub use error::{DeviceError, Result};
 pub use half;
 pub use info::DeviceReport;

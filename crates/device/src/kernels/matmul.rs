@@ -2,8 +2,9 @@
 
 use super::elementwise::{Elementwise, Operand, View};
 use super::{expect_f32, expect_len, to_u32, EXPR_HELPERS};
+use crate::binding::Bound;
 use crate::buffer::{DType, GpuBuffer};
-use crate::device::Device;
+use crate::device::{Device, TextureOperands, TEXTURE_ROW_TEXELS};
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 use crate::tuning::MatmulTiling;
@@ -655,11 +656,20 @@ impl Device {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
         let vec4 = vec4_loads_fit(spec, tiling);
+        let a_texture = match self.texture_operands() {
+            _ if !(self.is_cpu() && vec4 && matches!(tiling, MatmulTiling::Subgroup { .. })) => {
+                None
+            }
+            TextureOperands::Always => self.texture_operand(a)?,
+            TextureOperands::Auto if a.len() >= TEXTURE_MIN_ELEMENTS => self.texture_operand(a)?,
+            _ => None,
+        };
         let operands = Operands {
             a: a.dtype(),
             b: b.dtype(),
             half,
             vec4,
+            a_texture: a_texture.is_some(),
         };
         let kernel = self.kernel(
             &format!(
@@ -670,8 +680,14 @@ impl Device {
             ),
             || specialise(tiling, spec.trans_a, spec.trans_b, operands, extras),
         )?;
-        let mut buffers = vec![a, b, out];
-        buffers.extend(extras.buffers());
+        let mut resources = vec![match &a_texture {
+            Some(view) => Bound::Texture(view),
+            None => Bound::Buffer(a.raw()),
+        }];
+        for buffer in [b, out].into_iter().chain(extras.buffers()) {
+            self.check_same_device(buffer, OP)?;
+            resources.push(Bound::Buffer(buffer.raw()));
+        }
         let (block_m, block_n) = tiling.block();
         let groups_x = to_u32(OP, "n blocks", n.div_ceil(block_n as usize))?;
         let groups_y = to_u32(OP, "m blocks", m.div_ceil(block_m as usize))?;
@@ -691,10 +707,10 @@ impl Device {
         while z0 < entries.end {
             let count = (entries.end - z0).min(max_z);
             params.z0 = to_u32(OP, "batch", z0)?;
-            self.dispatch(
+            self.dispatch_bound(
                 &kernel,
                 bytemuck::bytes_of(&params),
-                &buffers,
+                &resources,
                 [groups_x, groups_y, count as u32],
             )?;
             z0 += count;
@@ -710,6 +726,10 @@ fn cpu_lanes_wanted() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     SIMD_LANES * *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// Elements of A from which a product on a CPU adapter reads A through a
+/// texture by default: below it the copy is not worth its command.
+const TEXTURE_MIN_ELEMENTS: usize = 1 << 16;
 
 /// How many chunks to split k into, for products with few outputs and a long k
 /// (weight gradients `A^T B` over a large batch, e.g. a convolution's): one
@@ -835,6 +855,9 @@ struct Operands {
     half: HalfLoads,
     /// Loads come four elements at a time (see [`vec4_loads_fit`]).
     vec4: bool,
+    /// A is read through a texture (see [`Device::texture_operand`]); f32
+    /// with vec4 loads only.
+    a_texture: bool,
 }
 
 impl Operands {
@@ -859,6 +882,15 @@ fn expect_float(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
 /// The binding of operand `name` and its loader `load_<name>(i)`, returning
 /// element `i` (or the `i`-th group of four, for vec4 loads) as f32.
 fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> String {
+    if name == "a" && ops.a_texture {
+        let mask = TEXTURE_ROW_TEXELS - 1;
+        let shift = TEXTURE_ROW_TEXELS.trailing_zeros();
+        return format!(
+            "@group(0) @binding({binding}) var {name}: texture_2d<f32>;\n\
+             fn load_{name}(i: u32) -> vec4<f32> {{\n    \
+             return textureLoad({name}, vec2<u32>(i & {mask}u, i >> {shift}u), 0);\n}}\n"
+        );
+    }
     let (element, body) = match (dtype, ops.vec4, ops.half) {
         (DType::F16, true, HalfLoads::NativeArithmetic) => ("vec4<f16>", format!("{name}[i]")),
         (DType::F16, false, _) if ops.native_half() => ("f16", format!("f32({name}[i])")),
