@@ -656,12 +656,16 @@ impl Device {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
         let vec4 = vec4_loads_fit(spec, tiling);
+        // The copy takes all of A's buffer, so only products that read most
+        // of it qualify (not one step's slice of a sequence's buffer).
+        let a_read = entries.len().saturating_sub(1) * spec.batch_stride_a + m * k;
+        let worth_a_copy = a_read >= TEXTURE_MIN_ELEMENTS && 2 * a_read >= a.len();
         let a_texture = match self.texture_operands() {
             _ if !(self.is_cpu() && vec4 && matches!(tiling, MatmulTiling::Subgroup { .. })) => {
                 None
             }
             TextureOperands::Always => self.texture_operand(a)?,
-            TextureOperands::Auto if a.len() >= TEXTURE_MIN_ELEMENTS => self.texture_operand(a)?,
+            TextureOperands::Auto if worth_a_copy => self.texture_operand(a)?,
             _ => None,
         };
         let operands = Operands {
