@@ -29,8 +29,10 @@ fn fusion_enabled() -> bool {
 /// Texels per row of an operand texture (see [`Device::texture_operand`]):
 /// 4 KiB rows, the copy alignment wgpu asks for many times over.
 pub const TEXTURE_ROW_TEXELS: u32 = 256;
-/// Operand textures kept for reuse (one per size).
+/// Operand textures kept for reuse (one per size), and their bytes at most:
+/// there is no free-memory query, so caches stay bounded.
 const MAX_OPERAND_TEXTURES: usize = 16;
+const MAX_OPERAND_TEXTURE_BYTES: u64 = 256 << 20;
 
 /// When a product reads its A operand through a texture. On lavapipe a
 /// storage-buffer load whose index differs per lane is a loop over the lanes
@@ -403,7 +405,13 @@ impl Device {
         }
         let (texture, view) = {
             let mut textures = lock(&self.shared.textures);
-            if !textures.contains_key(&height) && textures.len() >= MAX_OPERAND_TEXTURES {
+            let bytes = |h: u32| u64::from(h) * u64::from(TEXTURE_ROW_TEXELS) * 16;
+            let held: u64 = textures.keys().map(|&h| bytes(h)).sum();
+            if !textures.contains_key(&height)
+                && (textures.len() >= MAX_OPERAND_TEXTURES
+                    || held + bytes(height) > MAX_OPERAND_TEXTURE_BYTES)
+            {
+                // Dropped textures live on until the commands using them ran.
                 textures.clear();
             }
             textures
