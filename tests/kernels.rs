@@ -76,7 +76,10 @@ fn matmul_reference(a: &[f32], b: &[f32], s: &Matmul) -> (Vec<f64>, Vec<f64>) {
 }
 
 fn check_matmul(spec: Matmul, tiling: MatmulTiling, seed: u64) {
-    let d = device();
+    check_matmul_on(device(), spec, tiling, seed);
+}
+
+fn check_matmul_on(d: &kiln::Device, spec: Matmul, tiling: MatmulTiling, seed: u64) {
     let a_len = (spec.batch - 1) * spec.batch_stride_a + spec.m * spec.k;
     let b_len = (spec.batch - 1) * spec.batch_stride_b + spec.k * spec.n;
     let a = random_vec(a_len, seed, -1.0, 1.0);
@@ -1472,16 +1475,7 @@ fn matmul_with_a_texture_operand_matches_reference() {
     // the BERT tests run large products through this path with both.
     let d = kiln::Device::new().unwrap();
     d.set_texture_operands(kiln::device::TextureOperands::Always);
-    let check = |spec: Matmul, seed: u64| {
-        let a_len = (spec.batch - 1) * spec.batch_stride_a + spec.m * spec.k;
-        let b_len = (spec.batch - 1) * spec.batch_stride_b + spec.k * spec.n;
-        let a = random_vec(a_len, seed, -1.0, 1.0);
-        let b = random_vec(b_len, seed + 1, -1.0, 1.0);
-        let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
-        let got = d.read::<f32>(&d.matmul(&ga, &gb, &spec).unwrap()).unwrap();
-        let (want, scale) = matmul_reference(&a, &b, &spec);
-        assert_close_scaled(&format!("texture A {spec:?}"), &got, &want, &scale, 1e-4);
-    };
+    let check = |spec: Matmul, seed: u64| check_matmul_on(&d, spec, d.tuning().matmul, seed);
     // Rows of 256 texels: lengths below, at and past one row and a partial
     // last row.
     for (m, n, k) in [
