@@ -284,17 +284,21 @@ impl Tensor {
             // plus a col2im, as costly as the forward pass.
             // The two products only read g2 and the forward's operands: one
             // dispatch where they fuse.
-            let (dw, dcols) = device.together(|| {
+            let g2 = Tensor::from_buffer(device, g2, &[rows, o])?;
+            let (dw, dcols, db) = device.together(|| {
+                // The bias gradient sums g2's columns: independent too.
+                let db = has_bias.then(|| g2.sum(0, false)).transpose()?;
+                let g2 = g2.buffer();
                 let dw = need_dw
                     .then(|| {
                         let spec = Matmul::new(o, width, rows).transpose_a(true);
-                        device.matmul(&g2, cols.buffer(), &spec)
+                        device.matmul(g2, cols.buffer(), &spec)
                     })
                     .transpose()?;
                 let dcols = need_dx
-                    .then(|| device.matmul(&g2, w.buffer(), &Matmul::new(rows, width, o)))
+                    .then(|| device.matmul(g2, w.buffer(), &Matmul::new(rows, width, o)))
                     .transpose()?;
-                Ok((dw, dcols))
+                Ok((dw, dcols, db))
             })?;
             let dw = dw
                 .map(|dw| Tensor::from_buffer(device, dw, &weight_shape))
@@ -318,8 +322,7 @@ impl Tensor {
             };
             let mut grads = vec![dx, dw];
             if has_bias {
-                let g2 = Tensor::from_buffer(device, g2, &[rows, o])?;
-                grads.push(Some(g2.sum(0, false)?));
+                grads.push(db);
             }
             Ok(grads)
         }))
