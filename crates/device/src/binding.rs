@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use wgpu::naga;
 
 /// How every Kiln kernel declares its parameter block.
-const PARAM_DECLARATION: &str = "@group(0) @binding(0) var<uniform> p: Params;";
+pub(crate) const PARAM_DECLARATION: &str = "@group(0) @binding(0) var<uniform> p: Params;";
 /// The same block passed as immediate data (push constants).
 const IMMEDIATE_DECLARATION: &str = "var<immediate> p: Params;";
 

@@ -24,12 +24,10 @@
 //! Anything else unsupported makes [`fuse_sources`] refuse, and the launches
 //! run one by one as before.
 
+use crate::binding::PARAM_DECLARATION;
 use std::collections::HashMap;
 use std::fmt::Write;
 use wgpu::naga;
-
-/// How every Kiln kernel declares its parameter block (see `binding.rs`).
-const PARAM_DECLARATION: &str = "@group(0) @binding(0) var<uniform> p: Params;";
 
 /// Most kernels one fused dispatch takes.
 pub(crate) const MAX_PARTS: usize = 4;
