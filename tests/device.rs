@@ -215,14 +215,14 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
 #[test]
 fn kernels_that_depend_on_each_other_are_not_fused() {
     let d = Device::new().unwrap();
-    let x = d.upload(&random_vec(300, 4, -1.0, 1.0)).unwrap();
-    let w = d.upload(&random_vec(300 * 8, 5, -1.0, 1.0)).unwrap();
+    let x = d.upload(&random_vec(64 * 300, 4, -1.0, 1.0)).unwrap();
+    let w = d.upload(&random_vec(300 * 64, 5, -1.0, 1.0)).unwrap();
     let (want, got, dispatches) = alone_then_together(&d, || {
         // Second reads the first's output; third is independent of the second
-        // and joins it.
-        let h = d.matmul(&x, &w, &Matmul::new(1, 8, 300))?;
-        let y = d.matmul(&h, &h, &Matmul::new(8, 8, 1).transpose_a(true))?;
-        let z = d.matmul(&x, &w, &Matmul::new(2, 8, 150))?;
+        // and joins it. All take several workgroups, so none chain.
+        let h = d.matmul(&x, &w, &Matmul::new(64, 64, 300))?;
+        let y = d.matmul(&h, &h, &Matmul::new(64, 64, 64).transpose_a(true))?;
+        let z = d.matmul(&x, &w, &Matmul::new(128, 64, 150))?;
         Ok([h, y, z])
     });
     assert_eq!(dispatches, if fusion_on() { 2 } else { 3 });
@@ -231,8 +231,151 @@ fn kernels_that_depend_on_each_other_are_not_fused() {
     let before = d.dispatch_stats();
     let err = d.together(|| -> kiln::device::Result<()> {
         d.unary(UnaryOp::Tanh, &x)?;
-        d.matmul(&x, &w, &Matmul::new(2, 8, 300)).map(|_| ())
+        d.matmul(&x, &w, &Matmul::new(1000, 8, 300)).map(|_| ())
     });
     assert!(err.is_err());
     assert_eq!(d.dispatch_stats().dispatches - before.dispatches, 1);
+}
+
+/// Test kernels for chains. Each takes `n` elements and a scalar `a`.
+const CHAIN_PARAMS: &str =
+    "struct Params {\n    n: u32,\n    a: f32,\n    pad0: u32,\n    pad1: u32,\n}\n\
+    @group(0) @binding(0) var<uniform> p: Params;\n";
+
+/// `y = a * x + 1` by however many 32-invocation workgroups it is given.
+const AFFINE: &str = "@group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+    @group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+    @compute @workgroup_size(32)\n\
+    fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32,\n\
+    \x20       @builtin(num_workgroups) groups: vec3<u32>) {\n\
+    \x20   for (var i = wid.x * 32u + l; i < p.n; i += 32u * groups.x) {\n\
+    \x20       y[i] = p.a * x[i] + 1.0;\n    }\n}\n";
+
+/// `total[0] = sum(x)` by one workgroup of `threads` (a power of two),
+/// through workgroup memory.
+fn total_source(threads: u32) -> String {
+    format!(
+        "@group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+        @group(0) @binding(2) var<storage, read_write> total: array<f32>;\n\
+        var<workgroup> partial: array<f32, {threads}>;\n\
+        @compute @workgroup_size({threads})\n\
+        fn main(@builtin(local_invocation_index) l: u32) {{\n\
+        \x20   var s = 0.0;\n\
+        \x20   for (var i = l; i < p.n; i += {threads}u) {{\n        s += x[i];\n    }}\n\
+        \x20   partial[l] = s;\n    workgroupBarrier();\n\
+        \x20   for (var half = {}u; half > 0u; half /= 2u) {{\n\
+        \x20       if (l < half) {{\n            partial[l] += partial[l + half];\n        }}\n\
+        \x20       workgroupBarrier();\n    }}\n\
+        \x20   if (l == 0u) {{\n        total[0] = partial[0];\n    }}\n}}\n",
+        threads / 2
+    )
+}
+
+/// `y = x - a * total[0]` by one workgroup of 16.
+const SHIFT: &str = "@group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+    @group(0) @binding(2) var<storage, read> total: array<f32>;\n\
+    @group(0) @binding(3) var<storage, read_write> y: array<f32>;\n\
+    @compute @workgroup_size(16)\n\
+    fn main(@builtin(local_invocation_index) l: u32) {\n\
+    \x20   for (var i = l; i < p.n; i += 16u) {\n        y[i] = x[i] - p.a * total[0];\n    }\n}\n";
+
+/// Runs AFFINE (on `affine_groups` workgroups), then TOTAL of its output and
+/// AFFINE of it again (independent of each other), then SHIFT of the second
+/// by the total: a chain of three stages when every launch is one workgroup.
+fn affine_total_shift(
+    d: &Device,
+    x: &GpuBuffer,
+    affine_groups: u32,
+) -> kiln::device::Result<[GpuBuffer; 3]> {
+    let kernel = |name: &str, body: &str| {
+        d.kernel(&format!("test-chain:{name}"), || {
+            format!("{CHAIN_PARAMS}{body}")
+        })
+    };
+    let (affine, total, shift) = (
+        kernel("affine", AFFINE)?,
+        kernel("total64", &total_source(64))?,
+        kernel("shift", SHIFT)?,
+    );
+    let n = x.len();
+    let params = |a: f32| -> Vec<u8> {
+        [n as u32, a.to_bits(), 0, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    };
+    let y = d.empty(n, kiln::device::DType::F32)?;
+    let t = d.empty(1, kiln::device::DType::F32)?;
+    let z = d.empty(n, kiln::device::DType::F32)?;
+    let out = d.empty(n, kiln::device::DType::F32)?;
+    d.dispatch(&affine, &params(0.5), &[x, &y], [affine_groups, 1, 1])?;
+    d.dispatch(&total, &params(0.0), &[&y, &t], [1, 1, 1])?;
+    d.dispatch(&affine, &params(-2.0), &[&y, &z], [1, 1, 1])?;
+    d.dispatch(&shift, &params(0.25), &[&z, &t, &out], [1, 1, 1])?;
+    Ok([y, t, out])
+}
+
+#[test]
+fn dependent_one_workgroup_kernels_chain_into_one_dispatch() {
+    let d = Device::new().unwrap();
+    let data = random_vec(1000, 9, -1.0, 1.0);
+    let x = d.upload(&data).unwrap();
+    // CPU reference.
+    let y: Vec<f32> = data.iter().map(|v| 0.5 * v + 1.0).collect();
+    let total: f32 = y.iter().sum();
+    let out: Vec<f32> = y.iter().map(|v| (-2.0 * v + 1.0) - 0.25 * total).collect();
+    for (affine_groups, chained_dispatches) in [(1, 1), (2, 2)] {
+        let (want, got, dispatches) =
+            alone_then_together(&d, || affine_total_shift(&d, &x, affine_groups));
+        // A launch of several workgroups cannot join a chain: it runs alone
+        // and the three launches after it chain.
+        assert_eq!(
+            dispatches,
+            if fusion_on() { chained_dispatches } else { 4 },
+            "first launch on {affine_groups} workgroups"
+        );
+        assert_eq!(got, want, "first launch on {affine_groups} workgroups");
+        assert_eq!(got[0], y);
+        assert!(
+            (got[1][0] - total).abs() <= 1e-4 * total.abs().max(1.0),
+            "{} vs {total}",
+            got[1][0]
+        );
+        for (g, w) in got[2].iter().zip(&out) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn a_chain_that_cannot_fuse_still_fuses_its_stages() {
+    let d = Device::new().unwrap();
+    let data = random_vec(500, 10, -1.0, 1.0);
+    let x = d.upload(&data).unwrap();
+    let launch = || -> kiln::device::Result<[GpuBuffer; 3]> {
+        let affine = d.kernel("test-chain:affine", || format!("{CHAIN_PARAMS}{AFFINE}"))?;
+        // Barriers on 16 invocations cannot sit in a chain of 32.
+        let total = d.kernel("test-chain:total16", || {
+            format!("{CHAIN_PARAMS}{}", total_source(16))
+        })?;
+        let params = |a: f32| -> Vec<u8> {
+            [data.len() as u32, a.to_bits(), 0, 0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+        let y = d.empty(data.len(), kiln::device::DType::F32)?;
+        let z = d.empty(data.len(), kiln::device::DType::F32)?;
+        let t = d.empty(1, kiln::device::DType::F32)?;
+        d.dispatch(&affine, &params(3.0), &[&x, &y], [1, 1, 1])?;
+        d.dispatch(&affine, &params(-1.0), &[&x, &z], [1, 1, 1])?;
+        d.dispatch(&total, &params(0.0), &[&y, &t], [1, 1, 1])?;
+        Ok([y, z, t])
+    };
+    let (want, got, dispatches) = alone_then_together(&d, launch);
+    // The two independent launches still share a dispatch.
+    assert_eq!(dispatches, if fusion_on() { 2 } else { 3 });
+    assert_eq!(got, want);
+    let total: f32 = data.iter().map(|v| 3.0 * v + 1.0).sum();
+    assert!((got[2][0] - total).abs() <= 1e-4 * total.abs().max(1.0));
 }

@@ -139,13 +139,16 @@ fn model_samples_per_second(device: &Device, profile: bool) -> anyhow::Result<(f
         .map(|i| ((i * 7919) % 256) as f32 / 255.0)
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
-    let mut step = || -> anyhow::Result<()> {
-        let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
-        let logits = model.forward(&xt, &mut Mode::training(0))?;
-        let l = loss::cross_entropy(&logits, &labels)?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step().map_err(anyhow::Error::from)
+    // Launched together, as `fit` does (see `Device::together`).
+    let mut step = || {
+        device.together(|| -> anyhow::Result<()> {
+            let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
+            let logits = model.forward(&xt, &mut Mode::training(0))?;
+            let l = loss::cross_entropy(&logits, &labels)?;
+            opt.zero_grad();
+            l.backward()?;
+            Ok(opt.step()?)
+        })
     };
     for _ in 0..3 {
         step()?;

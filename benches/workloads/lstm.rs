@@ -29,13 +29,16 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         })
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
-    let mut step = || -> anyhow::Result<()> {
-        let x = Tensor::from_slice(device, &ids, &[BATCH, TEXT_LENGTH])?;
-        let logits = model.forward(&x, &mut Mode::training(0))?;
-        let l = loss::cross_entropy(&logits, &labels)?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step().map_err(anyhow::Error::from)
+    // Launched together, as `fit` does (see `Device::together`).
+    let mut step = || {
+        device.together(|| -> anyhow::Result<()> {
+            let x = Tensor::from_slice(device, &ids, &[BATCH, TEXT_LENGTH])?;
+            let logits = model.forward(&x, &mut Mode::training(0))?;
+            let l = loss::cross_entropy(&logits, &labels)?;
+            opt.zero_grad();
+            l.backward()?;
+            Ok(opt.step()?)
+        })
     };
     for _ in 0..2 {
         step()?;

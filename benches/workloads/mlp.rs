@@ -20,17 +20,20 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         .map(|i| ((i * 7919) % 256) as f32 / 255.0)
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
-    let mut step = |read: bool| -> anyhow::Result<()> {
-        let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
-        let logits = model.forward(&xt, &mut Mode::training(0))?;
-        let l = loss::cross_entropy(&logits, &labels)?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step()?;
-        if read {
-            l.item()?;
-        }
-        Ok(())
+    // Launched together, as `fit` does (see `Device::together`).
+    let mut step = |read: bool| {
+        device.together(|| -> anyhow::Result<()> {
+            let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
+            let logits = model.forward(&xt, &mut Mode::training(0))?;
+            let l = loss::cross_entropy(&logits, &labels)?;
+            opt.zero_grad();
+            l.backward()?;
+            opt.step()?;
+            if read {
+                l.item()?;
+            }
+            Ok(())
+        })
     };
     for _ in 0..20 {
         step(true)?;

@@ -257,19 +257,25 @@ impl<O: Optimizer> Trainer<O> {
                 let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
-                let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                let loss = self.loss.compute(&logits, &yb, train.classes, &mut tally)?;
-                self.optimizer.zero_grad();
-                match &mut scaler {
-                    Some(scaler) => {
-                        scaler.backward(&loss)?;
-                        scaler.step(&mut self.optimizer)?;
+                // The step's kernels launch together: independent neighbours
+                // share a dispatch, and the small ones at the head (output
+                // layer, loss, its gradient) chain into one.
+                self.device.together(|| -> Result<()> {
+                    let logits = self.model.forward(&x, &mut Mode::training(seed))?;
+                    let loss = self.loss.compute(&logits, &yb, train.classes, &mut tally)?;
+                    self.optimizer.zero_grad();
+                    match &mut scaler {
+                        Some(scaler) => {
+                            scaler.backward(&loss)?;
+                            scaler.step(&mut self.optimizer)?;
+                        }
+                        None => {
+                            loss.backward()?;
+                            self.optimizer.step()?;
+                        }
                     }
-                    None => {
-                        loss.backward()?;
-                        self.optimizer.step()?;
-                    }
-                }
+                    Ok(())
+                })?;
                 drop(autocast);
                 // Reading metrics syncs with the device: only now and then.
                 if step % 50 == 49 || step + 1 == steps {

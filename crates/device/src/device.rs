@@ -123,9 +123,34 @@ struct Launch {
     params: Vec<u8>,
     buffers: Vec<wgpu::Buffer>,
     workgroups: [u32; 3],
+    /// Its stage when the held launches form a chain (see `fusion`).
+    stage: usize,
 }
 
 impl Launch {
+    /// Whether it runs as one workgroup, as a chain's parts must.
+    fn single_workgroup(&self) -> bool {
+        self.workgroups == [1, 1, 1]
+    }
+
+    /// Its storage bindings (numbered from 1) that it only reads but one of
+    /// `launches` writes.
+    fn written_elsewhere(&self, launches: &[Launch]) -> Vec<u32> {
+        let written = |buffer: &wgpu::Buffer| {
+            launches.iter().any(|l| {
+                l.kernel
+                    .writable
+                    .iter()
+                    .any(|&b| l.buffers.get(b as usize - 1) == Some(buffer))
+            })
+        };
+        (1..=self.buffers.len() as u32)
+            .filter(|b| {
+                !self.kernel.writable.contains(b) && written(&self.buffers[*b as usize - 1])
+            })
+            .collect()
+    }
+
     /// Whether either launch writes a buffer the other binds.
     fn conflicts(&self, other: &Launch) -> bool {
         let writes = |l: &Launch, buffer: &wgpu::Buffer| {
@@ -828,15 +853,16 @@ impl Device {
             self.emit_gathered(&mut rec)?;
         }
         if let (Some(held), Some(buffers)) = (rec.gathering.as_ref(), buffers) {
-            let launch = Launch {
+            let mut launch = Launch {
                 kernel: kernel.clone(),
                 params: params.to_vec(),
                 buffers,
                 workgroups,
+                stage: 0,
             };
-            // A launch that depends on a held one starts a new group.
-            if held.len() >= fusion::MAX_PARTS || held.iter().any(|l| l.conflicts(&launch)) {
-                self.emit_gathered(&mut rec)?;
+            match self.place(held, &launch) {
+                Some(stage) => launch.stage = stage,
+                None => self.emit_gathered(&mut rec)?,
             }
             if let Some(held) = rec.gathering.as_mut() {
                 held.push(launch);
@@ -854,6 +880,45 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    /// Where `launch` joins the `held` ones: beside the last stage when it
+    /// does not depend on it, as the next stage of a chain of one-workgroup
+    /// launches when it does, or (`None`) in a new group, also when the
+    /// fused kernel would have too many parts, bindings or parameters.
+    fn place(&self, held: &[Launch], launch: &Launch) -> Option<usize> {
+        let Some(last) = held.last() else {
+            return Some(0);
+        };
+        let stage = last.stage;
+        let depends = held
+            .iter()
+            .filter(|l| l.stage == stage)
+            .any(|l| l.conflicts(launch));
+        let chained = stage > 0;
+        let placed = if !depends && (!chained || launch.single_workgroup()) {
+            stage
+        } else if depends && launch.single_workgroup() && held.iter().all(Launch::single_workgroup)
+        {
+            stage + 1
+        } else {
+            return None;
+        };
+        let all = || held.iter().chain(std::iter::once(launch));
+        let parts = held.len() + 1;
+        let bindings: usize = all().map(|l| l.buffers.len()).sum();
+        // The fused block: each part's block 16-aligned, a grid per part
+        // unless chained, and one more 16-byte row.
+        let grids = if placed > 0 { 0 } else { 16 * parts };
+        let block: usize = all()
+            .map(|l| l.params.len().next_multiple_of(16))
+            .sum::<usize>()
+            + grids
+            + 16;
+        let fits = parts <= fusion::MAX_PARTS
+            && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage as usize
+            && block <= MAX_PARAM_BYTES;
+        fits.then_some(placed)
     }
 
     /// Appends one dispatch to the recorder.
@@ -897,10 +962,14 @@ impl Device {
     /// Runs `work`, dispatching the kernels it launches that do not depend on
     /// each other as one kernel where they can be fused (see the `fusion`
     /// module): a layer's weight and input gradients, or projections of one
-    /// input. Launches that read what an earlier one writes start a new
-    /// group, so any `work` is correct; only independent neighbours merge.
-    /// Nested calls join the outer one. Off while profiling, which times
-    /// every dispatch alone.
+    /// input. A launch that reads what an earlier one writes starts a new
+    /// group, so any `work` is correct; only independent neighbours merge,
+    /// except that launches of one workgroup each (a small classifier head,
+    /// its loss, the loss's gradient) chain into one dispatch whose stages
+    /// run in order. Wrapping a whole training step lets such chains span
+    /// layers. Commands other than dispatches (copies, clears, reads) first
+    /// record what is held. Nested calls join the outer one. Off while
+    /// profiling, which times every dispatch alone.
     ///
     /// ```
     /// # fn main() -> Result<(), kiln_device::DeviceError> {
@@ -917,7 +986,10 @@ impl Device {
     /// assert_eq!(device.read::<f32>(&ba)?, vec![-2.5, -3.0, 2.0, 4.0]);
     /// # Ok(()) }
     /// ```
-    pub fn together<R>(&self, work: impl FnOnce() -> Result<R>) -> Result<R> {
+    pub fn together<R, E: From<DeviceError>>(
+        &self,
+        work: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
         let outer = {
             let mut rec = lock(&self.shared.recorder);
             let profiling = lock(&self.shared.profile).is_some();
@@ -944,6 +1016,13 @@ impl Device {
             Some(held) if !held.is_empty() => std::mem::take(held),
             _ => return Ok(()),
         };
+        self.emit_fused(rec, launches)
+    }
+
+    /// Records `launches` as one fused dispatch where they fuse; else a chain
+    /// that does not goes stage by stage, and a side-by-side group one by
+    /// one.
+    fn emit_fused(&self, rec: &mut Recorder, launches: Vec<Launch>) -> Result<()> {
         if launches.len() >= 2 {
             let plan = self.fused_plan(&launches)?.filter(|plan| {
                 let parts = plan.source.parts.iter().zip(&launches);
@@ -960,6 +1039,18 @@ impl Device {
                 return self.record_dispatch(rec, &plan.kernel, &block, &buffers, workgroups);
             }
         }
+        let last_stage = launches.last().map_or(0, |l| l.stage);
+        if last_stage > 0 {
+            let mut stages: Vec<Vec<Launch>> = (0..=last_stage).map(|_| Vec::new()).collect();
+            for mut l in launches {
+                let stage = std::mem::take(&mut l.stage);
+                stages[stage].push(l);
+            }
+            for stage in stages {
+                self.emit_fused(rec, stage)?;
+            }
+            return Ok(());
+        }
         for l in &launches {
             let buffers: Vec<Bound> = l.buffers.iter().map(Bound::Buffer).collect();
             self.record_dispatch(rec, &l.kernel, &l.params, &buffers, l.workgroups)?;
@@ -970,11 +1061,29 @@ impl Device {
     /// The fused kernel for `launches`, built the first time; `None` where
     /// they cannot be fused on this adapter.
     fn fused_plan(&self, launches: &[Launch]) -> Result<Option<Arc<FusedPlan>>> {
-        let key = launches
+        let parts: Vec<fusion::PartSource> = launches
             .iter()
-            .map(|l| l.kernel.key.as_str())
-            .collect::<Vec<_>>()
-            .join(" + ");
+            .map(|l| fusion::PartSource {
+                wgsl: &l.kernel.source,
+                stage: l.stage,
+                written_elsewhere: l.written_elsewhere(launches),
+            })
+            .collect();
+        // Kernels, stages (" | " between) and upgraded bindings name a plan.
+        let mut key = String::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                key.push_str(if part.stage == parts[i - 1].stage {
+                    " + "
+                } else {
+                    " | "
+                });
+            }
+            key.push_str(&launches[i].kernel.key);
+            if !part.written_elsewhere.is_empty() {
+                key.push_str(&format!(" rw{:?}", part.written_elsewhere));
+            }
+        }
         if let Some(plan) = lock(&self.shared.fusions).get(&key) {
             return Ok(plan.clone());
         }
@@ -986,9 +1095,8 @@ impl Device {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroup_bytes: limits.max_compute_workgroup_storage_size,
         };
-        let sources: Vec<&str> = launches.iter().map(|l| &*l.kernel.source).collect();
         let bindings: u32 = launches.iter().map(|l| l.buffers.len() as u32).sum();
-        let plan = match fusion::fuse_sources(&sources, fusion_limits) {
+        let plan = match fusion::fuse_sources(&parts, fusion_limits) {
             Ok(source)
                 if source.block_bytes <= MAX_PARAM_BYTES
                     && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage =>
@@ -1022,10 +1130,15 @@ impl Device {
                 op: "dispatch",
                 message: format!("{end} fused workgroups exceed 32-bit indexing"),
             })?;
-            put(source.grids_offset + 16 * i, &[x, y, z, end32]);
+            if let Some(grids) = source.grids_offset {
+                put(grids + 16 * i, &[x, y, z, end32]);
+            }
         }
-        let grid =
-            crate::kernels::grid_2d(end, self.shared.limits.max_compute_workgroups_per_dimension)?;
+        let grid = if source.chain {
+            [1, 1, 1]
+        } else {
+            crate::kernels::grid_2d(end, self.shared.limits.max_compute_workgroups_per_dimension)?
+        };
         put(source.row_offset, &[grid[0]]);
         for (part, l) in source.parts.iter().zip(launches) {
             if let Some(at) = part.param_offset {

@@ -1,5 +1,7 @@
-//! Horizontal fusion: kernels that do not depend on each other, launched
-//! together, run as one dispatch of a generated kernel.
+//! Fusion: kernels launched together run as one dispatch of a generated
+//! kernel, either side by side (kernels that do not depend on each other) or
+//! as a chain of one-workgroup kernels, each stage reading what the one
+//! before wrote.
 //!
 //! A layer's backward pass makes two independent products (the weight
 //! gradient and the input gradient); attention makes three projections of the
@@ -16,6 +18,12 @@
 //! workgroups than the fused one sees several *virtual* workgroups, each with
 //! the workgroup and local ids it would have had in its own dispatch.
 //!
+//! A chain is one workgroup that runs its stages in turn, with a storage
+//! barrier between them: a small classifier head, its loss and the loss's
+//! gradient take one dispatch instead of three. A buffer one part writes is
+//! declared `read_write` in every part that binds it, since one dispatch
+//! cannot bind a buffer both read-only and writable.
+//!
 //! Parts that use workgroup memory or barriers need workgroups of one size
 //! (so a fused workgroup is exactly one of theirs, and every branch on the
 //! part is uniform across it), and their workgroup memory must fit side by
@@ -30,7 +38,7 @@ use std::fmt::Write;
 use wgpu::naga;
 
 /// Most kernels one fused dispatch takes.
-pub(crate) const MAX_PARTS: usize = 4;
+pub(crate) const MAX_PARTS: usize = 8;
 
 /// One part of a fused kernel, as the host must feed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,9 +57,11 @@ pub(crate) struct PartPlan {
 pub(crate) struct FusedSource {
     pub wgsl: String,
     pub parts: Vec<PartPlan>,
+    /// Whether it is a chain, dispatched as one workgroup.
+    pub chain: bool,
     /// Byte offset of `fused_grids` (per part: its grid in x, y, z and the
-    /// cumulative end of its fused workgroups in w).
-    pub grids_offset: usize,
+    /// cumulative end of its fused workgroups in w); a chain has none.
+    pub grids_offset: Option<usize>,
     /// Byte offset of `fused_row` (x: fused workgroups per grid row).
     pub row_offset: usize,
     /// Size of the fused parameter block.
@@ -67,9 +77,25 @@ pub(crate) struct FusionLimits {
     pub max_workgroup_bytes: u32,
 }
 
-/// Builds the fused kernel of `sources` (Kiln kernels with entry point
-/// `main`), or says why they cannot be fused.
-pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<FusedSource, String> {
+/// One kernel to fuse (a Kiln kernel with entry point `main`).
+#[derive(Clone, Debug)]
+pub(crate) struct PartSource<'a> {
+    pub wgsl: &'a str,
+    /// Its stage in a chain: 0 for all parts of a side-by-side fusion; in a
+    /// chain, stages count up from 0 in the order the parts run.
+    pub stage: usize,
+    /// Its storage bindings (numbered as in `wgsl`) that another part
+    /// writes, to be declared `read_write`.
+    pub written_elsewhere: Vec<u32>,
+}
+
+/// Builds the fused kernel of `sources`, or says why they cannot be fused.
+/// A chain (a part past stage 0) runs as one workgroup; its host must launch
+/// every part as one workgroup too.
+pub(crate) fn fuse_sources(
+    sources: &[PartSource],
+    limits: FusionLimits,
+) -> Result<FusedSource, String> {
     let FusionLimits {
         subgroup_size,
         max_invocations,
@@ -80,6 +106,10 @@ pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<Fus
             "{} parts; fusion takes 2..={MAX_PARTS}",
             sources.len()
         ));
+    }
+    let chain = sources.iter().any(|s| s.stage > 0);
+    if sources.windows(2).any(|w| w[1].stage < w[0].stage) {
+        return Err("a chain's stages must come in order".into());
     }
     let mut parts: Vec<Part> = Vec::new();
     let mut bindings = 0;
@@ -97,7 +127,17 @@ pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<Fus
         ));
     }
     let threads = threads as u32;
-    if parts.iter().any(|p| p.shares_workgroup) && parts.iter().any(|p| p.threads != threads) {
+    // Side by side, a fused workgroup branches to one part; in a chain, every
+    // invocation passes through every part, so only the barriers' own parts
+    // must span the whole workgroup.
+    let barrier_parts_fit = if chain {
+        parts
+            .iter()
+            .all(|p| !p.shares_workgroup || p.threads == threads)
+    } else {
+        !parts.iter().any(|p| p.shares_workgroup) || parts.iter().all(|p| p.threads == threads)
+    };
+    if !barrier_parts_fit {
         return Err("parts with barriers or workgroup memory need workgroups of one size".into());
     }
     let workgroup_bytes: u32 = parts.iter().map(|p| p.workgroup_bytes).sum();
@@ -127,13 +167,13 @@ pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<Fus
             let _ = writeln!(wgsl, "    @align(16) k{i}: Params_k{i},");
         }
     }
-    let _ = writeln!(
-        wgsl,
-        "    fused_grids: array<vec4<u32>, {}>,\n    fused_row: vec4<u32>,\n}}\n{PARAM_DECLARATION}\n",
-        parts.len()
-    );
+    if !chain {
+        let _ = writeln!(wgsl, "    fused_grids: array<vec4<u32>, {}>,", parts.len());
+    }
+    let _ = writeln!(wgsl, "    fused_row: vec4<u32>,\n}}\n{PARAM_DECLARATION}\n");
     wgsl.push_str(&body);
-    wgsl.push_str(&entry_point(&parts, threads));
+    let stages: Vec<usize> = sources.iter().map(|s| s.stage).collect();
+    wgsl.push_str(&entry_point(&parts, threads, chain.then_some(&stages[..])));
 
     let module = naga::front::wgsl::parse_str(&wgsl)
         .map_err(|e| format!("fused kernel does not parse: {}", e.emit_to_string(&wgsl)))?;
@@ -156,7 +196,8 @@ pub(crate) fn fuse_sources(sources: &[&str], limits: FusionLimits) -> Result<Fus
         });
     }
     Ok(FusedSource {
-        grids_offset: offset("fused_grids")?,
+        chain,
+        grids_offset: (!chain).then(|| offset("fused_grids")).transpose()?,
         row_offset: offset("fused_row")?,
         block_bytes,
         parts: plans,
@@ -210,11 +251,12 @@ struct Part {
 
 impl Part {
     fn read(
-        source: &str,
+        part: &PartSource,
         index: usize,
         binding_base: u32,
         subgroup_size: Option<u32>,
     ) -> Result<Self, String> {
+        let source = part.wgsl;
         let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
         let [entry] = module.entry_points.as_slice() else {
             return Err("a part must have exactly one entry point".into());
@@ -310,7 +352,10 @@ impl Part {
                 code.push('\n');
             }
         }
-        let code = code.replacen(PARAM_DECLARATION, "", 1);
+        let mut code = code.replacen(PARAM_DECLARATION, "", 1);
+        for &binding in &part.written_elsewhere {
+            code = declare_writable(&code, binding)?;
+        }
         let code = renumber_bindings(&code, binding_base)?;
         let code = rename(&code, &names);
         let code = plain_function(&code, &format!("main_k{index}"))?;
@@ -331,7 +376,6 @@ impl Part {
     /// The fused entry point's branch running this part's virtual workgroup.
     fn call(&self, fused_threads: u32) -> String {
         let i = self.index;
-        let [x, y, z] = self.size;
         let ratio = fused_threads / self.threads;
         let mut s = String::new();
         let start = if i == 0 {
@@ -360,6 +404,32 @@ impl Part {
             s,
             "        let wid = vec3<u32>(v % grid.x, (v / grid.x) % grid.y, v / (grid.x * grid.y));"
         );
+        s.push_str(&self.invoke());
+        s.push_str("        return;\n    }\n");
+        s
+    }
+
+    /// A chain's block running this part as its one workgroup, on the
+    /// invocations it has.
+    fn chain_call(&self, fused_threads: u32) -> String {
+        let mut s = String::from("    {\n        let l = fused_l;\n");
+        s.push_str("        let wid = vec3<u32>(0u);\n        let grid = vec3<u32>(1u);\n");
+        if self.threads < fused_threads {
+            let _ = writeln!(s, "        if (l < {}u) {{", self.threads);
+            s.push_str(&self.invoke());
+            s.push_str("        }\n");
+        } else {
+            s.push_str(&self.invoke());
+        }
+        s.push_str("    }\n");
+        s
+    }
+
+    /// Calls the part's function as invocation `l` of workgroup `wid` in a
+    /// grid of `grid`.
+    fn invoke(&self) -> String {
+        let [x, y, z] = self.size;
+        let mut s = String::new();
         let _ = writeln!(
             s,
             "        let lid = vec3<u32>(l % {x}u, (l / {x}u) % {y}u, l / {}u);",
@@ -381,18 +451,15 @@ impl Part {
                 }
             })
             .collect();
-        let _ = writeln!(
-            s,
-            "        main_k{i}({});\n        return;\n    }}",
-            args.join(", ")
-        );
+        let _ = writeln!(s, "        main_k{}({});", self.index, args.join(", "));
         s
     }
 }
 
 /// The fused entry point: which part and virtual workgroup this fused
-/// workgroup runs.
-fn entry_point(parts: &[Part], threads: u32) -> String {
+/// workgroup runs or, for a chain (`stages` given), every part in turn with
+/// a storage barrier between stages.
+fn entry_point(parts: &[Part], threads: u32, stages: Option<&[usize]>) -> String {
     let subgroups = parts.iter().any(|p| {
         p.builtins.iter().any(|b| {
             matches!(
@@ -407,12 +474,52 @@ fn entry_point(parts: &[Part], threads: u32) -> String {
     if subgroups {
         s.push_str(", @builtin(subgroup_invocation_id) fused_lane: u32, @builtin(subgroup_size) fused_subgroup_size: u32");
     }
-    s.push_str(") {\n    let fused_w = fused_wid.y * p.fused_row.x + fused_wid.x;\n");
-    for part in parts {
-        s.push_str(&part.call(threads));
+    s.push_str(") {\n");
+    match stages {
+        None => {
+            s.push_str("    let fused_w = fused_wid.y * p.fused_row.x + fused_wid.x;\n");
+            for part in parts {
+                s.push_str(&part.call(threads));
+            }
+        }
+        Some(stages) => {
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 && stages[i] != stages[i - 1] {
+                    // What the last stage wrote, visible to the next.
+                    s.push_str("    storageBarrier();\n");
+                }
+                s.push_str(&part.chain_call(threads));
+            }
+        }
     }
     s.push_str("}\n");
     s
+}
+
+/// `code` with storage binding `binding` declared `read_write`.
+fn declare_writable(code: &str, binding: u32) -> Result<String, String> {
+    let mark = format!("@binding({binding})");
+    let at = code
+        .find(&mark)
+        .ok_or_else(|| format!("no binding {binding} to declare writable"))?;
+    let open = at
+        + code[at..]
+            .find("var<")
+            .ok_or_else(|| format!("binding {binding} is not a storage variable"))?;
+    let close = open
+        + code[open..]
+            .find('>')
+            .ok_or_else(|| format!("binding {binding} has an unclosed address space"))?;
+    let space: Vec<&str> = code[open + 4..close].split(',').map(str::trim).collect();
+    match space.as_slice() {
+        ["storage"] | ["storage", "read"] => Ok(format!(
+            "{}var<storage, read_write>{}",
+            &code[..open],
+            &code[close + 1..]
+        )),
+        ["storage", "read_write"] => Ok(code.to_string()),
+        _ => Err(format!("binding {binding} is not a storage buffer")),
+    }
 }
 
 /// Moves the storage bindings (1..) of a part after the `base` bindings of
@@ -603,6 +710,17 @@ mod tests {
         fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32) {\n\
         \x20   let i = wid.x * 32u + l;\n    if (i < p.n) {\n        x[i] = x[i] + 1.0;\n    }\n}\n";
 
+    fn beside<'a>(sources: &[&'a str]) -> Vec<PartSource<'a>> {
+        sources
+            .iter()
+            .map(|wgsl| PartSource {
+                wgsl,
+                stage: 0,
+                written_elsewhere: Vec::new(),
+            })
+            .collect()
+    }
+
     fn limits(subgroup_size: Option<u32>, max_invocations: u32) -> FusionLimits {
         FusionLimits {
             subgroup_size,
@@ -613,7 +731,7 @@ mod tests {
 
     #[test]
     fn parts_keep_their_names_apart_and_their_bindings_follow_each_other() {
-        let fused = fuse_sources(&[SCALE, SUM], limits(None, 256)).unwrap();
+        let fused = fuse_sources(&beside(&[SCALE, SUM]), limits(None, 256)).unwrap();
         let w = &fused.wgsl;
         assert!(w.contains("struct Params_k0 {\n    n: u32,"), "{w}");
         assert!(w.contains("var<storage, read> x_k0"), "{w}");
@@ -640,32 +758,86 @@ mod tests {
         // Barriers and workgroup memory: only beside workgroups of one size,
         // and only as much memory as the adapter has.
         let barrier = SUM.replace("let i =", "workgroupBarrier();\n    let i =");
-        let fused = fuse_sources(&[SCALE, &barrier], limits(None, 256));
+        let fused = fuse_sources(&beside(&[SCALE, &barrier]), limits(None, 256));
         assert!(fused.unwrap_err().contains("one size"));
         let same_size = SCALE.replace("@workgroup_size(4, 2)", "@workgroup_size(8, 4)");
-        assert!(fuse_sources(&[&same_size, &barrier], limits(None, 256)).is_ok());
+        assert!(fuse_sources(&beside(&[&same_size, &barrier]), limits(None, 256)).is_ok());
         let shared = barrier.replace(
             "@compute",
             "var<workgroup> tile: array<f32, 3072>;\n@compute",
         );
-        let fused = fuse_sources(&[&shared, &shared], limits(None, 256));
+        let fused = fuse_sources(&beside(&[&shared, &shared]), limits(None, 256));
         assert!(fused.unwrap_err().contains("24576 bytes"));
         let odd = SUM.replace("@workgroup_size(32)", "@workgroup_size(12)");
         assert_eq!(
-            fuse_sources(&[SCALE, &odd], limits(None, 256))
+            fuse_sources(&beside(&[SCALE, &odd]), limits(None, 256))
                 .unwrap()
                 .parts[1]
                 .ratio,
             2
         );
-        assert!(fuse_sources(&[SCALE, &odd], limits(None, 16))
+        assert!(fuse_sources(&beside(&[SCALE, &odd]), limits(None, 16))
             .unwrap_err()
             .contains("over"));
-        assert!(fuse_sources(&[SCALE], limits(None, 256)).is_err());
+        assert!(fuse_sources(&beside(&[SCALE]), limits(None, 256)).is_err());
         let subgroup = SUM.replace("x[i] + 1.0", "subgroupAdd(x[i])");
-        assert!(fuse_sources(&[SCALE, &subgroup], limits(None, 256)).is_err());
-        assert!(fuse_sources(&[SCALE, &subgroup], limits(Some(8), 256)).is_ok());
-        assert!(fuse_sources(&[SCALE, &subgroup], limits(Some(64), 256)).is_err());
+        assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(None, 256)).is_err());
+        assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(Some(8), 256)).is_ok());
+        assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(Some(64), 256)).is_err());
+    }
+
+    #[test]
+    fn a_chain_runs_its_stages_in_turn_with_shared_buffers_writable() {
+        // SCALE writes y; SUM then updates it (read_write already) and a
+        // second SCALE reads it back as its x (read-only: made writable).
+        let parts = [
+            PartSource {
+                wgsl: SCALE,
+                stage: 0,
+                written_elsewhere: vec![],
+            },
+            PartSource {
+                wgsl: SUM,
+                stage: 1,
+                written_elsewhere: vec![],
+            },
+            PartSource {
+                wgsl: SCALE,
+                stage: 2,
+                written_elsewhere: vec![1],
+            },
+        ];
+        let fused = fuse_sources(&parts, limits(None, 256)).unwrap();
+        let w = &fused.wgsl;
+        assert!(fused.chain);
+        assert_eq!(fused.grids_offset, None);
+        assert!(!w.contains("fused_grids"), "{w}");
+        assert!(w.contains("var<storage, read> x_k0"), "{w}");
+        assert!(w.contains("var<storage, read_write> x_k2"), "{w}");
+        assert_eq!(w.matches("storageBarrier();").count(), 2, "{w}");
+        // The 8-invocation parts run on the first 8 of the 32.
+        assert_eq!(w.matches("if (l < 8u)").count(), 2, "{w}");
+        assert!(w.contains("@workgroup_size(32)"), "{w}");
+        // In a chain a part with barriers may sit beside smaller parts, as
+        // long as it spans the whole workgroup.
+        let barrier = SUM.replace("let i =", "workgroupBarrier();\n    let i =");
+        let mut with_barrier = parts.clone();
+        with_barrier[1].wgsl = &barrier;
+        assert!(fuse_sources(&with_barrier, limits(None, 256)).is_ok());
+        let narrow = barrier.replace("@workgroup_size(32)", "@workgroup_size(16)");
+        let wide = SCALE.replace("@workgroup_size(4, 2)", "@workgroup_size(8, 4)");
+        with_barrier[1].wgsl = &narrow;
+        with_barrier[2].wgsl = &wide;
+        assert!(fuse_sources(&with_barrier, limits(None, 256))
+            .unwrap_err()
+            .contains("one size"));
+        // Stages out of order, and a binding that is not a storage buffer.
+        let mut backwards = parts.clone();
+        backwards[2].stage = 0;
+        assert!(fuse_sources(&backwards, limits(None, 256)).is_err());
+        let mut params = parts.clone();
+        params[0].written_elsewhere = vec![0];
+        assert!(fuse_sources(&params, limits(None, 256)).is_err());
     }
 
     #[test]

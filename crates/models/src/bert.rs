@@ -335,17 +335,17 @@ impl Bert {
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         // Three products of the same input: one dispatch where they fuse.
-        let (query, key, value) = x.device().together(|| {
+        let (query, key, value) = x.device().together(|| -> Result<_, ModelError> {
             Ok((
-                layer.query.forward(x, mode),
-                layer.key.forward(x, mode),
-                layer.value.forward(x, mode),
+                layer.query.forward(x, mode)?,
+                layer.key.forward(x, mode)?,
+                layer.value.forward(x, mode)?,
             ))
         })?;
         let context = multi_head_attention(
-            &query?,
-            &key?,
-            &value?,
+            &query,
+            &key,
+            &value,
             bias,
             c.num_attention_heads,
             c.attention_probs_dropout_prob,

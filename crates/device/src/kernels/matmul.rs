@@ -46,6 +46,11 @@ pub struct Matmul {
 }
 
 impl Matmul {
+    /// Multiply-adds the product takes, over all its batch entries.
+    pub fn multiply_adds(&self) -> usize {
+        self.batch * self.m * self.n * self.k
+    }
+
     /// A single `m x k` by `k x n` product.
     pub fn new(m: usize, n: usize, k: usize) -> Self {
         Self {
@@ -308,7 +313,7 @@ impl Device {
     /// each hold f32 or f16 (half the memory traffic; products and sums stay
     /// f32, as on tensor cores); C is f32.
     pub fn matmul(&self, a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<GpuBuffer> {
-        self.matmul_with(a, b, spec, self.tuning().matmul)
+        self.matmul_with(a, b, spec, self.default_tiling(spec))
     }
 
     /// Computes `op(A) * op(B)` with an explicit tiling (for tests and tuning).
@@ -357,7 +362,7 @@ impl Device {
         spec: &Matmul,
         epilogue: &Epilogue,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_with(a, b, spec, epilogue, self.tuning().matmul)
+        self.matmul_fused_with(a, b, spec, epilogue, self.default_tiling(spec))
     }
 
     /// [`Device::matmul_fused`] storing C as `[m / plane, n, plane]`: each
@@ -389,7 +394,7 @@ impl Device {
         epilogue: &Epilogue,
         plane: usize,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.tuning().matmul)
+        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.default_tiling(spec))
     }
 
     /// [`Device::matmul_fused_planar`] with an explicit tiling (for tests).
@@ -446,7 +451,7 @@ impl Device {
         b: &GpuBuffer,
         spec: &Matmul,
     ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
-        self.matmul_column_sums_with(a, b, spec, self.tuning().matmul)
+        self.matmul_column_sums_with(a, b, spec, self.default_tiling(spec))
     }
 
     /// [`Device::matmul_column_sums`] with an explicit tiling (for tests).
@@ -570,7 +575,7 @@ impl Device {
     ) -> Result<()> {
         const OP: &str = "matmul_entries_into";
         let (tiling, half) =
-            self.prepare_matmul(a, b, spec, self.tuning().matmul, self.half_loads())?;
+            self.prepare_matmul(a, b, spec, self.default_tiling(spec), self.half_loads())?;
         expect_f32(OP, "C", out)?;
         expect_len(OP, "C", out, spec.batch * spec.m * spec.n)?;
         if entries.end > spec.batch || spec.k == 0 {
@@ -589,6 +594,21 @@ impl Device {
             entries,
             Extras::default(),
         )
+    }
+
+    /// The tuned tiling, except that on CPU adapters a product too small to
+    /// be worth spreading over cores takes register tiles (fitted into one
+    /// workgroup by `prepare_matmul`), which can chain with its neighbours
+    /// into one dispatch (see `Device::together`).
+    fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
+        let tuned = self.tuning().matmul;
+        let tiny = spec.multiply_adds() <= ONE_WORKGROUP_MULTIPLY_ADDS;
+        match tuned {
+            MatmulTiling::Subgroup { .. } if self.is_cpu() && tiny => {
+                MatmulTiling::SUBGROUP_FALLBACK
+            }
+            t => t,
+        }
     }
 
     /// Checks the operands against `spec`, and adapts `tiling` and `half` to
@@ -626,8 +646,16 @@ impl Device {
             t => t,
         };
         let tiling = match tiling {
+            // A product this small takes microseconds on one core: one
+            // workgroup, which can also chain with its neighbours into one
+            // dispatch (see `Device::together`).
             MatmulTiling::Register { .. } if self.is_cpu() => {
-                tiling.fitted(spec.m, spec.n, cpu_lanes_wanted())
+                let lanes = if spec.multiply_adds() <= ONE_WORKGROUP_MULTIPLY_ADDS {
+                    1
+                } else {
+                    cpu_lanes_wanted()
+                };
+                tiling.fitted(spec.m, spec.n, lanes)
             }
             // Few rows: shrink the workgroup so lanes do not idle on clamped rows.
             MatmulTiling::Subgroup { tm, sg, wg } => {
@@ -722,6 +750,10 @@ impl Device {
         Ok(())
     }
 }
+
+/// Multiply-adds up to which a product on a CPU adapter runs as one
+/// workgroup: about the cost of handing a dispatch to another thread.
+const ONE_WORKGROUP_MULTIPLY_ADDS: usize = 1 << 15;
 
 /// Output tiles a product should have on a CPU adapter to give every core one
 /// SIMD vector of lanes (see [`MatmulTiling::fitted`]).
