@@ -79,14 +79,17 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let mut params = model.bert.parameters();
     params.extend(model.head_parameters());
     let mut opt = Adam::adamw(params, 5e-5, 0.01);
-    let mut step = |seed: u32| -> anyhow::Result<()> {
-        let logits = model.forward(&input, &mut Mode::training(seed))?;
-        let l = loss::cross_entropy(&logits, &labels)?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step()?;
-        l.item()?;
-        Ok(())
+    // Launched together, as `fit` does (see `Device::together`).
+    let mut step = |seed: u32| {
+        device.together(|| -> anyhow::Result<()> {
+            let logits = model.forward(&input, &mut Mode::training(seed))?;
+            let l = loss::cross_entropy(&logits, &labels)?;
+            opt.zero_grad();
+            l.backward()?;
+            opt.step()?;
+            l.item()?;
+            Ok(())
+        })
     };
     step(0)?;
     let steps = 3;

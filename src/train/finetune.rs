@@ -95,6 +95,10 @@ pub fn finetune(
     };
     let mut all_params = model.trainable_encoder_parameters();
     all_params.extend(model.head_parameters());
+    let device = all_params
+        .first()
+        .map(|p| p.device().clone())
+        .ok_or_else(|| ModelError::Invalid("finetune: no trainable parameters".into()))?;
     let mut step = 0;
     let mut epochs = Vec::new();
     // Only with mixed precision: scaled backward, overflow-checked steps.
@@ -112,24 +116,28 @@ pub fn finetune(
             let input = tokens.input();
             let seed = (options.seed as u32).wrapping_add(step as u32 * 7919);
             let autocast = AutocastGuard::with(options.mixed_precision);
-            let logits = model.forward(&input, &mut Mode::training(seed))?;
-            let l = loss::cross_entropy(&logits, &batch_labels)?;
-            encoder.zero_grad();
-            head.zero_grad();
-            encoder.set_learning_rate(schedule.lr(step));
-            match &mut scaler {
-                Some(scaler) => {
-                    scaler.backward(&l)?;
-                    clip_grad_norm(&all_params, options.clip_norm * scaler.scale())?;
-                    scaler.step_all(&mut [&mut encoder, &mut head])?;
+            // Launched together, as `Trainer::fit` does (see `Device::together`).
+            let (logits, l) = device.together(|| -> Result<_> {
+                let logits = model.forward(&input, &mut Mode::training(seed))?;
+                let l = loss::cross_entropy(&logits, &batch_labels)?;
+                encoder.zero_grad();
+                head.zero_grad();
+                encoder.set_learning_rate(schedule.lr(step));
+                match &mut scaler {
+                    Some(scaler) => {
+                        scaler.backward(&l)?;
+                        clip_grad_norm(&all_params, options.clip_norm * scaler.scale())?;
+                        scaler.step_all(&mut [&mut encoder, &mut head])?;
+                    }
+                    None => {
+                        l.backward()?;
+                        clip_grad_norm(&all_params, options.clip_norm)?;
+                        encoder.step()?;
+                        head.step()?;
+                    }
                 }
-                None => {
-                    l.backward()?;
-                    clip_grad_norm(&all_params, options.clip_norm)?;
-                    encoder.step()?;
-                    head.step()?;
-                }
-            }
+                Ok((logits, l))
+            })?;
             drop(autocast);
             step += 1;
             // Reading the loss syncs once per batch; at seconds per batch on a
