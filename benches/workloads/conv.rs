@@ -3,9 +3,8 @@
 //! whole model, against PyTorch CPU.
 
 use crate::support::{self, Row, StepCounts};
-use kiln::graph::optim::{Adam, Optimizer};
-use kiln::graph::{loss, Conv2d, Tensor};
-use kiln::models::Mode;
+use kiln::graph::optim::Adam;
+use kiln::graph::{Conv2d, Tensor};
 use kiln::zoo::Architecture;
 use kiln::Device;
 use std::time::{Duration, Instant};
@@ -139,16 +138,15 @@ fn model_samples_per_second(device: &Device, profile: bool) -> anyhow::Result<(f
         .map(|i| ((i * 7919) % 256) as f32 / 255.0)
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
-    // Launched together, as `fit` does (see `Device::together`).
     let mut step = || {
-        device.together(|| -> anyhow::Result<()> {
-            let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
-            let logits = model.forward(&xt, &mut Mode::training(0))?;
-            let l = loss::cross_entropy(&logits, &labels)?;
-            opt.zero_grad();
-            l.backward()?;
-            Ok(opt.step()?)
-        })
+        super::training_step(
+            device,
+            &model,
+            &mut opt,
+            (&x, &[BATCH, 784]),
+            &labels,
+            false,
+        )
     };
     for _ in 0..3 {
         step()?;

@@ -4,9 +4,7 @@
 //! reference, over the padded batch without masking.
 
 use crate::support::{self, Row};
-use kiln::graph::optim::{Adam, Optimizer};
-use kiln::graph::{loss, Tensor};
-use kiln::models::Mode;
+use kiln::graph::optim::Adam;
 use kiln::zoo::{Architecture, TEXT_LENGTH, TEXT_VOCAB};
 use kiln::Device;
 
@@ -29,16 +27,9 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         })
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
-    // Launched together, as `fit` does (see `Device::together`).
     let mut step = || {
-        device.together(|| -> anyhow::Result<()> {
-            let x = Tensor::from_slice(device, &ids, &[BATCH, TEXT_LENGTH])?;
-            let logits = model.forward(&x, &mut Mode::training(0))?;
-            let l = loss::cross_entropy(&logits, &labels)?;
-            opt.zero_grad();
-            l.backward()?;
-            Ok(opt.step()?)
-        })
+        let batch = (&ids[..], &[BATCH, TEXT_LENGTH][..]);
+        super::training_step(device, &model, &mut opt, batch, &labels, false)
     };
     for _ in 0..2 {
         step()?;

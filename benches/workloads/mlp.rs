@@ -2,9 +2,7 @@
 //! 32) against PyTorch CPU.
 
 use crate::support::{self, Row};
-use kiln::graph::optim::{Adam, Optimizer};
-use kiln::graph::{loss, Tensor};
-use kiln::models::Mode;
+use kiln::graph::optim::Adam;
 use kiln::zoo::Architecture;
 use kiln::Device;
 
@@ -20,20 +18,8 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         .map(|i| ((i * 7919) % 256) as f32 / 255.0)
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
-    // Launched together, as `fit` does (see `Device::together`).
     let mut step = |read: bool| {
-        device.together(|| -> anyhow::Result<()> {
-            let xt = Tensor::from_slice(device, &x, &[BATCH, 784])?;
-            let logits = model.forward(&xt, &mut Mode::training(0))?;
-            let l = loss::cross_entropy(&logits, &labels)?;
-            opt.zero_grad();
-            l.backward()?;
-            opt.step()?;
-            if read {
-                l.item()?;
-            }
-            Ok(())
-        })
+        super::training_step(device, &model, &mut opt, (&x, &[BATCH, 784]), &labels, read)
     };
     for _ in 0..20 {
         step(true)?;

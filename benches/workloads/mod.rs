@@ -8,6 +8,9 @@ pub mod matmul;
 pub mod mlp;
 
 use crate::support::Row;
+use kiln::graph::optim::Optimizer;
+use kiln::graph::{loss, Tensor};
+use kiln::models::{Mode, Sequential};
 use kiln::Device;
 
 /// A workload: its name (what `cargo bench --bench suite -- NAME` selects) and
@@ -50,4 +53,30 @@ pub fn maybe_profile(
     crate::support::print_profile(&device.profile(), 25);
     device.set_profiling(false)?;
     Ok(())
+}
+
+/// One training step of a classifier as `fit` runs it: the batch (`data` in
+/// `shape`) uploaded, forward, cross-entropy, backward and the optimizer's
+/// update, all launched together (see `Device::together`); with `read`, the
+/// loss is read back, which waits for the device.
+pub fn training_step(
+    device: &Device,
+    model: &Sequential,
+    opt: &mut impl Optimizer,
+    (data, shape): (&[f32], &[usize]),
+    labels: &[u32],
+    read: bool,
+) -> anyhow::Result<()> {
+    device.together(|| {
+        let x = Tensor::from_slice(device, data, shape)?;
+        let logits = model.forward(&x, &mut Mode::training(0))?;
+        let l = loss::cross_entropy(&logits, labels)?;
+        opt.zero_grad();
+        l.backward()?;
+        opt.step()?;
+        if read {
+            l.item()?;
+        }
+        Ok(())
+    })
 }
