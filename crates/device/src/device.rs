@@ -136,31 +136,25 @@ impl Launch {
     /// Its storage bindings (numbered from 1) that it only reads but one of
     /// `launches` writes.
     fn written_elsewhere(&self, launches: &[Launch]) -> Vec<u32> {
-        let written = |buffer: &wgpu::Buffer| {
-            launches.iter().any(|l| {
-                l.kernel
-                    .writable
-                    .iter()
-                    .any(|&b| l.buffers.get(b as usize - 1) == Some(buffer))
-            })
-        };
         (1..=self.buffers.len() as u32)
             .filter(|b| {
-                !self.kernel.writable.contains(b) && written(&self.buffers[*b as usize - 1])
+                let buffer = &self.buffers[*b as usize - 1];
+                !self.kernel.writable.contains(b) && launches.iter().any(|l| l.writes(buffer))
             })
             .collect()
     }
 
+    /// Whether it binds `buffer` writable.
+    fn writes(&self, buffer: &wgpu::Buffer) -> bool {
+        self.kernel
+            .writable
+            .iter()
+            .any(|&b| self.buffers.get(b as usize - 1) == Some(buffer))
+    }
+
     /// Whether either launch writes a buffer the other binds.
     fn conflicts(&self, other: &Launch) -> bool {
-        let writes = |l: &Launch, buffer: &wgpu::Buffer| {
-            l.kernel
-                .writable
-                .iter()
-                .any(|&b| l.buffers.get(b as usize - 1) == Some(buffer))
-        };
-        other.buffers.iter().any(|b| writes(self, b))
-            || self.buffers.iter().any(|b| writes(other, b))
+        other.buffers.iter().any(|b| self.writes(b)) || self.buffers.iter().any(|b| other.writes(b))
     }
 }
 
