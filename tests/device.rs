@@ -242,6 +242,25 @@ const CHAIN_PARAMS: &str =
     "struct Params {\n    n: u32,\n    a: f32,\n    pad0: u32,\n    pad1: u32,\n}\n\
     @group(0) @binding(0) var<uniform> p: Params;\n";
 
+/// A chain test kernel: `body` after `CHAIN_PARAMS`.
+fn chain_kernel(
+    d: &Device,
+    name: &str,
+    body: &str,
+) -> kiln::device::Result<std::sync::Arc<kiln::device::Kernel>> {
+    d.kernel(&format!("test-chain:{name}"), || {
+        format!("{CHAIN_PARAMS}{body}")
+    })
+}
+
+/// The parameter block of `CHAIN_PARAMS`.
+fn chain_params(n: usize, a: f32) -> Vec<u8> {
+    [n as u32, a.to_bits(), 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
 /// `y = a * x + 1` by however many 32-invocation workgroups it is given.
 const AFFINE: &str = "@group(0) @binding(1) var<storage, read> x: array<f32>;\n\
     @group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
@@ -287,23 +306,13 @@ fn affine_total_shift(
     x: &GpuBuffer,
     affine_groups: u32,
 ) -> kiln::device::Result<[GpuBuffer; 3]> {
-    let kernel = |name: &str, body: &str| {
-        d.kernel(&format!("test-chain:{name}"), || {
-            format!("{CHAIN_PARAMS}{body}")
-        })
-    };
     let (affine, total, shift) = (
-        kernel("affine", AFFINE)?,
-        kernel("total64", &total_source(64))?,
-        kernel("shift", SHIFT)?,
+        chain_kernel(d, "affine", AFFINE)?,
+        chain_kernel(d, "total64", &total_source(64))?,
+        chain_kernel(d, "shift", SHIFT)?,
     );
     let n = x.len();
-    let params = |a: f32| -> Vec<u8> {
-        [n as u32, a.to_bits(), 0, 0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect()
-    };
+    let params = |a: f32| chain_params(n, a);
     let y = d.empty(n, kiln::device::DType::F32)?;
     let t = d.empty(1, kiln::device::DType::F32)?;
     let z = d.empty(n, kiln::device::DType::F32)?;
@@ -353,17 +362,10 @@ fn a_chain_that_cannot_fuse_still_fuses_its_stages() {
     let data = random_vec(500, 10, -1.0, 1.0);
     let x = d.upload(&data).unwrap();
     let launch = || -> kiln::device::Result<[GpuBuffer; 3]> {
-        let affine = d.kernel("test-chain:affine", || format!("{CHAIN_PARAMS}{AFFINE}"))?;
+        let affine = chain_kernel(&d, "affine", AFFINE)?;
         // Barriers on 16 invocations cannot sit in a chain of 32.
-        let total = d.kernel("test-chain:total16", || {
-            format!("{CHAIN_PARAMS}{}", total_source(16))
-        })?;
-        let params = |a: f32| -> Vec<u8> {
-            [data.len() as u32, a.to_bits(), 0, 0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect()
-        };
+        let total = chain_kernel(&d, "total16", &total_source(16))?;
+        let params = |a: f32| chain_params(data.len(), a);
         let y = d.empty(data.len(), kiln::device::DType::F32)?;
         let z = d.empty(data.len(), kiln::device::DType::F32)?;
         let t = d.empty(1, kiln::device::DType::F32)?;

@@ -901,14 +901,7 @@ impl Device {
         let all = || held.iter().chain(std::iter::once(launch));
         let parts = held.len() + 1;
         let bindings: usize = all().map(|l| l.buffers.len()).sum();
-        // The fused block: each part's block 16-aligned, a grid per part
-        // unless chained, and one more 16-byte row.
-        let grids = if placed > 0 { 0 } else { 16 * parts };
-        let block: usize = all()
-            .map(|l| l.params.len().next_multiple_of(16))
-            .sum::<usize>()
-            + grids
-            + 16;
+        let block = fusion::block_bytes(all().map(|l| l.params.len()), placed > 0);
         let fits = parts <= fusion::MAX_PARTS
             && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage as usize
             && block <= MAX_PARAM_BYTES;

@@ -89,6 +89,22 @@ pub(crate) struct PartSource<'a> {
     pub written_elsewhere: Vec<u32>,
 }
 
+/// The size of a fused parameter block for parts whose own blocks take
+/// `part_bytes` (as laid out by [`fuse_sources`]: each part's block 16-byte
+/// aligned, a grid row per part unless chained, and `fused_row`).
+pub(crate) fn block_bytes(part_bytes: impl Iterator<Item = usize>, chain: bool) -> usize {
+    let (mut bytes, mut parts) = (16, 0);
+    for b in part_bytes {
+        bytes += b.next_multiple_of(16);
+        parts += 1;
+    }
+    if chain {
+        bytes
+    } else {
+        bytes + 16 * parts
+    }
+}
+
 /// Builds the fused kernel of `sources`, or says why they cannot be fused.
 /// A chain (a part past stage 0) runs as one workgroup; its host must launch
 /// every part as one workgroup too.
@@ -751,6 +767,9 @@ mod tests {
         assert_eq!(fused.parts[0].storage_bindings, 2);
         assert_eq!(fused.parts[1].param_offset, Some(16));
         assert!(fused.block_bytes >= fused.row_offset + 16);
+        // The host's estimate is the layout naga computes.
+        let part_bytes = [8, 16].into_iter();
+        assert_eq!(block_bytes(part_bytes, false), fused.block_bytes);
     }
 
     #[test]
@@ -812,6 +831,7 @@ mod tests {
         assert!(fused.chain);
         assert_eq!(fused.grids_offset, None);
         assert!(!w.contains("fused_grids"), "{w}");
+        assert_eq!(block_bytes([8, 16, 8].into_iter(), true), fused.block_bytes);
         assert!(w.contains("var<storage, read> x_k0"), "{w}");
         assert!(w.contains("var<storage, read_write> x_k2"), "{w}");
         assert_eq!(w.matches("storageBarrier();").count(), 2, "{w}");

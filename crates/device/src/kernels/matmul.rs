@@ -602,9 +602,8 @@ impl Device {
     /// into one dispatch (see `Device::together`).
     fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
         let tuned = self.tuning().matmul;
-        let tiny = spec.multiply_adds() <= ONE_WORKGROUP_MULTIPLY_ADDS;
         match tuned {
-            MatmulTiling::Subgroup { .. } if self.is_cpu() && tiny => {
+            MatmulTiling::Subgroup { .. } if self.is_cpu() && fits_one_workgroup(spec) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
             t => t,
@@ -650,7 +649,7 @@ impl Device {
             // workgroup, which can also chain with its neighbours into one
             // dispatch (see `Device::together`).
             MatmulTiling::Register { .. } if self.is_cpu() => {
-                let lanes = if spec.multiply_adds() <= ONE_WORKGROUP_MULTIPLY_ADDS {
+                let lanes = if fits_one_workgroup(spec) {
                     1
                 } else {
                     cpu_lanes_wanted()
@@ -751,9 +750,12 @@ impl Device {
     }
 }
 
-/// Multiply-adds up to which a product on a CPU adapter runs as one
-/// workgroup: about the cost of handing a dispatch to another thread.
-const ONE_WORKGROUP_MULTIPLY_ADDS: usize = 1 << 15;
+/// Whether a product on a CPU adapter is small enough to run as one
+/// workgroup: up to 32K multiply-adds, about the cost of handing a dispatch
+/// to another thread.
+fn fits_one_workgroup(spec: &Matmul) -> bool {
+    spec.multiply_adds() <= 1 << 15
+}
 
 /// Output tiles a product should have on a CPU adapter to give every core one
 /// SIMD vector of lanes (see [`MatmulTiling::fitted`]).
