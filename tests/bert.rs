@@ -249,7 +249,10 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
     let (train, train_labels) = make(128, 0);
     let (test, test_labels) = make(64, 1);
     let options = FinetuneOptions {
-        epochs: 15,
+        // 15 epochs passed or failed with the seed and the CPU's rounding
+        // (held-out accuracy 0.72-0.97 over five seeds); at 40 every seed
+        // tried (5, 11-21) reaches 1.0, so the 0.9 bar has a margin.
+        epochs: 40,
         batch_size: 16,
         lr: 1e-2,
         head_lr: 1e-2,
