@@ -36,12 +36,12 @@ const MAX_OPERAND_TEXTURE_BYTES: u64 = 256 << 20;
 
 /// When a product reads its A operand through a texture. On lavapipe a
 /// storage-buffer load whose index differs per lane is a loop over the lanes
-/// with a bounds check each, while a texel fetch is a plain gather: the
-/// subgroup kernel with A in a texture ran about 1.4x faster at N=1024, for
-/// one copy of A per product.
+/// with a bounds check each, while a texel fetch is a plain gather. Once the
+/// subgroup kernel's step went column by column, that paid only for products
+/// whose B is transposed (see `dispatch_matmul`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextureOperands {
-    /// Large f32 products on CPU adapters with the subgroup kernel.
+    /// Large f32 products `A x B^T` on CPU adapters with the subgroup kernel.
     Auto,
     /// Every product that can (for tests).
     Always,
