@@ -1,14 +1,14 @@
 //! Choosing the matmul tiling by measurement. The first time Kiln opens an
 //! adapter, every candidate tiling for that kind of adapter times a few
 //! products of shapes training actually uses; the fastest is kept and written
-//! to `<cache>/tuning/<adapter>.txt`, so later runs start with it at the cost
-//! of a file read. `KILN_MATMUL` (a fixed tiling) or `KILN_AUTOTUNE=0` (the
+//! to `<cache>/tuning/<adapter>-kiln<version>-<kernels>.txt`, so later runs
+//! start with it at the cost of a file read. `KILN_MATMUL` (a fixed tiling) or `KILN_AUTOTUNE=0` (the
 //! built-in default) skip it.
 
 use crate::buffer::GpuBuffer;
 use crate::device::Device;
 use crate::error::Result;
-use crate::kernels::matmul::Matmul;
+use crate::kernels::matmul::{kernels_fingerprint, Matmul};
 use crate::tuning::{MatmulTiling, Tuning};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,17 +45,21 @@ const PROBES: [(usize, usize, usize, bool); 3] = [
 ];
 
 impl Device {
-    /// The cache file of this adapter's tuning.
+    /// The cache file of this adapter's tuning. Its name holds the adapter,
+    /// Kiln's version and a fingerprint of the candidate kernels' code, so
+    /// new drivers and changed kernels are timed afresh.
     pub fn tuning_cache_file(&self) -> PathBuf {
         let info = self.adapter_info();
+        let candidates = Tuning::candidates(info, self.features(), self.limits());
         let key = format!(
-            "{}-{:?}-{}-{}-{}-kiln{}",
+            "{}-{:?}-{}-{}-{}-kiln{}-{:016x}",
             info.name,
             info.backend,
             info.driver,
             info.driver_info,
             info.device,
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            kernels_fingerprint(&candidates)
         );
         let file: String = key
             .chars()

@@ -892,6 +892,30 @@ pub enum HalfLoads {
     NativeArithmetic,
 }
 
+/// A fingerprint of the f32 kernels `tilings` generate, plain and with A
+/// transposed: the autotuner's cache keys on it, so a change to the kernel
+/// generator (not only to Kiln's version) times the candidates again. FNV-1a,
+/// stable across Rust versions.
+pub(crate) fn kernels_fingerprint(tilings: &[MatmulTiling]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &tiling in tilings {
+        for trans_a in [false, true] {
+            let ops = Operands {
+                a: DType::F32,
+                b: DType::F32,
+                half: HalfLoads::Native,
+                vec4: true,
+                a_texture: false,
+            };
+            let source = specialise(tiling, trans_a, false, ops, Extras::default());
+            for byte in source.bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    hash
+}
+
 /// The storage types of a kernel's operands and how it loads them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Operands {
@@ -1348,4 +1372,19 @@ fn register_store(tm: u32, tn: u32) -> String {
          }}\n",
         values.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tuning_fingerprint_follows_the_generated_kernels() {
+        let narrow: MatmulTiling = "subgroup:4:8:32".parse().unwrap();
+        let wide: MatmulTiling = "subgroup:4:8:64".parse().unwrap();
+        let both = kernels_fingerprint(&[narrow, wide]);
+        assert_eq!(both, kernels_fingerprint(&[narrow, wide]));
+        assert_ne!(kernels_fingerprint(&[narrow]), kernels_fingerprint(&[wide]));
+        assert_ne!(kernels_fingerprint(&[narrow]), both);
+    }
 }
