@@ -2,8 +2,8 @@
 //! adapter, every candidate tiling for that kind of adapter times a few
 //! products of shapes training actually uses; the fastest is kept and written
 //! to `<cache>/tuning/<adapter>-kiln<version>-<kernels>.txt`, so later runs
-//! start with it at the cost of a file read. `KILN_MATMUL` (a fixed tiling) or `KILN_AUTOTUNE=0` (the
-//! built-in default) skip it.
+//! start with it at the cost of a file read. `KILN_MATMUL` (a fixed tiling)
+//! or `KILN_AUTOTUNE=0` (the built-in default) skip it.
 
 use crate::buffer::GpuBuffer;
 use crate::device::Device;
