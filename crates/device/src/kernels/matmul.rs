@@ -897,16 +897,16 @@ pub enum HalfLoads {
 /// generator (not only to Kiln's version) times the candidates again. FNV-1a,
 /// stable across Rust versions.
 pub(crate) fn kernels_fingerprint(tilings: &[MatmulTiling]) -> u64 {
+    let ops = Operands {
+        a: DType::F32,
+        b: DType::F32,
+        half: HalfLoads::Native,
+        vec4: true,
+        a_texture: false,
+    };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &tiling in tilings {
         for trans_a in [false, true] {
-            let ops = Operands {
-                a: DType::F32,
-                b: DType::F32,
-                half: HalfLoads::Native,
-                vec4: true,
-                a_texture: false,
-            };
             let source = specialise(tiling, trans_a, false, ops, Extras::default());
             for byte in source.bytes() {
                 hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
