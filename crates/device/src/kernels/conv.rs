@@ -101,8 +101,22 @@ impl Device {
         let (oh, ow) = g.output()?;
         super::expect_f32(OP, "input", x)?;
         super::expect_len(OP, "input", x, g.n * g.c * g.h * g.w)?;
+        // Four entries per invocation where rows split into vec4s.
+        let pack = if row_width % 4 == 0 { 4 } else { 1 };
+        let (element, entries) = match pack {
+            4 => (
+                "vec4<f32>",
+                "vec4<f32>(entry(origin, col), entry(origin, col + 1u), \
+                 entry(origin, col + 2u), entry(origin, col + 3u))",
+            ),
+            _ => ("f32", "entry(origin, col)"),
+        };
+        let source = Specialize::new(IM2COL_SRC)
+            .constant_u32("PACK", pack as u32)
+            .replace("ELEMENT", element)
+            .replace("ENTRIES", entries);
         let numel = g.n * oh * ow * row_width;
-        self.run_rows_kernel(OP, IM2COL_SRC.to_string(), g, row_width, x, numel)
+        self.run_rows_kernel(OP, source, g, row_width, x, (numel, numel / pack))
     }
 
     /// The adjoint of [`Device::im2col`]: sums window columns (rows of
@@ -118,20 +132,21 @@ impl Device {
         let (oh, ow) = g.output()?;
         super::expect_f32(OP, "columns", cols)?;
         super::expect_len(OP, "columns", cols, g.n * oh * ow * row_width)?;
-        let source = format!("{COL2IM_SRC}\n{WINDOW_SRC}");
-        self.run_rows_kernel(OP, source, g, row_width, cols, g.n * g.c * g.h * g.w)
+        let source = Specialize::new(&format!("{COL2IM_SRC}\n{WINDOW_SRC}"));
+        let numel = g.n * g.c * g.h * g.w;
+        self.run_rows_kernel(OP, source, g, row_width, cols, (numel, numel))
     }
 
-    /// Runs `source`, specialised to `g` and the im2col `row_width`, with one
-    /// invocation per element of its `numel`-element output.
+    /// Runs `source`, specialised to `g` and the im2col `row_width`, with
+    /// `invocations` invocations writing a `numel`-element output.
     fn run_rows_kernel(
         &self,
         op: &'static str,
-        source: String,
+        source: Specialize,
         g: &ConvGeometry,
         row_width: usize,
         input: &GpuBuffer,
-        numel: usize,
+        (numel, invocations): (usize, usize),
     ) -> Result<GpuBuffer> {
         if row_width < g.patch() {
             return Err(DeviceError::Shape {
@@ -148,9 +163,9 @@ impl Device {
         let (oh, ow) = g.output()?;
         to_u32(op, "elements", numel)?;
         let out = self.empty(numel, DType::F32)?;
-        let (grid, row_threads) = self.linear_grid(numel)?;
+        let (grid, row_threads) = self.linear_grid(invocations)?;
         let kernel = self.kernel(&format!("{op}:{g:?}:{row_width}"), || {
-            g.constants(Specialize::new(&source), (oh, ow))
+            g.constants(source, (oh, ow))
                 .constant_u32("ROW_WIDTH", row_width as u32)
                 .build()
         })?;
