@@ -746,12 +746,16 @@ fn binary_reference(op: BinaryOp, a: f64, b: f64) -> f64 {
 #[test]
 fn binary_ops_broadcast_like_numpy() {
     let d = device();
-    // Same-shape and scalar cases with a multiple of 4 elements take the packed
-    // (vec4) kernels; the others the per-element ones.
-    let cases: [(&[usize], &[usize]); 9] = [
+    // Cases with a multiple of 4 elements take the packed (vec4) kernels when
+    // the inputs match the output or are scalars, or when the innermost
+    // (collapsed) extent is a multiple of 4 too ([6, 8] + [8], [5, 1, 4] +
+    // [3, 4]); the others the per-element ones.
+    let cases: [(&[usize], &[usize]); 11] = [
         (&[33, 65], &[33, 65]),
         (&[12, 8], &[12, 8]),
         (&[16], &[1]),
+        (&[6, 8], &[8]),
+        (&[5, 1, 4], &[3, 4]),
         (&[33, 65], &[65]),
         (&[33, 1], &[1, 65]),
         (&[3, 1, 17], &[5, 1]),
@@ -901,18 +905,88 @@ fn strided_copy_transposes_permutes_and_slices() {
         }
     }
     assert_eq!(got, want);
+    // The same with an innermost extent of 4, which goes four elements per
+    // invocation: x as [4, 6, 8] permuted to [6, 8, 4], and x[1:3, 2:4, 4:8].
+    let x = random_vec(4 * 6 * 8, 12, -1.0, 1.0);
+    let gx = d.upload(&x).unwrap();
+    let got = d
+        .read::<f32>(&d.strided_copy(&gx, &[6, 8, 4], &[8, 1, 48], 0).unwrap())
+        .unwrap();
+    let mut want = Vec::new();
+    for i in 0..6 {
+        for j in 0..8 {
+            for k in 0..4 {
+                want.push(x[k * 48 + i * 8 + j]);
+            }
+        }
+    }
+    assert_eq!(got, want);
+    let got = d
+        .read::<f32>(
+            &d.strided_copy(&gx, &[2, 2, 4], &[48, 8, 1], 48 + 16 + 4)
+                .unwrap(),
+        )
+        .unwrap();
+    let mut want = Vec::new();
+    for j in 1..3 {
+        for k in 2..4 {
+            for i in 4..8 {
+                want.push(x[j * 48 + k * 8 + i]);
+            }
+        }
+    }
+    assert_eq!(got, want);
     // A view reaching past the buffer is refused.
-    assert!(d.strided_copy(&gx, &[2, 2], &[100, 10], 0).is_err());
+    assert!(d.strided_copy(&gx, &[2, 2], &[150, 50], 0).is_err());
 }
 
 #[test]
 fn elementwise_over_strided_views_matches_reference() {
     use kiln::device::View;
     let d = device();
-    let x = random_vec(3 * 5 * 7, 21, -1.0, 1.0); // [3, 5, 7]
-    let y = random_vec(2 * 7 * 3 * 5, 22, -1.0, 1.0); // [2, 7, 3, 5]
+    let op = Elementwise::new("mul_add", "x0 * x1 + s0").scalars(&[0.5]);
+    // An innermost extent q of 5 runs per element, of 8 four elements per
+    // invocation.
+    for q in [5, 8] {
+        let x = random_vec(3 * q * 7, 21, -1.0, 1.0); // [3, q, 7]
+        let y = random_vec(2 * 7 * 3 * q, 22, -1.0, 1.0); // [2, 7, 3, q]
+        let (gx, gy) = (d.upload(&x).unwrap(), d.upload(&y).unwrap());
+        // x permuted to [7, 3, q] and y's second entry, both read as [7, 3, q].
+        let views = [
+            View {
+                buffer: &gx,
+                strides: &[1, 7 * q, 7],
+                offset: 0,
+            },
+            View {
+                buffer: &gy,
+                strides: &[3 * q, q, 1],
+                offset: 21 * q,
+            },
+        ];
+        let got = d
+            .read::<f32>(&d.elementwise_views(&op, &views, &[7, 3, q]).unwrap())
+            .unwrap();
+        let mut want = Vec::new();
+        for i in 0..7 {
+            for j in 0..3 {
+                for k in 0..q {
+                    let (a, b) = (x[j * 7 * q + k * 7 + i], y[21 * q + i * 3 * q + j * q + k]);
+                    want.push(f64::from(a) * f64::from(b) + 0.5);
+                }
+            }
+        }
+        assert_close(
+            &format!("elementwise over views, q={q}"),
+            &got,
+            &want,
+            1e-6,
+            1e-7,
+        );
+    }
+    let x = random_vec(3 * 5 * 7, 21, -1.0, 1.0);
+    let y = random_vec(2 * 7 * 3 * 5, 22, -1.0, 1.0);
     let (gx, gy) = (d.upload(&x).unwrap(), d.upload(&y).unwrap());
-    // x permuted to [7, 3, 5] and y's second entry, both read as [7, 3, 5].
     let views = [
         View {
             buffer: &gx,
@@ -925,20 +999,6 @@ fn elementwise_over_strided_views_matches_reference() {
             offset: 105,
         },
     ];
-    let op = Elementwise::new("mul_add", "x0 * x1 + s0").scalars(&[0.5]);
-    let got = d
-        .read::<f32>(&d.elementwise_views(&op, &views, &[7, 3, 5]).unwrap())
-        .unwrap();
-    let mut want = Vec::new();
-    for i in 0..7 {
-        for j in 0..3 {
-            for k in 0..5 {
-                let (a, b) = (x[j * 35 + k * 7 + i], y[105 + i * 15 + j * 5 + k]);
-                want.push(f64::from(a) * f64::from(b) + 0.5);
-            }
-        }
-    }
-    assert_close("elementwise over views", &got, &want, 1e-6, 1e-7);
     // Every view must fit its buffer.
     let past = View {
         buffer: &gx,

@@ -543,10 +543,17 @@ impl Device {
             .iter()
             .any(|a| matches!(a, Access::Strided | Access::StridedOutput));
         let layout = strided.then_some((shape.as_slice(), strides.as_slice()));
-        // Whole inputs read in order can go four elements per invocation through
-        // vec4 loads and stores: CPU adapters pay per load instruction, not per
-        // byte, so this cuts their cost about fourfold.
-        let packed = !strided && numel % 4 == 0 && offsets.iter().all(|&o| o == 0);
+        // Four elements per invocation where the output is written in order:
+        // CPU adapters pay per load or store instruction and per invocation,
+        // not per byte, so vec4 loads of whole inputs and one vec4 store cut
+        // their cost about fourfold. Strided inputs stay scalar loads, from
+        // one offset per invocation when the innermost extent keeps the four
+        // elements in one row.
+        let packed = numel % 4 == 0
+            && !access.contains(&Access::StridedOutput)
+            && shape
+                .last()
+                .is_none_or(|&extent| !strided || extent % 4 == 0);
         let key = kernel_key(op.expr, access, layout) + if packed { ":vec4" } else { "" };
         let kernel = self.kernel(&key, || generate(op.expr, access, layout, packed))?;
         let lanes = if packed { numel / 4 } else { numel };
@@ -639,9 +646,10 @@ fn offset_function(slot: usize, shape: &[usize], strides: &[usize]) -> String {
 }
 
 /// The kernel for `expr` over inputs read as `access` says. `packed` kernels
-/// (only `Direct` and `Scalar` inputs) handle four consecutive elements per
-/// invocation: `idx` counts vec4s, and the expression is evaluated per lane of
-/// the vec4 with `idx` and `x{i}` rebound to that element.
+/// (output in order; strided inputs only where the innermost extent is a
+/// multiple of 4) handle four consecutive elements per invocation: `idx`
+/// counts vec4s, and the expression is evaluated per lane of the vec4 with
+/// `idx` and `x{i}` rebound to that element.
 fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>, packed: bool) -> String {
     let mut bindings = String::new();
     let mut loads = String::new();
@@ -674,6 +682,13 @@ fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>, packed: b
         if direct_packed {
             let _ = writeln!(loads, "    let v{i} = x{i}_buf[idx];");
             let _ = write!(per_lane, " let x{i} = v{i}[LANE];");
+            continue;
+        }
+        if let (true, Access::Strided, Some((_, strides))) = (packed, a, layout) {
+            // The four elements share a row: one offset, then the row's stride.
+            let step = strides[i].last().copied().unwrap_or(0);
+            let _ = writeln!(loads, "    let o{i} = strided_offset_{i}(idx * 4u);");
+            let _ = write!(per_lane, " let x{i} = x{i}_buf[o{i} + LANEu * {step}u];");
             continue;
         }
         let index = match a {
