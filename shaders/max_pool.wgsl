@@ -1,40 +1,47 @@
 // Max pooling over an (already padded) NCHW input, and its gradient.
 //
-// Forward (BACKWARD false): one invocation per output (n, c, oy, ox) writes the
-// window's maximum to `values` and where it was (i * W + j in the input plane)
-// to `argmax`; ties go to the first maximum in row-major window order, as in
-// PyTorch. Backward: one invocation per input element (n, c, i, j) sums the
-// incoming gradient (`values`) of every window whose argmax is this element: a
-// gather, so overlapping windows need no atomics.
+// Forward (BACKWARD false): each output (n, c, oy, ox) gets the window's
+// maximum in `values` and where it was (i * W + j in the input plane) in
+// `argmax`; ties go to the first maximum in row-major window order, as in
+// PyTorch. Backward: each input element (n, c, i, j) sums the incoming
+// gradient (`values`) of every window whose argmax is this element: a gather,
+// so overlapping windows need no atomics.
+//
+// One invocation per PACK consecutive results, stored at once (as a vec4 when
+// PACK is 4): CPU adapters pay per store instruction and per invocation.
 // Prepended: the geometry as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
-// DW) and BACKWARD. Appended: shaders/conv_window.wgsl.
+// DW), BACKWARD and PACK; generated: RESULT (f32 or vec4<f32>), and FORWARD
+// and BACKWARD_VALUE, the stores from invocation q. Appended:
+// shaders/conv_window.wgsl.
 
 // Params and binding 0: conv_window.wgsl.
 // Forward: the input. Backward: the output's gradient.
 @group(0) @binding(1) var<storage, read> source: array<f32>;
 @group(0) @binding(2) var<storage, read_write> argmax: array<u32>;
 // Forward: the pooled values. Backward: the input's gradient.
-@group(0) @binding(3) var<storage, read_write> result: array<f32>;
+@group(0) @binding(3) var<storage, read_write> result: array<{{RESULT}}>;
 
-fn forward(idx: u32) {
+struct WindowMax {
+    value: f32,
+    at: u32,
+}
+
+fn window_max(idx: u32) -> WindowMax {
     let ox = idx % OW;
     let oy = (idx / OW) % OH;
     let plane = idx / (OW * OH);
     let base = plane * H * W;
-    var best_at = oy * SH * W + ox * SW;
-    var best = source[base + best_at];
+    var best = WindowMax(source[base + oy * SH * W + ox * SW], oy * SH * W + ox * SW);
     for (var a = 0u; a < KH; a++) {
         for (var b = 0u; b < KW; b++) {
             let at = (oy * SH + a * DH) * W + ox * SW + b * DW;
             let v = source[base + at];
-            if (v > best) {
-                best = v;
-                best_at = at;
+            if (v > best.value) {
+                best = WindowMax(v, at);
             }
         }
     }
-    result[idx] = best;
-    argmax[idx] = best_at;
+    return best;
 }
 
 // The window's incoming gradient if its maximum was input cell `cell`.
@@ -45,12 +52,12 @@ fn window_term(plane: u32, cell: u32, oy: u32, ox: u32, a: u32, b: u32) -> f32 {
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let idx = gid.y * p.row_threads + gid.x;
+    let q = gid.y * p.row_threads + gid.x;
     if (BACKWARD) {
-        if (idx < N * C * H * W) {
-            result[idx] = sum_over_covering_windows(idx);
+        if (q < N * C * H * W / PACK) {
+            result[q] = {{BACKWARD_VALUE}};
         }
-    } else if (idx < N * C * OH * OW) {
-        forward(idx);
+    } else if (q < N * C * OH * OW / PACK) {
+{{FORWARD}}
     }
 }

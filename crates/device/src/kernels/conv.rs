@@ -7,6 +7,7 @@ use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
+use std::fmt::Write;
 
 const IM2COL_SRC: &str = include_str!("../../../../shaders/im2col.wgsl");
 const COL2IM_SRC: &str = include_str!("../../../../shaders/col2im.wgsl");
@@ -84,6 +85,17 @@ impl ConvGeometry {
     }
 }
 
+/// The WGSL element type and value of `pack` (1 or 4) consecutive results,
+/// result `t` being `value(t)`: a kernel storing four at once writes one
+/// vec4, which CPU adapters store for about the price of one f32.
+fn packed_values(pack: u32, value: impl Fn(u32) -> String) -> (&'static str, String) {
+    let values: Vec<String> = (0..pack).map(value).collect();
+    match pack {
+        1 => ("f32", values.concat()),
+        _ => ("vec4<f32>", format!("vec4<f32>({})", values.join(", "))),
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct WindowParams {
@@ -103,20 +115,13 @@ impl Device {
         super::expect_len(OP, "input", x, g.n * g.c * g.h * g.w)?;
         // Four entries per invocation where rows split into vec4s.
         let pack = if row_width % 4 == 0 { 4 } else { 1 };
-        let (element, entries) = match pack {
-            4 => (
-                "vec4<f32>",
-                "vec4<f32>(entry(origin, col), entry(origin, col + 1u), \
-                 entry(origin, col + 2u), entry(origin, col + 3u))",
-            ),
-            _ => ("f32", "entry(origin, col)"),
-        };
+        let (element, entries) = packed_values(pack, |t| format!("entry(origin, col + {t}u)"));
         let source = Specialize::new(IM2COL_SRC)
-            .constant_u32("PACK", pack as u32)
+            .constant_u32("PACK", pack)
             .replace("ELEMENT", element)
-            .replace("ENTRIES", entries);
+            .replace("ENTRIES", &entries);
         let numel = g.n * oh * ow * row_width;
-        self.run_rows_kernel(OP, source, g, row_width, x, (numel, numel / pack))
+        self.run_rows_kernel(OP, source, g, row_width, x, (numel, numel / pack as usize))
     }
 
     /// The adjoint of [`Device::im2col`]: sums window columns (rows of
@@ -223,19 +228,41 @@ impl Device {
         g: &ConvGeometry,
         backward: bool,
         buffers: [&GpuBuffer; 3],
-        invocations: usize,
+        results: usize,
     ) -> Result<()> {
-        if invocations == 0 {
+        if results == 0 {
             return Ok(());
         }
         let (oh, ow) = g.output()?;
         to_u32("max_pool2d", "input elements", g.n * g.c * g.h * g.w)?;
+        // Four results per invocation where they split into vec4s: on
+        // lavapipe the CNN's first pooling (32x32x26x26) went from 0.75 to
+        // 0.54 ms forward and from 2.5 to 1.55 ms backward.
+        let pack: u32 = if results % 4 == 0 { 4 } else { 1 };
         let kernel = self.kernel(&format!("max_pool:{backward}:{g:?}"), || {
             let source = format!("{MAX_POOL_SRC}\n{WINDOW_SRC}");
-            let shader = Specialize::new(&source).constant_bool("BACKWARD", backward);
+            let (result, backward_value) = packed_values(pack, |t| {
+                format!("sum_over_covering_windows({pack}u * q + {t}u)")
+            });
+            let mut forward = String::new();
+            for t in 0..pack {
+                let _ = writeln!(
+                    forward,
+                    "        let m{t} = window_max({pack}u * q + {t}u);\n        \
+                     argmax[{pack}u * q + {t}u] = m{t}.at;"
+                );
+            }
+            let (_, values) = packed_values(pack, |t| format!("m{t}.value"));
+            let _ = writeln!(forward, "        result[q] = {values};");
+            let shader = Specialize::new(&source)
+                .constant_bool("BACKWARD", backward)
+                .constant_u32("PACK", pack)
+                .replace("RESULT", result)
+                .replace("BACKWARD_VALUE", &backward_value)
+                .replace("FORWARD", &forward);
             g.constants(shader, (oh, ow)).build()
         })?;
-        let (grid, row_threads) = self.linear_grid(invocations)?;
+        let (grid, row_threads) = self.linear_grid(results / pack as usize)?;
         let params = WindowParams {
             row_threads,
             _pad: [0; 3],
