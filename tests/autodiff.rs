@@ -1505,10 +1505,15 @@ fn cpu_lstm(x: &[Vec<f64>], mask: &[f32], [b, t, e, h]: [usize; 4]) -> Vec<f64> 
 
 #[test]
 fn lstm_gradients_with_masking() {
-    // Odd sizes take the scalar matmul kernels, multiples of 4 the vec4 ones.
-    for (case, [b, t, e, h]) in [[3, 5, 3, 3], [2, 4, 8, 4]].into_iter().enumerate() {
+    // A hidden size that is not a multiple of 4 runs step by step (recurrent
+    // matmul, then the gate kernel); the others run as one dispatch per
+    // sequence, whose workgroups split the batch into groups of 8 rows (17
+    // and 5 samples leave partial groups; 17 on two cores puts two groups in
+    // a workgroup and one sample in another).
+    let cases = [[3, 5, 3, 3], [2, 4, 8, 4], [17, 3, 2, 4], [5, 6, 3, 8]];
+    for (case, [b, t, e, h]) in cases.into_iter().enumerate() {
         // Sample 0 has no padding, sample 1 trailing padding, sample 2 leading
-        // padding and a hole.
+        // padding and a hole; later samples repeat these.
         let masks = [
             vec![1.0; t],
             (0..t).map(|i| if i + 2 < t { 1.0 } else { 0.0 }).collect(),
@@ -1516,7 +1521,7 @@ fn lstm_gradients_with_masking() {
                 .map(|i| if i == 0 || i == 2 { 0.0 } else { 1.0 })
                 .collect::<Vec<f32>>(),
         ];
-        let mask: Vec<f32> = masks.iter().take(b).flatten().copied().collect();
+        let mask: Vec<f32> = masks.iter().cycle().take(b).flatten().copied().collect();
         let seed = 900 + 10 * case as u64;
         let inputs = [
             input(&[b, t, e], seed, -1.0, 1.0),

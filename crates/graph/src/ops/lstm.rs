@@ -1,6 +1,8 @@
 //! The LSTM as one op: the input projection of every step in one matmul, then
-//! per step one recurrent matmul and one fused gate kernel; backward through
-//! time likewise, then the weight gradients of all steps in one matmul each.
+//! the recurrence: one dispatch for the whole sequence where the hidden size
+//! is a multiple of 4, else per step one recurrent matmul and one fused gate
+//! kernel. Backward through time likewise, then the weight gradients of all
+//! steps in one matmul each.
 
 use super::record;
 use crate::tensor::Tensor;
@@ -83,28 +85,38 @@ impl Tensor {
             }
             None => Tensor::ones(device, &[t, b])?,
         };
-        let rec = device.empty(t * b * 4 * h, DType::F32)?;
         let gates = device.empty(t * b * 4 * h, DType::F32)?;
         let cells = device.zeros((t + 1) * b * h, DType::F32)?;
         let states = device.zeros((t + 1) * b * h, DType::F32)?;
-        let recurrent = Matmul {
-            batch: t,
-            batch_stride_a: b * h,
-            batch_stride_b: 0,
-            ..Matmul::new(b, 4 * h, h)
-        };
         let buffers = LstmForward {
             xproj: &xproj,
-            rec: &rec,
             bias: bias.buffer(),
             mask: mask_tb.buffer(),
             gates: &gates,
             cells: &cells,
             states: &states,
         };
-        for step in 0..t {
-            device.matmul_entries_into(&states, w_hh.buffer(), &rec, &recurrent, step..step + 1)?;
-            device.lstm_forward_step(&shape, step, &buffers)?;
+        let sequence = device.lstm_sequence_fits(&shape);
+        if sequence {
+            device.lstm_forward_sequence(&shape, w_hh.buffer(), &buffers)?;
+        } else {
+            let rec = device.empty(t * b * 4 * h, DType::F32)?;
+            let recurrent = Matmul {
+                batch: t,
+                batch_stride_a: b * h,
+                batch_stride_b: 0,
+                ..Matmul::new(b, 4 * h, h)
+            };
+            for step in 0..t {
+                device.matmul_entries_into(
+                    &states,
+                    w_hh.buffer(),
+                    &rec,
+                    &recurrent,
+                    step..step + 1,
+                )?;
+                device.lstm_forward_step(&shape, step, &rec, &buffers)?;
+            }
         }
         // [T + 1, B, H] from slot 1 -> [B, T, H]
         let out = device.strided_copy(&states, &[b, t, h], &[h, b * h, 1], b * h)?;
@@ -120,7 +132,6 @@ impl Tensor {
         Ok(record(&[self, w_ih, w_hh, bias], out, "lstm", move |g| {
             let device = g.device();
             let d_out = device.strided_copy(g.buffer(), &[t, b, h], &[h, t * h, 1], 0)?;
-            let dh_rec = device.zeros((t + 1) * b * h, DType::F32)?;
             let rows = t * b;
             let d_gates = Tensor::from_buffer(
                 device,
@@ -131,7 +142,6 @@ impl Tensor {
             let dh_carry = device.zeros(b * h, DType::F32)?;
             let back = LstmBackward {
                 d_out: &d_out,
-                dh_rec: &dh_rec,
                 mask: mask_tb.buffer(),
                 gates: &gates,
                 cells: &cells,
@@ -139,23 +149,28 @@ impl Tensor {
                 dc: &dc,
                 dh_carry: &dh_carry,
             };
-            // d h_{t-1} = d_gates_t W_hh^T, into slot t of dh_rec.
-            let recurrent_back = Matmul {
-                batch: t,
-                batch_stride_a: b * 4 * h,
-                batch_stride_b: 0,
-                ..Matmul::new(b, h, 4 * h).transpose_b(true)
-            };
-            for step in (0..t).rev() {
-                device.lstm_backward_step(&shape, step, &back)?;
-                if step > 0 {
-                    device.matmul_entries_into(
-                        d_gates.buffer(),
-                        w_hh_v.buffer(),
-                        &dh_rec,
-                        &recurrent_back,
-                        step..step + 1,
-                    )?;
+            if sequence {
+                device.lstm_backward_sequence(&shape, w_hh_v.buffer(), &back)?;
+            } else {
+                // d h_{t-1} = d_gates_t W_hh^T, into slot t of dh_rec.
+                let dh_rec = device.zeros((t + 1) * b * h, DType::F32)?;
+                let recurrent_back = Matmul {
+                    batch: t,
+                    batch_stride_a: b * 4 * h,
+                    batch_stride_b: 0,
+                    ..Matmul::new(b, h, 4 * h).transpose_b(true)
+                };
+                for step in (0..t).rev() {
+                    device.lstm_backward_step(&shape, step, &dh_rec, &back)?;
+                    if step > 0 {
+                        device.matmul_entries_into(
+                            d_gates.buffer(),
+                            w_hh_v.buffer(),
+                            &dh_rec,
+                            &recurrent_back,
+                            step..step + 1,
+                        )?;
+                    }
                 }
             }
             let dx = if need[0] {

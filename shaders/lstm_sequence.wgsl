@@ -1,0 +1,89 @@
+// A whole LSTM sequence forward in one dispatch: the time loop runs inside the
+// kernel. Samples of a batch never interact, so each workgroup takes RB rows
+// (samples) through every step on its own, with a barrier between steps; one
+// dispatch replaces a recurrent product and a gate kernel per step, whose
+// launch costs dominate on CPU adapters (about 0.1 ms each on lavapipe).
+//
+// Per step, item (row group, quad q) computes units 4q..4q+3 of TR rows: the
+// four gates' pre-activations h_{t-1} W_hh + x_t W_ih (slot t of xproj) + bias
+// as vec4s, then c_t = f * c_{t-1} + i * g and h_t = o * tanh(c_t). Invocations
+// loop over the workgroup's items. Semantics as shaders/lstm_step.wgsl: gate
+// order input, forget, cell candidate, output; a masked (sample, step) keeps h
+// and c; activated gates are kept for the backward pass; cells and states hold
+// T + 1 slots, slot 0 the initial state.
+// Prepended: H (a multiple of 4), QUADS (H / 4), TR, RB (a multiple of TR), WG;
+// generated: ACCUMULATE (the TR x 4 gate sums over k) and FINISH (the TR rows'
+// updates).
+
+struct Params {
+    batch: u32,
+    steps: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> xproj: array<vec4<f32>>;        // [T, B, 4H]
+@group(0) @binding(2) var<storage, read> w_hh: array<vec4<f32>>;         // [H, 4H]
+@group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;         // [4H]
+@group(0) @binding(4) var<storage, read> mask: array<f32>;               // [T, B]
+@group(0) @binding(5) var<storage, read_write> gates: array<vec4<f32>>;  // [T, B, 4H]
+@group(0) @binding(6) var<storage, read_write> cells: array<vec4<f32>>;  // [T + 1, B, H]
+@group(0) @binding(7) var<storage, read_write> states: array<vec4<f32>>; // [T + 1, B, H]
+
+const ITEMS: u32 = (RB / TR) * QUADS;
+
+fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= vec4<f32>(0.0));
+}
+
+// tanh saturates to +-1 in f32 beyond 15; clamping keeps exp-based
+// implementations from computing inf / inf.
+fn tanh4(x: vec4<f32>) -> vec4<f32> {
+    return tanh(clamp(x, vec4<f32>(-15.0), vec4<f32>(15.0)));
+}
+
+// Row `b`'s units 4q..4q+3 at step t, given their gate sums over h_{t-1}.
+fn finish(t: u32, b: u32, q: u32, rec: array<vec4<f32>, 4>) {
+    let row = t * p.batch + b;
+    let prev = row * QUADS + q;
+    let next = prev + p.batch * QUADS;
+    if (mask[row] < 0.5) {
+        cells[next] = cells[prev];
+        states[next] = states[prev];
+        return;
+    }
+    let g0 = row * H + q;
+    let i = sigmoid4(rec[0] + xproj[g0] + bias[q]);
+    let f = sigmoid4(rec[1] + xproj[g0 + QUADS] + bias[q + QUADS]);
+    let g = tanh4(rec[2] + xproj[g0 + 2u * QUADS] + bias[q + 2u * QUADS]);
+    let o = sigmoid4(rec[3] + xproj[g0 + 3u * QUADS] + bias[q + 3u * QUADS]);
+    let c = f * cells[prev] + i * g;
+    gates[g0] = i;
+    gates[g0 + QUADS] = f;
+    gates[g0 + 2u * QUADS] = g;
+    gates[g0 + 3u * QUADS] = o;
+    cells[next] = c;
+    states[next] = o * tanh4(c);
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    for (var t = 0u; t < p.steps; t++) {
+        for (var item = lid; item < ITEMS; item += WG) {
+            let q = item % QUADS;
+            let first = wid.x * RB + (item / QUADS) * TR;
+            if (first >= p.batch) {
+                continue;
+            }
+{{ACCUMULATE}}
+{{FINISH}}
+        }
+        // Step t + 1 reads every unit of h_t.
+        storageBarrier();
+    }
+}

@@ -1,0 +1,82 @@
+// Backward through a whole LSTM sequence in one dispatch, t = T-1 down to 0,
+// workgroups over rows as in shaders/lstm_sequence.wgsl. Per step, item (row
+// group, quad q) first sums the recurrent gradient d_gates_{t+1} W_hh^T for
+// units 4q..4q+3 of its TR rows, adds the output's gradient (d_out slot t)
+// and what masked later steps passed through (dh_carry), then writes the
+// gate pre-activations' gradient and carries dc_{t-1} in `dc`, as
+// shaders/lstm_step_backward.wgsl does per step. Through a masked step h and
+// c pass unchanged, so their gradients carry over and the gates get none.
+// Prepended: H (a multiple of 4), QUADS (H / 4), TR, RB (a multiple of TR), WG;
+// generated: ACCUMULATE (the TR x 4 recurrent sums) and FINISH (the TR rows'
+// gradients).
+
+struct Params {
+    batch: u32,
+    steps: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> d_out: array<vec4<f32>>;          // [T, B, H]
+@group(0) @binding(2) var<storage, read> w_hh: array<vec4<f32>>;           // [H, 4H]
+@group(0) @binding(3) var<storage, read> mask: array<f32>;                 // [T, B]
+@group(0) @binding(4) var<storage, read> gates: array<vec4<f32>>;          // [T, B, 4H]
+@group(0) @binding(5) var<storage, read> cells: array<vec4<f32>>;          // [T + 1, B, H]
+@group(0) @binding(6) var<storage, read_write> d_gates: array<vec4<f32>>;  // [T, B, 4H]
+@group(0) @binding(7) var<storage, read_write> dc: array<vec4<f32>>;       // [B, H]
+@group(0) @binding(8) var<storage, read_write> dh_carry: array<vec4<f32>>; // [B, H]
+
+const ITEMS: u32 = (RB / TR) * QUADS;
+
+// Row `b`'s units 4q..4q+3 at step t, given d_gates_{t+1} W_hh^T for them.
+fn finish(t: u32, b: u32, q: u32, rec: vec4<f32>) {
+    let row = t * p.batch + b;
+    let prev = row * QUADS + q;
+    let next = prev + p.batch * QUADS;
+    let carried = b * QUADS + q;
+    let dh = d_out[prev] + rec + dh_carry[carried];
+    let g0 = row * H + q;
+    if (mask[row] < 0.5) {
+        let zero = vec4<f32>(0.0);
+        d_gates[g0] = zero;
+        d_gates[g0 + QUADS] = zero;
+        d_gates[g0 + 2u * QUADS] = zero;
+        d_gates[g0 + 3u * QUADS] = zero;
+        dh_carry[carried] = dh;
+        return;
+    }
+    let i = gates[g0];
+    let f = gates[g0 + QUADS];
+    let g = gates[g0 + 2u * QUADS];
+    let o = gates[g0 + 3u * QUADS];
+    let tc = tanh(clamp(cells[next], vec4<f32>(-15.0), vec4<f32>(15.0)));
+    let dcell = dc[carried] + dh * o * (1.0 - tc * tc);
+    d_gates[g0] = dcell * g * i * (1.0 - i);
+    d_gates[g0 + QUADS] = dcell * cells[prev] * f * (1.0 - f);
+    d_gates[g0 + 2u * QUADS] = dcell * i * (1.0 - g * g);
+    d_gates[g0 + 3u * QUADS] = dh * tc * o * (1.0 - o);
+    dc[carried] = dcell * f;
+    dh_carry[carried] = vec4<f32>(0.0);
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    for (var step = 0u; step < p.steps; step++) {
+        let t = p.steps - 1u - step;
+        for (var item = lid; item < ITEMS; item += WG) {
+            let q = item % QUADS;
+            let first = wid.x * RB + (item / QUADS) * TR;
+            if (first >= p.batch) {
+                continue;
+            }
+{{ACCUMULATE}}
+{{FINISH}}
+        }
+        // Step t - 1 reads every gate gradient of step t.
+        storageBarrier();
+    }
+}
