@@ -1,6 +1,6 @@
 // A whole LSTM sequence forward in one dispatch: the time loop runs inside the
-// kernel. Samples of a batch never interact, so each workgroup takes RB rows
-// (samples) through every step on its own, with a barrier between steps; one
+// kernel. Samples of a batch never interact, so each workgroup takes p.rows
+// rows (samples) through every step on its own, with a barrier between steps; one
 // dispatch replaces a recurrent product and a gate kernel per step, whose
 // launch costs dominate on CPU adapters (about 0.1 ms each on lavapipe).
 //
@@ -11,15 +11,15 @@
 // order input, forget, cell candidate, output; a masked (sample, step) keeps h
 // and c; activated gates are kept for the backward pass; cells and states hold
 // T + 1 slots, slot 0 the initial state.
-// Prepended: H (a multiple of 4), QUADS (H / 4), TR, RB (a multiple of TR), WG;
-// generated: ACCUMULATE (the TR x 4 gate sums over k) and FINISH (the TR rows'
-// updates).
+// Prepended: H (a multiple of 4), QUADS (H / 4), TR, WG; generated: ACCUMULATE
+// (`sums`, row u's four gate sums over h_{t-1} for the item's units).
 
 struct Params {
     batch: u32,
     steps: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // Rows per workgroup, a multiple of TR.
+    rows: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,8 +30,6 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> gates: array<vec4<f32>>;  // [T, B, 4H]
 @group(0) @binding(6) var<storage, read_write> cells: array<vec4<f32>>;  // [T + 1, B, H]
 @group(0) @binding(7) var<storage, read_write> states: array<vec4<f32>>; // [T + 1, B, H]
-
-const ITEMS: u32 = (RB / TR) * QUADS;
 
 fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
     let e = exp(-abs(x));
@@ -74,14 +72,21 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     for (var t = 0u; t < p.steps; t++) {
-        for (var item = lid; item < ITEMS; item += WG) {
+        for (var item = lid; item < (p.rows / TR) * QUADS; item += WG) {
             let q = item % QUADS;
-            let first = wid.x * RB + (item / QUADS) * TR;
+            let first = wid.x * p.rows + (item / QUADS) * TR;
             if (first >= p.batch) {
                 continue;
             }
 {{ACCUMULATE}}
-{{FINISH}}
+            // A loop, not TR inlined copies: the update's loads and stores
+            // are most of the kernel's code, and code size sets how long
+            // lavapipe takes to compile it.
+            for (var u = 0u; u < TR; u++) {
+                if (first + u < p.batch) {
+                    finish(t, first + u, q, sums[u]);
+                }
+            }
         }
         // Step t + 1 reads every unit of h_t.
         storageBarrier();

@@ -6,15 +6,15 @@
 // gate pre-activations' gradient and carries dc_{t-1} in `dc`, as
 // shaders/lstm_step_backward.wgsl does per step. Through a masked step h and
 // c pass unchanged, so their gradients carry over and the gates get none.
-// Prepended: H (a multiple of 4), QUADS (H / 4), TR, RB (a multiple of TR), WG;
-// generated: ACCUMULATE (the TR x 4 recurrent sums) and FINISH (the TR rows'
-// gradients).
+// Prepended: H (a multiple of 4), QUADS (H / 4), TR, WG; generated: ACCUMULATE
+// (`sums`, row u's d_gates_{t+1} W_hh^T for the item's units).
 
 struct Params {
     batch: u32,
     steps: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // Rows per workgroup, a multiple of TR.
+    rows: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,8 +26,6 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> d_gates: array<vec4<f32>>;  // [T, B, 4H]
 @group(0) @binding(7) var<storage, read_write> dc: array<vec4<f32>>;       // [B, H]
 @group(0) @binding(8) var<storage, read_write> dh_carry: array<vec4<f32>>; // [B, H]
-
-const ITEMS: u32 = (RB / TR) * QUADS;
 
 // Row `b`'s units 4q..4q+3 at step t, given d_gates_{t+1} W_hh^T for them.
 fn finish(t: u32, b: u32, q: u32, rec: vec4<f32>) {
@@ -67,14 +65,21 @@ fn main(
 ) {
     for (var step = 0u; step < p.steps; step++) {
         let t = p.steps - 1u - step;
-        for (var item = lid; item < ITEMS; item += WG) {
+        for (var item = lid; item < (p.rows / TR) * QUADS; item += WG) {
             let q = item % QUADS;
-            let first = wid.x * RB + (item / QUADS) * TR;
+            let first = wid.x * p.rows + (item / QUADS) * TR;
             if (first >= p.batch) {
                 continue;
             }
 {{ACCUMULATE}}
-{{FINISH}}
+            // A loop, not TR inlined copies: the update's loads and stores
+            // are most of the kernel's code, and code size sets how long
+            // lavapipe takes to compile it.
+            for (var u = 0u; u < TR; u++) {
+                if (first + u < p.batch) {
+                    finish(t, first + u, q, sums[u]);
+                }
+            }
         }
         // Step t - 1 reads every gate gradient of step t.
         storageBarrier();

@@ -114,7 +114,8 @@ struct Params {
 struct SequenceParams {
     batch: u32,
     steps: u32,
-    _pad: [u32; 2],
+    rows: u32,
+    _pad: u32,
 }
 
 /// Rows (samples) per workgroup of the sequence kernels: enough items
@@ -129,13 +130,12 @@ fn sequence_rows_per_workgroup(shape: &LstmShape) -> usize {
     filling.min(shared)
 }
 
-/// The sequence kernel for `hidden` units and `rows` rows per workgroup, with
-/// its per-item sums unrolled over [`SEQUENCE_ROWS`] rows and the four gates
-/// (forward) or four units (backward).
-fn sequence_source(hidden: usize, rows: usize, backward: bool) -> String {
+/// The sequence kernel for `hidden` units, with its per-item sums unrolled
+/// over [`SEQUENCE_ROWS`] rows and the four gates (forward) or four units
+/// (backward).
+fn sequence_source(hidden: usize, backward: bool) -> String {
     let tr = SEQUENCE_ROWS;
     let mut accumulate = String::new();
-    let mut finish = String::new();
     let pad = "            ";
     for u in 0..tr {
         let _ = writeln!(
@@ -176,19 +176,19 @@ fn sequence_source(hidden: usize, rows: usize, backward: bool) -> String {
             }
         }
         let _ = writeln!(accumulate, "{pad}    }}\n{pad}}}");
-        for u in 0..tr {
-            let sums: Vec<String> = (0..4)
-                .map(|v| format!("dot(s{u}_{v}, vec4<f32>(1.0))"))
-                .collect();
-            let call = format!(
-                "finish(t, first + {u}u, q, vec4<f32>({}));",
-                sums.join(", ")
-            );
-            let _ = match u {
-                0 => writeln!(finish, "{pad}{call}"),
-                _ => writeln!(finish, "{pad}if (first + {u}u < p.batch) {{ {call} }}"),
-            };
-        }
+        let rows: Vec<String> = (0..tr)
+            .map(|u| {
+                let units: Vec<String> = (0..4)
+                    .map(|v| format!("dot(s{u}_{v}, vec4<f32>(1.0))"))
+                    .collect();
+                format!("vec4<f32>({})", units.join(", "))
+            })
+            .collect();
+        let _ = writeln!(
+            accumulate,
+            "{pad}let sums = array<vec4<f32>, TR>({});",
+            rows.join(", ")
+        );
     } else {
         // s{u}_{g}: gate g of units 4q..4q+3 of row u, over h_{t-1}'s units
         // k = 4 * k4 + kk.
@@ -221,15 +221,14 @@ fn sequence_source(hidden: usize, rows: usize, backward: bool) -> String {
             }
         }
         let _ = writeln!(accumulate, "{pad}}}");
-        for u in 0..tr {
-            let call = format!(
-                "finish(t, first + {u}u, q, array<vec4<f32>, 4>(s{u}_0, s{u}_1, s{u}_2, s{u}_3));"
-            );
-            let _ = match u {
-                0 => writeln!(finish, "{pad}{call}"),
-                _ => writeln!(finish, "{pad}if (first + {u}u < p.batch) {{ {call} }}"),
-            };
-        }
+        let rows: Vec<String> = (0..tr)
+            .map(|u| format!("array<vec4<f32>, 4>(s{u}_0, s{u}_1, s{u}_2, s{u}_3)"))
+            .collect();
+        let _ = writeln!(
+            accumulate,
+            "{pad}let sums = array<array<vec4<f32>, 4>, TR>({});",
+            rows.join(", ")
+        );
     }
     let source = if backward {
         SEQUENCE_BACKWARD_SRC
@@ -240,10 +239,8 @@ fn sequence_source(hidden: usize, rows: usize, backward: bool) -> String {
         .constant_u32("H", hidden as u32)
         .constant_u32("QUADS", (hidden / 4) as u32)
         .constant_u32("TR", tr as u32)
-        .constant_u32("RB", rows as u32)
         .constant_u32("WG", SEQUENCE_WORKGROUP)
         .replace("ACCUMULATE", &accumulate)
-        .replace("FINISH", &finish)
         .build()
 }
 
@@ -405,14 +402,17 @@ impl Device {
             return Ok(());
         }
         let rows = sequence_rows_per_workgroup(shape);
+        // Rows per workgroup are a parameter, not a constant, so that a
+        // batch of another size (an epoch's last) reuses the kernel.
         let kernel = self.kernel(
-            &format!("lstm_sequence:{backward}:{}:{rows}", shape.hidden),
-            || sequence_source(shape.hidden, rows, backward),
+            &format!("lstm_sequence:{backward}:{}", shape.hidden),
+            || sequence_source(shape.hidden, backward),
         )?;
         let params = SequenceParams {
             batch: to_u32(op, "batch", shape.batch)?,
             steps: to_u32(op, "steps", shape.steps)?,
-            _pad: [0; 2],
+            rows: to_u32(op, "rows per workgroup", rows)?,
+            _pad: 0,
         };
         let groups = to_u32(op, "workgroups", shape.batch.div_ceil(rows))?;
         self.dispatch(
