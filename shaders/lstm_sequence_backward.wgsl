@@ -1,13 +1,15 @@
 // Backward through a whole LSTM sequence in one dispatch, t = T-1 down to 0,
 // workgroups over rows as in shaders/lstm_sequence.wgsl. Per step, item (row
-// group, quad q) first sums the recurrent gradient d_gates_{t+1} W_hh^T for
-// units 4q..4q+3 of its TR rows, adds the output's gradient (d_out slot t)
-// and what masked later steps passed through (dh_carry), then writes the
-// gate pre-activations' gradient and carries dc_{t-1} in `dc`, as
-// shaders/lstm_step_backward.wgsl does per step. Through a masked step h and
-// c pass unchanged, so their gradients carry over and the gates get none.
-// Prepended: H (a multiple of 4), QUADS (H / 4), TR, WG; generated: ACCUMULATE
-// (`sums`, row u's d_gates_{t+1} W_hh^T for the item's units).
+// group, NQ quads from q0) first sums the recurrent gradient
+// d_gates_{t+1} W_hh^T for its units of its TR rows (W_hh^T comes transposed,
+// [4H, H], so a vec4 load holds four units), then per unit quad adds the
+// output's gradient (d_out slot t) and what masked later steps passed
+// through (dh_carry), writes the gate pre-activations' gradient and carries
+// dc_{t-1} in `dc`, as shaders/lstm_step_backward.wgsl does per step. Through
+// a masked step h and c pass unchanged, so their gradients carry over and the
+// gates get none.
+// Prepended: H (a multiple of 4), QUADS (H / 4), TR, NQ (dividing QUADS), WG;
+// generated: ACCUMULATE (`sums`, row u's d_gates_{t+1} W_hh^T for quad q0 + n).
 
 struct Params {
     batch: u32,
@@ -19,7 +21,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> d_out: array<vec4<f32>>;          // [T, B, H]
-@group(0) @binding(2) var<storage, read> w_hh: array<vec4<f32>>;           // [H, 4H]
+@group(0) @binding(2) var<storage, read> w_t: array<vec4<f32>>;            // [4H, H]
 @group(0) @binding(3) var<storage, read> mask: array<f32>;                 // [T, B]
 @group(0) @binding(4) var<storage, read> gates: array<vec4<f32>>;          // [T, B, 4H]
 @group(0) @binding(5) var<storage, read> cells: array<vec4<f32>>;          // [T + 1, B, H]
@@ -65,19 +67,21 @@ fn main(
 ) {
     for (var step = 0u; step < p.steps; step++) {
         let t = p.steps - 1u - step;
-        for (var item = lid; item < (p.rows / TR) * QUADS; item += WG) {
-            let q = item % QUADS;
-            let first = wid.x * p.rows + (item / QUADS) * TR;
+        for (var item = lid; item < (p.rows / TR) * (QUADS / NQ); item += WG) {
+            let q0 = (item % (QUADS / NQ)) * NQ;
+            let first = wid.x * p.rows + (item / (QUADS / NQ)) * TR;
             if (first >= p.batch) {
                 continue;
             }
 {{ACCUMULATE}}
-            // A loop, not TR inlined copies: the update's loads and stores
-            // are most of the kernel's code, and code size sets how long
+            // Loops, not inlined copies: the updates' loads and stores are
+            // most of the kernel's code, and code size sets how long
             // lavapipe takes to compile it.
             for (var u = 0u; u < TR; u++) {
                 if (first + u < p.batch) {
-                    finish(t, first + u, q, sums[u]);
+                    for (var n = 0u; n < NQ; n++) {
+                        finish(t, first + u, q0 + n, sums[u][n]);
+                    }
                 }
             }
         }

@@ -1509,8 +1509,15 @@ fn lstm_gradients_with_masking() {
     // matmul, then the gate kernel); the others run as one dispatch per
     // sequence, whose workgroups split the batch into groups of 8 rows (17
     // and 5 samples leave partial groups; 17 on two cores puts two groups in
-    // a workgroup and one sample in another).
-    let cases = [[3, 5, 3, 3], [2, 4, 8, 4], [17, 3, 2, 4], [5, 6, 3, 8]];
+    // a workgroup and one sample in another). Backward items take 1, 2 and
+    // 4 quads of units at 4, 8 and 16 units.
+    let cases = [
+        [3, 5, 3, 3],
+        [2, 4, 8, 4],
+        [17, 3, 2, 4],
+        [5, 6, 3, 8],
+        [3, 4, 2, 16],
+    ];
     for (case, [b, t, e, h]) in cases.into_iter().enumerate() {
         // Sample 0 has no padding, sample 1 trailing padding, sample 2 leading
         // padding and a hole; later samples repeat these.

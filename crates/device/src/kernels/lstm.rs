@@ -130,25 +130,38 @@ fn sequence_rows_per_workgroup(shape: &LstmShape) -> usize {
     filling.min(shared)
 }
 
+/// Unit quads per item of the backward kernel: 4 where they divide the
+/// hidden size's quads, so that each W_hh^T load serves as many rows and
+/// each gradient load as many sums as in the forward kernel.
+fn backward_quads(hidden: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|n| (hidden / 4) % n == 0)
+        .unwrap_or(1)
+}
+
 /// The sequence kernel for `hidden` units, with its per-item sums unrolled
-/// over [`SEQUENCE_ROWS`] rows and the four gates (forward) or four units
-/// (backward).
+/// over [`SEQUENCE_ROWS`] rows and the four gates (forward) or
+/// [`backward_quads`] unit quads (backward).
 fn sequence_source(hidden: usize, backward: bool) -> String {
     let tr = SEQUENCE_ROWS;
+    let nq = backward_quads(hidden);
     let mut accumulate = String::new();
     let pad = "            ";
+    // Four sums per row: the gates (forward) or the item's quads (backward).
+    let sums_per_row = if backward { nq } else { 4 };
     for u in 0..tr {
         let _ = writeln!(
             accumulate,
             "{pad}let r{u} = min(first + {u}u, p.batch - 1u);"
         );
-        for v in 0..4 {
+        for v in 0..sums_per_row {
             let _ = writeln!(accumulate, "{pad}var s{u}_{v} = vec4<f32>(0.0);");
         }
     }
     if backward {
-        // s{u}_{v}: unit 4q + v of row u, summed lane-wise over quads of
-        // d_gates_{t+1}'s 4H columns against row 4q + v of W_hh.
+        // s{u}_{n}: units of quad q0 + n of row u, over d_gates_{t+1}'s
+        // columns c = 4 * c4 + cc, each against row c of W_hh^T.
         let _ = writeln!(accumulate, "{pad}if (t + 1u < p.steps) {{");
         for u in 0..tr {
             let _ = writeln!(
@@ -163,32 +176,21 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
                 "{pad}        let d{u} = d_gates[d{u}_base + c4];"
             );
         }
-        for v in 0..4 {
-            let _ = writeln!(
-                accumulate,
-                "{pad}        let w{v} = w_hh[(4u * q + {v}u) * H + c4];"
-            );
-            for u in 0..tr {
+        for (cc, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+            for n in 0..nq {
                 let _ = writeln!(
                     accumulate,
-                    "{pad}        s{u}_{v} = fma(d{u}, w{v}, s{u}_{v});"
+                    "{pad}        let w{cc}_{n} = w_t[(4u * c4 + {cc}u) * QUADS + q0 + {n}u];"
                 );
+                for u in 0..tr {
+                    let _ = writeln!(
+                        accumulate,
+                        "{pad}        s{u}_{n} = fma(vec4<f32>(d{u}.{lane}), w{cc}_{n}, s{u}_{n});"
+                    );
+                }
             }
         }
         let _ = writeln!(accumulate, "{pad}    }}\n{pad}}}");
-        let rows: Vec<String> = (0..tr)
-            .map(|u| {
-                let units: Vec<String> = (0..4)
-                    .map(|v| format!("dot(s{u}_{v}, vec4<f32>(1.0))"))
-                    .collect();
-                format!("vec4<f32>({})", units.join(", "))
-            })
-            .collect();
-        let _ = writeln!(
-            accumulate,
-            "{pad}let sums = array<vec4<f32>, TR>({});",
-            rows.join(", ")
-        );
     } else {
         // s{u}_{g}: gate g of units 4q..4q+3 of row u, over h_{t-1}'s units
         // k = 4 * k4 + kk.
@@ -221,15 +223,18 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
             }
         }
         let _ = writeln!(accumulate, "{pad}}}");
-        let rows: Vec<String> = (0..tr)
-            .map(|u| format!("array<vec4<f32>, 4>(s{u}_0, s{u}_1, s{u}_2, s{u}_3)"))
-            .collect();
-        let _ = writeln!(
-            accumulate,
-            "{pad}let sums = array<array<vec4<f32>, 4>, TR>({});",
-            rows.join(", ")
-        );
     }
+    let rows: Vec<String> = (0..tr)
+        .map(|u| {
+            let sums: Vec<String> = (0..sums_per_row).map(|v| format!("s{u}_{v}")).collect();
+            format!("array<vec4<f32>, {sums_per_row}>({})", sums.join(", "))
+        })
+        .collect();
+    let _ = writeln!(
+        accumulate,
+        "{pad}let sums = array<array<vec4<f32>, {sums_per_row}>, TR>({});",
+        rows.join(", ")
+    );
     let source = if backward {
         SEQUENCE_BACKWARD_SRC
     } else {
@@ -239,6 +244,7 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
         .constant_u32("H", hidden as u32)
         .constant_u32("QUADS", (hidden / 4) as u32)
         .constant_u32("TR", tr as u32)
+        .constant_u32("NQ", nq as u32)
         .constant_u32("WG", SEQUENCE_WORKGROUP)
         .replace("ACCUMULATE", &accumulate)
         .build()
@@ -375,8 +381,11 @@ impl Device {
                 ("dh_carry", b.dh_carry, len.carry),
             ],
         )?;
+        // W_hh^T, so that a vec4 load holds four units of one column.
+        let h = shape.hidden;
+        let w_t = self.strided_copy(w_hh, &[4 * h, h], &[1, 4 * h], 0)?;
         let buffers = [
-            b.d_out, w_hh, b.mask, b.gates, b.cells, b.d_gates, b.dc, b.dh_carry,
+            b.d_out, &w_t, b.mask, b.gates, b.cells, b.d_gates, b.dc, b.dh_carry,
         ];
         self.dispatch_sequence(OP, shape, true, &buffers)
     }
