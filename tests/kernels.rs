@@ -1583,3 +1583,31 @@ fn matmul_with_a_texture_operand_matches_reference() {
         d.read::<f32>(&d.matmul(&y, &x, &spec).unwrap()).unwrap()
     );
 }
+
+#[test]
+fn lstm_sequence_kernels_refuse_hidden_sizes_they_cannot_take() {
+    use kiln::device::{LstmForward, LstmShape};
+    let d = device();
+    let shape = LstmShape {
+        steps: 2,
+        batch: 2,
+        hidden: 3,
+    };
+    assert!(!d.lstm_sequence_fits(&shape));
+    let buffer = |n: usize| d.upload(&random_vec(n, 70 + n as u64, -1.0, 1.0)).unwrap();
+    let (gates, states, mask) = (buffer(2 * 2 * 12), buffer(3 * 2 * 3), buffer(2 * 2));
+    let (w_hh, bias) = (buffer(3 * 12), buffer(12));
+    let forward = LstmForward {
+        xproj: &gates,
+        bias: &bias,
+        mask: &mask,
+        gates: &gates,
+        cells: &states,
+        states: &states,
+    };
+    let err = d
+        .lstm_forward_sequence(&shape, &w_hh, &forward)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiple of 4 units"), "{err}");
+}

@@ -125,8 +125,10 @@ struct SequenceParams {
 fn sequence_rows_per_workgroup(shape: &LstmShape) -> usize {
     let quads = shape.hidden / 4;
     let filling = SEQUENCE_ROWS * (SEQUENCE_WORKGROUP as usize / quads).max(1);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shared = shape.batch.div_ceil(cores).next_multiple_of(SEQUENCE_ROWS);
+    let shared = shape
+        .batch
+        .div_ceil(super::host_cores())
+        .next_multiple_of(SEQUENCE_ROWS);
     filling.min(shared)
 }
 
@@ -340,6 +342,7 @@ impl Device {
         b: &LstmForward,
     ) -> Result<()> {
         const OP: &str = "lstm_forward_sequence";
+        self.expect_sequence_fits(OP, shape)?;
         let len = shape.lengths();
         expect_buffers(
             OP,
@@ -367,6 +370,7 @@ impl Device {
         b: &LstmBackward,
     ) -> Result<()> {
         const OP: &str = "lstm_backward_sequence";
+        self.expect_sequence_fits(OP, shape)?;
         let len = shape.lengths();
         expect_buffers(
             OP,
@@ -390,6 +394,20 @@ impl Device {
         self.dispatch_sequence(OP, shape, true, &buffers)
     }
 
+    fn expect_sequence_fits(&self, op: &'static str, shape: &LstmShape) -> Result<()> {
+        if self.lstm_sequence_fits(shape) {
+            return Ok(());
+        }
+        Err(crate::error::DeviceError::Shape {
+            op,
+            message: format!(
+                "hidden size {} and batch {}: the sequence kernels need a positive \
+                 multiple of 4 units and a batch",
+                shape.hidden, shape.batch
+            ),
+        })
+    }
+
     fn dispatch_sequence(
         &self,
         op: &'static str,
@@ -397,16 +415,6 @@ impl Device {
         backward: bool,
         buffers: &[&GpuBuffer],
     ) -> Result<()> {
-        if !self.lstm_sequence_fits(shape) {
-            return Err(crate::error::DeviceError::Shape {
-                op,
-                message: format!(
-                    "hidden size {} and batch {}: the sequence kernels need a positive \
-                     multiple of 4 units and a batch",
-                    shape.hidden, shape.batch
-                ),
-            });
-        }
         if shape.steps == 0 {
             return Ok(());
         }

@@ -768,8 +768,7 @@ fn fits_one_workgroup(spec: &Matmul) -> bool {
 /// SIMD vector of lanes (see [`MatmulTiling::fitted`]).
 fn cpu_lanes_wanted() -> usize {
     const SIMD_LANES: usize = 8;
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    SIMD_LANES * *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    SIMD_LANES * super::host_cores()
 }
 
 /// Elements of A from which a product on a CPU adapter reads A through a

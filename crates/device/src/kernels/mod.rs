@@ -20,6 +20,13 @@ pub(crate) const EXPR_HELPERS: &str = include_str!("../../../../shaders/expr_hel
 /// Invocations per workgroup for one-element-per-invocation kernels.
 pub(crate) const LINEAR_WORKGROUP: u32 = 256;
 
+/// Cores of the host: a CPU adapter runs each workgroup on one of its
+/// threads, one per core, so kernels size their grids to keep all busy.
+pub(crate) fn host_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Splits `groups` workgroups over x and y so neither exceeds the per-dimension
 /// limit; kernels rebuild the linear index as `y * x_count + x`.
 pub(crate) fn grid_2d(groups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
