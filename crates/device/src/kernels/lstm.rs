@@ -100,6 +100,57 @@ fn expect_buffers(op: &'static str, buffers: &[(&str, &GpuBuffer, usize)]) -> Re
     Ok(())
 }
 
+impl LstmForward<'_> {
+    /// The forward kernels' bindings, each checked: the projections, then
+    /// `recurrent` (the step kernel's recurrent products, the sequence
+    /// kernel's W_hh), then the rest.
+    fn bindings<'s>(
+        &'s self,
+        op: &'static str,
+        shape: &LstmShape,
+        recurrent: (&'static str, &'s GpuBuffer, usize),
+    ) -> Result<[&'s GpuBuffer; 7]> {
+        let len = shape.lengths();
+        let named = [
+            ("xproj", self.xproj, len.gates),
+            recurrent,
+            ("bias", self.bias, 4 * shape.hidden),
+            ("mask", self.mask, len.mask),
+            ("gates", self.gates, len.gates),
+            ("cells", self.cells, len.states),
+            ("states", self.states, len.states),
+        ];
+        expect_buffers(op, &named)?;
+        Ok(named.map(|(_, buffer, _)| buffer))
+    }
+}
+
+impl LstmBackward<'_> {
+    /// The backward kernels' bindings, each checked: the output's gradient,
+    /// then `recurrent` (the step kernel's recurrent gradients, the sequence
+    /// kernel's W_hh), then the rest.
+    fn bindings<'s>(
+        &'s self,
+        op: &'static str,
+        shape: &LstmShape,
+        recurrent: (&'static str, &'s GpuBuffer, usize),
+    ) -> Result<[&'s GpuBuffer; 8]> {
+        let len = shape.lengths();
+        let named = [
+            ("d_out", self.d_out, len.outputs),
+            recurrent,
+            ("mask", self.mask, len.mask),
+            ("gates", self.gates, len.gates),
+            ("cells", self.cells, len.states),
+            ("d_gates", self.d_gates, len.gates),
+            ("dc", self.dc, len.carry),
+            ("dh_carry", self.dh_carry, len.carry),
+        ];
+        expect_buffers(op, &named)?;
+        Ok(named.map(|(_, buffer, _)| buffer))
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Params {
@@ -264,27 +315,11 @@ impl Device {
         b: &LstmForward,
     ) -> Result<()> {
         const OP: &str = "lstm_forward_step";
-        let len = shape.lengths();
-        expect_buffers(
-            OP,
-            &[
-                ("xproj", b.xproj, len.gates),
-                ("rec", rec, len.gates),
-                ("bias", b.bias, 4 * shape.hidden),
-                ("mask", b.mask, len.mask),
-                ("gates", b.gates, len.gates),
-                ("cells", b.cells, len.states),
-                ("states", b.states, len.states),
-            ],
-        )?;
+        let gates = shape.lengths().gates;
+        let buffers = b.bindings(OP, shape, ("rec", rec, gates))?;
         let kernel = self.kernel("lstm_step", || Specialize::new(FORWARD_SRC).build())?;
         let (params, grid) = self.lstm_launch(OP, shape, t)?;
-        self.dispatch(
-            &kernel,
-            bytemuck::bytes_of(&params),
-            &[b.xproj, rec, b.bias, b.mask, b.gates, b.cells, b.states],
-            grid,
-        )
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)
     }
 
     /// Runs backward step `t` (call for `t = T-1` down to 0); slot t + 1 of
@@ -298,32 +333,13 @@ impl Device {
         b: &LstmBackward,
     ) -> Result<()> {
         const OP: &str = "lstm_backward_step";
-        let len = shape.lengths();
-        expect_buffers(
-            OP,
-            &[
-                ("d_out", b.d_out, len.outputs),
-                ("dh_rec", dh_rec, len.states),
-                ("mask", b.mask, len.mask),
-                ("gates", b.gates, len.gates),
-                ("cells", b.cells, len.states),
-                ("d_gates", b.d_gates, len.gates),
-                ("dc", b.dc, len.carry),
-                ("dh_carry", b.dh_carry, len.carry),
-            ],
-        )?;
+        let states = shape.lengths().states;
+        let buffers = b.bindings(OP, shape, ("dh_rec", dh_rec, states))?;
         let kernel = self.kernel("lstm_step_backward", || {
             Specialize::new(BACKWARD_SRC).build()
         })?;
         let (params, grid) = self.lstm_launch(OP, shape, t)?;
-        self.dispatch(
-            &kernel,
-            bytemuck::bytes_of(&params),
-            &[
-                b.d_out, dh_rec, b.mask, b.gates, b.cells, b.d_gates, b.dc, b.dh_carry,
-            ],
-            grid,
-        )
+        self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)
     }
 
     /// Whether [`Device::lstm_forward_sequence`] and
@@ -343,20 +359,8 @@ impl Device {
     ) -> Result<()> {
         const OP: &str = "lstm_forward_sequence";
         self.expect_sequence_fits(OP, shape)?;
-        let len = shape.lengths();
-        expect_buffers(
-            OP,
-            &[
-                ("xproj", b.xproj, len.gates),
-                ("w_hh", w_hh, 4 * shape.hidden * shape.hidden),
-                ("bias", b.bias, 4 * shape.hidden),
-                ("mask", b.mask, len.mask),
-                ("gates", b.gates, len.gates),
-                ("cells", b.cells, len.states),
-                ("states", b.states, len.states),
-            ],
-        )?;
-        let buffers = [b.xproj, w_hh, b.bias, b.mask, b.gates, b.cells, b.states];
+        let h = shape.hidden;
+        let buffers = b.bindings(OP, shape, ("w_hh", w_hh, 4 * h * h))?;
         self.dispatch_sequence(OP, shape, false, &buffers)
     }
 
@@ -371,26 +375,11 @@ impl Device {
     ) -> Result<()> {
         const OP: &str = "lstm_backward_sequence";
         self.expect_sequence_fits(OP, shape)?;
-        let len = shape.lengths();
-        expect_buffers(
-            OP,
-            &[
-                ("d_out", b.d_out, len.outputs),
-                ("w_hh", w_hh, 4 * shape.hidden * shape.hidden),
-                ("mask", b.mask, len.mask),
-                ("gates", b.gates, len.gates),
-                ("cells", b.cells, len.states),
-                ("d_gates", b.d_gates, len.gates),
-                ("dc", b.dc, len.carry),
-                ("dh_carry", b.dh_carry, len.carry),
-            ],
-        )?;
-        // W_hh^T, so that a vec4 load holds four units of one column.
         let h = shape.hidden;
+        let mut buffers = b.bindings(OP, shape, ("w_hh", w_hh, 4 * h * h))?;
+        // W_hh^T, so that a vec4 load holds four units of one column.
         let w_t = self.strided_copy(w_hh, &[4 * h, h], &[1, 4 * h], 0)?;
-        let buffers = [
-            b.d_out, &w_t, b.mask, b.gates, b.cells, b.d_gates, b.dc, b.dh_carry,
-        ];
+        buffers[1] = &w_t;
         self.dispatch_sequence(OP, shape, true, &buffers)
     }
 
