@@ -169,11 +169,15 @@ struct SequenceParams {
     _pad: u32,
 }
 
-/// Rows (samples) per workgroup of the sequence kernels: enough items
-/// (row groups x unit quads) to fill a workgroup, but at least as many
-/// workgroups as the machine has cores where the batch allows, since a CPU
-/// adapter runs each workgroup on one thread.
-fn sequence_rows_per_workgroup(shape: &LstmShape) -> usize {
+/// Rows (samples) per workgroup of the sequence kernels. A CPU adapter runs
+/// each workgroup on one thread: enough items (row groups x unit quads) to
+/// fill a workgroup, but at least as many workgroups as the host has cores
+/// where the batch allows. A GPU gets one row group per workgroup, the most
+/// workgroups the batch makes (not yet measured on one).
+fn sequence_rows_per_workgroup(shape: &LstmShape, cpu: bool) -> usize {
+    if !cpu {
+        return SEQUENCE_ROWS;
+    }
     let quads = shape.hidden / 4;
     let filling = SEQUENCE_ROWS * (SEQUENCE_WORKGROUP as usize / quads).max(1);
     let shared = shape
@@ -407,7 +411,7 @@ impl Device {
         if shape.steps == 0 {
             return Ok(());
         }
-        let rows = sequence_rows_per_workgroup(shape);
+        let rows = sequence_rows_per_workgroup(shape, self.is_cpu());
         // Rows per workgroup are a parameter, not a constant, so that a
         // batch of another size (an epoch's last) reuses the kernel.
         let kernel = self.kernel(
