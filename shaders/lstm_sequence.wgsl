@@ -14,15 +14,7 @@
 // Prepended: H (a multiple of 4), QUADS (H / 4), TR, WG; generated: ACCUMULATE
 // (`sums`, row u's four gate sums over h_{t-1} for the item's units).
 
-struct Params {
-    batch: u32,
-    steps: u32,
-    // Rows per workgroup, a multiple of TR.
-    rows: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params, binding 0 and tanh4: shaders/lstm_sequence_common.wgsl.
 @group(0) @binding(1) var<storage, read> xproj: array<vec4<f32>>;        // [T, B, 4H]
 @group(0) @binding(2) var<storage, read> w_hh: array<vec4<f32>>;         // [H, 4H]
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;         // [4H]
@@ -34,12 +26,6 @@ struct Params {
 fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
     let e = exp(-abs(x));
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= vec4<f32>(0.0));
-}
-
-// tanh saturates to +-1 in f32 beyond 15; clamping keeps exp-based
-// implementations from computing inf / inf.
-fn tanh4(x: vec4<f32>) -> vec4<f32> {
-    return tanh(clamp(x, vec4<f32>(-15.0), vec4<f32>(15.0)));
 }
 
 // Row `b`'s units 4q..4q+3 at step t, given their gate sums over h_{t-1}.

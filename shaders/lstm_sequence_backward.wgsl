@@ -11,15 +11,7 @@
 // Prepended: H (a multiple of 4), QUADS (H / 4), TR, NQ (dividing QUADS), WG;
 // generated: ACCUMULATE (`sums`, row u's d_gates_{t+1} W_hh^T for quad q0 + n).
 
-struct Params {
-    batch: u32,
-    steps: u32,
-    // Rows per workgroup, a multiple of TR.
-    rows: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params, binding 0 and tanh4: shaders/lstm_sequence_common.wgsl.
 @group(0) @binding(1) var<storage, read> d_out: array<vec4<f32>>;          // [T, B, H]
 @group(0) @binding(2) var<storage, read> w_t: array<vec4<f32>>;            // [4H, H]
 @group(0) @binding(3) var<storage, read> mask: array<f32>;                 // [T, B]
@@ -50,7 +42,7 @@ fn finish(t: u32, b: u32, q: u32, rec: vec4<f32>) {
     let f = gates[g0 + QUADS];
     let g = gates[g0 + 2u * QUADS];
     let o = gates[g0 + 3u * QUADS];
-    let tc = tanh(clamp(cells[next], vec4<f32>(-15.0), vec4<f32>(15.0)));
+    let tc = tanh4(cells[next]);
     let dcell = dc[carried] + dh * o * (1.0 - tc * tc);
     d_gates[g0] = dcell * g * i * (1.0 - i);
     d_gates[g0 + QUADS] = dcell * cells[prev] * f * (1.0 - f);

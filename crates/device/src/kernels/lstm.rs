@@ -15,6 +15,7 @@ const FORWARD_SRC: &str = include_str!("../../../../shaders/lstm_step.wgsl");
 const BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_step_backward.wgsl");
 const SEQUENCE_SRC: &str = include_str!("../../../../shaders/lstm_sequence.wgsl");
 const SEQUENCE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_sequence_backward.wgsl");
+const SEQUENCE_COMMON_SRC: &str = include_str!("../../../../shaders/lstm_sequence_common.wgsl");
 const WORKGROUP: u32 = 64;
 /// Rows (samples) each invocation of the sequence kernels takes per step:
 /// each load of W_hh serves this many. On lavapipe (batch 32, 64 units, 200
@@ -297,7 +298,7 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
     } else {
         SEQUENCE_SRC
     };
-    Specialize::new(source)
+    Specialize::new(&format!("{SEQUENCE_COMMON_SRC}\n{source}"))
         .constant_u32("H", hidden as u32)
         .constant_u32("QUADS", (hidden / 4) as u32)
         .constant_u32("TR", tr as u32)
