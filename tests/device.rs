@@ -4,7 +4,8 @@ mod common;
 
 use common::{device, random_vec};
 use kiln::device::{
-    Device, GpuBuffer, Matmul, MatmulTiling, Operand, Reduce, ReduceOp, Tuning, UnaryOp,
+    Device, Elementwise, GpuBuffer, Matmul, MatmulTiling, Operand, Reduce, ReduceOp, Tuning,
+    UnaryOp,
 };
 
 /// One "training-like" step: upload a batch, two layers, a reduction, a readback.
@@ -210,6 +211,82 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
         // Each part runs the same code on the same data: bit for bit equal.
         assert_eq!(got, want, "{tiling}");
     }
+}
+
+#[test]
+fn independent_elementwise_and_reduction_kernels_share_dispatches() {
+    let d = Device::new().unwrap();
+    // Three elementwise kernels of different kinds: plain, reading scalars,
+    // and reading a broadcast (strided) operand; odd and vec4 lengths.
+    let (rows, cols) = (33, 20);
+    let x = d.upload(&random_vec(rows * cols, 11, -1.0, 1.0)).unwrap();
+    let bias = d.upload(&random_vec(cols, 12, -1.0, 1.0)).unwrap();
+    let odd = d.upload(&random_vec(1001, 13, -1.0, 1.0)).unwrap();
+    let scaled = Elementwise::new("scaled", "x0 * s0 + s1").scalars(&[1.5, -0.25]);
+    let biased = Elementwise::new("biased", "tanh(x0 + x1)");
+    let (want, got, dispatches) = alone_then_together(&d, || {
+        Ok([
+            d.unary(UnaryOp::Exp, &odd)?,
+            d.elementwise(&scaled, &[Operand::new(&x, &[rows, cols])])?
+                .0,
+            d.elementwise(
+                &biased,
+                &[
+                    Operand::new(&x, &[rows, cols]),
+                    Operand::new(&bias, &[cols]),
+                ],
+            )?
+            .0,
+        ])
+    });
+    assert_eq!(dispatches, if fusion_on() { 1 } else { 3 });
+    assert_eq!(got, want);
+    // Full sums of long and short vectors take different reduction kernels,
+    // which cannot share one dispatch; interleaved, each kind still fuses.
+    let long = d.upload(&random_vec(5000, 14, -1.0, 1.0)).unwrap();
+    let short = d.upload(&random_vec(100, 15, -1.0, 1.0)).unwrap();
+    let sum = |b: &GpuBuffer| d.reduce(b, &Reduce::axis(ReduceOp::Sum, &[b.len()], 0)?);
+    let (want, got, dispatches) = alone_then_together(&d, || {
+        let (a, b, c) = (sum(&long)?, sum(&short)?, sum(&long)?);
+        let _fourth = sum(&short)?;
+        Ok([a, b, c])
+    });
+    assert_eq!(dispatches, if fusion_on() { 2 } else { 4 });
+    assert_eq!(got, want);
+}
+
+#[test]
+fn one_threads_together_does_not_hold_another_threads_launches() {
+    use std::sync::mpsc::channel;
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(1000, 16, -1.0, 1.0)).unwrap();
+    let (inside, wait_inside) = channel();
+    let (done, wait_done) = channel();
+    std::thread::scope(|s| {
+        let (d, x) = (&d, &x);
+        s.spawn(move || {
+            d.together(|| -> kiln::device::Result<()> {
+                let _held = d.unary(UnaryOp::Exp, x)?;
+                inside.send(()).unwrap();
+                wait_done.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        });
+        wait_inside.recv().unwrap();
+        // Recorded at once, not held for (and fused into) the other
+        // thread's group.
+        let before = d.dispatch_stats().dispatches;
+        let y = d.unary(UnaryOp::Tanh, x).unwrap();
+        assert_eq!(d.dispatch_stats().dispatches - before, 1);
+        done.send(()).unwrap();
+        let want: Vec<f32> = random_vec(1000, 16, -1.0, 1.0)
+            .iter()
+            .map(|v| v.tanh())
+            .collect();
+        let got = d.read::<f32>(&y).unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6));
+    });
 }
 
 #[test]

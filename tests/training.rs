@@ -500,3 +500,43 @@ fn training_step_memory_is_flat_over_1000_steps() {
     assert_eq!(end.live_bytes, warm.live_bytes, "{warm:?} -> {end:?}");
     assert!(last < first, "loss did not fall: {first} -> {last}");
 }
+
+#[test]
+fn clipping_many_gradients_matches_their_global_norm() {
+    let d = device();
+    // Odd counts and sizes: the pairwise sum of norms carries a last one.
+    for (count, seed) in [(1usize, 70u64), (5, 71), (8, 72)] {
+        let mut reference = 0.0f64;
+        let params: Vec<Tensor> = (0..count)
+            .map(|i| {
+                let n = 3 + 97 * i;
+                let g = random_vec(n, seed * 100 + i as u64, -1.0, 1.0);
+                reference += g.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+                let p = Tensor::zeros(d, &[n]).unwrap().requires_grad(true);
+                p.set_grad(Some(Tensor::from_slice(d, &g, &[n]).unwrap()));
+                p
+            })
+            .collect();
+        let norm = d
+            .together(|| clip_grad_norm(&params, 0.5))
+            .unwrap()
+            .unwrap()
+            .item()
+            .unwrap();
+        let reference = reference.sqrt();
+        assert!(
+            (f64::from(norm) - reference).abs() < 1e-5 * reference,
+            "{count}: {norm} vs {reference}"
+        );
+        let clipped: f64 = params
+            .iter()
+            .flat_map(|p| p.grad().unwrap().to_vec().unwrap())
+            .map(|v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (clipped - 0.5).abs() < 1e-5,
+            "{count}: clipped to {clipped}"
+        );
+    }
+}

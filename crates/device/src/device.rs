@@ -114,7 +114,25 @@ struct Recorder {
     upload_bytes: u64,
     stats: DispatchStats,
     /// Inside [`Device::together`]: launches held back to be fused.
-    gathering: Option<Vec<Launch>>,
+    gathering: Option<Gathering>,
+}
+
+/// The launches one thread holds back inside [`Device::together`]. Other
+/// threads' launches are not held: they would fuse with this thread's in
+/// arbitrary combinations, each a new kernel to compile.
+struct Gathering {
+    owner: std::thread::ThreadId,
+    held: Vec<Launch>,
+}
+
+impl Recorder {
+    /// The launches the calling thread is holding back, if it is gathering.
+    fn held_here(&self) -> Option<&Vec<Launch>> {
+        self.gathering
+            .as_ref()
+            .filter(|g| g.owner == std::thread::current().id())
+            .map(|g| &g.held)
+    }
 }
 
 /// A dispatch held back by [`Device::together`].
@@ -834,19 +852,21 @@ impl Device {
         }
         let mut rec = lock(&self.shared.recorder);
         // Only storage-buffer launches are held for fusion.
-        let buffers: Option<Vec<wgpu::Buffer>> = rec.gathering.as_ref().and_then(|_| {
-            resources
+        let gathering_here = rec.held_here().is_some();
+        let buffers: Option<Vec<wgpu::Buffer>> = match gathering_here {
+            true => resources
                 .iter()
                 .map(|r| match r {
                     Bound::Buffer(b) => Some((*b).clone()),
                     Bound::Texture(_) => None,
                 })
-                .collect()
-        });
-        if rec.gathering.is_some() && buffers.is_none() {
+                .collect(),
+            false => None,
+        };
+        if gathering_here && buffers.is_none() {
             self.emit_gathered(&mut rec)?;
         }
-        if let (Some(held), Some(buffers)) = (rec.gathering.as_ref(), buffers) {
+        if let (Some(held), Some(buffers)) = (rec.held_here(), buffers) {
             let mut launch = Launch {
                 kernel: kernel.clone(),
                 params: params.to_vec(),
@@ -858,8 +878,8 @@ impl Device {
                 Some(stage) => launch.stage = stage,
                 None => self.emit_gathered(&mut rec)?,
             }
-            if let Some(held) = rec.gathering.as_mut() {
-                held.push(launch);
+            if let Some(gathering) = rec.gathering.as_mut() {
+                gathering.held.push(launch);
             }
             return Ok(());
         }
@@ -955,8 +975,9 @@ impl Device {
     /// its loss, the loss's gradient) chain into one dispatch whose stages
     /// run in order. Wrapping a whole training step lets such chains span
     /// layers. Commands other than dispatches (copies, clears, reads) first
-    /// record what is held. Nested calls join the outer one. Off while
-    /// profiling, which times every dispatch alone.
+    /// record what is held. Nested calls join the outer one; other threads'
+    /// launches meanwhile are not held. Off while profiling, which times
+    /// every dispatch alone.
     ///
     /// ```
     /// # fn main() -> Result<(), kiln_device::DeviceError> {
@@ -982,7 +1003,10 @@ impl Device {
             let profiling = lock(&self.shared.profile).is_some();
             let start = rec.gathering.is_none() && !profiling && fusion_enabled();
             if start {
-                rec.gathering = Some(Vec::new());
+                rec.gathering = Some(Gathering {
+                    owner: std::thread::current().id(),
+                    held: Vec::new(),
+                });
             }
             start
         };
@@ -1000,7 +1024,7 @@ impl Device {
     /// else one by one in the order they came.
     fn emit_gathered(&self, rec: &mut Recorder) -> Result<()> {
         let launches = match rec.gathering.as_mut() {
-            Some(held) if !held.is_empty() => std::mem::take(held),
+            Some(g) if !g.held.is_empty() => std::mem::take(&mut g.held),
             _ => return Ok(()),
         };
         self.emit_fused(rec, launches)
@@ -1027,6 +1051,25 @@ impl Device {
             }
         }
         let last_stage = launches.last().map_or(0, |l| l.stage);
+        if last_stage == 0 && launches.len() > 2 {
+            // Side by side, the launches are independent, so any order will
+            // do: kernels of one kind may fuse where the mix could not (a
+            // workgroup reduction beside a per-thread one, say).
+            let mut kinds: Vec<Vec<Launch>> = Vec::new();
+            for l in launches {
+                match kinds.iter_mut().find(|k| k[0].kernel.key == l.kernel.key) {
+                    Some(kind) => kind.push(l),
+                    None => kinds.push(vec![l]),
+                }
+            }
+            if kinds.len() == 1 {
+                return self.emit_one_by_one(rec, &kinds[0]);
+            }
+            for kind in kinds {
+                self.emit_fused(rec, kind)?;
+            }
+            return Ok(());
+        }
         if last_stage > 0 {
             let mut stages: Vec<Vec<Launch>> = (0..=last_stage).map(|_| Vec::new()).collect();
             for mut l in launches {
@@ -1038,7 +1081,11 @@ impl Device {
             }
             return Ok(());
         }
-        for l in &launches {
+        self.emit_one_by_one(rec, &launches)
+    }
+
+    fn emit_one_by_one(&self, rec: &mut Recorder, launches: &[Launch]) -> Result<()> {
+        for l in launches {
             let buffers: Vec<Bound> = l.buffers.iter().map(Bound::Buffer).collect();
             self.record_dispatch(rec, &l.kernel, &l.params, &buffers, l.workgroups)?;
         }

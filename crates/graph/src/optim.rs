@@ -659,14 +659,33 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Option<Tensor>
         .filter(|p| p.is_requires_grad())
         .filter_map(|p| p.grad().map(|g| (p, g)))
         .collect();
-    let Some(first) = grads.first() else {
+    if grads.is_empty() {
         return Ok(None);
-    };
-    let mut total = first.1.square()?.sum_all()?;
-    for (_, g) in &grads[1..] {
-        total = total.add(&g.square()?.sum_all()?)?;
     }
-    let norm = total.sqrt()?;
+    // Launched stage by stage (every square, then every sum, then the sums
+    // added pairwise) so that inside `Device::together` each stage's
+    // independent kernels share dispatches: a model's hundred gradients take
+    // tens of dispatches rather than hundreds.
+    let squares = grads
+        .iter()
+        .map(|(_, g)| g.square())
+        .collect::<Result<Vec<_>>>()?;
+    let mut sums = squares
+        .iter()
+        .map(|sq| sq.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    drop(squares);
+    while sums.len() > 1 {
+        sums = sums
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => a.add(b),
+                [a] => Ok(a.clone()),
+                _ => unreachable!("chunks of two"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    let norm = sums[0].sqrt()?;
     let scale = crate::ops::arith::map(
         &kiln_device::Elementwise::new("clip_scale", "min(1.0, s0 / (x0 + 1e-6))")
             .scalars(&[max_norm]),

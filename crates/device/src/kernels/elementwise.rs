@@ -11,8 +11,6 @@ use crate::kernel::Specialize;
 use std::fmt::Write;
 
 const TEMPLATE: &str = include_str!("../../../../shaders/elementwise.wgsl");
-/// Largest rank the kernel's parameter block holds.
-pub const MAX_RANK: usize = 8;
 /// Most inputs one expression may read.
 pub const MAX_INPUTS: usize = 4;
 
@@ -308,17 +306,52 @@ fn collapse(out: &[usize], strides: &mut [Vec<usize>]) -> Vec<usize> {
     shape
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    numel: u32,
-    rank: u32,
-    row_threads: u32,
-    _pad: u32,
-    scalars: [f32; 4],
-    shape: [u32; 8],
-    strides: [u32; 32],
-    offsets: [u32; 4],
+/// The fields of a kernel's parameter block beyond `numel` and `row_threads`.
+/// A block holds only what its kernel reads, so that several kernels'
+/// blocks fit the one block of a fused dispatch (see `Device::together`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ParamFields {
+    /// `scalars: vec4<f32>`, for expressions that read `s0..s3`.
+    scalars: bool,
+    /// `offsets: vec4<u32>`, the first element of each strided slot.
+    offsets: bool,
+}
+
+impl ParamFields {
+    fn new(expr: &str, strided: bool) -> Self {
+        let reads_scalar = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|token| matches!(token, "s0" | "s1" | "s2" | "s3"));
+        Self {
+            scalars: reads_scalar,
+            offsets: strided,
+        }
+    }
+
+    fn wgsl(self) -> String {
+        let mut s = String::from(
+            "struct Params {\n    numel: u32,\n    row_threads: u32,\n    _pad0: u32,\n    _pad1: u32,\n",
+        );
+        if self.scalars {
+            s += "    scalars: vec4<f32>,\n";
+        }
+        if self.offsets {
+            s += "    offsets: vec4<u32>,\n";
+        }
+        s + "}\n"
+    }
+
+    /// The block's bytes, laid out as [`ParamFields::wgsl`] declares it.
+    fn bytes(self, numel: u32, row_threads: u32, scalars: [f32; 4], offsets: [u32; 4]) -> Vec<u8> {
+        let mut words = vec![numel, row_threads, 0, 0];
+        if self.scalars {
+            words.extend(scalars.map(f32::to_bits));
+        }
+        if self.offsets {
+            words.extend(offsets);
+        }
+        bytemuck::cast_slice(&words).to_vec()
+    }
 }
 
 impl Device {
@@ -529,12 +562,6 @@ impl Device {
         let name = op.name;
         let numel: usize = out_shape.iter().product();
         let shape = collapse(out_shape, &mut strides);
-        if shape.len() > MAX_RANK {
-            return Err(DeviceError::Shape {
-                op: name,
-                message: format!("rank {} exceeds the supported {MAX_RANK}", out_shape.len()),
-            });
-        }
         // Strided kernels are specialised to their (collapsed) shape and strides:
         // index arithmetic by constants compiles to multiplies and shifts, where
         // a division by a runtime extent costs tens of cycles per lane on CPU
@@ -555,35 +582,30 @@ impl Device {
                 .last()
                 .is_none_or(|&extent| !strided || extent % 4 == 0);
         let key = kernel_key(op.expr, access, layout) + if packed { ":vec4" } else { "" };
-        let kernel = self.kernel(&key, || generate(op.expr, access, layout, packed))?;
+        let fields = ParamFields::new(op.expr, strided);
+        let kernel = self.kernel(&key, || generate(op.expr, access, layout, packed, fields))?;
         let lanes = if packed { numel / 4 } else { numel };
 
         let groups = (lanes as u64).div_ceil(u64::from(LINEAR_WORKGROUP));
         let grid = grid_2d(groups, self.limits().max_compute_workgroups_per_dimension)?;
-        let mut params = Params {
-            numel: to_u32(name, "element count", lanes)?,
-            rank: shape.len() as u32,
-            row_threads: grid[0] * LINEAR_WORKGROUP,
-            _pad: 0,
-            scalars: op.scalars,
-            shape: [1; 8],
-            strides: [0; 32],
-            offsets: [0; 4],
-        };
-        for (d, &extent) in shape.iter().enumerate() {
-            params.shape[d] = to_u32(name, "extent", extent)?;
+        // The generated offset functions take extents and strides as 32-bit
+        // constants.
+        for &v in shape.iter().chain(strides.iter().flatten()) {
+            to_u32(name, "extent or stride", v)?;
         }
-        for (i, s) in strides.iter().enumerate() {
-            for (d, &stride) in s.iter().enumerate() {
-                params.strides[i * MAX_RANK + d] = to_u32(name, "stride", stride)?;
-            }
+        let mut offsets32 = [0; MAX_INPUTS];
+        for (slot, &o) in offsets32.iter_mut().zip(offsets) {
+            *slot = to_u32(name, "offset", o)?;
         }
-        for (i, &o) in offsets.iter().enumerate() {
-            params.offsets[i] = to_u32(name, "offset", o)?;
-        }
+        let params = fields.bytes(
+            to_u32(name, "element count", lanes)?,
+            grid[0] * LINEAR_WORKGROUP,
+            op.scalars,
+            offsets32,
+        );
         let mut bindings = buffers.to_vec();
         bindings.push(out);
-        self.dispatch(&kernel, bytemuck::bytes_of(&params), &bindings, grid)
+        self.dispatch(&kernel, &params, &bindings, grid)
     }
 
     /// Applies a unary op to every element.
@@ -650,13 +672,16 @@ fn offset_function(slot: usize, shape: &[usize], strides: &[usize]) -> String {
 /// multiple of 4) handle four consecutive elements per invocation: `idx`
 /// counts vec4s, and the expression is evaluated per lane of the vec4 with
 /// `idx` and `x{i}` rebound to that element.
-fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>, packed: bool) -> String {
+fn generate(
+    expr: &str,
+    access: &[Access],
+    layout: Option<Layout<'_>>,
+    packed: bool,
+    fields: ParamFields,
+) -> String {
     let mut bindings = String::new();
     let mut loads = String::new();
-    let index_of = |slot: usize| match layout {
-        Some(_) => format!("strided_offset_{slot}(idx)"),
-        None => format!("broadcast_index({slot}u, idx)"),
-    };
+    let index_of = |slot: usize| format!("strided_offset_{slot}(idx)");
     if let Some((shape, strides)) = layout {
         for (slot, a) in access.iter().enumerate() {
             if matches!(a, Access::Strided | Access::StridedOutput) {
@@ -719,8 +744,13 @@ fn generate(expr: &str, access: &[Access], layout: Option<Layout<'_>>, packed: b
     } else {
         format!("out[idx] = {expr};")
     };
+    let scalars = match fields.scalars {
+        true => "    let s0 = p.scalars.x;\n    let s1 = p.scalars.y;\n    let s2 = p.scalars.z;\n    let s3 = p.scalars.w;\n",
+        false => "",
+    };
     Specialize::new(TEMPLATE)
-        .constant_u32("MAX_RANK", MAX_RANK as u32)
+        .replace("PARAMS", &fields.wgsl())
+        .replace("SCALARS", scalars)
         .replace("BINDINGS", &bindings)
         .replace("LOADS", &loads)
         .replace("STORE", &store)
