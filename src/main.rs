@@ -22,6 +22,35 @@ struct Cli {
     command: Command,
 }
 
+/// A learning rate: a finite number above 0.
+fn learning_rate(arg: &str) -> Result<f32, String> {
+    match arg.parse::<f32>() {
+        Ok(lr) if lr.is_finite() && lr > 0.0 => Ok(lr),
+        _ => Err(format!(
+            "{arg:?} is not a learning rate: give a number above 0, e.g. 1e-3"
+        )),
+    }
+}
+
+/// A count that must be at least 1 (epochs, samples, batch sizes).
+fn at_least_one(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{arg:?}: give a whole number of at least 1")),
+    }
+}
+
+/// Tokens per text for a BERT model: its [CLS] and [SEP] and at least one
+/// token of the text.
+fn token_budget(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if n >= 3 => Ok(n),
+        _ => Err(format!(
+            "{arg:?}: give at least 3 ([CLS], [SEP] and one token of the text)"
+        )),
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DatasetName {
     Mnist,
@@ -87,11 +116,12 @@ enum Command {
         model: Architecture,
         #[arg(long, value_enum, default_value = "mnist")]
         dataset: DatasetName,
-        #[arg(long, default_value_t = 10)]
+        /// Epochs in all; with --resume, training continues up to this many.
+        #[arg(long, default_value_t = 10, value_parser = at_least_one)]
         epochs: usize,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = at_least_one)]
         batch_size: usize,
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-3, value_parser = learning_rate)]
         lr: f32,
         #[arg(long, value_enum, default_value = "cross-entropy")]
         loss: LossName,
@@ -108,13 +138,18 @@ enum Command {
         #[arg(long)]
         checkpoint: Option<PathBuf>,
         /// Continue from the checkpoint instead of starting afresh.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
-        /// Use only the first N training samples.
+        /// Start afresh even if the checkpoint exists, replacing it after the
+        /// first epoch (without this or --resume, an existing checkpoint is
+        /// an error).
         #[arg(long)]
+        overwrite: bool,
+        /// Use only the first N training samples.
+        #[arg(long, value_parser = at_least_one)]
         limit_train: Option<usize>,
         /// Evaluate on only the first N test samples.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         limit_test: Option<usize>,
         /// Matrix products on f16 operands with loss scaling.
         #[arg(long)]
@@ -140,7 +175,7 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Tokens per text at most; longer texts are truncated.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = token_budget)]
         max_length: usize,
         #[arg(required = true)]
         texts: Vec<String>,
@@ -157,26 +192,26 @@ enum Command {
         #[arg(long, value_enum, default_value = "imdb")]
         dataset: DatasetName,
         /// Training reviews, drawn at random (seeded) from the 25,000.
-        #[arg(long, default_value_t = 4000)]
+        #[arg(long, default_value_t = 4000, value_parser = at_least_one)]
         train_samples: usize,
         /// Held-out reviews to evaluate on.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
         test_samples: usize,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one)]
         epochs: usize,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         batch_size: usize,
         /// Peak learning rate of the encoder (AdamW, warm-up then cosine decay).
-        #[arg(long, default_value_t = 1e-4)]
+        #[arg(long, default_value_t = 1e-4, value_parser = learning_rate)]
         lr: f32,
         /// Learning rate of the new classification head (Adam).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-3, value_parser = learning_rate)]
         head_lr: f32,
         /// Encoder blocks to freeze, from the bottom (the embeddings always are).
         #[arg(long, default_value_t = 4)]
         freeze_layers: usize,
         /// Tokens per review; longer reviews are truncated.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = token_budget)]
         max_length: usize,
         /// Which tokens of a longer review are kept.
         #[arg(long, value_enum, default_value = "head-tail")]
@@ -199,9 +234,10 @@ enum Command {
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
-        #[arg(long, value_enum, default_value = "mnist")]
-        dataset: DatasetName,
-        #[arg(long)]
+        /// [default: the dataset the checkpoint was trained on]
+        #[arg(long, value_enum)]
+        dataset: Option<DatasetName>,
+        #[arg(long, value_parser = at_least_one)]
         limit_test: Option<usize>,
     },
 }
@@ -221,11 +257,17 @@ fn main() -> std::process::ExitCode {
             patience,
             checkpoint,
             resume,
+            overwrite,
             limit_train,
             limit_test,
             mixed_precision,
             no_progress,
         } => {
+            let start = match (resume, overwrite) {
+                (true, _) => Start::Resume,
+                (false, true) => Start::Overwrite,
+                (false, false) => Start::Fresh,
+            };
             let options = FitOptions {
                 epochs,
                 batch_size,
@@ -254,7 +296,7 @@ fn main() -> std::process::ExitCode {
                 lr,
                 loss,
                 options,
-                resume,
+                start,
                 limit_train,
                 limit_test,
             )
@@ -392,6 +434,46 @@ fn check_pair(model: Architecture, dataset: DatasetName) -> Result<()> {
     Ok(())
 }
 
+/// How `kiln train` treats the checkpoint file it names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A new run; an existing checkpoint is an error (it is never replaced
+    /// unasked).
+    Fresh,
+    /// Continue from the checkpoint.
+    Resume,
+    /// A new run that replaces the checkpoint.
+    Overwrite,
+}
+
+/// Fails now, before any training, if `path` cannot take a file: a
+/// directory, or a directory that cannot be created or written.
+fn check_writable_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{} is a directory; name a file to write", path.display());
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    check_writable_dir(dir)
+}
+
+/// Creates `dir` if need be and checks that a file can be written in it.
+fn check_writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let probe = dir.join(format!(".kiln-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("cannot write in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The name `kiln train` records for a dataset, as its CLI value.
+fn dataset_name(dataset: DatasetName) -> String {
+    let value = dataset.to_possible_value().expect("no skipped variants");
+    value.get_name().to_string()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train(
     model: Architecture,
@@ -399,11 +481,26 @@ fn train(
     lr: f32,
     loss: Loss,
     options: FitOptions,
-    resume: bool,
+    start: Start,
     limit_train: Option<usize>,
     limit_test: Option<usize>,
 ) -> Result<()> {
     check_pair(model, dataset)?;
+    let checkpoint = options.checkpoint.clone().expect("set by the CLI");
+    check_writable_file(&checkpoint)?;
+    if start == Start::Fresh && checkpoint.exists() {
+        bail!(
+            "{} exists: pass --resume to continue that run, --overwrite to start afresh and \
+             replace it, or --checkpoint to write elsewhere",
+            checkpoint.display()
+        );
+    }
+    if start == Start::Resume && !checkpoint.exists() {
+        bail!(
+            "nothing to resume: {} does not exist (drop --resume to start a new run)",
+            checkpoint.display()
+        );
+    }
     let (mut train, mut test, vectorizer) = load(dataset, None)?;
     if let Some(n) = limit_train {
         train = train.take(n);
@@ -418,15 +515,23 @@ fn train(
     let mut trainer = Trainer::new(network, optimizer, &device);
     trainer.loss = loss;
     trainer.metadata.insert("model".into(), model.name().into());
+    trainer
+        .metadata
+        .insert("dataset".into(), dataset_name(dataset));
     if let Some(v) = &vectorizer {
         trainer.metadata.insert("vectorizer".into(), v.to_json());
     }
-    let checkpoint = options.checkpoint.clone().expect("set by the CLI");
-    if resume {
+    if start == Start::Resume {
         trainer
             .resume(&checkpoint)
             .with_context(|| format!("resuming from {}", checkpoint.display()))?;
         println!("resuming after epoch {}", trainer.epochs_done);
+        if trainer.epochs_done >= options.epochs {
+            println!(
+                "the checkpoint already holds {} epochs: nothing to train (raise --epochs for more)",
+                trainer.epochs_done
+            );
+        }
     }
     println!(
         "training on {} samples ({} for validation), batch {}, {} epochs, on {}",
@@ -436,11 +541,13 @@ fn train(
         options.epochs,
         device.adapter_info().name
     );
-    let start = std::time::Instant::now();
+    let clock = std::time::Instant::now();
     let history = trainer.fit(&train, &options)?;
-    let wall = start.elapsed().as_secs_f64();
+    let wall = clock.elapsed().as_secs_f64();
     let run_dir = checkpoint.parent().map(PathBuf::from).unwrap_or_default();
-    history
+    // The whole run's, resumed epochs included.
+    trainer
+        .history
         .save(&run_dir)
         .with_context(|| format!("writing the history to {}", run_dir.display()))?;
     let (test_loss, test_accuracy) = trainer.evaluate(&test, 250)?;
@@ -464,6 +571,8 @@ fn train(
 /// reads text.
 struct Trained {
     model: Architecture,
+    /// The dataset it was trained on, where the checkpoint says.
+    dataset: Option<DatasetName>,
     vectorizer: Option<TextVectorizer>,
     trainer: Trainer<Adam>,
 }
@@ -492,18 +601,29 @@ fn open_trained(path: &Path) -> Result<Trained> {
     let network = model.build(&device, 0)?;
     network.load_weights(path)?;
     let trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
+    let dataset = metadata
+        .get("dataset")
+        .and_then(|name| DatasetName::from_str(name, false).ok());
     Ok(Trained {
         model,
+        dataset,
         vectorizer,
         trainer,
     })
 }
 
-fn eval(path: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<()> {
+fn eval(path: &Path, dataset: Option<DatasetName>, limit_test: Option<usize>) -> Result<()> {
     if let Some(dir) = finetuned_dir(path) {
-        return eval_finetuned(&dir, dataset, limit_test);
+        return eval_finetuned(&dir, dataset.unwrap_or(DatasetName::Imdb), limit_test);
     }
     let trained = open_trained(path)?;
+    // Checkpoints older than the `dataset` metadata: the model's kind decides.
+    let dataset = dataset
+        .or(trained.dataset)
+        .unwrap_or(match trained.model.reads_text() {
+            true => DatasetName::Imdb,
+            false => DatasetName::Mnist,
+        });
     check_pair(trained.model, dataset)?;
     let (_, mut test, _) = load(dataset, trained.vectorizer)?;
     if let Some(n) = limit_test {
@@ -520,6 +640,12 @@ fn eval(path: &Path, dataset: DatasetName, limit_test: Option<usize>) -> Result<
 }
 
 fn predict(path: &Path, texts: &[String]) -> Result<()> {
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        bail!(
+            "text {} is empty: give each text to classify as one argument",
+            i + 1
+        );
+    }
     if let Some(dir) = finetuned_dir(path) {
         return predict_finetuned(&dir, texts);
     }
@@ -531,17 +657,40 @@ fn predict(path: &Path, texts: &[String]) -> Result<()> {
             trained.model.name()
         );
     };
-    let ids: Vec<f32> = vectorizer
-        .encode_all(texts.iter().map(String::as_str))
-        .into_iter()
-        .map(|id| id as f32)
-        .collect();
-    let probabilities = trained.trainer.predict(&ids, vectorizer.sequence_length)?;
-    let classes = probabilities.len() / texts.len();
-    for (text, p) in texts.iter().zip(probabilities.chunks(classes)) {
-        // IMDB's labels: 0 negative, 1 positive.
-        let label = if p[1] >= p[0] { "positive" } else { "negative" };
-        println!("{label} ({:.3})  {text}", p[1]);
+    if let Some(i) = texts
+        .iter()
+        .position(|t| kiln::data::text::words(t).next().is_none())
+    {
+        bail!("text {} ({:?}) has no words to classify", i + 1, texts[i]);
+    }
+    // In batches, so that any number of texts fits the adapter's buffers.
+    for chunk in texts.chunks(PREDICT_BATCH) {
+        let ids: Vec<f32> = vectorizer
+            .encode_all(chunk.iter().map(String::as_str))
+            .into_iter()
+            .map(|id| id as f32)
+            .collect();
+        let probabilities = trained.trainer.predict(&ids, vectorizer.sequence_length)?;
+        let classes = probabilities.len() / chunk.len();
+        for (text, p) in chunk.iter().zip(probabilities.chunks(classes)) {
+            // IMDB's labels: 0 negative, 1 positive.
+            let label = if p[1] >= p[0] { "positive" } else { "negative" };
+            println!("{label} ({:.3})  {text}", p[1]);
+        }
+    }
+    Ok(())
+}
+
+/// Texts per forward pass in `predict` and `embed`.
+const PREDICT_BATCH: usize = 32;
+
+/// Refuses a token budget the model has no positions for, naming the flag.
+fn check_max_length(max_length: usize, config: &kiln::models::bert::BertConfig) -> Result<()> {
+    if max_length > config.max_position_embeddings {
+        bail!(
+            "--max-length {max_length} exceeds the model's {} positions",
+            config.max_position_embeddings
+        );
     }
     Ok(())
 }
@@ -568,13 +717,15 @@ fn embed(model: Option<PathBuf>, max_length: usize, texts: &[String]) -> Result<
     )?;
     let device = Device::new()?;
     let bert = Bert::from_pretrained(&device, &dir)?;
-    let batch = tokenizer.batch(texts)?;
-    let input = batch.input();
+    check_max_length(max_length, &bert.config)?;
     let _no_grad = kiln::graph::NoGradGuard::new();
-    let hidden = bert.forward(&input, &mut kiln::models::Mode::eval())?;
-    let embeddings = l2_normalize(&mean_pool(&hidden, &batch.mask)?)?.to_vec()?;
-    for row in embeddings.chunks(bert.config.hidden_size) {
-        println!("{}", serde_json::to_string(row)?);
+    for chunk in texts.chunks(PREDICT_BATCH) {
+        let batch = tokenizer.batch(chunk)?;
+        let hidden = bert.forward(&batch.input(), &mut kiln::models::Mode::eval())?;
+        let embeddings = l2_normalize(&mean_pool(&hidden, &batch.mask)?)?.to_vec()?;
+        for row in embeddings.chunks(bert.config.hidden_size) {
+            println!("{}", serde_json::to_string(row)?);
+        }
     }
     Ok(())
 }
@@ -602,6 +753,24 @@ fn finetune_bert(
         bail!("BERT fine-tuning reads text: use --dataset imdb");
     }
     let dir = pretrained_dir(setup.model_dir.clone())?;
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&setup.output, &dir) {
+        bail!(
+            "--output {} is the pretrained model's directory; saving there would replace its \
+             weights: pick another directory",
+            setup.output.display()
+        );
+    }
+    if setup.output.is_file() {
+        bail!(
+            "--output {} is a file; name a directory",
+            setup.output.display()
+        );
+    }
+    check_writable_dir(&setup.output)?;
     let reviews = imdb::load()?;
     let picked = &kiln::data::shuffled_indices(reviews.train.len(), options.seed)
         [..setup.train_samples.min(reviews.train.len())];
@@ -626,6 +795,7 @@ fn finetune_bert(
     };
     let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?
         .with_pooling(pooling);
+    check_max_length(setup.max_length, &classifier.bert.config)?;
     classifier.freeze(setup.freeze_layers);
     let layers = classifier.bert.config.num_hidden_layers;
     println!(

@@ -487,3 +487,44 @@ fn f16_and_bf16_checkpoints_load_as_their_rounded_values() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn configs_that_cannot_make_a_model_are_errors_not_aborts() {
+    let d = common::device();
+    // Sizes from a corrupt config.json: refused before any host allocation.
+    let huge = BertConfig {
+        vocab_size: 1 << 40,
+        ..tiny_config()
+    };
+    let err = Bert::new(d, huge, 0)
+        .err()
+        .expect("a 2^40-row table")
+        .to_string();
+    assert!(err.contains("exceeds this adapter's limit"), "{err}");
+    for (bad, what) in [
+        (
+            BertConfig {
+                layer_norm_eps: -1e-12,
+                ..tiny_config()
+            },
+            "layer_norm_eps",
+        ),
+        (
+            BertConfig {
+                vocab_size: 0,
+                ..tiny_config()
+            },
+            "vocab_size",
+        ),
+        (
+            BertConfig {
+                hidden_dropout_prob: 1.5,
+                ..tiny_config()
+            },
+            "hidden_dropout_prob",
+        ),
+    ] {
+        let err = Bert::new(d, bad, 0).err().expect(what).to_string();
+        assert!(err.contains(what), "{err}");
+    }
+}

@@ -195,3 +195,77 @@ fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn nonsense_settings_are_refused_before_any_work() {
+    for args in [
+        &["train", "mlp", "--lr", "NaN"][..],
+        &["train", "mlp", "--lr=-1"],
+        &["train", "mlp", "--epochs", "0"],
+        &["train", "mlp", "--limit-test", "0"],
+        &["finetune", "bert", "--head-lr", "inf"],
+        &["finetune", "bert", "--epochs", "0"],
+        &["embed", "--max-length", "1", "hello"],
+    ] {
+        let out = kiln().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("give") || stderr.contains("learning rate"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = kiln()
+        .args([
+            "predict",
+            "--checkpoint",
+            "unused.safetensors",
+            "fine",
+            "  ",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("text 2 is empty"), "{stderr}");
+}
+
+#[test]
+fn an_existing_checkpoint_is_never_replaced_unasked() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-keep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    std::fs::write(&path, b"an earlier run's weights").unwrap();
+    let train = |checkpoint: &std::path::Path, extra: &[&str]| {
+        let out = kiln()
+            .args(["train", "mlp", "--checkpoint", checkpoint.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = train(&path, &[]);
+    assert!(
+        stderr.contains("exists") && stderr.contains("--resume") && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's weights");
+    // Resuming needs a checkpoint, and a directory is no file to write.
+    let stderr = train(&dir.join("none.safetensors"), &["--resume"]);
+    assert!(stderr.contains("nothing to resume"), "{stderr}");
+    let stderr = train(&dir, &[]);
+    assert!(stderr.contains("is a directory"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn finetuning_refuses_to_write_over_its_pretrained_model() {
+    let model = kiln::data::cache_dir().join("minilm");
+    let out = kiln()
+        .args(["finetune", "bert", "--output", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pretrained model's directory"), "{stderr}");
+}

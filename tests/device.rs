@@ -458,3 +458,17 @@ fn a_chain_that_cannot_fuse_still_fuses_its_stages() {
     let total: f32 = data.iter().map(|v| 3.0 * v + 1.0).sum();
     assert!((got[2][0] - total).abs() <= 1e-4 * total.abs().max(1.0));
 }
+
+#[test]
+fn oversized_matmul_tiles_are_refused() {
+    let d = Device::new().unwrap();
+    let huge: MatmulTiling = "register:64x64:4x4".parse().unwrap();
+    let err = huge
+        .validate(d.limits(), d.features(), d.adapter_info())
+        .unwrap_err();
+    assert!(err.contains("4096 outputs per invocation"), "{err}");
+    let largest: MatmulTiling = "register:16x16:4x4".parse().unwrap();
+    assert!(largest
+        .validate(d.limits(), d.features(), d.adapter_info())
+        .is_ok());
+}

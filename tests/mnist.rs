@@ -297,6 +297,15 @@ fn killing_training_never_leaves_a_corrupt_checkpoint() {
         "{stdout}"
     );
     assert_eq!(epoch_of(&path), last + 1);
+    // The history covers the whole run, killed stretches included (the
+    // checkpoint carries it).
+    let csv = std::fs::read_to_string(dir.join("history.csv")).unwrap();
+    let epochs: Vec<usize> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(epochs, (1..=last + 1).collect::<Vec<_>>(), "{csv}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

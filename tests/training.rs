@@ -540,3 +540,40 @@ fn clipping_many_gradients_matches_their_global_norm() {
         );
     }
 }
+
+#[test]
+fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
+    use kiln::data::Dataset;
+    use kiln::train::{FitOptions, Trainer};
+    let d = device();
+    let (x, y) = circle_data(256, 80);
+    let data = Dataset::new(2, x, y, 2).unwrap();
+    let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
+    let optimizer = Sgd::new(model.parameters(), 0.1);
+    let mut trainer = Trainer::new(model, optimizer, d);
+    let dir = std::env::temp_dir().join(format!("kiln-diverge-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    let options = FitOptions {
+        epochs: 1,
+        batch_size: 32,
+        progress: false,
+        log_epochs: false,
+        checkpoint: Some(path.clone()),
+        ..Default::default()
+    };
+    trainer.fit(&data, &options).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    trainer.optimizer.set_learning_rate(1e30);
+    let more = FitOptions {
+        epochs: 3,
+        ..options.clone()
+    };
+    let err = trainer.fit(&data, &more).unwrap_err().to_string();
+    assert!(err.contains("diverged") && err.contains("epoch 1"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), saved);
+    // A rate that can only do harm is refused before any step.
+    trainer.optimizer.set_learning_rate(f32::NAN);
+    let err = trainer.fit(&data, &more).unwrap_err().to_string();
+    assert!(err.contains("learning rate NaN"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

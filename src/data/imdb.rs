@@ -207,6 +207,15 @@ fn read_encoded(path: &Path, sequence_length: usize) -> Option<Encoded> {
         let y = file
             .tensor_f32(&format!("{name}_labels"), &[TRAIN_SIZE])
             .ok()?;
+        // A damaged cache (ids outside the vocabulary) is rebuilt, not fed
+        // to the embedding.
+        let vocab = vectorizer.vocab_size() as f32;
+        if !x
+            .iter()
+            .all(|&id| id >= 0.0 && id < vocab && id.fract() == 0.0)
+        {
+            return None;
+        }
         Dataset::new(sequence_length, x, y.iter().map(|&l| l as u32).collect(), 2).ok()
     };
     Some(Encoded {

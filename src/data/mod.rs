@@ -29,7 +29,7 @@ pub enum DataError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

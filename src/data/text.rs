@@ -21,6 +21,10 @@ pub const PAD: u32 = 0;
 /// Id of words outside the vocabulary.
 pub const UNKNOWN: u32 = 1;
 
+/// Longest sequence a saved vectorizer may ask for (a sanity bound on
+/// checkpoint metadata).
+pub const MAX_SEQUENCE_LENGTH: usize = 1 << 20;
+
 /// A vocabulary and a sequence length; see the module docs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextVectorizer {
@@ -127,6 +131,12 @@ impl TextVectorizer {
             return Err(DataError::Invalid(format!(
                 "unknown text vectorizer format {:?}",
                 saved.format
+            )));
+        }
+        if !(1..=MAX_SEQUENCE_LENGTH).contains(&saved.sequence_length) {
+            return Err(DataError::Invalid(format!(
+                "text vectorizer: sequence_length {} is outside 1..={MAX_SEQUENCE_LENGTH}",
+                saved.sequence_length
             )));
         }
         let mut vocab = vec![String::new(), "[UNK]".to_string()];

@@ -77,6 +77,13 @@ pub fn finetune(
             options.batch_size
         )));
     }
+    if options.epochs == 0 {
+        return Err(ModelError::Invalid(
+            "finetune: 0 epochs would leave the new head untrained".into(),
+        ));
+    }
+    super::check_learning_rate("encoder learning rate", options.lr)?;
+    super::check_learning_rate("head learning rate", options.head_lr)?;
     let mut encoder = Adam::adamw(
         model.trainable_encoder_parameters(),
         options.lr,
@@ -153,6 +160,13 @@ pub fn finetune(
             ));
         }
         bar.finish_and_clear();
+        if !loss_sum.is_finite() {
+            return Err(ModelError::Invalid(format!(
+                "fine-tuning diverged: epoch {epoch}'s loss is {}; try lower learning rates \
+                 (now {} for the encoder, {} for the head)",
+                loss_sum, options.lr, options.head_lr
+            )));
+        }
         let seconds = start.elapsed().as_secs_f64();
         let stats = FinetuneEpoch {
             epoch,
@@ -178,6 +192,13 @@ pub fn evaluate_classifier(
     labels: &[u32],
     batch_size: usize,
 ) -> Result<f32> {
+    if texts.is_empty() || texts.len() != labels.len() {
+        return Err(ModelError::Invalid(format!(
+            "evaluate: {} texts with {} labels; give at least one of each, as many labels as texts",
+            texts.len(),
+            labels.len()
+        )));
+    }
     let _guard = NoGradGuard::new();
     let mut correct = 0;
     for (chunk, chunk_labels) in texts
@@ -189,7 +210,7 @@ pub fn evaluate_classifier(
         let logits = model.forward(&input, &mut Mode::eval())?;
         correct += count_correct(&logits.to_vec()?, chunk_labels);
     }
-    Ok(correct as f32 / texts.len().max(1) as f32)
+    Ok(correct as f32 / texts.len() as f32)
 }
 
 fn count_correct(logits: &[f32], labels: &[u32]) -> usize {

@@ -1,10 +1,10 @@
 //! Per-epoch results of a training run, written as JSON and CSV.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// What one epoch measured.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochStats {
     /// 1-based, counting epochs of resumed runs too.
     pub epoch: usize,
@@ -17,7 +17,7 @@ pub struct EpochStats {
 }
 
 /// The epochs of a `fit` call, in order.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct History {
     pub epochs: Vec<EpochStats>,
 }

@@ -127,6 +127,9 @@ pub struct Trainer<O: Optimizer> {
     device: Device,
     /// Epochs completed, including those of a run this one resumed.
     pub epochs_done: usize,
+    /// Every epoch completed, including those of a run this one resumed
+    /// (checkpoints carry it); `fit` returns only its own.
+    pub history: History,
     /// Written into every checkpoint (e.g. which architecture to rebuild).
     pub metadata: HashMap<String, String>,
 }
@@ -214,6 +217,7 @@ impl<O: Optimizer> Trainer<O> {
             loss: Loss::default(),
             device: device.clone(),
             epochs_done: 0,
+            history: History::default(),
             metadata: HashMap::new(),
         }
     }
@@ -231,6 +235,7 @@ impl<O: Optimizer> Trainer<O> {
     /// Trains for the epochs not yet done; returns their history.
     pub fn fit(&mut self, data: &Dataset, options: &FitOptions) -> Result<History> {
         self.check_data(data, options.batch_size)?;
+        check_learning_rate("learning rate", self.optimizer.learning_rate())?;
         let (train, validation) = data
             .split_validation(options.validation_split)
             .map_err(|e| {
@@ -239,6 +244,13 @@ impl<O: Optimizer> Trainer<O> {
                     message: e.to_string(),
                 })
             })?;
+        if train.is_empty() {
+            return Err(ModelError::Invalid(format!(
+                "validation_split {} of {} samples leaves none to train on",
+                options.validation_split,
+                data.len()
+            )));
+        }
         let mut history = History::default();
         let mut best = f32::INFINITY;
         let mut since_best = 0;
@@ -286,6 +298,17 @@ impl<O: Optimizer> Trainer<O> {
                 }
             }
             let (loss, accuracy) = tally.read()?;
+            if !loss.is_finite() {
+                // Saving now would replace the last good checkpoint with
+                // weights that are no use.
+                bar.finish_and_clear();
+                return Err(ModelError::Invalid(format!(
+                    "training diverged: epoch {epoch}'s loss is {loss}; the checkpoint still holds \
+                     epoch {}; try a lower learning rate (now {})",
+                    self.epochs_done,
+                    self.optimizer.learning_rate()
+                )));
+            }
             let seconds = start.elapsed().as_secs_f64();
             let (val_loss, val_accuracy) = if validation.is_empty() {
                 (None, None)
@@ -307,6 +330,7 @@ impl<O: Optimizer> Trainer<O> {
                 eprintln!("{}", describe(&stats, options.epochs));
             }
             self.epochs_done = epoch;
+            self.history.epochs.push(stats.clone());
             if let Some(path) = &options.checkpoint {
                 self.save_checkpoint(path)?;
             }
@@ -370,6 +394,7 @@ impl<O: Optimizer> Trainer<O> {
         let mut metadata = self.metadata.clone();
         metadata.extend([
             ("epoch".to_string(), self.epochs_done.to_string()),
+            ("history".to_string(), self.history.to_json()),
             ("optimizer_step".to_string(), state.step.to_string()),
             ("format".to_string(), "kiln-checkpoint-1".to_string()),
         ]);
@@ -396,7 +421,25 @@ impl<O: Optimizer> Trainer<O> {
         };
         self.optimizer.load_state(&state)?;
         self.epochs_done = field("epoch")? as usize;
+        // Checkpoints from before the history was kept in them have none.
+        self.history = metadata
+            .get("history")
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_default();
+        self.history.epochs.retain(|e| e.epoch <= self.epochs_done);
         Ok(())
+    }
+}
+
+/// Refuses a learning rate that can only wreck the weights (NaN, infinite
+/// or negative); `what` names it in the error.
+pub fn check_learning_rate(what: &str, lr: f32) -> Result<()> {
+    if lr.is_finite() && lr >= 0.0 {
+        Ok(())
+    } else {
+        Err(ModelError::Invalid(format!(
+            "{what} {lr}: it must be a finite number, at least 0"
+        )))
     }
 }
 

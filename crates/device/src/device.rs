@@ -535,8 +535,14 @@ impl Device {
             .min(self.shared.limits.max_buffer_size)
     }
 
-    fn allocate(&self, len: usize, dtype: DType, first_use: FirstUse) -> Result<GpuBuffer> {
-        let bytes = (len as u64 * dtype.size_bytes() as u64).next_multiple_of(4);
+    /// Whether a buffer of `len` elements of `dtype` fits the adapter's
+    /// limit; an error that says so if not. Callers that build the contents
+    /// on the host first check here, before allocating host memory.
+    pub fn check_buffer_len(&self, len: usize, dtype: DType) -> Result<()> {
+        let bytes = (len as u64)
+            .saturating_mul(dtype.size_bytes() as u64)
+            .checked_next_multiple_of(4)
+            .unwrap_or(u64::MAX);
         let limit = self.max_buffer_bytes() / 4 * 4;
         if bytes > limit {
             return Err(DeviceError::BufferTooLarge {
@@ -545,6 +551,13 @@ impl Device {
                 limit,
             });
         }
+        Ok(())
+    }
+
+    fn allocate(&self, len: usize, dtype: DType, first_use: FirstUse) -> Result<GpuBuffer> {
+        self.check_buffer_len(len, dtype)?;
+        let bytes = (len as u64 * dtype.size_bytes() as u64).next_multiple_of(4);
+        let limit = self.max_buffer_bytes() / 4 * 4;
         let bucket = bucket_size(bytes).min(limit);
         if let Some(raw) = lock(&self.shared.pool).take(bucket, first_use) {
             return Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()));

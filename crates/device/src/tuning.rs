@@ -139,6 +139,17 @@ impl MatmulTiling {
                 ));
             }
         }
+        let outputs = match *self {
+            MatmulTiling::Register { tm, tn, .. } | MatmulTiling::Shared { tm, tn, .. } => tm * tn,
+            MatmulTiling::Subgroup { tm, .. } => tm * 4,
+        };
+        // Each output is an unrolled accumulator: past this, kernels take
+        // minutes to compile and spill everything.
+        if outputs > MAX_TILE_OUTPUTS {
+            return Err(format!(
+                "{self}: {outputs} outputs per invocation; at most {MAX_TILE_OUTPUTS}"
+            ));
+        }
         let threads = self.threads();
         if threads == 0 || threads > limits.max_compute_invocations_per_workgroup {
             return Err(format!(
@@ -149,6 +160,9 @@ impl MatmulTiling {
         Ok(())
     }
 }
+
+/// Most outputs one invocation of a matmul kernel may compute.
+pub const MAX_TILE_OUTPUTS: u32 = 256;
 
 impl fmt::Display for MatmulTiling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -399,7 +399,7 @@ pub struct Adam {
     eps: f32,
     weight_decay: f32,
     decoupled: bool,
-    step: u32,
+    step: u64,
     m: Vec<Option<GpuBuffer>>,
     v: Vec<Option<GpuBuffer>>,
 }
@@ -471,7 +471,7 @@ struct AdamHyper {
 impl Optimizer for Adam {
     fn state(&self) -> Result<OptimizerState> {
         let mut state = OptimizerState {
-            step: u64::from(self.step),
+            step: self.step,
             tensors: Vec::new(),
         };
         save_slots(&mut state.tensors, "m", &self.m, &self.params)?;
@@ -482,13 +482,14 @@ impl Optimizer for Adam {
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         load_slots(state, "m", &mut self.m, &self.params)?;
         load_slots(state, "v", &mut self.v, &self.params)?;
-        self.step = state.step as u32;
+        self.step = state.step;
         Ok(())
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
         self.step += 1;
-        let t = self.step as i32;
+        // Past 2^31 steps the corrections are 1 to f64 precision anyway.
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         // Bias corrections in f64 so late steps do not lose them to rounding.
         let bc1 = (1.0 - f64::from(self.beta1).powi(t)) as f32;
         let bc2 = (1.0 - f64::from(self.beta2).powi(t)) as f32;

@@ -55,6 +55,18 @@ pub struct Tensor {
     inner: Arc<Inner>,
 }
 
+/// The element count of `shape`, checked against the device's buffer limit
+/// before the contents are built on the host: an absurd shape (say, from a
+/// corrupt config) is an error, not an aborted allocation.
+fn host_numel(device: &Device, shape: &[usize]) -> Result<usize> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .unwrap_or(usize::MAX);
+    device.check_buffer_len(numel, DType::F32)?;
+    Ok(numel)
+}
+
 impl Tensor {
     pub(crate) fn from_parts(
         device: &Device,
@@ -115,7 +127,7 @@ impl Tensor {
     }
 
     pub fn full(device: &Device, shape: &[usize], value: f32) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = host_numel(device, shape)?;
         Self::from_slice(device, &vec![value; numel], shape)
     }
 
@@ -126,7 +138,7 @@ impl Tensor {
     /// Values uniform in `[lo, hi)` from a seeded generator (host-side, so the
     /// same seed gives the same tensor on every adapter).
     pub fn uniform(device: &Device, shape: &[usize], lo: f32, hi: f32, seed: u64) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = host_numel(device, shape)?;
         let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15);
         let data: Vec<f32> = (0..numel)
             .map(|_| lo + (hi - lo) * rng.unit_f32())

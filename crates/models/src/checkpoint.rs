@@ -16,7 +16,7 @@ pub enum ModelError {
     Device(#[from] DeviceError),
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -94,6 +94,12 @@ impl Checkpoint {
             path: path.to_path_buf(),
             source,
         };
+        if path.is_dir() {
+            return Err(bad(
+                path,
+                "is a directory; pass the .safetensors file itself (e.g. checkpoint.safetensors in it)",
+            ));
+        }
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let invalid = |e: String| {
