@@ -62,6 +62,13 @@ impl TextureOperands {
 const PARAM_ARENA_BYTES: u64 = 1 << 20;
 /// Largest parameter block a kernel may use.
 pub const MAX_PARAM_BYTES: usize = 256;
+/// Most workgroups a launch with subgroup operations may have and still run
+/// as virtual workgroups in a fused dispatch (see `PartPlan`). On lavapipe a
+/// subgroup matmul of 36 workgroups beside a 256-wide elementwise kernel
+/// (8 virtual workgroups per fused one) ran twice as slowly, costing far
+/// more than the dispatch saved; the CNN's fused products of 2-18
+/// workgroups (2-4 per fused one) made its step about 15% faster.
+const MAX_VIRTUAL_SUBGROUP_WORKGROUPS: u32 = 32;
 /// Uploads queued without a submit before one is forced. wgpu stages
 /// `write_buffer` data until the next submit; bounding it bounds staging memory.
 const UPLOAD_FLUSH_BYTES: u64 = 64 << 20;
@@ -1050,9 +1057,11 @@ impl Device {
         if launches.len() >= 2 {
             let plan = self.fused_plan(&launches)?.filter(|plan| {
                 let parts = plan.source.parts.iter().zip(&launches);
-                parts
-                    .into_iter()
-                    .all(|(part, l)| part.storage_bindings as usize == l.buffers.len())
+                parts.into_iter().all(|(part, l)| {
+                    let workgroups: u32 = l.workgroups.iter().product();
+                    part.storage_bindings as usize == l.buffers.len()
+                        && !(part.virtual_subgroups && workgroups > MAX_VIRTUAL_SUBGROUP_WORKGROUPS)
+                })
             });
             if let Some(plan) = plan {
                 let (block, workgroups) = self.fused_block(&plan.source, &launches)?;

@@ -50,6 +50,10 @@ pub(crate) struct PartPlan {
     pub param_offset: Option<usize>,
     /// Storage bindings the part has (its buffers, in order).
     pub storage_bindings: u32,
+    /// Whether it uses subgroup operations and runs as several virtual
+    /// workgroups per fused one. Their ids then vary per invocation, so a
+    /// CPU adapter computes all of the part's addressing lane by lane.
+    pub virtual_subgroups: bool,
 }
 
 /// A fused kernel's WGSL and how to fill its parameter block.
@@ -209,6 +213,7 @@ pub(crate) fn fuse_sources(
                 .then(|| offset(&format!("k{i}")))
                 .transpose()?,
             storage_bindings: part.storage_bindings,
+            virtual_subgroups: part.uses_subgroups && part.threads < threads,
         });
     }
     Ok(FusedSource {
@@ -260,6 +265,8 @@ struct Part {
     builtins: Vec<naga::BuiltIn>,
     /// Whether it uses barriers or workgroup memory.
     shares_workgroup: bool,
+    /// Whether it uses subgroup operations.
+    uses_subgroups: bool,
     workgroup_bytes: u32,
     has_params: bool,
     storage_bindings: u32,
@@ -309,7 +316,8 @@ impl Part {
         }
         let size = entry.workgroup_size;
         let threads = size.iter().product::<u32>();
-        if code_only.contains("subgroup") {
+        let uses_subgroups = code_only.contains("subgroup");
+        if uses_subgroups {
             match subgroup_size {
                 Some(s) if threads % s == 0 => {}
                 _ => {
@@ -383,6 +391,7 @@ impl Part {
             size,
             builtins,
             shares_workgroup,
+            uses_subgroups,
             workgroup_bytes,
             has_params,
             storage_bindings,
@@ -814,6 +823,11 @@ mod tests {
         assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(None, 256)).is_err());
         assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(Some(8), 256)).is_ok());
         assert!(fuse_sources(&beside(&[SCALE, &subgroup]), limits(Some(64), 256)).is_err());
+        let wide = SCALE.replace("@workgroup_size(4, 2)", "@workgroup_size(64)");
+        let fused = fuse_sources(&beside(&[&wide, &subgroup]), limits(Some(8), 256)).unwrap();
+        let virtual_subgroups: Vec<bool> =
+            fused.parts.iter().map(|p| p.virtual_subgroups).collect();
+        assert_eq!(virtual_subgroups, [false, true]);
     }
 
     #[test]
