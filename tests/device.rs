@@ -275,11 +275,14 @@ fn one_threads_together_does_not_hold_another_threads_launches() {
         });
         wait_inside.recv().unwrap();
         // Recorded at once, not held for (and fused into) the other
-        // thread's group.
+        // thread's group; what that thread holds is recorded first, so
+        // dispatches keep the order they were made in.
         let before = d.dispatch_stats().dispatches;
-        let y = d.unary(UnaryOp::Tanh, x).unwrap();
-        assert_eq!(d.dispatch_stats().dispatches - before, 1);
+        let y = d.unary(UnaryOp::Tanh, x);
+        let recorded = d.dispatch_stats().dispatches - before;
         done.send(()).unwrap();
+        let y = y.unwrap();
+        assert_eq!(recorded, 2);
         let want: Vec<f32> = random_vec(1000, 16, -1.0, 1.0)
             .iter()
             .map(|v| v.tanh())
@@ -471,4 +474,26 @@ fn oversized_matmul_tiles_are_refused() {
     assert!(largest
         .validate(d.limits(), d.features(), d.adapter_info())
         .is_ok());
+}
+
+#[test]
+fn a_buffer_dropped_while_its_reader_is_held_keeps_its_contents() {
+    let d = Device::new().unwrap();
+    let values = random_vec(1000, 18, -1.0, 1.0);
+    let other = random_vec(1000, 19, -1.0, 1.0);
+    let x = d.upload(&values).unwrap();
+    d.synchronize().unwrap(); // nothing recorded: a drop now would free at once
+    let (y, _z) = d
+        .together(|| -> kiln::device::Result<_> {
+            let y = d.unary(UnaryOp::Tanh, &x)?; // held, reads x
+            drop(x);
+            // An upload of the same size must not land in x before tanh reads it.
+            let z = d.upload(&other)?;
+            Ok((y, z))
+        })
+        .unwrap();
+    let got = d.read::<f32>(&y).unwrap();
+    for (g, v) in got.iter().zip(&values) {
+        assert!((g - v.tanh()).abs() < 1e-6, "{g} vs tanh({v})");
+    }
 }

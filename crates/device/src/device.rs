@@ -125,8 +125,9 @@ struct Recorder {
 }
 
 /// The launches one thread holds back inside [`Device::together`]. Other
-/// threads' launches are not held: they would fuse with this thread's in
-/// arbitrary combinations, each a new kernel to compile.
+/// threads' launches are not held (they would fuse with this thread's in
+/// arbitrary combinations, each a new kernel to compile); each records the
+/// held ones first.
 struct Gathering {
     owner: std::thread::ThreadId,
     held: Vec<Launch>,
@@ -873,6 +874,13 @@ impl Device {
         let mut rec = lock(&self.shared.recorder);
         // Only storage-buffer launches are held for fusion.
         let gathering_here = rec.held_here().is_some();
+        if !gathering_here && rec.gathering.is_some() {
+            // Another thread is holding launches back. They go first: the
+            // pool hands a buffer dropped after a recorded read to the next
+            // dispatch as its output, which is only safe while dispatches are
+            // recorded in the order they were made.
+            self.emit_gathered(&mut rec)?;
+        }
         let buffers: Option<Vec<wgpu::Buffer>> = match gathering_here {
             true => resources
                 .iter()
@@ -901,6 +909,10 @@ impl Device {
             if let Some(gathering) = rec.gathering.as_mut() {
                 gathering.held.push(launch);
             }
+            // Held launches count as recorded work: a buffer dropped now may
+            // still be read by one of them, so it must not take an upload
+            // (which runs before the next submit's commands) until then.
+            self.shared.pending.store(true, Ordering::Release);
             return Ok(());
         }
         self.record_dispatch(&mut rec, kernel, params, resources, workgroups)?;
