@@ -547,6 +547,12 @@ impl Device {
     /// limit; an error that says so if not. Callers that build the contents
     /// on the host first check here, before allocating host memory.
     pub fn check_buffer_len(&self, len: usize, dtype: DType) -> Result<()> {
+        self.fitting_bytes(len, dtype).map(|_| ())
+    }
+
+    /// The bytes of a buffer of `len` elements of `dtype` (rounded up to
+    /// whole words) and the adapter's limit, or the error if they exceed it.
+    fn fitting_bytes(&self, len: usize, dtype: DType) -> Result<(u64, u64)> {
         let bytes = (len as u64)
             .saturating_mul(dtype.size_bytes() as u64)
             .checked_next_multiple_of(4)
@@ -559,13 +565,11 @@ impl Device {
                 limit,
             });
         }
-        Ok(())
+        Ok((bytes, limit))
     }
 
     fn allocate(&self, len: usize, dtype: DType, first_use: FirstUse) -> Result<GpuBuffer> {
-        self.check_buffer_len(len, dtype)?;
-        let bytes = (len as u64 * dtype.size_bytes() as u64).next_multiple_of(4);
-        let limit = self.max_buffer_bytes() / 4 * 4;
+        let (bytes, limit) = self.fitting_bytes(len, dtype)?;
         let bucket = bucket_size(bytes).min(limit);
         if let Some(raw) = lock(&self.shared.pool).take(bucket, first_use) {
             return Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()));
