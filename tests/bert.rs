@@ -7,6 +7,7 @@ mod common;
 use kiln::data::cache_dir;
 use kiln::data::tokenize::{PretrainedTokenizer, Truncation};
 use kiln::models::bert::{l2_normalize, mean_pool, Bert, BertConfig, BertInput};
+use kiln::models::checkpoint::Checkpoint;
 use kiln::models::Mode;
 use std::path::PathBuf;
 
@@ -171,7 +172,7 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap(), "{name}");
     }
     // Hugging Face stores Linear weights [out, in]: intermediate is [12, 8].
-    let file = kiln::models::checkpoint::Checkpoint::open(&path).unwrap();
+    let file = Checkpoint::open(&path).unwrap();
     assert!(file
         .tensor_f32("encoder.layer.0.intermediate.dense.weight", &[12, 8])
         .is_ok());
@@ -206,6 +207,16 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         err.contains("missing") && err.contains("encoder.layer.2."),
         "{err}"
     );
+    // Neither a directory nor a named pipe is opened: reading a pipe would
+    // wait for a writer forever.
+    let err = Checkpoint::open(&dir).err().unwrap().to_string();
+    assert!(err.contains("is a directory"), "{err}");
+    let fifo = dir.join("pipe.safetensors");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let err = Checkpoint::open(&fifo).err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -319,7 +330,7 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
         assert!(max_abs_diff(b, a) < 1e-6, "{b:?} vs {a:?}");
     }
     // The file is the plain encoder under `bert.` plus `head.*`.
-    let file = kiln::models::checkpoint::Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    let file = Checkpoint::open(&dir.join("model.safetensors")).unwrap();
     assert_eq!(file.shape("head.weight"), Some(vec![3, 8]));
     assert!(file
         .shape("bert.encoder.layer.1.output.dense.weight")
@@ -425,7 +436,6 @@ fn token_types_select_rows_of_the_token_type_table() {
 #[test]
 fn f16_and_bf16_checkpoints_load_as_their_rounded_values() {
     use kiln::device::half::{bf16, f16};
-    use kiln::models::checkpoint::Checkpoint;
     let d = common::device();
     let dir = std::env::temp_dir().join(format!("kiln-half-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -94,10 +94,19 @@ impl Checkpoint {
             path: path.to_path_buf(),
             source,
         };
-        if path.is_dir() {
+        // Checked before opening: opening a FIFO blocks until something
+        // writes to it, and a device file could be endless.
+        let kind = std::fs::metadata(path).map_err(io)?.file_type();
+        if kind.is_dir() {
             return Err(bad(
                 path,
                 "is a directory; pass the .safetensors file itself (e.g. checkpoint.safetensors in it)",
+            ));
+        }
+        if !kind.is_file() {
+            return Err(bad(
+                path,
+                "is not a regular file (a pipe or device?); pass a .safetensors file",
             ));
         }
         let file = std::fs::File::open(path).map_err(io)?;
