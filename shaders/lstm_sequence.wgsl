@@ -6,15 +6,15 @@
 //
 // Per step, item (row group, quad q) computes units 4q..4q+3 of TR rows: the
 // four gates' pre-activations h_{t-1} W_hh + x_t W_ih (slot t of xproj) + bias
-// as vec4s, then c_t = f * c_{t-1} + i * g and h_t = o * tanh(c_t). Invocations
-// loop over the workgroup's items. Semantics as shaders/lstm_step.wgsl: gate
-// order input, forget, cell candidate, output; a masked (sample, step) keeps h
-// and c; activated gates are kept for the backward pass; cells and states hold
-// T + 1 slots, slot 0 the initial state.
+// as vec4s, then the cell's update (shaders/lstm_cell.wgsl, V = vec4<f32>).
+// Invocations loop over the workgroup's items. Semantics as
+// shaders/lstm_step.wgsl: a masked (sample, step) keeps h and c; activated
+// gates are kept for the backward pass; cells and states hold T + 1 slots,
+// slot 0 the initial state.
 // Prepended: H (a multiple of 4), QUADS (H / 4), TR, WG; generated: ACCUMULATE
 // (`sums`, row u's four gate sums over h_{t-1} for the item's units).
 
-// Params, binding 0 and tanh4: shaders/lstm_sequence_common.wgsl.
+// Params and binding 0: shaders/lstm_sequence_common.wgsl.
 @group(0) @binding(1) var<storage, read> xproj: array<vec4<f32>>;        // [T, B, 4H]
 @group(0) @binding(2) var<storage, read> w_hh: array<vec4<f32>>;         // [H, 4H]
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;         // [4H]
@@ -22,11 +22,6 @@
 @group(0) @binding(5) var<storage, read_write> gates: array<vec4<f32>>;  // [T, B, 4H]
 @group(0) @binding(6) var<storage, read_write> cells: array<vec4<f32>>;  // [T + 1, B, H]
 @group(0) @binding(7) var<storage, read_write> states: array<vec4<f32>>; // [T + 1, B, H]
-
-fn sigmoid4(x: vec4<f32>) -> vec4<f32> {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= vec4<f32>(0.0));
-}
 
 // Row `b`'s units 4q..4q+3 at step t, given their gate sums over h_{t-1}.
 fn finish(t: u32, b: u32, q: u32, rec: array<vec4<f32>, 4>) {
@@ -39,17 +34,17 @@ fn finish(t: u32, b: u32, q: u32, rec: array<vec4<f32>, 4>) {
         return;
     }
     let g0 = row * H + q;
-    let i = sigmoid4(rec[0] + xproj[g0] + bias[q]);
-    let f = sigmoid4(rec[1] + xproj[g0 + QUADS] + bias[q + QUADS]);
-    let g = tanh4(rec[2] + xproj[g0 + 2u * QUADS] + bias[q + 2u * QUADS]);
-    let o = sigmoid4(rec[3] + xproj[g0 + 3u * QUADS] + bias[q + 3u * QUADS]);
-    let c = f * cells[prev] + i * g;
-    gates[g0] = i;
-    gates[g0 + QUADS] = f;
-    gates[g0 + 2u * QUADS] = g;
-    gates[g0 + 3u * QUADS] = o;
+    var pre: array<V, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        pre[k] = rec[k] + xproj[g0 + k * QUADS] + bias[q + k * QUADS];
+    }
+    let gate = lstm_gates(pre);
+    for (var k = 0u; k < 4u; k++) {
+        gates[g0 + k * QUADS] = gate[k];
+    }
+    let c = lstm_cell(gate, cells[prev]);
     cells[next] = c;
-    states[next] = o * tanh4(c);
+    states[next] = gate[3] * lstm_tanh(c);
 }
 
 @compute @workgroup_size(WG)

@@ -11,7 +11,8 @@
 // Prepended: H (a multiple of 4), QUADS (H / 4), TR, NQ (dividing QUADS), WG;
 // generated: ACCUMULATE (`sums`, row u's d_gates_{t+1} W_hh^T for quad q0 + n).
 
-// Params, binding 0 and tanh4: shaders/lstm_sequence_common.wgsl.
+// Params and binding 0: shaders/lstm_sequence_common.wgsl; the cell's
+// arithmetic: shaders/lstm_cell.wgsl (V = vec4<f32>).
 @group(0) @binding(1) var<storage, read> d_out: array<vec4<f32>>;          // [T, B, H]
 @group(0) @binding(2) var<storage, read> w_t: array<vec4<f32>>;            // [4H, H]
 @group(0) @binding(3) var<storage, read> mask: array<f32>;                 // [T, B]
@@ -30,25 +31,21 @@ fn finish(t: u32, b: u32, q: u32, rec: vec4<f32>) {
     let dh = d_out[prev] + rec + dh_carry[carried];
     let g0 = row * H + q;
     if (mask[row] < 0.5) {
-        let zero = vec4<f32>(0.0);
-        d_gates[g0] = zero;
-        d_gates[g0 + QUADS] = zero;
-        d_gates[g0 + 2u * QUADS] = zero;
-        d_gates[g0 + 3u * QUADS] = zero;
+        for (var k = 0u; k < 4u; k++) {
+            d_gates[g0 + k * QUADS] = vec4<f32>(0.0);
+        }
         dh_carry[carried] = dh;
         return;
     }
-    let i = gates[g0];
-    let f = gates[g0 + QUADS];
-    let g = gates[g0 + 2u * QUADS];
-    let o = gates[g0 + 3u * QUADS];
-    let tc = tanh4(cells[next]);
-    let dcell = dc[carried] + dh * o * (1.0 - tc * tc);
-    d_gates[g0] = dcell * g * i * (1.0 - i);
-    d_gates[g0 + QUADS] = dcell * cells[prev] * f * (1.0 - f);
-    d_gates[g0 + 2u * QUADS] = dcell * i * (1.0 - g * g);
-    d_gates[g0 + 3u * QUADS] = dh * tc * o * (1.0 - o);
-    dc[carried] = dcell * f;
+    var gate: array<V, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        gate[k] = gates[g0 + k * QUADS];
+    }
+    let grad = lstm_cell_backward(dh, dc[carried], gate, cells[prev], cells[next]);
+    for (var k = 0u; k < 4u; k++) {
+        d_gates[g0 + k * QUADS] = grad.pre[k];
+    }
+    dc[carried] = grad.c_prev;
     dh_carry[carried] = vec4<f32>(0.0);
 }
 

@@ -1,5 +1,5 @@
 // Shared by the LSTM sequence kernels (shaders/lstm_sequence*.wgsl): their
-// parameter block at binding 0 and the clamped tanh both use.
+// parameter block at binding 0.
 
 struct Params {
     batch: u32,
@@ -10,9 +10,3 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-
-// tanh saturates to +-1 in f32 beyond 15; clamping keeps exp-based
-// implementations from computing inf / inf.
-fn tanh4(x: vec4<f32>) -> vec4<f32> {
-    return tanh(clamp(x, vec4<f32>(-15.0), vec4<f32>(15.0)));
-}

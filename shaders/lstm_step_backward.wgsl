@@ -2,9 +2,9 @@
 // (sample, unit). The gradient reaching h_t is the output's (d_out slot t), the
 // next step's recurrent product d_gates_{t+1} W_hh^T (dh_rec slot t + 1) and
 // what masked later steps passed through (dh_carry). It writes the gradient of
-// the four gate pre-activations and carries dc_{t-1} in `dc`. Through a masked
-// step h and c pass unchanged, so their gradients carry over and the gates get
-// none.
+// the four gate pre-activations and carries dc_{t-1} in `dc` (the arithmetic:
+// shaders/lstm_cell.wgsl, prepended, V = f32). Through a masked step h and c
+// pass unchanged, so their gradients carry over and the gates get none.
 
 struct Params {
     batch: u32,
@@ -38,23 +38,20 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let dh = d_out[prev] + dh_rec[next] + dh_carry[idx];
     let g0 = row * 4u * h + j;
     if (mask[row] < 0.5) {
-        d_gates[g0] = 0.0;
-        d_gates[g0 + h] = 0.0;
-        d_gates[g0 + 2u * h] = 0.0;
-        d_gates[g0 + 3u * h] = 0.0;
+        for (var k = 0u; k < 4u; k++) {
+            d_gates[g0 + k * h] = 0.0;
+        }
         dh_carry[idx] = dh;
         return;
     }
-    let i = gates[g0];
-    let f = gates[g0 + h];
-    let g = gates[g0 + 2u * h];
-    let o = gates[g0 + 3u * h];
-    let tc = tanh(clamp(cells[next], -15.0, 15.0));
-    let dcell = dc[idx] + dh * o * (1.0 - tc * tc);
-    d_gates[g0] = dcell * g * i * (1.0 - i);
-    d_gates[g0 + h] = dcell * cells[prev] * f * (1.0 - f);
-    d_gates[g0 + 2u * h] = dcell * i * (1.0 - g * g);
-    d_gates[g0 + 3u * h] = dh * tc * o * (1.0 - o);
-    dc[idx] = dcell * f;
+    var gate: array<V, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        gate[k] = gates[g0 + k * h];
+    }
+    let grad = lstm_cell_backward(dh, dc[idx], gate, cells[prev], cells[next]);
+    for (var k = 0u; k < 4u; k++) {
+        d_gates[g0 + k * h] = grad.pre[k];
+    }
+    dc[idx] = grad.c_prev;
     dh_carry[idx] = 0.0;
 }

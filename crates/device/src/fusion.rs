@@ -358,7 +358,17 @@ impl Part {
             .chain(module.overrides.iter().filter_map(|(_, o)| o.name.clone()))
             .chain(module.functions.iter().filter_map(|(_, f)| f.name.clone()))
             .chain(std::iter::once(entry.name.clone()));
-        for name in named.filter(|n| !n.starts_with("__")) {
+        // Type aliases are resolved by the parser and leave no trace in the
+        // module, so they are found in the text.
+        let aliases = code_only.lines().filter_map(|line| {
+            let rest = line.trim_start().strip_prefix("alias ")?;
+            Some(
+                rest.split(|c: char| c == '=' || c.is_whitespace())
+                    .next()?
+                    .to_string(),
+            )
+        });
+        for name in named.chain(aliases).filter(|n| !n.starts_with("__")) {
             names.insert(name.clone(), format!("{name}_k{index}"));
         }
 
@@ -732,7 +742,8 @@ mod tests {
         @group(0) @binding(1) var<storage, read> x: array<f32>;\n\
         @group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
         const a: f32 = 2.0;\n\
-        fn scaled(v: f32) -> f32 {\n    return a * v + p.shift;\n}\n\
+        alias Real = f32;\n\
+        fn scaled(v: Real) -> Real {\n    return a * v + p.shift;\n}\n\
         @compute @workgroup_size(4, 2)\n\
         fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {\n\
         \x20   let i = gid.y * n.x * 4u + gid.x;\n\
@@ -741,7 +752,8 @@ mod tests {
     /// A kernel sharing every name with `SCALE`, with 32-lane workgroups.
     const SUM: &str = "struct Params {\n    n: u32,\n    pad: array<u32, 3>,\n}\n\
         @group(0) @binding(0) var<uniform> p: Params;\n\
-        @group(0) @binding(1) var<storage, read_write> x: array<f32>;\n\
+        alias Real = f32;\n\
+        @group(0) @binding(1) var<storage, read_write> x: array<Real>;\n\
         @compute @workgroup_size(32)\n\
         fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32) {\n\
         \x20   let i = wid.x * 32u + l;\n    if (i < p.n) {\n        x[i] = x[i] + 1.0;\n    }\n}\n";
@@ -776,6 +788,10 @@ mod tests {
             "{w}"
         );
         assert!(w.contains("return a_k0 * v + p.k0.shift;"), "{w}");
+        // Type aliases are module-scope names too.
+        assert!(w.contains("fn scaled_k0(v: Real_k0) -> Real_k0"), "{w}");
+        assert!(w.contains("array<Real_k1>"), "{w}");
+        naga::front::wgsl::parse_str(w).unwrap();
         assert!(
             w.contains("fn main_k0(gid: vec3<u32>, n: vec3<u32>)"),
             "{w}"

@@ -82,6 +82,12 @@ impl Specialize {
         self
     }
 
+    /// A type alias (`alias name = ty;`), for code written once over types.
+    pub fn alias(mut self, name: &str, ty: &str) -> Self {
+        let _ = writeln!(self.prelude, "alias {name} = {ty};");
+        self
+    }
+
     /// Replaces every `{{name}}` in the body.
     pub fn replace(mut self, name: &str, text: &str) -> Self {
         self.body = self.body.replace(&format!("{{{{{name}}}}}"), text);
