@@ -62,6 +62,45 @@ fn dispatches_are_batched_into_one_submit_per_sync() {
 }
 
 #[test]
+fn profiling_times_each_kernel_by_the_devices_clock_where_it_has_one() {
+    let d = Device::new().unwrap();
+    let (m, n, k) = (96, 64, 128);
+    let a = d.upload(&random_vec(m * k, 5, -1.0, 1.0)).unwrap();
+    let b = d.upload(&random_vec(k * n, 6, -1.0, 1.0)).unwrap();
+    let spec = Matmul::new(m, n, k);
+    let product = d.matmul(&a, &b, &spec).unwrap();
+    let expected = d
+        .read::<f32>(&d.unary(UnaryOp::Tanh, &product).unwrap())
+        .unwrap();
+    d.set_profiling(true).unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let c = d.matmul(&a, &b, &spec).unwrap();
+        out.push(d.unary(UnaryOp::Tanh, &c).unwrap());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let profile = d.profile();
+    d.set_profiling(false).unwrap();
+    // Timing changes nothing about the results.
+    for y in &out {
+        assert!(d.read::<f32>(y).unwrap() == expected);
+    }
+    assert_eq!(profile.len(), 2, "{profile:?}");
+    let timestamps = d
+        .features()
+        .contains(kiln::device::wgpu::Features::TIMESTAMP_QUERY);
+    for entry in &profile {
+        assert_eq!(entry.calls, 3, "{entry:?}");
+        assert_eq!(entry.device_clock, timestamps, "{entry:?}");
+        assert!(
+            entry.seconds > 0.0 && entry.seconds < wall,
+            "{entry:?} in {wall} s"
+        );
+    }
+}
+
+#[test]
 fn an_upload_never_lands_in_a_buffer_that_pending_work_still_reads() {
     let d = device();
     for n in [1usize, 100, 5000] {

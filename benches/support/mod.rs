@@ -363,9 +363,14 @@ pub fn alternate<T>(
 /// Prints where one step's time went, by kernel (from `Device::profile`).
 pub fn print_profile(times: &[kiln::device::KernelTime], rows: usize) {
     let total: f64 = times.iter().map(|t| t.seconds).sum();
+    let clock = if times.iter().all(|t| t.device_clock) {
+        "the device's clock"
+    } else {
+        "the host's clock, submit and wait included"
+    };
     println!();
     println!(
-        "one training step by kernel ({:.1} ms in all, each dispatch alone):",
+        "one training step by kernel ({:.1} ms in all, each dispatch alone, by {clock}):",
         total * 1e3
     );
     println!("{:>8} {:>6} {:>5}  kernel [workgroups]", "ms", "%", "calls");

@@ -42,11 +42,16 @@ pub fn random(n: usize, seed: u32) -> Vec<f32> {
 pub fn maybe_profile(
     device: &Device,
     title: &str,
-    step: impl FnOnce() -> anyhow::Result<()>,
+    mut step: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if std::env::var_os("KILN_PROFILE").is_none() {
         return Ok(());
     }
+    // Profiling runs kernels that fusion otherwise composes, and lavapipe
+    // compiles a kernel at its first launch (a millisecond or more, counted
+    // in that launch's time): one step first, then the one reported.
+    device.set_profiling(true)?;
+    step()?;
     device.set_profiling(true)?;
     step()?;
     println!("{title}:");

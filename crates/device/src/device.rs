@@ -13,7 +13,7 @@ use crate::error::{DeviceError, Result};
 use crate::fusion::{self, FusedSource};
 use crate::kernel::{Kernel, KernelCache};
 use crate::pool::{bucket_size, BufferPool, FirstUse, PoolStats};
-use crate::profile::{KernelTime, Profile};
+use crate::profile::{KernelTime, Profile, Timed};
 use crate::tuning::Tuning;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -273,8 +273,11 @@ impl Device {
     /// defaults are far lower: 8 storage buffers per stage, 16 KiB shared memory).
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
-        let mut wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::IMMEDIATES;
+        // Timestamp queries serve only `set_profiling`.
+        let mut wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::IMMEDIATES
+            | wgpu::Features::TIMESTAMP_QUERY;
         // KILN_IMMEDIATES=0 passes kernel parameters in a uniform buffer even
         // where immediates work, as on adapters without them (CI tests both).
         if std::env::var("KILN_IMMEDIATES").is_ok_and(|v| v == "0") {
@@ -511,7 +514,8 @@ impl Device {
     /// each dispatch is submitted alone and waited for; see [`Device::profile`].
     pub fn set_profiling(&self, on: bool) -> Result<()> {
         self.synchronize()?;
-        *lock(&self.shared.profile) = on.then(Profile::default);
+        *lock(&self.shared.profile) =
+            on.then(|| Profile::new(&self.shared.device, &self.shared.queue));
         Ok(())
     }
 
@@ -924,9 +928,16 @@ impl Device {
         if profiling {
             let start = std::time::Instant::now();
             self.synchronize()?;
-            let seconds = start.elapsed().as_secs_f64();
+            let wall = start.elapsed().as_secs_f64();
             if let Some(profile) = lock(&self.shared.profile).as_mut() {
-                profile.add(&kernel.key, workgroups, seconds);
+                let stamped = match profile.stamps.as_mut() {
+                    Some(stamps) => stamps
+                        .read(&self.shared.device)
+                        .map_err(DeviceError::Backend)?,
+                    None => None,
+                };
+                let timed = stamped.map_or(Timed::Host(wall), Timed::Device);
+                profile.add(&kernel.key, workgroups, timed);
             }
         }
         Ok(())
@@ -1263,6 +1274,18 @@ impl Device {
                 label: Some("kiln"),
             });
         let commands = std::mem::take(&mut rec.commands);
+        // While profiling, a submit holding one dispatch is timed by the
+        // device's clock around its pass.
+        let mut profile = lock(&shared.profile);
+        let single_dispatch = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Dispatch { .. }))
+            .count()
+            == 1;
+        let stamps = profile
+            .as_mut()
+            .and_then(|p| p.stamps.as_mut())
+            .filter(|_| single_dispatch);
         let mut i = 0;
         while i < commands.len() {
             match &commands[i] {
@@ -1270,7 +1293,7 @@ impl Device {
                     // Consecutive dispatches share one compute pass.
                     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: None,
-                        timestamp_writes: None,
+                        timestamp_writes: stamps.as_ref().map(|s| s.pass_writes()),
                     });
                     while let Some(Command::Dispatch {
                         pipeline,
@@ -1346,6 +1369,10 @@ impl Device {
                 }
             }
         }
+        if let Some(stamps) = stamps {
+            stamps.resolve(&mut encoder);
+        }
+        drop(profile);
         shared.queue.submit([encoder.finish()]);
         rec.params.clear();
         rec.upload_bytes = 0;
