@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: the kernel tests on the GPU (Vulkan), then
-# the benchmark suite against PyTorch on CUDA (TF32 off), with the GPU's name
-# and driver; everything lands in OUTDIR (default target/gpu-bench), the table
-# in bench.log and the rows in latest.json, for benches/RESULTS.md. Workload
-# names after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
-# KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to try the script
-# on a CPU machine).
+# the benchmark suite against PyTorch on CUDA (TF32 off) with each model's
+# step profiled by kernel, and the GPU's name and driver. Everything lands in
+# OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
+# rows in latest.json, for benches/RESULTS.md. Workload names after OUTDIR
+# narrow the suite, as with cargo bench. KILN_DEVICE and KILN_BENCH_REFERENCE
+# override the GPU and CUDA defaults (to try the script on a CPU machine),
+# KILN_PROFILE=0 skips the profiles.
 # Uses the binaries in .gpu/ (scripts/build-gpu-binaries.sh) if there is no
 # cargo. Needs the Vulkan loader (libvulkan1) and python3 with torch (CUDA).
 set -uo pipefail
@@ -14,6 +15,9 @@ out=${1:-target/gpu-bench}
 shift || true
 mkdir -p "$out"
 export KILN_DEVICE=${KILN_DEVICE:-gpu} KILN_BENCH_REFERENCE=${KILN_BENCH_REFERENCE:-cuda}
+# Each model's step by kernel, timed by the GPU's clock, after its figures
+# are measured: what to tune next comes back from the same run.
+if [ "${KILN_PROFILE:-1}" = 0 ]; then unset KILN_PROFILE; else export KILN_PROFILE=1; fi
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' >>"$out/gpu.txt" 2>&1
