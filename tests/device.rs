@@ -237,16 +237,19 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
                 d.matmul_with(&g, &g, &Matmul::new(n, n, m).transpose_a(true), tiling)?,
             ])
         });
-        // Shared-memory tilings fuse while the three parts' tiles fit in
-        // the adapter's workgroup memory side by side.
-        let fusable = match tiling {
+        // Shared-memory tilings fuse as many parts as their tiles fit in the
+        // adapter's workgroup memory side by side.
+        let per_dispatch = match tiling {
             MatmulTiling::Shared { bm, bn, bk, .. } => {
-                3 * 4 * bk * (bm + bn) <= d.limits().max_compute_workgroup_storage_size
+                d.limits().max_compute_workgroup_storage_size / (4 * bk * (bm + bn))
             }
-            _ => true,
+            _ => 3,
         };
-        let fused = fusion_on() && fusable;
-        assert_eq!(dispatches, if fused { 1 } else { 3 }, "{tiling}");
+        let expected = match fusion_on() {
+            true => 3u64.div_ceil(u64::from(per_dispatch.clamp(1, 3))),
+            false => 3,
+        };
+        assert_eq!(dispatches, expected, "{tiling}");
         // Each part runs the same code on the same data: bit for bit equal.
         assert_eq!(got, want, "{tiling}");
     }
@@ -280,8 +283,10 @@ fn independent_elementwise_and_reduction_kernels_share_dispatches() {
     });
     assert_eq!(dispatches, if fusion_on() { 1 } else { 3 });
     assert_eq!(got, want);
-    // Full sums of long and short vectors take different reduction kernels,
-    // which cannot share one dispatch; interleaved, each kind still fuses.
+    // Full sums of long and short vectors take different reduction kernels.
+    // On CPU adapters the short ones run in workgroups of 8 and cannot share
+    // a dispatch with the long ones' workgroups of 256; interleaved, each
+    // kind still fuses. Elsewhere both take workgroups of 256 and all fuse.
     let long = d.upload(&random_vec(5000, 14, -1.0, 1.0)).unwrap();
     let short = d.upload(&random_vec(100, 15, -1.0, 1.0)).unwrap();
     let sum = |b: &GpuBuffer| d.reduce(b, &Reduce::axis(ReduceOp::Sum, &[b.len()], 0)?);
@@ -290,7 +295,8 @@ fn independent_elementwise_and_reduction_kernels_share_dispatches() {
         let _fourth = sum(&short)?;
         Ok([a, b, c])
     });
-    assert_eq!(dispatches, if fusion_on() { 2 } else { 4 });
+    let kinds = if d.kernels_for_cpu() { 2 } else { 1 };
+    assert_eq!(dispatches, if fusion_on() { kinds } else { 4 });
     assert_eq!(got, want);
 }
 
@@ -321,7 +327,9 @@ fn one_threads_together_does_not_hold_another_threads_launches() {
         let recorded = d.dispatch_stats().dispatches - before;
         done.send(()).unwrap();
         let y = y.unwrap();
-        assert_eq!(recorded, 2);
+        // (Without fusion nothing is held: the other thread's kernel was
+        // recorded when it was launched.)
+        assert_eq!(recorded, if fusion_on() { 2 } else { 1 });
         let want: Vec<f32> = random_vec(1000, 16, -1.0, 1.0)
             .iter()
             .map(|v| v.tanh())

@@ -1554,7 +1554,7 @@ fn matmul_with_a_texture_operand_matches_reference() {
         check(Matmul::batched(3, m, n, k), 5);
     }
     // The path was taken (where the adapter's tiling has it).
-    if matches!(d.tuning().matmul, MatmulTiling::Subgroup { .. }) && d.is_cpu() {
+    if matches!(d.tuning().matmul, MatmulTiling::Subgroup { .. }) && d.kernels_for_cpu() {
         d.set_profiling(true).unwrap();
         check(Matmul::new(8, 8, 8), 9);
         let profile = d.profile();

@@ -141,6 +141,29 @@ pub fn is_cpu(info: &wgpu::AdapterInfo) -> bool {
         .any(|n| name.contains(n))
 }
 
+/// Whether kernels are chosen as for a CPU adapter (tilings, reductions,
+/// workgroup shapes): the adapter's own kind, unless `KILN_KERNEL_CLASS` is
+/// `cpu` or `gpu`. Tests set `gpu` on lavapipe to run the code paths meant
+/// for GPUs where there is none.
+pub fn kernels_for_cpu(info: &wgpu::AdapterInfo) -> bool {
+    kernel_class_override().unwrap_or_else(|| is_cpu(info))
+}
+
+/// `KILN_KERNEL_CLASS` as "kernels for a CPU adapter", if set.
+pub(crate) fn kernel_class_override() -> Option<bool> {
+    match std::env::var("KILN_KERNEL_CLASS").ok()?.as_str() {
+        "cpu" => Some(true),
+        "gpu" => Some(false),
+        other => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!("kiln: ignoring KILN_KERNEL_CLASS={other:?} (expected cpu or gpu)")
+            });
+            None
+        }
+    }
+}
+
 /// Higher is better. GPUs beat CPU adapters; among CPU adapters Vulkan (lavapipe)
 /// beats GL (llvmpipe) because it exposes more features and runs compute faster.
 fn rank(info: &wgpu::AdapterInfo) -> u32 {

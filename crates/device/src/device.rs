@@ -353,7 +353,10 @@ impl Device {
     /// failed measurement keeps the defaults: tuning is never worth an error.
     fn tune_on_open(&self) {
         let fixed = std::env::var_os("KILN_MATMUL").is_some();
-        let off = std::env::var("KILN_AUTOTUNE").is_ok_and(|v| v == "0");
+        // A kernel class set by hand is for testing code paths: its
+        // defaults, not timings of another class's kernels on this adapter.
+        let off = std::env::var("KILN_AUTOTUNE").is_ok_and(|v| v == "0")
+            || adapter::kernel_class_override().is_some();
         if fixed || off {
             return;
         }
@@ -379,6 +382,13 @@ impl Device {
     /// True on software adapters (lavapipe, llvmpipe).
     pub fn is_cpu(&self) -> bool {
         adapter::is_cpu(&self.shared.info)
+    }
+
+    /// Whether kernels are chosen as for a CPU adapter: [`Device::is_cpu`]
+    /// unless `KILN_KERNEL_CLASS` says otherwise (see
+    /// [`crate::kernels_for_cpu`]).
+    pub fn kernels_for_cpu(&self) -> bool {
+        adapter::kernels_for_cpu(&self.shared.info)
     }
 
     /// The raw wgpu device and queue, for code that builds its own pipelines.

@@ -262,7 +262,7 @@ impl Tuning {
         limits: &wgpu::Limits,
     ) -> Vec<MatmulTiling> {
         let default = Self::defaults(info, features).matmul;
-        let others: Vec<String> = if !crate::adapter::is_cpu(info) {
+        let others: Vec<String> = if !crate::adapter::kernels_for_cpu(info) {
             [
                 "shared:128x64x16:8x4",
                 "shared:128x128x8:8x8",
@@ -294,7 +294,7 @@ impl Tuning {
 
     /// The built-in choice for an adapter, before any measurement.
     pub fn defaults(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
-        if !crate::adapter::is_cpu(info) {
+        if !crate::adapter::kernels_for_cpu(info) {
             Self::GPU
         } else if features.contains(wgpu::Features::SUBGROUP)
             && info.subgroup_min_size == info.subgroup_max_size

@@ -419,7 +419,7 @@ impl Device {
         if shape.steps == 0 {
             return Ok(());
         }
-        let rows = sequence_rows_per_workgroup(shape, self.is_cpu());
+        let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu());
         // Rows per workgroup are a parameter, not a constant, so that a
         // batch of another size (an epoch's last) reuses the kernel.
         let kernel = self.kernel(

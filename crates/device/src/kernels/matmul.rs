@@ -603,7 +603,7 @@ impl Device {
     fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
         let tuned = self.tuning().matmul;
         match tuned {
-            MatmulTiling::Subgroup { .. } if self.is_cpu() && fits_one_workgroup(spec) => {
+            MatmulTiling::Subgroup { .. } if self.kernels_for_cpu() && fits_one_workgroup(spec) => {
                 MatmulTiling::SUBGROUP_FALLBACK
             }
             t => t,
@@ -648,7 +648,7 @@ impl Device {
             // A product this small takes microseconds on one core: one
             // workgroup, which can also chain with its neighbours into one
             // dispatch (see `Device::together`).
-            MatmulTiling::Register { .. } if self.is_cpu() => {
+            MatmulTiling::Register { .. } if self.kernels_for_cpu() => {
                 let lanes = if fits_one_workgroup(spec) {
                     1
                 } else {
@@ -695,7 +695,10 @@ impl Device {
             && spec.trans_b
             && !spec.trans_a;
         let a_texture = match self.texture_operands() {
-            _ if !(self.is_cpu() && vec4 && matches!(tiling, MatmulTiling::Subgroup { .. })) => {
+            _ if !(self.kernels_for_cpu()
+                && vec4
+                && matches!(tiling, MatmulTiling::Subgroup { .. })) =>
+            {
                 None
             }
             TextureOperands::Always => self.texture_operand(a)?,

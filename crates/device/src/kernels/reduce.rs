@@ -122,7 +122,7 @@ impl Device {
         // better walked by one invocation per output, neighbouring lanes
         // reading neighbouring elements: 310 against 2,840 us for the column
         // sums of a [1024, 384] matrix on lavapipe.
-        let strided_on_cpu = spec.inner > 1 && self.is_cpu();
+        let strided_on_cpu = spec.inner > 1 && self.kernels_for_cpu();
         let strategy = match strategy {
             ReduceStrategy::Auto if spec.len >= 512 && outputs < 4096 && !strided_on_cpu => {
                 ReduceStrategy::Workgroup
@@ -139,7 +139,7 @@ impl Device {
         // bias gradient's 32 channels over 21,632 rows) in one workgroup of
         // 256 would leave the other cores idle, so there they go in
         // workgroups of 8, one SIMD batch of lavapipe's.
-        let thread_group = match self.is_cpu() && outputs < THREAD_SPLIT_OUTPUTS {
+        let thread_group = match self.kernels_for_cpu() && outputs < THREAD_SPLIT_OUTPUTS {
             true => 8,
             false => LINEAR_WORKGROUP,
         };
