@@ -28,6 +28,8 @@ fn tilings() -> Vec<MatmulTiling> {
         "subgroup:4:8:64",
         "subgroup:2:8:32",
         "shared:32x32x8:2x2",
+        "shared:32x32x8:4x4:vec4",
+        "shared:16x32x4:4x8:vec4",
     ] {
         t.push(s.parse().unwrap());
     }

@@ -66,6 +66,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
             "register:16x16:8x4",
             "register:8x16:8x4",
             "shared:64x64x16:4x4",
+            "shared:64x64x16:4x4:vec4",
         ] {
             let t: MatmulTiling = s.parse().map_err(anyhow::Error::msg)?;
             let valid = t

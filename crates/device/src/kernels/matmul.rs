@@ -15,6 +15,7 @@ const REGISTER_SRC: &str = include_str!("../../../../shaders/matmul_register.wgs
 const REGISTER_VEC4_SRC: &str = include_str!("../../../../shaders/matmul_register_vec4.wgsl");
 const SUBGROUP_SRC: &str = include_str!("../../../../shaders/matmul_subgroup.wgsl");
 const SHARED_SRC: &str = include_str!("../../../../shaders/matmul_shared.wgsl");
+const SHARED_VEC4_SRC: &str = include_str!("../../../../shaders/matmul_shared_vec4.wgsl");
 
 /// Shape of a (batched) product `C[z] = op(A[z]) * op(B[z])`.
 ///
@@ -861,7 +862,7 @@ fn vec4_loads_fit(spec: &Matmul, tiling: MatmulTiling) -> bool {
     match tiling {
         MatmulTiling::Register { tm, tn, .. } => vec4_fits(spec, tm, tn),
         MatmulTiling::Subgroup { tm, .. } => vec4_fits(spec, tm, 4),
-        MatmulTiling::Shared { .. } => false,
+        MatmulTiling::Shared { vec4, tm, tn, .. } => vec4 && vec4_fits(spec, tm, tn),
     }
 }
 
@@ -1051,6 +1052,21 @@ fn specialise(
                 .replace("COLUMN_SUMS", &sums)
                 .replace("STORE", &register_store(tm, 4 * sg))
         }
+        MatmulTiling::Shared {
+            bm, bn, bk, tm, tn, ..
+        } if vec4 => Specialize::new(SHARED_VEC4_SRC)
+            .constant_u32("BM", bm)
+            .constant_u32("BN", bn)
+            .constant_u32("BK", bk)
+            .constant_u32("BM4", bm / 4)
+            .constant_u32("BN4", bn / 4)
+            .constant_u32("BK4", bk / 4)
+            .constant_u32("TM4", tm / 4)
+            .constant_u32("TN4", tn / 4)
+            .constant_u32("ACC", tm * tn / 4)
+            .constant_u32("WG_X", bn / tn)
+            .constant_u32("WG_Y", bm / tm)
+            .constant_u32("THREADS", (bn / tn) * (bm / tm)),
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
         } => Specialize::new(SHARED_SRC)
