@@ -8,7 +8,7 @@
 use crate::buffer::GpuBuffer;
 use crate::device::Device;
 use crate::error::Result;
-use crate::kernels::matmul::{kernels_fingerprint, Matmul};
+use crate::kernels::matmul::{fnv1a, kernels_fingerprint, Matmul, FNV_OFFSET};
 use crate::tuning::{MatmulTiling, Tuning};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -36,12 +36,25 @@ pub struct AutotuneReport {
     pub cache_file: PathBuf,
 }
 
-/// Shapes the probe times: a square product, a layer's forward at batch 32,
-/// and a weight gradient (`A^T B`).
-const PROBES: [(usize, usize, usize, bool); 3] = [
+/// A probe's product: `m, n, k` and whether A is transposed.
+type Probe = (usize, usize, usize, bool);
+
+/// Shapes the probe times on CPU adapters: a square product, a layer's
+/// forward at batch 32, and a weight gradient (`A^T B`).
+const CPU_PROBES: [Probe; 3] = [
     (512, 512, 512, false),
     (32, 256, 784, false),
     (784, 64, 128, true),
+];
+
+/// On GPUs, shapes large enough to fill one (a 512 x 512 product makes 16
+/// workgroups of 128 x 128 tiles, for over a hundred multiprocessors): a
+/// square product, a BERT-base-sized layer's forward over 1024 tokens and
+/// its weight gradient.
+const GPU_PROBES: [Probe; 3] = [
+    (2048, 2048, 2048, false),
+    (1024, 3072, 768, false),
+    (768, 3072, 1024, true),
 ];
 
 impl Device {
@@ -59,7 +72,7 @@ impl Device {
             info.driver_info,
             info.device,
             env!("CARGO_PKG_VERSION"),
-            kernels_fingerprint(&candidates)
+            kernels_fingerprint(&candidates) ^ probes_fingerprint(self.probes())
         );
         let file: String = key
             .chars()
@@ -108,20 +121,28 @@ impl Device {
         })
     }
 
+    fn probes(&self) -> &'static [Probe] {
+        if self.kernels_for_cpu() {
+            &CPU_PROBES
+        } else {
+            &GPU_PROBES
+        }
+    }
+
     /// Seconds `tiling` takes for the probe shapes, best of a few runs each.
     fn probe(&self, tiling: MatmulTiling) -> Result<f64> {
         let mut total = 0.0;
-        for (i, &(m, n, k, trans_a)) in PROBES.iter().enumerate() {
+        for (i, &(m, n, k, trans_a)) in self.probes().iter().enumerate() {
             let a = self.upload(&probe_data(m * k, i as u32))?;
             let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
             let spec = Matmul::new(m, n, k).transpose_a(trans_a);
             // The first run compiles the kernel.
             let run = || -> Result<f64> {
-                let start = Instant::now();
-                let out: GpuBuffer = self.matmul_with(&a, &b, &spec, tiling)?;
-                self.synchronize()?;
-                drop(out);
-                Ok(start.elapsed().as_secs_f64())
+                self.kernel_seconds(|| {
+                    let out: GpuBuffer = self.matmul_with(&a, &b, &spec, tiling)?;
+                    drop(out);
+                    Ok(())
+                })
             };
             run()?;
             let (mut best, start) = (f64::MAX, Instant::now());
@@ -135,6 +156,32 @@ impl Device {
         }
         Ok(total)
     }
+}
+
+impl Device {
+    /// Seconds the kernels `work` launches take: by the device's clock where
+    /// it has timestamps (a submit and wait costs more than a GPU's product
+    /// of a probe's size), else by the host's around submitting and waiting.
+    fn kernel_seconds(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+        self.set_profiling(true)?;
+        let start = Instant::now();
+        let done = work().and_then(|()| self.synchronize());
+        let wall = start.elapsed().as_secs_f64();
+        let times = self.profile();
+        self.set_profiling(false)?;
+        done?;
+        Ok(
+            match times.iter().all(|t| t.device_clock) && !times.is_empty() {
+                true => times.iter().map(|t| t.seconds).sum(),
+                false => wall,
+            },
+        )
+    }
+}
+
+/// Tells probe sets apart in cache file names.
+fn probes_fingerprint(probes: &[Probe]) -> u64 {
+    fnv1a(FNV_OFFSET, format!("{probes:?}").as_bytes())
 }
 
 fn probe_data(n: usize, seed: u32) -> Vec<f32> {

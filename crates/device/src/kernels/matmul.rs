@@ -907,16 +907,25 @@ pub(crate) fn kernels_fingerprint(tilings: &[MatmulTiling]) -> u64 {
         vec4: true,
         a_texture: false,
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hash = FNV_OFFSET;
     for &tiling in tilings {
         for trans_a in [false, true] {
             let source = specialise(tiling, trans_a, false, ops, Extras::default());
-            for byte in source.bytes() {
-                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-            }
+            hash = fnv1a(hash, source.as_bytes());
         }
     }
     hash
+}
+
+/// Where an FNV-1a hash starts.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `hash`: stable across Rust releases,
+/// unlike the standard library's hasher, so it can name cache files.
+pub(crate) fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The storage types of a kernel's operands and how it loads them.
