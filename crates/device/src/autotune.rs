@@ -121,8 +121,10 @@ impl Device {
         })
     }
 
+    /// Sized for the hardware, whichever kernels it is given
+    /// (`KILN_KERNEL_CLASS`): GPU-sized products take seconds on a CPU.
     fn probes(&self) -> &'static [Probe] {
-        if self.kernels_for_cpu() {
+        if self.is_cpu() {
             &CPU_PROBES
         } else {
             &GPU_PROBES
