@@ -6,7 +6,7 @@
 //
 // Per step, item (row group, quad q) computes units 4q..4q+3 of TR rows: the
 // four gates' pre-activations h_{t-1} W_hh + x_t W_ih (slot t of xproj) + bias
-// as vec4s, then the cell's update (shaders/lstm_cell.wgsl, V = vec4<f32>).
+// as vec4s, then the update (shaders/lstm_update.wgsl, V = vec4<f32>).
 // Invocations loop over the workgroup's items. Semantics as
 // shaders/lstm_step.wgsl: a masked (sample, step) keeps h and c; activated
 // gates are kept for the backward pass; cells and states hold T + 1 slots,
@@ -28,9 +28,7 @@ fn finish(t: u32, b: u32, q: u32, rec: array<vec4<f32>, 4>) {
     let row = t * p.batch + b;
     let prev = row * QUADS + q;
     let next = prev + p.batch * QUADS;
-    if (mask[row] < 0.5) {
-        cells[next] = cells[prev];
-        states[next] = states[prev];
+    if (lstm_carry_masked(row, prev, next)) {
         return;
     }
     let g0 = row * H + q;
@@ -38,13 +36,7 @@ fn finish(t: u32, b: u32, q: u32, rec: array<vec4<f32>, 4>) {
     for (var k = 0u; k < 4u; k++) {
         pre[k] = rec[k] + xproj[g0 + k * QUADS] + bias[q + k * QUADS];
     }
-    let gate = lstm_gates(pre);
-    for (var k = 0u; k < 4u; k++) {
-        gates[g0 + k * QUADS] = gate[k];
-    }
-    let c = lstm_cell(gate, cells[prev]);
-    cells[next] = c;
-    states[next] = gate[3] * lstm_tanh(c);
+    lstm_update(prev, next, g0, QUADS, pre);
 }
 
 @compute @workgroup_size(WG)

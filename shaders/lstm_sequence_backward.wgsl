@@ -11,8 +11,8 @@
 // Prepended: H (a multiple of 4), QUADS (H / 4), TR, NQ (dividing QUADS), WG;
 // generated: ACCUMULATE (`sums`, row u's d_gates_{t+1} W_hh^T for quad q0 + n).
 
-// Params and binding 0: shaders/lstm_sequence_common.wgsl; the cell's
-// arithmetic: shaders/lstm_cell.wgsl (V = vec4<f32>).
+// Params and binding 0: shaders/lstm_sequence_common.wgsl; the update:
+// shaders/lstm_update_backward.wgsl (V = vec4<f32>).
 @group(0) @binding(1) var<storage, read> d_out: array<vec4<f32>>;          // [T, B, H]
 @group(0) @binding(2) var<storage, read> w_t: array<vec4<f32>>;            // [4H, H]
 @group(0) @binding(3) var<storage, read> mask: array<f32>;                 // [T, B]
@@ -30,23 +30,10 @@ fn finish(t: u32, b: u32, q: u32, rec: vec4<f32>) {
     let carried = b * QUADS + q;
     let dh = d_out[prev] + rec + dh_carry[carried];
     let g0 = row * H + q;
-    if (mask[row] < 0.5) {
-        for (var k = 0u; k < 4u; k++) {
-            d_gates[g0 + k * QUADS] = vec4<f32>(0.0);
-        }
-        dh_carry[carried] = dh;
+    if (lstm_pass_masked(row, g0, QUADS, carried, dh)) {
         return;
     }
-    var gate: array<V, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        gate[k] = gates[g0 + k * QUADS];
-    }
-    let grad = lstm_cell_backward(dh, dc[carried], gate, cells[prev], cells[next]);
-    for (var k = 0u; k < 4u; k++) {
-        d_gates[g0 + k * QUADS] = grad.pre[k];
-    }
-    dc[carried] = grad.c_prev;
-    dh_carry[carried] = vec4<f32>(0.0);
+    lstm_update_backward(prev, next, g0, QUADS, carried, dh);
 }
 
 @compute @workgroup_size(WG)

@@ -1,11 +1,9 @@
 // One time step t of an LSTM over a batch, one invocation per (sample, unit).
 // Gate pre-activations are the input projection (slot t of xproj) plus the
-// recurrent product h_{t-1} W_hh (slot t of rec) plus the bias; the cell's
-// arithmetic is shaders/lstm_cell.wgsl's (prepended, V = f32).
-// A masked (sample, step) keeps h and c from the step before (Keras semantics),
-// so padding never changes the state. Activated gates are kept for the backward
-// pass. Buffers are time-major; cells and hidden hold T + 1 slots, slot 0 being
-// the initial state.
+// recurrent product h_{t-1} W_hh (slot t of rec) plus the bias; the update
+// and its masking are shaders/lstm_update.wgsl's (prepended with
+// lstm_cell.wgsl, V = f32). Buffers are time-major; cells and hidden hold
+// T + 1 slots, slot 0 being the initial state.
 
 struct Params {
     batch: u32,
@@ -35,9 +33,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row = p.t * p.batch + b;
     let prev = row * h + j;
     let next = prev + p.batch * h;
-    if (mask[row] < 0.5) {
-        cells[next] = cells[prev];
-        states[next] = states[prev];
+    if (lstm_carry_masked(row, prev, next)) {
         return;
     }
     let g0 = row * 4u * h + j;
@@ -45,11 +41,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var k = 0u; k < 4u; k++) {
         pre[k] = xproj[g0 + k * h] + rec[g0 + k * h] + bias[j + k * h];
     }
-    let gate = lstm_gates(pre);
-    for (var k = 0u; k < 4u; k++) {
-        gates[g0 + k * h] = gate[k];
-    }
-    let c = lstm_cell(gate, cells[prev]);
-    cells[next] = c;
-    states[next] = gate[3] * lstm_tanh(c);
+    lstm_update(prev, next, g0, h, pre);
 }

@@ -2,9 +2,8 @@
 // (sample, unit). The gradient reaching h_t is the output's (d_out slot t), the
 // next step's recurrent product d_gates_{t+1} W_hh^T (dh_rec slot t + 1) and
 // what masked later steps passed through (dh_carry). It writes the gradient of
-// the four gate pre-activations and carries dc_{t-1} in `dc` (the arithmetic:
-// shaders/lstm_cell.wgsl, prepended, V = f32). Through a masked step h and c
-// pass unchanged, so their gradients carry over and the gates get none.
+// the four gate pre-activations and carries dc_{t-1} in `dc`, by
+// shaders/lstm_update_backward.wgsl (prepended with lstm_cell.wgsl, V = f32).
 
 struct Params {
     batch: u32,
@@ -37,21 +36,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let next = prev + p.batch * h;
     let dh = d_out[prev] + dh_rec[next] + dh_carry[idx];
     let g0 = row * 4u * h + j;
-    if (mask[row] < 0.5) {
-        for (var k = 0u; k < 4u; k++) {
-            d_gates[g0 + k * h] = 0.0;
-        }
-        dh_carry[idx] = dh;
+    if (lstm_pass_masked(row, g0, h, idx, dh)) {
         return;
     }
-    var gate: array<V, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        gate[k] = gates[g0 + k * h];
-    }
-    let grad = lstm_cell_backward(dh, dc[idx], gate, cells[prev], cells[next]);
-    for (var k = 0u; k < 4u; k++) {
-        d_gates[g0 + k * h] = grad.pre[k];
-    }
-    dc[idx] = grad.c_prev;
-    dh_carry[idx] = 0.0;
+    lstm_update_backward(prev, next, g0, h, idx, dh);
 }

@@ -17,6 +17,8 @@ const SEQUENCE_SRC: &str = include_str!("../../../../shaders/lstm_sequence.wgsl"
 const SEQUENCE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_sequence_backward.wgsl");
 const SEQUENCE_COMMON_SRC: &str = include_str!("../../../../shaders/lstm_sequence_common.wgsl");
 const CELL_SRC: &str = include_str!("../../../../shaders/lstm_cell.wgsl");
+const UPDATE_SRC: &str = include_str!("../../../../shaders/lstm_update.wgsl");
+const UPDATE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_update_backward.wgsl");
 const WORKGROUP: u32 = 64;
 /// Rows (samples) each invocation of the sequence kernels takes per step:
 /// each load of W_hh serves this many. On lavapipe (batch 32, 64 units, 200
@@ -299,20 +301,33 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
     } else {
         SEQUENCE_SRC
     };
-    Specialize::new(&format!("{SEQUENCE_COMMON_SRC}\n{CELL_SRC}\n{source}"))
-        .alias("V", "vec4<f32>")
-        .constant_u32("H", hidden as u32)
-        .constant_u32("QUADS", (hidden / 4) as u32)
-        .constant_u32("TR", tr as u32)
-        .constant_u32("NQ", nq as u32)
-        .constant_u32("WG", SEQUENCE_WORKGROUP)
-        .replace("ACCUMULATE", &accumulate)
-        .build()
+    Specialize::new(&format!(
+        "{SEQUENCE_COMMON_SRC}\n{}\n{source}",
+        cell_source(backward)
+    ))
+    .alias("V", "vec4<f32>")
+    .constant_u32("H", hidden as u32)
+    .constant_u32("QUADS", (hidden / 4) as u32)
+    .constant_u32("TR", tr as u32)
+    .constant_u32("NQ", nq as u32)
+    .constant_u32("WG", SEQUENCE_WORKGROUP)
+    .replace("ACCUMULATE", &accumulate)
+    .build()
+}
+
+/// The cell's arithmetic and the update of one element, forward or backward.
+fn cell_source(backward: bool) -> String {
+    let update = if backward {
+        UPDATE_BACKWARD_SRC
+    } else {
+        UPDATE_SRC
+    };
+    format!("{CELL_SRC}\n{update}")
 }
 
 /// A step kernel: one unit per invocation.
-fn step_source(source: &str) -> String {
-    Specialize::new(&format!("{CELL_SRC}\n{source}"))
+fn step_source(source: &str, backward: bool) -> String {
+    Specialize::new(&format!("{}\n{source}", cell_source(backward)))
         .alias("V", "f32")
         .build()
 }
@@ -331,7 +346,7 @@ impl Device {
         const OP: &str = "lstm_forward_step";
         let gates = shape.lengths().gates;
         let buffers = b.bindings(OP, shape, ("rec", rec, gates))?;
-        let kernel = self.kernel("lstm_step", || step_source(FORWARD_SRC))?;
+        let kernel = self.kernel("lstm_step", || step_source(FORWARD_SRC, false))?;
         let (params, grid) = self.lstm_launch(OP, shape, t)?;
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)
     }
@@ -349,7 +364,7 @@ impl Device {
         const OP: &str = "lstm_backward_step";
         let states = shape.lengths().states;
         let buffers = b.bindings(OP, shape, ("dh_rec", dh_rec, states))?;
-        let kernel = self.kernel("lstm_step_backward", || step_source(BACKWARD_SRC))?;
+        let kernel = self.kernel("lstm_step_backward", || step_source(BACKWARD_SRC, true))?;
         let (params, grid) = self.lstm_launch(OP, shape, t)?;
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)
     }
