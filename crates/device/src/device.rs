@@ -1287,15 +1287,15 @@ impl Device {
         // While profiling, a submit holding one dispatch is timed by the
         // device's clock around its pass.
         let mut profile = lock(&shared.profile);
-        let single_dispatch = commands
-            .iter()
-            .filter(|c| matches!(c, Command::Dispatch { .. }))
-            .count()
-            == 1;
         let stamps = profile
             .as_mut()
             .and_then(|p| p.stamps.as_mut())
-            .filter(|_| single_dispatch);
+            .filter(|_| {
+                let dispatches = commands
+                    .iter()
+                    .filter(|c| matches!(c, Command::Dispatch { .. }));
+                dispatches.count() == 1
+            });
         let mut i = 0;
         while i < commands.len() {
             match &commands[i] {
