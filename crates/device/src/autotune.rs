@@ -158,9 +158,7 @@ impl Device {
         }
         Ok(total)
     }
-}
 
-impl Device {
     /// Seconds the kernels `work` launches take: by the device's clock where
     /// it has timestamps (a submit and wait costs more than a GPU's product
     /// of a probe's size), else by the host's around submitting and waiting.
