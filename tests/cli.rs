@@ -24,8 +24,29 @@ fn info_prints_the_adapter_and_its_limits() {
         "subgroups:",
         "max storage binding:",
         "storage buffers / stage:",
+        "timestamp profiling:",
     ] {
         assert!(stdout.contains(field), "missing {field:?} in:\n{stdout}");
+    }
+    // The kernel class, when set against the adapter's own kind, is shown.
+    let out = kiln()
+        .arg("info")
+        .env("KILN_KERNEL_CLASS", "gpu")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let cpu = stdout.contains("(CPU adapter)");
+    assert_eq!(
+        stdout.contains("kernels:                 as for a GPU"),
+        cpu,
+        "{stdout}"
+    );
+    if cpu {
+        assert!(
+            stdout.contains("matmul tiling:           shared:"),
+            "{stdout}"
+        );
     }
 }
 

@@ -75,6 +75,18 @@ impl fmt::Display for DeviceReport<'_> {
             "workgroups / dimension:  {}",
             limits.max_compute_workgroups_per_dimension
         )?;
+        writeln!(
+            f,
+            "timestamp profiling:     {}",
+            yes_no(features.contains(wgpu::Features::TIMESTAMP_QUERY))
+        )?;
+        if d.kernels_for_cpu() != d.is_cpu() {
+            let class = if d.kernels_for_cpu() { "CPU" } else { "GPU" };
+            writeln!(
+                f,
+                "kernels:                 as for a {class} (KILN_KERNEL_CLASS)"
+            )?;
+        }
         write!(f, "matmul tiling:           {}", d.tuning().matmul)
     }
 }
