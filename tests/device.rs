@@ -521,6 +521,18 @@ fn oversized_matmul_tiles_are_refused() {
     assert!(largest
         .validate(d.limits(), d.features(), d.adapter_info())
         .is_ok());
+    // vec4 shared tiles read four rows, columns and k steps at a time.
+    for bad in ["shared:32x32x8:2x4:vec4", "shared:32x32x6:4x4:vec4"] {
+        let tiling: MatmulTiling = bad.parse().unwrap();
+        let err = tiling
+            .validate(d.limits(), d.features(), d.adapter_info())
+            .unwrap_err();
+        assert!(err.contains("multiples of 4"), "{bad}: {err}");
+    }
+    let vec4: MatmulTiling = "shared:32x32x8:4x4:vec4".parse().unwrap();
+    assert!(vec4
+        .validate(d.limits(), d.features(), d.adapter_info())
+        .is_ok());
 }
 
 #[test]
