@@ -231,6 +231,25 @@ impl DeviceShared {
     }
 }
 
+/// Maps `range` of `buffer` for reading, waiting for the device: the submit
+/// that fills the buffer must already be made.
+pub(crate) fn map_for_reading(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    range: std::ops::Range<u64>,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, range, move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| DeviceError::Backend(e.to_string()))?;
+    rx.recv()
+        .map_err(|_| DeviceError::Backend("readback callback never ran".into()))?
+        .map_err(|e| DeviceError::Backend(format!("mapping a readback buffer failed: {e}")))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind, never a
     // half-updated invariant that matters more than the panic itself.
@@ -683,17 +702,7 @@ impl Device {
         })?;
         self.flush()?;
 
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
-            let _ = tx.send(r);
-        });
-        self.shared
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| DeviceError::Backend(e.to_string()))?;
-        rx.recv()
-            .map_err(|_| DeviceError::Backend("readback callback never ran".into()))?
-            .map_err(|e| DeviceError::Backend(format!("mapping a readback buffer failed: {e}")))?;
+        map_for_reading(&self.shared.device, &staging, 0..bytes)?;
         let out = {
             let view = staging
                 .get_mapped_range(0..bytes)
@@ -941,9 +950,7 @@ impl Device {
             let wall = start.elapsed().as_secs_f64();
             if let Some(profile) = lock(&self.shared.profile).as_mut() {
                 let stamped = match profile.stamps.as_mut() {
-                    Some(stamps) => stamps
-                        .read(&self.shared.device)
-                        .map_err(DeviceError::Backend)?,
+                    Some(stamps) => stamps.read(&self.shared.device)?,
                     None => None,
                 };
                 let timed = stamped.map_or(Timed::Host(wall), Timed::Device);

@@ -6,6 +6,8 @@
 //! kernels (a 20K multiply-add product read 1.0 ms that way and 0.05 ms in a
 //! batched loop).
 
+use crate::device::map_for_reading;
+use crate::error::{DeviceError, Result};
 use std::collections::HashMap;
 
 /// Time spent in one kernel at one launch size.
@@ -90,25 +92,16 @@ impl Stamps {
 
     /// Seconds between the two timestamps, once the submit that wrote them
     /// has finished; `None` if the last submit wrote none.
-    pub(crate) fn read(&mut self, device: &wgpu::Device) -> Result<Option<f64>, String> {
+    pub(crate) fn read(&mut self, device: &wgpu::Device) -> Result<Option<f64>> {
         if !std::mem::take(&mut self.written) {
             return Ok(None);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
-        rx.recv()
-            .map_err(|_| "timestamp readback never completed".to_string())?
-            .map_err(|e| e.to_string())?;
+        map_for_reading(device, &self.readback, 0..STAMP_BYTES)?;
         let ticks = {
             let view = self
                 .readback
                 .get_mapped_range(..)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DeviceError::Backend(e.to_string()))?;
             let [start, end]: [u64; 2] = bytemuck::pod_read_unaligned(&view);
             end.saturating_sub(start)
         };

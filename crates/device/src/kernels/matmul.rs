@@ -1063,33 +1063,30 @@ fn specialise(
         }
         MatmulTiling::Shared {
             bm, bn, bk, tm, tn, ..
-        } if vec4 => Specialize::new(SHARED_VEC4_SRC)
-            .constant_u32("BM", bm)
-            .constant_u32("BN", bn)
-            .constant_u32("BK", bk)
-            .constant_u32("BM4", bm / 4)
-            .constant_u32("BN4", bn / 4)
-            .constant_u32("BK4", bk / 4)
-            .constant_u32("TM4", tm / 4)
-            .constant_u32("TN4", tn / 4)
-            .constant_u32("ACC", tm * tn / 4)
-            .constant_u32("WG_X", bn / tn)
-            .constant_u32("WG_Y", bm / tm)
-            .constant_u32("THREADS", (bn / tn) * (bm / tm)),
-        MatmulTiling::Shared {
-            bm, bn, bk, tm, tn, ..
-        } => Specialize::new(SHARED_SRC)
-            .constant_u32("BM", bm)
-            .constant_u32("BN", bn)
-            .constant_u32("BK", bk)
-            .constant_u32("BK_BM", bk * bm)
-            .constant_u32("BK_BN", bk * bn)
-            .constant_u32("TM", tm)
-            .constant_u32("TN", tn)
-            .constant_u32("TMN", tm * tn)
-            .constant_u32("WG_X", bn / tn)
-            .constant_u32("WG_Y", bm / tm)
-            .constant_u32("THREADS", (bn / tn) * (bm / tm)),
+        } => {
+            // Both kernels: the block, its depth, each invocation's tile.
+            let both = Specialize::new(if vec4 { SHARED_VEC4_SRC } else { SHARED_SRC })
+                .constant_u32("BM", bm)
+                .constant_u32("BN", bn)
+                .constant_u32("BK", bk)
+                .constant_u32("TM", tm)
+                .constant_u32("TN", tn)
+                .constant_u32("WG_X", bn / tn)
+                .constant_u32("WG_Y", bm / tm)
+                .constant_u32("THREADS", (bn / tn) * (bm / tm));
+            if vec4 {
+                both.constant_u32("BM4", bm / 4)
+                    .constant_u32("BN4", bn / 4)
+                    .constant_u32("BK4", bk / 4)
+                    .constant_u32("TM4", tm / 4)
+                    .constant_u32("TN4", tn / 4)
+                    .constant_u32("ACC", tm * tn / 4)
+            } else {
+                both.constant_u32("BK_BM", bk * bm)
+                    .constant_u32("BK_BN", bk * bn)
+                    .constant_u32("TMN", tm * tn)
+            }
+        }
     };
     let body = spec
         .constant_bool("TRANS_A", trans_a)
