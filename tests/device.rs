@@ -238,10 +238,23 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
             ])
         });
         // Shared-memory tilings fuse as many parts as their tiles fit in the
-        // adapter's workgroup memory side by side.
+        // adapter's workgroup memory side by side. No product here takes vec4
+        // loads (k is 37, 10 or 45), so vec4 tilings run their scalar kernel,
+        // single-buffered.
         let per_dispatch = match tiling {
-            MatmulTiling::Shared { bm, bn, bk, .. } => {
-                d.limits().max_compute_workgroup_storage_size / (4 * bk * (bm + bn))
+            MatmulTiling::Shared {
+                bm, bn, bk, tm, tn, ..
+            } => {
+                let scalar = MatmulTiling::Shared {
+                    bm,
+                    bn,
+                    bk,
+                    tm,
+                    tn,
+                    vec4: false,
+                    pipelined: false,
+                };
+                d.limits().max_compute_workgroup_storage_size / scalar.shared_memory_bytes()
             }
             _ => 3,
         };
@@ -533,6 +546,12 @@ fn oversized_matmul_tiles_are_refused() {
     assert!(vec4
         .validate(d.limits(), d.features(), d.adapter_info())
         .is_ok());
+    // Double-buffered tiles are vec4 only.
+    let scalar_pipelined: MatmulTiling = "shared:32x32x8:4x4:pipelined".parse().unwrap();
+    let err = scalar_pipelined
+        .validate(d.limits(), d.features(), d.adapter_info())
+        .unwrap_err();
+    assert!(err.contains("vec4 only"), "{err}");
 }
 
 #[test]

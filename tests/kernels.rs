@@ -30,6 +30,9 @@ fn tilings() -> Vec<MatmulTiling> {
         "shared:32x32x8:2x2",
         "shared:32x32x8:4x4:vec4",
         "shared:16x32x4:4x8:vec4",
+        "shared:32x32x8:4x4:vec4:pipelined",
+        // More vec4 loads per tile than invocations: two fetches each.
+        "shared:32x64x16:8x8:vec4:pipelined",
     ] {
         t.push(s.parse().unwrap());
     }

@@ -28,7 +28,11 @@ pub enum MatmulTiling {
     /// `(bm/tm) x (bn/tn)` invocations computes a `tm x tn` block. With `vec4`
     /// (`tm`, `tn` and `bk` multiples of 4) tiles are loaded and read four
     /// elements at a time where the shape allows (as for the register
-    /// kernel's vec4 loads), element by element elsewhere.
+    /// kernel's vec4 loads), element by element elsewhere. With `pipelined`
+    /// (vec4 only) the tiles are double-buffered: each invocation fetches its
+    /// share of the next k tile into registers before multiplying the current
+    /// one, so global-memory latency overlaps arithmetic, at twice the shared
+    /// memory and one barrier per tile instead of two.
     Shared {
         bm: u32,
         bn: u32,
@@ -36,6 +40,7 @@ pub enum MatmulTiling {
         tm: u32,
         tn: u32,
         vec4: bool,
+        pipelined: bool,
     },
 }
 
@@ -63,6 +68,21 @@ impl MatmulTiling {
             MatmulTiling::Register { wg_x, wg_y, .. } => wg_x * wg_y,
             MatmulTiling::Subgroup { wg, .. } => wg,
             MatmulTiling::Shared { bm, bn, tm, tn, .. } => (bm / tm) * (bn / tn),
+        }
+    }
+
+    /// Bytes of workgroup memory a [`MatmulTiling::Shared`] kernel stages its
+    /// tiles in (both buffers when pipelined); 0 for the other tilings.
+    pub fn shared_memory_bytes(&self) -> u32 {
+        match *self {
+            MatmulTiling::Shared {
+                bm,
+                bn,
+                bk,
+                pipelined,
+                ..
+            } => 4 * bk * (bm + bn) * if pipelined { 2 } else { 1 },
+            _ => 0,
         }
     }
 
@@ -135,6 +155,7 @@ impl MatmulTiling {
             tm,
             tn,
             vec4,
+            pipelined,
         } = *self
         {
             if bm % tm != 0 || bn % tn != 0 {
@@ -145,7 +166,10 @@ impl MatmulTiling {
                     "{self}: vec4 tiles need tm, tn and bk multiples of 4"
                 ));
             }
-            let shared_bytes = 4 * bk * (bm + bn);
+            if pipelined && !vec4 {
+                return Err(format!("{self}: pipelined tiles are vec4 only"));
+            }
+            let shared_bytes = self.shared_memory_bytes();
             if shared_bytes > limits.max_compute_workgroup_storage_size {
                 return Err(format!(
                     "{self}: needs {shared_bytes} bytes of shared memory, adapter has {}",
@@ -192,10 +216,14 @@ impl fmt::Display for MatmulTiling {
                 tm,
                 tn,
                 vec4,
+                pipelined,
             } => {
                 write!(f, "shared:{bm}x{bn}x{bk}:{tm}x{tn}")?;
                 if *vec4 {
                     write!(f, ":vec4")?;
+                }
+                if *pipelined {
+                    write!(f, ":pipelined")?;
                 }
                 Ok(())
             }
@@ -239,7 +267,9 @@ impl FromStr for MatmulTiling {
                     wg: v[2],
                 })
             }
-            ["shared", b, t, rest @ ..] if matches!(rest, [] | ["vec4"]) => {
+            ["shared", b, t, rest @ ..]
+                if matches!(rest, [] | ["vec4"] | ["pipelined"] | ["vec4", "pipelined"]) =>
+            {
                 let (b, t) = (nums(b, 3)?, nums(t, 2)?);
                 Ok(MatmulTiling::Shared {
                     bm: b[0],
@@ -247,12 +277,13 @@ impl FromStr for MatmulTiling {
                     bk: b[2],
                     tm: t[0],
                     tn: t[1],
-                    vec4: !rest.is_empty(),
+                    vec4: rest.contains(&"vec4"),
+                    pipelined: rest.contains(&"pipelined"),
                 })
             }
             _ => Err(format!(
                 "{s:?}: expected register:TMxTN:WGXxWGY, subgroup:TM:SG:WG or \
-                 shared:BMxBNxBK:TMxTN[:vec4]"
+                 shared:BMxBNxBK:TMxTN[:vec4][:pipelined]"
             )),
         }
     }
@@ -282,6 +313,7 @@ impl Tuning {
             tm: 4,
             tn: 4,
             vec4: true,
+            pipelined: false,
         },
     };
 
@@ -302,6 +334,10 @@ impl Tuning {
                 "shared:128x64x16:8x4:vec4",
                 "shared:128x128x8:8x8:vec4",
                 "shared:128x128x16:8x8:vec4",
+                "shared:64x64x16:4x4:vec4:pipelined",
+                "shared:128x64x16:8x4:vec4:pipelined",
+                "shared:128x128x8:8x8:vec4:pipelined",
+                "shared:128x128x16:8x8:vec4:pipelined",
             ]
             .map(String::from)
             .to_vec()
@@ -368,13 +404,25 @@ mod tests {
     #[test]
     fn tiling_round_trips_through_text() {
         let scalar: MatmulTiling = "shared:128x64x16:8x4".parse().unwrap();
-        for t in [Tuning::CPU.matmul, Tuning::GPU.matmul, scalar] {
+        let pipelined: MatmulTiling = "shared:128x128x8:8x8:vec4:pipelined".parse().unwrap();
+        assert!(matches!(
+            pipelined,
+            MatmulTiling::Shared {
+                vec4: true,
+                pipelined: true,
+                ..
+            }
+        ));
+        for t in [Tuning::CPU.matmul, Tuning::GPU.matmul, scalar, pipelined] {
             assert_eq!(t.to_string().parse::<MatmulTiling>().unwrap(), t);
         }
         assert_eq!(Tuning::GPU.matmul.to_string(), "shared:64x64x16:4x4:vec4");
         assert!("register:8x0:8x8".parse::<MatmulTiling>().is_err());
         assert!("shared:64x64:4x4".parse::<MatmulTiling>().is_err());
         assert!("shared:64x64x16:4x4:vec8".parse::<MatmulTiling>().is_err());
+        assert!("shared:64x64x16:4x4:pipelined:vec4"
+            .parse::<MatmulTiling>()
+            .is_err());
     }
 
     #[test]

@@ -1062,8 +1062,15 @@ fn specialise(
                 .replace("STORE", &register_store(tm, 4 * sg))
         }
         MatmulTiling::Shared {
-            bm, bn, bk, tm, tn, ..
+            bm,
+            bn,
+            bk,
+            tm,
+            tn,
+            pipelined,
+            ..
         } => {
+            let threads = (bn / tn) * (bm / tm);
             // Both kernels: the block, its depth, each invocation's tile.
             let both = Specialize::new(if vec4 { SHARED_VEC4_SRC } else { SHARED_SRC })
                 .constant_u32("BM", bm)
@@ -1073,7 +1080,7 @@ fn specialise(
                 .constant_u32("TN", tn)
                 .constant_u32("WG_X", bn / tn)
                 .constant_u32("WG_Y", bm / tm)
-                .constant_u32("THREADS", (bn / tn) * (bm / tm));
+                .constant_u32("THREADS", threads);
             if vec4 {
                 both.constant_u32("BM4", bm / 4)
                     .constant_u32("BN4", bn / 4)
@@ -1081,6 +1088,10 @@ fn specialise(
                     .constant_u32("TM4", tm / 4)
                     .constant_u32("TN4", tn / 4)
                     .constant_u32("ACC", tm * tn / 4)
+                    .constant_u32("A_FETCHES", (bk * bm / 4).div_ceil(threads))
+                    .constant_u32("B_FETCHES", (bk * bn / 4).div_ceil(threads))
+                    .constant_bool("PIPELINED", pipelined)
+                    .constant_u32("STAGES", if pipelined { 2 } else { 1 })
             } else {
                 both.constant_u32("BK_BM", bk * bm)
                     .constant_u32("BK_BN", bk * bn)
