@@ -1,11 +1,11 @@
-// Layer normalisation over the last axis of a [rows, cols] view, one invocation
-// per row (no shared memory or barriers, which CPU adapters pay dearly for;
-// rows are many: batch x tokens):
+// Layer normalisation over the last axis of a [rows, cols] view:
 //   out = (x - mean) * rstd * gamma + beta,  rstd = 1 / sqrt(var + eps),
 // with the biased variance taken around the mean (two passes: no cancellation).
 // Each row's (mean, rstd) goes to `stats` for the backward pass.
 // Params, bindings 0-2 and xv(i) (x, or x + r with RESIDUAL):
-// layer_norm_input.wgsl.
+// layer_norm_input.wgsl. Which invocations take a row (row_index, ROW_LANES
+// of them) and how they add up (row_total): rows_per_invocation.wgsl or
+// rows_per_workgroup.wgsl.
 // Prepended: WG, RESIDUAL.
 
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
@@ -15,26 +15,29 @@
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = (wid.y * p.row_groups + wid.x) * WG + lid;
+    let row = row_index(wid, lid);
     if (row >= p.rows) {
         return;
     }
     let base = row * p.cols;
+    let first = lid % ROW_LANES;
     let n = f32(p.cols);
     var sum = 0.0;
-    for (var c = 0u; c < p.cols; c++) {
+    for (var c = first; c < p.cols; c += ROW_LANES) {
         sum += xv(base + c);
     }
-    let mean = sum / n;
+    let mean = row_total(vec2<f32>(sum, 0.0), lid).x / n;
     var sq = 0.0;
-    for (var c = 0u; c < p.cols; c++) {
+    for (var c = first; c < p.cols; c += ROW_LANES) {
         let d = xv(base + c) - mean;
         sq += d * d;
     }
-    let rstd = inverseSqrt(sq / n + p.eps);
-    for (var c = 0u; c < p.cols; c++) {
+    let rstd = inverseSqrt(row_total(vec2<f32>(sq, 0.0), lid).x / n + p.eps);
+    for (var c = first; c < p.cols; c += ROW_LANES) {
         out[base + c] = (xv(base + c) - mean) * rstd * gamma[c] + beta[c];
     }
-    stats[2u * row] = mean;
-    stats[2u * row + 1u] = rstd;
+    if (first == 0u) {
+        stats[2u * row] = mean;
+        stats[2u * row + 1u] = rstd;
+    }
 }
