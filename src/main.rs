@@ -617,13 +617,25 @@ fn eval(path: &Path, dataset: Option<DatasetName>, limit_test: Option<usize>) ->
         return eval_finetuned(&dir, dataset.unwrap_or(DatasetName::Imdb), limit_test);
     }
     let trained = open_trained(path)?;
-    // Checkpoints older than the `dataset` metadata: the model's kind decides.
-    let dataset = dataset
-        .or(trained.dataset)
-        .unwrap_or(match trained.model.reads_text() {
-            true => DatasetName::Imdb,
-            false => DatasetName::Mnist,
-        });
+    let dataset = match dataset.or(trained.dataset) {
+        Some(dataset) => dataset,
+        // Checkpoints older than the `dataset` metadata: the model's kind
+        // decides, and the user is told, since a Fashion-MNIST model would
+        // score near chance on MNIST.
+        None => {
+            let guess = match trained.model.reads_text() {
+                true => DatasetName::Imdb,
+                false => DatasetName::Mnist,
+            };
+            eprintln!(
+                "kiln: {} does not say which dataset it was trained on; evaluating on {} \
+                 (choose with --dataset)",
+                path.display(),
+                dataset_name(guess)
+            );
+            guess
+        }
+    };
     check_pair(trained.model, dataset)?;
     let (_, mut test, _) = load(dataset, trained.vectorizer)?;
     if let Some(n) = limit_test {

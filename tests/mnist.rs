@@ -322,3 +322,41 @@ fn a_tiny_cnn_learns_from_a_subset() {
     let (_, accuracy) = trainer.evaluate(&m.test.take(1000), 250).unwrap();
     assert!(accuracy > 0.8, "accuracy {accuracy} on 1,000 test images");
 }
+
+#[test]
+fn eval_of_a_checkpoint_that_names_no_dataset_says_which_it_chose() {
+    use std::process::Command;
+    let m = data();
+    let dir = std::env::temp_dir().join(format!("kiln-eval-guess-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    // Saved by the library with the model's name only, as `kiln train` did
+    // before it recorded the dataset.
+    let mut t = trainer(3, 1e-3);
+    let options = FitOptions {
+        checkpoint: Some(path.clone()),
+        ..quiet(1, 32, 3)
+    };
+    t.fit(&subset(&m.train, 200, 3), &options).unwrap();
+    let eval = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["eval", "--checkpoint", path.to_str().unwrap()])
+            .args(["--limit-test", "100"])
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("test accuracy"), "{stdout}");
+        stderr
+    };
+    let stderr = eval(&[]);
+    assert!(
+        stderr.contains("does not say which dataset") && stderr.contains("evaluating on mnist"),
+        "{stderr}"
+    );
+    let stderr = eval(&["--dataset", "mnist"]);
+    assert!(!stderr.contains("does not say which dataset"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
