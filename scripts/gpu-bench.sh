@@ -3,7 +3,8 @@
 # the benchmark suite against PyTorch on CUDA (TF32 off) with each model's
 # step profiled by kernel, and the GPU's name and driver. Everything lands in
 # OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
-# rows in latest.json, for benches/RESULTS.md. Workload names after OUTDIR
+# rows in latest.json, for benches/RESULTS.md; the LSTM's per-step kernels
+# in lstm-steps.log. Workload names after OUTDIR
 # narrow the suite, as with cargo bench. KILN_DEVICE and KILN_BENCH_REFERENCE
 # override the GPU and CUDA defaults (to try the script on a CPU machine),
 # KILN_PROFILE=0 skips the profiles.
@@ -35,5 +36,12 @@ export KILN_BENCH_OUT="$out"
 echo "kernel tests: exit $?" >>"$out/gpu.txt"
 "${bench[@]}" "$@" >"$out/bench.log" 2>&1
 echo "bench: exit $?" >>"$out/gpu.txt"
+# The LSTM again on its per-step kernels, to compare with the sequence
+# kernels' figure above (no reference: only Kiln's row matters here).
+if [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; then
+    KILN_LSTM_SEQUENCE=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/lstm-steps" \
+        "${bench[@]}" lstm >"$out/lstm-steps.log" 2>&1
+    echo "lstm per step: exit $?" >>"$out/gpu.txt"
+fi
 cat "$out/gpu.txt"
 tail -n 25 "$out/bench.log"

@@ -173,6 +173,12 @@ struct SequenceParams {
     _pad: u32,
 }
 
+/// Whether the sequence kernels are in use (`KILN_LSTM_SEQUENCE=0`: not).
+fn sequence_kernels_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_LSTM_SEQUENCE").map_or(true, |v| v != "0"))
+}
+
 /// Rows (samples) per workgroup of the sequence kernels. A CPU adapter runs
 /// each workgroup on one thread: enough items (row groups x unit quads) to
 /// fill a workgroup, but at least as many workgroups as the host has cores
@@ -374,6 +380,13 @@ impl Device {
     /// are a multiple of 4 (the kernels read units four at a time).
     pub fn lstm_sequence_fits(&self, shape: &LstmShape) -> bool {
         shape.hidden % 4 == 0 && shape.hidden > 0 && shape.batch > 0
+    }
+
+    /// Whether an LSTM of this shape should run on the sequence kernels
+    /// rather than a kernel per step: wherever they fit, unless
+    /// `KILN_LSTM_SEQUENCE=0` (to compare the two on an adapter).
+    pub fn lstm_prefers_sequence(&self, shape: &LstmShape) -> bool {
+        sequence_kernels_enabled() && self.lstm_sequence_fits(shape)
     }
 
     /// Runs the whole sequence forward in one dispatch: every step's gates,

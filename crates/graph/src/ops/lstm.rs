@@ -96,7 +96,7 @@ impl Tensor {
             cells: &cells,
             states: &states,
         };
-        let sequence = device.lstm_sequence_fits(&shape);
+        let sequence = device.lstm_prefers_sequence(&shape);
         if sequence {
             device.lstm_forward_sequence(&shape, w_hh.buffer(), &buffers)?;
         } else {
