@@ -20,23 +20,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let base = row * p.cols;
-    let first = lid % ROW_LANES;
+    let lane = lid % ROW_LANES;
     let n = f32(p.cols);
     var sum = 0.0;
-    for (var c = first; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         sum += xv(base + c);
     }
     let mean = row_total(vec2<f32>(sum, 0.0), lid).x / n;
     var sq = 0.0;
-    for (var c = first; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         let d = xv(base + c) - mean;
         sq += d * d;
     }
     let rstd = inverseSqrt(row_total(vec2<f32>(sq, 0.0), lid).x / n + p.eps);
-    for (var c = first; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         out[base + c] = (xv(base + c) - mean) * rstd * gamma[c] + beta[c];
     }
-    if (first == 0u) {
+    if (lane == 0u) {
         stats[2u * row] = mean;
         stats[2u * row + 1u] = rstd;
     }

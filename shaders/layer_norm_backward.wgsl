@@ -20,19 +20,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let base = row * p.cols;
-    let first = lid % ROW_LANES;
+    let lane = lid % ROW_LANES;
     let mean = stats[2u * row];
     let rstd = stats[2u * row + 1u];
     // (sum of gg, sum of gg * xhat)
     var sums = vec2<f32>(0.0);
-    for (var c = first; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         let xhat = (xv(base + c) - mean) * rstd;
         let gg = g[base + c] * gamma[c];
         sums += vec2<f32>(gg, gg * xhat);
         gxhat[base + c] = g[base + c] * xhat;
     }
     let means = row_total(sums, lid) / f32(p.cols);
-    for (var c = first; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         let xhat = (xv(base + c) - mean) * rstd;
         dx[base + c] = rstd * (g[base + c] * gamma[c] - means.x - xhat * means.y);
     }

@@ -17,8 +17,9 @@
 // neighbouring quads of C.
 //
 // Staging is split into a fetch (global memory to registers) and a store
-// (registers to a tile buffer). Without PIPELINED a tile is fetched, stored
-// and multiplied between two barriers. With PIPELINED the tiles are
+// (registers to a tile buffer). Without PIPELINED there is one buffer: a
+// barrier after its multiply lets the next tile be fetched and stored over
+// it, and another before that tile's multiply. With PIPELINED the tiles are
 // double-buffered: the next tile's fetch is issued before the current one is
 // multiplied (its latency hidden behind the arithmetic) and stored into the
 // other buffer afterwards, with one barrier per tile. That is safe: the buffer
@@ -41,94 +42,89 @@ struct Fetched {
     b: array<vec4<f32>, B_FETCHES>,
 }
 
-// Where vec4 `l` of a tile comes from in global memory (in vec4s) and where
-// it goes: `k` and `q`, the tile's k step and quad (of rows of A or columns
-// of B) for a k-major vec4, or for one that holds four k steps of a single
-// row or column (spread over four k steps of the tile), that row or column.
-struct Slot {
-    global: u32,
-    k: u32,
-    q: u32,
-    inside: bool,
-}
-
-fn a_slot(l: u32, a_base: u32, row_base: u32, k0: u32) -> Slot {
-    var s: Slot;
+// Where vec4 `l` of a tile lies: (first k step, position across the tile).
+// A vec4 along m or n (A transposed, B not) is one k step of four
+// neighbouring rows or columns: the position is their quad. A vec4 along k is
+// four k steps of one row or column, stored into four k steps of the tile:
+// the position is that row or column.
+fn a_place(l: u32) -> vec2<u32> {
     if (TRANS_A) {
-        // A is [k, m]: four neighbouring rows of C at one k.
-        s.k = l / BM4;
-        s.q = l % BM4;
-        let gr = row_base + 4u * s.q;
-        let gk = k0 + s.k;
-        s.inside = gr < p.m && gk < p.k;
-        s.global = a_base + gk * (p.m / 4u) + gr / 4u;
-    } else {
-        // A is [m, k]: four neighbouring k of one row.
-        s.q = l / BK4;
-        s.k = 4u * (l % BK4);
-        let gr = row_base + s.q;
-        let gk = k0 + s.k;
-        s.inside = gr < p.m && gk < p.k;
-        s.global = a_base + gr * (p.k / 4u) + gk / 4u;
+        return vec2<u32>(l / BM4, l % BM4);
     }
-    s.inside = s.inside && l < A_TILE;
-    return s;
+    return vec2<u32>(4u * (l % BK4), l / BK4);
 }
 
-fn b_slot(l: u32, b_base: u32, col_base: u32, k0: u32) -> Slot {
-    var s: Slot;
+fn b_place(l: u32) -> vec2<u32> {
     if (TRANS_B) {
-        // B is [n, k]: four neighbouring k of one column.
-        s.q = l / BK4;
-        s.k = 4u * (l % BK4);
-        let gc = col_base + s.q;
-        let gk = k0 + s.k;
-        s.inside = gc < p.n && gk < p.k;
-        s.global = b_base + gc * (p.k / 4u) + gk / 4u;
-    } else {
-        // B is [k, n]: four neighbouring columns at one k.
-        s.k = l / BN4;
-        s.q = l % BN4;
-        let gc = col_base + 4u * s.q;
-        let gk = k0 + s.k;
-        s.inside = gc < p.n && gk < p.k;
-        s.global = b_base + gk * (p.n / 4u) + gc / 4u;
+        return vec2<u32>(4u * (l % BK4), l / BK4);
     }
-    s.inside = s.inside && l < B_TILE;
-    return s;
+    return vec2<u32>(l / BN4, l % BN4);
+}
+
+// Vec4 `l` of the A tile at k offset k0, zero outside A (or past the tile).
+fn fetch_a(l: u32, a_base: u32, row_base: u32, k0: u32) -> vec4<f32> {
+    let at = a_place(l);
+    let gk = k0 + at.x;
+    var v = vec4<f32>(0.0);
+    if (TRANS_A) {
+        // A is [k, m].
+        let gr = row_base + 4u * at.y;
+        if (l < A_TILE && gr < p.m && gk < p.k) {
+            v = vec4<f32>(load_a(a_base + gk * (p.m / 4u) + gr / 4u));
+        }
+    } else {
+        // A is [m, k].
+        let gr = row_base + at.y;
+        if (l < A_TILE && gr < p.m && gk < p.k) {
+            v = vec4<f32>(load_a(a_base + gr * (p.k / 4u) + gk / 4u));
+        }
+    }
+    return v;
+}
+
+fn fetch_b(l: u32, b_base: u32, col_base: u32, k0: u32) -> vec4<f32> {
+    let at = b_place(l);
+    let gk = k0 + at.x;
+    var v = vec4<f32>(0.0);
+    if (TRANS_B) {
+        // B is [n, k].
+        let gc = col_base + at.y;
+        if (l < B_TILE && gc < p.n && gk < p.k) {
+            v = vec4<f32>(load_b(b_base + gc * (p.k / 4u) + gk / 4u));
+        }
+    } else {
+        // B is [k, n].
+        let gc = col_base + 4u * at.y;
+        if (l < B_TILE && gc < p.n && gk < p.k) {
+            v = vec4<f32>(load_b(b_base + gk * (p.n / 4u) + gc / 4u));
+        }
+    }
+    return v;
 }
 
 fn fetch(lidx: u32, a_base: u32, b_base: u32, row_base: u32, col_base: u32, k0: u32) -> Fetched {
     var f: Fetched;
     for (var i = 0u; i < A_FETCHES; i++) {
-        let s = a_slot(lidx + i * THREADS, a_base, row_base, k0);
-        f.a[i] = vec4<f32>(0.0);
-        if (s.inside) {
-            f.a[i] = vec4<f32>(load_a(s.global));
-        }
+        f.a[i] = fetch_a(lidx + i * THREADS, a_base, row_base, k0);
     }
     for (var i = 0u; i < B_FETCHES; i++) {
-        let s = b_slot(lidx + i * THREADS, b_base, col_base, k0);
-        f.b[i] = vec4<f32>(0.0);
-        if (s.inside) {
-            f.b[i] = vec4<f32>(load_b(s.global));
-        }
+        f.b[i] = fetch_b(lidx + i * THREADS, b_base, col_base, k0);
     }
     return f;
 }
 
-// Stores what `fetch` returned for the same arguments into buffer `stage`.
+// Stores what `fetch` returned into buffer `stage`.
 fn store(f: Fetched, stage: u32, lidx: u32) {
     for (var i = 0u; i < A_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < A_TILE) {
-            let s = a_slot(l, 0u, 0u, 0u);
-            let at = stage * A_TILE;
+            let at = a_place(l);
+            let first = stage * A_TILE + at.x * BM4;
             if (TRANS_A) {
-                a_tile[at + s.k * BM4 + s.q] = f.a[i];
+                a_tile[first + at.y] = f.a[i];
             } else {
                 for (var e = 0u; e < 4u; e++) {
-                    a_tile[at + (s.k + e) * BM4 + s.q / 4u][s.q % 4u] = f.a[i][e];
+                    a_tile[first + e * BM4 + at.y / 4u][at.y % 4u] = f.a[i][e];
                 }
             }
         }
@@ -136,14 +132,14 @@ fn store(f: Fetched, stage: u32, lidx: u32) {
     for (var i = 0u; i < B_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < B_TILE) {
-            let s = b_slot(l, 0u, 0u, 0u);
-            let bt = stage * B_TILE;
+            let at = b_place(l);
+            let first = stage * B_TILE + at.x * BN4;
             if (TRANS_B) {
                 for (var e = 0u; e < 4u; e++) {
-                    b_tile[bt + (s.k + e) * BN4 + s.q / 4u][s.q % 4u] = f.b[i][e];
+                    b_tile[first + e * BN4 + at.y / 4u][at.y % 4u] = f.b[i][e];
                 }
             } else {
-                b_tile[bt + s.k * BN4 + s.q] = f.b[i];
+                b_tile[first + at.y] = f.b[i];
             }
         }
     }

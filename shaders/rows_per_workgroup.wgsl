@@ -6,6 +6,8 @@
 // GPU busy. Needs WG (a power of two) and `p.row_groups`.
 
 const ROW_LANES: u32 = WG;
+// The tree sum in row_total halves WG each step.
+const_assert ((WG & (WG - 1u)) == 0u);
 
 var<workgroup> row_partial: array<vec2<f32>, WG>;
 

@@ -239,7 +239,7 @@ fn independent_kernels_launched_together_run_as_one_dispatch_with_the_same_resul
         });
         // Shared-memory tilings fuse as many parts as their tiles fit in the
         // adapter's workgroup memory side by side. No product here takes vec4
-        // loads (k is 37, 10 or 45), so vec4 tilings run their scalar kernel,
+        // loads (k is 37, 10 or 37), so vec4 tilings run their scalar kernel,
         // single-buffered.
         let per_dispatch = match tiling {
             MatmulTiling::Shared {

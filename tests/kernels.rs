@@ -31,8 +31,12 @@ fn tilings() -> Vec<MatmulTiling> {
         "shared:32x32x8:4x4:vec4",
         "shared:16x32x4:4x8:vec4",
         "shared:32x32x8:4x4:vec4:pipelined",
-        // More vec4 loads per tile than invocations: two fetches each.
+        // More vec4 loads per tile than invocations: 4 of A and 8 of B each.
         "shared:32x64x16:8x8:vec4:pipelined",
+        // Tiles that do not divide among the invocations: 64 of them for
+        // 32 vec4s of A; 48 for 128 of B (a third fetch for some only).
+        "shared:16x64x8:4x4:vec4:pipelined",
+        "shared:24x32x16:4x4:vec4:pipelined",
     ] {
         t.push(s.parse().unwrap());
     }
