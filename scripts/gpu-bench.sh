@@ -4,10 +4,10 @@
 # step profiled by kernel, and the GPU's name and driver. Everything lands in
 # OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
 # rows in latest.json, for benches/RESULTS.md; the LSTM's per-step kernels
-# in lstm-steps.log. Workload names after OUTDIR
-# narrow the suite, as with cargo bench. KILN_DEVICE and KILN_BENCH_REFERENCE
-# override the GPU and CUDA defaults (to try the script on a CPU machine),
-# KILN_PROFILE=0 skips the profiles.
+# in lstm-steps.log; the autotuner's timings in tuning/. Workload names
+# after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
+# KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to try the script
+# on a CPU machine), KILN_PROFILE=0 skips the profiles.
 # Uses the binaries in .gpu/ (scripts/build-gpu-binaries.sh) if there is no
 # cargo. Needs the Vulkan loader (libvulkan1) and python3 with torch (CUDA).
 set -uo pipefail
@@ -43,5 +43,9 @@ if [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; then
         "${bench[@]}" lstm >"$out/lstm-steps.log" 2>&1
     echo "lstm per step: exit $?" >>"$out/gpu.txt"
 fi
+# The autotuner's cache file lists every candidate tiling's time over its
+# probes, not only the winner's.
+tuning=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/tuning
+cp -r "$tuning" "$out/" 2>/dev/null || echo "no tuning cache in $tuning" >>"$out/gpu.txt"
 cat "$out/gpu.txt"
 tail -n 25 "$out/bench.log"
