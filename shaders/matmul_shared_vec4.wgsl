@@ -8,7 +8,8 @@
 // TM4 = TM / 4, TN4 = TN / 4, ACC = TM * TN4, WG_X = BN / TN, WG_Y = BM / TM,
 // THREADS = WG_X * WG_Y, A_FETCHES = ceil(BK * BM4 / THREADS) and B_FETCHES
 // likewise (an invocation's vec4 loads per tile), TRANS_A, TRANS_B,
-// PIPELINED and STAGES (2 when PIPELINED, else 1).
+// PIPELINED and STAGES (2 when PIPELINED, else 1), HALF_MATH and the tiles'
+// element type Tile (f16 with HALF_MATH, else f32).
 // Each global load fetches four neighbours along the operand's contiguous
 // axis. Tiles are stored k-major, [k][m] and [k][n], so that a k step reads
 // an invocation's four rows or columns as one vec4. An invocation owns row
@@ -24,6 +25,12 @@
 // multiplied (its latency hidden behind the arithmetic) and stored into the
 // other buffer afterwards, with one barrier per tile. That is safe: the buffer
 // stored into was last read before the previous barrier.
+//
+// With HALF_MATH (f16 operands multiplied in f16, HalfLoads::NativeArithmetic)
+// the tiles hold f16, and each output's four k steps at a time are an f16
+// multiply-add chain whose result is added to the f32 accumulator: the
+// rounding of four-term f16 sums, however long k is, as in the register
+// kernel's f16 dots.
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) with load_a / load_b (vec4 index to vec4, f32 or
@@ -33,13 +40,13 @@
 
 const A_TILE = BK * BM4;
 const B_TILE = BK * BN4;
-var<workgroup> a_tile: array<vec4<f32>, STAGES * A_TILE>; // [stage][k][m / 4]
-var<workgroup> b_tile: array<vec4<f32>, STAGES * B_TILE>; // [stage][k][n / 4]
+var<workgroup> a_tile: array<vec4<Tile>, STAGES * A_TILE>; // [stage][k][m / 4]
+var<workgroup> b_tile: array<vec4<Tile>, STAGES * B_TILE>; // [stage][k][n / 4]
 
 // One invocation's share of a k tile, between fetch and store.
 struct Fetched {
-    a: array<vec4<f32>, A_FETCHES>,
-    b: array<vec4<f32>, B_FETCHES>,
+    a: array<vec4<Tile>, A_FETCHES>,
+    b: array<vec4<Tile>, B_FETCHES>,
 }
 
 // Where vec4 `l` of a tile lies: (first k step, position across the tile).
@@ -62,41 +69,41 @@ fn b_place(l: u32) -> vec2<u32> {
 }
 
 // Vec4 `l` of the A tile at k offset k0, zero outside A (or past the tile).
-fn fetch_a(l: u32, a_base: u32, row_base: u32, k0: u32) -> vec4<f32> {
+fn fetch_a(l: u32, a_base: u32, row_base: u32, k0: u32) -> vec4<Tile> {
     let at = a_place(l);
     let gk = k0 + at.x;
-    var v = vec4<f32>(0.0);
+    var v = vec4<Tile>(0.0);
     if (TRANS_A) {
         // A is [k, m].
         let gr = row_base + 4u * at.y;
         if (l < A_TILE && gr < p.m && gk < p.k) {
-            v = vec4<f32>(load_a(a_base + gk * (p.m / 4u) + gr / 4u));
+            v = vec4<Tile>(load_a(a_base + gk * (p.m / 4u) + gr / 4u));
         }
     } else {
         // A is [m, k].
         let gr = row_base + at.y;
         if (l < A_TILE && gr < p.m && gk < p.k) {
-            v = vec4<f32>(load_a(a_base + gr * (p.k / 4u) + gk / 4u));
+            v = vec4<Tile>(load_a(a_base + gr * (p.k / 4u) + gk / 4u));
         }
     }
     return v;
 }
 
-fn fetch_b(l: u32, b_base: u32, col_base: u32, k0: u32) -> vec4<f32> {
+fn fetch_b(l: u32, b_base: u32, col_base: u32, k0: u32) -> vec4<Tile> {
     let at = b_place(l);
     let gk = k0 + at.x;
-    var v = vec4<f32>(0.0);
+    var v = vec4<Tile>(0.0);
     if (TRANS_B) {
         // B is [n, k].
         let gc = col_base + at.y;
         if (l < B_TILE && gc < p.n && gk < p.k) {
-            v = vec4<f32>(load_b(b_base + gc * (p.k / 4u) + gk / 4u));
+            v = vec4<Tile>(load_b(b_base + gc * (p.k / 4u) + gk / 4u));
         }
     } else {
         // B is [k, n].
         let gc = col_base + 4u * at.y;
         if (l < B_TILE && gc < p.n && gk < p.k) {
-            v = vec4<f32>(load_b(b_base + gk * (p.n / 4u) + gc / 4u));
+            v = vec4<Tile>(load_b(b_base + gk * (p.n / 4u) + gc / 4u));
         }
     }
     return v;
@@ -170,17 +177,44 @@ fn main(
         }
         let at = stage * A_TILE;
         let bt = stage * B_TILE;
-        for (var kk = 0u; kk < BK; kk++) {
-            var bv: array<vec4<f32>, TN4>;
-            for (var j = 0u; j < TN4; j++) {
-                bv[j] = b_tile[bt + kk * BN4 + lid.x + j * WG_X];
-            }
-            for (var i = 0u; i < TM4; i++) {
-                let av = a_tile[at + kk * BM4 + lid.y + i * WG_Y];
-                for (var e = 0u; e < 4u; e++) {
+        if (HALF_MATH) {
+            for (var k4 = 0u; k4 < BK; k4 += 4u) {
+                var bv: array<vec4<Tile>, 4 * TN4>; // [k step][column quad]
+                var av: array<vec4<Tile>, 4 * TM4>; // [k step][row quad]
+                for (var t = 0u; t < 4u; t++) {
                     for (var j = 0u; j < TN4; j++) {
-                        let slot = (4u * i + e) * TN4 + j;
-                        acc[slot] = fma(vec4<f32>(av[e]), bv[j], acc[slot]);
+                        bv[t * TN4 + j] = b_tile[bt + (k4 + t) * BN4 + lid.x + j * WG_X];
+                    }
+                    for (var i = 0u; i < TM4; i++) {
+                        av[t * TM4 + i] = a_tile[at + (k4 + t) * BM4 + lid.y + i * WG_Y];
+                    }
+                }
+                for (var i = 0u; i < TM4; i++) {
+                    for (var e = 0u; e < 4u; e++) {
+                        for (var j = 0u; j < TN4; j++) {
+                            var part = vec4<Tile>(0.0);
+                            for (var t = 0u; t < 4u; t++) {
+                                part = fma(vec4<Tile>(av[t * TM4 + i][e]), bv[t * TN4 + j], part);
+                            }
+                            let slot = (4u * i + e) * TN4 + j;
+                            acc[slot] += vec4<f32>(part);
+                        }
+                    }
+                }
+            }
+        } else {
+            for (var kk = 0u; kk < BK; kk++) {
+                var bv: array<vec4<f32>, TN4>;
+                for (var j = 0u; j < TN4; j++) {
+                    bv[j] = vec4<f32>(b_tile[bt + kk * BN4 + lid.x + j * WG_X]);
+                }
+                for (var i = 0u; i < TM4; i++) {
+                    let av = vec4<f32>(a_tile[at + kk * BM4 + lid.y + i * WG_Y]);
+                    for (var e = 0u; e < 4u; e++) {
+                        for (var j = 0u; j < TN4; j++) {
+                            let slot = (4u * i + e) * TN4 + j;
+                            acc[slot] = fma(vec4<f32>(av[e]), bv[j], acc[slot]);
+                        }
                     }
                 }
             }

@@ -428,10 +428,10 @@ impl Device {
     /// in f16 as well as read it, four-term dots summed in f32 (see
     /// [`HalfLoads::NativeArithmetic`](crate::HalfLoads::NativeArithmetic)),
     /// at the cost of f16 rounding in every product. Meant for GPUs with
-    /// packed half math, but not yet measured on one: those products run on
-    /// register tiles (no shared memory), which on a GPU may well be slower
-    /// than the shared-memory f32-arithmetic kernel they replace, so time
-    /// both. Off by default. Fails on adapters without SHADER_F16.
+    /// packed half math (there the shared-memory tiles hold f16 too, half the
+    /// bytes), but not yet measured on one: time it against the default
+    /// before relying on it. Off by default. Fails on adapters without
+    /// SHADER_F16.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), kiln_device::DeviceError> {

@@ -830,9 +830,10 @@ impl Device {
     }
 }
 
-/// Where f16 arithmetic applies (both operands f16, vec4 loads), the register
-/// tiling it runs on; elsewhere [`HalfLoads::NativeArithmetic`] reads as
-/// [`HalfLoads::Native`].
+/// Where f16 arithmetic applies (both operands f16, vec4 loads), the tiling
+/// it runs on: vec4 shared-memory and register tilings have an f16 kernel,
+/// subgroup and scalar shared ones run on register tiles instead. Elsewhere
+/// [`HalfLoads::NativeArithmetic`] reads as [`HalfLoads::Native`].
 fn half_arithmetic_route(
     a: &GpuBuffer,
     b: &GpuBuffer,
@@ -843,13 +844,13 @@ fn half_arithmetic_route(
     if half != HalfLoads::NativeArithmetic {
         return (tiling, half);
     }
-    let register = match tiling {
-        MatmulTiling::Register { .. } => tiling,
+    let with_f16_kernel = match tiling {
+        MatmulTiling::Register { .. } | MatmulTiling::Shared { vec4: true, .. } => tiling,
         _ => MatmulTiling::SUBGROUP_FALLBACK,
     };
     let both_half = a.dtype() == DType::F16 && b.dtype() == DType::F16;
-    if both_half && vec4_loads_fit(spec, register) {
-        (register, half)
+    if both_half && vec4_loads_fit(spec, with_f16_kernel) {
+        (with_f16_kernel, half)
     } else {
         (tiling, HalfLoads::Native)
     }
@@ -885,12 +886,14 @@ pub enum HalfLoads {
     /// As 32-bit words holding two halves, through `unpack2x16float`: core
     /// WGSL, so any adapter.
     Packed,
-    /// As WGSL `f16`, multiplying in f16 too: each product of four k steps is
-    /// a `dot` of two `vec4<f16>` (packed half math on GPUs, twice the f32
-    /// rate on many), and those partial dots are summed in f32, so rounding
-    /// stays that of four-term f16 sums however long k is. Needs SHADER_F16.
-    /// Only products whose operands are both f16 and whose shape takes vec4
-    /// loads (see [`Matmul`]) run it, on register tiles; others run as
+    /// As WGSL `f16`, multiplying in f16 too: each output's four k steps at
+    /// a time are summed in f16 (a `dot` of two `vec4<f16>` on register
+    /// tiles, a multiply-add chain on vec4 shared-memory tiles, which then
+    /// hold f16), and those partial sums are summed in f32, so rounding stays
+    /// that of four-term f16 sums however long k is. Needs SHADER_F16. Only
+    /// products whose operands are both f16 and whose shape takes vec4 loads
+    /// (see [`Matmul`]) run it, on the tiling asked for where it is a
+    /// register or vec4 shared one, else on register tiles; others run as
     /// [`HalfLoads::Native`].
     NativeArithmetic,
 }
@@ -1092,6 +1095,8 @@ fn specialise(
                     .constant_u32("B_FETCHES", (bk * bn / 4).div_ceil(threads))
                     .constant_bool("PIPELINED", pipelined)
                     .constant_u32("STAGES", if pipelined { 2 } else { 1 })
+                    .constant_bool("HALF_MATH", ops.half_arithmetic())
+                    .alias("Tile", if ops.half_arithmetic() { "f16" } else { "f32" })
             } else {
                 both.constant_u32("BK_BM", bk * bm)
                     .constant_u32("BK_BN", bk * bn)
