@@ -1,5 +1,5 @@
 //! Matmul throughput (square N from 256 to 4096, f32; f16 operands at 1024
-//! and 4096) against numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch
+//! and 4096, and multiplied in f16 where the adapter can) against numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch
 //! with `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost
 //! of one dispatch with and without batching. `KILN_BENCH_SWEEP=1` adds rows
 //! for other tilings at N = 1024.
@@ -56,6 +56,25 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
             n,
             DType::F16,
         )?;
+    }
+    // f16 arithmetic too (`set_half_arithmetic`) where the adapter has it: at
+    // 4096 on GPUs, beside the row above; at 1024 on CPU adapters, where
+    // subgroup tilings hand it to register tiles and 4096 would take minutes.
+    // Labelled without a tiling, since it may not run the one asked for.
+    if device.set_half_arithmetic(true).is_ok() {
+        let n = if support::cuda_reference() {
+            4096
+        } else {
+            1024
+        };
+        let measured = measure(
+            format!("matmul f16 arithmetic N={n}"),
+            tiling,
+            n,
+            DType::F16,
+        );
+        device.set_half_arithmetic(false)?;
+        measured?;
     }
     if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
         for s in [
