@@ -567,10 +567,12 @@ fn f16_operands_match_reference_for_every_tiling_and_load_path() {
 }
 
 /// f16 operands multiplied in f16 ([`HalfLoads::NativeArithmetic`]): within
-/// four-term f16 rounding of the f64 product on every register tiling and
+/// four-term f16 rounding of the f64 product on every tiling (register and
+/// vec4 shared ones run it themselves, others hand it to register tiles) and
 /// layout, and provably f16 inside: with every entry 1 + 2^-10 each product
 /// rounds to 1 + 2^-9 in f16 (f32 keeps the 2^-20 term), and 1024 four-term
-/// dots summed in f32 reach 4104 exactly (an f16 sum would stall near 4096).
+/// sums added up in f32 reach 4104 exactly (an f16 sum would stall near
+/// 4096).
 #[test]
 fn f16_arithmetic_matches_rounded_reference_and_multiplies_in_f16() {
     let d = device();

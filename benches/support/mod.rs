@@ -325,6 +325,13 @@ impl Drop for Reference {
     }
 }
 
+/// A pause after each timed window, so that the next one (the other side's)
+/// starts on an idle machine: after a window PyTorch's and OpenBLAS's worker
+/// threads keep spinning on a core for about 100 ms (measured from the
+/// reference process's CPU time while it sleeps), which cost Kiln's short
+/// MLP windows that followed them up to a fifth of their speed.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// The best of `windows` alternating measurements: Kiln's (`kiln` returns a
 /// figure where higher is better, with whatever it wants to keep alongside)
 /// and, when there is one, the reference's for `request`.
@@ -338,11 +345,14 @@ pub fn alternate<T>(
     let mut best_reference: Option<f64> = None;
     for _ in 0..windows {
         let (value, extra) = kiln()?;
+        std::thread::sleep(SETTLE);
         if best_kiln.as_ref().is_none_or(|(b, _)| value > *b) {
             best_kiln = Some((value, extra));
         }
         if let Ok(r) = reference.as_mut() {
-            match r.measure(request) {
+            let measured = r.measure(request);
+            std::thread::sleep(SETTLE);
+            match measured {
                 Ok(v) => best_reference = Some(best_reference.map_or(v, |b| b.max(v))),
                 // A reference that failed once reports its failure, not earlier figures.
                 Err(why) => {

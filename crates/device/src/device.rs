@@ -425,13 +425,14 @@ impl Device {
     }
 
     /// Makes matrix products of two f16 operands (mixed precision's) multiply
-    /// in f16 as well as read it, four-term dots summed in f32 (see
+    /// in f16 as well as read it, four-term f16 sums added up in f32 (see
     /// [`HalfLoads::NativeArithmetic`](crate::HalfLoads::NativeArithmetic)),
     /// at the cost of f16 rounding in every product. Meant for GPUs with
-    /// packed half math (there the shared-memory tiles hold f16 too, half the
-    /// bytes), but not yet measured on one: time it against the default
-    /// before relying on it. Off by default. Fails on adapters without
-    /// SHADER_F16.
+    /// packed half math, where the default vec4 shared-memory tiling keeps
+    /// f16 tiles too (half the bytes); other tilings hand these products to
+    /// register tiles. Not yet measured on a GPU: time it against the
+    /// default before relying on it. Off by default. Fails on adapters
+    /// without SHADER_F16.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), kiln_device::DeviceError> {

@@ -964,7 +964,8 @@ fn expect_float(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
 }
 
 /// The binding of operand `name` and its loader `load_<name>(i)`, returning
-/// element `i` (or the `i`-th group of four, for vec4 loads) as f32.
+/// element `i` (or the `i`-th group of four, for vec4 loads) as f32, or as
+/// `vec4<f16>` for f16 arithmetic.
 fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> String {
     if name == "a" && ops.a_texture {
         let mask = TEXTURE_ROW_TEXELS - 1;
