@@ -40,8 +40,10 @@
 
 const A_TILE = BK * BM4;
 const B_TILE = BK * BN4;
-var<workgroup> a_tile: array<vec4<Tile>, STAGES * A_TILE>; // [stage][k][m / 4]
-var<workgroup> b_tile: array<vec4<Tile>, STAGES * B_TILE>; // [stage][k][n / 4]
+// Where the B tiles start in `tiles`, after the A tiles.
+const B_TILES = STAGES * A_TILE;
+// The A tiles, [stage][k][m / 4], then the B tiles, [stage][k][n / 4].
+var<workgroup> tiles: array<vec4<Tile>, STAGES * (A_TILE + B_TILE)>;
 
 // One invocation's share of a k tile, between fetch and store.
 struct Fetched {
@@ -120,34 +122,32 @@ fn fetch(lidx: u32, a_base: u32, b_base: u32, row_base: u32, col_base: u32, k0: 
     return f;
 }
 
+// Puts vec4 `v` at place `at` (see a_place) of the tile starting at vec4
+// `tile` of `tiles`, `width` vec4s per k step; `along_k` when `v` holds four
+// k steps of one row or column.
+fn put(v: vec4<Tile>, tile: u32, width: u32, at: vec2<u32>, along_k: bool) {
+    let first = tile + at.x * width;
+    if (along_k) {
+        for (var e = 0u; e < 4u; e++) {
+            tiles[first + e * width + at.y / 4u][at.y % 4u] = v[e];
+        }
+    } else {
+        tiles[first + at.y] = v;
+    }
+}
+
 // Stores what `fetch` returned into buffer `stage`.
 fn store(f: Fetched, stage: u32, lidx: u32) {
     for (var i = 0u; i < A_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < A_TILE) {
-            let at = a_place(l);
-            let first = stage * A_TILE + at.x * BM4;
-            if (TRANS_A) {
-                a_tile[first + at.y] = f.a[i];
-            } else {
-                for (var e = 0u; e < 4u; e++) {
-                    a_tile[first + e * BM4 + at.y / 4u][at.y % 4u] = f.a[i][e];
-                }
-            }
+            put(f.a[i], stage * A_TILE, BM4, a_place(l), !TRANS_A);
         }
     }
     for (var i = 0u; i < B_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < B_TILE) {
-            let at = b_place(l);
-            let first = stage * B_TILE + at.x * BN4;
-            if (TRANS_B) {
-                for (var e = 0u; e < 4u; e++) {
-                    b_tile[first + e * BN4 + at.y / 4u][at.y % 4u] = f.b[i][e];
-                }
-            } else {
-                b_tile[first + at.y] = f.b[i];
-            }
+            put(f.b[i], B_TILES + stage * B_TILE, BN4, b_place(l), TRANS_B);
         }
     }
 }
@@ -176,17 +176,17 @@ fn main(
             ahead = fetch(lidx, a_base, b_base, row_base, col_base, next);
         }
         let at = stage * A_TILE;
-        let bt = stage * B_TILE;
+        let bt = B_TILES + stage * B_TILE;
         if (HALF_MATH) {
             for (var k4 = 0u; k4 < BK; k4 += 4u) {
                 var bv: array<vec4<Tile>, 4 * TN4>; // [k step][column quad]
                 var av: array<vec4<Tile>, 4 * TM4>; // [k step][row quad]
                 for (var t = 0u; t < 4u; t++) {
                     for (var j = 0u; j < TN4; j++) {
-                        bv[t * TN4 + j] = b_tile[bt + (k4 + t) * BN4 + lid.x + j * WG_X];
+                        bv[t * TN4 + j] = tiles[bt + (k4 + t) * BN4 + lid.x + j * WG_X];
                     }
                     for (var i = 0u; i < TM4; i++) {
-                        av[t * TM4 + i] = a_tile[at + (k4 + t) * BM4 + lid.y + i * WG_Y];
+                        av[t * TM4 + i] = tiles[at + (k4 + t) * BM4 + lid.y + i * WG_Y];
                     }
                 }
                 for (var i = 0u; i < TM4; i++) {
@@ -206,10 +206,10 @@ fn main(
             for (var kk = 0u; kk < BK; kk++) {
                 var bv: array<vec4<f32>, TN4>;
                 for (var j = 0u; j < TN4; j++) {
-                    bv[j] = vec4<f32>(b_tile[bt + kk * BN4 + lid.x + j * WG_X]);
+                    bv[j] = vec4<f32>(tiles[bt + kk * BN4 + lid.x + j * WG_X]);
                 }
                 for (var i = 0u; i < TM4; i++) {
-                    let av = vec4<f32>(a_tile[at + kk * BM4 + lid.y + i * WG_Y]);
+                    let av = vec4<f32>(tiles[at + kk * BM4 + lid.y + i * WG_Y]);
                     for (var e = 0u; e < 4u; e++) {
                         for (var j = 0u; j < TN4; j++) {
                             let slot = (4u * i + e) * TN4 + j;
