@@ -19,11 +19,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 
+/// Whether the environment variable `name` is `0`: how Kiln's `KILN_*`
+/// switches turn a mechanism off, to compare with and without it.
+pub(crate) fn switched_off(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "0")
+}
+
 /// Whether [`Device::together`] fuses (`KILN_FUSION=0` turns it off, to
 /// compare).
 fn fusion_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KILN_FUSION").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| !switched_off("KILN_FUSION"))
 }
 
 /// Texels per row of an operand texture (see [`Device::texture_operand`]):
@@ -51,9 +57,10 @@ pub enum TextureOperands {
 impl TextureOperands {
     /// `KILN_TEXTURES=0` turns them off, to compare.
     fn from_env() -> Self {
-        match std::env::var("KILN_TEXTURES").as_deref() {
-            Ok("0") => Self::Never,
-            _ => Self::Auto,
+        if switched_off("KILN_TEXTURES") {
+            Self::Never
+        } else {
+            Self::Auto
         }
     }
 }
@@ -299,7 +306,7 @@ impl Device {
             | wgpu::Features::TIMESTAMP_QUERY;
         // KILN_IMMEDIATES=0 passes kernel parameters in a uniform buffer even
         // where immediates work, as on adapters without them (CI tests both).
-        if std::env::var("KILN_IMMEDIATES").is_ok_and(|v| v == "0") {
+        if switched_off("KILN_IMMEDIATES") {
             wanted.remove(wgpu::Features::IMMEDIATES);
         }
         let features = adapter.features() & wanted;
@@ -374,8 +381,7 @@ impl Device {
         let fixed = std::env::var_os("KILN_MATMUL").is_some();
         // A kernel class set by hand is for testing code paths: its
         // defaults, not timings of another class's kernels on this adapter.
-        let off = std::env::var("KILN_AUTOTUNE").is_ok_and(|v| v == "0")
-            || adapter::kernel_class_override().is_some();
+        let off = switched_off("KILN_AUTOTUNE") || adapter::kernel_class_override().is_some();
         if fixed || off {
             return;
         }

@@ -176,7 +176,7 @@ struct SequenceParams {
 /// Whether the sequence kernels are in use (`KILN_LSTM_SEQUENCE=0`: not).
 fn sequence_kernels_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KILN_LSTM_SEQUENCE").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| !crate::device::switched_off("KILN_LSTM_SEQUENCE"))
 }
 
 /// Rows (samples) per workgroup of the sequence kernels. A CPU adapter runs
