@@ -525,32 +525,21 @@ fn a_chain_that_cannot_fuse_still_fuses_its_stages() {
 #[test]
 fn oversized_matmul_tiles_are_refused() {
     let d = Device::new().unwrap();
-    let huge: MatmulTiling = "register:64x64:4x4".parse().unwrap();
-    let err = huge
-        .validate(d.limits(), d.features(), d.adapter_info())
-        .unwrap_err();
+    let validate = |tiling: &str| {
+        let tiling: MatmulTiling = tiling.parse().unwrap();
+        tiling.validate(d.limits(), d.features(), d.adapter_info())
+    };
+    let err = validate("register:64x64:4x4").unwrap_err();
     assert!(err.contains("4096 outputs per invocation"), "{err}");
-    let largest: MatmulTiling = "register:16x16:4x4".parse().unwrap();
-    assert!(largest
-        .validate(d.limits(), d.features(), d.adapter_info())
-        .is_ok());
+    assert!(validate("register:16x16:4x4").is_ok());
     // vec4 shared tiles read four rows, columns and k steps at a time.
     for bad in ["shared:32x32x8:2x4:vec4", "shared:32x32x6:4x4:vec4"] {
-        let tiling: MatmulTiling = bad.parse().unwrap();
-        let err = tiling
-            .validate(d.limits(), d.features(), d.adapter_info())
-            .unwrap_err();
+        let err = validate(bad).unwrap_err();
         assert!(err.contains("multiples of 4"), "{bad}: {err}");
     }
-    let vec4: MatmulTiling = "shared:32x32x8:4x4:vec4".parse().unwrap();
-    assert!(vec4
-        .validate(d.limits(), d.features(), d.adapter_info())
-        .is_ok());
+    assert!(validate("shared:32x32x8:4x4:vec4").is_ok());
     // Double-buffered tiles are vec4 only.
-    let scalar_pipelined: MatmulTiling = "shared:32x32x8:4x4:pipelined".parse().unwrap();
-    let err = scalar_pipelined
-        .validate(d.limits(), d.features(), d.adapter_info())
-        .unwrap_err();
+    let err = validate("shared:32x32x8:4x4:pipelined").unwrap_err();
     assert!(err.contains("vec4 only"), "{err}");
 }
 

@@ -328,8 +328,8 @@ impl Drop for Reference {
 /// A pause after each timed window, so that the next one (the other side's)
 /// starts on an idle machine: after a window PyTorch's and OpenBLAS's worker
 /// threads keep spinning on a core for about 100 ms (measured from the
-/// reference process's CPU time while it sleeps), which cost Kiln's short
-/// MLP windows that followed them up to a fifth of their speed.
+/// reference process's CPU time while it sleeps), a core for a third of
+/// Kiln's short MLP windows that followed them.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// The best of `windows` alternating measurements: Kiln's (`kiln` returns a

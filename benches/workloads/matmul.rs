@@ -1,7 +1,8 @@
 //! Matmul throughput (square N from 256 to 4096, f32; f16 operands at 1024
-//! and 4096, and multiplied in f16 where the adapter can) against numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch
-//! with `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost
-//! of one dispatch with and without batching. `KILN_BENCH_SWEEP=1` adds rows
+//! and 4096, and multiplied in f16 where the adapter can) against numpy's
+//! sgemm (OpenBLAS), or cuBLAS through PyTorch with
+//! `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost of one dispatch
+//! with and without batching. `KILN_BENCH_SWEEP=1` adds rows
 //! for other tilings at N = 1024.
 
 use super::random;
