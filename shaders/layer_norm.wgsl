@@ -4,7 +4,7 @@
 // Each row's (mean, rstd) goes to `stats` for the backward pass.
 // Params, bindings 0-2 and xv(i) (x, or x + r with RESIDUAL):
 // layer_norm_input.wgsl. Which invocations take a row (row_index, ROW_LANES
-// of them) and how they add up (row_total): rows_per_invocation.wgsl or
+// of them) and how they add up (row_reduce): rows_per_invocation.wgsl or
 // rows_per_workgroup.wgsl.
 // Prepended: WG, RESIDUAL.
 
@@ -26,13 +26,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var c = lane; c < p.cols; c += ROW_LANES) {
         sum += xv(base + c);
     }
-    let mean = row_total(vec2<f32>(sum, 0.0), lid).x / n;
+    let mean = row_reduce(vec2<f32>(sum, 0.0), lid).x / n;
     var sq = 0.0;
     for (var c = lane; c < p.cols; c += ROW_LANES) {
         let d = xv(base + c) - mean;
         sq += d * d;
     }
-    let rstd = inverseSqrt(row_total(vec2<f32>(sq, 0.0), lid).x / n + p.eps);
+    let rstd = inverseSqrt(row_reduce(vec2<f32>(sq, 0.0), lid).x / n + p.eps);
     for (var c = lane; c < p.cols; c += ROW_LANES) {
         out[base + c] = (xv(base + c) - mean) * rstd * gamma[c] + beta[c];
     }

@@ -3,7 +3,7 @@
 // and gxhat = g * xhat per element, which the caller sums over rows for the
 // gradient of gamma (that of beta is the row sum of g).
 // Params, bindings 0-2 and xv(i) (x, or x + r with RESIDUAL):
-// layer_norm_input.wgsl. row_index, ROW_LANES and row_total:
+// layer_norm_input.wgsl. row_index, ROW_LANES and row_reduce:
 // rows_per_invocation.wgsl or rows_per_workgroup.wgsl.
 // Prepended: WG, RESIDUAL.
 
@@ -31,7 +31,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sums += vec2<f32>(gg, gg * xhat);
         gxhat[base + c] = g[base + c] * xhat;
     }
-    let means = row_total(sums, lid) / f32(p.cols);
+    let means = row_reduce(sums, lid) / f32(p.cols);
     for (var c = lane; c < p.cols; c += ROW_LANES) {
         let xhat = (xv(base + c) - mean) * rstd;
         dx[base + c] = rstd * (g[base + c] * gamma[c] - means.x - xhat * means.y);

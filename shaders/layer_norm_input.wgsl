@@ -1,7 +1,7 @@
 // Shared by layer_norm.wgsl and layer_norm_backward.wgsl, which the host
-// (kernels/norm.rs) appends to it: the parameters, and the values being
-// normalised, x or with RESIDUAL x + r (a residual sum that is never written
-// out; without RESIDUAL `r` is bound but unused).
+// (kernels/norm.rs) appends to it: the parameters, how lanes' row sums merge,
+// and the values being normalised, x or with RESIDUAL x + r (a residual sum
+// that is never written out; without RESIDUAL `r` is bound but unused).
 
 struct Params {
     rows: u32,
@@ -14,6 +14,11 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> r: array<f32>;
+
+// Two lanes' partial sums of a row, added (see row_reduce).
+fn row_combine(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    return a + b;
+}
 
 fn xv(i: u32) -> f32 {
     if (RESIDUAL) {

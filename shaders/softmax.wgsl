@@ -1,25 +1,25 @@
 // Softmax (or log-softmax when LOG) along the last axis of a [rows, cols] view of
-// z = scale * x + bias, one workgroup per row: max, then sum of exp(z - max),
-// then the normalised output, each pass striding over the row and combining
-// through shared memory. With BIAS, `bias` is [rows / rows_per_bias, cols] and
-// row r adds bias row r / rows_per_bias (attention: a -1e9 mask per sequence,
-// shared by its heads and queries); without it the binding is unused.
-// With ROW_PER_THREAD each invocation instead walks one whole row alone: no
-// shared memory or barriers, which CPU adapters pay dearly for, and enough
-// parallelism when there are many short rows (attention scores).
+// z = scale * x + bias. Each lane of a row finds the max of its columns and
+// the sum of exp(z - max) over them; row_reduce merges the lanes' pairs
+// (row_combine) and a last pass writes the normalised output. Which
+// invocations take a row (row_index, ROW_LANES of them) and how they merge:
+// rows_per_invocation.wgsl (short rows, CPU adapters) or
+// rows_per_workgroup.wgsl (GPUs, few long rows), appended by the host.
+// With BIAS, `bias` is [rows / rows_per_bias, cols] and row r adds bias row
+// r / rows_per_bias (attention: a -1e9 mask per sequence, shared by its heads
+// and queries); without it the binding is unused.
 // With CROSS_ENTROPY the kernel is a classifier's whole loss in one pass:
 // row r's loss -log softmax(z)[label] goes to row_loss[r] and the gradient
 // softmax(z) - onehot(label) to out, both times loss_scale (the mean's 1/count).
 // A label >= cols marks an ignored row: zero loss and gradient. Without
 // CROSS_ENTROPY `labels` and `row_loss` are unused. With TOTAL (cross-entropy
-// rows per thread, a classifier's batch) one workgroup takes every row and
-// also writes the sum of the row losses to `total[0]` and the number of rows
-// whose label has the largest logit (correct predictions) to `hits[0]`. With
-// TALLY (and TOTAL) it also adds the sum of the row losses before loss_scale
-// to `tally[0]` and the correct count to `tally[1]`: a training loop's running
-// totals, updated in place.
-// Prepended: WG (power of two), LOG, BIAS, ROW_PER_THREAD, CROSS_ENTROPY, TOTAL,
-// TALLY.
+// over a classifier's batch of short rows) one workgroup takes every row, an
+// invocation per row, and also writes the sum of the row losses to `total[0]`
+// and the number of rows whose label has the largest logit (correct
+// predictions) to `hits[0]`. With TALLY (and TOTAL) it also adds the sum of
+// the row losses before loss_scale to `tally[0]` and the correct count to
+// `tally[1]`: a training loop's running totals, updated in place.
+// Prepended: WG (power of two), LOG, BIAS, CROSS_ENTROPY, TOTAL, TALLY.
 
 struct Params {
     rows: u32,
@@ -50,30 +50,26 @@ fn z(base: u32, bias_base: u32, c: u32) -> f32 {
     return v;
 }
 
-var<workgroup> partial: array<f32, WG>;
-
-fn reduce_max(lid: u32) -> f32 {
-    for (var span = WG / 2u; span > 0u; span = span / 2u) {
-        if (lid < span) {
-            partial[lid] = max(partial[lid], partial[lid + span]);
-        }
-        workgroupBarrier();
-    }
-    let r = partial[0];
-    workgroupBarrier();
-    return r;
+// Two parts of a row as (max, sum of exp(z - max)), merged into the whole's.
+// An empty part is (-f32 max, 0) and drops out.
+fn row_combine(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
 }
 
-fn reduce_sum(lid: u32) -> f32 {
-    for (var span = WG / 2u; span > 0u; span = span / 2u) {
-        if (lid < span) {
-            partial[lid] = partial[lid] + partial[lid + span];
-        }
-        workgroupBarrier();
+// (max, sum of exp(z - max)) over columns first, first + step, ... of a row.
+fn part_stats(row: u32, first: u32, step: u32) -> vec2<f32> {
+    let base = row * p.cols;
+    let bias_base = (row / p.rows_per_bias) * p.cols;
+    var m = -3.4028235e38;
+    for (var c = first; c < p.cols; c += step) {
+        m = max(m, z(base, bias_base, c));
     }
-    let r = partial[0];
-    workgroupBarrier();
-    return r;
+    var s = 0.0;
+    for (var c = first; c < p.cols; c += step) {
+        s += exp(z(base, bias_base, c) - m);
+    }
+    return vec2<f32>(m, s);
 }
 
 // The output pass over columns first, first + step, ... of a row whose max is
@@ -108,84 +104,51 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
     }
 }
 
-// Normalises one row; with CROSS_ENTROPY returns 1 when the label's logit is
-// the row's largest (ties count), else 0.
-fn softmax_row(row: u32) -> f32 {
-    let base = row * p.cols;
-    let bias_base = (row / p.rows_per_bias) * p.cols;
-    var m = -3.4028235e38;
-    for (var c = 0u; c < p.cols; c++) {
-        m = max(m, z(base, bias_base, c));
-    }
-    var s = 0.0;
-    for (var c = 0u; c < p.cols; c++) {
-        s += exp(z(base, bias_base, c) - m);
-    }
-    finish_row(row, m, s, 0u, 1u, true);
-    var hit = 0.0;
-    if (CROSS_ENTROPY) {
+var<workgroup> batch_partial: array<vec2<f32>, WG>;
+
+// TOTAL: the workgroup's invocations each take rows lid, lid + WG, ... and
+// add up the losses and correct predictions of the whole batch.
+fn cross_entropy_batch(lid: u32) {
+    var mine = vec2<f32>(0.0);
+    for (var row = lid; row < p.rows; row += WG) {
+        let stats = part_stats(row, 0u, 1u);
+        finish_row(row, stats.x, stats.y, 0u, 1u, true);
         let label = labels[row];
-        if (label < p.cols && z(base, bias_base, label) >= m) {
-            hit = 1.0;
+        let base = row * p.cols;
+        let bias_base = (row / p.rows_per_bias) * p.cols;
+        let hit = label < p.cols && z(base, bias_base, label) >= stats.x;
+        mine += vec2<f32>(row_loss[row], select(0.0, 1.0, hit));
+    }
+    batch_partial[lid] = mine;
+    workgroupBarrier();
+    for (var span = WG / 2u; span > 0u; span = span / 2u) {
+        if (lid < span) {
+            batch_partial[lid] += batch_partial[lid + span];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let sums = batch_partial[0];
+        total[0] = sums.x;
+        hits[0] = sums.y;
+        if (TALLY) {
+            tally[0] += sums.x / p.loss_scale;
+            tally[1] += sums.y;
         }
     }
-    return hit;
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     if (TOTAL) {
-        var mine = 0.0;
-        var my_hits = 0.0;
-        for (var row = lid; row < p.rows; row += WG) {
-            my_hits += softmax_row(row);
-            mine += row_loss[row];
-        }
-        partial[lid] = mine;
-        workgroupBarrier();
-        let sum = reduce_sum(lid);
-        partial[lid] = my_hits;
-        workgroupBarrier();
-        let hit_count = reduce_sum(lid);
-        if (lid == 0u) {
-            total[0] = sum;
-            hits[0] = hit_count;
-            if (TALLY) {
-                tally[0] += sum / p.loss_scale;
-                tally[1] += hit_count;
-            }
-        }
+        cross_entropy_batch(lid);
         return;
     }
-    if (ROW_PER_THREAD) {
-        let row = (wid.y * p.row_groups + wid.x) * WG + lid;
-        if (row < p.rows) {
-            _ = softmax_row(row);
-        }
-        return;
-    }
-    let row = wid.y * p.row_groups + wid.x;
+    let row = row_index(wid, lid);
     if (row >= p.rows) {
         return;
     }
-    let base = row * p.cols;
-    let bias_base = (row / p.rows_per_bias) * p.cols;
-
-    var m = -3.4028235e38;
-    for (var c = lid; c < p.cols; c += WG) {
-        m = max(m, z(base, bias_base, c));
-    }
-    partial[lid] = m;
-    workgroupBarrier();
-    m = reduce_max(lid);
-
-    var s = 0.0;
-    for (var c = lid; c < p.cols; c += WG) {
-        s += exp(z(base, bias_base, c) - m);
-    }
-    partial[lid] = s;
-    workgroupBarrier();
-    s = reduce_sum(lid);
-
-    finish_row(row, m, s, lid, WG, lid == 0u);
+    let lane = lid % ROW_LANES;
+    let stats = row_reduce(part_stats(row, lane, ROW_LANES), lid);
+    finish_row(row, stats.x, stats.y, lane, ROW_LANES, lane == 0u);
 }

@@ -1145,7 +1145,8 @@ fn softmax_and_log_softmax_match_reference() {
 #[test]
 fn softmax_cross_entropy_matches_reference() {
     let d = device();
-    // Short rows run one invocation per row, long ones a workgroup per row.
+    // Short rows run one invocation per row, long ones a workgroup per row
+    // (on CPU adapters from 512 columns, under the GPU kernel class from 64).
     // Up to 1024 short rows also give their total: one workgroup walks them
     // all, several rows per invocation past 64.
     for (rows, cols) in [(1, 1), (7, 10), (33, 65), (700, 12), (1500, 8), (5, 1000)] {
@@ -1280,8 +1281,9 @@ fn scaled_softmax_with_a_row_block_bias_matches_reference() {
     use kiln::device::SoftmaxInput;
     let d = device();
     // rows = groups * block: each group of rows shares one bias row.
-    // Rows shorter than 512 take the row-per-invocation kernel, the last case the
-    // workgroup-per-row one.
+    // On CPU adapters rows shorter than 512 take the row-per-invocation
+    // kernel, the last case the workgroup-per-row one; under the GPU kernel
+    // class rows of 64 or more take a workgroup too.
     for (groups, block, cols, scale) in [
         (1, 1, 5, 0.5f32),
         (3, 4, 9, 0.125),

@@ -8,6 +8,7 @@ pub mod lstm;
 pub mod matmul;
 pub mod norm;
 pub mod reduce;
+mod rows;
 pub mod softmax;
 
 use crate::buffer::{DType, GpuBuffer};

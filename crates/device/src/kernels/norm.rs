@@ -1,9 +1,9 @@
 //! Layer normalisation over the last axis, forward and backward, optionally
 //! of a residual sum `x + r` that is never written out. CPU adapters take a
-//! row per invocation, GPUs a row per workgroup (see the two `rows_per_*`
-//! shaders).
+//! row per invocation, GPUs a row per workgroup (see [`super::rows`]).
 
-use super::{expect_f32, expect_len, grid_2d, to_u32};
+use super::rows::ROW_WORKGROUP;
+use super::{expect_f32, expect_len, to_u32};
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
 use crate::error::Result;
@@ -13,10 +13,6 @@ const FORWARD_SRC: &str = include_str!("../../../../shaders/layer_norm.wgsl");
 const BACKWARD_SRC: &str = include_str!("../../../../shaders/layer_norm_backward.wgsl");
 /// Parameters, input bindings and the residual sum, shared by both.
 const INPUT_SRC: &str = include_str!("../../../../shaders/layer_norm_input.wgsl");
-const ROWS_PER_INVOCATION_SRC: &str = include_str!("../../../../shaders/rows_per_invocation.wgsl");
-const ROWS_PER_WORKGROUP_SRC: &str = include_str!("../../../../shaders/rows_per_workgroup.wgsl");
-/// Rows per workgroup (a row per invocation), or invocations per row.
-const WORKGROUP: u32 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -66,7 +62,7 @@ impl Device {
             return Ok(LayerNormOutput { out, stats });
         }
         let kernel = self.norm_kernel("layer_norm", FORWARD_SRC, residual.is_some())?;
-        let grid = self.row_grid(rows)?;
+        let grid = self.row_layout().grid(self, rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
             cols: to_u32(OP, "cols", cols)?,
@@ -115,7 +111,7 @@ impl Device {
             return Ok((dx, gxhat));
         }
         let kernel = self.norm_kernel("layer_norm_backward", BACKWARD_SRC, residual.is_some())?;
-        let grid = self.row_grid(rows)?;
+        let grid = self.row_layout().grid(self, rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
             cols: to_u32(OP, "cols", cols)?,
@@ -137,34 +133,12 @@ impl Device {
         source: &'static str,
         residual: bool,
     ) -> Result<std::sync::Arc<crate::kernel::Kernel>> {
-        let per_workgroup = self.row_per_workgroup();
-        self.kernel(&format!("{name}:{residual}:{per_workgroup}"), || {
-            let rows = if per_workgroup {
-                ROWS_PER_WORKGROUP_SRC
-            } else {
-                ROWS_PER_INVOCATION_SRC
-            };
-            Specialize::new(&format!("{INPUT_SRC}\n{rows}\n{source}"))
-                .constant_u32("WG", WORKGROUP)
+        let layout = self.row_layout();
+        self.kernel(&format!("{name}:{residual}:{layout:?}"), || {
+            Specialize::new(&format!("{INPUT_SRC}\n{}\n{source}", layout.source()))
+                .constant_u32("WG", ROW_WORKGROUP)
                 .constant_bool("RESIDUAL", residual)
                 .build()
         })
-    }
-
-    /// GPUs give each row a workgroup, CPU adapters an invocation.
-    fn row_per_workgroup(&self) -> bool {
-        !self.kernels_for_cpu()
-    }
-
-    fn row_grid(&self, rows: usize) -> Result<[u32; 3]> {
-        let workgroups = if self.row_per_workgroup() {
-            rows
-        } else {
-            rows.div_ceil(WORKGROUP as usize)
-        };
-        grid_2d(
-            workgroups as u64,
-            self.limits().max_compute_workgroups_per_dimension,
-        )
     }
 }

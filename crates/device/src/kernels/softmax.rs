@@ -1,14 +1,14 @@
 //! Softmax and log-softmax along the last axis, and the softmax cross-entropy
 //! loss fused into the same pass.
 
-use super::{expect_f32, expect_len, grid_2d, to_u32};
+use super::rows::{RowLayout, ROW_WORKGROUP};
+use super::{expect_f32, expect_len, to_u32};
 use crate::buffer::{DType, GpuBuffer};
 use crate::device::Device;
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 
 const SRC: &str = include_str!("../../../../shaders/softmax.wgsl");
-const SOFTMAX_WORKGROUP: u32 = 64;
 /// The most rows a cross-entropy adds up in its own kernel (one workgroup
 /// walking every row): past this a parallel reduction pays for its dispatch.
 const TOTAL_MAX_ROWS: usize = 1024;
@@ -241,25 +241,25 @@ impl Device {
             return Ok((out, row_loss, None));
         }
         let has_bias = input.bias.is_some();
-        // Like reductions: a workgroup per row pays off only for long rows
-        // that are too few to keep the adapter busy one invocation each.
-        let row_per_thread = cols < 512 || rows >= 4096;
         // A classifier's batch: one workgroup takes every row and adds the
         // losses up too, saving the loss's reduction a dispatch.
-        let total = cross_entropy && row_per_thread && rows <= TOTAL_MAX_ROWS;
+        let total = cross_entropy && cols < 512 && rows <= TOTAL_MAX_ROWS;
+        let layout = match total {
+            true => RowLayout::PerInvocation,
+            false => self.softmax_layout(rows, cols),
+        };
         let tally = match output {
             Output::CrossEntropy { tally, .. } if total => tally,
             _ => None,
         };
         let tallied = tally.is_some();
         let kernel = self.kernel(
-            &format!("softmax:{log}:{has_bias}:{row_per_thread}:{cross_entropy}:{total}:{tallied}"),
+            &format!("softmax:{log}:{has_bias}:{layout:?}:{cross_entropy}:{total}:{tallied}"),
             || {
-                Specialize::new(SRC)
-                    .constant_u32("WG", SOFTMAX_WORKGROUP)
+                Specialize::new(&format!("{SRC}\n{}", layout.source()))
+                    .constant_u32("WG", ROW_WORKGROUP)
                     .constant_bool("LOG", log)
                     .constant_bool("BIAS", has_bias)
-                    .constant_bool("ROW_PER_THREAD", row_per_thread)
                     .constant_bool("CROSS_ENTROPY", cross_entropy)
                     .constant_bool("TOTAL", total)
                     .constant_bool("TALLY", tallied)
@@ -270,17 +270,10 @@ impl Device {
             true => Some((self.empty(1, DType::F32)?, self.empty(1, DType::F32)?)),
             false => None,
         };
-        let groups = if totals.is_some() {
-            1
-        } else if row_per_thread {
-            rows.div_ceil(SOFTMAX_WORKGROUP as usize)
-        } else {
-            rows
+        let grid = match total {
+            true => [1, 1, 1],
+            false => layout.grid(self, rows)?,
         };
-        let grid = grid_2d(
-            groups as u64,
-            self.limits().max_compute_workgroups_per_dimension,
-        )?;
         let params = Params {
             rows: to_u32(op, "rows", rows)?,
             cols: to_u32(op, "cols", cols)?,
@@ -313,5 +306,22 @@ impl Device {
         ];
         self.dispatch(&kernel, bytemuck::bytes_of(&params), &buffers, grid)?;
         Ok((out, row_loss, totals))
+    }
+
+    /// Which invocations take a softmax row. CPU adapters give a workgroup
+    /// only to long rows too few to keep their cores busy one invocation
+    /// each (as reductions do). GPUs give one to every row of at least a
+    /// workgroup's width, attention's scores among them: its lanes read the
+    /// row coalesced, where a row per invocation would read rows far apart;
+    /// shorter rows would leave most of a workgroup idle.
+    fn softmax_layout(&self, rows: usize, cols: usize) -> RowLayout {
+        let per_workgroup = match self.kernels_for_cpu() {
+            true => cols >= 512 && rows < 4096,
+            false => cols >= ROW_WORKGROUP as usize,
+        };
+        match per_workgroup {
+            true => RowLayout::PerWorkgroup,
+            false => RowLayout::PerInvocation,
+        }
     }
 }
