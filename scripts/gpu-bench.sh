@@ -4,7 +4,8 @@
 # step profiled by kernel, and the GPU's name and driver. Everything lands in
 # OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
 # rows in latest.json, for benches/RESULTS.md; the LSTM's per-step kernels
-# in lstm-steps.log; the autotuner's timings in tuning/. Workload names
+# in lstm-steps.log; without wgpu's loop counters in no-loop-counters.log;
+# the autotuner's timings in tuning/. Workload names
 # after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
 # KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to try the script
 # on a CPU machine), KILN_PROFILE=0 skips the profiles.
@@ -36,6 +37,10 @@ export KILN_BENCH_OUT="$out"
 echo "kernel tests: exit $?" >>"$out/gpu.txt"
 "${bench[@]}" "$@" >"$out/bench.log" 2>&1
 echo "bench: exit $?" >>"$out/gpu.txt"
+# The autotuner's cache file lists every candidate tiling's time over its
+# probes, not only the winner's.
+tuning=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/tuning
+cp -r "$tuning" "$out/" 2>/dev/null || echo "no tuning cache in $tuning" >>"$out/gpu.txt"
 # The LSTM again on its per-step kernels, to compare with the sequence
 # kernels' figure above (no reference: only Kiln's row matters here).
 if [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; then
@@ -43,9 +48,12 @@ if [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; then
         "${bench[@]}" lstm >"$out/lstm-steps.log" 2>&1
     echo "lstm per step: exit $?" >>"$out/gpu.txt"
 fi
-# The autotuner's cache file lists every candidate tiling's time over its
-# probes, not only the winner's.
-tuning=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/tuning
-cp -r "$tuning" "$out/" 2>/dev/null || echo "no tuning cache in $tuning" >>"$out/gpu.txt"
+# The products, the MLP and MiniLM again without wgpu's loop counters
+# (Kiln's figures only): whether the counters cost a GPU anything.
+if [ $# = 0 ]; then
+    KILN_LOOP_COUNTERS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/no-loop-counters" \
+        "${bench[@]}" matmul mlp bert >"$out/no-loop-counters.log" 2>&1
+    echo "no loop counters: exit $?" >>"$out/gpu.txt"
+fi
 cat "$out/gpu.txt"
 tail -n 25 "$out/bench.log"

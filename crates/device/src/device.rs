@@ -217,6 +217,8 @@ pub struct DeviceShared {
     tuning: Mutex<Tuning>,
     /// f16 products multiply in f16 (see [`Device::set_half_arithmetic`]).
     half_arithmetic: AtomicBool,
+    /// Whether kernels keep wgpu's loop counters (see [`Device::kernel`]).
+    loop_counters: bool,
     /// When matmul reads A through a texture (see [`TextureOperands`]).
     texture_operands: Mutex<TextureOperands>,
     /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`].
@@ -364,6 +366,7 @@ impl Device {
                 param_align,
                 tuning: Mutex::new(tuning),
                 half_arithmetic: AtomicBool::new(false),
+                loop_counters: !switched_off("KILN_LOOP_COUNTERS"),
                 texture_operands: Mutex::new(TextureOperands::from_env()),
                 textures: Mutex::new(HashMap::new()),
                 profile: Mutex::new(None),
@@ -770,6 +773,13 @@ impl Device {
 
     /// Returns the compiled kernel for `key`, building it from `source()` the first
     /// time. Compilation errors come back as [`DeviceError::Shader`].
+    ///
+    /// wgpu adds a counter to every loop so that a loop that never ends
+    /// cannot be assumed away by the driver's compiler; reports on wgpu's
+    /// tracker name shaders it made many times slower. `KILN_LOOP_COUNTERS=0`
+    /// leaves the counters out (bounds checks stay), to compare; the kernel
+    /// must then have no endless loop. On lavapipe it made no difference
+    /// beyond noise (matmul at N=1024, alternating).
     pub fn kernel(&self, key: &str, source: impl FnOnce() -> String) -> Result<Arc<Kernel>> {
         if let Some(k) = lock(&self.shared.kernels).get(key) {
             return Ok(k);
@@ -805,7 +815,22 @@ impl Device {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let module = device.create_shader_module(desc);
+        let module = match self.shared.loop_counters {
+            true => device.create_shader_module(desc),
+            // SAFETY: bounds checks stay on; only the counter wgpu adds to
+            // every loop, in case it never ends, is left out. Every loop in
+            // Kiln's kernels runs to a bound fixed at dispatch; a kernel
+            // passed in that loops forever would hang the device either way.
+            false => unsafe {
+                device.create_shader_module_trusted(
+                    desc,
+                    wgpu::ShaderRuntimeChecks {
+                        force_loop_bounding: false,
+                        ..wgpu::ShaderRuntimeChecks::checked()
+                    },
+                )
+            },
+        };
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key),
             layout: Some(&pipeline_layout),
