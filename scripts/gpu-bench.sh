@@ -55,5 +55,7 @@ if [ $# = 0 ]; then
         "${bench[@]}" matmul mlp bert >"$out/no-loop-counters.log" 2>&1
     echo "no loop counters: exit $?" >>"$out/gpu.txt"
 fi
+# Again: the pass without loop counters tuned its own choice.
+cp -r "$tuning" "$out/" 2>/dev/null
 cat "$out/gpu.txt"
 tail -n 25 "$out/bench.log"

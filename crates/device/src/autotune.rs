@@ -60,19 +60,25 @@ const GPU_PROBES: [Probe; 3] = [
 impl Device {
     /// The cache file of this adapter's tuning. Its name holds the adapter,
     /// Kiln's version and a fingerprint of the candidate kernels' code, so
-    /// new drivers and changed kernels are timed afresh.
+    /// new drivers and changed kernels are timed afresh; kernels compiled
+    /// without loop counters (`KILN_LOOP_COUNTERS=0`) are tuned apart.
     pub fn tuning_cache_file(&self) -> PathBuf {
         let info = self.adapter_info();
         let candidates = Tuning::candidates(info, self.features(), self.limits());
         let key = format!(
-            "{}-{:?}-{}-{}-{}-kiln{}-{:016x}",
+            "{}-{:?}-{}-{}-{}-kiln{}-{:016x}{}",
             info.name,
             info.backend,
             info.driver,
             info.driver_info,
             info.device,
             env!("CARGO_PKG_VERSION"),
-            kernels_fingerprint(&candidates) ^ probes_fingerprint(self.probes())
+            kernels_fingerprint(&candidates) ^ probes_fingerprint(self.probes()),
+            if self.loop_counters() {
+                ""
+            } else {
+                "-no-loop-counters"
+            }
         );
         let file: String = key
             .chars()

@@ -419,6 +419,12 @@ impl Device {
         adapter::kernels_for_cpu(&self.shared.info)
     }
 
+    /// Whether kernels keep wgpu's loop counters (`KILN_LOOP_COUNTERS=0`
+    /// leaves them out; see [`Device::kernel`]).
+    pub(crate) fn loop_counters(&self) -> bool {
+        self.shared.loop_counters
+    }
+
     /// The raw wgpu device and queue, for code that builds its own pipelines.
     pub fn wgpu(&self) -> (&wgpu::Device, &wgpu::Queue) {
         (&self.shared.device, &self.shared.queue)
