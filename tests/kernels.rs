@@ -141,12 +141,39 @@ fn batched_matmul_with_strides_and_broadcast() {
 
 #[test]
 fn long_k_weight_gradients_split_k_and_still_match() {
-    // A^T B with few outputs and a long k: split into chunks summed afterwards.
+    // A^T B with few outputs and a long k: split into chunks summed
+    // afterwards. The last shape splits only under the GPU kernel class
+    // (output blocks too few to fill a GPU, outputs too many for the CPU
+    // adapters' rule).
     for tiling in tilings() {
-        for (m, n, k) in [(32, 9, 4096), (20, 36, 2560), (8, 8, 21632)] {
+        for (m, n, k) in [
+            (32, 9, 4096),
+            (20, 36, 2560),
+            (8, 8, 21632),
+            (192, 160, 1024),
+        ] {
             check_matmul(Matmul::new(m, n, k).transpose_a(true), tiling, 21);
         }
     }
+}
+
+#[test]
+fn weight_gradients_split_where_output_blocks_would_leave_a_gpu_idle() {
+    // A transformer layer's weight gradient over 1024 tokens: on a GPU its
+    // few output blocks each walk k alone unless k is split (a second
+    // dispatch sums the chunks); CPU adapters' cores are few enough that it
+    // stays one product. Own device: the dispatch count is per device.
+    let d = kiln::Device::new().unwrap();
+    let spec = Matmul::new(192, 160, 1024).transpose_a(true);
+    let a = d.upload(&random_vec(1024 * 192, 5, -1.0, 1.0)).unwrap();
+    let b = d.upload(&random_vec(1024 * 160, 6, -1.0, 1.0)).unwrap();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().dispatches;
+    let product = d.matmul(&a, &b, &spec).unwrap();
+    d.synchronize().unwrap();
+    let dispatches = d.dispatch_stats().dispatches - before;
+    assert_eq!(dispatches, if d.kernels_for_cpu() { 1 } else { 2 });
+    assert_eq!(product.len(), 192 * 160);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Matmul throughput (square N from 256 to 4096, f32; f16 operands at 1024
-//! and 4096, and multiplied in f16 where the adapter can) against numpy's
-//! sgemm (OpenBLAS), or cuBLAS through PyTorch with
+//! and 4096, and multiplied in f16 where the adapter can; a MiniLM layer's
+//! weight gradient `X^T G` over the training bench's 1024 tokens) against
+//! numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch with
 //! `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost of one dispatch
 //! with and without batching. `KILN_BENCH_SWEEP=1` adds rows
 //! for other tilings at N = 1024.
@@ -29,32 +30,49 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     // One figure per size, each Kiln window followed by the reference's at the
     // same size.
-    let mut measure = |name: String, tiling: MatmulTiling, n: usize, dtype: DType| {
+    let mut measure = |name: String, tiling: MatmulTiling, spec: Matmul, dtype: DType| {
+        let request = format!(
+            "{},{},{},{}",
+            spec.m,
+            spec.n,
+            spec.k,
+            u8::from(spec.trans_a)
+        );
         let ((gflops, ()), figure) = support::alternate(
             WINDOWS,
-            || Ok((matmul_gflops(device, tiling, n, dtype)?, ())),
+            || Ok((matmul_gflops(device, tiling, spec, dtype)?, ())),
             &mut reference,
-            &n.to_string(),
+            &request,
         )?;
         rows.push(
             Row::new(name, "GFLOP/s", gflops).against(reference_name, figure.as_ref().copied()),
         );
         anyhow::Ok(())
     };
+    let square = |n: usize| Matmul::new(n, n, n);
     for n in SIZES {
         measure(
             format!("matmul f32 N={n} ({tiling})"),
             tiling,
-            n,
+            square(n),
             DType::F32,
         )?;
     }
+    // Few outputs, long k: on a GPU its output blocks alone would leave most
+    // of the device idle, so k is split (see `Device::matmul`).
+    let (hidden, tokens) = (384, 1024);
+    measure(
+        format!("matmul f32 A^T B {hidden}x{hidden}x{tokens} ({tiling})"),
+        tiling,
+        Matmul::new(hidden, hidden, tokens).transpose_a(true),
+        DType::F32,
+    )?;
     // f16 storage, f32 arithmetic: what mixed precision's products run.
     for n in [1024, 4096] {
         measure(
             format!("matmul f16 operands N={n} ({tiling})"),
             tiling,
-            n,
+            square(n),
             DType::F16,
         )?;
     }
@@ -71,7 +89,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         let measured = measure(
             format!("matmul f16 arithmetic N={n}"),
             tiling,
-            n,
+            square(n),
             DType::F16,
         );
         device.set_half_arithmetic(false)?;
@@ -93,7 +111,12 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
                 .validate(device.limits(), device.features(), device.adapter_info())
                 .is_ok();
             if t != tiling && valid {
-                measure(format!("matmul f32 N=1024 ({t})"), t, 1024, DType::F32)?;
+                measure(
+                    format!("matmul f32 N=1024 ({t})"),
+                    t,
+                    square(1024),
+                    DType::F32,
+                )?;
             }
         }
     }
@@ -124,14 +147,16 @@ fn time_per_call(
 fn matmul_gflops(
     device: &Device,
     tiling: MatmulTiling,
-    n: usize,
+    spec: Matmul,
     dtype: DType,
 ) -> anyhow::Result<f64> {
-    let a = device.cast(&device.upload(&random(n * n, 1))?, dtype)?;
-    let b = device.cast(&device.upload(&random(n * n, 2))?, dtype)?;
-    let spec = Matmul::new(n, n, n);
-    // Several products per submit so the figure is kernel time, not submit time.
-    let reps = (2048 / n).max(1);
+    let upload = |len: usize, seed: u32| device.cast(&device.upload(&random(len, seed))?, dtype);
+    let a = upload(spec.m * spec.k, 1)?;
+    let b = upload(spec.k * spec.n, 2)?;
+    // Several products per submit so the figure is kernel time, not submit
+    // time: as many as a square 2048 product's work takes.
+    let side = (spec.multiply_adds() as f64).cbrt() as usize;
+    let reps = (2048 / side.max(1)).max(1);
     let seconds = time_per_call(Duration::from_secs(2), || {
         let outs: Vec<GpuBuffer> = (0..reps)
             .map(|_| device.matmul_with(&a, &b, &spec, tiling))
@@ -171,38 +196,41 @@ pub fn dispatch(device: &Device) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
-/// numpy's float32 matmul throughput at the size requested, over a second.
+/// numpy's float32 matmul throughput for the request "m,n,k,transpose_a"
+/// (A stored [k, m] when transposed), over a second.
 const NUMPY_SGEMM: &str = r#"
 import time
 import numpy as np
-def measure(n):
-    n = int(n)
+def measure(request):
+    m, n, k, trans_a = (int(v) for v in request.split(","))
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
+    a = rng.standard_normal((k, m) if trans_a else (m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    product = (lambda: a.T @ b) if trans_a else (lambda: a @ b)
+    product()
     reps, start = 0, time.perf_counter()
     while reps == 0 or time.perf_counter() - start < 1.0:
-        a @ b
+        product()
         reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * m * n * k * reps / (time.perf_counter() - start) / 1e9
 "#;
 
 /// cuBLAS's float32 matmul throughput through PyTorch on the GPU (TF32 off,
-/// see the prelude), over a second.
+/// see the prelude) for the same requests, over a second.
 const TORCH_SGEMM: &str = r#"
 import time
-def measure(n):
-    n = int(n)
-    a = torch.randn(n, n, device=DEV)
-    b = torch.randn(n, n, device=DEV)
-    a @ b
+def measure(request):
+    m, n, k, trans_a = (int(v) for v in request.split(","))
+    a = torch.randn((k, m) if trans_a else (m, k), device=DEV)
+    b = torch.randn(k, n, device=DEV)
+    product = (lambda: a.t() @ b) if trans_a else (lambda: a @ b)
+    product()
     sync()
     reps, start = 0, time.perf_counter()
     while reps == 0 or time.perf_counter() - start < 1.0:
         for _ in range(10):
-            a @ b
+            product()
         sync()
         reps += 10
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * m * n * k * reps / (time.perf_counter() - start) / 1e9
 "#;

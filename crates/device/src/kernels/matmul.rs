@@ -470,7 +470,7 @@ impl Device {
             && k > 0
             && m * n > 0
             && b.dtype() == DType::F32
-            && split_k(spec).is_none()
+            && self.split_k(spec, tiling).is_none()
             && !matches!(tiling, MatmulTiling::Shared { .. });
         if !summable {
             let product = self.matmul_impl(a, b, spec, (tiling, half), Stored::default())?;
@@ -504,7 +504,7 @@ impl Device {
         let unfused = if k == 0 {
             // An empty sum: C is all zeros.
             Some(self.zeros(batch * m * n, DType::F32)?)
-        } else if let Some(splits) = split_k(spec) {
+        } else if let Some(splits) = self.split_k(spec, tiling) {
             Some(self.matmul_split_k(a, b, spec, tiling, splits, half)?)
         } else {
             None
@@ -779,23 +779,58 @@ fn cpu_lanes_wanted() -> usize {
 /// texture by default: below it the copy is not worth its command.
 const TEXTURE_MIN_ELEMENTS: usize = 1 << 16;
 
-/// How many chunks to split k into, for products with few outputs and a long k
-/// (weight gradients `A^T B` over a large batch, e.g. a convolution's): one
-/// invocation per output block would otherwise walk all of k alone. Only the
-/// `A^T B` layout is split, because there k never serves as a row stride, so each
-/// chunk is a batch entry of the same kernel. The chunk count divides k.
-fn split_k(spec: &Matmul) -> Option<usize> {
-    let Matmul { batch, m, n, k, .. } = *spec;
-    if batch != 1 || !spec.trans_a || spec.trans_b || m * n > 16_384 || k < 2048 || k < 8 * m.max(n)
-    {
-        return None;
-    }
-    // Chunks that are multiples of 4 keep the vec4 kernels usable.
-    let fits = |s: usize, quad: bool| k % s == 0 && k / s >= 64 && (!quad || (k / s) % 4 == 0);
-    (2..=64)
+/// Workgroups a GPU product should have to keep the device busy: today's
+/// discrete GPUs have 30 to 140 compute units, each running a few
+/// workgroups at once. Not measured yet (no GPU run so far).
+const GPU_BUSY_WORKGROUPS: usize = 256;
+
+/// The shortest chunk of k a GPU's split product gives a workgroup: eight
+/// k tiles of 16, so loading and storing its block stays a small part of
+/// the work.
+const GPU_MIN_CHUNK: usize = 128;
+
+/// The largest count of chunks, from 2 up to `most`, that divides k into
+/// chunks of at least `min_chunk`, preferring chunks that are multiples of 4
+/// (they keep the vec4 kernels usable).
+fn chunk_count(k: usize, most: usize, min_chunk: usize) -> Option<usize> {
+    let fits =
+        |s: usize, quad: bool| k % s == 0 && k / s >= min_chunk && (!quad || (k / s) % 4 == 0);
+    (2..=most)
         .rev()
         .find(|&s| fits(s, true))
-        .or_else(|| (2..=64).rev().find(|&s| fits(s, false)))
+        .or_else(|| (2..=most).rev().find(|&s| fits(s, false)))
+}
+
+impl Device {
+    /// How many chunks to split k into, for products with few outputs and a
+    /// long k (weight gradients `A^T B` over a large batch: a convolution's,
+    /// a transformer layer's): each output block's workgroup would otherwise
+    /// walk all of k alone while the rest of the device idles. Only the
+    /// `A^T B` layout is split, because there k never serves as a row
+    /// stride, so each chunk is a batch entry of the same kernel.
+    ///
+    /// On CPU adapters the outputs must be few (up to 16K) and k long against
+    /// them. On GPUs the tiling's output blocks must be too few to keep the
+    /// device busy: enough chunks are made to fill it, each at least
+    /// [`GPU_MIN_CHUNK`] long.
+    fn split_k(&self, spec: &Matmul, tiling: MatmulTiling) -> Option<usize> {
+        let Matmul { batch, m, n, k, .. } = *spec;
+        if batch != 1 || !spec.trans_a || spec.trans_b {
+            return None;
+        }
+        if self.kernels_for_cpu() {
+            if m * n > 16_384 || k < 2048 || k < 8 * m.max(n) {
+                return None;
+            }
+            return chunk_count(k, 64, 64);
+        }
+        let (block_m, block_n) = tiling.block();
+        let blocks = m.div_ceil(block_m as usize) * n.div_ceil(block_n as usize);
+        if blocks >= GPU_BUSY_WORKGROUPS {
+            return None;
+        }
+        chunk_count(k, GPU_BUSY_WORKGROUPS.div_ceil(blocks), GPU_MIN_CHUNK)
+    }
 }
 
 impl Device {
