@@ -179,14 +179,39 @@ fn autotune_measures_every_candidate_once_then_reads_its_cache() {
     assert!(first.measured.iter().all(|(_, s)| *s > 0.0));
     assert!(candidates.contains(&first.chosen));
     assert_eq!(d.tuning().matmul, first.chosen);
+    // GPUs also time the candidates on small products; CPU adapters keep
+    // one tiling for both.
+    assert!(candidates.contains(&first.chosen_small));
+    assert_eq!(d.tuning().small_matmul, first.chosen_small);
+    match d.is_cpu() {
+        true => {
+            assert!(first.measured_small.is_empty());
+            assert_eq!(first.chosen_small, first.chosen);
+        }
+        false => assert_eq!(first.measured_small.len(), candidates.len()),
+    }
     let second = d.autotune(&file).unwrap();
     assert!(
         second.measured.is_empty(),
         "the cache file is read, not re-measured"
     );
     assert_eq!(second.chosen, first.chosen);
+    assert_eq!(second.chosen_small, first.chosen_small);
+    // Both choices are read back from a file, a missing small one is the
+    // large one.
+    let (large, small) = (candidates[0], candidates[candidates.len() - 1]);
+    std::fs::write(&file, format!("matmul = {large}\nsmall_matmul = {small}\n")).unwrap();
+    let read = d.autotune(&file).unwrap();
+    assert!(read.measured.is_empty());
+    assert_eq!((read.chosen, read.chosen_small), (large, small));
+    assert_eq!(d.tuning().small_matmul, small);
+    std::fs::write(&file, format!("matmul = {small}\n")).unwrap();
+    assert_eq!(d.autotune(&file).unwrap().chosen_small, small);
     // A file naming a tiling this adapter cannot run is measured over.
     std::fs::write(&file, "matmul = shared:9x9x9:1x1\n").unwrap();
+    assert_eq!(d.autotune(&file).unwrap().measured.len(), candidates.len());
+    let bad_small = format!("matmul = {large}\nsmall_matmul = shared:9x9x9:1x1\n");
+    std::fs::write(&file, bad_small).unwrap();
     assert_eq!(d.autotune(&file).unwrap().measured.len(), candidates.len());
     d.set_tuning(before);
     std::fs::remove_file(&file).unwrap();

@@ -158,6 +158,43 @@ fn long_k_weight_gradients_split_k_and_still_match() {
 }
 
 #[test]
+fn gpus_give_products_with_few_output_blocks_the_small_products_tiling() {
+    // Own device: its tuning and profile are changed here.
+    let d = kiln::Device::new().unwrap();
+    let tiling = |s: &str| s.parse::<MatmulTiling>().unwrap();
+    let (large, small) = (
+        tiling("shared:64x64x16:4x4:vec4"),
+        tiling("shared:32x32x8:4x4:vec4"),
+    );
+    d.set_tuning(Tuning {
+        matmul: large,
+        small_matmul: small,
+    });
+    // 1024 x 1024 outputs are 256 blocks of 64 x 64, enough to fill a GPU;
+    // 64 x 64 is one block.
+    let ran = |m: usize, n: usize| -> String {
+        let spec = Matmul::new(m, n, 4);
+        let a = d.upload(&random_vec(m * 4, 8, -1.0, 1.0)).unwrap();
+        let b = d.upload(&random_vec(4 * n, 9, -1.0, 1.0)).unwrap();
+        d.set_profiling(true).unwrap();
+        let product = d.matmul(&a, &b, &spec).unwrap();
+        d.synchronize().unwrap();
+        let profile = d.profile();
+        d.set_profiling(false).unwrap();
+        drop(product);
+        assert_eq!(profile.len(), 1, "{profile:?}");
+        profile[0].kernel.clone()
+    };
+    let took = |key: &str, t: MatmulTiling| key.starts_with(&format!("{t}:false"));
+    assert!(took(&ran(1024, 1024), large));
+    let few = ran(64, 64);
+    match d.kernels_for_cpu() {
+        false => assert!(took(&few, small), "{few}"),
+        true => assert!(took(&few, large), "{few}"),
+    }
+}
+
+#[test]
 fn weight_gradients_split_where_output_blocks_would_leave_a_gpu_idle() {
     // A transformer layer's weight gradient over 1024 tokens: on a GPU its
     // few output blocks each walk k alone unless k is split (a second

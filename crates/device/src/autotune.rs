@@ -33,6 +33,11 @@ pub struct AutotuneReport {
     /// Seconds each candidate took over the probe shapes; empty when the
     /// choice came from the cache file.
     pub measured: Vec<(MatmulTiling, f64)>,
+    /// The choice for small products ([`Tuning::small_matmul`]).
+    pub chosen_small: MatmulTiling,
+    /// Seconds each candidate took over the small probe shapes; empty on CPU
+    /// adapters (which keep one tiling) and when the cache file was read.
+    pub measured_small: Vec<(MatmulTiling, f64)>,
     pub cache_file: PathBuf,
 }
 
@@ -57,6 +62,15 @@ const GPU_PROBES: [Probe; 3] = [
     (768, 3072, 1024, true),
 ];
 
+/// On GPUs, products too small to fill one under large tiles (see
+/// [`Tuning::small_matmul`]): a MiniLM-sized layer over 1024 tokens (8
+/// sequences of 128), its forward, feed-forward up and down projections.
+const GPU_SMALL_PROBES: [Probe; 3] = [
+    (1024, 384, 384, false),
+    (1024, 1536, 384, false),
+    (1024, 384, 1536, false),
+];
+
 impl Device {
     /// The cache file of this adapter's tuning. Its name holds the adapter,
     /// Kiln's version and a fingerprint of the candidate kernels' code, so
@@ -73,7 +87,9 @@ impl Device {
             info.driver_info,
             info.device,
             env!("CARGO_PKG_VERSION"),
-            kernels_fingerprint(&candidates) ^ probes_fingerprint(self.probes()),
+            kernels_fingerprint(&candidates)
+                ^ probes_fingerprint(self.probes())
+                ^ probes_fingerprint(self.small_probes().unwrap_or_default()),
             if self.loop_counters() {
                 ""
             } else {
@@ -101,28 +117,44 @@ impl Device {
         if let Some(cached) = std::fs::read_to_string(cache_file)
             .ok()
             .and_then(|text| parse_cache(&text))
-            .filter(|t| candidates.contains(t))
+            .filter(|t| candidates.contains(&t.matmul) && candidates.contains(&t.small_matmul))
         {
-            self.set_tuning(Tuning { matmul: cached });
+            self.set_tuning(cached);
             return Ok(AutotuneReport {
-                chosen: cached,
+                chosen: cached.matmul,
                 measured: Vec::new(),
+                chosen_small: cached.small_matmul,
+                measured_small: Vec::new(),
                 cache_file: cache_file.to_path_buf(),
             });
         }
-        let mut measured = Vec::with_capacity(candidates.len());
-        for &tiling in &candidates {
-            measured.push((tiling, self.probe(tiling)?));
-        }
-        let chosen = measured
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(self.tuning().matmul, |m| m.0);
-        self.set_tuning(Tuning { matmul: chosen });
-        let _ = write_cache(cache_file, chosen, &measured);
+        let fastest = |probes: &[Probe]| -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
+            let mut measured = Vec::with_capacity(candidates.len());
+            for &tiling in &candidates {
+                measured.push((tiling, self.probe(tiling, probes)?));
+            }
+            let chosen = measured
+                .iter()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(self.tuning().matmul, |m| m.0);
+            Ok((chosen, measured))
+        };
+        let (chosen, measured) = fastest(self.probes())?;
+        let (chosen_small, measured_small) = match self.small_probes() {
+            Some(probes) => fastest(probes)?,
+            None => (chosen, Vec::new()),
+        };
+        let tuning = Tuning {
+            matmul: chosen,
+            small_matmul: chosen_small,
+        };
+        self.set_tuning(tuning);
+        let _ = write_cache(cache_file, tuning, &measured, &measured_small);
         Ok(AutotuneReport {
             chosen,
             measured,
+            chosen_small,
+            measured_small,
             cache_file: cache_file.to_path_buf(),
         })
     }
@@ -137,10 +169,16 @@ impl Device {
         }
     }
 
-    /// Seconds `tiling` takes for the probe shapes, best of a few runs each.
-    fn probe(&self, tiling: MatmulTiling) -> Result<f64> {
+    /// The shapes that choose [`Tuning::small_matmul`]: on GPUs only, since
+    /// CPU adapters fit their register tiles to small products instead.
+    fn small_probes(&self) -> Option<&'static [Probe]> {
+        (!self.is_cpu()).then_some(&GPU_SMALL_PROBES[..])
+    }
+
+    /// Seconds `tiling` takes for `probes`, best of a few runs each.
+    fn probe(&self, tiling: MatmulTiling, probes: &[Probe]) -> Result<f64> {
         let mut total = 0.0;
-        for (i, &(m, n, k, trans_a)) in self.probes().iter().enumerate() {
+        for (i, &(m, n, k, trans_a)) in probes.iter().enumerate() {
             let a = self.upload(&probe_data(m * k, i as u32))?;
             let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
             let spec = Matmul::new(m, n, k).transpose_a(trans_a);
@@ -198,27 +236,41 @@ fn probe_data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// The tiling recorded in a cache file (`matmul = <tiling>`).
-fn parse_cache(text: &str) -> Option<MatmulTiling> {
-    text.lines()
-        .filter_map(|line| line.split_once('='))
-        .find(|(key, _)| key.trim() == "matmul")
-        .and_then(|(_, value)| value.trim().parse().ok())
+/// The tilings recorded in a cache file (`matmul = <tiling>`, and
+/// `small_matmul = <tiling>`, which when missing is the same).
+fn parse_cache(text: &str) -> Option<Tuning> {
+    let value = |name: &str| -> Option<MatmulTiling> {
+        text.lines()
+            .filter_map(|line| line.split_once('='))
+            .find(|(key, _)| key.trim() == name)
+            .and_then(|(_, value)| value.trim().parse().ok())
+    };
+    let matmul = value("matmul")?;
+    Some(Tuning {
+        matmul,
+        small_matmul: value("small_matmul").unwrap_or(matmul),
+    })
 }
 
-/// Writes the choice and the measurements (for people reading the file),
+/// Writes the choices and the measurements (for people reading the file),
 /// through a temporary file renamed into place.
 fn write_cache(
     path: &Path,
-    chosen: MatmulTiling,
+    chosen: Tuning,
     measured: &[(MatmulTiling, f64)],
+    measured_small: &[(MatmulTiling, f64)],
 ) -> std::io::Result<()> {
-    let mut text = format!("matmul = {chosen}\n");
-    for (t, seconds) in measured {
-        text.push_str(&format!(
-            "# {t}: {:.3} ms over the probe shapes\n",
-            seconds * 1e3
-        ));
+    let mut text = format!(
+        "matmul = {}\nsmall_matmul = {}\n",
+        chosen.matmul, chosen.small_matmul
+    );
+    for (probes, timings) in [("probe", measured), ("small probe", measured_small)] {
+        for (t, seconds) in timings {
+            text.push_str(&format!(
+                "# {t}: {:.3} ms over the {probes} shapes\n",
+                seconds * 1e3
+            ));
+        }
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

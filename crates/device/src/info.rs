@@ -87,6 +87,11 @@ impl fmt::Display for DeviceReport<'_> {
                 "kernels:                 as for a {class} (KILN_KERNEL_CLASS)"
             )?;
         }
-        write!(f, "matmul tiling:           {}", d.tuning().matmul)
+        let tuning = d.tuning();
+        write!(f, "matmul tiling:           {}", tuning.matmul)?;
+        if tuning.small_matmul != tuning.matmul {
+            write!(f, "\nsmall products:          {}", tuning.small_matmul)?;
+        }
+        Ok(())
     }
 }

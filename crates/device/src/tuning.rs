@@ -293,30 +293,40 @@ impl FromStr for MatmulTiling {
 /// Tile parameters for every tunable kernel on one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
+    /// The tiling of matrix products.
     pub matmul: MatmulTiling,
+    /// On GPUs, the tiling of products whose output blocks under `matmul`
+    /// are too few to fill the device (a small batch's layers): smaller
+    /// blocks, more of them. CPU adapters fit their register tiles to such
+    /// products instead and keep this equal to `matmul`.
+    pub small_matmul: MatmulTiling,
 }
 
 impl Tuning {
     /// Register tiles for CPU adapters without fixed-size subgroups.
-    pub const CPU: Tuning = Tuning {
-        matmul: MatmulTiling::SUBGROUP_FALLBACK,
-    };
+    pub const CPU: Tuning = Tuning::same(MatmulTiling::SUBGROUP_FALLBACK);
 
     /// Shared-memory tiles for discrete and integrated GPUs, read four
     /// elements at a time where the shape allows (on lavapipe, 2-5x faster
     /// than element by element; not yet measured on a GPU, where the first
     /// run's autotuning decides).
-    pub const GPU: Tuning = Tuning {
-        matmul: MatmulTiling::Shared {
-            bm: 64,
-            bn: 64,
-            bk: 16,
-            tm: 4,
-            tn: 4,
-            vec4: true,
-            pipelined: false,
-        },
-    };
+    pub const GPU: Tuning = Tuning::same(MatmulTiling::Shared {
+        bm: 64,
+        bn: 64,
+        bk: 16,
+        tm: 4,
+        tn: 4,
+        vec4: true,
+        pipelined: false,
+    });
+
+    /// `tiling` for products of every size.
+    pub const fn same(tiling: MatmulTiling) -> Self {
+        Self {
+            matmul: tiling,
+            small_matmul: tiling,
+        }
+    }
 
     /// Every matmul tiling the autotuner may pick on this adapter (kernel
     /// tests run each of them), the default first.
@@ -372,25 +382,23 @@ impl Tuning {
             && info.subgroup_min_size == info.subgroup_max_size
             && info.subgroup_min_size >= 4
         {
-            Tuning {
-                matmul: MatmulTiling::Subgroup {
-                    tm: 4,
-                    sg: info.subgroup_min_size,
-                    wg: 64,
-                },
-            }
+            Tuning::same(MatmulTiling::Subgroup {
+                tm: 4,
+                sg: info.subgroup_min_size,
+                wg: 64,
+            })
         } else {
             Self::CPU
         }
     }
 
     /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
-    /// overrides the matmul tiling.
+    /// overrides the matmul tiling, for products of every size.
     pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
         let mut tuning = Self::defaults(info, features);
         if let Ok(s) = std::env::var("KILN_MATMUL") {
             match s.parse() {
-                Ok(t) => tuning.matmul = t,
+                Ok(t) => tuning = Tuning::same(t),
                 Err(e) => eprintln!("kiln: ignoring KILN_MATMUL: {e}"),
             }
         }

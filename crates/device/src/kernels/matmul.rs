@@ -600,12 +600,17 @@ impl Device {
     /// The tuned tiling, except that on CPU adapters a product too small to
     /// be worth spreading over cores takes register tiles (fitted into one
     /// workgroup by `prepare_matmul`), which can chain with its neighbours
-    /// into one dispatch (see `Device::together`).
+    /// into one dispatch (see `Device::together`), and that on GPUs a
+    /// product whose output blocks would be too few to fill the device takes
+    /// the tiling tuned for small products.
     fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
-        let tuned = self.tuning().matmul;
-        match tuned {
+        let tuning = self.tuning();
+        match tuning.matmul {
             MatmulTiling::Subgroup { .. } if self.kernels_for_cpu() && fits_one_workgroup(spec) => {
                 MatmulTiling::SUBGROUP_FALLBACK
+            }
+            t if !self.kernels_for_cpu() && output_blocks(spec, t) < GPU_BUSY_WORKGROUPS => {
+                tuning.small_matmul
             }
             t => t,
         }
@@ -781,13 +786,21 @@ const TEXTURE_MIN_ELEMENTS: usize = 1 << 16;
 
 /// Workgroups a GPU product should have to keep the device busy: today's
 /// discrete GPUs have 30 to 140 compute units, each running a few
-/// workgroups at once. Not measured yet (no GPU run so far).
+/// workgroups at once. Fewer output blocks than this take the tiling tuned
+/// for small products, and weight gradients are split along k to reach it.
+/// Not measured yet (no GPU run so far).
 const GPU_BUSY_WORKGROUPS: usize = 256;
 
 /// The shortest chunk of k a GPU's split product gives a workgroup: eight
 /// k tiles of 16, so loading and storing its block stays a small part of
 /// the work.
 const GPU_MIN_CHUNK: usize = 128;
+
+/// Workgroups `tiling` gives the product `spec`, over all its batch entries.
+fn output_blocks(spec: &Matmul, tiling: MatmulTiling) -> usize {
+    let (block_m, block_n) = tiling.block();
+    spec.batch * spec.m.div_ceil(block_m as usize) * spec.n.div_ceil(block_n as usize)
+}
 
 /// The largest count of chunks, from 2 up to `most`, that divides k into
 /// chunks of at least `min_chunk`, preferring chunks that are multiples of 4
@@ -824,8 +837,7 @@ impl Device {
             }
             return chunk_count(k, 64, 64);
         }
-        let (block_m, block_n) = tiling.block();
-        let blocks = m.div_ceil(block_m as usize) * n.div_ceil(block_n as usize);
+        let blocks = output_blocks(spec, tiling);
         if blocks >= GPU_BUSY_WORKGROUPS {
             return None;
         }
