@@ -345,6 +345,9 @@ impl Tuning {
                 "shared:128x64x16:8x4:vec4",
                 "shared:128x128x8:8x8:vec4",
                 "shared:128x128x16:8x8:vec4",
+                // Small blocks for small products (`Tuning::small_matmul`).
+                "shared:32x32x16:4x4:vec4",
+                "shared:32x64x16:4x4:vec4",
                 "shared:64x64x16:4x4:vec4:pipelined",
                 "shared:128x64x16:8x4:vec4:pipelined",
                 "shared:128x128x8:8x8:vec4:pipelined",
