@@ -21,6 +21,9 @@ pub struct Row {
     pub missing_reference: Option<String>,
     pub dispatches_per_step: Option<f64>,
     pub submits_per_step: Option<f64>,
+    /// Microseconds of CPU time the calling thread spent per step: building
+    /// the step, recording and submitting its kernels (see [`StepCounts`]).
+    pub host_us_per_step: Option<f64>,
 }
 
 impl Row {
@@ -34,6 +37,7 @@ impl Row {
             missing_reference: None,
             dispatches_per_step: None,
             submits_per_step: None,
+            host_us_per_step: None,
         }
     }
 
@@ -50,6 +54,7 @@ impl Row {
     pub fn per_step(mut self, counts: StepCounts) -> Self {
         self.dispatches_per_step = Some(counts.dispatches);
         self.submits_per_step = Some(counts.submits);
+        self.host_us_per_step = counts.host_seconds.map(|s| s * 1e6);
         self
     }
 
@@ -67,15 +72,40 @@ impl Row {
     }
 }
 
-/// Dispatches and submits per training step.
+/// Dispatches, submits and host time per training step.
 #[derive(Clone, Copy, Debug)]
 pub struct StepCounts {
     pub dispatches: f64,
     pub submits: f64,
+    /// CPU seconds the stepping thread ran per step, waits excluded: the
+    /// host's share (autodiff, recording, encoding, submitting). It bounds
+    /// the step rate on a GPU fast enough to make the kernels' time
+    /// vanish. On CPU adapters the kernels run on the driver's own threads,
+    /// so this is the host's share there too.
+    pub host_seconds: Option<f64>,
+}
+
+/// CPU time the calling thread has run, in seconds (the thread's CPU clock,
+/// exact to the call; Linux's schedstat lags by up to a scheduler tick).
+#[cfg(unix)]
+fn thread_cpu_seconds() -> Option<f64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (status == 0).then(|| now.tv_sec as f64 + now.tv_nsec as f64 / 1e9)
+}
+
+#[cfg(not(unix))]
+fn thread_cpu_seconds() -> Option<f64> {
+    None
 }
 
 /// Runs `steps` calls of `step` (after the device is idle) and returns the
-/// seconds they took and what each cost in dispatches and submits.
+/// seconds they took and what each cost in dispatches, submits and host
+/// time.
 pub fn measure_steps(
     device: &kiln::Device,
     steps: usize,
@@ -83,16 +113,21 @@ pub fn measure_steps(
 ) -> anyhow::Result<(f64, StepCounts)> {
     device.synchronize()?;
     let before = device.dispatch_stats();
+    let host_before = thread_cpu_seconds();
     let start = Instant::now();
     for i in 0..steps {
         step(i)?;
     }
     device.synchronize()?;
     let seconds = start.elapsed().as_secs_f64();
+    let host_after = thread_cpu_seconds();
     let after = device.dispatch_stats();
     let counts = StepCounts {
         dispatches: (after.dispatches - before.dispatches) as f64 / steps as f64,
         submits: (after.submits - before.submits) as f64 / steps as f64,
+        host_seconds: host_before
+            .zip(host_after)
+            .map(|(b, a)| (a - b) / steps as f64),
     };
     Ok((seconds, counts))
 }
@@ -131,8 +166,16 @@ def sync():
 pub fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7}",
-        "workload", "unit", "kiln", "reference", "(by)", "ratio", "disp/step", "subm/st"
+        "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7} {:>10}",
+        "workload",
+        "unit",
+        "kiln",
+        "reference",
+        "(by)",
+        "ratio",
+        "disp/step",
+        "subm/st",
+        "host us/st"
     );
     let opt = |v: Option<f64>, digits: usize| match v {
         Some(v) => format!("{v:.digits$}"),
@@ -140,7 +183,7 @@ pub fn print_table(rows: &[Row]) {
     };
     for r in rows {
         println!(
-            "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7}",
+            "{:<48} {:<10} {:>10} {:>10} {:<14} {:>6} {:>9} {:>7} {:>10}",
             r.workload,
             r.unit,
             format_figure(r.kiln),
@@ -149,6 +192,7 @@ pub fn print_table(rows: &[Row]) {
             opt(r.ratio(), 2),
             opt(r.dispatches_per_step, 0),
             opt(r.submits_per_step, 2),
+            opt(r.host_us_per_step, 0),
         );
     }
     let missing: Vec<&String> = rows
