@@ -47,6 +47,78 @@ fn identical_steps_allocate_no_new_buffers_after_the_first() {
 }
 
 #[test]
+fn a_repeating_step_gets_the_same_buffers_and_builds_its_bind_groups_once() {
+    // Six same-sized intermediates dropped in a different order every step
+    // (as a step's gradients held in a hash map are): the pool must still
+    // hand each kernel the same buffers, so no step after the first builds
+    // a bind group. Own device: the counts are per device.
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(4096, 9, -1.0, 1.0)).unwrap();
+    let run = |order: &[usize]| -> u64 {
+        let before = d.dispatch_stats().bind_groups;
+        let mut chain: Vec<GpuBuffer> = Vec::new();
+        for i in 0..6 {
+            let input = chain.last().unwrap_or(&x);
+            let next = d.unary(UnaryOp::MulScalar(1.0 + i as f32), input).unwrap();
+            chain.push(next);
+        }
+        let mut slots: Vec<Option<GpuBuffer>> = chain.into_iter().map(Some).collect();
+        for &i in order {
+            drop(slots[i].take());
+        }
+        d.synchronize().unwrap();
+        d.dispatch_stats().bind_groups - before
+    };
+    assert!(run(&[0, 1, 2, 3, 4, 5]) > 0, "the first step builds them");
+    let orders = [
+        [5, 3, 1, 0, 2, 4],
+        [2, 4, 0, 5, 1, 3],
+        [1, 0, 3, 2, 5, 4],
+        [4, 5, 2, 3, 0, 1],
+        [3, 1, 5, 4, 2, 0],
+        [0, 2, 4, 1, 3, 5],
+    ];
+    for order in orders {
+        assert_eq!(run(&order), 0, "release order {order:?}");
+    }
+}
+
+#[test]
+fn an_output_avoids_buffers_that_launches_held_for_fusion_still_read() {
+    // Inside `together`, `first` reads `p`, then `p` and an unrelated
+    // buffer are dropped (both retired). The next launch's output must take
+    // the unrelated one even though `p`'s is older: writing `p`'s buffer
+    // would make it depend on `first` and split the fused dispatch.
+    let d = Device::new().unwrap();
+    let n = 2048;
+    let p = d.upload(&random_vec(n, 10, -1.0, 1.0)).unwrap();
+    let spare = d.upload(&random_vec(n, 11, -1.0, 1.0)).unwrap();
+    let x = d.upload(&random_vec(n, 12, -1.0, 1.0)).unwrap();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().dispatches;
+    let (first, second) = d
+        .together(|| -> kiln::device::Result<_> {
+            let first = d.unary(UnaryOp::Neg, &p)?;
+            drop(p);
+            drop(spare);
+            let second = d.unary(UnaryOp::Neg, &x)?;
+            Ok((first, second))
+        })
+        .unwrap();
+    let got = d.read::<f32>(&first).unwrap();
+    let dispatches = d.dispatch_stats().dispatches - before;
+    assert_eq!(dispatches, if fusion_on() { 1 } else { 2 });
+    assert_eq!(
+        got,
+        random_vec(n, 10, -1.0, 1.0)
+            .iter()
+            .map(|v| -v)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(second.len(), n);
+}
+
+#[test]
 fn dispatches_are_batched_into_one_submit_per_sync() {
     let d = Device::new().unwrap();
     let x = d.upload(&random_vec(1000, 2, -1.0, 1.0)).unwrap();

@@ -157,6 +157,8 @@ struct BindKey {
 pub(crate) struct BindGroupCache {
     groups: HashMap<BindKey, wgpu::BindGroup>,
     max_entries: usize,
+    /// Bind groups built so far.
+    created: u64,
 }
 
 impl BindGroupCache {
@@ -164,7 +166,13 @@ impl BindGroupCache {
         Self {
             groups: HashMap::new(),
             max_entries,
+            created: 0,
         }
+    }
+
+    /// Bind groups built so far.
+    pub fn created(&self) -> u64 {
+        self.created
     }
 
     /// The bind group of `layout` with `buffers` at bindings 1.. and, unless
@@ -210,6 +218,7 @@ impl BindGroupCache {
                 },
             });
         }
+        self.created += 1;
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout,

@@ -90,6 +90,9 @@ const DEFAULT_POOL_CAPACITY: u64 = 2 << 30;
 pub struct DispatchStats {
     pub dispatches: u64,
     pub submits: u64,
+    /// Bind groups built so far. A repeating step builds none once its
+    /// first runs are done: its buffers come back from the pool the same.
+    pub bind_groups: u64,
 }
 
 enum Command {
@@ -577,7 +580,11 @@ impl Device {
     }
 
     pub fn dispatch_stats(&self) -> DispatchStats {
-        lock(&self.shared.recorder).stats
+        let stats = lock(&self.shared.recorder).stats;
+        DispatchStats {
+            bind_groups: lock(&self.shared.bind_groups).created(),
+            ..stats
+        }
     }
 
     /// Number of compiled kernels held.
@@ -623,7 +630,14 @@ impl Device {
     fn allocate(&self, len: usize, dtype: DType, first_use: FirstUse) -> Result<GpuBuffer> {
         let (bytes, limit) = self.fitting_bytes(len, dtype)?;
         let bucket = bucket_size(bytes).min(limit);
-        if let Some(raw) = lock(&self.shared.pool).take(bucket, first_use) {
+        let taken = {
+            let rec = lock(&self.shared.recorder);
+            let held = rec.held_here();
+            let held_by_launch =
+                |b: &wgpu::Buffer| held.is_some_and(|h| h.iter().any(|l| l.buffers.contains(b)));
+            lock(&self.shared.pool).take(bucket, first_use, held_by_launch)
+        };
+        if let Some(raw) = taken {
             return Ok(GpuBuffer::new(raw, bucket, len, dtype, self.shared.clone()));
         }
         let scope = self
