@@ -32,6 +32,16 @@ fn learning_rate(arg: &str) -> Result<f32, String> {
     }
 }
 
+/// A validation fraction: at least 0 and below 1.
+fn held_out_fraction(arg: &str) -> Result<f32, String> {
+    match arg.parse::<f32>() {
+        Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "{arg:?}: give a fraction of at least 0 and below 1, e.g. 0.1"
+        )),
+    }
+}
+
 /// A count that must be at least 1 (epochs, samples, batch sizes).
 fn at_least_one(arg: &str) -> Result<usize, String> {
     match arg.parse::<usize>() {
@@ -112,22 +122,28 @@ enum Command {
     /// Train a reference model (Adam, sparse categorical cross-entropy), then
     /// evaluate it on the test set.
     Train {
+        /// The model to train.
         #[arg(value_enum)]
         model: Architecture,
+        /// The data set, fetched by its script under scripts/.
         #[arg(long, value_enum, default_value = "mnist")]
         dataset: DatasetName,
         /// Epochs in all; with --resume, training continues up to this many.
         #[arg(long, default_value_t = 10, value_parser = at_least_one)]
         epochs: usize,
+        /// Samples per training step.
         #[arg(long, default_value_t = 32, value_parser = at_least_one)]
         batch_size: usize,
+        /// Adam's learning rate.
         #[arg(long, default_value_t = 1e-3, value_parser = learning_rate)]
         lr: f32,
+        /// The loss to minimise.
         #[arg(long, value_enum, default_value = "cross-entropy")]
         loss: LossName,
         /// Fraction of the training data held out for validation (Keras semantics).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = held_out_fraction)]
         validation_split: f32,
+        /// Seed of the initial weights, the shuffling and dropout.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Stop after this many epochs without validation (or training) loss improvement.
@@ -154,6 +170,7 @@ enum Command {
         /// Matrix products on f16 operands with loss scaling.
         #[arg(long)]
         mixed_precision: bool,
+        /// Hide the progress bars (they also hide when stderr is not a terminal).
         #[arg(long)]
         no_progress: bool,
     },
@@ -177,18 +194,21 @@ enum Command {
         /// Tokens per text at most; longer texts are truncated.
         #[arg(long, default_value_t = 256, value_parser = token_budget)]
         max_length: usize,
+        /// The texts to embed.
         #[arg(required = true)]
         texts: Vec<String>,
     },
     /// Fine-tune a pretrained BERT with a classification head on a text dataset,
     /// then report held-out accuracy.
     Finetune {
+        /// The architecture of the pretrained model.
         #[arg(value_enum)]
         model: PretrainedName,
         /// Hugging Face model directory [default: the MiniLM fetched by
         /// scripts/fetch-minilm.sh].
         #[arg(long = "model")]
         model_dir: Option<PathBuf>,
+        /// The text data set, fetched by its script under scripts/.
         #[arg(long, value_enum, default_value = "imdb")]
         dataset: DatasetName,
         /// Training reviews, drawn at random (seeded) from the 25,000.
@@ -197,8 +217,10 @@ enum Command {
         /// Held-out reviews to evaluate on.
         #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
         test_samples: usize,
+        /// Passes over the training reviews.
         #[arg(long, default_value_t = 1, value_parser = at_least_one)]
         epochs: usize,
+        /// Reviews per training step.
         #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         batch_size: usize,
         /// Peak learning rate of the encoder (AdamW, warm-up then cosine decay).
@@ -216,27 +238,33 @@ enum Command {
         /// Which tokens of a longer review are kept.
         #[arg(long, value_enum, default_value = "head-tail")]
         truncation: TruncationName,
+        /// What the classification head reads.
         #[arg(long, value_enum, default_value = "mean")]
         pooling: PoolingName,
         /// Directory to save the fine-tuned classifier and its tokenizer in
         /// (for `kiln predict` and `kiln eval`).
         #[arg(long, default_value = "runs/bert-imdb")]
         output: PathBuf,
+        /// Seed of the sample draw, the head's weights, shuffling and dropout.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Matrix products on f16 operands with loss scaling.
         #[arg(long)]
         mixed_precision: bool,
+        /// Hide the progress bars (they also hide when stderr is not a terminal).
         #[arg(long)]
         no_progress: bool,
     },
     /// Evaluate a checkpoint on a test set.
     Eval {
+        /// A checkpoint of `kiln train`, or the directory `kiln finetune`
+        /// wrote.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// [default: the dataset the checkpoint was trained on]
+        /// The test set [default: the dataset the checkpoint was trained on].
         #[arg(long, value_enum)]
         dataset: Option<DatasetName>,
+        /// Evaluate on only the first N test samples.
         #[arg(long, value_parser = at_least_one)]
         limit_test: Option<usize>,
     },
