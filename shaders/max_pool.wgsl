@@ -7,11 +7,17 @@
 // gradient (`values`) of every window whose argmax is this element: a gather,
 // so overlapping windows need no atomics.
 //
+// Windows that tile the input without overlap (stride = kernel, no dilation,
+// the usual 2x2 pooling) take a scatter instead: one invocation per window
+// writes its whole window, the gradient at the argmax and zeros elsewhere
+// (cells no window covers were cleared before). Each window's gradient and
+// argmax are then read once, not once per cell.
+//
 // One invocation per PACK consecutive results, stored at once (as a vec4 when
 // PACK is 4): CPU adapters pay per store instruction and per invocation.
 // Prepended: the geometry as constants (N, C, H, W, OH, OW, KH, KW, SH, SW, DH,
 // DW), BACKWARD and PACK; generated: RESULT (f32 or vec4<f32>), and FORWARD
-// and BACKWARD_VALUE, the stores from invocation q. Appended:
+// and BACKWARD_BODY, the stores from invocation q. Appended:
 // shaders/conv_window.wgsl.
 
 // Params and binding 0: conv_window.wgsl.
@@ -54,9 +60,7 @@ fn window_term(plane: u32, cell: u32, oy: u32, ox: u32, a: u32, b: u32) -> f32 {
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let q = gid.y * p.row_threads + gid.x;
     if (BACKWARD) {
-        if (q < N * C * H * W / PACK) {
-            result[q] = {{BACKWARD_VALUE}};
-        }
+{{BACKWARD_BODY}}
     } else if (q < N * C * OH * OW / PACK) {
 {{FORWARD}}
     }

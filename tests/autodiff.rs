@@ -1439,6 +1439,10 @@ fn pooling_gradients() {
         ([2, 3, 6, 6], [2, 2], [2, 2]),
         ([1, 5, 7, 9], [3, 2], [2, 3]),
         ([2, 2, 5, 5], [3, 3], [1, 1]),
+        // Disjoint windows (the max pool's scatter) that leave a row and
+        // columns uncovered.
+        ([2, 3, 7, 9], [2, 2], [2, 2]),
+        ([1, 2, 7, 8], [3, 2], [3, 2]),
     ]
     .into_iter()
     .enumerate()
