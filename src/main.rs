@@ -7,7 +7,7 @@ use kiln::data::{fashion_mnist, imdb, mnist, Dataset};
 use kiln::device::{list_adapters, Device, DeviceReport, DeviceSelector};
 use kiln::graph::optim::Adam;
 use kiln::pretrained::TextClassifier;
-use kiln::train::{EarlyStopping, FitOptions, Loss, Trainer};
+use kiln::train::{EarlyStopping, FitOptions, History, Loss, Trainer};
 use kiln::zoo::Architecture;
 use std::path::{Path, PathBuf};
 
@@ -245,6 +245,10 @@ enum Command {
         /// (for `kiln predict` and `kiln eval`).
         #[arg(long, default_value = "runs/bert-imdb")]
         output: PathBuf,
+        /// Replace a classifier already saved in --output (without this, one
+        /// there is an error).
+        #[arg(long)]
+        overwrite: bool,
         /// Seed of the sample draw, the head's weights, shuffling and dropout.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -350,6 +354,7 @@ fn main() -> std::process::ExitCode {
             truncation,
             pooling,
             output,
+            overwrite,
             seed,
             mixed_precision,
             no_progress,
@@ -374,6 +379,7 @@ fn main() -> std::process::ExitCode {
                 truncation,
                 pooling,
                 output,
+                overwrite,
             };
             finetune_bert(&setup, &options)
         }
@@ -572,12 +578,12 @@ fn train(
     let clock = std::time::Instant::now();
     let history = trainer.fit(&train, &options)?;
     let wall = clock.elapsed().as_secs_f64();
-    let run_dir = checkpoint.parent().map(PathBuf::from).unwrap_or_default();
     // The whole run's, resumed epochs included.
+    let (history_json, _) = History::paths_beside(&checkpoint);
     trainer
         .history
-        .save(&run_dir)
-        .with_context(|| format!("writing the history to {}", run_dir.display()))?;
+        .save_beside(&checkpoint)
+        .with_context(|| format!("writing the history to {}", history_json.display()))?;
     let (test_loss, test_accuracy) = trainer.evaluate(&test, 250)?;
     let trained: usize = history.epochs.len() * train.len();
     println!(
@@ -586,11 +592,11 @@ fn train(
         test.len()
     );
     println!(
-        "trained {} epochs in {wall:.1} s ({:.0} samples/s); checkpoint {}, history in {}",
+        "trained {} epochs in {wall:.1} s ({:.0} samples/s); checkpoint {}, history {} (and .csv)",
         history.epochs.len(),
         trained as f64 / wall,
         checkpoint.display(),
-        run_dir.display()
+        history_json.display()
     );
     Ok(())
 }
@@ -781,6 +787,7 @@ struct FinetuneSetup {
     truncation: TruncationName,
     pooling: PoolingName,
     output: PathBuf,
+    overwrite: bool,
 }
 
 fn finetune_bert(
@@ -808,6 +815,13 @@ fn finetune_bert(
         bail!(
             "--output {} is a file; name a directory",
             setup.output.display()
+        );
+    }
+    let saved = setup.output.join(kiln::pretrained::MODEL_FILE);
+    if saved.exists() && !setup.overwrite {
+        bail!(
+            "{} exists: pass --overwrite to replace it, or --output to save elsewhere",
+            saved.display()
         );
     }
     check_writable_dir(&setup.output)?;

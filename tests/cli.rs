@@ -200,6 +200,14 @@ fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
             "{line}"
         );
     }
+    // A second run into the same directory is refused before any work.
+    let again = kiln()
+        .args(["finetune", "bert", "--output", dir_arg])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(stderr.contains("pass --overwrite"), "{stderr}");
     let model_file = dir.join("model.safetensors");
     let evaluated = run(&[
         "eval",

@@ -299,7 +299,7 @@ fn killing_training_never_leaves_a_corrupt_checkpoint() {
     assert_eq!(epoch_of(&path), last + 1);
     // The history covers the whole run, killed stretches included (the
     // checkpoint carries it).
-    let csv = std::fs::read_to_string(dir.join("history.csv")).unwrap();
+    let csv = std::fs::read_to_string(path.with_extension("history.csv")).unwrap();
     let epochs: Vec<usize> = csv
         .lines()
         .skip(1)

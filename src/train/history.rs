@@ -1,7 +1,7 @@
 //! Per-epoch results of a training run, written as JSON and CSV.
 
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What one epoch measured.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -50,10 +50,21 @@ impl History {
         out
     }
 
-    /// Writes `history.json` and `history.csv` into `dir`.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("history.json"), self.to_json())?;
-        std::fs::write(dir.join("history.csv"), self.to_csv())
+    /// Writes the history beside a run's checkpoint, named after it
+    /// (`runs/x/checkpoint.safetensors` gets `runs/x/checkpoint.history.json`
+    /// and `.history.csv`), each file atomically: runs that share a directory
+    /// keep their own.
+    pub fn save_beside(&self, checkpoint: &Path) -> std::io::Result<()> {
+        let (json, csv) = Self::paths_beside(checkpoint);
+        kiln_models::checkpoint::write_atomic(&json, self.to_json().as_bytes())?;
+        kiln_models::checkpoint::write_atomic(&csv, self.to_csv().as_bytes())
+    }
+
+    /// Where [`History::save_beside`] writes: the JSON file, then the CSV.
+    pub fn paths_beside(checkpoint: &Path) -> (PathBuf, PathBuf) {
+        (
+            checkpoint.with_extension("history.json"),
+            checkpoint.with_extension("history.csv"),
+        )
     }
 }

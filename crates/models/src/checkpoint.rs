@@ -34,21 +34,39 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory
-/// (named after this process, so concurrent writers never share one), synced,
+/// (named after this process and a count, so concurrent writers never share
+/// one), synced,
 /// then renamed over `path`: readers see the old file or the new one, never a
 /// partial one, even if the process is killed mid-write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    // Process id and a per-process count: neither two processes nor two
+    // threads saving the same path ever write the same temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
+    tmp_name.push(format!(".tmp{}-{count}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself lasts through a power cut once the directory
+        // is synced (where directories can be opened to sync: unix). Best
+        // effort: the new file is in place either way.
+        #[cfg(unix)]
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -89,6 +107,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Maps and validates a safetensors file: an error (never a panic) for a
+    /// directory, a pipe, a truncated or corrupt file.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
@@ -138,6 +158,12 @@ impl Checkpoint {
         SafeTensors::deserialize(&self.bytes).expect("validated in open")
     }
 
+    /// The file this was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .parsed()
@@ -149,6 +175,7 @@ impl Checkpoint {
         names
     }
 
+    /// The header's `__metadata__` strings (empty if it has none).
     pub fn metadata(&self) -> HashMap<String, String> {
         SafeTensors::read_metadata(&self.bytes)
             .ok()
