@@ -95,8 +95,20 @@ pub fn mlp(
 ) -> Result<Sequential, ModelError> {
     Ok(Sequential::new()
         .push(Dense::new(device, inputs, 64, Activation::Relu, seed)?)
-        .push(Dense::new(device, 64, 64, Activation::Relu, seed + 1)?)
-        .push(Dense::new(device, 64, classes, Activation::None, seed + 2)?))
+        .push(Dense::new(
+            device,
+            64,
+            64,
+            Activation::Relu,
+            seed.wrapping_add(1),
+        )?)
+        .push(Dense::new(
+            device,
+            64,
+            classes,
+            Activation::None,
+            seed.wrapping_add(2),
+        )?))
 }
 
 /// The Keras MNIST CNN on 28x28 single-channel images (flattened input).
@@ -124,7 +136,7 @@ pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, Mod
             k3,
             valid,
             Activation::Relu,
-            seed + 1,
+            seed.wrapping_add(1),
         )?)
         .push(MaxPool2D::new(2))
         .push(Conv2D::new(
@@ -134,7 +146,7 @@ pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, Mod
             k3,
             valid,
             Activation::Relu,
-            seed + 2,
+            seed.wrapping_add(2),
         )?)
         .push(Flatten)
         .push(Dense::new(
@@ -142,9 +154,15 @@ pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, Mod
             3 * 3 * 64,
             64,
             Activation::Relu,
-            seed + 3,
+            seed.wrapping_add(3),
         )?)
-        .push(Dense::new(device, 64, classes, Activation::None, seed + 4)?))
+        .push(Dense::new(
+            device,
+            64,
+            classes,
+            Activation::None,
+            seed.wrapping_add(4),
+        )?))
 }
 
 /// A small CNN for quick checks: Conv(8, 3x3, relu) -> MaxPool 2 -> Dense(classes).
@@ -169,7 +187,7 @@ pub fn tiny_cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential
             8 * 13 * 13,
             classes,
             Activation::None,
-            seed + 1,
+            seed.wrapping_add(1),
         )?))
 }
 
@@ -195,25 +213,38 @@ pub fn text_classifier(
 ) -> Result<Sequential, ModelError> {
     let model = Sequential::new().push(Embedding::new(device, vocab, dim, seed)?.mask_zero());
     let (model, units) = match encoder {
-        TextEncoder::Lstm { units } => {
-            (model.push(Lstm::new(device, dim, units, seed + 1)?), units)
-        }
+        TextEncoder::Lstm { units } => (
+            model.push(Lstm::new(device, dim, units, seed.wrapping_add(1))?),
+            units,
+        ),
         TextEncoder::Stacked { units } => (
             model
-                .push(Lstm::new(device, dim, units, seed + 1)?.return_sequences())
-                .push(Lstm::new(device, units, units, seed + 2)?),
+                .push(Lstm::new(device, dim, units, seed.wrapping_add(1))?.return_sequences())
+                .push(Lstm::new(device, units, units, seed.wrapping_add(2))?),
             units,
         ),
         TextEncoder::Attention { units } => (
             model
-                .push(Lstm::new(device, dim, units, seed + 1)?.return_sequences())
-                .push(AttentionPooling::new(device, units, seed + 2)?),
+                .push(Lstm::new(device, dim, units, seed.wrapping_add(1))?.return_sequences())
+                .push(AttentionPooling::new(device, units, seed.wrapping_add(2))?),
             units,
         ),
     };
     Ok(model
-        .push(Dense::new(device, units, 64, Activation::Relu, seed + 3)?)
-        .push(Dense::new(device, 64, 2, Activation::None, seed + 4)?))
+        .push(Dense::new(
+            device,
+            units,
+            64,
+            Activation::Relu,
+            seed.wrapping_add(3),
+        )?)
+        .push(Dense::new(
+            device,
+            64,
+            2,
+            Activation::None,
+            seed.wrapping_add(4),
+        )?))
 }
 
 /// The Keras IMDB classifier: `Embedding(vocab, dim)` with id 0 masked as

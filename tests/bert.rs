@@ -76,6 +76,12 @@ fn the_tokenizer_gives_the_reference_ids() {
     for (sentence, ids) in r.sentences.iter().zip(&r.ids) {
         assert_eq!(&tokenizer.encode(sentence).unwrap(), ids, "{sentence}");
     }
+    // Too short for [CLS], [SEP] and a token of text: refused up front.
+    let err = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 2)
+        .err()
+        .expect("max_length 2")
+        .to_string();
+    assert!(err.contains("at least 3 tokens"), "{err}");
     // Truncation keeps [SEP] at the end.
     let short = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 6).unwrap();
     let cut = short.encode(&r.sentences[3]).unwrap();
@@ -205,6 +211,23 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         .to_string();
     assert!(
         err.contains("missing") && err.contains("encoder.layer.2."),
+        "{err}"
+    );
+    // A config.json whose layer count disagrees with the weights (here a
+    // corrupt one, that would have the host allocate for a billion blocks)
+    // is refused before anything is built.
+    let corrupt = BertConfig {
+        num_hidden_layers: 1_000_000_000,
+        ..tiny_config()
+    };
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&corrupt).unwrap(),
+    )
+    .unwrap();
+    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    assert!(
+        err.contains("num_hidden_layers 1000000000") && err.contains("hold 2 encoder blocks"),
         "{err}"
     );
     // Neither a directory nor a named pipe is opened: reading a pipe would

@@ -151,6 +151,45 @@ fn pooling_layers_report_the_shapes_they_produce() {
     }
 }
 
+#[test]
+fn zero_strides_and_kernels_are_errors_and_summaries_survive_them() {
+    let d = device();
+    let x =
+        Tensor::from_slice(d, &random_vec(2 * 3 * 6 * 6, 841, -1.0, 1.0), &[2, 3, 6, 6]).unwrap();
+    fn refused(layer: impl Layer + 'static, x: &Tensor) {
+        let kind = layer.kind();
+        let err = layer
+            .forward(x, &mut Mode::eval())
+            .err()
+            .unwrap_or_else(|| panic!("{kind}: a zero stride ran"))
+            .to_string();
+        assert!(err.contains("positive"), "{kind}: {err}");
+        let summary = Sequential::new().push(layer).summary(&[3, 6, 6]);
+        assert!(summary.contains(kind), "{summary}");
+    }
+    refused(MaxPool2D::new(0), &x);
+    refused(MaxPool2D::new(0).same(), &x);
+    refused(AvgPool2D::new(0).same(), &x);
+    let zero_stride = Conv2d {
+        stride: [0, 0],
+        ..Conv2d::default()
+    };
+    let err = Conv2D::new(d, 3, 4, [3, 3], zero_stride, Activation::Relu, 0)
+        .err()
+        .expect("a zero stride")
+        .to_string();
+    assert!(err.contains("positive"), "{err}");
+    let err = Conv2D::new(d, 3, 4, [0, 3], Conv2d::default(), Activation::Relu, 0)
+        .err()
+        .expect("a zero kernel")
+        .to_string();
+    assert!(err.contains("positive"), "{err}");
+    // Fields set after construction reach forward's own check.
+    let mut conv = Conv2D::new(d, 3, 4, [3, 3], Conv2d::default(), Activation::Relu, 0).unwrap();
+    conv.conv = zero_stride;
+    refused(conv, &x);
+}
+
 /// Images of a bright vertical or horizontal bar at a random place, far from
 /// zero mean (offset 20 to 21): batch norm has to remove the offset.
 fn bars(n: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {

@@ -59,30 +59,53 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// `y.len()` samples of `features` inputs each (`x` row-major) with labels
+    /// below `classes`; an error if the sizes disagree or a label is out of
+    /// range.
+    ///
+    /// ```
+    /// let data = kiln::data::Dataset::new(2, vec![0.1, 0.2, 0.3, 0.4], vec![0, 1], 2)?;
+    /// assert_eq!(data.len(), 2);
+    /// assert!(kiln::data::Dataset::new(2, vec![0.1, 0.2], vec![3], 2).is_err());
+    /// # Ok::<(), kiln::data::DataError>(())
+    /// ```
     pub fn new(
         features: usize,
         x: Vec<f32>,
         y: Vec<u32>,
         classes: usize,
     ) -> Result<Self, DataError> {
-        if x.len() != y.len() * features {
-            return Err(DataError::Invalid(format!(
-                "{} inputs do not make {} samples of {features} features",
-                x.len(),
-                y.len()
-            )));
-        }
-        if let Some(&bad) = y.iter().find(|&&l| l as usize >= classes) {
-            return Err(DataError::Invalid(format!(
-                "label {bad} out of range for {classes} classes"
-            )));
-        }
-        Ok(Self {
+        let data = Self {
             features,
             x,
             y,
             classes,
-        })
+        };
+        data.validate()?;
+        Ok(data)
+    }
+
+    /// What [`Dataset::new`] checks, for a dataset built field by field.
+    pub fn validate(&self) -> Result<(), DataError> {
+        let (features, classes) = (self.features, self.classes);
+        if features == 0 || classes == 0 {
+            return Err(DataError::Invalid(format!(
+                "a dataset needs at least one feature and one class, got {features} and {classes}"
+            )));
+        }
+        if Some(self.x.len()) != self.y.len().checked_mul(features) {
+            return Err(DataError::Invalid(format!(
+                "{} inputs do not make {} samples of {features} features",
+                self.x.len(),
+                self.y.len()
+            )));
+        }
+        if let Some(&bad) = self.y.iter().find(|&&l| l as usize >= classes) {
+            return Err(DataError::Invalid(format!(
+                "label {bad} out of range for {classes} classes"
+            )));
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

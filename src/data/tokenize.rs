@@ -79,6 +79,12 @@ impl PretrainedTokenizer {
     /// Reads `tokenizer.json`; inputs longer than `max_length` tokens keep
     /// their first tokens (see [`PretrainedTokenizer::with_truncation`]).
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
+        if max_length < 3 {
+            return Err(DataError::Invalid(format!(
+                "max_length {max_length}: a BERT input needs at least 3 tokens ([CLS], [SEP] \
+                 and one of the text)"
+            )));
+        }
         let mut inner = Tokenizer::from_file(path).map_err(|e| DataError::Corrupt {
             path: path.to_path_buf(),
             reason: format!("not a tokenizer.json ({e})"),

@@ -111,7 +111,7 @@ pub fn finetune(
     // Only with mixed precision: scaled backward, overflow-checked steps.
     let mut scaler = options.mixed_precision.then(LossScaler::new);
     for epoch in 1..=options.epochs {
-        let order = shuffled_indices(texts.len(), options.seed + epoch as u64);
+        let order = shuffled_indices(texts.len(), options.seed.wrapping_add(epoch as u64));
         let batches: Vec<&[usize]> = order.chunks(options.batch_size).collect();
         let bar = progress_bar(options.progress, batches.len(), epoch, options.epochs);
         let start = Instant::now();

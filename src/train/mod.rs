@@ -223,6 +223,7 @@ impl<O: Optimizer> Trainer<O> {
     }
 
     fn check_data(&self, data: &Dataset, batch_size: usize) -> Result<()> {
+        data.validate()?;
         if batch_size == 0 || data.is_empty() {
             return Err(ModelError::Device(kiln_graph::DeviceError::Shape {
                 op: "fit",

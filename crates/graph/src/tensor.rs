@@ -58,11 +58,17 @@ pub struct Tensor {
 /// The element count of `shape`, checked against the device's buffer limit
 /// before the contents are built on the host: an absurd shape (say, from a
 /// corrupt config) is an error, not an aborted allocation.
-fn host_numel(device: &Device, shape: &[usize]) -> Result<usize> {
-    let numel = shape
+/// Elements of `shape`; usize::MAX where the product overflows (no buffer
+/// or slice holds that many, so length checks then fail cleanly).
+fn numel_of(shape: &[usize]) -> usize {
+    shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .unwrap_or(usize::MAX);
+        .unwrap_or(usize::MAX)
+}
+
+fn host_numel(device: &Device, shape: &[usize]) -> Result<usize> {
+    let numel = numel_of(shape);
     device.check_buffer_len(numel, DType::F32)?;
     Ok(numel)
 }
@@ -90,7 +96,7 @@ impl Tensor {
 
     /// Wraps a buffer (f32, or f16 storage) holding `shape` (no graph).
     pub fn from_buffer(device: &Device, buffer: GpuBuffer, shape: &[usize]) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = numel_of(shape);
         if buffer.len() != numel || !matches!(buffer.dtype(), DType::F32 | DType::F16) {
             return Err(DeviceError::Shape {
                 op: "from_buffer",
@@ -111,7 +117,7 @@ impl Tensor {
 
     /// Uploads `data` as a tensor of `shape`.
     pub fn from_slice(device: &Device, data: &[f32], shape: &[usize]) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = numel_of(shape);
         if data.len() != numel {
             return Err(DeviceError::Shape {
                 op: "from_slice",
@@ -122,7 +128,7 @@ impl Tensor {
     }
 
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
-        let numel = shape.iter().product();
+        let numel = host_numel(device, shape)?;
         Self::from_buffer(device, device.zeros(numel, DType::F32)?, shape)
     }
 

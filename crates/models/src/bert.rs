@@ -178,14 +178,14 @@ impl Bert {
         };
         let embeddings = BertEmbeddings {
             word: table(config.vocab_size, seed)?,
-            position: table(config.max_position_embeddings, seed + 1)?,
-            token_type: table(config.type_vocab_size, seed + 2)?,
+            position: table(config.max_position_embeddings, seed.wrapping_add(1))?,
+            token_type: table(config.type_vocab_size, seed.wrapping_add(2))?,
             norm: LayerNorm::new(device, h, eps)?,
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
-            let s = seed + 10 * (l as u64 + 1);
-            let dense = |i, o, act, k| Dense::new(device, i, o, act, s + k);
+            let s = seed.wrapping_add(10) * (l as u64 + 1);
+            let dense = |i, o, act, k| Dense::new(device, i, o, act, s.wrapping_add(k));
             layers.push(BertLayer {
                 query: dense(h, h, Activation::None, 0)?,
                 key: dense(h, h, Activation::None, 1)?,
@@ -197,7 +197,7 @@ impl Bert {
                 output_norm: LayerNorm::new(device, h, eps)?,
             });
         }
-        let pooler = Dense::new(device, h, h, Activation::Tanh, seed + 3)?;
+        let pooler = Dense::new(device, h, h, Activation::Tanh, seed.wrapping_add(3))?;
         Ok(Self {
             config,
             embeddings,
@@ -210,8 +210,12 @@ impl Bert {
     /// directory.
     pub fn from_pretrained(device: &Device, dir: &Path) -> Result<Self, ModelError> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        // Before building anything: a config that disagrees with the weights
+        // (a corrupt layer count, say) would otherwise allocate for nothing.
+        check_layer_count(&Checkpoint::open(&weights)?, &config)?;
         let model = Self::new(device, config, 0)?;
-        model.load_safetensors(&dir.join("model.safetensors"))?;
+        model.load_safetensors(&weights)?;
         Ok(model)
     }
 
@@ -460,6 +464,14 @@ pub fn mean_pool(hidden: &Tensor, mask: &[f32]) -> Result<Tensor, ModelError> {
             hidden.shape()
         )));
     };
+    if tokens == 0 || mask.len() != batch * tokens {
+        return Err(ModelError::Invalid(format!(
+            "mean_pool: a mask of {} values for hidden states {:?}; it needs one per token, \
+             and at least one token",
+            mask.len(),
+            hidden.shape()
+        )));
+    }
     // Weights 1/count on real tokens, 0 on padding: one batched product.
     let mut weights = mask.to_vec();
     for row in weights.chunks_mut(tokens) {
@@ -474,7 +486,11 @@ pub fn mean_pool(hidden: &Tensor, mask: &[f32]) -> Result<Tensor, ModelError> {
 
 /// Rows scaled to unit L2 norm (sentence-transformers' `Normalize`).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor, ModelError> {
-    let last = x.rank() - 1;
+    let Some(last) = x.rank().checked_sub(1) else {
+        return Err(ModelError::Invalid(
+            "l2_normalize: a scalar has no rows to normalise".into(),
+        ));
+    };
     let norm = x.square()?.sum(last, true)?.add_scalar(1e-24)?.sqrt()?;
     Ok(x.div(&norm)?)
 }
@@ -710,6 +726,8 @@ impl BertClassifier {
             .and_then(|json| {
                 serde_json::from_str(json).map_err(|e| bad(format!("bad `{CONFIG_KEY}`: {e}")))
             })?;
+        config.check().map_err(&bad)?;
+        check_layer_count(&file, &config)?;
         let bias = format!("{CLASSIFIER_HEAD}bias");
         let classes = match file.shape(&bias).as_deref() {
             Some(&[classes]) if classes > 0 => classes,
@@ -728,6 +746,32 @@ impl BertClassifier {
         load_hf_layout(&file, &model.named_parameters(), &[])?;
         Ok((model, metadata))
     }
+}
+
+/// Fails unless `file` holds exactly `config.num_hidden_layers` encoder
+/// blocks (`[bert.]encoder.layer.N.*`).
+fn check_layer_count(file: &Checkpoint, config: &BertConfig) -> Result<(), ModelError> {
+    let blocks = file
+        .names()
+        .iter()
+        .filter_map(|name| {
+            let rest = name.strip_prefix("bert.").unwrap_or(name);
+            let index = rest.strip_prefix("encoder.layer.")?.split('.').next()?;
+            index.parse::<usize>().ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
+    if blocks != config.num_hidden_layers {
+        return Err(ModelError::Checkpoint {
+            path: file.path().to_path_buf(),
+            reason: format!(
+                "the config says num_hidden_layers {} but the weights hold {blocks} encoder \
+                 blocks: the config does not belong to these weights",
+                config.num_hidden_layers
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Prefix of the classification head's tensors in a saved classifier.

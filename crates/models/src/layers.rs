@@ -243,6 +243,19 @@ impl Conv2D {
         activation: Activation,
         seed: u64,
     ) -> Result<Self, ModelError> {
+        let sizes = [
+            kernel,
+            conv.stride,
+            conv.dilation,
+            [in_channels, out_channels],
+        ];
+        if sizes.iter().flatten().any(|&v| v == 0) {
+            return Err(ModelError::Invalid(format!(
+                "Conv2D: channels {in_channels} -> {out_channels}, kernel {kernel:?}, stride {:?} \
+                 and dilation {:?} must all be positive",
+                conv.stride, conv.dilation
+            )));
+        }
         let area = kernel[0] * kernel[1];
         let limit = (6.0 / ((in_channels + out_channels) * area) as f32).sqrt();
         let shape = [out_channels, in_channels, kernel[0], kernel[1]];
@@ -272,9 +285,11 @@ impl Layer for Conv2D {
 
     fn output_shape(&self, input: &[usize]) -> Vec<usize> {
         let w = self.weight.shape();
+        // A zero kernel or stride is forward's error to report; the summary
+        // only must not panic on it.
         let out = |size: usize, d: usize| {
-            let span = self.conv.dilation[d] * (w[2 + d] - 1) + 1;
-            (size + 2 * self.conv.padding[d]).saturating_sub(span) / self.conv.stride[d] + 1
+            let span = self.conv.dilation[d] * w[2 + d].saturating_sub(1) + 1;
+            (size + 2 * self.conv.padding[d]).saturating_sub(span) / self.conv.stride[d].max(1) + 1
         };
         match input {
             [_, h, wd] => vec![w[0], out(*h, 0), out(*wd, 1)],
@@ -302,9 +317,12 @@ impl PoolWindow {
     }
 
     fn output_shape(&self, input: &[usize]) -> Vec<usize> {
+        // A zero stride is forward's error to report; the summary only must
+        // not panic on it.
+        let stride = |d: usize| self.stride[d].max(1);
         let out = |size: usize, d: usize| match self.padding {
-            Padding::Valid => size.saturating_sub(self.kernel[d]) / self.stride[d] + 1,
-            Padding::Same => size.div_ceil(self.stride[d]),
+            Padding::Valid => size.saturating_sub(self.kernel[d]) / stride(d) + 1,
+            Padding::Same => size.div_ceil(stride(d)),
         };
         match input {
             [c, h, w] => vec![*c, out(*h, 0), out(*w, 1)],

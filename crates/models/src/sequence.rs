@@ -97,7 +97,7 @@ impl Lstm {
                 .requires_grad(true),
             w_hh: Tensor::from_slice(
                 device,
-                &orthogonal_rows(units, 4 * units, seed + 1),
+                &orthogonal_rows(units, 4 * units, seed.wrapping_add(1)),
                 &[units, 4 * units],
             )?
             .requires_grad(true),

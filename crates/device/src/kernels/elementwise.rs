@@ -71,7 +71,11 @@ impl<'a> Elementwise<'a> {
         }
     }
 
-    /// Sets `s0..` (at most four).
+    /// Sets `s0..`.
+    ///
+    /// # Panics
+    ///
+    /// With more than four values: the kernels have four scalar slots.
     pub fn scalars(mut self, values: &[f32]) -> Self {
         assert!(values.len() <= 4, "at most four scalars");
         self.scalars[..values.len()].copy_from_slice(values);

@@ -16,7 +16,13 @@ use kiln_device::{DeviceError, Elementwise, Operand, Result, UnaryOp};
 
 /// Evaluates an elementwise expression over tensors, with broadcasting (no graph).
 pub(crate) fn map(op: &Elementwise<'_>, inputs: &[&Tensor]) -> Result<Tensor> {
-    let device = inputs[0].device();
+    let Some(first) = inputs.first() else {
+        return Err(DeviceError::Shape {
+            op: op.name,
+            message: "an elementwise expression needs at least one input tensor".into(),
+        });
+    };
+    let device = first.device();
     let operands: Vec<Operand<'_>> = inputs
         .iter()
         .map(|t| Operand::new(t.buffer(), t.shape()))

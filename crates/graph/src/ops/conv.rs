@@ -35,7 +35,11 @@ impl Conv2d {
     /// Keras's `padding="same"` for stride 1: pad so the output keeps the size.
     pub fn same(kernel: [usize; 2]) -> Self {
         Self {
-            padding: [(kernel[0] - 1) / 2, (kernel[1] - 1) / 2],
+            // (A zero kernel is conv2d's error to report.)
+            padding: [
+                kernel[0].saturating_sub(1) / 2,
+                kernel[1].saturating_sub(1) / 2,
+            ],
             ..Self::default()
         }
     }
@@ -54,11 +58,13 @@ pub enum Padding {
 }
 
 impl Padding {
-    /// `[before, after]` padding of one spatial dim.
+    /// `[before, after]` padding of one spatial dim (a stride of 0 counts
+    /// as 1 here; pooling refuses it).
     pub fn amounts(self, size: usize, kernel: usize, stride: usize) -> [usize; 2] {
         match self {
             Padding::Valid => [0, 0],
             Padding::Same => {
+                let stride = stride.max(1);
                 let out = size.div_ceil(stride);
                 let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
                 [total / 2, total - total / 2]
@@ -342,6 +348,12 @@ fn pool_geometry(
             message: format!("input must be [n, c, h, w], got {:?}", t.shape()),
         });
     };
+    if kernel.contains(&0) || stride.contains(&0) {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!("kernel {kernel:?} and stride {stride:?} must be positive"),
+        });
+    }
     Ok(ConvGeometry {
         n,
         c,

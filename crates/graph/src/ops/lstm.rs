@@ -40,6 +40,12 @@ impl Tensor {
                 self.shape()
             )));
         };
+        if t == 0 {
+            return Err(shape_error(format!(
+                "input {:?} has no time steps: sequences need at least one",
+                self.shape()
+            )));
+        }
         let &[hh, h4] = w_hh.shape() else {
             return Err(shape_error(format!(
                 "w_hh must be [hidden, 4 * hidden], got {:?}",
