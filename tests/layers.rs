@@ -304,6 +304,19 @@ fn padding_never_changes_what_stacked_lstms_return() {
 }
 
 #[test]
+fn an_lstm_refuses_sequences_without_time_steps() {
+    let d = device();
+    let lstm = Lstm::new(d, 4, 3, 0).unwrap();
+    let x = Tensor::zeros(d, &[2, 0, 4]).unwrap();
+    let err = lstm
+        .forward(&x, &mut Mode::eval())
+        .err()
+        .expect("zero steps")
+        .to_string();
+    assert!(err.contains("no time steps"), "{err}");
+}
+
+#[test]
 fn embedding_rejects_inputs_that_are_not_ids() {
     let d = device();
     let e = Embedding::new(d, 10, 3, 1).unwrap();

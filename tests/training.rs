@@ -577,3 +577,35 @@ fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
     assert!(err.contains("learning rate NaN"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn datasets_built_field_by_field_are_checked_before_training() {
+    use kiln::data::Dataset;
+    use kiln::train::{FitOptions, Trainer};
+    let d = device();
+    let (x, y) = circle_data(64, 81);
+    let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
+    let optimizer = Sgd::new(model.parameters(), 0.1);
+    let mut trainer = Trainer::new(model, optimizer, d);
+    let options = FitOptions {
+        epochs: 1,
+        batch_size: 16,
+        progress: false,
+        log_epochs: false,
+        ..Default::default()
+    };
+    let short = Dataset {
+        x: x[..x.len() - 1].to_vec(),
+        ..Dataset::new(2, x.clone(), y.clone(), 2).unwrap()
+    };
+    let err = trainer.fit(&short, &options).unwrap_err().to_string();
+    assert!(err.contains("do not make 64 samples"), "{err}");
+    let mislabelled = Dataset {
+        y: y.iter().map(|&l| l + 1).collect(),
+        ..Dataset::new(2, x.clone(), y.clone(), 2).unwrap()
+    };
+    let err = trainer.evaluate(&mislabelled, 16).unwrap_err().to_string();
+    assert!(err.contains("out of range for 2 classes"), "{err}");
+    let err = Dataset::new(0, vec![], y.clone(), 2).unwrap_err().to_string();
+    assert!(err.contains("at least one feature"), "{err}");
+}
