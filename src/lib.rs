@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # Kiln
 //!
 //! Deep-learning training in Rust on any GPU through wgpu (Vulkan, Metal, DX12),

@@ -20,20 +20,28 @@ use kiln_models::{Mode, ModelError};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// File names inside a saved classifier's directory.
+/// File inside a saved classifier's directory holding the weights, the
+/// encoder config, the tokenizer settings and the class names.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// File inside a saved classifier's directory holding the Hugging Face
+/// tokenizer (without Kiln's padding and truncation settings).
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// Header keys for the tokenizer settings and class names.
+/// Header key of the tokenizer's `max_length`.
 const MAX_LENGTH_KEY: &str = "kiln.max_length";
+/// Header key of the tokenizer's truncation (`head` or `head-tail:N`).
 const TRUNCATION_KEY: &str = "kiln.truncation";
+/// Header key of the class names, a JSON array of strings.
 const LABELS_KEY: &str = "kiln.labels";
 
 /// A BERT classifier with the tokenizer (and its settings) it was trained
 /// with, and the names of its classes.
 pub struct TextClassifier {
+    /// The encoder and its classification head.
     pub model: BertClassifier,
+    /// The tokenizer, with the length and truncation the model was trained with.
     pub tokenizer: PretrainedTokenizer,
+    /// Class names, by class index.
     pub labels: Vec<String>,
 }
 

@@ -32,6 +32,8 @@ pub const TEXT_VOCAB: usize = 10_000;
 pub const TEXT_LENGTH: usize = 200;
 
 impl Architecture {
+    /// The name used on the command line and in checkpoint metadata (`"mlp"`,
+    /// `"lstm-stacked"`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Mlp => "mlp",
@@ -42,6 +44,7 @@ impl Architecture {
         }
     }
 
+    /// The architecture [`Architecture::name`] calls `name`, if any.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "mlp" => Some(Architecture::Mlp),
@@ -195,11 +198,20 @@ pub fn tiny_cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextEncoder {
     /// One LSTM, its last state.
-    Lstm { units: usize },
+    Lstm {
+        /// Hidden units of the LSTM.
+        units: usize,
+    },
     /// Two LSTMs, the first returning its whole sequence to the second.
-    Stacked { units: usize },
+    Stacked {
+        /// Hidden units of each LSTM.
+        units: usize,
+    },
     /// One LSTM returning its sequence, pooled by attention.
-    Attention { units: usize },
+    Attention {
+        /// Hidden units of the LSTM.
+        units: usize,
+    },
 }
 
 /// `Embedding(vocab, dim)` with id 0 masked as padding -> `encoder` ->

@@ -32,6 +32,7 @@ pub fn default_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/share/datasets/fashion-mnist"))
 }
 
+/// Loads the four files from [`default_dir`], checking their SHA-256.
 pub fn load() -> Result<Mnist, DataError> {
     load_from(&default_dir())
 }

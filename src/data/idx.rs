@@ -7,7 +7,9 @@ use std::path::Path;
 /// An IDX array of unsigned bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdxArray {
+    /// Size of each dimension, e.g. `[60000, 28, 28]` for MNIST's training images.
     pub dims: Vec<usize>,
+    /// The elements, row-major: the product of `dims` bytes.
     pub data: Vec<u8>,
 }
 

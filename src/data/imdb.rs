@@ -20,14 +20,18 @@ pub const SPLIT_SEED: u64 = 20_110_601;
 /// One review and its sentiment label.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Review {
+    /// The review, with `<br />` markup replaced by spaces.
     pub text: String,
+    /// 0 for negative, 1 for positive.
     pub label: u32,
 }
 
 /// The two halves of the dataset.
 #[derive(Clone, Debug)]
 pub struct Imdb {
+    /// [`TRAIN_SIZE`] reviews for training.
     pub train: Vec<Review>,
+    /// The other 25,000 reviews, for testing.
     pub test: Vec<Review>,
 }
 
@@ -42,6 +46,7 @@ pub fn default_path() -> PathBuf {
     cache_dir().join("imdb").join("reviews.json")
 }
 
+/// Loads and splits `reviews.json` from [`default_path`], checking its SHA-256.
 pub fn load() -> Result<Imdb, DataError> {
     load_from(&default_path())
 }
@@ -112,8 +117,12 @@ pub fn to_dataset(reviews: &[Review], vectorizer: &TextVectorizer) -> Result<Dat
 /// The reviews as token ids, encoded by a vectorizer fitted on the training
 /// half; see [`load_encoded`].
 pub struct Encoded {
+    /// The training half, `sequence_length` token ids per review.
     pub train: Dataset,
+    /// The test half, encoded with the same vocabulary.
     pub test: Dataset,
+    /// The vectorizer fitted on the training texts; save it with a model so new
+    /// texts encode the same way.
     pub vectorizer: TextVectorizer,
 }
 

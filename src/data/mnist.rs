@@ -38,7 +38,9 @@ const CSV_FILES: [(&str, &str); 2] = [
 
 /// Training and test images, pixels scaled to [0, 1] (MNIST and Fashion-MNIST).
 pub struct Mnist {
+    /// 60,000 images of 784 pixels, 10 classes.
     pub train: Dataset,
+    /// 10,000 images of 784 pixels, 10 classes.
     pub test: Dataset,
 }
 

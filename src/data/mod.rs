@@ -15,23 +15,36 @@ use thiserror::Error;
 /// Errors loading data; each says what to do about it.
 #[derive(Debug, Error)]
 pub enum DataError {
+    /// A dataset's files are not where Kiln looks for them.
     #[error("{dataset} not found in {dir}: run `{fetch}` to download it")]
     Missing {
+        /// The dataset's name.
         dataset: &'static str,
+        /// Where it was looked for.
         dir: PathBuf,
+        /// The command that downloads or installs it.
         fetch: &'static str,
     },
+    /// A file is there but unreadable or fails its checksum.
     #[error("{path} is corrupt ({reason}); delete it and run `{fetch}` again")]
     Corrupt {
+        /// The file.
         path: PathBuf,
+        /// What is wrong with it.
         reason: String,
+        /// The command that fetches a good copy.
         fetch: &'static str,
     },
+    /// Data or settings that do not fit together (sizes, labels, options), with
+    /// what was expected.
     #[error("{0}")]
     Invalid(String),
+    /// A file could not be read or written.
     #[error("I/O error on {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
 }
@@ -51,10 +64,13 @@ pub use kiln_device::cache_dir;
 /// Samples with `features` f32 inputs each and a class label.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Dataset {
+    /// Inputs per sample; at least 1.
     pub features: usize,
     /// `len() * features` values, row-major.
     pub x: Vec<f32>,
+    /// Class label of each sample, each below `classes`.
     pub y: Vec<u32>,
+    /// Number of classes; at least 1.
     pub classes: usize,
 }
 
@@ -108,10 +124,12 @@ impl Dataset {
         Ok(())
     }
 
+    /// Number of samples.
     pub fn len(&self) -> usize {
         self.y.len()
     }
 
+    /// True when there are no samples.
     pub fn is_empty(&self) -> bool {
         self.y.is_empty()
     }

@@ -32,6 +32,7 @@ pub struct TextVectorizer {
     /// placeholders `""` and `"[UNK]"`.
     vocab: Vec<String>,
     index: HashMap<String, u32>,
+    /// Ids per encoded text: longer texts are cut, shorter ones padded with [`PAD`].
     pub sequence_length: usize,
 }
 

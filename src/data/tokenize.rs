@@ -17,7 +17,10 @@ pub enum Truncation {
     /// The first `head` tokens and as many of the last as fit. Reviews tend to
     /// state their verdict at the end; Sun et al. (2019, "How to Fine-Tune BERT
     /// for Text Classification") found head+tail best on IMDB.
-    HeadTail { head: usize },
+    HeadTail {
+        /// Content tokens kept from the start (capped at what fits).
+        head: usize,
+    },
 }
 
 impl std::fmt::Display for Truncation {
@@ -50,7 +53,9 @@ impl std::str::FromStr for Truncation {
 pub struct PretrainedTokenizer {
     inner: Tokenizer,
     pad_id: u32,
+    /// Most tokens per text, special tokens included; at least 3.
     pub max_length: usize,
+    /// Which tokens a text longer than `max_length` keeps.
     pub truncation: Truncation,
 }
 
@@ -58,8 +63,11 @@ pub struct PretrainedTokenizer {
 /// its `[batch, tokens]` shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenBatch {
+    /// Token ids, `[batch, tokens]` row-major, padded with the tokenizer's `[PAD]` id.
     pub ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding, laid out as `ids`.
     pub mask: Vec<f32>,
+    /// `[batch, tokens]`: texts, and the longest text's token count.
     pub shape: [usize; 2],
 }
 

@@ -15,18 +15,23 @@ use std::time::Instant;
 /// Settings of [`finetune`].
 #[derive(Clone, Debug)]
 pub struct FinetuneOptions {
+    /// Passes over the texts; at least 1 (default 1).
     pub epochs: usize,
+    /// Texts per step (default 16).
     pub batch_size: usize,
     /// Peak learning rate of the encoder's trainable layers (AdamW).
     pub lr: f32,
     /// Learning rate of the freshly initialised head (Adam).
     pub head_lr: f32,
+    /// AdamW's decoupled weight decay of the encoder's parameters (default 0.01).
     pub weight_decay: f32,
     /// Steps of linear warm-up of the encoder's rate (then cosine decay to 0).
     pub warmup_steps: usize,
     /// Global gradient-norm limit.
     pub clip_norm: f32,
+    /// Seeds the per-epoch shuffles and dropout (default 0).
     pub seed: u64,
+    /// Show a progress bar (default on).
     pub progress: bool,
     /// Matrix products on f16 operands with loss scaling (see
     /// [`kiln_graph::amp`]).
@@ -53,10 +58,16 @@ impl Default for FinetuneOptions {
 /// What one epoch of [`finetune`] measured.
 #[derive(Clone, Debug)]
 pub struct FinetuneEpoch {
+    /// 1-based.
     pub epoch: usize,
+    /// Mean training cross-entropy over the epoch's texts.
     pub loss: f32,
+    /// Fraction of the epoch's training texts classified right (in training mode,
+    /// dropout on).
     pub accuracy: f32,
+    /// Wall-clock time of the epoch.
     pub seconds: f64,
+    /// Training texts per second.
     pub samples_per_second: f64,
 }
 

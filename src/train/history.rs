@@ -8,29 +8,40 @@ use std::path::{Path, PathBuf};
 pub struct EpochStats {
     /// 1-based, counting epochs of resumed runs too.
     pub epoch: usize,
+    /// Mean training loss over the epoch.
     pub loss: f32,
+    /// Fraction of the epoch's training samples classified right.
     pub accuracy: f32,
+    /// Mean loss on the validation split; `None` without one.
     pub val_loss: Option<f32>,
+    /// Accuracy on the validation split; `None` without one.
     pub val_accuracy: Option<f32>,
+    /// Wall-clock time of the epoch's training, validation excluded.
     pub seconds: f64,
+    /// Training samples per second.
     pub samples_per_second: f64,
 }
 
 /// The epochs of a `fit` call, in order.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct History {
+    /// One entry per completed epoch.
     pub epochs: Vec<EpochStats>,
 }
 
 impl History {
+    /// The latest epoch, if any.
     pub fn last(&self) -> Option<&EpochStats> {
         self.epochs.last()
     }
 
+    /// The history as pretty-printed JSON (`{"epochs": [...]}`).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plain numbers serialise")
     }
 
+    /// The history as CSV, one header line then one line per epoch; missing
+    /// validation values are empty cells.
     pub fn to_csv(&self) -> String {
         let opt = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
         let mut out =

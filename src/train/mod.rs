@@ -26,6 +26,7 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 pub struct FitOptions {
     /// Total epochs; a resumed run trains only the ones still missing.
     pub epochs: usize,
+    /// Samples per step; the last batch of an epoch may be smaller.
     pub batch_size: usize,
     /// Fraction of the data, taken from its end before shuffling, held out for
     /// validation after every epoch.
@@ -63,9 +64,14 @@ impl Default for FitOptions {
     }
 }
 
+/// When [`Trainer::fit`] stops before its last epoch (Keras's `EarlyStopping`
+/// on `val_loss`, or on `loss` without a validation split).
 #[derive(Clone, Copy, Debug)]
 pub struct EarlyStopping {
+    /// Epochs without improvement after which training stops.
     pub patience: usize,
+    /// How much lower than the best loss so far an epoch's loss must be to count as
+    /// an improvement.
     pub min_delta: f32,
 }
 
@@ -121,8 +127,11 @@ impl Loss {
 
 /// A classifier (logits out) with its optimizer and loss, measured by accuracy.
 pub struct Trainer<O: Optimizer> {
+    /// The model being trained; its output layer gives logits.
     pub model: Sequential,
+    /// Updates the model's parameters.
     pub optimizer: O,
+    /// What `fit` minimises (default: sparse categorical cross-entropy).
     pub loss: Loss,
     device: Device,
     /// Epochs completed, including those of a run this one resumed.
@@ -210,6 +219,8 @@ fn one_hot(device: &Device, labels: &[u32], classes: usize) -> kiln_graph::Resul
 }
 
 impl<O: Optimizer> Trainer<O> {
+    /// A trainer for `model` with the default loss, no epochs done and empty
+    /// metadata. `optimizer` should hold `model`'s parameters.
     pub fn new(model: Sequential, optimizer: O, device: &Device) -> Self {
         Self {
             model,

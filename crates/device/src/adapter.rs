@@ -39,6 +39,7 @@ pub enum DeviceKind {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceSelector {
+    /// Which kind of adapter to accept (`auto`, `gpu` or `cpu`).
     pub kind: DeviceKind,
     /// A backend name or a case-insensitive part of the adapter name.
     pub filter: Option<String>,

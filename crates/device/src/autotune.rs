@@ -29,6 +29,7 @@ pub fn cache_dir() -> PathBuf {
 /// What [`Device::autotune`] decided and how.
 #[derive(Clone, Debug)]
 pub struct AutotuneReport {
+    /// The tiling chosen for ordinary products, now in the device's [`Tuning`].
     pub chosen: MatmulTiling,
     /// Seconds each candidate took over the probe shapes; empty when the
     /// choice came from the cache file.
@@ -38,6 +39,7 @@ pub struct AutotuneReport {
     /// Seconds each candidate took over the small probe shapes; empty on CPU
     /// adapters (which keep one tiling) and when the cache file was read.
     pub measured_small: Vec<(MatmulTiling, f64)>,
+    /// The file the choice was read from or written to.
     pub cache_file: PathBuf,
 }
 

@@ -7,13 +7,16 @@ use std::sync::Arc;
 /// Element type of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE single precision, 4 bytes.
     F32,
     /// IEEE half precision, stored two per 32-bit word.
     F16,
+    /// Unsigned 32-bit integers (class labels, indices such as max pooling's argmax).
     U32,
 }
 
 impl DType {
+    /// Bytes one element takes: 4, or 2 for [`DType::F16`].
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
@@ -24,6 +27,7 @@ impl DType {
 
 /// A Rust type that can be uploaded to and read from a [`GpuBuffer`].
 pub trait Element: bytemuck::Pod {
+    /// The buffer element type this Rust type maps to.
     const DTYPE: DType;
 }
 
@@ -70,10 +74,12 @@ impl GpuBuffer {
         self.len
     }
 
+    /// True when the buffer holds no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Element type of the buffer.
     pub fn dtype(&self) -> DType {
         self.dtype
     }

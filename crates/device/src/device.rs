@@ -32,7 +32,7 @@ fn fusion_enabled() -> bool {
     *ON.get_or_init(|| !switched_off("KILN_FUSION"))
 }
 
-/// Texels per row of an operand texture (see [`Device::texture_operand`]):
+/// Texels per row of an operand texture (see `Device::texture_operand`):
 /// 4 KiB rows, the copy alignment wgpu asks for many times over.
 pub const TEXTURE_ROW_TEXELS: u32 = 256;
 /// Operand textures kept for reuse (one per size), and their bytes at most:
@@ -51,6 +51,7 @@ pub enum TextureOperands {
     Auto,
     /// Every product that can (for tests).
     Always,
+    /// No product does (what `KILN_TEXTURES=0` selects).
     Never,
 }
 
@@ -88,7 +89,9 @@ const DEFAULT_POOL_CAPACITY: u64 = 2 << 30;
 /// Dispatch and submit counters; see [`Device::dispatch_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DispatchStats {
+    /// Compute dispatches recorded so far.
     pub dispatches: u64,
+    /// Command buffers submitted to the queue so far.
     pub submits: u64,
     /// Bind groups built so far. A repeating step builds none once its
     /// first runs are done: its buffers come back from the pool the same.
@@ -398,14 +401,17 @@ impl Device {
         }
     }
 
+    /// Name, vendor, backend and type of the opened adapter.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.shared.info
     }
 
+    /// Limits the device was opened with (the adapter's own, not wgpu's defaults).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.shared.limits
     }
 
+    /// Optional features the device was opened with (e.g. `SHADER_F16`, subgroups).
     pub fn features(&self) -> wgpu::Features {
         self.shared.features
     }
@@ -438,6 +444,8 @@ impl Device {
         *lock(&self.shared.tuning)
     }
 
+    /// Replaces the kernel tile parameters that later launches use (what
+    /// [`Device::autotune`] sets).
     pub fn set_tuning(&self, tuning: Tuning) {
         *lock(&self.shared.tuning) = tuning;
     }
@@ -485,6 +493,8 @@ impl Device {
         *lock(&self.shared.texture_operands) = mode;
     }
 
+    /// When products read their A operand through a texture (see
+    /// [`Device::set_texture_operands`]).
     pub fn texture_operands(&self) -> TextureOperands {
         *lock(&self.shared.texture_operands)
     }
@@ -544,6 +554,7 @@ impl Device {
         Ok(Some(view))
     }
 
+    /// Allocation and reuse counters of the buffer pool.
     pub fn pool_stats(&self) -> PoolStats {
         lock(&self.shared.pool).stats()
     }
@@ -579,6 +590,7 @@ impl Device {
             .unwrap_or_default()
     }
 
+    /// Dispatch, submit and bind-group counters since the device was opened.
     pub fn dispatch_stats(&self) -> DispatchStats {
         let stats = lock(&self.shared.recorder).stats;
         DispatchStats {

@@ -16,40 +16,68 @@ pub enum DeviceError {
 
     /// `KILN_DEVICE` (or a selector string) could not be parsed.
     #[error("invalid device selector {given:?}: {reason}. Expected `auto`, `gpu` or `cpu`, optionally followed by `:FILTER` (a backend such as vulkan/gl/metal/dx12, or part of the adapter name), e.g. `cpu:gl` or `gpu:nvidia`")]
-    BadSelector { given: String, reason: String },
+    BadSelector {
+        /// The text that was given.
+        given: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// The adapter refused to create a device.
     #[error("the adapter {adapter:?} refused to open a device: {message}")]
-    RequestDevice { adapter: String, message: String },
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's reason.
+        message: String,
+    },
 
     /// A buffer larger than the adapter can bind in one piece.
     #[error("a buffer of {requested} bytes ({what}) exceeds this adapter's limit of {limit} bytes per storage binding; use a smaller batch or split the tensor")]
     BufferTooLarge {
+        /// What the buffer was for.
         what: String,
+        /// Bytes asked for.
         requested: u64,
+        /// The adapter's largest storage binding, in bytes.
         limit: u64,
     },
 
     /// Shapes or lengths handed to a kernel do not fit together.
     #[error("{op}: {message}")]
-    Shape { op: &'static str, message: String },
+    Shape {
+        /// The operation that refused its inputs.
+        op: &'static str,
+        /// What did not fit, with the shapes involved.
+        message: String,
+    },
 
     /// A read asked for a different element type than the buffer holds.
     #[error("buffer holds {actual:?} elements but {requested:?} were requested")]
     DType {
+        /// What the buffer holds.
         actual: crate::DType,
+        /// What the read asked for.
         requested: crate::DType,
     },
 
     /// A generated or hand-written shader failed validation. This is a bug in Kiln.
     #[error("shader {key:?} failed to compile (a Kiln bug, please report it): {message}")]
-    Shader { key: String, message: String },
+    Shader {
+        /// The kernel's cache key.
+        key: String,
+        /// The validation error.
+        message: String,
+    },
 
     /// The GPU ran out of memory.
     #[error(
         "out of GPU memory while allocating {bytes} bytes; reduce the batch size or model size"
     )]
-    OutOfMemory { bytes: u64 },
+    OutOfMemory {
+        /// Size of the allocation that failed.
+        bytes: u64,
+    },
 
     /// wgpu reported an error asynchronously (device lost, validation, mapping).
     #[error("GPU backend error: {0}")]

@@ -31,6 +31,7 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The cache key: the shader's name and its specialisation.
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -54,6 +55,7 @@ pub struct Specialize {
 }
 
 impl Specialize {
+    /// Starts from a WGSL body with `{{NAME}}` placeholders.
     pub fn new(body: &str) -> Self {
         Self {
             body: body.to_string(),
@@ -61,11 +63,13 @@ impl Specialize {
         }
     }
 
+    /// Declares `const name: u32 = value;` before the body.
     pub fn constant_u32(mut self, name: &str, value: u32) -> Self {
         let _ = writeln!(self.prelude, "const {name}: u32 = {value}u;");
         self
     }
 
+    /// Declares `const name: bool = value;` before the body.
     pub fn constant_bool(mut self, name: &str, value: bool) -> Self {
         let _ = writeln!(self.prelude, "const {name}: bool = {value};");
         self
@@ -77,6 +81,7 @@ impl Specialize {
         self
     }
 
+    /// Declares `const name: f32 = value;` before the body.
     pub fn constant_f32(mut self, name: &str, value: f32) -> Self {
         let _ = writeln!(self.prelude, "const {name}: f32 = {value:?};");
         self
@@ -94,6 +99,8 @@ impl Specialize {
         self
     }
 
+    /// The finished WGSL: `enable` directives first, then the declared constants
+    /// and aliases, then the body.
     pub fn build(self) -> String {
         debug_assert!(
             !self.body.contains("{{"),

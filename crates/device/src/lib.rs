@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # kiln-device
 //!
 //! Kiln's GPU layer, on wgpu: it picks an adapter (a GPU, else a CPU adapter such

@@ -15,8 +15,11 @@ use std::collections::HashMap;
 pub struct KernelTime {
     /// The kernel's cache key (its name and specialisation).
     pub kernel: String,
+    /// Launch size in workgroups, `[x, y, z]`.
     pub workgroups: [u32; 3],
+    /// Dispatches of this kernel at this size.
     pub calls: u64,
+    /// Total seconds over all of those calls.
     pub seconds: f64,
     /// Timed by the device's own clock around each dispatch, rather than by
     /// the host's around its submit and wait.

@@ -14,16 +14,27 @@ pub enum MatmulTiling {
     /// Each invocation computes a `tm x tn` block straight from global memory, in a
     /// `wg_x x wg_y` workgroup. No shared memory.
     Register {
+        /// Rows of C per invocation.
         tm: u32,
+        /// Columns of C per invocation.
         tn: u32,
+        /// Workgroup width, in invocations along the columns.
         wg_x: u32,
+        /// Workgroup height, in invocations along the rows.
         wg_y: u32,
     },
     /// For CPU adapters with a fixed subgroup size `sg`: the lanes of a subgroup
     /// share `4 * sg` columns of B through broadcasts, each lane computing `tm`
     /// rows; `wg` lanes per workgroup. Shapes it cannot take (k not a multiple of
     /// 4, ...) run on [`MatmulTiling::SUBGROUP_FALLBACK`].
-    Subgroup { tm: u32, sg: u32, wg: u32 },
+    Subgroup {
+        /// Rows of C per lane.
+        tm: u32,
+        /// The adapter's subgroup size.
+        sg: u32,
+        /// Lanes per workgroup.
+        wg: u32,
+    },
     /// A workgroup stages `bm x bk` and `bk x bn` tiles in shared memory; each of its
     /// `(bm/tm) x (bn/tn)` invocations computes a `tm x tn` block. With `vec4`
     /// (`tm`, `tn` and `bk` multiples of 4) tiles are loaded and read four
@@ -34,12 +45,19 @@ pub enum MatmulTiling {
     /// one, so global-memory latency overlaps arithmetic, at twice the shared
     /// memory and one barrier per tile instead of two.
     Shared {
+        /// Rows of C per workgroup.
         bm: u32,
+        /// Columns of C per workgroup.
         bn: u32,
+        /// Depth (along `k`) of the tiles staged per step.
         bk: u32,
+        /// Rows of C per invocation.
         tm: u32,
+        /// Columns of C per invocation.
         tn: u32,
+        /// Tiles are loaded and read four elements at a time where the shape allows.
         vec4: bool,
+        /// Tiles are double-buffered (vec4 only).
         pipelined: bool,
     },
 }

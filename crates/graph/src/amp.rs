@@ -97,6 +97,7 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
+    /// A scaler with PyTorch's defaults (see the type's docs).
     pub fn new() -> Self {
         Self {
             scale: 65536.0,

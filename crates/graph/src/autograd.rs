@@ -137,6 +137,7 @@ pub struct NoGradGuard {
 }
 
 impl NoGradGuard {
+    /// Turns gradient recording off until the guard is dropped.
     pub fn new() -> Self {
         let previous = GRAD_ENABLED.with(|g| g.replace(false));
         Self { previous }

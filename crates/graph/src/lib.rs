@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # kiln-graph
 //!
 //! Tensors on GPU buffers with reverse-mode automatic differentiation.

@@ -12,6 +12,7 @@ pub enum Reduction {
     /// The average over (non-ignored) samples.
     #[default]
     Mean,
+    /// The sum over (non-ignored) samples.
     Sum,
     /// One loss per sample (per element for elementwise losses).
     None,
@@ -78,6 +79,7 @@ pub fn binary_cross_entropy_with_logits(
 /// Options of [`cross_entropy_with`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CrossEntropy {
+    /// How per-sample losses are combined (default: the mean).
     pub reduction: Reduction,
     /// Samples with this label contribute neither loss nor gradient, and are not
     /// counted by the mean.

@@ -15,7 +15,9 @@ const RMSPROP_SRC: &str = include_str!("../../../shaders/rmsprop.wgsl");
 /// per-parameter buffers (e.g. `m.0`, `v.0` for Adam's moments of parameter 0).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OptimizerState {
+    /// Updates applied so far (Adam's bias correction reads it; 0 for the others).
     pub step: u64,
+    /// Named state buffers, one flat f32 vector per parameter that has one.
     pub tensors: Vec<(String, Vec<f32>)>,
 }
 
@@ -34,7 +36,9 @@ pub trait Optimizer {
     fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
     /// The parameters it updates.
     fn params(&self) -> &[Tensor];
+    /// The learning rate the next step uses.
     fn learning_rate(&self) -> f32;
+    /// Sets the learning rate for later steps (what an [`LrSchedule`] drives).
     fn set_learning_rate(&mut self, lr: f32);
     /// Clears every parameter's gradient.
     fn zero_grad(&self) {
@@ -309,6 +313,7 @@ pub struct Sgd {
 }
 
 impl Sgd {
+    /// Plain SGD with PyTorch's defaults: no momentum, no Nesterov, no weight decay.
     pub fn new(params: Vec<Tensor>, lr: f32) -> Self {
         let velocity = params.iter().map(|_| None).collect();
         Self {
@@ -321,16 +326,20 @@ impl Sgd {
         }
     }
 
+    /// Momentum factor (default 0, off): `v = momentum * v + g`, then `x -= lr * v`.
     pub fn momentum(mut self, momentum: f32) -> Self {
         self.momentum = momentum;
         self
     }
 
+    /// Nesterov momentum, stepping by `g + momentum * v` (default off; needs
+    /// momentum to matter).
     pub fn nesterov(mut self, nesterov: bool) -> Self {
         self.nesterov = nesterov;
         self
     }
 
+    /// L2 penalty added to the gradient as `weight_decay * x` (default 0).
     pub fn weight_decay(mut self, weight_decay: f32) -> Self {
         self.weight_decay = weight_decay;
         self
@@ -391,6 +400,22 @@ impl Optimizer for Sgd {
 }
 
 /// Adam, or AdamW with [`Adam::decoupled_weight_decay`], as in PyTorch.
+///
+/// ```
+/// # fn main() -> kiln_device::Result<()> {
+/// use kiln_graph::{optim::{Adam, Optimizer}, Device, Tensor};
+/// let device = Device::new()?;
+/// let w = Tensor::from_slice(&device, &[1.0, -2.0], &[2])?.requires_grad(true);
+/// let mut opt = Adam::new(vec![w.clone()], 0.1);
+/// w.square()?.sum_all()?.backward()?;
+/// opt.step()?;
+/// opt.zero_grad();
+/// // Adam's first step moves each weight by about `lr` against its gradient's sign.
+/// let w = w.to_vec()?;
+/// assert!((w[0] - 0.9).abs() < 1e-5 && (w[1] + 1.9).abs() < 1e-5);
+/// assert!(opt.params()[0].grad().is_none());
+/// # Ok(()) }
+/// ```
 pub struct Adam {
     params: Vec<Tensor>,
     lr: f32,
@@ -431,12 +456,14 @@ impl Adam {
         }
     }
 
+    /// Decay rates of the first and second moment averages (default 0.9, 0.999).
     pub fn betas(mut self, beta1: f32, beta2: f32) -> Self {
         self.beta1 = beta1;
         self.beta2 = beta2;
         self
     }
 
+    /// Added to the denominator `sqrt(v_hat)` for stability (default 1e-8).
     pub fn eps(mut self, eps: f32) -> Self {
         self.eps = eps;
         self
@@ -448,6 +475,9 @@ impl Adam {
         self
     }
 
+    /// With `true`, weight decay shrinks the weights directly by
+    /// `lr * weight_decay` each step (AdamW) instead of joining the gradient
+    /// (default `false`, or `true` through [`Adam::adamw`]).
     pub fn decoupled_weight_decay(mut self, decoupled: bool) -> Self {
         self.decoupled = decoupled;
         self
@@ -540,6 +570,8 @@ pub struct RmsProp {
 }
 
 impl RmsProp {
+    /// RMSProp with PyTorch's defaults: alpha 0.99, eps 1e-8, no momentum, no
+    /// weight decay.
     pub fn new(params: Vec<Tensor>, lr: f32) -> Self {
         let empty = || params.iter().map(|_| None).collect();
         Self {
@@ -554,21 +586,25 @@ impl RmsProp {
         }
     }
 
+    /// Smoothing constant of the running average of squared gradients (default 0.99).
     pub fn alpha(mut self, alpha: f32) -> Self {
         self.alpha = alpha;
         self
     }
 
+    /// Added to the denominator `sqrt(square_avg)` for stability (default 1e-8).
     pub fn eps(mut self, eps: f32) -> Self {
         self.eps = eps;
         self
     }
 
+    /// Momentum factor over the normalised steps (default 0, off).
     pub fn momentum(mut self, momentum: f32) -> Self {
         self.momentum = momentum;
         self
     }
 
+    /// L2 penalty added to the gradient as `weight_decay * x` (default 0).
     pub fn weight_decay(mut self, weight_decay: f32) -> Self {
         self.weight_decay = weight_decay;
         self
@@ -700,14 +736,18 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Option<Tensor>
 
 /// A learning rate as a function of the optimizer step (0-based).
 pub trait LrSchedule {
+    /// The learning rate for optimizer step `step` (counting from 0).
     fn lr(&self, step: usize) -> f32;
 }
 
 /// Multiplies the rate by `gamma` every `step_size` steps.
 #[derive(Clone, Copy, Debug)]
 pub struct StepLr {
+    /// The rate for the first `step_size` steps.
     pub base: f32,
+    /// Steps between decays (0 is taken as 1).
     pub step_size: usize,
+    /// Factor applied at each decay (e.g. 0.1).
     pub gamma: f32,
 }
 
@@ -720,8 +760,11 @@ impl LrSchedule for StepLr {
 /// Cosine decay from `base` to `min` over `total_steps`, then `min`.
 #[derive(Clone, Copy, Debug)]
 pub struct CosineLr {
+    /// The rate at step 0.
     pub base: f32,
+    /// The rate reached at `total_steps` and kept after.
     pub min: f32,
+    /// Length of the decay, in steps.
     pub total_steps: usize,
 }
 
@@ -736,7 +779,10 @@ impl LrSchedule for CosineLr {
 /// from the end of the warm-up).
 #[derive(Clone, Copy, Debug)]
 pub struct LinearWarmup<S> {
+    /// Steps of warm-up; step `i` below it gets `(i + 1) / warmup_steps` of
+    /// `after`'s first rate.
     pub warmup_steps: usize,
+    /// The schedule that follows, started at its own step 0.
     pub after: S,
 }
 

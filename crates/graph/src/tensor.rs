@@ -16,10 +16,12 @@ pub struct SplitMix64 {
 }
 
 impl SplitMix64 {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
@@ -50,14 +52,25 @@ struct Inner {
 ///
 /// Cloning is cheap and shares the data. Ops record a graph when an input
 /// requires gradients and recording is enabled (see [`crate::no_grad`]).
+///
+/// ```
+/// # fn main() -> kiln_device::Result<()> {
+/// use kiln_graph::{Device, Tensor};
+/// let device = Device::new()?;
+/// let zeros = Tensor::zeros(&device, &[2, 3])?;
+/// assert_eq!((zeros.shape(), zeros.numel()), (&[2, 3][..], 6));
+/// let x = Tensor::from_slice(&device, &[1.0, 2.0, 3.0], &[3])?.requires_grad(true);
+/// let loss = x.square()?.sum_all()?; // 1 + 4 + 9, shape []
+/// assert_eq!(loss.item()?, 14.0);
+/// loss.backward()?;
+/// assert_eq!(x.grad().unwrap().to_vec()?, vec![2.0, 4.0, 6.0]); // d/dx x^2 = 2x
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Tensor {
     inner: Arc<Inner>,
 }
 
-/// The element count of `shape`, checked against the device's buffer limit
-/// before the contents are built on the host: an absurd shape (say, from a
-/// corrupt config) is an error, not an aborted allocation.
 /// Elements of `shape`; usize::MAX where the product overflows (no buffer
 /// or slice holds that many, so length checks then fail cleanly).
 fn numel_of(shape: &[usize]) -> usize {
@@ -67,6 +80,9 @@ fn numel_of(shape: &[usize]) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// The element count of `shape`, checked against the device's buffer limit
+/// before the contents are built on the host: an absurd shape (say, from a
+/// corrupt config) is an error, not an aborted allocation.
 fn host_numel(device: &Device, shape: &[usize]) -> Result<usize> {
     let numel = numel_of(shape);
     device.check_buffer_len(numel, DType::F32)?;
@@ -127,16 +143,19 @@ impl Tensor {
         Self::from_buffer(device, device.upload(data)?, shape)
     }
 
+    /// A tensor of `shape` filled with 0 (no graph).
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
         let numel = host_numel(device, shape)?;
         Self::from_buffer(device, device.zeros(numel, DType::F32)?, shape)
     }
 
+    /// A tensor of `shape` filled with `value` (no graph).
     pub fn full(device: &Device, shape: &[usize], value: f32) -> Result<Self> {
         let numel = host_numel(device, shape)?;
         Self::from_slice(device, &vec![value; numel], shape)
     }
 
+    /// A tensor of `shape` filled with 1 (no graph).
     pub fn ones(device: &Device, shape: &[usize]) -> Result<Self> {
         Self::full(device, shape, 1.0)
     }
@@ -164,6 +183,7 @@ impl Tensor {
         self.inner.requires_grad.store(requires, Ordering::Relaxed);
     }
 
+    /// Whether gradients flow to (a leaf) or through (an op result) this tensor.
     pub fn is_requires_grad(&self) -> bool {
         self.inner.requires_grad.load(Ordering::Relaxed)
     }
@@ -199,22 +219,27 @@ impl Tensor {
         )
     }
 
+    /// Size of each dimension, outermost first; `[]` for a scalar.
     pub fn shape(&self) -> &[usize] {
         &self.inner.shape
     }
 
+    /// Number of dimensions (0 for a scalar).
     pub fn rank(&self) -> usize {
         self.inner.shape.len()
     }
 
+    /// Number of elements: the product of the shape (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.inner.shape.iter().product()
     }
 
+    /// The device holding the data.
     pub fn device(&self) -> &Device {
         &self.inner.device
     }
 
+    /// The GPU buffer holding the elements (f32, or f16 storage).
     pub fn buffer(&self) -> &GpuBuffer {
         &self.inner.buffer
     }

@@ -16,18 +16,30 @@ use std::path::Path;
 /// The fields of a Hugging Face BERT `config.json` that shape the model.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct BertConfig {
+    /// Rows of the word-embedding table: the tokenizer's vocabulary size.
     pub vocab_size: usize,
+    /// Width of every token's hidden state; a multiple of `num_attention_heads`.
     pub hidden_size: usize,
+    /// Encoder blocks.
     pub num_hidden_layers: usize,
+    /// Attention heads per block, each `hidden_size / num_attention_heads` wide.
     pub num_attention_heads: usize,
+    /// Width of each block's feed-forward layer.
     pub intermediate_size: usize,
+    /// Longest input, in tokens (rows of the position-embedding table).
     pub max_position_embeddings: usize,
+    /// Segment (token-type) ids the model knows, usually 2.
     pub type_vocab_size: usize,
+    /// Epsilon of every LayerNorm; must be positive.
     pub layer_norm_eps: f32,
+    /// Feed-forward activation; only `"gelu"` (exact erf, the default) is accepted.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Dropout after the embeddings and after each block's sublayers, in training
+    /// mode; in `[0, 1)`, default 0.
     #[serde(default)]
     pub hidden_dropout_prob: f32,
+    /// Dropout on the attention weights, in training mode; in `[0, 1)`, default 0.
     #[serde(default)]
     pub attention_probs_dropout_prob: f32,
 }
@@ -101,12 +113,16 @@ impl BertConfig {
 
 /// Layer normalisation over the last axis with learned scale and shift.
 pub struct LayerNorm {
+    /// Scale, `[features]`, starting at one.
     pub gamma: Tensor,
+    /// Shift, `[features]`, starting at zero.
     pub beta: Tensor,
+    /// Added to the variance before its square root.
     pub eps: f32,
 }
 
 impl LayerNorm {
+    /// A trainable LayerNorm over `features` values: `gamma` ones, `beta` zeros.
     pub fn new(device: &Device, features: usize, eps: f32) -> Result<Self, ModelError> {
         Ok(Self {
             gamma: Tensor::ones(device, &[features])?.requires_grad(true),
@@ -115,6 +131,7 @@ impl LayerNorm {
         })
     }
 
+    /// Normalises `x` over its last axis, then scales and shifts it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         Ok(x.layer_norm(&self.gamma, &self.beta, self.eps)?)
     }
@@ -127,29 +144,44 @@ impl LayerNorm {
 
 /// Word, position and token-type embeddings, summed and normalised.
 pub struct BertEmbeddings {
+    /// `[vocab_size, hidden_size]` word-piece embeddings.
     pub word: Tensor,
+    /// `[max_position_embeddings, hidden_size]` learned position embeddings.
     pub position: Tensor,
+    /// `[type_vocab_size, hidden_size]` segment embeddings.
     pub token_type: Tensor,
+    /// LayerNorm applied to the sum.
     pub norm: LayerNorm,
 }
 
 /// One encoder block: self-attention, then feed-forward, each followed by a
 /// residual connection and LayerNorm.
 pub struct BertLayer {
+    /// Query projection, `[hidden, hidden]`.
     pub query: Dense,
+    /// Key projection, `[hidden, hidden]`.
     pub key: Dense,
+    /// Value projection, `[hidden, hidden]`.
     pub value: Dense,
+    /// Projection of the concatenated heads back to `hidden`.
     pub attention_output: Dense,
+    /// LayerNorm after the attention's residual sum.
     pub attention_norm: LayerNorm,
+    /// Feed-forward expansion, `[hidden, intermediate]`, with GELU.
     pub intermediate: Dense,
+    /// Feed-forward projection back, `[intermediate, hidden]`.
     pub output: Dense,
+    /// LayerNorm after the feed-forward's residual sum.
     pub output_norm: LayerNorm,
 }
 
 /// A BERT encoder (`BertModel` without task heads).
 pub struct Bert {
+    /// The sizes the model was built with.
     pub config: BertConfig,
+    /// Token, position and segment embeddings.
     pub embeddings: BertEmbeddings,
+    /// Encoder blocks, applied in order.
     pub layers: Vec<BertLayer>,
     /// `tanh(W h_[CLS] + b)`, present in most checkpoints.
     pub pooler: Dense,
@@ -157,7 +189,9 @@ pub struct Bert {
 
 /// Token ids of a padded batch and its attention mask (1 real, 0 padding).
 pub struct BertInput<'a> {
+    /// Token ids, `batch * tokens` of them, row-major.
     pub ids: &'a [u32],
+    /// Attention mask, `batch * tokens` values: 1 for real tokens, 0 for padding.
     pub mask: &'a [f32],
     /// `[batch, tokens]`.
     pub shape: [usize; 2],
@@ -265,6 +299,7 @@ impl Bert {
         out
     }
 
+    /// Every parameter, in [`Bert::named_parameters`] order.
     pub fn parameters(&self) -> Vec<Tensor> {
         self.named_parameters()
             .into_iter()
@@ -609,12 +644,17 @@ impl Pooling {
 /// BERT with a linear classification head on a pooled summary of the token
 /// states: `logits = W pool(h) + b`.
 pub struct BertClassifier {
+    /// The encoder.
     pub bert: Bert,
+    /// Linear layer from the pooled `[batch, hidden]` to `[batch, classes]` logits.
     pub head: Dense,
+    /// How the token states are summarised for the head.
     pub pooling: Pooling,
 }
 
 impl BertClassifier {
+    /// Puts a freshly initialised head for `classes` classes on `bert`, with mean
+    /// pooling ([`BertClassifier::with_pooling`] changes it).
     pub fn new(bert: Bert, classes: usize, seed: u64) -> Result<Self, ModelError> {
         let device = bert.embeddings.word.device().clone();
         let head = Dense::new(
@@ -669,6 +709,7 @@ impl BertClassifier {
             .collect()
     }
 
+    /// The head's weight and bias.
     pub fn head_parameters(&self) -> Vec<Tensor> {
         vec![self.head.weight.clone(), self.head.bias.clone()]
     }

@@ -12,13 +12,24 @@ use thiserror::Error;
 /// Errors of models and checkpoints.
 #[derive(Debug, Error)]
 pub enum ModelError {
+    /// A device or tensor operation failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A checkpoint (or model config) file is malformed or does not match the
+    /// model: a missing, extra or misshapen tensor, an unsupported dtype.
     #[error("checkpoint {path}: {reason}")]
-    Checkpoint { path: PathBuf, reason: String },
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file could not be read or written.
     #[error("I/O error on {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
     /// Input a layer cannot take, with what it expected.

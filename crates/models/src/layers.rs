@@ -11,12 +11,17 @@ use kiln_graph::{Conv2d, Device, Padding, Tensor};
 /// Keras propagates masks.
 #[derive(Clone, Debug)]
 pub struct Mode {
+    /// Training mode: dropout active, batch norm uses and updates batch statistics.
     pub training: bool,
+    /// Seed of the next random draw; see [`Mode::next_seed`].
     pub seed: u32,
+    /// `[batch, steps]` padding mask (1 real, 0 padding) set by an `Embedding`
+    /// with `mask_zero`, for the sequence layers after it.
     pub mask: Option<Tensor>,
 }
 
 impl Mode {
+    /// Training mode, random streams starting from `seed`.
     pub fn training(seed: u32) -> Self {
         Self {
             training: true,
@@ -25,6 +30,8 @@ impl Mode {
         }
     }
 
+    /// Evaluation (inference) mode: dropout off, batch norm uses its running
+    /// statistics.
     pub fn eval() -> Self {
         Self {
             training: false,
@@ -46,6 +53,7 @@ impl Mode {
 pub trait Layer: Send + Sync {
     /// A short kind name (`dense`, `dropout`) for summaries.
     fn kind(&self) -> &'static str;
+    /// Applies the layer to a batch `x` (first dimension the batch).
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError>;
     /// Parameters with names local to the layer (`weight`, `bias`).
     fn params(&self) -> Vec<(&'static str, Tensor)>;
@@ -61,11 +69,16 @@ pub trait Layer: Send + Sync {
 /// Elementwise activation applied after a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Activation {
+    /// The identity: outputs stay linear (logits).
     #[default]
     None,
+    /// `max(x, 0)`.
     Relu,
+    /// `1 / (1 + e^-x)`.
     Sigmoid,
+    /// Hyperbolic tangent.
     Tanh,
+    /// Exact (erf) GELU, `x * Phi(x)`.
     Gelu,
     /// Softmax over the last axis. For training with cross-entropy, prefer
     /// `None` (logits): the loss applies log-softmax itself, stably.
@@ -73,6 +86,8 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The activation of `x`, as an op of its own (see
+    /// [`Activation::apply_dense`] for the form fused into a layer's product).
     pub fn apply(self, x: &Tensor) -> kiln_graph::Result<Tensor> {
         match self {
             Activation::None => Ok(x.clone()),
@@ -149,12 +164,17 @@ impl Layer for Activation {
 /// A fully connected layer, `activation(x W + b)`, like Keras's `Dense`.
 /// `W` is `[in, out]`, Glorot-uniform initialised; `b` starts at zero.
 pub struct Dense {
+    /// `[in, out]`.
     pub weight: Tensor,
+    /// `[out]`.
     pub bias: Tensor,
+    /// Applied to `x W + b`.
     pub activation: Activation,
 }
 
 impl Dense {
+    /// A layer from `inputs` to `outputs` features; `seed` drives the weight
+    /// initialisation.
     pub fn new(
         device: &Device,
         inputs: usize,
@@ -196,10 +216,13 @@ impl Layer for Dense {
 
 /// Inverted dropout: active only in training mode.
 pub struct Dropout {
+    /// Probability of zeroing each element in training; survivors are scaled by
+    /// `1 / (1 - p)`.
     pub p: f32,
 }
 
 impl Dropout {
+    /// Dropout with drop probability `p`.
     pub fn new(p: f32) -> Self {
         Self { p }
     }
@@ -227,13 +250,20 @@ impl Layer for Dropout {
 /// 2-D convolution over NCHW input, like Keras's `Conv2D` (Glorot-uniform
 /// weights `[out, in, kh, kw]`, zero bias).
 pub struct Conv2D {
+    /// `[out_channels, in_channels, kh, kw]`.
     pub weight: Tensor,
+    /// `[out_channels]`.
     pub bias: Tensor,
+    /// Stride, padding and dilation.
     pub conv: Conv2d,
+    /// Applied after the bias.
     pub activation: Activation,
 }
 
 impl Conv2D {
+    /// A convolution from `in_channels` to `out_channels` with a `[kh, kw]`
+    /// kernel; `seed` drives the weight initialisation. Zero channels, kernel
+    /// sizes, strides or dilations are an error.
     pub fn new(
         device: &Device,
         in_channels: usize,
@@ -301,8 +331,12 @@ impl Layer for Conv2D {
 /// Window, stride and border handling shared by the pooling layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolWindow {
+    /// Window size, `[height, width]`.
     pub kernel: [usize; 2],
+    /// Step between windows, `[height, width]`.
     pub stride: [usize; 2],
+    /// Border handling: `Valid` (no padding) or `Same` (`ceil(size / stride)`
+    /// outputs).
     pub padding: Padding,
 }
 
@@ -334,6 +368,7 @@ impl PoolWindow {
 /// Which reduction a [`Pool2D`] applies to each window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolKind {
+    /// The window's largest value.
     Max,
     /// With "same" padding, padded cells are not counted in the average.
     Avg,
@@ -344,7 +379,9 @@ pub enum PoolKind {
 /// x `size` windows, stride `size`, no padding, then `.same()` for
 /// `padding="same"` or set `window` for other strides.
 pub struct Pool2D {
+    /// Max or average.
     pub kind: PoolKind,
+    /// Window size, stride and padding.
     pub window: PoolWindow,
 }
 
@@ -361,6 +398,7 @@ pub struct MaxPool2D;
 
 impl MaxPool2D {
     #[allow(clippy::new_ret_no_self)] // named like the Keras layer it stands for
+    /// Max pooling over `size x size` windows with stride `size`, no padding.
     pub fn new(size: usize) -> Pool2D {
         Pool2D {
             kind: PoolKind::Max,
@@ -374,6 +412,7 @@ pub struct AvgPool2D;
 
 impl AvgPool2D {
     #[allow(clippy::new_ret_no_self)] // named like the Keras layer it stands for
+    /// Average pooling over `size x size` windows with stride `size`, no padding.
     pub fn new(size: usize) -> Pool2D {
         Pool2D {
             kind: PoolKind::Avg,
@@ -438,15 +477,25 @@ impl Layer for GlobalAvgPool2D {
 /// variance. Evaluation mode normalises with the running statistics. `gamma`
 /// starts at one, `beta` at zero; the running mean at zero and variance at one.
 pub struct BatchNorm2D {
+    /// Scale per channel, `[c]`, starting at one.
     pub gamma: Tensor,
+    /// Shift per channel, `[c]`, starting at zero.
     pub beta: Tensor,
+    /// Running mean per channel, `[c]`, used in evaluation mode (a buffer, not trained).
     pub running_mean: Tensor,
+    /// Running (unbiased) variance per channel, `[c]`, used in evaluation mode (a
+    /// buffer, not trained).
     pub running_var: Tensor,
+    /// Weight of each batch in the running statistics, PyTorch's convention
+    /// (default 0.1).
     pub momentum: f32,
+    /// Added to the variance before its square root (default 1e-5).
     pub eps: f32,
 }
 
 impl BatchNorm2D {
+    /// Batch normalisation over `channels` channels with PyTorch's defaults
+    /// (momentum 0.1, eps 1e-5).
     pub fn new(device: &Device, channels: usize) -> Result<Self, ModelError> {
         Ok(Self {
             gamma: Tensor::ones(device, &[channels])?.requires_grad(true),
@@ -543,6 +592,7 @@ impl Layer for Flatten {
 
 /// Gives each sample a shape, e.g. `[784] -> [1, 28, 28]` for a CNN.
 pub struct Reshape {
+    /// Per-sample output shape; the element count must match the input's.
     pub shape: Vec<usize>,
 }
 

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! # kiln-models
 //!
 //! Layers, models and checkpoints for Kiln, on top of `kiln-graph`.

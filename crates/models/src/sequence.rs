@@ -13,11 +13,14 @@ use kiln_graph::{Device, SplitMix64, Tensor};
 /// The ids are read back to the host, where the backward pass groups repeated
 /// ids (a scatter-add without atomics); that read is one sync point per batch.
 pub struct Embedding {
+    /// `[vocab, dim]` embedding vectors, one row per id.
     pub table: Tensor,
+    /// Whether id 0 is padding; see [`Embedding::mask_zero`].
     pub mask_zero: bool,
 }
 
 impl Embedding {
+    /// A `[vocab, dim]` table, uniform in [-0.05, 0.05] from `seed`, no masking.
     pub fn new(device: &Device, vocab: usize, dim: usize, seed: u64) -> Result<Self, ModelError> {
         Ok(Self {
             table: Tensor::uniform(device, &[vocab, dim], -0.05, 0.05, seed)?.requires_grad(true),
@@ -79,10 +82,13 @@ pub struct Lstm {
     pub w_hh: Tensor,
     /// `[4 * units]`.
     pub bias: Tensor,
+    /// Return every step's state, `[batch, steps, units]`, instead of the last one.
     pub return_sequences: bool,
 }
 
 impl Lstm {
+    /// An LSTM from `features` inputs per step to `units` hidden units, returning
+    /// the last state; `seed` drives the initialisation.
     pub fn new(
         device: &Device,
         features: usize,
@@ -165,6 +171,8 @@ pub struct AttentionPooling {
 }
 
 impl AttentionPooling {
+    /// Pooling over steps of `features` values, with a Glorot-uniform query from
+    /// `seed`.
     pub fn new(device: &Device, features: usize, seed: u64) -> Result<Self, ModelError> {
         let limit = (6.0 / (features + 1) as f32).sqrt();
         Ok(Self {

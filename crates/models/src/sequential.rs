@@ -8,12 +8,34 @@ use std::path::Path;
 
 /// Layers applied one after another. Parameter `p` of layer `i` is named
 /// `"{i}.{p}"` (e.g. `0.weight`), as in PyTorch's `nn.Sequential`.
+///
+/// ```
+/// # fn main() -> Result<(), kiln_models::ModelError> {
+/// use kiln_graph::{Device, Tensor};
+/// use kiln_models::{Activation, Dense, Mode, Sequential};
+/// let device = Device::new()?;
+/// // A 4 -> 8 -> 3 MLP giving class probabilities.
+/// let model = Sequential::new()
+///     .push(Dense::new(&device, 4, 8, Activation::Relu, 1)?)
+///     .push(Dense::new(&device, 8, 3, Activation::Softmax, 2)?);
+/// assert_eq!(model.parameter_count(), 4 * 8 + 8 + 8 * 3 + 3);
+/// assert_eq!(model.named_parameters()[0].0, "0.weight");
+///
+/// let x = Tensor::from_slice(&device, &[0.5, -1.0, 2.0, 0.0, 1.0, 1.0, -0.5, 3.0], &[2, 4])?;
+/// let probs = model.forward(&x, &mut Mode::eval())?;
+/// assert_eq!(probs.shape(), &[2, 3]);
+/// for row in probs.to_vec()?.chunks(3) {
+///     assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Default)]
 pub struct Sequential {
     layers: Vec<Box<dyn Layer>>,
 }
 
 impl Sequential {
+    /// An empty model; add layers with [`Sequential::push`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -24,10 +46,12 @@ impl Sequential {
         self
     }
 
+    /// The layers, in order.
     pub fn layers(&self) -> &[Box<dyn Layer>] {
         &self.layers
     }
 
+    /// Runs `x` through every layer in order.
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
         let mut h = x.clone();
         for layer in &self.layers {
@@ -36,6 +60,8 @@ impl Sequential {
         Ok(h)
     }
 
+    /// Every layer's parameters (frozen ones too), named `"{i}.{name}"` (e.g.
+    /// `0.weight`), layer by layer.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         self.named(|layer| layer.params())
     }
@@ -69,6 +95,8 @@ impl Sequential {
         state
     }
 
+    /// Every parameter (frozen ones too, which optimizers skip), in
+    /// [`Sequential::named_parameters`] order: what an optimizer takes.
     pub fn parameters(&self) -> Vec<Tensor> {
         self.named_parameters()
             .into_iter()

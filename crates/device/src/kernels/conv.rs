@@ -18,14 +18,22 @@ const WINDOW_SRC: &str = include_str!("../../../../shaders/conv_window.wgsl");
 /// Geometry of a 2-D convolution over an already padded NCHW input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
+    /// Batch size.
     pub n: usize,
+    /// Input channels.
     pub c: usize,
     /// Padded input height and width.
     pub h: usize,
+    /// Padded input width (see `h`).
     pub w: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Step between windows, `[vertical, horizontal]`; must be positive.
     pub stride: [usize; 2],
+    /// Spacing between kernel taps, `[vertical, horizontal]`; 1 for a plain
+    /// convolution.
     pub dilation: [usize; 2],
 }
 

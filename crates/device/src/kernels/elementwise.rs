@@ -17,7 +17,9 @@ pub const MAX_INPUTS: usize = 4;
 /// A buffer together with the logical shape it holds (row-major, contiguous).
 #[derive(Clone, Copy, Debug)]
 pub struct Operand<'a> {
+    /// The values, row-major.
     pub buffer: &'a GpuBuffer,
+    /// Logical shape; broadcast against the other operands' shapes.
     pub shape: &'a [usize],
 }
 
@@ -26,12 +28,16 @@ pub struct Operand<'a> {
 /// `offset + sum(index_d * strides[d])`.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
+    /// The buffer read.
     pub buffer: &'a GpuBuffer,
+    /// Elements to step per unit of each output dimension; 0 repeats along it.
     pub strides: &'a [usize],
+    /// Element at which index `[0, 0, ...]` is read.
     pub offset: usize,
 }
 
 impl<'a> Operand<'a> {
+    /// An operand holding `shape` in `buffer`.
     pub fn new(buffer: &'a GpuBuffer, shape: &'a [usize]) -> Self {
         Self { buffer, shape }
     }
@@ -58,11 +64,14 @@ impl<'a> Operand<'a> {
 pub struct Elementwise<'a> {
     /// Name used in error messages.
     pub name: &'static str,
+    /// WGSL expression of the inputs `x0..x3` and scalars `s0..s3`.
     pub expr: &'a str,
+    /// Values of `s0..s3`; see [`Elementwise::scalars`].
     pub scalars: [f32; 4],
 }
 
 impl<'a> Elementwise<'a> {
+    /// An expression with every scalar set to 0.
     pub fn new(name: &'static str, expr: &'a str) -> Self {
         Self {
             name,
@@ -86,29 +95,49 @@ impl<'a> Elementwise<'a> {
 /// Named unary ops; each is one expression for the generator.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
+    /// `-x`.
     Neg,
+    /// `|x|`.
     Abs,
+    /// `e^x`.
     Exp,
+    /// Natural logarithm.
     Log,
+    /// Square root.
     Sqrt,
+    /// `1 / sqrt(x)`.
     Rsqrt,
+    /// `1 / x`.
     Recip,
+    /// `x * x`.
     Square,
+    /// Sine (radians).
     Sin,
+    /// Cosine (radians).
     Cos,
+    /// `max(x, 0)`.
     Relu,
+    /// `x` where positive, else `slope * x`, with the slope given.
     LeakyRelu(f32),
+    /// `1 / (1 + e^-x)`.
     Sigmoid,
+    /// Hyperbolic tangent.
     Tanh,
     /// Exact (erf) GELU.
     Gelu,
+    /// The error function.
     Erf,
+    /// `x + s`.
     AddScalar(f32),
+    /// `x * s`.
     MulScalar(f32),
+    /// `x^s` (WGSL `pow`: undefined for negative `x`).
     PowScalar(f32),
 }
 
 impl UnaryOp {
+    /// Short lower-case name (`"relu"`, `"leaky_relu"`, ...), used in kernel keys
+    /// and error messages.
     pub fn name(self) -> &'static str {
         match self {
             UnaryOp::Neg => "neg",
@@ -170,16 +199,24 @@ impl UnaryOp {
 /// Named binary ops with broadcasting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BinaryOp {
+    /// `a + b`.
     Add,
+    /// `a - b`.
     Sub,
+    /// `a * b`.
     Mul,
+    /// `a / b`.
     Div,
+    /// Elementwise maximum.
     Max,
+    /// Elementwise minimum.
     Min,
+    /// `a^b` (WGSL `pow`: undefined for negative `a`).
     Pow,
 }
 
 impl BinaryOp {
+    /// The op as an expression of `x0` and `x1`.
     pub fn elementwise(self) -> Elementwise<'static> {
         let (name, expr) = match self {
             BinaryOp::Add => ("add", "x0 + x1"),

@@ -32,8 +32,11 @@ const SEQUENCE_WORKGROUP: u32 = 32;
 /// `hidden` units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LstmShape {
+    /// Time steps `T`.
     pub steps: usize,
+    /// Samples `B`.
     pub batch: usize,
+    /// Hidden units `H`.
     pub hidden: usize,
 }
 
@@ -57,8 +60,11 @@ pub struct LstmForward<'a> {
 pub struct LstmBackward<'a> {
     /// `[T, B, H]` gradient of the output sequence.
     pub d_out: &'a GpuBuffer,
+    /// `[T, B]` of 1 (real step) or 0 (padding), as in the forward step.
     pub mask: &'a GpuBuffer,
+    /// `[T, B, 4H]` activated gates the forward step wrote.
     pub gates: &'a GpuBuffer,
+    /// `[T + 1, B, H]` cell states the forward step wrote.
     pub cells: &'a GpuBuffer,
     /// `[T, B, 4H]` gradient of the gate pre-activations, written.
     pub d_gates: &'a GpuBuffer,

@@ -36,13 +36,21 @@ const SHARED_VEC4_SRC: &str = include_str!("../../../../shaders/matmul_shared_ve
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Matmul {
+    /// Number of products.
     pub batch: usize,
+    /// Rows of `op(A)` and of C.
     pub m: usize,
+    /// Columns of `op(B)` and of C.
     pub n: usize,
+    /// Columns of `op(A)`, rows of `op(B)`: the summed dimension.
     pub k: usize,
+    /// A is stored `k x m` and used transposed.
     pub trans_a: bool,
+    /// B is stored `n x k` and used transposed.
     pub trans_b: bool,
+    /// Elements between consecutive matrices of A (0: one A for every product).
     pub batch_stride_a: usize,
+    /// Elements between consecutive matrices of B (0: one B for every product).
     pub batch_stride_b: usize,
 }
 
@@ -74,11 +82,13 @@ impl Matmul {
         }
     }
 
+    /// Sets whether A is stored transposed (`k x m`).
     pub fn transpose_a(mut self, t: bool) -> Self {
         self.trans_a = t;
         self
     }
 
+    /// Sets whether B is stored transposed (`n x k`).
     pub fn transpose_b(mut self, t: bool) -> Self {
         self.trans_b = t;
         self
@@ -112,6 +122,7 @@ impl Matmul {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Epilogue<'a> {
+    /// The expression applied to each element of C (`x0`) and its operand (`x1`).
     pub op: Elementwise<'a>,
     /// What the expression reads as `x1`.
     pub operand: EpilogueOperand<'a>,

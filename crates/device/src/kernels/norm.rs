@@ -1,6 +1,6 @@
 //! Layer normalisation over the last axis, forward and backward, optionally
 //! of a residual sum `x + r` that is never written out. CPU adapters take a
-//! row per invocation, GPUs a row per workgroup (see [`super::rows`]).
+//! row per invocation, GPUs a row per workgroup (see `kernels::rows`).
 
 use super::rows::ROW_WORKGROUP;
 use super::{expect_f32, expect_len, to_u32};
@@ -26,7 +26,9 @@ struct Params {
 /// What [`Device::layer_norm`] returns: the output and each row's
 /// `(mean, 1 / std)`, which the backward pass reads.
 pub struct LayerNormOutput {
+    /// The normalised `rows x cols` output.
     pub out: GpuBuffer,
+    /// `2 * rows` values: each row's mean and `1 / sqrt(var + eps)`.
     pub stats: GpuBuffer,
 }
 

@@ -13,11 +13,16 @@ const REDUCE_WORKGROUP: u32 = 256;
 /// `Device::reduce_with`).
 const THREAD_SPLIT_OUTPUTS: usize = 2048;
 
+/// How a reduction combines the values along its axis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
+    /// Sum; 0 over an empty axis.
     Sum,
+    /// Arithmetic mean.
     Mean,
+    /// Largest value; an error over an empty axis.
     Max,
+    /// Smallest value; an error over an empty axis.
     Min,
 }
 
@@ -42,6 +47,8 @@ impl ReduceOp {
 /// Which kernel a reduction uses; [`ReduceStrategy::Auto`] picks by shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ReduceStrategy {
+    /// A workgroup per output for few, long reductions (`len >= 512`, under
+    /// 4096 outputs, not strided on a CPU adapter), else one invocation per output.
     #[default]
     Auto,
     /// One invocation per output.
@@ -55,9 +62,13 @@ pub enum ReduceStrategy {
 /// view: `outer` is the product of the dims before it, `inner` of those after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reduce {
+    /// How values are combined.
     pub op: ReduceOp,
+    /// Product of the dimensions before the reduced axis.
     pub outer: usize,
+    /// Length of the reduced axis.
     pub len: usize,
+    /// Product of the dimensions after the reduced axis.
     pub inner: usize,
 }
 

@@ -51,6 +51,8 @@ struct Params {
 /// What the softmax kernels normalise: `scale * x + bias` along each row.
 #[derive(Clone, Copy)]
 pub struct SoftmaxInput<'a> {
+    /// Multiplies `x` before the bias is added (attention's `1 / sqrt(d)`; 1 for a
+    /// plain softmax).
     pub scale: f32,
     /// `[groups, cols]` added to consecutive blocks of `rows / groups` rows
     /// (attention: one padding mask per sequence, shared by all its heads and

@@ -288,10 +288,12 @@ impl Tensor {
         binary(self, other, Elementwise::new("add", "x0 + x1"), "x0", "x0")
     }
 
+    /// `self - other`, broadcasting like numpy.
     pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
         binary(self, other, Elementwise::new("sub", "x0 - x1"), "x0", "-x0")
     }
 
+    /// `self * other` elementwise, broadcasting like numpy.
     pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
         binary(
             self,
@@ -302,6 +304,7 @@ impl Tensor {
         )
     }
 
+    /// `self / other` elementwise, broadcasting like numpy.
     pub fn div(&self, other: &Tensor) -> Result<Tensor> {
         binary(
             self,
@@ -336,18 +339,22 @@ impl Tensor {
         )
     }
 
+    /// `|self|` elementwise (gradient 0 at 0).
     pub fn abs(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Abs)
     }
 
+    /// `-self`.
     pub fn neg(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Neg)
     }
 
+    /// `self + s`.
     pub fn add_scalar(&self, s: f32) -> Result<Tensor> {
         unary(self, UnaryOp::AddScalar(s))
     }
 
+    /// `self * s`.
     pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
         unary(self, UnaryOp::MulScalar(s))
     }
@@ -357,34 +364,42 @@ impl Tensor {
         unary(self, UnaryOp::PowScalar(p))
     }
 
+    /// `self * self`.
     pub fn square(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Square)
     }
 
+    /// `e^self` elementwise.
     pub fn exp(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Exp)
     }
 
+    /// Natural logarithm, elementwise.
     pub fn log(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Log)
     }
 
+    /// Square root, elementwise.
     pub fn sqrt(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Sqrt)
     }
 
+    /// `max(self, 0)` elementwise (gradient 0 at 0).
     pub fn relu(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Relu)
     }
 
+    /// `self` where positive, else `slope * self`.
     pub fn leaky_relu(&self, slope: f32) -> Result<Tensor> {
         unary(self, UnaryOp::LeakyRelu(slope))
     }
 
+    /// Logistic sigmoid, `1 / (1 + e^-self)`.
     pub fn sigmoid(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Sigmoid)
     }
 
+    /// Hyperbolic tangent, elementwise.
     pub fn tanh(&self) -> Result<Tensor> {
         unary(self, UnaryOp::Tanh)
     }

@@ -16,8 +16,11 @@ use kiln_device::{
 /// Stride, zero padding and dilation of a convolution, per (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2d {
+    /// Step between windows, `[height, width]`; default `[1, 1]`.
     pub stride: [usize; 2],
+    /// Zeros added on each side, `[height, width]`; default `[0, 0]`.
     pub padding: [usize; 2],
+    /// Spacing between kernel taps, `[height, width]`; default `[1, 1]`.
     pub dilation: [usize; 2],
 }
 

@@ -121,6 +121,7 @@ fn layer_norm(
 /// What a training-mode batch normalisation returns: the output and the batch
 /// statistics per channel, which the caller folds into its running averages.
 pub struct BatchNormOutput {
+    /// The normalised, scaled and shifted input, shaped as the input.
     pub output: Tensor,
     /// Mean per channel, `[c]`.
     pub mean: Tensor,
