@@ -15,8 +15,8 @@
 // CROSS_ENTROPY `labels` and `row_loss` are unused. With TOTAL (cross-entropy
 // over a classifier's batch of short rows) one workgroup takes every row, an
 // invocation per row, and also writes the sum of the row losses to `total[0]`
-// and the number of rows whose label has the largest logit (correct
-// predictions) to `hits[0]`. With TALLY (and TOTAL) it also adds the sum of
+// and the number of rows whose label is the argmax (correct predictions,
+// the first maximum winning ties) to `hits[0]`. With TALLY (and TOTAL) it also adds the sum of
 // the row losses before loss_scale to `tally[0]` and the correct count to
 // `tally[1]`: a training loop's running totals, updated in place.
 // Prepended: WG (power of two), LOG, BIAS, CROSS_ENTROPY, TOTAL, TALLY.
@@ -104,6 +104,23 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
     }
 }
 
+// Whether a row whose largest logit is `m` predicts `label`: as argmax, the
+// first column to reach the maximum wins a tie (a row of equal logits
+// predicts class 0, not every class).
+fn label_is_first_max(row: u32, label: u32, m: f32) -> bool {
+    let base = row * p.cols;
+    let bias_base = (row / p.rows_per_bias) * p.cols;
+    if (label >= p.cols || z(base, bias_base, label) < m) {
+        return false;
+    }
+    for (var c = 0u; c < label; c++) {
+        if (z(base, bias_base, c) >= m) {
+            return false;
+        }
+    }
+    return true;
+}
+
 var<workgroup> batch_partial: array<vec2<f32>, WG>;
 
 // TOTAL: the workgroup's invocations each take rows lid, lid + WG, ... and
@@ -113,10 +130,7 @@ fn cross_entropy_batch(lid: u32) {
     for (var row = lid; row < p.rows; row += WG) {
         let stats = part_stats(row, 0u, 1u);
         finish_row(row, stats.x, stats.y, 0u, 1u, true);
-        let label = labels[row];
-        let base = row * p.cols;
-        let bias_base = (row / p.rows_per_bias) * p.cols;
-        let hit = label < p.cols && z(base, bias_base, label) >= stats.x;
+        let hit = label_is_first_max(row, labels[row], stats.x);
         mine += vec2<f32>(row_loss[row], select(0.0, 1.0, hit));
     }
     batch_partial[lid] = mine;

@@ -1214,7 +1214,7 @@ fn softmax_cross_entropy_matches_reference() {
     // Up to 1024 short rows also give their total: one workgroup walks them
     // all, several rows per invocation past 64.
     for (rows, cols) in [(1, 1), (7, 10), (33, 65), (700, 12), (1500, 8), (5, 1000)] {
-        let x = random_vec(rows * cols, (rows + cols) as u64, -30.0, 30.0);
+        let mut x = random_vec(rows * cols, (rows + cols) as u64, -30.0, 30.0);
         // Every third row ignored (an id past the classes).
         let labels: Vec<u32> = (0..rows)
             .map(|r| {
@@ -1225,6 +1225,18 @@ fn softmax_cross_entropy_matches_reference() {
                 }
             })
             .collect();
+        // Tied maxima, where the prediction is the first of them (as
+        // argmax): rows of equal logits, and rows whose label shares its
+        // maximum with column 0.
+        for (r, row) in x.chunks_mut(cols).enumerate() {
+            let label = labels[r] as usize;
+            if r % 5 == 1 {
+                row.fill(2.5);
+            } else if r % 5 == 3 && label < cols {
+                row[0] = 31.0;
+                row[label] = 31.0;
+            }
+        }
         let scale = 0.25f32;
         let (mut want_loss, mut want_grad, mut want_hits) = (Vec::new(), Vec::new(), 0.0);
         for (r, &label) in labels.iter().enumerate() {
@@ -1233,7 +1245,8 @@ fn softmax_cross_entropy_matches_reference() {
                 .map(|&v| f64::from(v))
                 .collect();
             let top = row.iter().cloned().fold(f64::MIN, f64::max);
-            if row.get(label as usize).is_some_and(|&v| v >= top) {
+            let argmax = row.iter().position(|&v| v == top);
+            if argmax == Some(label as usize) {
                 want_hits += 1.0;
             }
             let m = row.iter().cloned().fold(f64::MIN, f64::max);

@@ -310,8 +310,7 @@ fn an_lstm_refuses_sequences_without_time_steps() {
     let x = Tensor::zeros(d, &[2, 0, 4]).unwrap();
     let err = lstm
         .forward(&x, &mut Mode::eval())
-        .err()
-        .expect("zero steps")
+        .expect_err("zero steps")
         .to_string();
     assert!(err.contains("no time steps"), "{err}");
 }

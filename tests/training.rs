@@ -606,6 +606,45 @@ fn datasets_built_field_by_field_are_checked_before_training() {
     };
     let err = trainer.evaluate(&mislabelled, 16).unwrap_err().to_string();
     assert!(err.contains("out of range for 2 classes"), "{err}");
-    let err = Dataset::new(0, vec![], y.clone(), 2).unwrap_err().to_string();
+    let err = Dataset::new(0, vec![], y.clone(), 2)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("at least one feature"), "{err}");
+}
+
+#[test]
+fn accuracy_takes_the_first_of_tied_logits_as_the_prediction() {
+    // A model whose logits are all equal predicts class 0 (argmax), so its
+    // accuracy is the share of label 0, not 100%: through the loss kernel's
+    // count (cross-entropy, batches up to 1024) and the tally's own kernels
+    // (larger batches, mean squared error).
+    use kiln::data::Dataset;
+    use kiln::models::{Activation, Dense, Sequential};
+    use kiln::train::{Loss, Trainer};
+    let d = device();
+    let n = 1200;
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7 + i / 5) % 3).collect();
+    let zeros = labels.iter().filter(|&&l| l == 0).count() as f32 / n as f32;
+    let x = random_vec(n * 4, 82, -1.0, 1.0);
+    let data = Dataset::new(4, x, labels, 3).unwrap();
+    let dense = Dense {
+        weight: Tensor::zeros(d, &[4, 3]).unwrap(),
+        bias: Tensor::zeros(d, &[3]).unwrap(),
+        activation: Activation::None,
+    };
+    let model = Sequential::new().push(dense);
+    let optimizer = Sgd::new(model.parameters(), 0.1);
+    let mut trainer = Trainer::new(model, optimizer, d);
+    for (loss, batch) in [
+        (Loss::SparseCategoricalCrossEntropy, 100),
+        (Loss::SparseCategoricalCrossEntropy, 1200),
+        (Loss::MeanSquaredError, 100),
+    ] {
+        trainer.loss = loss;
+        let (_, accuracy) = trainer.evaluate(&data, batch).unwrap();
+        assert!(
+            (accuracy - zeros).abs() < 1e-6,
+            "{loss:?} batch {batch}: accuracy {accuracy}, share of label 0 {zeros}"
+        );
+    }
 }

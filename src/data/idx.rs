@@ -35,8 +35,12 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
             u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
         })
         .collect();
-    let len: usize = dims.iter().product();
-    if bytes.len() != header + len {
+    // Checked: a corrupt header's dims could overflow the product.
+    let len = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("dims {dims:?} are too large"))?;
+    if bytes.len() - header != len {
         return Err(format!(
             "{} data bytes for dims {dims:?}, expected {len}",
             bytes.len() - header

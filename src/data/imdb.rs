@@ -84,11 +84,17 @@ pub fn load_from(path: &Path) -> Result<Imdb, DataError> {
             label: r.s,
         })
         .collect();
-    if reviews.len() != 2 * TRAIN_SIZE || reviews.iter().any(|r| r.label > 1) {
+    if reviews.len() != 2 * TRAIN_SIZE {
         return Err(corrupt(format!(
-            "{} reviews with labels 0/1 expected, found {}",
+            "{} reviews expected, found {}",
             2 * TRAIN_SIZE,
             reviews.len()
+        )));
+    }
+    if let Some(r) = reviews.iter().find(|r| r.label > 1) {
+        return Err(corrupt(format!(
+            "labels are 0 or 1, found {} on a review",
+            r.label
         )));
     }
     // The file is sorted by label: shuffle before splitting.

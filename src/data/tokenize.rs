@@ -147,7 +147,9 @@ impl PretrainedTokenizer {
         // between them.
         let special = encoding.get_special_tokens_mask();
         let prefix = special.iter().take_while(|&&s| s == 1).count();
+        // (An all-special encoding counts its tokens once, as the prefix.)
         let suffix = special.iter().rev().take_while(|&&s| s == 1).count();
+        let suffix = suffix.min(ids.len() - prefix);
         let budget = self.max_length.saturating_sub(prefix + suffix);
         let content = &ids[prefix..ids.len() - suffix];
         let head = match self.truncation {

@@ -132,7 +132,7 @@ pub fn finetune(
             let batch_labels: Vec<u32> = indices.iter().map(|&j| labels[j]).collect();
             let tokens = tokenizer.batch(&batch_texts)?;
             let input = tokens.input();
-            let seed = (options.seed as u32).wrapping_add(step as u32 * 7919);
+            let seed = (options.seed as u32).wrapping_add((step as u32).wrapping_mul(7919));
             let autocast = AutocastGuard::with(options.mixed_precision);
             // Launched together, as `Trainer::fit` does (see `Device::together`).
             let (logits, l) = device.together(|| -> Result<_> {

@@ -110,7 +110,7 @@ impl Loss {
                     true => tally.samples += labels.len(),
                     false => {
                         let target = one_hot(logits.device(), labels, classes)?;
-                        tally.add(&mean, logits, &target, labels.len())?;
+                        tally.add(&mean, logits, &target, labels)?;
                     }
                 }
                 Ok(mean)
@@ -118,7 +118,7 @@ impl Loss {
             Loss::MeanSquaredError => {
                 let target = one_hot(logits.device(), labels, classes)?;
                 let mean = loss::mse_loss(&logits.softmax()?, &target)?;
-                tally.add(&mean, logits, &target, labels.len())?;
+                tally.add(&mean, logits, &target, labels)?;
                 Ok(mean)
             }
         }
@@ -164,23 +164,32 @@ impl Tally {
         })
     }
 
-    /// Adds the mean loss of a batch of `n` and its correct predictions,
-    /// counted here from the logits and the one-hot `target`, without a sync.
+    /// Adds the mean loss of a batch and its correct predictions, counted
+    /// here from the logits, the one-hot `target` and the labels, without a
+    /// sync.
     fn add(
         &mut self,
         mean_loss: &Tensor,
         logits: &Tensor,
         target: &Tensor,
-        n: usize,
+        labels: &[u32],
     ) -> kiln_graph::Result<()> {
+        let n = labels.len();
         no_grad(|| -> kiln_graph::Result<()> {
             let batch_loss = mean_loss.detach().mul_scalar(n as f32)?;
-            // A sample is right when the logit of its label is the row's
-            // maximum.
+            // A sample is right when its label is the argmax: its logit is
+            // the row's maximum and no earlier column reaches it (the first
+            // of tied maxima is the prediction, so a row of equal logits is
+            // not right for every label).
+            let logits = logits.detach();
             let picked = logits.mul(target)?.sum(1, true)?;
             let best = logits.max(1, true)?;
-            let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1)");
-            let correct = kiln_graph::map(&hit, &[&picked.detach(), &best.detach()])?.sum_all()?;
+            let before = columns_before_labels(logits.device(), labels, logits.shape()[1])?;
+            let at_max_before = Elementwise::new("at_max_before", "select(0.0, x2, x0 >= x1)");
+            let ties_before =
+                kiln_graph::map(&at_max_before, &[&logits, &best, &before])?.sum(1, true)?;
+            let hit = Elementwise::new("hit", "select(0.0, 1.0, x0 >= x1 && x2 == 0.0)");
+            let correct = kiln_graph::map(&hit, &[&picked, &best, &ties_before])?.sum_all()?;
             self.loss_sum = Some(match self.loss_sum.take() {
                 Some(t) => t.add(&batch_loss)?,
                 None => batch_loss,
@@ -208,6 +217,19 @@ impl Tally {
         }
         Ok((loss / n, correct / n))
     }
+}
+
+/// `[labels, classes]`: 1 at the columns before each row's label, else 0.
+fn columns_before_labels(
+    device: &Device,
+    labels: &[u32],
+    classes: usize,
+) -> kiln_graph::Result<Tensor> {
+    let mut v = vec![0.0f32; labels.len() * classes];
+    for (row, &l) in v.chunks_mut(classes).zip(labels) {
+        row[..(l as usize).min(classes)].fill(1.0);
+    }
+    Tensor::from_slice(device, &v, &[labels.len(), classes])
 }
 
 fn one_hot(device: &Device, labels: &[u32], classes: usize) -> kiln_graph::Result<Tensor> {

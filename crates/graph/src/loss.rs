@@ -101,8 +101,9 @@ pub fn cross_entropy_with(
     Ok(cross_entropy_counting_hits(logits, labels, options)?.0)
 }
 
-/// [`cross_entropy_with`], and how many samples' label has the largest logit
-/// (a classifier's correct predictions, ties counted) as a scalar tensor
+/// [`cross_entropy_with`], and how many samples' label is the argmax of
+/// their logits (a classifier's correct predictions; as argmax, the first
+/// of tied maxima is the prediction) as a scalar tensor
 /// without a graph, where the loss's kernel counts them in the same pass:
 /// batches of up to 1024 samples and fewer than 512 classes. A training loop
 /// can keep its accuracy that way at no extra kernel.

@@ -218,7 +218,7 @@ impl Bert {
         };
         let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
-            let s = seed.wrapping_add(10) * (l as u64 + 1);
+            let s = seed.wrapping_add(10 * (l as u64 + 1));
             let dense = |i, o, act, k| Dense::new(device, i, o, act, s.wrapping_add(k));
             layers.push(BertLayer {
                 query: dense(h, h, Activation::None, 0)?,
