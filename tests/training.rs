@@ -648,3 +648,42 @@ fn accuracy_takes_the_first_of_tied_logits_as_the_prediction() {
         );
     }
 }
+
+#[test]
+fn early_stopping_counts_patience_across_a_resume_as_an_unbroken_run_would() {
+    use kiln::data::Dataset;
+    use kiln::train::{EarlyStopping, FitOptions, Trainer};
+    let d = device();
+    let (x, y) = circle_data(64, 83);
+    let data = Dataset::new(2, x, y, 2).unwrap();
+    // A rate too small to improve the loss by min_delta: every epoch after
+    // the first counts against the patience of 2, so runs stop after 3.
+    let trainer = || {
+        let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
+        let optimizer = Sgd::new(model.parameters(), 1e-20);
+        Trainer::new(model, optimizer, d)
+    };
+    let options = |epochs| FitOptions {
+        epochs,
+        batch_size: 32,
+        progress: false,
+        log_epochs: false,
+        early_stopping: Some(EarlyStopping {
+            patience: 2,
+            min_delta: 0.1,
+        }),
+        ..Default::default()
+    };
+    let mut unbroken = trainer();
+    assert_eq!(unbroken.fit(&data, &options(10)).unwrap().epochs.len(), 3);
+    // Two epochs, then a resumed run: it stops at epoch 3 too, not after
+    // three epochs of its own.
+    let mut resumed = trainer();
+    resumed.fit(&data, &options(2)).unwrap();
+    let more = resumed.fit(&data, &options(10)).unwrap();
+    assert_eq!(more.epochs.len(), 1);
+    assert_eq!(resumed.epochs_done, 3);
+    // A run that already stopped has nothing left to do.
+    assert!(resumed.fit(&data, &options(10)).unwrap().epochs.is_empty());
+    assert_eq!(resumed.epochs_done, 3);
+}

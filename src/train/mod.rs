@@ -40,7 +40,9 @@ pub struct FitOptions {
     /// Save weights and optimizer state here after every epoch.
     pub checkpoint: Option<PathBuf>,
     /// Stop when the monitored loss (validation if any, else training) has not
-    /// improved by `min_delta` for `patience` epochs.
+    /// improved by `min_delta` for `patience` epochs. A resumed run counts
+    /// its earlier epochs too (from the history), so it stops where an
+    /// unbroken run would.
     pub early_stopping: Option<EarlyStopping>,
     /// Matrix products on f16 operands with dynamic loss scaling (see
     /// [`kiln_graph::amp`]): half the memory traffic of the products on
@@ -73,6 +75,38 @@ pub struct EarlyStopping {
     /// How much lower than the best loss so far an epoch's loss must be to count as
     /// an improvement.
     pub min_delta: f32,
+}
+
+/// Early stopping's count: the best monitored loss so far and the epochs
+/// since it.
+#[derive(Default)]
+struct Patience {
+    best: Option<f32>,
+    since_best: usize,
+}
+
+impl Patience {
+    /// Counts an epoch's monitored loss; true once `rule.patience` epochs
+    /// in a row have not improved on the best by more than `min_delta`.
+    fn exhausted_by(&mut self, monitored: f32, rule: EarlyStopping) -> bool {
+        let improved = match self.best {
+            None => true,
+            Some(best) => monitored < best - rule.min_delta,
+        };
+        if improved {
+            self.best = Some(monitored);
+            self.since_best = 0;
+            return false;
+        }
+        self.since_best += 1;
+        self.since_best >= rule.patience
+    }
+}
+
+/// What early stopping watches: the validation loss if there is one, else
+/// the training loss.
+fn monitored(stats: &EpochStats) -> f32 {
+    stats.val_loss.unwrap_or(stats.loss)
 }
 
 /// The loss `fit` minimises, Keras's `compile(loss=...)`. Models output logits;
@@ -286,8 +320,15 @@ impl<O: Optimizer> Trainer<O> {
             )));
         }
         let mut history = History::default();
-        let mut best = f32::INFINITY;
-        let mut since_best = 0;
+        // A resumed run picks up the patience count where the unbroken run
+        // would be: replayed from the epochs its checkpoint carries.
+        let mut patience = Patience::default();
+        if let Some(es) = options.early_stopping {
+            let done = self.history.epochs.iter();
+            if done.map(monitored).any(|m| patience.exhausted_by(m, es)) {
+                return Ok(history);
+            }
+        }
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
         let mut scaler = options.mixed_precision.then(LossScaler::new);
         while self.epochs_done < options.epochs {
@@ -368,17 +409,10 @@ impl<O: Optimizer> Trainer<O> {
             if let Some(path) = &options.checkpoint {
                 self.save_checkpoint(path)?;
             }
-            history.epochs.push(stats);
+            history.epochs.push(stats.clone());
             if let Some(es) = options.early_stopping {
-                let monitored = val_loss.unwrap_or(loss);
-                if monitored < best - es.min_delta {
-                    best = monitored;
-                    since_best = 0;
-                } else {
-                    since_best += 1;
-                    if since_best >= es.patience {
-                        break;
-                    }
+                if patience.exhausted_by(monitored(&stats), es) {
+                    break;
                 }
             }
         }
