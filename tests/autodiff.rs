@@ -34,13 +34,27 @@ fn grad_check(
     gpu: impl Fn(&[Tensor]) -> kiln::graph::Result<Tensor>,
     cpu: &CpuFn<'_>,
 ) {
+    grad_check_frozen(name, inputs, &[], gpu, cpu);
+}
+
+/// [`grad_check`] with the inputs at `frozen` needing no gradient (ops take
+/// other branches then: a frozen weight skips its product), and checked to
+/// get none.
+fn grad_check_frozen(
+    name: &str,
+    inputs: &[Input],
+    frozen: &[usize],
+    gpu: impl Fn(&[Tensor]) -> kiln::graph::Result<Tensor>,
+    cpu: &CpuFn<'_>,
+) {
     let d = device();
     let tensors: Vec<Tensor> = inputs
         .iter()
-        .map(|i| {
+        .enumerate()
+        .map(|(k, i)| {
             Tensor::from_slice(d, &i.data, &i.shape)
                 .unwrap()
-                .requires_grad(true)
+                .requires_grad(!frozen.contains(&k))
         })
         .collect();
     let y = gpu(&tensors).unwrap();
@@ -70,6 +84,13 @@ fn grad_check(
     let objective =
         |x: &[Vec<f64>]| -> f64 { cpu(x).iter().zip(&r).map(|(v, &w)| v * f64::from(w)).sum() };
     for (k, t) in tensors.iter().enumerate() {
+        if frozen.contains(&k) {
+            assert!(
+                t.grad().is_none(),
+                "{name}: frozen input {k} got a gradient"
+            );
+            continue;
+        }
         let analytic = t
             .grad()
             .unwrap_or_else(|| panic!("{name}: no gradient for input {k}"));
@@ -366,6 +387,48 @@ fn dense_layer_gradients() {
             );
         }
     }
+    // A frozen weight under a trainable bias (fine-tuning a head's bias
+    // only): the bias gradient cannot ride on the skipped weight product,
+    // and the input gradient still flows; also a frozen input (data).
+    for (frozen, what) in [(vec![1], "weight"), (vec![0], "input")] {
+        for op in [None, Some(UnaryOp::Relu)] {
+            grad_check_frozen(
+                &format!("dense {op:?}, frozen {what}"),
+                &[
+                    input(&[5, k], 450, -1.0, 1.0),
+                    input(&[k, n], 451, -1.0, 1.0),
+                    input(&[n], 452, -1.0, 1.0),
+                ],
+                &frozen,
+                |t| t[0].dense(&t[1], &t[2], op),
+                &move |x: &[Vec<f64>]| {
+                    let product = cpu_matmul(&x[0], &x[1], 1, 5, k, n, false);
+                    let f = |z: f64| if op.is_some() { z.max(0.0) } else { z };
+                    (0..5 * n).map(|j| f(product[j] + x[2][j % n])).collect()
+                },
+            );
+        }
+    }
+    // A weight per batch entry ([3, 6, 5]) cannot fuse: the product, then
+    // the bias and activation as ops of their own.
+    for op in [None, Some(UnaryOp::Relu)] {
+        grad_check(
+            &format!("dense {op:?} with a batched weight"),
+            &[
+                input(&[3, 4, 6], 460, -1.0, 1.0),
+                input(&[3, 6, 5], 461, -1.0, 1.0),
+                input(&[5], 462, -1.0, 1.0),
+            ],
+            |t| t[0].dense(&t[1], &t[2], op),
+            &move |x: &[Vec<f64>]| {
+                let product = cpu_matmul(&x[0], &x[1], 3, 4, 6, 5, false);
+                let f = |z: f64| if op.is_some() { z.max(0.0) } else { z };
+                (0..3 * 4 * 5)
+                    .map(|j| f(product[j] + x[2][j % 5]))
+                    .collect()
+            },
+        );
+    }
 }
 
 /// Whether a dense layer's weight-gradient product also sums its bias
@@ -441,26 +504,39 @@ fn stacked_dense_layers_pass_activation_derivatives_down() {
             .map(|j| f(product[j] + b[j % n]))
             .collect::<Vec<_>>()
     };
+    // The upper layer with ReLU, and without an activation (a classifier's
+    // logits over a hidden layer); the last case feeds a [2, 3, k] input
+    // (6 rows).
+    let uppers: [(Option<UnaryOp>, Act); 2] =
+        [(Some(UnaryOp::Relu), |z| z.max(0.0)), (None, |z| z)];
     for (i, (op, f)) in acts.into_iter().enumerate() {
-        let seed = 430 + 5 * i as u64;
-        grad_check(
-            &format!("dense {op:?} into dense ReLU"),
-            &[
-                input(&[rows, k], seed, -1.0, 1.0),
-                input(&[k, h], seed + 1, -1.0, 1.0),
-                input(&[h], seed + 2, -1.0, 1.0),
-                input(&[h, n], seed + 3, -1.0, 1.0),
-                input(&[n], seed + 4, -1.0, 1.0),
-            ],
-            |t| {
-                t[0].dense(&t[1], &t[2], Some(op))?
-                    .dense(&t[3], &t[4], Some(UnaryOp::Relu))
-            },
-            &|x: &[Vec<f64>]| {
-                let hidden = layer(&x[0], &x[1], &x[2], rows, k, h, &f);
-                layer(&hidden, &x[3], &x[4], rows, h, n, &|z| z.max(0.0))
-            },
-        );
+        for (j, (upper, g)) in uppers.into_iter().enumerate() {
+            let seed = 430 + 5 * i as u64 + 100 * j as u64;
+            let x_shape = if i == 2 && j == 1 {
+                vec![2, 3, k]
+            } else {
+                vec![rows, k]
+            };
+            let rows: usize = x_shape[..x_shape.len() - 1].iter().product();
+            grad_check(
+                &format!("dense {op:?} into dense {upper:?}, input {x_shape:?}"),
+                &[
+                    input(&x_shape, seed, -1.0, 1.0),
+                    input(&[k, h], seed + 1, -1.0, 1.0),
+                    input(&[h], seed + 2, -1.0, 1.0),
+                    input(&[h, n], seed + 3, -1.0, 1.0),
+                    input(&[n], seed + 4, -1.0, 1.0),
+                ],
+                |t| {
+                    t[0].dense(&t[1], &t[2], Some(op))?
+                        .dense(&t[3], &t[4], upper)
+                },
+                &|x: &[Vec<f64>]| {
+                    let hidden = layer(&x[0], &x[1], &x[2], rows, k, h, &f);
+                    layer(&hidden, &x[3], &x[4], rows, h, n, &g)
+                },
+            );
+        }
     }
     grad_check(
         "dense sigmoid read by two dense layers",
@@ -1095,6 +1171,21 @@ fn loss_variants() {
             vec![total / 12.0]
         },
     );
+    // With respect to the targets too (soft labels that are themselves
+    // outputs), and with the sum and per-element reductions.
+    let bce = |z: f64, t: f64| z.max(0.0) - z * t + (1.0 + (-z.abs()).exp()).ln();
+    grad_check(
+        "bce with logits and targets, sum",
+        &[input(&[3, 4], 83, -5.0, 5.0), input(&[3, 4], 84, 0.0, 1.0)],
+        |t| loss::binary_cross_entropy_with_logits(&t[0], &t[1], loss::Reduction::Sum),
+        &|x: &[Vec<f64>]| vec![x[0].iter().zip(&x[1]).map(|(&z, &t)| bce(z, t)).sum()],
+    );
+    grad_check(
+        "bce with logits and targets, per element",
+        &[input(&[2, 5], 85, -5.0, 5.0), input(&[2, 5], 86, 0.0, 1.0)],
+        |t| loss::binary_cross_entropy_with_logits(&t[0], &t[1], loss::Reduction::None),
+        &|x: &[Vec<f64>]| x[0].iter().zip(&x[1]).map(|(&z, &t)| bce(z, t)).collect(),
+    );
     let labels = [2u32, 9, 0, 9];
     let options = loss::CrossEntropy {
         reduction: loss::Reduction::Sum,
@@ -1184,12 +1275,23 @@ fn dropout_is_seeded_scaled_and_differentiable() {
         xv,
         "identity in eval"
     );
-    // d(sum(y))/dx is the mask times 1/(1-p): y / x elementwise.
-    y.sum_all().unwrap().backward().unwrap();
+    // d(sum(y * r))/dx is r times the mask times 1/(1-p), for random r.
+    let r = random_vec(n, 91, -1.0, 1.0);
+    let weights = Tensor::from_slice(d, &r, &[n]).unwrap();
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let g = x.grad().unwrap().to_vec().unwrap();
     for i in 0..n {
-        let want = if yv[i] == 0.0 { 0.0 } else { 1.0 / 0.7 };
-        assert!((g[i] - want).abs() <= 1e-6, "grad {i}: {} vs {want}", g[i]);
+        let want = if yv[i] == 0.0 { 0.0 } else { r[i] / 0.7 };
+        assert!(
+            (g[i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+            "grad {i}: {} vs {want}",
+            g[i]
+        );
     }
 }
 
@@ -1214,6 +1316,43 @@ fn f16_storage_converts_and_passes_gradients_through() {
         .unwrap();
     y.sum_all().unwrap().backward().unwrap();
     assert_eq!(x.grad().unwrap().to_vec().unwrap(), vec![3.0; 4]);
+    // A random gradient crosses the f16 step rounded to f16 (it is stored
+    // there on its way back), into an f32 leaf and into an f16 one.
+    use kiln::device::{half::f16, DType};
+    let values = random_vec(21, 92, -4.0, 4.0);
+    let r = random_vec(21, 93, -1.0, 1.0);
+    let rounded: Vec<f32> = r.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let weights = Tensor::from_slice(d, &r, &[3, 7]).unwrap();
+    let x = Tensor::from_slice(d, &values, &[3, 7])
+        .unwrap()
+        .requires_grad(true);
+    let y = x
+        .to_dtype(DType::F16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(x.grad().unwrap().to_vec().unwrap(), rounded);
+    let x16 = Tensor::from_slice(d, &values, &[3, 7])
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap()
+        .requires_grad(true);
+    let y = x16.to_dtype(DType::F32).unwrap();
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = x16.grad().unwrap();
+    assert_eq!(grad.dtype(), DType::F16);
+    assert_eq!(grad.to_vec().unwrap(), rounded);
 }
 
 /// f64 reference of PyTorch's conv2d (cross-correlation), NCHW.
@@ -1302,6 +1441,24 @@ fn conv2d_gradients() {
             },
         );
     }
+    // Without a bias: the product stored plainly, then moved to NCHW.
+    let (xs, [o, kh, kw], stride, padding) = ([2, 3, 7, 6], [4, 3, 3], [2, 1], [1, 0]);
+    let conv = Conv2d {
+        stride,
+        padding,
+        dilation: [1, 1],
+    };
+    grad_check(
+        "conv2d without a bias",
+        &[
+            input(&xs, 370, -1.0, 1.0),
+            input(&[o, xs[1], kh, kw], 371, -1.0, 1.0),
+        ],
+        |t| t[0].conv2d(&t[1], None, conv),
+        &move |x: &[Vec<f64>]| {
+            cpu_conv2d(&x[0], &x[1], None, xs, [o, kh, kw], stride, padding, [1, 1])
+        },
+    );
     // With the layer's activation: bias and ReLU, sigmoid or tanh in the
     // product's epilogue, GELU as a kernel of its own.
     type Act = (UnaryOp, fn(f64) -> f64);

@@ -204,3 +204,137 @@ fn scaling_rescues_gradients_that_f16_would_flush_to_zero() {
         );
     }
 }
+
+/// `got` within `tol` of the largest `want` magnitude, element by element:
+/// for checks against exact (unrounded) references, where f16 operands put
+/// every element off by about 1e-3 of the terms, while a wrong transpose,
+/// a missed derivative or a missing term is off by the whole.
+fn assert_near(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - w).abs();
+        assert!(
+            err <= tol * scale,
+            "{what}[{i}]: got {g}, want {w} (error {err:e}, scale {scale:e})"
+        );
+    }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+#[test]
+fn autocast_dense_layers_and_batched_products_have_the_right_gradients() {
+    // Under autocast every product reads f16 copies; the structure of the
+    // backward pass (the tanh derivative folded into the upper layer's
+    // input-gradient product, bias gradients summed outside the f16
+    // products, batched and shared operands) must still be the f32 one.
+    let d = device();
+    let (rows, k, h, n) = (10, 8, 6, 4);
+    let x = random_vec(rows * k, 11, -1.0, 1.0);
+    let w1 = random_vec(k * h, 12, -1.0, 1.0);
+    let b1 = random_vec(h, 13, -1.0, 1.0);
+    let w2 = random_vec(h * n, 14, -1.0, 1.0);
+    let b2 = random_vec(n, 15, -1.0, 1.0);
+    let r = random_vec(rows * n, 16, -1.0, 1.0);
+    let leaf =
+        |v: &[f32], shape: &[usize]| Tensor::from_slice(d, v, shape).unwrap().requires_grad(true);
+    let (tx, tw1, tb1, tw2, tb2) = (
+        leaf(&x, &[2, 5, k]),
+        leaf(&w1, &[k, h]),
+        leaf(&b1, &[h]),
+        leaf(&w2, &[h, n]),
+        leaf(&b2, &[n]),
+    );
+    let y = amp::autocast(|| {
+        tx.dense(&tw1, &tb1, Some(kiln::device::UnaryOp::Tanh))?
+            .dense(&tw2, &tb2, None)
+    })
+    .unwrap();
+    let tr = Tensor::from_slice(d, &r, &[2, 5, n]).unwrap();
+    y.mul(&tr).unwrap().sum_all().unwrap().backward().unwrap();
+
+    // f64 reference: z = x W1 + b1, a = tanh z, y = a W2 + b2.
+    let (x, w1, b1, w2, b2, r) = (
+        f64s(&x),
+        f64s(&w1),
+        f64s(&b1),
+        f64s(&w2),
+        f64s(&b2),
+        f64s(&r),
+    );
+    let (z, _) = product(&x, &w1, rows, k, h);
+    let a: Vec<f64> = z
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v + b1[i % h]).tanh())
+        .collect();
+    let (ay, _) = product(&a, &w2, rows, h, n);
+    let want_y: Vec<f64> = ay.iter().enumerate().map(|(i, v)| v + b2[i % n]).collect();
+    let (want_dw2, _) = product(&transpose(&a, rows, h), &r, h, rows, n);
+    let want_db2: Vec<f64> = (0..n)
+        .map(|j| (0..rows).map(|i| r[i * n + j]).sum())
+        .collect();
+    let (da, _) = product(&r, &transpose(&w2, h, n), rows, n, h);
+    let dz: Vec<f64> = da.iter().zip(&a).map(|(g, a)| g * (1.0 - a * a)).collect();
+    let (want_dw1, _) = product(&transpose(&x, rows, k), &dz, k, rows, h);
+    let want_db1: Vec<f64> = (0..h)
+        .map(|j| (0..rows).map(|i| dz[i * h + j]).sum())
+        .collect();
+    let (want_dx, _) = product(&dz, &transpose(&w1, k, h), rows, h, k);
+    let grad = |t: &Tensor| t.grad().unwrap().to_vec().unwrap();
+    let tol = 1e-2;
+    assert_near("y", &y.to_vec().unwrap(), &want_y, tol);
+    assert_near("dW2", &grad(&tw2), &want_dw2, tol);
+    assert_near("db2", &grad(&tb2), &want_db2, tol);
+    assert_near("dW1", &grad(&tw1), &want_dw1, tol);
+    assert_near("db1", &grad(&tb1), &want_db1, tol);
+    assert_near("dx", &grad(&tx), &want_dx, tol);
+
+    // Batched products, [3, 4, 6] x [3, 6, 5], and one B shared by a batch
+    // of A, [2, 5, 8] x [8, 3].
+    for (batch, m, kk, nn, shared) in [(3, 4, 6, 5, false), (2, 5, 8, 3, true)] {
+        let a = random_vec(batch * m * kk, 21, -1.0, 1.0);
+        let b = random_vec(
+            if shared { kk * nn } else { batch * kk * nn },
+            22,
+            -1.0,
+            1.0,
+        );
+        let r = random_vec(batch * m * nn, 23, -1.0, 1.0);
+        let ta = leaf(&a, &[batch, m, kk]);
+        let tb = if shared {
+            leaf(&b, &[kk, nn])
+        } else {
+            leaf(&b, &[batch, kk, nn])
+        };
+        let c = amp::autocast(|| ta.matmul(&tb)).unwrap();
+        let tr = Tensor::from_slice(d, &r, &[batch, m, nn]).unwrap();
+        c.mul(&tr).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b, r) = (f64s(&a), f64s(&b), f64s(&r));
+        let (mut want_c, mut want_da) = (Vec::new(), Vec::new());
+        let mut want_db = vec![0.0; b.len()];
+        for e in 0..batch {
+            let ae = &a[e * m * kk..(e + 1) * m * kk];
+            let be = if shared {
+                &b[..]
+            } else {
+                &b[e * kk * nn..(e + 1) * kk * nn]
+            };
+            let re = &r[e * m * nn..(e + 1) * m * nn];
+            want_c.extend(product(ae, be, m, kk, nn).0);
+            want_da.extend(product(re, &transpose(be, kk, nn), m, nn, kk).0);
+            let db = product(&transpose(ae, m, kk), re, kk, m, nn).0;
+            let at = if shared { 0 } else { e * kk * nn };
+            for (i, v) in db.into_iter().enumerate() {
+                want_db[at + i] += v;
+            }
+        }
+        let what = if shared { "shared B" } else { "batched" };
+        assert_near(&format!("{what} C"), &c.to_vec().unwrap(), &want_c, tol);
+        assert_near(&format!("{what} dA"), &grad(&ta), &want_da, tol);
+        assert_near(&format!("{what} dB"), &grad(&tb), &want_db, tol);
+    }
+}
