@@ -1312,6 +1312,12 @@ fn softmax_cross_entropy_matches_reference() {
                 .unwrap();
             assert_eq!(out.tallied, out.total.is_some(), "{what} tallied");
             tallied.push(out.tallied);
+            // Its loss and gradient are the plain kernel's.
+            let tallied_what = format!("{what} (tallied)");
+            let row_loss = d.read::<f32>(&out.row_loss).unwrap();
+            assert_close(&tallied_what, &row_loss, &want_loss, 1e-4, 1e-6);
+            let grad = d.read::<f32>(&out.grad).unwrap();
+            assert_close(&tallied_what, &grad, &want_grad, 1e-4, 1e-7);
         }
         let got = d.read::<f32>(&tally).unwrap();
         let raw: f64 = want_loss.iter().sum::<f64>() / f64::from(scale);
