@@ -3,7 +3,8 @@
 # the benchmark suite against PyTorch on CUDA (TF32 off) with each model's
 # step profiled by kernel, and the GPU's name and driver. Everything lands in
 # OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
-# rows in latest.json, for benches/RESULTS.md; the LSTM's per-step kernels
+# rows in latest.json, for benches/RESULTS.md (scripts/bench-table.py
+# OUTDIR/latest.json prints them as Markdown); the LSTM's per-step kernels
 # in lstm-steps.log; without wgpu's loop counters in no-loop-counters.log;
 # the autotuner's timings in tuning/. Workload names
 # after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
