@@ -719,8 +719,9 @@ fn predict(path: &Path, texts: &[String]) -> Result<()> {
         let probabilities = trained.trainer.predict(&ids, vectorizer.sequence_length)?;
         let classes = probabilities.len() / chunk.len();
         for (text, p) in chunk.iter().zip(probabilities.chunks(classes)) {
-            // IMDB's labels: 0 negative, 1 positive.
-            let label = if p[1] >= p[0] { "positive" } else { "negative" };
+            // IMDB's labels: 0 negative, 1 positive (a tie is class 0's,
+            // as argmax has it).
+            let label = if p[1] > p[0] { "positive" } else { "negative" };
             println!("{label} ({:.3})  {text}", p[1]);
         }
     }
@@ -915,9 +916,7 @@ fn predict_finetuned(dir: &Path, texts: &[String]) -> Result<()> {
     let device = Device::new()?;
     let classifier = TextClassifier::open(&device, dir)?;
     for (text, p) in texts.iter().zip(classifier.predict(texts, 32)?) {
-        let best = (0..p.len())
-            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-            .unwrap_or(0);
+        let best = kiln::train::argmax(&p).unwrap_or(0);
         println!("{} ({:.3})  {text}", classifier.labels[best], p[best]);
     }
     Ok(())

@@ -229,13 +229,6 @@ fn count_correct(logits: &[f32], labels: &[u32]) -> usize {
     logits
         .chunks(classes)
         .zip(labels)
-        .filter(|(row, &label)| {
-            let best = row
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i as u32);
-            best == Some(label)
-        })
+        .filter(|(row, &label)| super::argmax(row) == Some(label as usize))
         .count()
 }

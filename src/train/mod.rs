@@ -77,6 +77,25 @@ pub struct EarlyStopping {
     pub min_delta: f32,
 }
 
+/// The index of the largest value, the first of tied maxima (as PyTorch's
+/// and NumPy's argmax, and as the accuracy counts); `None` for no values.
+/// Values compare by `f32::total_cmp` (a NaN of positive sign is largest).
+///
+/// ```
+/// assert_eq!(kiln::train::argmax(&[0.2, 0.7, 0.7]), Some(1));
+/// assert_eq!(kiln::train::argmax(&[]), None);
+/// ```
+pub fn argmax(values: &[f32]) -> Option<usize> {
+    values
+        .iter()
+        .enumerate()
+        .reduce(|best, next| match next.1.total_cmp(best.1) {
+            std::cmp::Ordering::Greater => next,
+            _ => best,
+        })
+        .map(|(i, _)| i)
+}
+
 /// Early stopping's count: the best monitored loss so far and the epochs
 /// since it.
 #[derive(Default)]
