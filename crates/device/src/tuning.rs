@@ -416,15 +416,23 @@ impl Tuning {
     /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
     /// overrides the matmul tiling, for products of every size.
     pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
-        let mut tuning = Self::defaults(info, features);
-        if let Ok(s) = std::env::var("KILN_MATMUL") {
-            match s.parse() {
-                Ok(t) => tuning = Tuning::same(t),
-                Err(e) => eprintln!("kiln: ignoring KILN_MATMUL: {e}"),
-            }
+        match matmul_override() {
+            Some(t) => Tuning::same(t),
+            None => Self::defaults(info, features),
         }
-        tuning
     }
+}
+
+/// The tiling `KILN_MATMUL` fixes, if it is set to one that parses; a bad
+/// value is reported (once) and ignored, so the autotuner still runs.
+pub(crate) fn matmul_override() -> Option<MatmulTiling> {
+    static PARSED: std::sync::OnceLock<Option<MatmulTiling>> = std::sync::OnceLock::new();
+    *PARSED.get_or_init(|| {
+        let s = std::env::var("KILN_MATMUL").ok()?;
+        s.parse()
+            .map_err(|e| eprintln!("kiln: ignoring KILN_MATMUL: {e}"))
+            .ok()
+    })
 }
 
 #[cfg(test)]

@@ -121,16 +121,35 @@ impl Sequential {
     /// A Keras-like table of layers, per-sample output shapes and parameter
     /// counts, for samples of shape `input`.
     pub fn summary(&self, input: &[usize]) -> String {
+        let mut shape = input.to_vec();
+        let rows: Vec<(&str, String, usize)> = self
+            .layers
+            .iter()
+            .map(|layer| {
+                shape = layer.output_shape(&shape);
+                let params = layer.params().iter().map(|(_, t)| t.numel()).sum();
+                (layer.kind(), format!("{shape:?}"), params)
+            })
+            .collect();
+        // Columns as wide as their longest entry, so every row lines up.
+        let kind_width = rows
+            .iter()
+            .map(|r| r.0.len())
+            .chain([11])
+            .max()
+            .unwrap_or(11);
+        let dims_width = rows
+            .iter()
+            .map(|r| r.1.len())
+            .chain([14])
+            .max()
+            .unwrap_or(14);
         let mut out = format!(
-            "{:<6} {:<11} {:>14} {:>10}\n",
+            "{:<6} {:<kind_width$} {:>dims_width$} {:>10}\n",
             "layer", "kind", "output", "params"
         );
-        let mut shape = input.to_vec();
-        for (i, layer) in self.layers.iter().enumerate() {
-            shape = layer.output_shape(&shape);
-            let params: usize = layer.params().iter().map(|(_, t)| t.numel()).sum();
-            let dims = format!("{shape:?}");
-            out += &format!("{i:<6} {:<11} {dims:>14} {params:>10}\n", layer.kind());
+        for (i, (kind, dims, params)) in rows.iter().enumerate() {
+            out += &format!("{i:<6} {kind:<kind_width$} {dims:>dims_width$} {params:>10}\n");
         }
         out += &format!("total parameters: {}", self.parameter_count());
         out
