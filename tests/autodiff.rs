@@ -1764,9 +1764,14 @@ fn lstm_shape_errors_name_the_expected_shapes() {
     assert!(err.contains("bias [8]") && err.contains("[7]"), "{err}");
 }
 
-/// Multi-head attention reference: per sample and head, softmax(q k^T / sqrt(d)
-/// + bias) v, with `bias` per key.
-fn cpu_attention(x: &[Vec<f64>], bias: &[f64], [b, t, h, heads]: [usize; 4]) -> Vec<f64> {
+/// Multi-head attention reference in f64: per sample and head,
+/// softmax(q k^T / sqrt(d) + bias) v, where `bias(sample, head, query, key)`
+/// is added to the scaled scores.
+fn cpu_attention(
+    x: &[Vec<f64>],
+    bias: &dyn Fn(usize, usize, usize, usize) -> f64,
+    [b, t, h, heads]: [usize; 4],
+) -> Vec<f64> {
     let d = h / heads;
     let at = |m: &[f64], bi: usize, ti: usize, j: usize| m[(bi * t + ti) * h + j];
     let mut out = vec![0.0; b * t * h];
@@ -1780,7 +1785,7 @@ fn cpu_attention(x: &[Vec<f64>], bias: &[f64], [b, t, h, heads]: [usize; 4]) -> 
                                 at(&x[0], bi, i, head * d + c) * at(&x[1], bi, j, head * d + c)
                             })
                             .sum();
-                        dot / (d as f64).sqrt() + bias[bi * t + j]
+                        dot / (d as f64).sqrt() + bias(bi, head, i, j)
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -1888,6 +1893,37 @@ fn multi_head_attention_gradients_with_a_padding_mask() {
             multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
                 .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
         },
-        &|x: &[Vec<f64>]| cpu_attention(x, &mask, [b, t, h, heads]),
+        &|x: &[Vec<f64>]| cpu_attention(x, &|bi, _, _, j| mask[bi * t + j], [b, t, h, heads]),
+    );
+}
+
+#[test]
+fn multi_head_attention_gradients_with_a_bias_per_head_and_query() {
+    // A finite random bias that differs by sample, head, query and key (a
+    // relative-position or causal bias) takes the unfused path: scale the
+    // scores, add the bias, softmax.
+    use kiln::models::bert::multi_head_attention;
+    use kiln::models::Mode;
+    let (b, t, h, heads) = (2, 4, 6, 3);
+    let bias = random_vec(b * heads * t * t, 985, -2.0, 2.0);
+    let bias64: Vec<f64> = bias.iter().map(|&v| f64::from(v)).collect();
+    grad_check(
+        "multi_head_attention, general bias",
+        &[
+            input(&[b, t, h], 986, -1.0, 1.0),
+            input(&[b, t, h], 987, -1.0, 1.0),
+            input(&[b, t, h], 988, -1.0, 1.0),
+        ],
+        |x| {
+            let bias = Tensor::from_slice(x[0].device(), &bias, &[b, heads, t, t])?;
+            multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
+                .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
+        },
+        &|x: &[Vec<f64>]| {
+            let at = |bi: usize, head: usize, i: usize, j: usize| {
+                bias64[((bi * heads + head) * t + i) * t + j]
+            };
+            cpu_attention(x, &at, [b, t, h, heads])
+        },
     );
 }

@@ -115,7 +115,13 @@ fn an_output_avoids_buffers_that_launches_held_for_fusion_still_read() {
             .map(|v| -v)
             .collect::<Vec<_>>()
     );
-    assert_eq!(second.len(), n);
+    assert_eq!(
+        d.read::<f32>(&second).unwrap(),
+        random_vec(n, 12, -1.0, 1.0)
+            .iter()
+            .map(|v| -v)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
