@@ -118,7 +118,7 @@ pub fn mlp(
 pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, ModelError> {
     let k3 = [3, 3];
     let valid = Conv2d::default();
-    Ok(Sequential::new()
+    let model = Sequential::new()
         .push(Reshape {
             shape: vec![1, 28, 28],
         })
@@ -151,21 +151,22 @@ pub fn cnn(device: &Device, classes: usize, seed: u64) -> Result<Sequential, Mod
             Activation::Relu,
             seed.wrapping_add(2),
         )?)
-        .push(Flatten)
-        .push(Dense::new(
-            device,
-            3 * 3 * 64,
-            64,
-            Activation::Relu,
-            seed.wrapping_add(3),
-        )?)
-        .push(Dense::new(
-            device,
-            64,
-            classes,
-            Activation::None,
-            seed.wrapping_add(4),
-        )?))
+        .push(Flatten);
+    dense_head(model, device, 3 * 3 * 64, classes, seed)
+}
+
+/// The reference models' classifier head on `inputs` features: Dense(64,
+/// relu) -> Dense(classes), seeded from `seed + 3` and `seed + 4`.
+fn dense_head(
+    model: Sequential,
+    device: &Device,
+    inputs: usize,
+    classes: usize,
+    seed: u64,
+) -> Result<Sequential, ModelError> {
+    let hidden = Dense::new(device, inputs, 64, Activation::Relu, seed.wrapping_add(3))?;
+    let logits = Dense::new(device, 64, classes, Activation::None, seed.wrapping_add(4))?;
+    Ok(model.push(hidden).push(logits))
 }
 
 /// A small CNN for quick checks: Conv(8, 3x3, relu) -> MaxPool 2 -> Dense(classes).
@@ -242,21 +243,7 @@ pub fn text_classifier(
             units,
         ),
     };
-    Ok(model
-        .push(Dense::new(
-            device,
-            units,
-            64,
-            Activation::Relu,
-            seed.wrapping_add(3),
-        )?)
-        .push(Dense::new(
-            device,
-            64,
-            2,
-            Activation::None,
-            seed.wrapping_add(4),
-        )?))
+    dense_head(model, device, units, 2, seed)
 }
 
 /// The Keras IMDB classifier: `Embedding(vocab, dim)` with id 0 masked as

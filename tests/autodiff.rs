@@ -1871,29 +1871,48 @@ fn attention_with_a_general_bias_matches_the_fused_padding_path() {
     }
 }
 
-#[test]
-fn multi_head_attention_gradients_with_a_padding_mask() {
+/// Gradient check of multi-head attention over random q, k, v `[b, t, h]`
+/// with an additive `bias` of `bias_shape`, whose value for (sample, head,
+/// query, key) the reference reads from `bias_at`.
+fn attention_grad_check(
+    name: &str,
+    [b, t, h, heads]: [usize; 4],
+    (bias, bias_shape): (Vec<f32>, Vec<usize>),
+    bias_at: &dyn Fn(usize, usize, usize, usize) -> f64,
+    seed: u64,
+) {
     use kiln::models::bert::multi_head_attention;
     use kiln::models::Mode;
+    grad_check(
+        name,
+        &[
+            input(&[b, t, h], seed, -1.0, 1.0),
+            input(&[b, t, h], seed + 1, -1.0, 1.0),
+            input(&[b, t, h], seed + 2, -1.0, 1.0),
+        ],
+        |x| {
+            let bias = Tensor::from_slice(x[0].device(), &bias, &bias_shape)?;
+            multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
+                .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
+        },
+        &|x: &[Vec<f64>]| cpu_attention(x, bias_at, [b, t, h, heads]),
+    );
+}
+
+#[test]
+fn multi_head_attention_gradients_with_a_padding_mask() {
     let (b, t, h, heads) = (2, 5, 6, 3);
     // Sample 1's last two keys are padding.
     let mask: Vec<f64> = (0..b * t)
         .map(|i| if i >= t && i % t >= 3 { -1e9 } else { 0.0 })
         .collect();
-    let bias: Vec<f32> = mask.iter().map(|&m| m as f32).collect();
-    grad_check(
+    let bias = mask.iter().map(|&m| m as f32).collect();
+    attention_grad_check(
         "multi_head_attention",
-        &[
-            input(&[b, t, h], 980, -1.0, 1.0),
-            input(&[b, t, h], 981, -1.0, 1.0),
-            input(&[b, t, h], 982, -1.0, 1.0),
-        ],
-        |x| {
-            let bias = Tensor::from_slice(x[0].device(), &bias, &[b, 1, 1, t])?;
-            multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
-                .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
-        },
-        &|x: &[Vec<f64>]| cpu_attention(x, &|bi, _, _, j| mask[bi * t + j], [b, t, h, heads]),
+        [b, t, h, heads],
+        (bias, vec![b, 1, 1, t]),
+        &|bi, _, _, j| mask[bi * t + j],
+        980,
     );
 }
 
@@ -1902,28 +1921,14 @@ fn multi_head_attention_gradients_with_a_bias_per_head_and_query() {
     // A finite random bias that differs by sample, head, query and key (a
     // relative-position or causal bias) takes the unfused path: scale the
     // scores, add the bias, softmax.
-    use kiln::models::bert::multi_head_attention;
-    use kiln::models::Mode;
     let (b, t, h, heads) = (2, 4, 6, 3);
     let bias = random_vec(b * heads * t * t, 985, -2.0, 2.0);
     let bias64: Vec<f64> = bias.iter().map(|&v| f64::from(v)).collect();
-    grad_check(
+    attention_grad_check(
         "multi_head_attention, general bias",
-        &[
-            input(&[b, t, h], 986, -1.0, 1.0),
-            input(&[b, t, h], 987, -1.0, 1.0),
-            input(&[b, t, h], 988, -1.0, 1.0),
-        ],
-        |x| {
-            let bias = Tensor::from_slice(x[0].device(), &bias, &[b, heads, t, t])?;
-            multi_head_attention(&x[0], &x[1], &x[2], &bias, heads, 0.0, &mut Mode::eval())
-                .map_err(|e| kiln::graph::DeviceError::Backend(e.to_string()))
-        },
-        &|x: &[Vec<f64>]| {
-            let at = |bi: usize, head: usize, i: usize, j: usize| {
-                bias64[((bi * heads + head) * t + i) * t + j]
-            };
-            cpu_attention(x, &at, [b, t, h, heads])
-        },
+        [b, t, h, heads],
+        (bias, vec![b, heads, t, t]),
+        &|bi, head, i, j| bias64[((bi * heads + head) * t + i) * t + j],
+        986,
     );
 }
