@@ -26,6 +26,21 @@ fn input(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Input {
     }
 }
 
+/// Backpropagates `sum(y * r)` for a seeded random `r` and returns `r`: a
+/// random upstream gradient, which a backward pass that ignored it could
+/// not match (a constant one could).
+fn backward_weighted(y: &Tensor, seed: u64) -> Vec<f32> {
+    let r = random_vec(y.numel(), seed, -1.0, 1.0);
+    let weights = Tensor::from_slice(y.device(), &r, y.shape()).unwrap();
+    y.mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    r
+}
+
 /// Checks `gpu` against `cpu`: forward values, then the gradient of
 /// `sum(f(x) * r)` for fixed random weights `r` with respect to every input.
 fn grad_check(
@@ -72,14 +87,7 @@ fn grad_check_frozen(
         );
     }
 
-    let r = random_vec(want.len(), 999, -1.0, 1.0);
-    let weights = Tensor::from_slice(d, &r, y.shape()).unwrap();
-    y.mul(&weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let r = backward_weighted(&y, 999);
 
     let objective =
         |x: &[Vec<f64>]| -> f64 { cpu(x).iter().zip(&r).map(|(v, &w)| v * f64::from(w)).sum() };
@@ -1276,14 +1284,7 @@ fn dropout_is_seeded_scaled_and_differentiable() {
         "identity in eval"
     );
     // d(sum(y * r))/dx is r times the mask times 1/(1-p), for random r.
-    let r = random_vec(n, 91, -1.0, 1.0);
-    let weights = Tensor::from_slice(d, &r, &[n]).unwrap();
-    y.mul(&weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let r = backward_weighted(&y, 91);
     let g = x.grad().unwrap().to_vec().unwrap();
     for i in 0..n {
         let want = if yv[i] == 0.0 { 0.0 } else { r[i] / 0.7 };
@@ -1320,9 +1321,10 @@ fn f16_storage_converts_and_passes_gradients_through() {
     // there on its way back), into an f32 leaf and into an f16 one.
     use kiln::device::{half::f16, DType};
     let values = random_vec(21, 92, -4.0, 4.0);
-    let r = random_vec(21, 93, -1.0, 1.0);
-    let rounded: Vec<f32> = r.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-    let weights = Tensor::from_slice(d, &r, &[3, 7]).unwrap();
+    let rounded: Vec<f32> = random_vec(21, 93, -1.0, 1.0)
+        .iter()
+        .map(|&v| f16::from_f32(v).to_f32())
+        .collect();
     let x = Tensor::from_slice(d, &values, &[3, 7])
         .unwrap()
         .requires_grad(true);
@@ -1331,25 +1333,14 @@ fn f16_storage_converts_and_passes_gradients_through() {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    y.mul(&weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    backward_weighted(&y, 93);
     assert_eq!(x.grad().unwrap().to_vec().unwrap(), rounded);
     let x16 = Tensor::from_slice(d, &values, &[3, 7])
         .unwrap()
         .to_dtype(DType::F16)
         .unwrap()
         .requires_grad(true);
-    let y = x16.to_dtype(DType::F32).unwrap();
-    y.mul(&weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    backward_weighted(&x16.to_dtype(DType::F32).unwrap(), 93);
     let grad = x16.grad().unwrap();
     assert_eq!(grad.dtype(), DType::F16);
     assert_eq!(grad.to_vec().unwrap(), rounded);
