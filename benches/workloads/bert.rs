@@ -67,6 +67,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         &mut torch,
         "infer",
     )?;
+    super::maybe_profile(device, "MiniLM inference", infer)?;
 
     let (ids, mask) = batch(TRAIN_BATCH);
     let input = BertInput {
