@@ -46,13 +46,14 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory
 /// (named after this process and a count, so concurrent writers never share
-/// one), synced,
-/// then renamed over `path`: readers see the old file or the new one, never a
-/// partial one, even if the process is killed mid-write.
+/// one), synced, then renamed over `path`: readers see the old file or the
+/// new one, never a partial one, even if the process is killed mid-write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     // Process id and a per-process count: neither two processes nor two
     // threads saving the same path ever write the same temporary file.
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -69,14 +70,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         // is synced (where directories can be opened to sync: unix). Best
         // effort: the new file is in place either way.
         #[cfg(unix)]
-        if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-        }
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         Ok(())
     })();
     if result.is_err() {
