@@ -125,6 +125,59 @@ fn an_output_avoids_buffers_that_launches_held_for_fusion_still_read() {
 }
 
 #[test]
+fn a_submit_forced_while_held_launches_are_recorded_keeps_their_inputs_from_uploads() {
+    // Dispatch parameters go to a fixed arena; once it is full, the next
+    // dispatch submits what is recorded first. If that happens while
+    // `together` records its held launches, a buffer one of them still reads
+    // (dropped inside the block, so retired) must not be freed by that
+    // submit: an upload taking it would write it before the launch runs.
+    let d = Device::new().unwrap();
+    let small = d.upload(&random_vec(64, 20, -1.0, 1.0)).unwrap();
+    let filler = || drop(d.unary(UnaryOp::Neg, &small).unwrap());
+    // How many dispatches fill the arena: the count before one submits.
+    d.synchronize().unwrap();
+    let submits = d.dispatch_stats().submits;
+    let mut per_arena = 0;
+    while d.dispatch_stats().submits == submits {
+        filler();
+        per_arena += 1;
+    }
+    let per_arena = per_arena - 1;
+    // Fill it exactly, then hold a launch reading a buffer dropped at once.
+    d.synchronize().unwrap();
+    for _ in 0..per_arena {
+        filler();
+    }
+    let before = d.dispatch_stats().submits;
+    let n = 3001;
+    let p_values = random_vec(n, 21, -1.0, 1.0);
+    let y = d
+        .together(|| -> kiln::device::Result<_> {
+            let p = d.upload(&p_values)?;
+            let y = d.unary(UnaryOp::Neg, &p)?;
+            drop(p);
+            Ok(y)
+        })
+        .unwrap();
+    assert_eq!(
+        d.dispatch_stats().submits,
+        before + 1,
+        "recording the held launch should have submitted the full arena first"
+    );
+    // An upload of the same size, before y's dispatch is submitted.
+    let q = d.upload(&random_vec(n, 22, -1.0, 1.0)).unwrap();
+    let want: Vec<f32> = p_values.iter().map(|v| -v).collect();
+    let got = d.read::<f32>(&y).unwrap();
+    assert!(
+        got == want,
+        "the held launch read the later upload: starts {:?}, want {:?}",
+        &got[..3],
+        &want[..3]
+    );
+    drop(q);
+}
+
+#[test]
 fn dispatches_are_batched_into_one_submit_per_sync() {
     let d = Device::new().unwrap();
     let x = d.upload(&random_vec(1000, 2, -1.0, 1.0)).unwrap();

@@ -135,6 +135,10 @@ struct Recorder {
     stats: DispatchStats,
     /// Inside [`Device::together`]: launches held back to be fused.
     gathering: Option<Gathering>,
+    /// The buffers of held launches while they are being recorded: a submit
+    /// forced midway (the parameter arena full) must not free those whose
+    /// launches are still to be recorded after it.
+    emitting: Vec<wgpu::Buffer>,
 }
 
 /// The launches one thread holds back inside [`Device::together`]. Other
@@ -1158,7 +1162,10 @@ impl Device {
             Some(g) if !g.held.is_empty() => std::mem::take(&mut g.held),
             _ => return Ok(()),
         };
-        self.emit_fused(rec, launches)
+        rec.emitting = launches.iter().flat_map(|l| l.buffers.clone()).collect();
+        let emitted = self.emit_fused(rec, launches);
+        rec.emitting.clear();
+        emitted
     }
 
     /// Records `launches` as one fused dispatch where they fuse; else a chain
@@ -1462,7 +1469,7 @@ impl Device {
         rec.upload_bytes = 0;
         rec.stats.submits += 1;
         shared.pending.store(false, Ordering::Release);
-        lock(&shared.pool).on_submit();
+        lock(&shared.pool).on_submit(|b| rec.emitting.contains(b));
         Ok(())
     }
 

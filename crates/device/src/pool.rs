@@ -135,10 +135,19 @@ impl BufferPool {
         None
     }
 
-    /// After a submit, retired buffers may be written by uploads again.
-    pub fn on_submit(&mut self) {
-        for (bucket, mut buffers) in self.retired.drain() {
-            self.free.entry(bucket).or_default().append(&mut buffers);
+    /// After a submit, retired buffers may be written by uploads again,
+    /// except those `still_read` says commands not yet submitted will use
+    /// (launches being recorded across a submit): they stay retired until
+    /// the next one.
+    pub fn on_submit(&mut self, still_read: impl Fn(&wgpu::Buffer) -> bool) {
+        for (&bucket, retired) in self.retired.iter_mut() {
+            let done: Vec<wgpu::Buffer> =
+                retired.iter().filter(|b| !still_read(b)).cloned().collect();
+            let free = self.free.entry(bucket).or_default();
+            for buffer in done {
+                retired.remove(&buffer);
+                free.insert(buffer);
+            }
         }
     }
 
