@@ -178,6 +178,44 @@ fn a_submit_forced_while_held_launches_are_recorded_keeps_their_inputs_from_uplo
 }
 
 #[test]
+fn a_together_block_that_panics_still_ends_and_later_blocks_fuse_again() {
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(1024, 30, -1.0, 1.0)).unwrap();
+    let y = d.upload(&random_vec(1024, 31, -1.0, 1.0)).unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        d.together(|| -> kiln::device::Result<()> {
+            let _ = d.unary(UnaryOp::Neg, &x)?;
+            panic!("a bug in the block");
+        })
+    }));
+    assert!(panicked.is_err());
+    d.synchronize().unwrap();
+    // On another thread: a block left open would keep every other thread's
+    // blocks from gathering.
+    let before = d.dispatch_stats().dispatches;
+    let (nx, ny) = std::thread::scope(|s| {
+        s.spawn(|| {
+            d.together(|| -> kiln::device::Result<_> {
+                Ok((d.unary(UnaryOp::Neg, &x)?, d.unary(UnaryOp::Neg, &y)?))
+            })
+            .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    let negated = |seed| -> Vec<f32> {
+        random_vec(1024, seed, -1.0, 1.0)
+            .iter()
+            .map(|v| -v)
+            .collect()
+    };
+    assert_eq!(d.read::<f32>(&nx).unwrap(), negated(30));
+    assert_eq!(d.read::<f32>(&ny).unwrap(), negated(31));
+    let dispatches = d.dispatch_stats().dispatches - before;
+    assert_eq!(dispatches, if fusion_on() { 1 } else { 2 });
+}
+
+#[test]
 fn dispatches_are_batched_into_one_submit_per_sync() {
     let d = Device::new().unwrap();
     let x = d.upload(&random_vec(1000, 2, -1.0, 1.0)).unwrap();

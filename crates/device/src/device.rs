@@ -160,6 +160,27 @@ impl Recorder {
     }
 }
 
+/// Ends the outermost [`Device::together`] block: explicitly with `finish`,
+/// or when dropped during a panic in the block's work.
+struct EndGathering<'a>(&'a Device);
+
+impl EndGathering<'_> {
+    fn finish(self) -> Result<()> {
+        let ended = self.0.end_gathering();
+        std::mem::forget(self);
+        ended
+    }
+}
+
+impl Drop for EndGathering<'_> {
+    fn drop(&mut self) {
+        // Unwinding: the held launches are recorded as they came (what the
+        // block launched before its panic still runs, in order); an error
+        // here has nowhere to go.
+        let _ = self.0.end_gathering();
+    }
+}
+
 /// A dispatch held back by [`Device::together`].
 struct Launch {
     kernel: Kernel,
@@ -1145,14 +1166,22 @@ impl Device {
             }
             start
         };
+        // Ends the block even if `work` panics: otherwise gathering would
+        // stay on and no later block, on any thread, would gather again.
+        let guard = outer.then_some(EndGathering(self));
         let result = work();
-        if outer {
-            let mut rec = lock(&self.shared.recorder);
-            let emitted = self.emit_gathered(&mut rec);
-            rec.gathering = None;
-            emitted?;
+        if let Some(guard) = guard {
+            guard.finish()?;
         }
         result
+    }
+
+    /// Records the held launches and stops gathering.
+    fn end_gathering(&self) -> Result<()> {
+        let mut rec = lock(&self.shared.recorder);
+        let emitted = self.emit_gathered(&mut rec);
+        rec.gathering = None;
+        emitted
     }
 
     /// Records the held launches: fused into one dispatch where they can be,
