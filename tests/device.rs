@@ -216,6 +216,25 @@ fn a_together_block_that_panics_still_ends_and_later_blocks_fuse_again() {
 }
 
 #[test]
+fn trimming_the_pool_spares_buffers_that_recorded_work_still_reads() {
+    // x is dropped after a dispatch that reads it is recorded, not yet
+    // submitted: trimming must not destroy its buffer under that dispatch.
+    let d = Device::new().unwrap();
+    let values = random_vec(4096, 40, -1.0, 1.0);
+    let x = d.upload(&values).unwrap();
+    d.synchronize().unwrap();
+    let y = d.unary(UnaryOp::Neg, &x).unwrap();
+    drop(x);
+    d.trim_pool();
+    let want: Vec<f32> = values.iter().map(|v| -v).collect();
+    assert_eq!(d.read::<f32>(&y).unwrap(), want);
+    // Idle buffers are gone afterwards; the pool works on.
+    d.trim_pool();
+    let z = d.upload(&values).unwrap();
+    assert_eq!(d.read::<f32>(&z).unwrap(), values);
+}
+
+#[test]
 fn dispatches_are_batched_into_one_submit_per_sync() {
     let d = Device::new().unwrap();
     let x = d.upload(&random_vec(1000, 2, -1.0, 1.0)).unwrap();

@@ -151,12 +151,15 @@ impl BufferPool {
         }
     }
 
-    /// Drops every idle buffer.
+    /// Lets go of every idle buffer: free ones are destroyed at once;
+    /// retired ones, which recorded but unsubmitted commands may still read,
+    /// are only dropped (wgpu frees them once that work is done; destroying
+    /// them would fail its submit).
     pub fn trim(&mut self) {
-        let idle = self.free.drain().chain(self.retired.drain());
-        for buffer in idle.flat_map(|(_, buffers)| buffers) {
+        for buffer in self.free.drain().flat_map(|(_, buffers)| buffers) {
             buffer.destroy();
         }
+        self.retired.clear();
         self.stats.cached_bytes = 0;
     }
 
