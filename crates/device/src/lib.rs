@@ -58,3 +58,12 @@ pub use pool::{bucket_size, PoolStats};
 pub use profile::KernelTime;
 pub use tuning::{MatmulTiling, Tuning};
 pub use wgpu;
+
+// Devices and their buffers are shared across threads (one device serving
+// several training or inference threads): a change that loses Send or Sync
+// fails to compile here rather than in users' code.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Device>();
+    shareable::<GpuBuffer>();
+};
