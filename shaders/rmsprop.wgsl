@@ -1,4 +1,5 @@
-// RMSProp's update of one element (PyTorch / Keras form), for the grouped
+// RMSProp's update of one element (PyTorch's form: eps outside the square
+// root; Keras puts it inside, sqrt(s + eps)), for the grouped
 // optimizer kernel (see crates/graph/src/optim.rs):
 //   g = grad + weight_decay * p
 //   s = alpha * s + (1 - alpha) * g^2

@@ -568,9 +568,9 @@ fn train(
         }
     }
     println!(
-        "training on {} samples ({} for validation), batch {}, {} epochs, on {}",
+        "training on {} samples ({} of them for validation), batch {}, {} epochs, on {}",
         train.len(),
-        (train.len() as f32 * options.validation_split).round(),
+        train.validation_size(options.validation_split),
         options.batch_size,
         options.epochs,
         device.adapter_info().name

@@ -693,3 +693,61 @@ fn early_stopping_counts_patience_across_a_resume_as_an_unbroken_run_would() {
     assert!(resumed.fit(&data, &options(10)).unwrap().epochs.is_empty());
     assert_eq!(resumed.epochs_done, 3);
 }
+
+#[test]
+fn validation_split_holds_out_what_keras_does() {
+    // Keras trains on the first floor(n * (1 - split)) samples and validates
+    // on the rest, taken before shuffling.
+    use kiln::data::Dataset;
+    let dataset = |n: usize| {
+        let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        Dataset::new(1, x, vec![0; n], 1).unwrap()
+    };
+    for (n, split, held_out) in [
+        (10, 0.33, 4),
+        (10, 0.0, 0),
+        (60_000, 0.1, 6_000),
+        (50_000, 0.2, 10_000),
+        (7, 0.5, 4),
+    ] {
+        let data = dataset(n);
+        assert_eq!(data.validation_size(split), held_out, "{n} x {split}");
+        let (train, validation) = data.split_validation(split).unwrap();
+        assert_eq!(validation.len(), held_out, "{n} x {split}");
+        assert_eq!(
+            train.x,
+            data.x[..n - held_out],
+            "{n} x {split}: the first ones train"
+        );
+    }
+}
+
+#[test]
+fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
+    // Keras users end classifiers in softmax; the trainer's losses apply it
+    // themselves, so such a model would train through two softmaxes.
+    use kiln::data::Dataset;
+    use kiln::models::{Activation, Dense, Sequential};
+    use kiln::train::{FitOptions, Trainer};
+    let d = device();
+    let (x, y) = circle_data(32, 84);
+    let data = Dataset::new(2, x.clone(), y, 2).unwrap();
+    let model = Sequential::new()
+        .push(Dense::new(d, 2, 8, Activation::Relu, 0).unwrap())
+        .push(Dense::new(d, 8, 2, Activation::Softmax, 1).unwrap());
+    let optimizer = Sgd::new(model.parameters(), 0.1);
+    let mut trainer = Trainer::new(model, optimizer, d);
+    let options = FitOptions {
+        epochs: 1,
+        progress: false,
+        log_epochs: false,
+        ..Default::default()
+    };
+    for err in [
+        trainer.fit(&data, &options).unwrap_err(),
+        trainer.evaluate(&data, 16).unwrap_err(),
+        trainer.predict(&x, 2).unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("Activation::None"), "{err}");
+    }
+}

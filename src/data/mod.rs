@@ -157,9 +157,19 @@ impl Dataset {
                 "validation_split must be in [0, 1), got {fraction}"
             )));
         }
-        let val = (self.len() as f64 * f64::from(fraction)).round() as usize;
-        let cut = self.len() - val;
+        let cut = self.len() - self.validation_size(fraction);
         Ok((self.slice(0..cut), self.slice(cut..self.len())))
+    }
+
+    /// How many samples [`Dataset::split_validation`] holds out: as Keras,
+    /// all but the first `floor(len * (1 - fraction))`.
+    pub fn validation_size(&self, fraction: f32) -> usize {
+        // The fraction as written (0.1, not f32's 0.100000001): Keras
+        // computes in f64 from the decimal, and the floor would otherwise
+        // move a sample (60,000 x 0.1 held out 6,001).
+        let fraction: f64 = fraction.to_string().parse().unwrap_or(f64::from(fraction));
+        let train = (self.len() as f64 * (1.0 - fraction)).floor() as usize;
+        self.len() - train.min(self.len())
     }
 
     /// Copies the samples `indices` into `x_out` / `y_out` (reused between

@@ -309,12 +309,33 @@ impl<O: Optimizer> Trainer<O> {
     }
 
     fn check_data(&self, data: &Dataset, batch_size: usize) -> Result<()> {
+        self.check_outputs_logits()?;
         data.validate()?;
         if batch_size == 0 || data.is_empty() {
             return Err(ModelError::Device(kiln_graph::DeviceError::Shape {
                 op: "fit",
                 message: format!("batch size {batch_size} over {} samples", data.len()),
             }));
+        }
+        Ok(())
+    }
+
+    /// The losses (and `predict`) apply softmax to the model's output
+    /// themselves: a model ending in one would be trained through two
+    /// (Keras's `from_logits=False` habit), with flat gradients and no
+    /// error, so it is refused.
+    fn check_outputs_logits(&self) -> Result<()> {
+        if self
+            .model
+            .layers()
+            .last()
+            .is_some_and(|l| l.outputs_probabilities())
+        {
+            return Err(ModelError::Invalid(
+                "the model's last layer applies softmax, but the trainer's losses take logits \
+                 and apply it themselves: give the output layer Activation::None"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -456,6 +477,7 @@ impl<O: Optimizer> Trainer<O> {
 
     /// Class probabilities (softmax of the logits) for `n` samples of `x`.
     pub fn predict(&self, x: &[f32], features: usize) -> Result<Vec<f32>> {
+        self.check_outputs_logits()?;
         let _guard = kiln_graph::NoGradGuard::new();
         let n = x.len() / features.max(1);
         let input = Tensor::from_slice(&self.device, x, &[n, features])?;

@@ -556,8 +556,11 @@ impl Optimizer for Adam {
     }
 }
 
-/// RMSProp with optional momentum and L2 weight decay (PyTorch's defaults:
-/// alpha 0.99, eps 1e-8; Keras uses rho = alpha = 0.9, eps 1e-7).
+/// RMSProp with optional momentum and L2 weight decay, as PyTorch computes
+/// it: `g / (sqrt(s) + eps)`, with its defaults alpha 0.99 and eps 1e-8.
+/// Keras differs in both: rho = alpha = 0.9, and eps 1e-7 inside the root,
+/// `g / sqrt(s + eps)`, which bounds the step where gradients are tiny far
+/// more (for Keras-like steps there, raise eps to about its square root).
 pub struct RmsProp {
     params: Vec<Tensor>,
     lr: f32,

@@ -64,6 +64,11 @@ pub trait Layer: Send + Sync {
     }
     /// Per-sample output shape for a per-sample input shape, for summaries.
     fn output_shape(&self, input: &[usize]) -> Vec<usize>;
+    /// Whether the output is a softmax's probabilities rather than logits
+    /// (a training loop whose losses take logits refuses such a model).
+    fn outputs_probabilities(&self) -> bool {
+        false
+    }
 }
 
 /// Elementwise activation applied after a layer.
@@ -199,6 +204,10 @@ impl Layer for Dense {
 
     fn forward(&self, x: &Tensor, _mode: &mut Mode) -> Result<Tensor, ModelError> {
         Ok(self.activation.apply_dense(x, &self.weight, &self.bias)?)
+    }
+
+    fn outputs_probabilities(&self) -> bool {
+        self.activation == Activation::Softmax
     }
 
     fn params(&self) -> Vec<(&'static str, Tensor)> {
@@ -473,7 +482,8 @@ impl Layer for GlobalAvgPool2D {
 ///
 /// Training mode normalises with the batch's statistics and updates the running
 /// ones: `running = (1 - momentum) * running + momentum * batch` (PyTorch's
-/// convention: momentum 0.1 equals Keras's 0.99), with the unbiased batch
+/// convention, the complement of Keras's: momentum 0.1 here is Keras's 0.9,
+/// and Keras's default 0.99 is 0.01 here), with the unbiased batch
 /// variance. Evaluation mode normalises with the running statistics. `gamma`
 /// starts at one, `beta` at zero; the running mean at zero and variance at one.
 pub struct BatchNorm2D {

@@ -27,8 +27,8 @@ pub struct CrossEntropyOutput {
     /// itself: up to 1024 rows of fewer than 512 classes, a classifier's
     /// batch. Otherwise the caller reduces `row_loss`.
     pub total: Option<GpuBuffer>,
-    /// With `total`: how many rows' label has the largest logit (ties
-    /// count), a classifier's correct predictions, as one f32.
+    /// With `total`: how many rows' label is the argmax of their logits (the
+    /// first of tied maxima), a classifier's correct predictions, as one f32.
     pub hits: Option<GpuBuffer>,
     /// Whether the kernel added the batch to the tally it was given (see
     /// [`Device::softmax_cross_entropy_tallied`]): exactly when it computed

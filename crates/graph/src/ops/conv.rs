@@ -35,7 +35,11 @@ impl Default for Conv2d {
 }
 
 impl Conv2d {
-    /// Keras's `padding="same"` for stride 1: pad so the output keeps the size.
+    /// Keras's `padding="same"` for stride 1 and odd kernels: `(k - 1) / 2`
+    /// on each side, so the output keeps the input's size. An even kernel
+    /// would need one more row and column at the bottom and right than at
+    /// the top and left, which this symmetric padding cannot express: pad
+    /// the input with [`Tensor::pad2d_with`] first and convolve unpadded.
     pub fn same(kernel: [usize; 2]) -> Self {
         Self {
             // (A zero kernel is conv2d's error to report.)
