@@ -259,6 +259,13 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
     };
     let model = BertClassifier::new(Bert::new(d, config, 5).unwrap(), 2, 6).unwrap();
     model.freeze(1);
+    // Weight decay splits the trainable encoder as Hugging Face does: layer
+    // 1's six weight matrices decay; its six biases and two layer norms'
+    // scales and shifts do not (the pooler, unused under mean pooling, is
+    // frozen).
+    let (decayed, not_decayed) = model.trainable_encoder_parameters_by_decay();
+    assert_eq!((decayed.len(), not_decayed.len()), (6, 10));
+    assert!(decayed.iter().all(|t| t.rank() == 2) && not_decayed.iter().all(|t| t.rank() == 1));
     let frozen_before = model.bert.named_parameters()[..8]
         .iter()
         .map(|(_, t)| t.to_vec().unwrap())

@@ -23,7 +23,9 @@ pub struct FinetuneOptions {
     pub lr: f32,
     /// Learning rate of the freshly initialised head (Adam).
     pub head_lr: f32,
-    /// AdamW's decoupled weight decay of the encoder's parameters (default 0.01).
+    /// AdamW's decoupled weight decay of the encoder's weight matrices and
+    /// embedding tables (default 0.01); biases and layer norms are not
+    /// decayed, as in Hugging Face's fine-tuning scripts.
     pub weight_decay: f32,
     /// Steps of linear warm-up of the encoder's rate (then cosine decay to 0).
     pub warmup_steps: usize,
@@ -95,11 +97,9 @@ pub fn finetune(
     }
     super::check_learning_rate("encoder learning rate", options.lr)?;
     super::check_learning_rate("head learning rate", options.head_lr)?;
-    let mut encoder = Adam::adamw(
-        model.trainable_encoder_parameters(),
-        options.lr,
-        options.weight_decay,
-    );
+    let (decayed, not_decayed) = model.trainable_encoder_parameters_by_decay();
+    let mut encoder = Adam::adamw(decayed, options.lr, options.weight_decay);
+    let mut encoder_no_decay = Adam::adamw(not_decayed, options.lr, 0.0);
     let mut head = Adam::new(model.head_parameters(), options.head_lr);
     // Warm-up, then cosine decay to zero over the remaining steps.
     let total_steps = options.epochs * texts.len().div_ceil(options.batch_size);
@@ -139,18 +139,21 @@ pub fn finetune(
                 let logits = model.forward(&input, &mut Mode::training(seed))?;
                 let l = loss::cross_entropy(&logits, &batch_labels)?;
                 encoder.zero_grad();
+                encoder_no_decay.zero_grad();
                 head.zero_grad();
                 encoder.set_learning_rate(schedule.lr(step));
+                encoder_no_decay.set_learning_rate(schedule.lr(step));
                 match &mut scaler {
                     Some(scaler) => {
                         scaler.backward(&l)?;
                         clip_grad_norm(&all_params, options.clip_norm * scaler.scale())?;
-                        scaler.step_all(&mut [&mut encoder, &mut head])?;
+                        scaler.step_all(&mut [&mut encoder, &mut encoder_no_decay, &mut head])?;
                     }
                     None => {
                         l.backward()?;
                         clip_grad_norm(&all_params, options.clip_norm)?;
                         encoder.step()?;
+                        encoder_no_decay.step()?;
                         head.step()?;
                     }
                 }

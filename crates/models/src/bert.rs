@@ -709,6 +709,21 @@ impl BertClassifier {
             .collect()
     }
 
+    /// [`BertClassifier::trainable_encoder_parameters`] split as Hugging
+    /// Face's fine-tuning scripts split them for weight decay: the weight
+    /// matrices and embedding tables (decayed), then the biases and layer
+    /// norms' scales and shifts (not decayed).
+    pub fn trainable_encoder_parameters_by_decay(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        let (decayed, not): (Vec<_>, Vec<_>) = self
+            .bert
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.is_requires_grad())
+            .partition(|(name, _)| !name.ends_with(".bias") && !name.contains("LayerNorm"));
+        let tensors = |v: Vec<(String, Tensor)>| v.into_iter().map(|(_, t)| t).collect();
+        (tensors(decayed), tensors(not))
+    }
+
     /// The head's weight and bias.
     pub fn head_parameters(&self) -> Vec<Tensor> {
         vec![self.head.weight.clone(), self.head.bias.clone()]
