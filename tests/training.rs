@@ -547,25 +547,38 @@ fn clipping_many_gradients_matches_their_global_norm() {
     }
 }
 
+/// The trainer tests' model: the zoo's MLP on the two circle features, SGD
+/// at `lr`.
+fn circle_trainer(lr: f32) -> kiln::train::Trainer<Sgd> {
+    let d = device();
+    let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
+    let optimizer = Sgd::new(model.parameters(), lr);
+    kiln::train::Trainer::new(model, optimizer, d)
+}
+
+/// Options for `epochs` silent epochs of batches of `batch_size`.
+fn quiet(epochs: usize, batch_size: usize) -> kiln::train::FitOptions {
+    kiln::train::FitOptions {
+        epochs,
+        batch_size,
+        progress: false,
+        log_epochs: false,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
     use kiln::data::Dataset;
-    use kiln::train::{FitOptions, Trainer};
-    let d = device();
+    use kiln::train::FitOptions;
     let (x, y) = circle_data(256, 80);
     let data = Dataset::new(2, x, y, 2).unwrap();
-    let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
-    let optimizer = Sgd::new(model.parameters(), 0.1);
-    let mut trainer = Trainer::new(model, optimizer, d);
+    let mut trainer = circle_trainer(0.1);
     let dir = std::env::temp_dir().join(format!("kiln-diverge-{}", std::process::id()));
     let path = dir.join("checkpoint.safetensors");
     let options = FitOptions {
-        epochs: 1,
-        batch_size: 32,
-        progress: false,
-        log_epochs: false,
         checkpoint: Some(path.clone()),
-        ..Default::default()
+        ..quiet(1, 32)
     };
     trainer.fit(&data, &options).unwrap();
     let saved = std::fs::read(&path).unwrap();
@@ -587,19 +600,9 @@ fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
 #[test]
 fn datasets_built_field_by_field_are_checked_before_training() {
     use kiln::data::Dataset;
-    use kiln::train::{FitOptions, Trainer};
-    let d = device();
     let (x, y) = circle_data(64, 81);
-    let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
-    let optimizer = Sgd::new(model.parameters(), 0.1);
-    let mut trainer = Trainer::new(model, optimizer, d);
-    let options = FitOptions {
-        epochs: 1,
-        batch_size: 16,
-        progress: false,
-        log_epochs: false,
-        ..Default::default()
-    };
+    let mut trainer = circle_trainer(0.1);
+    let options = quiet(1, 16);
     let short = Dataset {
         x: x[..x.len() - 1].to_vec(),
         ..Dataset::new(2, x.clone(), y.clone(), 2).unwrap()
@@ -658,27 +661,18 @@ fn accuracy_takes_the_first_of_tied_logits_as_the_prediction() {
 #[test]
 fn early_stopping_counts_patience_across_a_resume_as_an_unbroken_run_would() {
     use kiln::data::Dataset;
-    use kiln::train::{EarlyStopping, FitOptions, Trainer};
-    let d = device();
+    use kiln::train::{EarlyStopping, FitOptions};
     let (x, y) = circle_data(64, 83);
     let data = Dataset::new(2, x, y, 2).unwrap();
     // A rate too small to improve the loss by min_delta: every epoch after
     // the first counts against the patience of 2, so runs stop after 3.
-    let trainer = || {
-        let model = kiln::zoo::mlp(d, 2, 2, 0).unwrap();
-        let optimizer = Sgd::new(model.parameters(), 1e-20);
-        Trainer::new(model, optimizer, d)
-    };
+    let trainer = || circle_trainer(1e-20);
     let options = |epochs| FitOptions {
-        epochs,
-        batch_size: 32,
-        progress: false,
-        log_epochs: false,
         early_stopping: Some(EarlyStopping {
             patience: 2,
             min_delta: 0.1,
         }),
-        ..Default::default()
+        ..quiet(epochs, 32)
     };
     let mut unbroken = trainer();
     assert_eq!(unbroken.fit(&data, &options(10)).unwrap().epochs.len(), 3);
@@ -728,7 +722,7 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
     // themselves, so such a model would train through two softmaxes.
     use kiln::data::Dataset;
     use kiln::models::{Activation, Dense, Sequential};
-    use kiln::train::{FitOptions, Trainer};
+    use kiln::train::Trainer;
     let d = device();
     let (x, y) = circle_data(32, 84);
     let data = Dataset::new(2, x.clone(), y, 2).unwrap();
@@ -737,12 +731,7 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
         .push(Dense::new(d, 8, 2, Activation::Softmax, 1).unwrap());
     let optimizer = Sgd::new(model.parameters(), 0.1);
     let mut trainer = Trainer::new(model, optimizer, d);
-    let options = FitOptions {
-        epochs: 1,
-        progress: false,
-        log_epochs: false,
-        ..Default::default()
-    };
+    let options = quiet(1, 32);
     for err in [
         trainer.fit(&data, &options).unwrap_err(),
         trainer.evaluate(&data, 16).unwrap_err(),
