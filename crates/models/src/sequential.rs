@@ -131,19 +131,13 @@ impl Sequential {
                 (layer.kind(), format!("{shape:?}"), params)
             })
             .collect();
-        // Columns as wide as their longest entry, so every row lines up.
-        let kind_width = rows
-            .iter()
-            .map(|r| r.0.len())
-            .chain([11])
-            .max()
-            .unwrap_or(11);
-        let dims_width = rows
-            .iter()
-            .map(|r| r.1.len())
-            .chain([14])
-            .max()
-            .unwrap_or(14);
+        // Columns as wide as their longest entry (at least `least`), so
+        // every row lines up.
+        let width = |least: usize, len: fn(&(&str, String, usize)) -> usize| {
+            rows.iter().map(len).fold(least, usize::max)
+        };
+        let kind_width = width(11, |r| r.0.len());
+        let dims_width = width(14, |r| r.1.len());
         let mut out = format!(
             "{:<6} {:<kind_width$} {:>dims_width$} {:>10}\n",
             "layer", "kind", "output", "params"
