@@ -449,11 +449,12 @@ impl<O: Optimizer> Trainer<O> {
             if let Some(path) = &options.checkpoint {
                 self.save_checkpoint(path)?;
             }
-            history.epochs.push(stats.clone());
-            if let Some(es) = options.early_stopping {
-                if patience.exhausted_by(monitored(&stats), es) {
-                    break;
-                }
+            let stop = options
+                .early_stopping
+                .is_some_and(|es| patience.exhausted_by(monitored(&stats), es));
+            history.epochs.push(stats);
+            if stop {
+                break;
             }
         }
         Ok(history)
