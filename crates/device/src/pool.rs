@@ -141,9 +141,14 @@ impl BufferPool {
     /// the next one.
     pub fn on_submit(&mut self, still_read: impl Fn(&wgpu::Buffer) -> bool) {
         for (&bucket, retired) in self.retired.iter_mut() {
+            let free = self.free.entry(bucket).or_default();
+            // Usually nothing is still read: the whole bucket moves at once.
+            if !retired.iter().any(&still_read) {
+                free.append(retired);
+                continue;
+            }
             let done: Vec<wgpu::Buffer> =
                 retired.iter().filter(|b| !still_read(b)).cloned().collect();
-            let free = self.free.entry(bucket).or_default();
             for buffer in done {
                 retired.remove(&buffer);
                 free.insert(buffer);
