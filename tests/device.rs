@@ -4,8 +4,8 @@ mod common;
 
 use common::{device, random_vec};
 use kiln::device::{
-    Device, Elementwise, GpuBuffer, Matmul, MatmulTiling, Operand, Reduce, ReduceOp, Tuning,
-    UnaryOp,
+    Device, DeviceError, Elementwise, GpuBuffer, Matmul, MatmulTiling, Operand, Reduce, ReduceOp,
+    Tuning, UnaryOp,
 };
 
 /// One "training-like" step: upload a batch, two layers, a reduction, a readback.
@@ -286,6 +286,48 @@ fn profiling_times_each_kernel_by_the_devices_clock_where_it_has_one() {
             "{entry:?} in {wall} s"
         );
     }
+}
+
+#[test]
+fn profiling_while_another_thread_submits_and_reads_raises_no_error() {
+    // The autotuner profiles on first use of a product, whatever other
+    // threads do: their submits must not copy timestamps into the read-back
+    // buffer while the profiling thread has it mapped (a validation error
+    // on whichever thread submitted next).
+    let d = Device::new().unwrap();
+    let x = random_vec(4096, 8, -2.0, 2.0);
+    let want: Vec<f32> = x.iter().map(|v| -v).collect();
+    let gx = d.upload(&x).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let y = d.unary(UnaryOp::Neg, &gx).unwrap();
+                assert_eq!(d.read::<f32>(&y).unwrap(), want);
+                reads += 1;
+            }
+            reads
+        });
+        let profiled = (|| -> Result<(), DeviceError> {
+            for _ in 0..40 {
+                d.set_profiling(true)?;
+                for _ in 0..10 {
+                    let y = d.unary(UnaryOp::Exp, &gx)?;
+                    drop(d.unary(UnaryOp::Neg, &y)?);
+                }
+                d.synchronize()?;
+                d.set_profiling(false)?;
+            }
+            Ok(())
+        })();
+        // Stopped whatever happened, so that a failure cannot leave the
+        // reader running.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = reader.join();
+        profiled.unwrap();
+        assert!(reads.unwrap() > 0);
+    });
 }
 
 #[test]

@@ -599,6 +599,9 @@ impl Device {
 
     /// Turns per-kernel timing on (clearing earlier times) or off. While on,
     /// each dispatch is submitted alone and waited for; see [`Device::profile`].
+    /// It is on for the whole device: other threads' dispatches meanwhile are
+    /// timed too, and one that lands in the same submit can be counted in
+    /// another kernel's time, so profile one thread's work at a time.
     pub fn set_profiling(&self, on: bool) -> Result<()> {
         self.synchronize()?;
         *lock(&self.shared.profile) =
@@ -1492,8 +1495,11 @@ impl Device {
         if let Some(stamps) = stamps {
             stamps.resolve(&mut encoder);
         }
-        drop(profile);
+        // The lock is held until the submit is queued: a thread reading the
+        // last timestamps maps their buffer under it, and a submit that
+        // copies into the buffer while it is mapped fails validation.
         shared.queue.submit([encoder.finish()]);
+        drop(profile);
         rec.params.clear();
         rec.upload_bytes = 0;
         rec.stats.submits += 1;
