@@ -1,12 +1,15 @@
 // C[z] = op(A[z]) * op(B[z]) with shared-memory tiles, for real GPUs.
 //
 // Prepended by the host: BM, BN, BK (block of C and depth of a k step), TM, TN
-// (outputs per invocation), TMN = TM * TN, WG_X = BN / TN, WG_Y = BM / TM,
+// (outputs per invocation), WG_X = BN / TN, WG_Y = BM / TM,
 // THREADS = WG_X * WG_Y, TRANS_A, TRANS_B. Same operand layout as
 // matmul_register.wgsl.
 // An invocation owns rows lid.y + i * WG_Y and columns lid.x + j * WG_X of the
 // block: neighbouring invocations read neighbouring shared-memory words (no bank
 // conflicts) and write neighbouring words of C (coalesced).
+// The accumulators are named variables and the multiply and the final store
+// are generated unrolled over them (ACCUMULATORS, MULTIPLY, STORE; see
+// kernels/matmul.rs), as in matmul_shared_vec4.wgsl, which says why.
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their loaders load_a / load_b (f32 or f16
@@ -17,6 +20,14 @@
 
 var<workgroup> a_tile: array<f32, BK_BM>; // [k][m]
 var<workgroup> b_tile: array<f32, BK_BN>; // [k][n]
+
+// Stores element (r, col) through the epilogue if it lies inside C.
+fn store_one(c_base: u32, r: u32, col: u32, v: f32) {
+    if (r < p.m && col < p.n) {
+        let index = c_base + c_index(r, col);
+        c[index] = epilogue(v, index, col);
+    }
+}
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(
@@ -30,7 +41,7 @@ fn main(
     let a_base = z * p.a_batch;
     let b_base = z * p.b_batch;
 
-    var acc: array<f32, TMN>;
+{{ACCUMULATORS}}
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         // Stage the tiles, reading global memory along its contiguous axis.
         for (var l = lidx; l < BK_BM; l += THREADS) {
@@ -71,35 +82,10 @@ fn main(
         }
         workgroupBarrier();
 
-        for (var kk = 0u; kk < BK; kk++) {
-            var av: array<f32, TM>;
-            for (var i = 0u; i < TM; i++) {
-                av[i] = a_tile[kk * BM + lid.y + i * WG_Y];
-            }
-            var bv: array<f32, TN>;
-            for (var j = 0u; j < TN; j++) {
-                bv[j] = b_tile[kk * BN + lid.x + j * WG_X];
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] += av[i] * bv[j];
-                }
-            }
-        }
+{{MULTIPLY}}
         workgroupBarrier();
     }
 
     let c_base = z * p.c_batch;
-    for (var i = 0u; i < TM; i++) {
-        let r = row_base + lid.y + i * WG_Y;
-        if (r < p.m) {
-            for (var j = 0u; j < TN; j++) {
-                let col = col_base + lid.x + j * WG_X;
-                if (col < p.n) {
-                    let index = c_base + c_index(r, col);
-                    c[index] = epilogue(acc[i * TN + j], index, col);
-                }
-            }
-        }
-    }
+{{STORE}}
 }

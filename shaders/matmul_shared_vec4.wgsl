@@ -5,7 +5,7 @@
 //
 // Prepended by the host: BM, BN, BK, TM, TN as in matmul_shared.wgsl (TM, TN
 // and BK multiples of 4), BM4 = BM / 4, BN4 = BN / 4, BK4 = BK / 4,
-// TM4 = TM / 4, TN4 = TN / 4, ACC = TM * TN4, WG_X = BN / TN, WG_Y = BM / TM,
+// TM4 = TM / 4, TN4 = TN / 4, WG_X = BN / TN, WG_Y = BM / TM,
 // THREADS = WG_X * WG_Y, A_FETCHES = ceil(BK * BM4 / THREADS) and B_FETCHES
 // likewise (an invocation's vec4 loads per tile), TRANS_A, TRANS_B,
 // PIPELINED and STAGES (2 when PIPELINED, else 1), HALF_MATH and the tiles'
@@ -25,6 +25,14 @@
 // multiplied (its latency hidden behind the arithmetic) and stored into the
 // other buffer afterwards, with one barrier per tile. That is safe: the buffer
 // stored into was last read before the previous barrier.
+//
+// Each invocation's TM x TN accumulators are named variables, and the
+// multiply of a staged tile (a loop along its depth) and the final store are
+// generated unrolled over them (ACCUMULATORS, MULTIPLY, STORE; see
+// kernels/matmul.rs), so they stay in registers without relying on the
+// driver to unroll loops over an array (wgpu's loop counters, added to every
+// loop, can keep a driver from unrolling; an array indexed in a loop that is
+// not unrolled lives in slow local memory on GPUs).
 //
 // With HALF_MATH (f16 operands multiplied in f16, HalfLoads::NativeArithmetic)
 // the tiles hold f16, and each output's four k steps at a time are an f16
@@ -152,6 +160,17 @@ fn store(f: Fetched, stage: u32, lidx: u32) {
     }
 }
 
+// Stores four neighbouring columns of row `r`, from `col` on, through the
+// epilogue; those past the edge are skipped.
+fn store_quad(c_base: u32, r: u32, col: u32, v: vec4<f32>) {
+    for (var f = 0u; f < 4u; f++) {
+        if (col + f < p.n) {
+            let index = c_base + c_index(r, col + f);
+            c[index] = epilogue(v[f], index, col + f);
+        }
+    }
+}
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -165,7 +184,7 @@ fn main(
     let a_base = z * p.a_batch / 4u;
     let b_base = z * p.b_batch / 4u;
 
-    var acc: array<vec4<f32>, ACC>;
+{{ACCUMULATORS}}
     store(fetch(lidx, a_base, b_base, row_base, col_base, 0u), 0u, lidx);
     workgroupBarrier();
     var stage = 0u;
@@ -177,48 +196,7 @@ fn main(
         }
         let at = stage * A_TILE;
         let bt = B_TILES + stage * B_TILE;
-        if (HALF_MATH) {
-            for (var k4 = 0u; k4 < BK; k4 += 4u) {
-                var bv: array<vec4<Tile>, 4 * TN4>; // [k step][column quad]
-                var av: array<vec4<Tile>, 4 * TM4>; // [k step][row quad]
-                for (var t = 0u; t < 4u; t++) {
-                    for (var j = 0u; j < TN4; j++) {
-                        bv[t * TN4 + j] = tiles[bt + (k4 + t) * BN4 + lid.x + j * WG_X];
-                    }
-                    for (var i = 0u; i < TM4; i++) {
-                        av[t * TM4 + i] = tiles[at + (k4 + t) * BM4 + lid.y + i * WG_Y];
-                    }
-                }
-                for (var i = 0u; i < TM4; i++) {
-                    for (var e = 0u; e < 4u; e++) {
-                        for (var j = 0u; j < TN4; j++) {
-                            var part = vec4<Tile>(0.0);
-                            for (var t = 0u; t < 4u; t++) {
-                                part = fma(vec4<Tile>(av[t * TM4 + i][e]), bv[t * TN4 + j], part);
-                            }
-                            let slot = (4u * i + e) * TN4 + j;
-                            acc[slot] += vec4<f32>(part);
-                        }
-                    }
-                }
-            }
-        } else {
-            for (var kk = 0u; kk < BK; kk++) {
-                var bv: array<vec4<f32>, TN4>;
-                for (var j = 0u; j < TN4; j++) {
-                    bv[j] = vec4<f32>(tiles[bt + kk * BN4 + lid.x + j * WG_X]);
-                }
-                for (var i = 0u; i < TM4; i++) {
-                    let av = vec4<f32>(tiles[at + kk * BM4 + lid.y + i * WG_Y]);
-                    for (var e = 0u; e < 4u; e++) {
-                        for (var j = 0u; j < TN4; j++) {
-                            let slot = (4u * i + e) * TN4 + j;
-                            acc[slot] = fma(vec4<f32>(av[e]), bv[j], acc[slot]);
-                        }
-                    }
-                }
-            }
-        }
+{{MULTIPLY}}
         if (PIPELINED) {
             if (next < p.k) {
                 stage = 1u - stage;
@@ -234,21 +212,5 @@ fn main(
     }
 
     let c_base = z * p.c_batch;
-    for (var i = 0u; i < TM4; i++) {
-        for (var e = 0u; e < 4u; e++) {
-            let r = row_base + 4u * (lid.y + i * WG_Y) + e;
-            if (r < p.m) {
-                for (var j = 0u; j < TN4; j++) {
-                    let v = acc[(4u * i + e) * TN4 + j];
-                    for (var f = 0u; f < 4u; f++) {
-                        let col = col_base + 4u * (lid.x + j * WG_X) + f;
-                        if (col < p.n) {
-                            let index = c_base + c_index(r, col);
-                            c[index] = epilogue(v[f], index, col);
-                        }
-                    }
-                }
-            }
-        }
-    }
+{{STORE}}
 }

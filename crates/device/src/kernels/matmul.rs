@@ -1149,17 +1149,24 @@ fn specialise(
                     .constant_u32("BK4", bk / 4)
                     .constant_u32("TM4", tm / 4)
                     .constant_u32("TN4", tn / 4)
-                    .constant_u32("ACC", tm * tn / 4)
                     .constant_u32("A_FETCHES", (bk * bm / 4).div_ceil(threads))
                     .constant_u32("B_FETCHES", (bk * bn / 4).div_ceil(threads))
                     .constant_bool("PIPELINED", pipelined)
                     .constant_u32("STAGES", if pipelined { 2 } else { 1 })
                     .constant_bool("HALF_MATH", ops.half_arithmetic())
                     .alias("Tile", if ops.half_arithmetic() { "f16" } else { "f32" })
+                    .replace("ACCUMULATORS", &shared_accumulators(tm / 4, tn / 4))
+                    .replace(
+                        "MULTIPLY",
+                        &shared_multiply(tm / 4, tn / 4, ops.half_arithmetic()),
+                    )
+                    .replace("STORE", &shared_store(tm / 4, tn / 4))
             } else {
                 both.constant_u32("BK_BM", bk * bm)
                     .constant_u32("BK_BN", bk * bn)
-                    .constant_u32("TMN", tm * tn)
+                    .replace("ACCUMULATORS", &shared_scalar_accumulators(tm, tn))
+                    .replace("MULTIPLY", &shared_scalar_multiply(tm, tn))
+                    .replace("STORE", &shared_scalar_store(tm, tn))
             }
         }
     };
@@ -1442,6 +1449,154 @@ fn register_step(tm: u32, tn: u32) -> String {
     for i in 0..tm {
         for j in 0..tn {
             let _ = writeln!(s, "        acc_{i}_{j} += a_{i} * b_{j};");
+        }
+    }
+    s
+}
+
+/// The shared-memory vec4 kernel's accumulators: `acc_i_e_j` holds row
+/// `e` of the invocation's row quad `i` and its column quad `j`.
+fn shared_accumulators(tm4: u32, tn4: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm4 {
+        for e in 0..4 {
+            for j in 0..tn4 {
+                let _ = writeln!(s, "    var acc_{i}_{e}_{j} = vec4<f32>(0.0);");
+            }
+        }
+    }
+    s
+}
+
+/// The shared-memory vec4 kernel's multiply of one staged k tile (the A
+/// tile at vec4 `at` of `tiles`, the B tile at `bt`): a loop over the tile's
+/// depth, unrolled inside over the invocation's quads. With `half`, each
+/// four k steps of an output are an f16 multiply-add chain added to its f32
+/// accumulator, so that loop takes four k steps at a time. (Unrolling the
+/// depth as well made the kernels compile 1.5-2.5 times slower on lavapipe,
+/// which runs them in CI, to save one loop test per 16 to 64 multiply-adds.)
+fn shared_multiply(tm4: u32, tn4: u32, half: bool) -> String {
+    // The invocation's column quads of B and row quads of A at k step `kk`,
+    // named with `t`.
+    let loads = |s: &mut String, kk: &str, t: &str| {
+        for j in 0..tn4 {
+            let _ = writeln!(
+                s,
+                "            let b{t}_{j} = tiles[bt + ({kk}) * BN4 + lid.x + {j}u * WG_X];"
+            );
+        }
+        for i in 0..tm4 {
+            let _ = writeln!(
+                s,
+                "            let a{t}_{i} = tiles[at + ({kk}) * BM4 + lid.y + {i}u * WG_Y];"
+            );
+        }
+    };
+    let each_output = |s: &mut String, out: &dyn Fn(&str, u32, &str, u32) -> String| {
+        for i in 0..tm4 {
+            for (e, lane) in LANES.iter().enumerate() {
+                for j in 0..tn4 {
+                    let acc = format!("acc_{i}_{e}_{j}");
+                    let _ = writeln!(s, "            {}", out(&acc, i, lane, j));
+                }
+            }
+        }
+    };
+    let mut s = String::new();
+    if half {
+        s.push_str("        for (var k4 = 0u; k4 < BK; k4 += 4u) {\n");
+        for t in 0..4 {
+            loads(&mut s, &format!("k4 + {t}u"), &t.to_string());
+        }
+        each_output(&mut s, &|acc, i, lane, j| {
+            let mut part = "vec4<Tile>(0.0)".to_string();
+            for t in 0..4 {
+                part = format!("fma(vec4<Tile>(a{t}_{i}.{lane}), b{t}_{j}, {part})");
+            }
+            format!("{acc} += vec4<f32>({part});")
+        });
+    } else {
+        s.push_str("        for (var kk = 0u; kk < BK; kk++) {\n");
+        loads(&mut s, "kk", "");
+        each_output(&mut s, &|acc, i, lane, j| {
+            format!("{acc} = fma(vec4<f32>(a_{i}.{lane}), b_{j}, {acc});")
+        });
+    }
+    s.push_str("        }\n");
+    s
+}
+
+/// Stores the shared-memory vec4 kernel's accumulators, row by row, through
+/// the epilogue (`store_quad` skips what lies past the edge).
+fn shared_store(tm4: u32, tn4: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm4 {
+        for e in 0..4 {
+            let _ = writeln!(
+                s,
+                "    {{
+        let r = row_base + 4u * (lid.y + {i}u * WG_Y) + {e}u;
+        if (r < p.m) {{"
+            );
+            for j in 0..tn4 {
+                let _ = writeln!(
+                    s,
+                    "            store_quad(c_base, r, col_base + 4u * (lid.x + {j}u * WG_X), acc_{i}_{e}_{j});"
+                );
+            }
+            s.push_str(
+                "        }
+    }
+",
+            );
+        }
+    }
+    s
+}
+
+/// The scalar shared-memory kernel's accumulators: `acc_i_j` for the
+/// invocation's row `i` and column `j`.
+fn shared_scalar_accumulators(tm: u32, tn: u32) -> String {
+    let mut s = String::new();
+    zeroed_accumulators(&mut s, tm, tn);
+    s
+}
+
+/// The scalar shared-memory kernel's multiply of one staged k tile: a loop
+/// over its depth, unrolled inside over the invocation's rows and columns.
+fn shared_scalar_multiply(tm: u32, tn: u32) -> String {
+    let mut s = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
+    for i in 0..tm {
+        let _ = writeln!(
+            s,
+            "            let a_{i} = a_tile[kk * BM + lid.y + {i}u * WG_Y];"
+        );
+    }
+    for j in 0..tn {
+        let _ = writeln!(
+            s,
+            "            let b_{j} = b_tile[kk * BN + lid.x + {j}u * WG_X];"
+        );
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "            acc_{i}_{j} += a_{i} * b_{j};");
+        }
+    }
+    s.push_str("        }\n");
+    s
+}
+
+/// Stores the scalar shared-memory kernel's accumulators through the
+/// epilogue (`store_one` skips what lies outside C).
+fn shared_scalar_store(tm: u32, tn: u32) -> String {
+    let mut s = String::new();
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(
+                s,
+                "    store_one(c_base, row_base + lid.y + {i}u * WG_Y, col_base + lid.x + {j}u * WG_X, acc_{i}_{j});"
+            );
         }
     }
     s
