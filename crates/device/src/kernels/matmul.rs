@@ -1479,18 +1479,10 @@ fn shared_multiply(tm4: u32, tn4: u32, half: bool) -> String {
     // The invocation's column quads of B and row quads of A at k step `kk`,
     // named with `t`.
     let loads = |s: &mut String, kk: &str, t: &str| {
-        for j in 0..tn4 {
-            let _ = writeln!(
-                s,
-                "            let b{t}_{j} = tiles[bt + ({kk}) * BN4 + lid.x + {j}u * WG_X];"
-            );
-        }
-        for i in 0..tm4 {
-            let _ = writeln!(
-                s,
-                "            let a{t}_{i} = tiles[at + ({kk}) * BM4 + lid.y + {i}u * WG_Y];"
-            );
-        }
+        let b_row = format!("bt + ({kk}) * BN4 + lid.x");
+        tile_reads(s, &format!("b{t}"), tn4, "tiles", &b_row, "WG_X");
+        let a_row = format!("at + ({kk}) * BM4 + lid.y");
+        tile_reads(s, &format!("a{t}"), tm4, "tiles", &a_row, "WG_Y");
     };
     let each_output = |s: &mut String, out: &dyn Fn(&str, u32, &str, u32) -> String| {
         for i in 0..tm4 {
@@ -1554,6 +1546,18 @@ fn shared_store(tm4: u32, tn4: u32) -> String {
     s
 }
 
+/// Declares `{name}_{q}` for `q < count`: what the invocation reads from
+/// one k step of a k-major shared-memory tile, its `q`-th element (or quad)
+/// at `{tile}[{row} + q * {stride}]`.
+fn tile_reads(s: &mut String, name: &str, count: u32, tile: &str, row: &str, stride: &str) {
+    for q in 0..count {
+        let _ = writeln!(
+            s,
+            "            let {name}_{q} = {tile}[{row} + {q}u * {stride}];"
+        );
+    }
+}
+
 /// The scalar shared-memory kernel's accumulators: `acc_i_j` for the
 /// invocation's row `i` and column `j`.
 fn shared_scalar_accumulators(tm: u32, tn: u32) -> String {
@@ -1566,18 +1570,8 @@ fn shared_scalar_accumulators(tm: u32, tn: u32) -> String {
 /// over its depth, unrolled inside over the invocation's rows and columns.
 fn shared_scalar_multiply(tm: u32, tn: u32) -> String {
     let mut s = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
-    for i in 0..tm {
-        let _ = writeln!(
-            s,
-            "            let a_{i} = a_tile[kk * BM + lid.y + {i}u * WG_Y];"
-        );
-    }
-    for j in 0..tn {
-        let _ = writeln!(
-            s,
-            "            let b_{j} = b_tile[kk * BN + lid.x + {j}u * WG_X];"
-        );
-    }
+    tile_reads(&mut s, "a", tm, "a_tile", "kk * BM + lid.y", "WG_Y");
+    tile_reads(&mut s, "b", tn, "b_tile", "kk * BN + lid.x", "WG_X");
     for i in 0..tm {
         for j in 0..tn {
             let _ = writeln!(s, "            acc_{i}_{j} += a_{i} * b_{j};");
