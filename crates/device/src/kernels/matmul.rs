@@ -1526,9 +1526,7 @@ fn shared_store(tm4: u32, tn4: u32) -> String {
         for e in 0..4 {
             let _ = writeln!(
                 s,
-                "    {{
-        let r = row_base + 4u * (lid.y + {i}u * WG_Y) + {e}u;
-        if (r < p.m) {{"
+                "    {{\n        let r = row_base + 4u * (lid.y + {i}u * WG_Y) + {e}u;\n        if (r < p.m) {{"
             );
             for j in 0..tn4 {
                 let _ = writeln!(
@@ -1536,11 +1534,7 @@ fn shared_store(tm4: u32, tn4: u32) -> String {
                     "            store_quad(c_base, r, col_base + 4u * (lid.x + {j}u * WG_X), acc_{i}_{e}_{j});"
                 );
             }
-            s.push_str(
-                "        }
-    }
-",
-            );
+            s.push_str("        }\n    }\n");
         }
     }
     s
