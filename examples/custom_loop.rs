@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         let order = shuffled_indices(mnist.train.len(), epoch as u64);
         let mut last_loss = None;
         for (i, batch) in order.chunks(BATCH).enumerate() {
-            mnist.train.gather(batch, &mut xb, &mut yb);
+            mnist.train.gather(batch, &mut xb, &mut yb)?;
             let x = Tensor::from_slice(&device, &xb, &[yb.len(), 784])?;
             optimizer.set_learning_rate(schedule.lr(step));
             // Kernels launched inside `together` that do not depend on each
@@ -81,7 +81,7 @@ fn accuracy(device: &kiln::Device, model: &Sequential, data: &Dataset) -> anyhow
     let all: Vec<usize> = (0..data.len()).collect();
     let mut correct = 0;
     for batch in all.chunks(1000) {
-        data.gather(batch, &mut xb, &mut yb);
+        data.gather(batch, &mut xb, &mut yb)?;
         let x = Tensor::from_slice(device, &xb, &[yb.len(), data.features])?;
         let logits = model.forward(&x, &mut Mode::eval())?.to_vec()?;
         for (row, &label) in logits.chunks(data.classes).zip(&yb) {

@@ -50,6 +50,9 @@ impl TextClassifier {
     /// encoder config, tokenizer settings, labels), each atomically: an
     /// interrupted save leaves the previous files whole.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        // Checked first: a save that `open` would refuse must not replace
+        // good files.
+        self.classes()?;
         self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
         let metadata = HashMap::from([
             (MAX_LENGTH_KEY.into(), self.tokenizer.max_length.to_string()),
@@ -109,6 +112,7 @@ impl TextClassifier {
         texts: &[S],
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let classes = self.classes()?;
         let _guard = NoGradGuard::new();
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(batch_size.max(1)) {
@@ -118,8 +122,20 @@ impl TextClassifier {
                 .forward(&tokens.input(), &mut Mode::eval())?
                 .softmax()?
                 .to_vec()?;
-            out.extend(probabilities.chunks(self.labels.len()).map(<[f32]>::to_vec));
+            out.extend(probabilities.chunks(classes).map(<[f32]>::to_vec));
         }
         Ok(out)
+    }
+
+    /// The head's class count, which must be the number of labels.
+    fn classes(&self) -> Result<usize, ModelError> {
+        let classes = self.model.head.bias.shape()[0];
+        if self.labels.len() != classes || classes == 0 {
+            return Err(ModelError::Invalid(format!(
+                "{} labels for a {classes}-class head: give one name per class",
+                self.labels.len()
+            )));
+        }
+        Ok(classes)
     }
 }

@@ -301,6 +301,33 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
         progress: false,
         ..Default::default()
     };
+    // Labels the head has no class for are refused before any step, as is
+    // a clipping bound that would stop training.
+    let mut bad_labels = train_labels.clone();
+    bad_labels[3] = 2;
+    let err = finetune(&model, &tokenizer, &refs(&train), &bad_labels, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("label 2 (text 3) out of range for the head's 2 classes"),
+        "{err}"
+    );
+    let err = evaluate_classifier(&model, &tokenizer, &refs(&train), &bad_labels, 32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label 2 (text 3)"), "{err}");
+    let no_clip = FinetuneOptions {
+        clip_norm: 0.0,
+        ..options.clone()
+    };
+    let err = finetune(&model, &tokenizer, &refs(&train), &train_labels, &no_clip)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("clip_norm 0 must be above 0"), "{err}");
+    assert_eq!(
+        model.bert.layers[1].query.weight.to_vec().unwrap(),
+        top_before
+    );
     finetune(&model, &tokenizer, &refs(&train), &train_labels, &options).unwrap();
     let accuracy = evaluate_classifier(&model, &tokenizer, &refs(&test), &test_labels, 32).unwrap();
     assert!(accuracy >= 0.9, "accuracy {accuracy} on 64 held-out texts");
@@ -372,7 +399,21 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
         labels: vec!["only".into()],
         ..saved
     };
-    wrong.save(&dir).unwrap();
+    let err = wrong.save(&dir).unwrap_err().to_string();
+    assert!(err.contains("1 labels for a 3-class head"), "{err}");
+    assert!(wrong.predict(&texts, 1).is_err());
+    // The refused save left the good files; one written around the check
+    // is refused when opened.
+    assert_eq!(TextClassifier::open(d, &dir).unwrap().labels.len(), 3);
+    let metadata = std::collections::HashMap::from([
+        ("kiln.max_length".to_string(), "12".to_string()),
+        ("kiln.truncation".to_string(), "head".to_string()),
+        ("kiln.labels".to_string(), r#"["only"]"#.to_string()),
+    ]);
+    wrong
+        .model
+        .save_safetensors(&dir.join("model.safetensors"), &metadata)
+        .unwrap();
     let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
     assert!(err.contains("1 labels for a 3-class head"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

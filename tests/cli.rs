@@ -301,3 +301,34 @@ fn finetuning_refuses_to_write_over_its_pretrained_model() {
     assert!(!out.status.success());
     assert!(stderr.contains("pretrained model's directory"), "{stderr}");
 }
+
+#[test]
+fn resuming_on_another_dataset_is_refused_and_keeps_the_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-resume-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    let train = |dataset: &str, extra: &[&str]| {
+        kiln()
+            .args(["train", "mlp", "--dataset", dataset])
+            .args(["--limit-train", "256", "--limit-test", "64"])
+            .args(["--checkpoint", path.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = train("mnist", &["--epochs", "1"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let saved = std::fs::read(&path).unwrap();
+    let other = train("fashion-mnist", &["--resume", "--epochs", "2"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(
+        stderr.contains("dataset = mnist") && stderr.contains("dataset = fashion-mnist"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), saved);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

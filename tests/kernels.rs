@@ -717,6 +717,27 @@ fn matmul_with_empty_inner_dimension_is_zero() {
 }
 
 #[test]
+fn matmul_with_no_outputs_is_empty_on_every_path() {
+    // A zero-width layer's weight gradient is `A^T B` with n = 0, which GPU
+    // kernel classes would otherwise consider splitting along k.
+    let d = device();
+    let a = d.upload(&random_vec(4 * 3, 5, -1.0, 1.0)).unwrap();
+    let none = d.upload::<f32>(&[]).unwrap();
+    for spec in [
+        Matmul::new(3, 0, 4).transpose_a(true),
+        Matmul::new(0, 3, 4).transpose_b(true),
+        Matmul::new(3, 0, 4),
+    ] {
+        let (lhs, rhs) = match spec.m {
+            0 => (&none, &a),
+            _ => (&a, &none),
+        };
+        let c = d.matmul(lhs, rhs, &spec).unwrap();
+        assert!(d.read::<f32>(&c).unwrap().is_empty(), "{spec:?}");
+    }
+}
+
+#[test]
 fn matmul_rejects_mismatched_buffers_with_a_clear_error() {
     let d = device();
     let a = d.upload(&random_vec(12, 1, -1.0, 1.0)).unwrap(); // 3x4

@@ -372,3 +372,72 @@ fn attention_pooling_weighs_the_real_steps_by_softmax_of_their_scores() {
     }
     assert_close("attention pooling", &got, &want, 1e-5, 1e-6);
 }
+
+#[test]
+fn layers_of_size_zero_are_refused_with_the_size_named() {
+    let d = device();
+    let err = |r: Result<(), kiln::models::ModelError>| r.unwrap_err().to_string();
+    let dense = err(Dense::new(d, 784, 0, Activation::Relu, 1).map(drop));
+    assert!(
+        dense.contains("Dense: outputs must be at least 1"),
+        "{dense}"
+    );
+    let dense = err(Dense::new(d, 0, 10, Activation::Relu, 1).map(drop));
+    assert!(
+        dense.contains("Dense: inputs must be at least 1"),
+        "{dense}"
+    );
+    let lstm = err(Lstm::new(d, 32, 0, 1).map(drop));
+    assert!(lstm.contains("Lstm: units must be at least 1"), "{lstm}");
+    let embedding = err(Embedding::new(d, 0, 32, 1).map(drop));
+    assert!(
+        embedding.contains("Embedding: vocab must be at least 1"),
+        "{embedding}"
+    );
+    let pooling = err(AttentionPooling::new(d, 0, 1).map(drop));
+    assert!(pooling.contains("AttentionPooling: features"), "{pooling}");
+    assert!(Dense::new(d, 1, 1, Activation::None, 1).is_ok());
+}
+
+#[test]
+fn a_checkpoint_that_fails_part_way_leaves_the_model_as_it_was() {
+    let d = device();
+    let model = || {
+        Sequential::new()
+            .push(Dense::new(d, 3, 4, Activation::Relu, 11).unwrap())
+            .push(Dense::new(d, 4, 2, Activation::None, 12).unwrap())
+    };
+    let target = model();
+    let before: Vec<Vec<f32>> = target
+        .parameters()
+        .iter()
+        .map(|p| p.to_vec().unwrap())
+        .collect();
+    // Every name right, the first tensors right too, the last misshapen.
+    let mut tensors: Vec<kiln::models::checkpoint::NamedValues> = model()
+        .named_state()
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                t.shape().to_vec(),
+                random_vec(t.numel(), 13, -1.0, 1.0),
+            )
+        })
+        .collect();
+    let last = tensors.last_mut().unwrap();
+    last.1 = vec![3];
+    last.2.push(0.5);
+    let path =
+        std::env::temp_dir().join(format!("kiln-partial-{}.safetensors", std::process::id()));
+    kiln::models::checkpoint::save(&path, &tensors, &Default::default()).unwrap();
+    let err = target.load_weights(&path).unwrap_err().to_string();
+    assert!(err.contains("tensor 1.bias has shape [3]"), "{err}");
+    let after: Vec<Vec<f32>> = target
+        .parameters()
+        .iter()
+        .map(|p| p.to_vec().unwrap())
+        .collect();
+    assert_eq!(after, before);
+    std::fs::remove_file(&path).unwrap();
+}

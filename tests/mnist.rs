@@ -18,7 +18,7 @@ fn data() -> &'static mnist::Mnist {
 fn subset(train: &Dataset, n: usize, seed: u64) -> Dataset {
     let picked = &shuffled_indices(train.len(), seed)[..n];
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    train.gather(picked, &mut x, &mut y);
+    train.gather(picked, &mut x, &mut y).unwrap();
     Dataset::new(train.features, x, y, train.classes).unwrap()
 }
 

@@ -740,3 +740,197 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
         assert!(err.to_string().contains("Activation::None"), "{err}");
     }
 }
+
+#[test]
+fn optimizer_settings_that_would_wreck_the_weights_are_refused_at_the_step() {
+    type Make = Box<dyn Fn(Vec<Tensor>) -> Box<dyn Optimizer>>;
+    let d = device();
+    let w0 = random_vec(8, 90, -1.0, 1.0);
+    let cases: Vec<(Make, &str)> = vec![
+        (
+            Box::new(|p| Box::new(Adam::new(p, 0.1).betas(0.9, 1.0))),
+            "Adam: beta2 1 must be in [0, 1)",
+        ),
+        (
+            Box::new(|p| Box::new(Adam::new(p, -0.1))),
+            "learning rate -0.1",
+        ),
+        (
+            Box::new(|p| Box::new(Adam::new(p, 0.1).eps(f32::NAN))),
+            "eps NaN",
+        ),
+        (
+            Box::new(|p| Box::new(Sgd::new(p, 0.1).momentum(-0.5))),
+            "SGD: momentum -0.5 must be a finite number, at least 0",
+        ),
+        (
+            Box::new(|p| Box::new(RmsProp::new(p, 0.1).alpha(1.5))),
+            "RMSProp: alpha 1.5 must be in [0, 1]",
+        ),
+    ];
+    for (make, expected) in cases {
+        let w = Tensor::from_slice(d, &w0, &[8])
+            .unwrap()
+            .requires_grad(true);
+        let mut opt = make(vec![w.clone()]);
+        w.square().unwrap().sum_all().unwrap().backward().unwrap();
+        let err = opt.step().unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+        assert_eq!(
+            w.to_vec().unwrap(),
+            w0,
+            "{expected}: the weights are untouched"
+        );
+    }
+    // Settings at the edges of their ranges still step.
+    let w = Tensor::from_slice(d, &w0, &[8])
+        .unwrap()
+        .requires_grad(true);
+    let mut edge = RmsProp::new(vec![w.clone()], 0.0).alpha(1.0);
+    w.square().unwrap().sum_all().unwrap().backward().unwrap();
+    edge.step().unwrap();
+    assert_eq!(w.to_vec().unwrap(), w0);
+
+    // An f16 parameter would be read as f32 garbage by the update kernel.
+    let h = Tensor::from_slice(d, &w0, &[8])
+        .unwrap()
+        .to_dtype(kiln::device::DType::F16)
+        .unwrap()
+        .requires_grad(true);
+    h.set_grad(Some(Tensor::from_slice(d, &w0, &[8]).unwrap()));
+    let err = Sgd::new(vec![h], 0.1).step().unwrap_err().to_string();
+    assert!(err.contains("a parameter must hold f32"), "{err}");
+
+    // Clipping to 0 or below would stop or reverse training without a sign.
+    for bad in [0.0, -1.0, f32::NAN] {
+        let err = clip_grad_norm(std::slice::from_ref(&w), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be above 0"), "{bad}: {err}");
+    }
+    let norm = clip_grad_norm(std::slice::from_ref(&w), f32::INFINITY)
+        .unwrap()
+        .unwrap();
+    let expected = 2.0 * w0.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm.item().unwrap() - expected).abs() < 1e-4 * expected);
+}
+
+#[test]
+fn a_state_that_does_not_fit_is_refused_whole_and_changes_nothing() {
+    let d = device();
+    let w = Tensor::from_slice(d, &random_vec(N, 91, -1.0, 1.0), &[N])
+        .unwrap()
+        .requires_grad(true);
+    let step = |opt: &mut dyn Optimizer| {
+        opt.zero_grad();
+        w.square().unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step().unwrap();
+    };
+    let mut adam = Adam::new(vec![w.clone()], 0.1);
+    step(&mut adam);
+    let own = adam.state().unwrap();
+    // The first kind fits, the second does not: neither is taken.
+    let mut bad = own.clone();
+    for (name, values) in &mut bad.tensors {
+        values.iter_mut().for_each(|v| *v += 1.0);
+        if name == "v.0" {
+            values.pop();
+        }
+    }
+    bad.step = 99;
+    let err = adam.load_state(&bad).unwrap_err().to_string();
+    assert!(err.contains("v.0 holds 36 values"), "{err}");
+    assert_eq!(adam.state().unwrap(), own);
+    // Another optimizer's state names buffers this one does not keep.
+    let mut sgd = Sgd::new(vec![w.clone()], 0.1).momentum(0.9);
+    step(&mut sgd);
+    let err = adam
+        .load_state(&sgd.state().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("velocity.0 is not this optimizer's"), "{err}");
+    assert_eq!(adam.state().unwrap(), own);
+    // And so does a state for more parameters.
+    let mut more = own.clone();
+    more.tensors.push(("m.1".into(), vec![0.5; N]));
+    assert!(adam.load_state(&more).is_err());
+    assert_eq!(adam.state().unwrap(), own);
+}
+
+#[test]
+fn a_model_with_the_wrong_number_of_outputs_is_refused_with_what_to_change() {
+    use kiln::data::Dataset;
+    use kiln::train::Loss;
+    let (x, y) = circle_data(64, 92);
+    // Two outputs (circle_trainer) for three classes.
+    let data = Dataset::new(2, x, y, 3).unwrap();
+    let mut trainer = circle_trainer(0.1);
+    let before = trainer.model.parameters()[0].to_vec().unwrap();
+    for loss in [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError] {
+        trainer.loss = loss;
+        let err = trainer.fit(&data, &quiet(1, 16)).unwrap_err().to_string();
+        assert!(err.contains("must give 3 outputs per sample"), "{err}");
+        let err = trainer.evaluate(&data, 64).unwrap_err().to_string();
+        assert!(err.contains("must give 3 outputs per sample"), "{err}");
+    }
+    assert_eq!(trainer.model.parameters()[0].to_vec().unwrap(), before);
+}
+
+#[test]
+fn resuming_refuses_another_runs_checkpoint_and_changes_nothing() {
+    use kiln::data::Dataset;
+    use kiln::train::Trainer;
+    let d = device();
+    let (x, y) = circle_data(64, 93);
+    let data = Dataset::new(2, x, y, 2).unwrap();
+    let dir = std::env::temp_dir().join(format!("kiln-resume-check-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    let options = kiln::train::FitOptions {
+        checkpoint: Some(path.clone()),
+        ..quiet(1, 16)
+    };
+    let momentum_trainer = |dataset: &str| {
+        let model = kiln::zoo::mlp(d, 2, 2, 7).unwrap();
+        let optimizer = Sgd::new(model.parameters(), 0.1).momentum(0.9);
+        let mut trainer = Trainer::new(model, optimizer, d);
+        trainer.metadata.insert("dataset".into(), dataset.into());
+        trainer
+    };
+    momentum_trainer("circles").fit(&data, &options).unwrap();
+    let weights = |model: &kiln::models::Sequential| -> Vec<Vec<f32>> {
+        model
+            .parameters()
+            .iter()
+            .map(|p| p.to_vec().unwrap())
+            .collect()
+    };
+
+    // Saved by a run on other data.
+    let mut other = momentum_trainer("squares");
+    let fresh = weights(&other.model);
+    let err = other.resume(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("dataset = circles") && err.contains("dataset = squares"),
+        "{err}"
+    );
+    assert_eq!(weights(&other.model), fresh);
+    assert_eq!(other.epochs_done, 0);
+
+    // Same run, but an optimizer whose state does not fit: the weights,
+    // read and checked first, are not copied in either.
+    let model = kiln::zoo::mlp(d, 2, 2, 7).unwrap();
+    let optimizer = Adam::new(model.parameters(), 0.1);
+    let mut adam = Trainer::new(model, optimizer, d);
+    adam.metadata.insert("dataset".into(), "circles".into());
+    let err = adam.resume(&path).unwrap_err().to_string();
+    assert!(err.contains("velocity.0 is not this optimizer's"), "{err}");
+    assert_eq!(weights(&adam.model), fresh);
+    assert_eq!(adam.epochs_done, 0);
+
+    // The same settings resume.
+    let mut same = momentum_trainer("circles");
+    same.resume(&path).unwrap();
+    assert_eq!(same.epochs_done, 1);
+    assert_ne!(weights(&same.model), fresh);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -76,8 +76,8 @@ pub struct Dataset {
 
 impl Dataset {
     /// `y.len()` samples of `features` inputs each (`x` row-major) with labels
-    /// below `classes`; an error if the sizes disagree or a label is out of
-    /// range.
+    /// below `classes`; an error if the sizes disagree, a label is out of
+    /// range or an input is not a finite number.
     ///
     /// ```
     /// let data = kiln::data::Dataset::new(2, vec![0.1, 0.2, 0.3, 0.4], vec![0, 1], 2)?;
@@ -109,16 +109,34 @@ impl Dataset {
                 "a dataset needs at least one feature and one class, got {features} and {classes}"
             )));
         }
-        if Some(self.x.len()) != self.y.len().checked_mul(features) {
-            return Err(DataError::Invalid(format!(
-                "{} inputs do not make {} samples of {features} features",
-                self.x.len(),
-                self.y.len()
-            )));
-        }
+        self.check_sizes()?;
         if let Some(&bad) = self.y.iter().find(|&&l| l as usize >= classes) {
             return Err(DataError::Invalid(format!(
                 "label {bad} out of range for {classes} classes"
+            )));
+        }
+        // A NaN (a missing value in a CSV, say) would train a whole epoch
+        // and then be blamed on the learning rate.
+        if let Some(at) = self.x.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::Invalid(format!(
+                "sample {} has input {} at feature {}: inputs must be finite numbers \
+                 (fill in or drop missing values before training)",
+                at / features,
+                self.x[at],
+                at % features
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `x` holds `features` inputs for every label.
+    fn check_sizes(&self) -> Result<(), DataError> {
+        if Some(self.x.len()) != self.y.len().checked_mul(self.features) {
+            return Err(DataError::Invalid(format!(
+                "{} inputs do not make {} samples of {} features",
+                self.x.len(),
+                self.y.len(),
+                self.features
             )));
         }
         Ok(())
@@ -134,31 +152,55 @@ impl Dataset {
         self.y.is_empty()
     }
 
-    /// Samples `range` as a new dataset.
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Dataset {
+    /// Samples `range` as a new dataset; an error if it reaches past the
+    /// last sample.
+    ///
+    /// ```
+    /// let data = kiln::data::Dataset::new(1, vec![0.1, 0.2, 0.3], vec![0, 1, 0], 2)?;
+    /// assert_eq!(data.slice(1..3)?.x, vec![0.2, 0.3]);
+    /// assert!(data.slice(2..4).is_err());
+    /// # Ok::<(), kiln::data::DataError>(())
+    /// ```
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Result<Dataset, DataError> {
+        self.check_sizes()?;
+        if range.start > range.end || range.end > self.len() {
+            return Err(DataError::Invalid(format!(
+                "samples {range:?} of a dataset of {} samples",
+                self.len()
+            )));
+        }
+        Ok(self.rows(range))
+    }
+
+    /// The first `n` samples (all if fewer).
+    pub fn take(&self, n: usize) -> Dataset {
+        self.rows(0..n.min(self.len()))
+    }
+
+    /// Samples `range`, which must lie within `y`. Inputs are cut to what
+    /// `x` holds, so a dataset with too few (built field by field) gives one
+    /// that [`Dataset::validate`] refuses rather than a panic here.
+    fn rows(&self, range: std::ops::Range<usize>) -> Dataset {
+        let inputs = |sample: usize| (sample * self.features).min(self.x.len());
         Dataset {
             features: self.features,
-            x: self.x[range.start * self.features..range.end * self.features].to_vec(),
+            x: self.x[inputs(range.start)..inputs(range.end)].to_vec(),
             y: self.y[range].to_vec(),
             classes: self.classes,
         }
     }
 
-    /// The first `n` samples (all if fewer).
-    pub fn take(&self, n: usize) -> Dataset {
-        self.slice(0..n.min(self.len()))
-    }
-
     /// Keras's `validation_split`: the *last* `fraction` of the samples, taken
     /// before any shuffling, become the validation set.
     pub fn split_validation(&self, fraction: f32) -> Result<(Dataset, Dataset), DataError> {
+        self.check_sizes()?;
         if !(0.0..1.0).contains(&fraction) {
             return Err(DataError::Invalid(format!(
                 "validation_split must be in [0, 1), got {fraction}"
             )));
         }
         let cut = self.len() - self.validation_size(fraction);
-        Ok((self.slice(0..cut), self.slice(cut..self.len())))
+        Ok((self.rows(0..cut), self.rows(cut..self.len())))
     }
 
     /// How many samples [`Dataset::split_validation`] holds out: as Keras,
@@ -173,14 +215,28 @@ impl Dataset {
     }
 
     /// Copies the samples `indices` into `x_out` / `y_out` (reused between
-    /// batches, so the training loop allocates nothing per sample).
-    pub fn gather(&self, indices: &[usize], x_out: &mut Vec<f32>, y_out: &mut Vec<u32>) {
+    /// batches, so the training loop allocates nothing per sample); an error
+    /// if an index is past the last sample.
+    pub fn gather(
+        &self,
+        indices: &[usize],
+        x_out: &mut Vec<f32>,
+        y_out: &mut Vec<u32>,
+    ) -> Result<(), DataError> {
         x_out.clear();
         y_out.clear();
+        self.check_sizes()?;
+        if let Some(bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(DataError::Invalid(format!(
+                "sample {bad} of a dataset of {} samples",
+                self.len()
+            )));
+        }
         for &i in indices {
             x_out.extend_from_slice(&self.x[i * self.features..(i + 1) * self.features]);
             y_out.push(self.y[i]);
         }
+        Ok(())
     }
 }
 
@@ -213,6 +269,47 @@ mod tests {
         assert_eq!(train.y.len(), 8);
         assert_eq!(val.x, vec![8.0, 9.0]);
         assert!(d.split_validation(1.0).is_err());
+    }
+
+    #[test]
+    fn bad_ranges_indices_and_inputs_are_errors_not_panics() {
+        let d = Dataset::new(2, vec![0.5, -1.0, 2.0, 0.25, 3.0, 1.5], vec![1, 0, 1], 2).unwrap();
+        assert_eq!(d.slice(1..3).unwrap().y, vec![0, 1]);
+        assert_eq!(d.slice(1..3).unwrap().x, vec![2.0, 0.25, 3.0, 1.5]);
+        assert!(d.slice(2..4).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = d.slice(2..1);
+        assert!(backwards.is_err());
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        d.gather(&[2, 0], &mut x, &mut y).unwrap();
+        assert_eq!(
+            (x.clone(), y.clone()),
+            (vec![3.0, 1.5, 0.5, -1.0], vec![1, 1])
+        );
+        assert!(d.gather(&[0, 3], &mut x, &mut y).is_err());
+
+        // Built field by field with too few inputs: refused, not a panic.
+        let short = Dataset {
+            x: vec![0.5; 5],
+            ..d.clone()
+        };
+        assert!(short.split_validation(0.5).is_err());
+        assert!(short.slice(0..1).is_err());
+        assert!(short.gather(&[2], &mut x, &mut y).is_err());
+        assert!(short.take(3).validate().is_err());
+
+        let mut nan = d.x.clone();
+        nan[3] = f32::NAN;
+        let err = Dataset::new(2, nan, d.y.clone(), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sample 1") && err.contains("feature 1"),
+            "{err}"
+        );
+        let mut inf = d.x.clone();
+        inf[4] = f32::INFINITY;
+        assert!(Dataset::new(2, inf, d.y.clone(), 2).is_err());
     }
 
     #[test]

@@ -97,12 +97,21 @@ pub fn finetune(
     }
     super::check_learning_rate("encoder learning rate", options.lr)?;
     super::check_learning_rate("head learning rate", options.head_lr)?;
+    if options.clip_norm.is_nan() || options.clip_norm <= 0.0 {
+        return Err(ModelError::Invalid(format!(
+            "finetune: clip_norm {} must be above 0 (f32::INFINITY turns clipping off)",
+            options.clip_norm
+        )));
+    }
+    check_labels(model, labels)?;
     let (decayed, not_decayed) = model.trainable_encoder_parameters_by_decay();
     let mut encoder = Adam::adamw(decayed, options.lr, options.weight_decay);
     let mut encoder_no_decay = Adam::adamw(not_decayed, options.lr, 0.0);
     let mut head = Adam::new(model.head_parameters(), options.head_lr);
     // Warm-up, then cosine decay to zero over the remaining steps.
-    let total_steps = options.epochs * texts.len().div_ceil(options.batch_size);
+    let total_steps = options
+        .epochs
+        .saturating_mul(texts.len().div_ceil(options.batch_size));
     let schedule = LinearWarmup {
         warmup_steps: options.warmup_steps,
         after: CosineLr {
@@ -213,6 +222,7 @@ pub fn evaluate_classifier(
             labels.len()
         )));
     }
+    check_labels(model, labels)?;
     let _guard = NoGradGuard::new();
     let mut correct = 0;
     for (chunk, chunk_labels) in texts
@@ -225,6 +235,20 @@ pub fn evaluate_classifier(
         correct += count_correct(&logits.to_vec()?, chunk_labels);
     }
     Ok(correct as f32 / texts.len() as f32)
+}
+
+/// Refuses a label the head has no class for, before any work: found at
+/// its batch, it would come after optimizer steps, and in evaluation it would
+/// quietly count as wrong.
+fn check_labels(model: &BertClassifier, labels: &[u32]) -> Result<()> {
+    let classes = model.head.bias.shape()[0];
+    match labels.iter().position(|&l| l as usize >= classes) {
+        Some(i) => Err(ModelError::Invalid(format!(
+            "label {} (text {i}) out of range for the head's {classes} classes",
+            labels[i]
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn count_correct(logits: &[f32], labels: &[u32]) -> usize {

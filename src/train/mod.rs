@@ -151,6 +151,17 @@ impl Loss {
         classes: usize,
         tally: &mut Tally,
     ) -> kiln_graph::Result<Tensor> {
+        if logits.shape() != [labels.len(), classes] {
+            return Err(kiln_graph::DeviceError::Shape {
+                op: "loss",
+                message: format!(
+                    "the model gives outputs of shape {:?} for {} samples of {classes} classes; \
+                     its last layer must give {classes} outputs per sample",
+                    logits.shape(),
+                    labels.len()
+                ),
+            });
+        }
         match self {
             // One fused kernel for the loss, its gradient and the batch's
             // share of the running loss and accuracy, rather than
@@ -380,7 +391,7 @@ impl<O: Optimizer> Trainer<O> {
             let bar = progress_bar(options.progress, steps, epoch, options.epochs);
             let mut tally = Tally::new(&self.device)?;
             for (step, indices) in order.chunks(options.batch_size).enumerate() {
-                train.gather(indices, &mut xb, &mut yb);
+                train.gather(indices, &mut xb, &mut yb)?;
                 let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
@@ -468,7 +479,7 @@ impl<O: Optimizer> Trainer<O> {
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
         let all: Vec<usize> = (0..data.len()).collect();
         for indices in all.chunks(batch_size) {
-            data.gather(indices, &mut xb, &mut yb);
+            data.gather(indices, &mut xb, &mut yb)?;
             let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
             self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
@@ -512,25 +523,54 @@ impl<O: Optimizer> Trainer<O> {
     }
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; `fit` then
-    /// continues after its last completed epoch.
+    /// continues after its last completed epoch. A checkpoint whose metadata
+    /// names another model, dataset or vocabulary than this trainer's
+    /// [`Trainer::metadata`] is refused. Everything is checked before
+    /// anything is restored: on an error the trainer is as it was.
     pub fn resume(&mut self, path: &Path) -> Result<()> {
-        let metadata = self.model.load_weights(path)?;
         let file = Checkpoint::open(path)?;
+        let metadata = file.metadata();
+        let bad = |reason: String| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        // Keys this run sets and the checkpoint lacks (it predates them) pass.
+        let mut keys: Vec<&String> = self.metadata.keys().collect();
+        keys.sort();
+        for key in keys {
+            let ours = &self.metadata[key];
+            if let Some(theirs) = metadata.get(key).filter(|theirs| *theirs != ours) {
+                return Err(bad(format!(
+                    "it was saved by a run with {key} = {}, this one has {key} = {}; resume with \
+                     the same settings, or start a new run with another checkpoint path",
+                    abbreviate(theirs),
+                    abbreviate(ours)
+                )));
+            }
+        }
         let field = |key: &str| -> Result<u64> {
             metadata
                 .get(key)
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| ModelError::Checkpoint {
-                    path: path.to_path_buf(),
-                    reason: format!("no {key} in its metadata: not a training checkpoint"),
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no {key} in its metadata: not a training checkpoint"
+                    ))
                 })
         };
+        let (step, epochs_done) = (field("optimizer_step")?, field("epoch")?);
+        let epochs_done = usize::try_from(epochs_done)
+            .map_err(|_| bad(format!("epoch {epochs_done} is out of range")))?;
+        let weights = self.model.read_state(&file)?;
         let state = kiln_graph::optim::OptimizerState {
-            step: field("optimizer_step")?,
+            step,
             tensors: file.tensors_with_prefix("optimizer.")?,
         };
+        // The optimizer takes its state whole or not at all, and the weights
+        // are copied in only after it did.
         self.optimizer.load_state(&state)?;
-        self.epochs_done = field("epoch")? as usize;
+        weights.apply()?;
+        self.epochs_done = epochs_done;
         // Checkpoints from before the history was kept in them have none.
         self.history = metadata
             .get("history")
@@ -538,6 +578,16 @@ impl<O: Optimizer> Trainer<O> {
             .unwrap_or_default();
         self.history.epochs.retain(|e| e.epoch <= self.epochs_done);
         Ok(())
+    }
+}
+
+/// A metadata value short enough for an error message (a vocabulary is
+/// thousands of words).
+fn abbreviate(value: &str) -> String {
+    const MAX_CHARS: usize = 60;
+    match value.char_indices().nth(MAX_CHARS) {
+        Some((end, _)) => format!("{}... ({} bytes)", &value[..end], value.len()),
+        None => value.to_string(),
     }
 }
 

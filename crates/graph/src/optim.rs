@@ -5,6 +5,7 @@
 //! (`requires_grad == false`) and ones without a gradient are skipped.
 
 use crate::tensor::Tensor;
+use kiln_device::kernels::expect_f32;
 use kiln_device::{DType, GpuBuffer, Result};
 
 const SGD_SRC: &str = include_str!("../../../shaders/sgd.wgsl");
@@ -75,31 +76,48 @@ fn save_slots(
     Ok(())
 }
 
-/// Restores `prefix.i` entries into `slots`, checking each against its parameter.
-fn load_slots(
+/// The state buffers of each kind in `kinds` (`kind.i` for parameter `i`;
+/// `None` where the state has none), each checked against its parameter.
+fn read_slots<const KINDS: usize>(
     state: &OptimizerState,
-    prefix: &str,
-    slots: &mut [Option<GpuBuffer>],
+    kinds: [&str; KINDS],
     params: &[Tensor],
-) -> Result<()> {
-    for (i, slot) in slots.iter_mut().enumerate() {
-        let name = format!("{prefix}.{i}");
-        *slot = match state.tensors.iter().find(|(n, _)| *n == name) {
-            Some((_, values)) if values.len() == params[i].numel() => Some(params[i].device().upload(values)?),
-            Some((_, values)) => {
-                return Err(kiln_device::DeviceError::Shape {
-                    op: "load_state",
-                    message: format!(
-                        "{name} holds {} values but parameter {i} has shape {:?}; the state belongs to another model",
-                        values.len(),
-                        params[i].shape()
-                    ),
-                })
-            }
-            None => None,
+) -> Result<[Vec<Option<GpuBuffer>>; KINDS]> {
+    let mismatch = |message: String| kiln_device::DeviceError::Shape {
+        op: "load_state",
+        message,
+    };
+    // Every buffer is checked before any is uploaded, and the optimizer
+    // takes the new slots only when all are read: a state that does not fit
+    // leaves it as it was.
+    let mut checked = Vec::with_capacity(state.tensors.len());
+    for (name, values) in &state.tensors {
+        let slot = name.rsplit_once('.').and_then(|(kind, i)| {
+            let k = kinds.iter().position(|&x| x == kind)?;
+            let i: usize = i.parse().ok()?;
+            (i < params.len()).then_some((k, i))
+        });
+        let Some((k, i)) = slot else {
+            return Err(mismatch(format!(
+                "state {name} is not this optimizer's (it keeps {kinds:?} for {} parameters); \
+                 the state belongs to another optimizer or model",
+                params.len()
+            )));
         };
+        if values.len() != params[i].numel() {
+            return Err(mismatch(format!(
+                "{name} holds {} values but parameter {i} has shape {:?}; the state belongs to another model",
+                values.len(),
+                params[i].shape()
+            )));
+        }
+        checked.push((k, i, values));
     }
-    Ok(())
+    let mut slots = kinds.map(|_| params.iter().map(|_| None).collect::<Vec<_>>());
+    for (k, i, values) in checked {
+        slots[k][i] = Some(params[i].device().upload(values)?);
+    }
+    Ok(slots)
 }
 
 /// One tensor of a grouped update: the parameter (updated in place), its
@@ -132,6 +150,11 @@ fn update_grouped(
     let states = slots.len();
     ensure_states(params, slots)?;
     let items = update_items(params, slots);
+    // The update kernel reads both as f32; checked before any group runs.
+    for item in &items {
+        expect_f32("optimizer step", "a parameter", item.param.buffer())?;
+        expect_f32("optimizer step", "a gradient", item.grad.buffer())?;
+    }
     let Some(first) = items.first() else {
         return Ok(());
     };
@@ -281,6 +304,49 @@ fn update_items<'a>(
         .collect()
 }
 
+/// Where an optimizer setting may lie. Outside, the update kernel would
+/// quietly wreck the weights: NaN from a bias correction of 0 (a beta of 1),
+/// ascent from a negative rate, a running average that goes negative.
+#[derive(Clone, Copy)]
+enum Allowed {
+    /// A finite number, at least 0.
+    NonNegative,
+    /// In [0, 1).
+    BelowOne,
+    /// In [0, 1].
+    UpToOne,
+}
+
+impl Allowed {
+    fn admits(self, v: f32) -> bool {
+        match self {
+            Allowed::NonNegative => v.is_finite() && v >= 0.0,
+            Allowed::BelowOne => (0.0..1.0).contains(&v),
+            Allowed::UpToOne => (0.0..=1.0).contains(&v),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Allowed::NonNegative => "a finite number, at least 0",
+            Allowed::BelowOne => "in [0, 1)",
+            Allowed::UpToOne => "in [0, 1]",
+        }
+    }
+}
+
+/// Refuses, before an update, any of `optimizer`'s `settings` outside where
+/// it may lie.
+fn check_settings(optimizer: &str, settings: &[(&str, f32, Allowed)]) -> Result<()> {
+    match settings.iter().find(|(_, v, allowed)| !allowed.admits(*v)) {
+        Some((name, v, allowed)) => Err(kiln_device::DeviceError::Shape {
+            op: "optimizer step",
+            message: format!("{optimizer}: {name} {v} must be {}", allowed.describe()),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A zeroed state buffer shaped like `param`, made on first use.
 fn state<'a>(slot: &'a mut Option<GpuBuffer>, param: &Tensor) -> Result<&'a GpuBuffer> {
     if slot.is_none() {
@@ -366,10 +432,19 @@ impl Optimizer for Sgd {
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        load_slots(state, "velocity", &mut self.velocity, &self.params)
+        [self.velocity] = read_slots(state, ["velocity"], &self.params)?;
+        Ok(())
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+        check_settings(
+            "SGD",
+            &[
+                ("learning rate", self.lr, Allowed::NonNegative),
+                ("momentum", self.momentum, Allowed::NonNegative),
+                ("weight decay", self.weight_decay, Allowed::NonNegative),
+            ],
+        )?;
         let hyper = SgdHyper {
             nesterov: u32::from(self.nesterov),
             lr: self.lr,
@@ -510,14 +585,24 @@ impl Optimizer for Adam {
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        load_slots(state, "m", &mut self.m, &self.params)?;
-        load_slots(state, "v", &mut self.v, &self.params)?;
+        [self.m, self.v] = read_slots(state, ["m", "v"], &self.params)?;
         self.step = state.step;
         Ok(())
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
-        self.step += 1;
+        check_settings(
+            "Adam",
+            &[
+                ("learning rate", self.lr, Allowed::NonNegative),
+                ("beta1", self.beta1, Allowed::BelowOne),
+                ("beta2", self.beta2, Allowed::BelowOne),
+                ("eps", self.eps, Allowed::NonNegative),
+                ("weight decay", self.weight_decay, Allowed::NonNegative),
+            ],
+        )?;
+        // Saturating: a checkpoint can carry any count.
+        self.step = self.step.saturating_add(1);
         // Past 2^31 steps the corrections are 1 to f64 precision anyway.
         let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         // Bias corrections in f64 so late steps do not lose them to rounding.
@@ -628,6 +713,16 @@ struct RmsPropHyper {
 
 impl Optimizer for RmsProp {
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+        check_settings(
+            "RMSProp",
+            &[
+                ("learning rate", self.lr, Allowed::NonNegative),
+                ("alpha", self.alpha, Allowed::UpToOne),
+                ("eps", self.eps, Allowed::NonNegative),
+                ("weight decay", self.weight_decay, Allowed::NonNegative),
+                ("momentum", self.momentum, Allowed::NonNegative),
+            ],
+        )?;
         let hyper = RmsPropHyper {
             lr: self.lr,
             alpha: self.alpha,
@@ -672,8 +767,9 @@ impl Optimizer for RmsProp {
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        load_slots(state, "square_avg", &mut self.square_avg, &self.params)?;
-        load_slots(state, "momentum", &mut self.momentum_buf, &self.params)
+        [self.square_avg, self.momentum_buf] =
+            read_slots(state, ["square_avg", "momentum"], &self.params)?;
+        Ok(())
     }
 
     fn params(&self) -> &[Tensor] {
@@ -693,6 +789,14 @@ impl Optimizer for RmsProp {
 /// PyTorch's `clip_grad_norm_`), entirely on the device. Returns the norm
 /// before clipping as a scalar tensor (read it only if you need it).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Option<Tensor>> {
+    // 0 would stop training and a negative bound turn descent into ascent,
+    // both without a sign; infinity (measure only) is fine.
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(kiln_device::DeviceError::Shape {
+            op: "clip_grad_norm",
+            message: format!("max_norm {max_norm} must be above 0"),
+        });
+    }
     let _guard = crate::NoGradGuard::new();
     let grads: Vec<(&Tensor, Tensor)> = params
         .iter()

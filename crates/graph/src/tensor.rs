@@ -73,7 +73,7 @@ pub struct Tensor {
 
 /// Elements of `shape`; usize::MAX where the product overflows (no buffer
 /// or slice holds that many, so length checks then fail cleanly).
-fn numel_of(shape: &[usize]) -> usize {
+pub(crate) fn numel_of(shape: &[usize]) -> usize {
     shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))

@@ -6,7 +6,7 @@
 //! Linear weights are kept `[in, out]` (Kiln's `Dense` layout); Hugging Face
 //! stores them `[out, in]`, so loading transposes them once.
 
-use crate::checkpoint::{Checkpoint, ModelError, NamedValues};
+use crate::checkpoint::{Checkpoint, ModelError, NamedValues, StagedState};
 use crate::layers::{Activation, Dense, Layer, Mode};
 use kiln_graph::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -574,6 +574,9 @@ fn load_hf_layout(
 ) -> Result<(), ModelError> {
     let expected: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     file.check_names(&expected, ignore)?;
+    // All read and checked before any is copied: a bad tensor part-way
+    // leaves the model as it was.
+    let mut staged = StagedState::default();
     for (name, t) in params {
         let shape = t.shape();
         let values = if is_linear_weight(name, shape) {
@@ -583,10 +586,9 @@ fn load_hf_layout(
         } else {
             file.tensor_f32(name, shape)?
         };
-        let device = t.device();
-        device.copy_into(&device.upload(&values)?, t.buffer())?;
+        staged.push(t, values);
     }
-    Ok(())
+    staged.apply()
 }
 
 fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
@@ -656,6 +658,7 @@ impl BertClassifier {
     /// Puts a freshly initialised head for `classes` classes on `bert`, with mean
     /// pooling ([`BertClassifier::with_pooling`] changes it).
     pub fn new(bert: Bert, classes: usize, seed: u64) -> Result<Self, ModelError> {
+        crate::layers::require_positive("BertClassifier", &[("classes", classes)])?;
         let device = bert.embeddings.word.device().clone();
         let head = Dense::new(
             &device,
@@ -816,7 +819,7 @@ fn check_layer_count(file: &Checkpoint, config: &BertConfig) -> Result<(), Model
             index.parse::<usize>().ok()
         })
         .max()
-        .map_or(0, |last| last + 1);
+        .map_or(0, |last| last.saturating_add(1));
     if blocks != config.num_hidden_layers {
         return Err(ModelError::Checkpoint {
             path: file.path().to_path_buf(),

@@ -1,7 +1,7 @@
 //! safetensors checkpoints: atomic writes, and reads that check every name and
 //! shape and convert F16/BF16 to f32.
 
-use kiln_graph::DeviceError;
+use kiln_graph::{DeviceError, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -102,6 +102,32 @@ pub fn save(
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Values read from a checkpoint and checked against the tensors they are
+/// for, not yet copied in: a loader reads and checks everything first, so a
+/// file that fails part-way leaves the model as it was.
+#[derive(Default)]
+pub struct StagedState {
+    targets: Vec<(Tensor, Vec<f32>)>,
+}
+
+impl StagedState {
+    /// Queues `values` (checked against `target`'s shape by the caller) for
+    /// `target`.
+    pub(crate) fn push(&mut self, target: &Tensor, values: Vec<f32>) {
+        self.targets.push((target.clone(), values));
+    }
+
+    /// Copies every value into its tensor, in place, so optimizers holding
+    /// the tensors see the new values.
+    pub fn apply(self) -> Result<(), ModelError> {
+        for (t, values) in self.targets {
+            let device = t.device();
+            device.copy_into(&device.upload(&values)?, t.buffer())?;
+        }
+        Ok(())
+    }
 }
 
 /// A safetensors file, memory-mapped (tensors are paged in as they are read,

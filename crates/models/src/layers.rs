@@ -187,6 +187,7 @@ impl Dense {
         activation: Activation,
         seed: u64,
     ) -> Result<Self, ModelError> {
+        require_positive("Dense", &[("inputs", inputs), ("outputs", outputs)])?;
         let limit = (6.0 / (inputs + outputs) as f32).sqrt();
         Ok(Self {
             weight: Tensor::uniform(device, &[inputs, outputs], -limit, limit, seed)?
@@ -194,6 +195,17 @@ impl Dense {
             bias: Tensor::zeros(device, &[outputs])?.requires_grad(true),
             activation,
         })
+    }
+}
+
+/// Refuses a layer with a size of 0 (`sizes` names each): it would hold no
+/// weights to train, and a product with no outputs helps no one.
+pub(crate) fn require_positive(layer: &str, sizes: &[(&str, usize)]) -> Result<(), ModelError> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(ModelError::Invalid(format!(
+            "{layer}: {name} must be at least 1, got 0"
+        ))),
+        None => Ok(()),
     }
 }
 

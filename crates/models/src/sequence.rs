@@ -2,7 +2,7 @@
 //! masking padding), [`Lstm`] and [`AttentionPooling`].
 
 use crate::checkpoint::ModelError;
-use crate::layers::{Layer, Mode};
+use crate::layers::{require_positive, Layer, Mode};
 use kiln_graph::{Device, SplitMix64, Tensor};
 
 /// Maps integer ids (given as f32 values, the way datasets hold features) to
@@ -22,6 +22,7 @@ pub struct Embedding {
 impl Embedding {
     /// A `[vocab, dim]` table, uniform in [-0.05, 0.05] from `seed`, no masking.
     pub fn new(device: &Device, vocab: usize, dim: usize, seed: u64) -> Result<Self, ModelError> {
+        require_positive("Embedding", &[("vocab", vocab), ("dim", dim)])?;
         Ok(Self {
             table: Tensor::uniform(device, &[vocab, dim], -0.05, 0.05, seed)?.requires_grad(true),
             mask_zero: false,
@@ -95,6 +96,7 @@ impl Lstm {
         units: usize,
         seed: u64,
     ) -> Result<Self, ModelError> {
+        require_positive("Lstm", &[("features", features), ("units", units)])?;
         let limit = (6.0 / (features + 4 * units) as f32).sqrt();
         let mut bias = vec![0.0f32; 4 * units];
         bias[units..2 * units].fill(1.0);
@@ -129,7 +131,10 @@ impl Layer for Lstm {
     }
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor, ModelError> {
-        let mask = mode.mask.as_ref().filter(|m| m.shape() == &x.shape()[..2]);
+        let mask = mode
+            .mask
+            .as_ref()
+            .filter(|m| x.shape().get(..2) == Some(m.shape()));
         let states = x.lstm(&self.w_ih, &self.w_hh, &self.bias, mask)?;
         if self.return_sequences {
             return Ok(states);
@@ -174,6 +179,7 @@ impl AttentionPooling {
     /// Pooling over steps of `features` values, with a Glorot-uniform query from
     /// `seed`.
     pub fn new(device: &Device, features: usize, seed: u64) -> Result<Self, ModelError> {
+        require_positive("AttentionPooling", &[("features", features)])?;
         let limit = (6.0 / (features + 1) as f32).sqrt();
         Ok(Self {
             query: Tensor::uniform(device, &[features, 1], -limit, limit, seed)?

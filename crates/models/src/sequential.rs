@@ -1,6 +1,6 @@
 //! A stack of layers applied in order.
 
-use crate::checkpoint::{self, ModelError};
+use crate::checkpoint::{self, ModelError, StagedState};
 use crate::layers::{Layer, Mode};
 use kiln_graph::Tensor;
 use std::collections::HashMap;
@@ -166,24 +166,28 @@ impl Sequential {
     /// Loads weights saved by [`Sequential::save`] (or any safetensors file with
     /// the same names and shapes, F32/F16/BF16). Every parameter and buffer must be present
     /// with its shape; extra tensors are an error too, so a checkpoint of another
-    /// architecture cannot load silently.
+    /// architecture cannot load silently. Everything is checked before anything
+    /// is copied: on an error the model keeps its weights.
     pub fn load_weights(
         &self,
         path: impl AsRef<Path>,
     ) -> Result<HashMap<String, String>, ModelError> {
-        let path = path.as_ref();
-        let file = checkpoint::Checkpoint::open(path)?;
-        let params = self.named_state();
-        let expected: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
-        file.check_names(&expected, &["optimizer."])?;
-        for (name, t) in &params {
-            let values = file.tensor_f32(name, t.shape())?;
-            let device = t.device();
-            let fresh = device.upload(&values)?;
-            // Parameters are updated in place, so optimizers holding them see the
-            // loaded values.
-            device.copy_into(&fresh, t.buffer())?;
-        }
+        let file = checkpoint::Checkpoint::open(path.as_ref())?;
+        self.read_state(&file)?.apply()?;
         Ok(file.metadata())
+    }
+
+    /// Reads and checks `file`'s weights and buffers for this model (see
+    /// [`Sequential::load_weights`]) without changing it; optimizer state
+    /// (names starting `optimizer.`) is left to the optimizer.
+    pub fn read_state(&self, file: &checkpoint::Checkpoint) -> Result<StagedState, ModelError> {
+        let state = self.named_state();
+        let expected: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+        file.check_names(&expected, &["optimizer."])?;
+        let mut staged = StagedState::default();
+        for (name, t) in &state {
+            staged.push(t, file.tensor_f32(name, t.shape())?);
+        }
+        Ok(staged)
     }
 }

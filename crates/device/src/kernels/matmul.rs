@@ -512,8 +512,8 @@ impl Device {
             e.validate(batch * m, n)?;
         }
         // Products not made by one kernel take the epilogue as a second pass.
-        let unfused = if k == 0 {
-            // An empty sum: C is all zeros.
+        let unfused = if k == 0 || batch * m * n == 0 {
+            // An empty sum (C is all zeros), or no C at all.
             Some(self.zeros(batch * m * n, DType::F32)?)
         } else if let Some(splits) = self.split_k(spec, tiling) {
             Some(self.matmul_split_k(a, b, spec, tiling, splits, half)?)

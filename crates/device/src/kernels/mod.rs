@@ -43,7 +43,10 @@ pub(crate) fn grid_2d(groups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
     Ok([x as u32, y as u32, 1])
 }
 
-pub(crate) fn expect_f32(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
+/// Refuses a buffer that does not hold f32 for a kernel that reads it as
+/// f32 (an f16 buffer would be read as garbage): `op` and `name` say which
+/// operation and operand.
+pub fn expect_f32(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
     if b.dtype() == DType::F32 {
         Ok(())
     } else {

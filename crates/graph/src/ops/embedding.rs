@@ -43,7 +43,8 @@ impl Tensor {
                 message: format!("the table must be [vocab, dim], got {:?}", self.shape()),
             });
         };
-        if ids_shape.iter().product::<usize>() != ids.len() {
+        kiln_device::kernels::expect_f32("embedding", "the table", self.buffer())?;
+        if crate::tensor::numel_of(ids_shape) != ids.len() {
             return Err(DeviceError::Shape {
                 op: "embedding",
                 message: format!("{} ids do not fill shape {ids_shape:?}", ids.len()),

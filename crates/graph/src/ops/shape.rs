@@ -7,7 +7,7 @@ use kiln_device::{DeviceError, Result};
 impl Tensor {
     /// The same data viewed with another shape of equal size (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
+        let numel = crate::tensor::numel_of(shape);
         if numel != self.numel() {
             return Err(DeviceError::Shape {
                 op: "reshape",
