@@ -19,7 +19,8 @@ pub struct FinetuneOptions {
     pub epochs: usize,
     /// Texts per step (default 16).
     pub batch_size: usize,
-    /// Peak learning rate of the encoder's trainable layers (AdamW).
+    /// Peak learning rate of the encoder's trainable layers (AdamW; default
+    /// 5e-5, the `kiln finetune` command's default is 1e-4).
     pub lr: f32,
     /// Learning rate of the freshly initialised head (Adam).
     pub head_lr: f32,

@@ -8,7 +8,7 @@
 //! |--------------|-------------------------------------------------------------|
 //! | `auto`       | best GPU, else a CPU adapter (the default)                   |
 //! | `gpu`        | a GPU only; an error if there is none                        |
-//! | `cpu`        | a CPU adapter only (what CI uses)                            |
+//! | `cpu`        | a CPU adapter only (CI has no GPU, so `auto` picks one there) |
 //! | `X:FILTER`   | as `X`, restricted to a backend (`vulkan`, `gl`, `metal`, `dx12`) or to adapters whose name contains FILTER |
 //!
 //! `WGPU_BACKEND` (e.g. `gl`, `vulkan`) restricts the backends tried, as in wgpu.

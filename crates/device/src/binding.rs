@@ -2,9 +2,9 @@
 //! the bind groups built on those layouts.
 //!
 //! A training step dispatches the same kernels on the same pooled buffers every
-//! step; only the parameter block moves, and it is bound with a dynamic offset
-//! into the parameter arena. So a bind group is keyed by layout and buffers and
-//! built once. Building one costs more than it seems: validation and tracking
+//! step; only the parameters change, and they travel as immediates (or, on
+//! adapters without them, at a dynamic offset into the parameter arena). So a
+//! bind group is keyed by layout and buffers and built once. Building one costs more than it seems: validation and tracking
 //! in wgpu, and on lavapipe a descriptor pool mapped and unmapped each time,
 //! which made up a third of the recording thread's time in an MLP step.
 

@@ -16,7 +16,7 @@
 //!                         backward(): loss.grad = 1  ▼
 //!   W.grad ◀─ matmul' ◀─ h.grad ◀─ relu' ◀─ a.grad ◀─┘
 //!                         (GPU kernels too)
-//!   optimizer.step(): one fused update kernel per parameter, in place
+//!   optimizer.step(): generated update kernels, in place, up to 8 tensors a dispatch
 //! ```
 //!
 //! The graph is dropped with the last tensor that references it, and with it

@@ -8,7 +8,8 @@
 //!   and the [`Layer`] trait; [`Embedding`], [`Lstm`] and [`AttentionPooling`] for
 //!   token sequences.
 //! - [`Sequential`]: a stack of layers, Keras style, with named parameters
-//!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load.
+//!   (`0.weight`, `0.bias`, ...), freezing, and safetensors save/load; a load
+//!   checks every tensor before copying any, so a bad file changes nothing.
 //! - [`bert`]: BERT encoders loaded from Hugging Face checkpoints.
 //! - [`checkpoint`]: safetensors files written atomically (temporary file, then
 //!   rename), so an interrupted save never replaces a good checkpoint.

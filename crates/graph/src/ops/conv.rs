@@ -3,7 +3,8 @@
 //! NCHW because it is PyTorch's layout and what checkpoints from it use; the
 //! im2col view makes the matmul see `[positions, c * kh * kw]` either way.
 //! The backward pass reuses the forward's column matrix for the weight
-//! gradient and scatters the column gradient back with col2im.
+//! gradient and folds the column gradient back with col2im (a gather: each
+//! input pixel sums the column entries that read it).
 
 use super::arith::{bias_then, output_derivative};
 use super::{contiguous_strides, record};
