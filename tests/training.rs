@@ -934,3 +934,37 @@ fn resuming_refuses_another_runs_checkpoint_and_changes_nothing() {
     assert_ne!(weights(&same.model), fresh);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn predict_runs_in_batches_so_large_inputs_fit_the_binding_limit() {
+    use kiln::models::{Activation, Dense, Sequential};
+    use kiln::train::{Trainer, PREDICT_BATCH};
+    let d = device();
+    // A hidden layer so wide that its activations for all the samples at
+    // once would exceed a storage binding, while one batch's fit.
+    let hidden = 1 << 16;
+    let limit = d.limits().max_storage_buffer_binding_size as usize;
+    let n = limit / (hidden * 4) + 3;
+    assert!(PREDICT_BATCH * hidden * 4 <= limit && n * hidden * 4 > limit);
+    let model = Sequential::new()
+        .push(Dense::new(d, 3, hidden, Activation::Relu, 3).unwrap())
+        .push(Dense::new(d, hidden, 2, Activation::None, 4).unwrap());
+    let trainer = Trainer::new(model, Sgd::new(vec![], 0.1), d);
+    let x = random_vec(n * 3, 94, -1.0, 1.0);
+    let all = trainer.predict(&x, 3).unwrap();
+    assert_eq!(all.len(), n * 2);
+    for row in all.chunks(2) {
+        assert!((row[0] + row[1] - 1.0).abs() < 1e-5, "{row:?}");
+    }
+    // The same rows as predicting a few samples alone.
+    let last = &x[(n - 2) * 3..];
+    let alone = trainer.predict(last, 3).unwrap();
+    for (a, b) in alone.iter().zip(&all[(n - 2) * 2..]) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let err = trainer.predict(&x[..4], 3).unwrap_err().to_string();
+    assert!(
+        err.contains("4 inputs do not make samples of 3 features"),
+        "{err}"
+    );
+}
