@@ -43,6 +43,33 @@ fn kiln_sigmoid(x: f32) -> f32 {
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
 }
 
+// tanh saturates to +-1 in f32 beyond 15; WGSL leaves it undefined past
+// |x| = 88.7, and implementations through exp compute inf / inf = NaN there.
+fn kiln_tanh(x: f32) -> f32 {
+    return tanh(clamp(x, -15.0, 15.0));
+}
+
+// x^y as PyTorch defines it. WGSL's pow is exp2(y * log2(x)): undefined for
+// x < 0 (NaN on most GPUs), for 0^y with y <= 0, and NaN at 0^0. Here a
+// negative base takes an integer exponent (the sign from its parity; any
+// other exponent gives NaN), 0^0 = 1 and 0^y = inf for y < 0.
+fn kiln_pow(x: f32, y: f32) -> f32 {
+    if (y == 0.0) {
+        return 1.0;
+    }
+    if (x == 0.0) {
+        return select(0.0, bitcast<f32>(0x7f800000u), y < 0.0);
+    }
+    let magnitude = pow(abs(x), y);
+    if (x > 0.0) {
+        return magnitude;
+    }
+    if (fract(y) != 0.0) {
+        return bitcast<f32>(0x7fc00000u);
+    }
+    return select(magnitude, -magnitude, fract(y * 0.5) != 0.0);
+}
+
 fn kiln_gelu(x: f32) -> f32 {
     return 0.5 * x * (1.0 + kiln_erf(x * 0.70710678118654752));
 }

@@ -221,6 +221,13 @@ fn unary_gradients() {
             |t| t.pow_scalar(1.7),
             |x| x.powf(1.7),
         ),
+        (
+            "pow_scalar of negative inputs, integer exponent",
+            -3.0,
+            3.0,
+            |t| t.pow_scalar(3.0),
+            |x| x.powi(3),
+        ),
         ("square", -3.0, 3.0, |t| t.square(), |x| x * x),
         ("exp", -3.0, 3.0, |t| t.exp(), f64::exp),
         ("log", 0.2, 3.0, |t| t.log(), f64::ln),
@@ -893,6 +900,24 @@ fn max_min_pow_maximum_abs_gradients() {
         |t| t[0].pow(&t[1]),
         &|x: &[Vec<f64>]| (0..12).map(|i| x[0][i].powf(x[1][i % 4])).collect(),
     );
+    // At a base of 0, PyTorch gives the exponent a gradient of 0 (not
+    // 0 * log 0 = NaN), and 0^1 the base a gradient of 1 (0^0 = 1).
+    let d = common::device();
+    let a = Tensor::from_slice(d, &[0.0, 0.0, 1.5], &[3])
+        .unwrap()
+        .requires_grad(true);
+    let b = Tensor::from_slice(d, &[2.0, 1.0, 2.0], &[3])
+        .unwrap()
+        .requires_grad(true);
+    a.pow(&b).unwrap().sum_all().unwrap().backward().unwrap();
+    let (ga, gb) = (
+        a.grad().unwrap().to_vec().unwrap(),
+        b.grad().unwrap().to_vec().unwrap(),
+    );
+    assert_eq!(ga[..2], [0.0, 1.0], "{ga:?}");
+    assert!((ga[2] - 3.0).abs() < 1e-5, "{ga:?}");
+    assert_eq!(gb[..2], [0.0, 0.0], "{gb:?}");
+    assert!((gb[2] - 2.25 * 1.5f32.ln()).abs() < 1e-5, "{gb:?}");
     grad_check(
         "maximum",
         &[input(&[3, 4], 54, -1.0, 1.0), input(&[3, 4], 55, -1.0, 1.0)],

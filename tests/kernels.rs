@@ -830,6 +830,49 @@ fn unary_ops_match_reference() {
     }
 }
 
+#[test]
+fn tanh_saturates_and_pow_takes_negative_bases_as_pytorch_does() {
+    // WGSL leaves tanh undefined past |x| = 88.7 and pow undefined for
+    // negative bases; exp-based implementations (most GPUs) give NaN there.
+    let d = device();
+    let big = [100.0f32, -100.0, 1e4, -3.0e38, 15.5, -20.0, 0.25];
+    let got = d
+        .read::<f32>(&d.unary(UnaryOp::Tanh, &d.upload(&big).unwrap()).unwrap())
+        .unwrap();
+    let want: Vec<f64> = big.iter().map(|&v| f64::from(v).tanh()).collect();
+    assert_close("tanh of large inputs", &got, &want, 1e-6, 1e-7);
+
+    // Integer exponents of negative bases, odd and even, and 0^0 = 1;
+    // PyTorch's pow. Non-integer exponents of negative bases are NaN.
+    let bases = random_vec(64, 130, -3.0, 3.0);
+    for p in [2.0f32, 3.0, -1.0, -2.0, 0.0, 5.0] {
+        let mut x = bases.clone();
+        if p >= 0.0 {
+            x[0] = 0.0;
+        }
+        let got = d
+            .read::<f32>(
+                &d.unary(UnaryOp::PowScalar(p), &d.upload(&x).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| f64::from(v).powf(f64::from(p))).collect();
+        assert_close(&format!("x^{p}"), &got, &want, 1e-5, 1e-6);
+    }
+    let x = d.upload(&[-2.0f32, 0.0, 4.0]).unwrap();
+    let got = d
+        .read::<f32>(&d.unary(UnaryOp::PowScalar(0.5), &x).unwrap())
+        .unwrap();
+    assert!(got[0].is_nan() && got[1] == 0.0 && got[2] == 2.0, "{got:?}");
+    let got = d
+        .read::<f32>(&d.unary(UnaryOp::PowScalar(-1.5), &x).unwrap())
+        .unwrap();
+    assert!(
+        got[1] == f32::INFINITY && (got[2] - 0.125).abs() < 1e-7,
+        "{got:?}"
+    );
+}
+
 fn binary_reference(op: BinaryOp, a: f64, b: f64) -> f64 {
     match op {
         BinaryOp::Add => a + b,

@@ -45,8 +45,9 @@ impl<'a> Operand<'a> {
 
 /// An elementwise expression: `out = expr(x0, x1, ..., s0, ..., s3)`.
 ///
-/// Helper functions `kiln_erf`, `kiln_sigmoid` and `kiln_gelu` are available to the
-/// expression.
+/// Helper functions `kiln_erf`, `kiln_sigmoid`, `kiln_tanh`, `kiln_gelu` and
+/// `kiln_pow` (PyTorch's `pow`, where WGSL's is undefined for negative bases)
+/// are available to the expression.
 ///
 /// ```no_run
 /// # fn main() -> Result<(), kiln_device::DeviceError> {
@@ -178,12 +179,12 @@ impl UnaryOp {
             UnaryOp::Relu => "max(x0, 0.0)",
             UnaryOp::LeakyRelu(_) => "select(s0 * x0, x0, x0 > 0.0)",
             UnaryOp::Sigmoid => "kiln_sigmoid(x0)",
-            UnaryOp::Tanh => "tanh(x0)",
+            UnaryOp::Tanh => "kiln_tanh(x0)",
             UnaryOp::Gelu => "kiln_gelu(x0)",
             UnaryOp::Erf => "kiln_erf(x0)",
             UnaryOp::AddScalar(_) => "x0 + s0",
             UnaryOp::MulScalar(_) => "x0 * s0",
-            UnaryOp::PowScalar(_) => "pow(x0, s0)",
+            UnaryOp::PowScalar(_) => "kiln_pow(x0, s0)",
         };
         let param = match self {
             UnaryOp::LeakyRelu(s)
@@ -211,7 +212,8 @@ pub enum BinaryOp {
     Max,
     /// Elementwise minimum.
     Min,
-    /// `a^b` (WGSL `pow`: undefined for negative `a`).
+    /// `a^b` as PyTorch defines it: a negative `a` takes an integer `b`,
+    /// `0^0 = 1`.
     Pow,
 }
 
@@ -225,7 +227,7 @@ impl BinaryOp {
             BinaryOp::Div => ("div", "x0 / x1"),
             BinaryOp::Max => ("maximum", "max(x0, x1)"),
             BinaryOp::Min => ("minimum", "min(x0, x1)"),
-            BinaryOp::Pow => ("pow", "pow(x0, x1)"),
+            BinaryOp::Pow => ("pow", "kiln_pow(x0, x1)"),
         };
         Elementwise::new(name, expr)
     }

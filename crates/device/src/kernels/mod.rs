@@ -15,7 +15,7 @@ use crate::buffer::{DType, GpuBuffer};
 use crate::error::{DeviceError, Result};
 
 /// Functions every generated expression may call (`kiln_erf`, `kiln_sigmoid`,
-/// `kiln_gelu`, `kiln_uniform`).
+/// `kiln_tanh`, `kiln_gelu`, `kiln_pow`, `kiln_uniform`).
 pub(crate) const EXPR_HELPERS: &str = include_str!("../../../../shaders/expr_helpers.wgsl");
 
 /// Invocations per workgroup for one-element-per-invocation kernels.

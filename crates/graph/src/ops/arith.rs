@@ -234,7 +234,7 @@ fn derivative(op: UnaryOp) -> &'static str {
         UnaryOp::Erf => "x0 * 1.1283791670955126 * exp(-x2 * x2)",
         UnaryOp::AddScalar(_) => "x0",
         UnaryOp::MulScalar(_) => "x0 * s0",
-        UnaryOp::PowScalar(_) => "x0 * s0 * pow(x2, s0 - 1.0)",
+        UnaryOp::PowScalar(_) => "x0 * s0 * kiln_pow(x2, s0 - 1.0)",
     }
 }
 
@@ -315,15 +315,16 @@ impl Tensor {
         )
     }
 
-    /// `self^other` elementwise, broadcasting (`self` positive where `other`
-    /// is not an integer).
+    /// `self^other` elementwise, broadcasting, as PyTorch defines it: a
+    /// negative `self` takes an integer `other` (NaN otherwise), `0^0 = 1`.
+    /// The gradient for `other` is 0 where `self` is 0 and `other` at least 0.
     pub fn pow(&self, other: &Tensor) -> Result<Tensor> {
         binary(
             self,
             other,
-            Elementwise::new("pow", "pow(x0, x1)"),
-            "x0 * x3 * pow(x2, x3 - 1.0)",
-            "x0 * x1 * log(x2)",
+            kiln_device::BinaryOp::Pow.elementwise(),
+            "x0 * x3 * kiln_pow(x2, x3 - 1.0)",
+            "select(x0 * x1 * log(x2), 0.0, x2 == 0.0 && x3 >= 0.0)",
         )
     }
 
@@ -359,7 +360,8 @@ impl Tensor {
         unary(self, UnaryOp::MulScalar(s))
     }
 
-    /// `self^p` elementwise (for positive inputs unless `p` is an integer).
+    /// `self^p` elementwise, as PyTorch defines it: a negative input takes an
+    /// integer `p` (NaN otherwise), `0^0 = 1`.
     pub fn pow_scalar(&self, p: f32) -> Result<Tensor> {
         unary(self, UnaryOp::PowScalar(p))
     }
