@@ -6,7 +6,9 @@ use super::{progress_bar, Result};
 use crate::data::shuffled_indices;
 use crate::data::tokenize::PretrainedTokenizer;
 use kiln_graph::amp::{AutocastGuard, LossScaler};
-use kiln_graph::optim::{clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer};
+use kiln_graph::optim::{
+    check_clip_bound, clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer,
+};
 use kiln_graph::{loss, NoGradGuard};
 use kiln_models::bert::BertClassifier;
 use kiln_models::{Mode, ModelError};
@@ -98,12 +100,8 @@ pub fn finetune(
     }
     super::check_learning_rate("encoder learning rate", options.lr)?;
     super::check_learning_rate("head learning rate", options.head_lr)?;
-    if options.clip_norm.is_nan() || options.clip_norm <= 0.0 {
-        return Err(ModelError::Invalid(format!(
-            "finetune: clip_norm {} must be above 0 (f32::INFINITY turns clipping off)",
-            options.clip_norm
-        )));
-    }
+    // Checked before any step, as the clipping inside it would.
+    check_clip_bound("clip_norm", options.clip_norm)?;
     check_labels(model, labels)?;
     let (decayed, not_decayed) = model.trainable_encoder_parameters_by_decay();
     let mut encoder = Adam::adamw(decayed, options.lr, options.weight_decay);

@@ -785,18 +785,26 @@ impl Optimizer for RmsProp {
     }
 }
 
+/// Refuses a bound for [`clip_grad_norm`] (named `name` in the error) that
+/// is not above 0: 0 would stop training and a negative bound turn descent
+/// into ascent, both without a sign. Infinity (measure only) is fine.
+pub fn check_clip_bound(name: &str, max_norm: f32) -> Result<()> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(kiln_device::DeviceError::Shape {
+            op: "clip_grad_norm",
+            message: format!(
+                "{name} {max_norm} must be above 0 (f32::INFINITY turns clipping off)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm` (as
 /// PyTorch's `clip_grad_norm_`), entirely on the device. Returns the norm
 /// before clipping as a scalar tensor (read it only if you need it).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f32) -> Result<Option<Tensor>> {
-    // 0 would stop training and a negative bound turn descent into ascent,
-    // both without a sign; infinity (measure only) is fine.
-    if max_norm.is_nan() || max_norm <= 0.0 {
-        return Err(kiln_device::DeviceError::Shape {
-            op: "clip_grad_norm",
-            message: format!("max_norm {max_norm} must be above 0"),
-        });
-    }
+    check_clip_bound("max_norm", max_norm)?;
     let _guard = crate::NoGradGuard::new();
     let grads: Vec<(&Tensor, Tensor)> = params
         .iter()
