@@ -1049,8 +1049,10 @@ fn batch_norm_reports_batch_statistics() {
 
 #[test]
 fn layer_norm_gradients() {
-    // Short rows, a 3-D input, and rows longer than a workgroup is wide.
-    for (i, shape) in [vec![3, 5], vec![2, 3, 7], vec![2, 300]]
+    // Short rows, a 3-D input, rows longer than a workgroup is wide, and
+    // 201 rows: several workgroups, the last partial, wherever rows share a
+    // workgroup (64 to one on CPU adapters).
+    for (i, shape) in [vec![3, 5], vec![2, 3, 7], vec![2, 300], vec![3, 67, 5]]
         .into_iter()
         .enumerate()
     {
@@ -1084,33 +1086,38 @@ fn layer_norm_gradients() {
 
 #[test]
 fn add_layer_norm_gradients() {
-    // LayerNorm(x + r) in one kernel: both summands get the gradient.
-    let (rows, cols) = (4, 6);
-    let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
-        let mut out = Vec::new();
-        for r in 0..rows {
-            let row: Vec<f64> = (0..cols)
-                .map(|c| x[0][r * cols + c] + x[1][r * cols + c])
-                .collect();
-            let mean = row.iter().sum::<f64>() / cols as f64;
-            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
-            for c in 0..cols {
-                out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[2][c] + x[3][c]);
+    // LayerNorm(x + r) in one kernel: both summands get the gradient. 201
+    // rows take several workgroups, the last partial, as in layer_norm's.
+    for (i, shape) in [[2, 2, 6], [3, 67, 5]].into_iter().enumerate() {
+        let cols = shape[2];
+        let rows = shape[0] * shape[1];
+        let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
+            let mut out = Vec::new();
+            for r in 0..rows {
+                let row: Vec<f64> = (0..cols)
+                    .map(|c| x[0][r * cols + c] + x[1][r * cols + c])
+                    .collect();
+                let mean = row.iter().sum::<f64>() / cols as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+                for c in 0..cols {
+                    out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[2][c] + x[3][c]);
+                }
             }
-        }
-        out
-    };
-    grad_check(
-        "add_layer_norm",
-        &[
-            input(&[2, 2, cols], 90, -2.0, 2.0),
-            input(&[2, 2, cols], 91, -1.0, 1.0),
-            input(&[cols], 92, 0.5, 1.5),
-            input(&[cols], 93, -0.5, 0.5),
-        ],
-        |t| t[0].add_layer_norm(&t[1], &t[2], &t[3], 1e-5),
-        &cpu,
-    );
+            out
+        };
+        let seed = 90 + 4 * i as u64;
+        grad_check(
+            &format!("add_layer_norm {shape:?}"),
+            &[
+                input(&shape, seed, -2.0, 2.0),
+                input(&shape, seed + 1, -1.0, 1.0),
+                input(&[cols], seed + 2, 0.5, 1.5),
+                input(&[cols], seed + 3, -0.5, 0.5),
+            ],
+            |t| t[0].add_layer_norm(&t[1], &t[2], &t[3], 1e-5),
+            &cpu,
+        );
+    }
 }
 
 #[test]
@@ -1413,6 +1420,40 @@ fn cpu_conv2d(
 }
 
 #[test]
+fn pad2d_gradients() {
+    // Uneven pads on every side, a fill that is not zero, and a rank-3 input
+    // (the last two dims are padded, whatever comes before).
+    let cases: [(Vec<usize>, [[usize; 2]; 2]); 2] = [
+        (vec![2, 3, 4, 5], [[1, 2], [0, 3]]),
+        (vec![3, 2, 6], [[2, 0], [1, 1]]),
+    ];
+    for (i, (shape, pads)) in cases.into_iter().enumerate() {
+        let fill = 0.75;
+        let r = shape.len();
+        let (h, w) = (shape[r - 2], shape[r - 1]);
+        let (hp, wp) = (h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1]);
+        let outer: usize = shape[..r - 2].iter().product();
+        grad_check(
+            &format!("pad2d_with {shape:?} {pads:?}"),
+            &[input(&shape, 395 + i as u64, -1.0, 1.0)],
+            |t| t[0].pad2d_with(pads, fill),
+            &move |x: &[Vec<f64>]| {
+                let mut out = vec![f64::from(fill); outer * hp * wp];
+                for o in 0..outer {
+                    for y in 0..h {
+                        for xx in 0..w {
+                            out[(o * hp + y + pads[0][0]) * wp + xx + pads[1][0]] =
+                                x[0][(o * h + y) * w + xx];
+                        }
+                    }
+                }
+                out
+            },
+        );
+    }
+}
+
+#[test]
 fn conv2d_gradients() {
     use kiln::graph::Conv2d;
     // (input [n, c, h, w], weight [o, kh, kw], stride, padding, dilation)
@@ -1453,6 +1494,40 @@ fn conv2d_gradients() {
                     stride,
                     padding,
                     dilation,
+                )
+            },
+        );
+    }
+    // A frozen input (a network's first layer, whose images need no
+    // gradient) skips the input gradient's product and col2im; a frozen
+    // weight skips the weight gradient's product.
+    for frozen in [0, 1] {
+        let (xs, [o, kh, kw]) = ([2, 3, 9, 7], [4, 3, 3]);
+        let conv = Conv2d {
+            stride: [2, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+        };
+        let seed = 380 + 3 * frozen as u64;
+        grad_check_frozen(
+            &format!("conv2d with input {frozen} frozen"),
+            &[
+                input(&xs, seed, -1.0, 1.0),
+                input(&[o, 3, kh, kw], seed + 1, -1.0, 1.0),
+                input(&[o], seed + 2, -1.0, 1.0),
+            ],
+            &[frozen],
+            |t| t[0].conv2d(&t[1], Some(&t[2]), conv),
+            &move |x: &[Vec<f64>]| {
+                cpu_conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    xs,
+                    [o, kh, kw],
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
                 )
             },
         );
@@ -1705,13 +1780,16 @@ fn cpu_lstm(x: &[Vec<f64>], mask: &[f32], [b, t, e, h]: [usize; 4]) -> Vec<f64> 
 #[test]
 fn lstm_gradients_with_masking() {
     // A hidden size that is not a multiple of 4 runs step by step (recurrent
-    // matmul, then the gate kernel); the others run as one dispatch per
+    // matmul, then the gate kernel, one lane per sample and unit: 20 x 5 =
+    // 100 lanes take two workgroups of 64, the second partial); the others
+    // run as one dispatch per
     // sequence, whose workgroups split the batch into groups of 8 rows (17
     // and 5 samples leave partial groups; 17 on two cores puts two groups in
     // a workgroup and one sample in another). Backward items take 1, 2 and
     // 4 quads of units at 4, 8 and 16 units.
     let cases = [
         [3, 5, 3, 3],
+        [20, 4, 3, 5],
         [2, 4, 8, 4],
         [17, 3, 2, 4],
         [5, 6, 3, 8],

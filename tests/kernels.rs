@@ -40,10 +40,17 @@ fn tilings() -> Vec<MatmulTiling> {
     ] {
         t.push(s.parse().unwrap());
     }
-    t.retain(|t| {
-        t.validate(d.limits(), d.features(), d.adapter_info())
-            .is_ok()
-    });
+    t.retain(
+        |t| match t.validate(d.limits(), d.features(), d.adapter_info()) {
+            Ok(()) => true,
+            Err(why) => {
+                // Said, so that a run on this adapter does not pass for one that
+                // checked every tiling.
+                eprintln!("tiling {t} not checked on this adapter: {why}");
+                false
+            }
+        },
+    );
     let mut unique = Vec::new();
     for tiling in t {
         if !unique.contains(&tiling) {
@@ -565,6 +572,8 @@ fn half_load_paths() -> Vec<HalfLoads> {
         .contains(kiln::device::wgpu::Features::SHADER_F16)
     {
         paths.push(HalfLoads::Native);
+    } else {
+        eprintln!("no SHADER_F16 on this adapter: native f16 loads not checked");
     }
     paths
 }
@@ -657,6 +666,7 @@ fn f16_arithmetic_matches_rounded_reference_and_multiplies_in_f16() {
         assert!(d
             .matmul_variant(&x, &x, &spec, Tuning::CPU.matmul, half_math)
             .is_err());
+        eprintln!("no SHADER_F16 on this adapter: f16 arithmetic not checked");
         return;
     }
     for tiling in tilings() {

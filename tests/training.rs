@@ -102,8 +102,15 @@ fn sgd_reference(
     }
 }
 
-fn adam_reference(lr: f64, wd: f64, decoupled: bool) -> impl FnMut(&mut [f64], &[f64], usize) {
-    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+/// Adam in f64, with its settings `(beta1, beta2, eps)` given as the f32s
+/// the optimizer holds (PyTorch's defaults: 0.9, 0.999, 1e-8).
+fn adam_reference(
+    lr: f64,
+    (b1, b2, eps): (f32, f32, f32),
+    wd: f64,
+    decoupled: bool,
+) -> impl FnMut(&mut [f64], &[f64], usize) {
+    let (b1, b2, eps) = (f64::from(b1), f64::from(b2), f64::from(eps));
     let (mut m, mut v) = (vec![0.0; CHECKED], vec![0.0; CHECKED]);
     move |w, grad, t| {
         for i in 0..w.len() {
@@ -150,20 +157,29 @@ fn sgd_variants_match_reference() {
 
 #[test]
 fn adam_variants_match_reference() {
+    const DEFAULTS: (f32, f32, f32) = (0.9, 0.999, 1e-8);
     check_optimizer(
         "adam",
         |p| Box::new(Adam::new(p, 0.01)),
-        adam_reference(0.01, 0.0, false),
+        adam_reference(0.01, DEFAULTS, 0.0, false),
     );
     check_optimizer(
         "adam + l2",
         |p| Box::new(Adam::new(p, 0.01).weight_decay(0.1)),
-        adam_reference(0.01, 0.1, false),
+        adam_reference(0.01, DEFAULTS, 0.1, false),
     );
     check_optimizer(
         "adamw",
         |p| Box::new(Adam::adamw(p, 0.01, 0.1)),
-        adam_reference(0.01, 0.1, true),
+        adam_reference(0.01, DEFAULTS, 0.1, true),
+    );
+    // Other betas, and an eps near the gradients' size (they lie in [-2, 2]),
+    // so that each of the three visibly changes every step: a builder that
+    // dropped one, or a kernel reading them from the wrong place, fails here.
+    check_optimizer(
+        "adam, other betas and eps",
+        |p| Box::new(Adam::new(p, 0.01).betas(0.8, 0.95).eps(0.5)),
+        adam_reference(0.01, (0.8, 0.95, 0.5), 0.0, false),
     );
 }
 
