@@ -1715,6 +1715,44 @@ fn im2col_rows_match_reference_and_col2im_is_their_adjoint() {
 }
 
 #[test]
+fn threads_sharing_a_device_keep_their_texture_operands_apart() {
+    // Each thread records many products whose A has the same size (so the
+    // same operand texture would serve them all) before reading any back:
+    // another thread's copy landing between one's copy and its product
+    // would make that product read the other's values.
+    let d = kiln::Device::new().unwrap();
+    d.set_texture_operands(kiln::device::TextureOperands::Always);
+    let spec = Matmul::new(64, 32, 48).transpose_b(true);
+    std::thread::scope(|s| {
+        for thread in 0..2u64 {
+            let d = d.clone();
+            s.spawn(move || {
+                let b = random_vec(spec.n * spec.k, 700 + thread, -1.0, 1.0);
+                let gb = d.upload(&b).unwrap();
+                let products: Vec<_> = (0..64u64)
+                    .map(|i| {
+                        let a = random_vec(spec.m * spec.k, 1000 * thread + i, -1.0, 1.0);
+                        let c = d.matmul(&d.upload(&a).unwrap(), &gb, &spec).unwrap();
+                        (a, c)
+                    })
+                    .collect();
+                for (i, (a, c)) in products.iter().enumerate() {
+                    let (want, scale) = matmul_reference(a, &b, &spec);
+                    let got = d.read::<f32>(c).unwrap();
+                    assert_close_scaled(
+                        &format!("thread {thread}, product {i}"),
+                        &got,
+                        &want,
+                        &scale,
+                        1e-4,
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn matmul_with_a_texture_operand_matches_reference() {
     // A read through a texture (the CPU adapters' faster path for large
     // products), forced on odd and vec4-friendly shapes, every transpose and

@@ -240,6 +240,15 @@ impl BindGroupCache {
         });
     }
 
+    /// Drops the bind groups that hold a texture.
+    pub fn forget_textures(&mut self) {
+        self.groups.retain(|key, _| {
+            !key.resources
+                .iter()
+                .any(|r| matches!(r, BoundKey::Texture(_)))
+        });
+    }
+
     pub fn clear(&mut self) {
         self.groups.clear();
     }

@@ -35,10 +35,16 @@ fn fusion_enabled() -> bool {
 /// Texels per row of an operand texture (see `Device::texture_operand`):
 /// 4 KiB rows, the copy alignment wgpu asks for many times over.
 pub const TEXTURE_ROW_TEXELS: u32 = 256;
-/// Operand textures kept for reuse (one per size), and their bytes at most:
-/// there is no free-memory query, so caches stay bounded.
+/// Operand textures kept for reuse (one per size and thread), and their
+/// bytes at most: there is no free-memory query, so caches stay bounded.
 const MAX_OPERAND_TEXTURES: usize = 16;
 const MAX_OPERAND_TEXTURE_BYTES: u64 = 256 << 20;
+/// Readback buffers kept for reuse, in bytes at most.
+const MAX_STAGING_BYTES: u64 = 64 << 20;
+/// Fusion plans kept (see `Device::fused_plan`): a training step needs tens.
+const MAX_FUSION_PLANS: usize = 512;
+/// An operand texture and the view kernels bind.
+type OperandTexture = (wgpu::Texture, wgpu::TextureView);
 
 /// When a product reads its A operand through a texture. On lavapipe a
 /// storage-buffer load whose index differs per lane is a loop over the lanes
@@ -252,8 +258,9 @@ pub struct DeviceShared {
     loop_counters: bool,
     /// When matmul reads A through a texture (see [`TextureOperands`]).
     texture_operands: Mutex<TextureOperands>,
-    /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`].
-    textures: Mutex<HashMap<u32, (wgpu::Texture, wgpu::TextureView)>>,
+    /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`]
+    /// and the thread that fills them (see [`Device::texture_operand`]).
+    textures: Mutex<HashMap<(u32, std::thread::ThreadId), OperandTexture>>,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
     /// Fused kernels by their parts' keys; `None` where the parts cannot be
@@ -529,7 +536,9 @@ impl Device {
     /// holds them for the next dispatch that reads it). `None` when the
     /// values do not fit the adapter's largest texture. Textures are kept by
     /// size and reused: commands run in order, so a later copy into one waits
-    /// for the dispatches recorded before it.
+    /// for the dispatches recorded before it. Each thread fills its own: the
+    /// copy and the dispatch reading it are recorded under separate locks,
+    /// and another thread's copy between them would replace the values.
     pub(crate) fn texture_operand(&self, buffer: &GpuBuffer) -> Result<Option<wgpu::TextureView>> {
         self.check_same_device(buffer, "texture operand")?;
         let texels = u32::try_from(buffer.len().div_ceil(4)).unwrap_or(u32::MAX);
@@ -540,16 +549,19 @@ impl Device {
         let (texture, view) = {
             let mut textures = lock(&self.shared.textures);
             let bytes = |h: u32| u64::from(h) * u64::from(TEXTURE_ROW_TEXELS) * 16;
-            let held: u64 = textures.keys().map(|&h| bytes(h)).sum();
-            if !textures.contains_key(&height)
+            let held: u64 = textures.keys().map(|&(h, _)| bytes(h)).sum();
+            let key = (height, std::thread::current().id());
+            if !textures.contains_key(&key)
                 && (textures.len() >= MAX_OPERAND_TEXTURES
                     || held + bytes(height) > MAX_OPERAND_TEXTURE_BYTES)
             {
-                // Dropped textures live on until the commands using them ran.
+                // Dropped textures live on until the commands using them ran;
+                // cached bind groups would keep them alive for longer.
                 textures.clear();
+                lock(&self.shared.bind_groups).forget_textures();
             }
             textures
-                .entry(height)
+                .entry(key)
                 .or_insert_with(|| {
                     let texture = self.shared.device.create_texture(&wgpu::TextureDescriptor {
                         label: Some("kiln operand"),
@@ -589,12 +601,14 @@ impl Device {
         lock(&self.shared.pool).capacity = bytes;
     }
 
-    /// Frees every idle pooled buffer.
+    /// Frees every idle pooled buffer, and the operand textures and readback
+    /// buffers kept for reuse.
     pub fn trim_pool(&self) {
         lock(&self.shared.pool).trim();
         // Cached bind groups hold idle buffers too; they are rebuilt on demand.
         lock(&self.shared.bind_groups).clear();
         lock(&self.shared.textures).clear();
+        lock(&self.shared.staging).clear();
     }
 
     /// Turns per-kernel timing on (clearing earlier times) or off. While on,
@@ -785,8 +799,11 @@ impl Device {
         };
         staging.unmap();
         let mut pool = lock(&self.shared.staging);
+        let kept: u64 = pool.iter().map(|(b, l)| b * l.len() as u64).sum();
         let list = pool.entry(bucket).or_default();
-        if list.len() < 4 {
+        // A few per size, for reads repeated every few steps; a large
+        // tensor's read once (a checkpoint's) is not kept.
+        if list.len() < 4 && kept + bucket <= MAX_STAGING_BYTES {
             list.push(staging);
         }
         drop(pool);
@@ -1205,7 +1222,7 @@ impl Device {
     /// one.
     fn emit_fused(&self, rec: &mut Recorder, launches: Vec<Launch>) -> Result<()> {
         if launches.len() >= 2 {
-            let plan = self.fused_plan(&launches)?.filter(|plan| {
+            let plan = self.fused_plan(&launches).filter(|plan| {
                 let parts = plan.source.parts.iter().zip(&launches);
                 parts.into_iter().all(|(part, l)| {
                     let workgroups: u32 = l.workgroups.iter().product();
@@ -1213,8 +1230,13 @@ impl Device {
                         && !(part.virtual_subgroups && workgroups > MAX_VIRTUAL_SUBGROUP_WORKGROUPS)
                 })
             });
-            if let Some(plan) = plan {
-                let (block, workgroups) = self.fused_block(&plan.source, &launches)?;
+            // Parts with too many workgroups in all to number (fused_block's
+            // error) run apart like parts that do not fuse.
+            let fused = plan.and_then(|plan| {
+                let (block, workgroups) = self.fused_block(&plan.source, &launches).ok()?;
+                Some((plan, block, workgroups))
+            });
+            if let Some((plan, block, workgroups)) = fused {
                 let buffers: Vec<Bound> = launches
                     .iter()
                     .flat_map(|l| l.buffers.iter().map(Bound::Buffer))
@@ -1265,8 +1287,9 @@ impl Device {
     }
 
     /// The fused kernel for `launches`, built the first time; `None` where
-    /// they cannot be fused on this adapter.
-    fn fused_plan(&self, launches: &[Launch]) -> Result<Option<Arc<FusedPlan>>> {
+    /// they cannot be fused on this adapter. Infallible: the launches may be
+    /// another thread's, held for fusion, and must be recorded either way.
+    fn fused_plan(&self, launches: &[Launch]) -> Option<Arc<FusedPlan>> {
         let parts: Vec<fusion::PartSource> = launches
             .iter()
             .map(|l| fusion::PartSource {
@@ -1291,7 +1314,7 @@ impl Device {
             }
         }
         if let Some(plan) = lock(&self.shared.fusions).get(&key) {
-            return Ok(plan.clone());
+            return plan.clone();
         }
         let (info, limits) = (&self.shared.info, &self.shared.limits);
         let fusion_limits = fusion::FusionLimits {
@@ -1307,15 +1330,28 @@ impl Device {
                 if source.block_bytes <= MAX_PARAM_BYTES
                     && bindings <= self.shared.limits.max_storage_buffers_per_shader_stage =>
             {
-                let kernel = self.kernel(&format!("fused[{key}]"), || source.wgsl.clone())?;
-                Some(Arc::new(FusedPlan { kernel, source }))
+                match self.kernel(&format!("fused[{key}]"), || source.wgsl.clone()) {
+                    Ok(kernel) => Some(Arc::new(FusedPlan { kernel, source })),
+                    // A bug in fusion, or a driver that rejects the fused
+                    // kernel: said once, and the parts run one by one.
+                    Err(e) => {
+                        eprintln!("kiln: running these kernels unfused: {e}");
+                        None
+                    }
+                }
             }
             // Too many bindings or parameters, or parts it cannot fuse: they
             // run one by one.
             _ => None,
         };
-        lock(&self.shared.fusions).insert(key, plan.clone());
-        Ok(plan)
+        let mut fusions = lock(&self.shared.fusions);
+        // Plans hold their kernels, which the kernel cache then keeps: bound
+        // both where launch keys carry shapes that keep changing.
+        if fusions.len() >= MAX_FUSION_PLANS {
+            fusions.clear();
+        }
+        fusions.insert(key, plan.clone());
+        plan
     }
 
     /// The fused parameter block and grid for `launches`.
@@ -1503,7 +1539,13 @@ impl Device {
         rec.params.clear();
         rec.upload_bytes = 0;
         rec.stats.submits += 1;
-        shared.pending.store(false, Ordering::Release);
+        // A submit made while held launches are being recorded (the
+        // parameter arena filled up) leaves some of them still to record;
+        // a buffer one of them reads, released meanwhile by another thread,
+        // must not go to an upload, which would run before that launch.
+        shared
+            .pending
+            .store(!rec.emitting.is_empty(), Ordering::Release);
         lock(&shared.pool).on_submit(|b| rec.emitting.contains(b));
         Ok(())
     }
