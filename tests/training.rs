@@ -742,18 +742,29 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
     let d = device();
     let (x, y) = circle_data(32, 84);
     let data = Dataset::new(2, x.clone(), y, 2).unwrap();
-    let model = Sequential::new()
-        .push(Dense::new(d, 2, 8, Activation::Relu, 0).unwrap())
-        .push(Dense::new(d, 8, 2, Activation::Softmax, 1).unwrap());
-    let optimizer = Sgd::new(model.parameters(), 0.1);
-    let mut trainer = Trainer::new(model, optimizer, d);
-    let options = quiet(1, 32);
-    for err in [
-        trainer.fit(&data, &options).unwrap_err(),
-        trainer.evaluate(&data, 16).unwrap_err(),
-        trainer.predict(&x, 2).unwrap_err(),
-    ] {
-        assert!(err.to_string().contains("Activation::None"), "{err}");
+    // Softmax as the output layer's activation, or as a layer of its own
+    // after it (Keras's `Dense(2)` then `Activation('softmax')`).
+    let hidden = || Dense::new(d, 2, 8, Activation::Relu, 0).unwrap();
+    let models = [
+        Sequential::new()
+            .push(hidden())
+            .push(Dense::new(d, 8, 2, Activation::Softmax, 1).unwrap()),
+        Sequential::new()
+            .push(hidden())
+            .push(Dense::new(d, 8, 2, Activation::None, 1).unwrap())
+            .push(Activation::Softmax),
+    ];
+    for model in models {
+        let optimizer = Sgd::new(model.parameters(), 0.1);
+        let mut trainer = Trainer::new(model, optimizer, d);
+        let options = quiet(1, 32);
+        for err in [
+            trainer.fit(&data, &options).unwrap_err(),
+            trainer.evaluate(&data, 16).unwrap_err(),
+            trainer.predict(&x, 2).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("end the model on logits"), "{err}");
+        }
     }
 }
 

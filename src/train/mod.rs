@@ -350,7 +350,8 @@ impl<O: Optimizer> Trainer<O> {
         {
             return Err(ModelError::Invalid(
                 "the model's last layer applies softmax, but the trainer's losses take logits \
-                 and apply it themselves: give the output layer Activation::None"
+                 and apply it themselves: end the model on logits (Activation::None on the \
+                 output layer, and no softmax layer after it)"
                     .into(),
             ));
         }

@@ -157,6 +157,10 @@ impl Layer for Activation {
         Ok(self.apply(x)?)
     }
 
+    fn outputs_probabilities(&self) -> bool {
+        *self == Activation::Softmax
+    }
+
     fn params(&self) -> Vec<(&'static str, Tensor)> {
         Vec::new()
     }
