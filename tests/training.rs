@@ -705,6 +705,56 @@ fn early_stopping_counts_patience_across_a_resume_as_an_unbroken_run_would() {
 }
 
 #[test]
+fn a_resumed_mixed_precision_run_scales_its_loss_as_the_unbroken_run_would() {
+    use kiln::data::Dataset;
+    use kiln::graph::amp::LossScaler;
+    use kiln::train::FitOptions;
+    let (x, y) = circle_data(96, 85);
+    let data = Dataset::new(2, x, y, 2).unwrap();
+    // A scale at which f16 gradients overflow, and growth after 3 good
+    // steps: the scale falls and rises every few of the 12 steps an epoch,
+    // so a resumed run that started the scale afresh would skip other steps.
+    let trainer = || {
+        let mut trainer = circle_trainer(0.05);
+        trainer.loss_scaler = LossScaler::new()
+            .initial_scale(2f32.powi(30))
+            .growth_interval(3);
+        trainer
+    };
+    let dir = std::env::temp_dir().join(format!("kiln-amp-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    let options = |epochs| FitOptions {
+        mixed_precision: true,
+        checkpoint: Some(path.clone()),
+        ..quiet(epochs, 8)
+    };
+    let mut unbroken = trainer();
+    unbroken.fit(&data, &options(3)).unwrap();
+    let mut first = trainer();
+    first.fit(&data, &options(2)).unwrap();
+    let mut resumed = trainer();
+    resumed.resume(&path).unwrap();
+    let scaler = |t: &kiln::train::Trainer<Sgd>| {
+        let s = &t.loss_scaler;
+        (s.scale(), s.good_steps(), s.skipped_steps())
+    };
+    assert_eq!(scaler(&resumed), scaler(&first));
+    assert!(first.loss_scaler.skipped_steps() > 0, "no step overflowed");
+    resumed.fit(&data, &options(3)).unwrap();
+    assert_eq!(scaler(&resumed), scaler(&unbroken));
+    let weights = |t: &kiln::train::Trainer<Sgd>| -> Vec<Vec<f32>> {
+        t.model
+            .parameters()
+            .iter()
+            .map(|p| p.to_vec().unwrap())
+            .collect()
+    };
+    assert_eq!(weights(&resumed), weights(&unbroken));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn validation_split_holds_out_what_keras_does() {
     // Keras trains on the first floor(n * (1 - split)) samples and validates
     // on the rest, taken before shuffling.

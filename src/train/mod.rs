@@ -211,6 +211,10 @@ pub struct Trainer<O: Optimizer> {
     pub history: History,
     /// Written into every checkpoint (e.g. which architecture to rebuild).
     pub metadata: HashMap<String, String>,
+    /// Scales the loss in `fit` with [`FitOptions::mixed_precision`]
+    /// (PyTorch's `GradScaler` defaults; set another to change them). Its
+    /// scale and counts go into checkpoints, and `resume` puts them back.
+    pub loss_scaler: LossScaler,
 }
 
 /// Loss sum and correct count of a pass, kept on the device until read.
@@ -322,6 +326,7 @@ impl<O: Optimizer> Trainer<O> {
             epochs_done: 0,
             history: History::default(),
             metadata: HashMap::new(),
+            loss_scaler: LossScaler::new(),
         }
     }
 
@@ -388,7 +393,6 @@ impl<O: Optimizer> Trainer<O> {
             }
         }
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
-        let mut scaler = options.mixed_precision.then(LossScaler::new);
         while self.epochs_done < options.epochs {
             let epoch = self.epochs_done + 1;
             let start = Instant::now();
@@ -409,15 +413,12 @@ impl<O: Optimizer> Trainer<O> {
                     let logits = self.model.forward(&x, &mut Mode::training(seed))?;
                     let loss = self.loss.compute(&logits, &yb, train.classes, &mut tally)?;
                     self.optimizer.zero_grad();
-                    match &mut scaler {
-                        Some(scaler) => {
-                            scaler.backward(&loss)?;
-                            scaler.step(&mut self.optimizer)?;
-                        }
-                        None => {
-                            loss.backward()?;
-                            self.optimizer.step()?;
-                        }
+                    if options.mixed_precision {
+                        self.loss_scaler.backward(&loss)?;
+                        self.loss_scaler.step(&mut self.optimizer)?;
+                    } else {
+                        loss.backward()?;
+                        self.optimizer.step()?;
                     }
                     Ok(())
                 })?;
@@ -535,6 +536,18 @@ impl<O: Optimizer> Trainer<O> {
             ("optimizer_step".to_string(), state.step.to_string()),
             ("format".to_string(), "kiln-checkpoint-1".to_string()),
         ]);
+        let scaler = &self.loss_scaler;
+        metadata.extend([
+            ("loss_scale".to_string(), scaler.scale().to_string()),
+            (
+                "loss_scale_good_steps".to_string(),
+                scaler.good_steps().to_string(),
+            ),
+            (
+                "loss_scale_skipped_steps".to_string(),
+                scaler.skipped_steps().to_string(),
+            ),
+        ]);
         checkpoint::save(path, &tensors, &metadata)
     }
 
@@ -577,6 +590,20 @@ impl<O: Optimizer> Trainer<O> {
         let (step, epochs_done) = (field("optimizer_step")?, field("epoch")?);
         let epochs_done = usize::try_from(epochs_done)
             .map_err(|_| bad(format!("epoch {epochs_done} is out of range")))?;
+        // Checkpoints from before the loss scale was kept in them have none.
+        let loss_scale = match metadata.get("loss_scale") {
+            None => None,
+            Some(scale) => {
+                let scale: f32 = scale
+                    .parse()
+                    .ok()
+                    .filter(|s: &f32| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| bad(format!("loss_scale {scale} is not a positive number")))?;
+                let good_steps = u32::try_from(field("loss_scale_good_steps")?)
+                    .map_err(|_| bad("loss_scale_good_steps is out of range".into()))?;
+                Some((scale, good_steps, field("loss_scale_skipped_steps")?))
+            }
+        };
         let weights = self.model.read_state(&file)?;
         let state = kiln_graph::optim::OptimizerState {
             step,
@@ -587,6 +614,9 @@ impl<O: Optimizer> Trainer<O> {
         self.optimizer.load_state(&state)?;
         weights.apply()?;
         self.epochs_done = epochs_done;
+        if let Some((scale, good_steps, skipped)) = loss_scale {
+            self.loss_scaler.restore(scale, good_steps, skipped);
+        }
         // Checkpoints from before the history was kept in them have none.
         self.history = metadata
             .get("history")

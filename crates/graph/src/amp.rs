@@ -131,6 +131,23 @@ impl LossScaler {
         self.skipped
     }
 
+    /// Finite steps in a row since the scale last changed; it grows when
+    /// they reach the growth interval.
+    pub fn good_steps(&self) -> u32 {
+        self.good_steps
+    }
+
+    /// Puts back the state [`LossScaler::scale`], [`LossScaler::good_steps`]
+    /// and [`LossScaler::skipped_steps`] read from a scaler earlier (what a
+    /// checkpoint keeps, like PyTorch's `GradScaler.state_dict`), so that a
+    /// resumed run scales as the unbroken one would. The growth and backoff
+    /// settings stay this scaler's.
+    pub fn restore(&mut self, scale: f32, good_steps: u32, skipped_steps: u64) {
+        self.scale = scale;
+        self.good_steps = good_steps;
+        self.skipped = skipped_steps;
+    }
+
     /// Back-propagates `loss * scale`.
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
         loss.mul_scalar(self.scale)?.backward()
