@@ -787,6 +787,18 @@ fn oversized_matmul_tiles_are_refused() {
     let err = validate("register:64x64:4x4").unwrap_err();
     assert!(err.contains("4096 outputs per invocation"), "{err}");
     assert!(validate("register:16x16:4x4").is_ok());
+    // A subgroup tiling's lanes each keep tm rows of 4 * sg columns: on an
+    // adapter with subgroups of 32, tm = 8 would be 1024 accumulators.
+    let mut info = d.adapter_info().clone();
+    (info.subgroup_min_size, info.subgroup_max_size) = (32, 32);
+    let features = d.features() | kiln::device::wgpu::Features::SUBGROUP;
+    let validate_32 = |tiling: &str| {
+        let tiling: MatmulTiling = tiling.parse().unwrap();
+        tiling.validate(d.limits(), features, &info)
+    };
+    let err = validate_32("subgroup:8:32:64").unwrap_err();
+    assert!(err.contains("1024 outputs per invocation"), "{err}");
+    assert!(validate_32("subgroup:2:32:64").is_ok());
     // vec4 shared tiles read four rows, columns and k steps at a time.
     for bad in ["shared:32x32x8:2x4:vec4", "shared:32x32x6:4x4:vec4"] {
         let err = validate(bad).unwrap_err();

@@ -198,7 +198,9 @@ impl MatmulTiling {
         }
         let outputs = match *self {
             MatmulTiling::Register { tm, tn, .. } | MatmulTiling::Shared { tm, tn, .. } => tm * tn,
-            MatmulTiling::Subgroup { tm, .. } => tm * 4,
+            // Each lane keeps tm rows of the 4 * sg columns its subgroup
+            // shares.
+            MatmulTiling::Subgroup { tm, sg, .. } => tm * 4 * sg,
         };
         // Each output is an unrolled accumulator: past this, kernels take
         // minutes to compile and spill everything.
