@@ -43,11 +43,7 @@ fn kiln_sigmoid(x: f32) -> f32 {
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
 }
 
-// tanh saturates to +-1 in f32 beyond 15; WGSL leaves it undefined past
-// |x| = 88.7, and implementations through exp compute inf / inf = NaN there.
-fn kiln_tanh(x: f32) -> f32 {
-    return tanh(clamp(x, -15.0, 15.0));
-}
+// kiln_tanh: shaders/tanh.wgsl, which the host appends with TanhT = f32.
 
 // x^y as PyTorch defines it. WGSL's pow is exp2(y * log2(x)): undefined for
 // x < 0 (NaN on most GPUs), for 0^y with y <= 0, and NaN at 0^0. Here a

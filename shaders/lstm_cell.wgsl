@@ -8,18 +8,14 @@ fn lstm_sigmoid(x: V) -> V {
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= V(0.0));
 }
 
-// tanh saturates to +-1 in f32 beyond 15; clamping keeps exp-based
-// implementations from computing inf / inf.
-fn lstm_tanh(x: V) -> V {
-    return tanh(clamp(x, V(-15.0), V(15.0)));
-}
+// kiln_tanh: shaders/tanh.wgsl, which the host appends with TanhT = V.
 
 // The activated gates from their pre-activations.
 fn lstm_gates(pre: array<V, 4>) -> array<V, 4> {
     return array<V, 4>(
         lstm_sigmoid(pre[0]),
         lstm_sigmoid(pre[1]),
-        lstm_tanh(pre[2]),
+        kiln_tanh(pre[2]),
         lstm_sigmoid(pre[3]),
     );
 }
@@ -43,7 +39,7 @@ fn lstm_cell_backward(dh: V, dc: V, gate: array<V, 4>, c_prev: V, c: V) -> LstmC
     let f = gate[1];
     let g = gate[2];
     let o = gate[3];
-    let tc = lstm_tanh(c);
+    let tc = kiln_tanh(c);
     let dcell = dc + dh * o * (1.0 - tc * tc);
     let pre = array<V, 4>(
         dcell * g * i * (1.0 - i),

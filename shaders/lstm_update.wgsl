@@ -24,5 +24,5 @@ fn lstm_update(prev: u32, next: u32, g0: u32, stride: u32, pre: array<V, 4>) {
     }
     let c = lstm_cell(gate, cells[prev]);
     cells[next] = c;
-    states[next] = gate[3] * lstm_tanh(c);
+    states[next] = gate[3] * kiln_tanh(c);
 }

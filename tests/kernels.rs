@@ -851,6 +851,26 @@ fn tanh_saturates_and_pow_takes_negative_bases_as_pytorch_does() {
         .unwrap();
     let want: Vec<f64> = big.iter().map(|&v| f64::from(v).tanh()).collect();
     assert_close("tanh of large inputs", &got, &want, 1e-6, 1e-7);
+    // Within 1e-6 relative everywhere, tiny inputs included (where tanh
+    // built from exp loses all relative accuracy), either side of the
+    // switch from series to exponential at 0.55.
+    let mut x = random_vec(4096, 131, -6.0, 6.0);
+    x.extend(random_vec(1024, 132, -1.0, 1.0).iter().map(|v| v * 1e-3));
+    x.extend([
+        0.55,
+        -0.55,
+        0.549_999_9,
+        1e-30,
+        -1e-30,
+        3.0e-8,
+        14.99,
+        -15.01,
+    ]);
+    let got = d
+        .read::<f32>(&d.unary(UnaryOp::Tanh, &d.upload(&x).unwrap()).unwrap())
+        .unwrap();
+    let want: Vec<f64> = x.iter().map(|&v| f64::from(v).tanh()).collect();
+    assert_close("tanh to 1e-6 relative", &got, &want, 1e-6, 0.0);
 
     // Integer exponents of negative bases, odd and even, and 0^0 = 1;
     // PyTorch's pow. Non-integer exponents of negative bases are NaN.

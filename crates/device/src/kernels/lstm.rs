@@ -16,7 +16,12 @@ const BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_step_backward.
 const SEQUENCE_SRC: &str = include_str!("../../../../shaders/lstm_sequence.wgsl");
 const SEQUENCE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_sequence_backward.wgsl");
 const SEQUENCE_COMMON_SRC: &str = include_str!("../../../../shaders/lstm_sequence_common.wgsl");
-const CELL_SRC: &str = include_str!("../../../../shaders/lstm_cell.wgsl");
+/// The cell's arithmetic, with its tanh for the kernel's `V`.
+const CELL_SRC: &str = concat!(
+    include_str!("../../../../shaders/lstm_cell.wgsl"),
+    "\nalias TanhT = V;\n",
+    include_str!("../../../../shaders/tanh.wgsl"),
+);
 const UPDATE_SRC: &str = include_str!("../../../../shaders/lstm_update.wgsl");
 const UPDATE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_update_backward.wgsl");
 const WORKGROUP: u32 = 64;

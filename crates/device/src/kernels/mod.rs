@@ -16,7 +16,11 @@ use crate::error::{DeviceError, Result};
 
 /// Functions every generated expression may call (`kiln_erf`, `kiln_sigmoid`,
 /// `kiln_tanh`, `kiln_gelu`, `kiln_pow`, `kiln_uniform`).
-pub(crate) const EXPR_HELPERS: &str = include_str!("../../../../shaders/expr_helpers.wgsl");
+pub(crate) const EXPR_HELPERS: &str = concat!(
+    include_str!("../../../../shaders/expr_helpers.wgsl"),
+    "\nalias TanhT = f32;\n",
+    include_str!("../../../../shaders/tanh.wgsl"),
+);
 
 /// Invocations per workgroup for one-element-per-invocation kernels.
 pub(crate) const LINEAR_WORKGROUP: u32 = 256;
