@@ -168,7 +168,9 @@ pub fn load_encoded_at(
     Ok(encoded)
 }
 
-const ENCODED_FORMAT: &str = "kiln-imdb-encoded-1";
+/// Bumped whenever encoding changes (2: Keras's deletion of punctuation), so
+/// caches written before are rebuilt.
+const ENCODED_FORMAT: &str = "kiln-imdb-encoded-2";
 
 fn write_encoded(path: &Path, e: &Encoded) -> Result<(), DataError> {
     let labels = |d: &Dataset| d.y.iter().map(|&l| l as f32).collect::<Vec<f32>>();

@@ -1,5 +1,6 @@
 //! Word-level text vectorisation, as Keras's `TextVectorization` does it by
-//! default: lowercase, strip ASCII punctuation, split on whitespace, map words
+//! default: lowercase ASCII letters, delete ASCII punctuation (so "don't" is
+//! one word, "dont"), split on whitespace, map words
 //! to ids by frequency rank in the training texts, pad or truncate to a fixed
 //! length. Id 0 is padding and id 1 stands for any word outside the vocabulary.
 //!
@@ -36,11 +37,18 @@ pub struct TextVectorizer {
     pub sequence_length: usize,
 }
 
-/// Lowercases, replaces ASCII punctuation by spaces and splits on whitespace.
+/// Keras's `lower_and_strip_punctuation` then whitespace split: lowercases
+/// ASCII letters (`tf.strings.lower` leaves others), deletes the 32 ASCII
+/// punctuation marks (its default strip pattern) and splits on whitespace.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_ascii_punctuation())
+                .map(|c| c.to_ascii_lowercase())
+                .collect::<String>()
+        })
         .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
 }
 
 impl TextVectorizer {
@@ -152,8 +160,11 @@ mod tests {
 
     #[test]
     fn standardises_like_keras() {
-        let got: Vec<String> = words("It's GREAT,fun\tand<br />\"moving\"!").collect();
-        assert_eq!(got, ["it", "s", "great", "fun", "and", "br", "moving"]);
+        // What Keras's TextVectorization gives: punctuation deleted, not a
+        // separator, so words it joined stay joined; a word of punctuation
+        // alone disappears; only ASCII letters are lowercased.
+        let got: Vec<String> = words("It's GREAT,fun\tand<br />\"moving\"! -- ÉCOLE").collect();
+        assert_eq!(got, ["its", "greatfun", "andbr", "moving", "École"]);
     }
 
     #[test]
