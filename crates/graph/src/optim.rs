@@ -474,7 +474,13 @@ impl Optimizer for Sgd {
     }
 }
 
-/// Adam, or AdamW with [`Adam::decoupled_weight_decay`], as in PyTorch.
+/// Adam, or AdamW with [`Adam::decoupled_weight_decay`], as in PyTorch,
+/// except for one thing: the bias corrections count the optimizer's steps,
+/// as Keras's `iterations` does, where PyTorch counts each parameter's own
+/// updates. The two differ only for a parameter that sat out steps (frozen,
+/// then unfrozen): its first updates here are corrected as late steps, so
+/// they are larger than PyTorch's, up to a few times `lr`, until its moment
+/// averages fill.
 ///
 /// ```
 /// # fn main() -> kiln_device::Result<()> {
