@@ -7,9 +7,7 @@ if [ -f "$dir/train-images-idx3-ubyte.gz" ]; then
     echo "Fashion-MNIST already in $dir"
     exit 0
 fi
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+# shellcheck source=scripts/require.sh
+source "$(dirname "$0")/require.sh"
+apt_install dataset-fashion-mnist
 echo "Fashion-MNIST in $dir"

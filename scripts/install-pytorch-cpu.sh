@@ -13,8 +13,12 @@
 # reference BLAS, tens of times slower, which would flatter every ratio.
 # Optional: nothing but the benchmarks needs it.
 set -euo pipefail
+# shellcheck source=scripts/require.sh
+source "$(dirname "$0")/require.sh"
 if [ "${1:-}" = "--venv" ]; then
     dir="${2:?usage: $0 --venv DIR}"
+    # Debian splits venv's pip bootstrap into python3-venv.
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
     python3 -m venv "$dir"
     "$dir/bin/pip" install --quiet --upgrade pip
     # The CPU index carries torch without the multi-gigabyte CUDA libraries.
@@ -22,8 +26,5 @@ if [ "${1:-}" = "--venv" ]; then
     "$dir/bin/python" -c "import torch; print('PyTorch', torch.__version__, 'ready: KILN_PYTHON=$dir/bin/python')"
     exit 0
 fi
-sudo=""
-[ "$(id -u)" -ne 0 ] && sudo="sudo"
-$sudo apt-get update -qq
-$sudo apt-get install -y --no-install-recommends python3-torch libopenblas0-pthread
+apt_install python3-torch libopenblas0-pthread
 /usr/bin/python3 -c "import torch; print('PyTorch', torch.__version__, 'ready')"

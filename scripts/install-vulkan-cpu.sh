@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# Installs Mesa's Vulkan CPU driver (lavapipe) unless a Vulkan driver is already
-# present. On Debian 12 it takes Mesa from bookworm-backports: lavapipe in Mesa 25
-# runs Kiln's kernels about 3x faster than bookworm's Mesa 22.3.
+# Installs Mesa's CPU drivers where they are missing: lavapipe through Vulkan
+# (what Kiln runs on without a GPU) and llvmpipe through EGL (wgpu's GL
+# backend, which CI tests too). On Debian 12 it takes Mesa from
+# bookworm-backports: lavapipe in Mesa 25 runs Kiln's kernels about 3x faster
+# than bookworm's Mesa 22.3.
 set -euo pipefail
 
-if ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep -q libvulkan.so.1; then
+# Whether the dynamic linker knows library $1. ldconfig lives in /sbin, off
+# a normal user's PATH; its listing is taken whole, since `grep -q` closing
+# the pipe early would fail the pipeline under pipefail.
+has_lib() { [[ "$(/sbin/ldconfig -p 2>/dev/null)" == *"$1"* ]]; }
+vulkan_present() { ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 && has_lib libvulkan.so.1; }
+egl_present() { has_lib libEGL.so.1 && has_lib libEGL_mesa.so.0; }
+
+packages=()
+vulkan_present || packages+=(mesa-vulkan-drivers libvulkan1)
+egl_present || packages+=(libegl1 libegl-mesa0 libgl1-mesa-dri)
+if [ ${#packages[@]} -eq 0 ]; then
     echo "Vulkan driver present: $(ls /usr/share/vulkan/icd.d/ | tr '\n' ' ')"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null; then
+    if vulkan_present; then
+        echo "no Mesa EGL found: wgpu's GL backend will not run (Vulkan will)" >&2
+        exit 0
+    fi
     echo "No Vulkan driver found and no apt-get: install Mesa's Vulkan drivers (lavapipe) with your package manager," >&2
     echo "e.g. 'dnf install mesa-vulkan-drivers' or 'pacman -S vulkan-swrast'." >&2
     exit 1
@@ -17,7 +33,8 @@ fi
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
+# Through env: sudo drops the caller's environment.
+apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get)
 
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 target=()
@@ -26,6 +43,6 @@ if [ "$codename" = "bookworm" ]; then
         $sudo tee /etc/apt/sources.list.d/kiln-bookworm-backports.list >/dev/null
     target=(-t bookworm-backports)
 fi
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq "${target[@]}" mesa-vulkan-drivers libvulkan1 >/dev/null
-echo "installed: $(dpkg-query -W -f='${Package} ${Version}\n' mesa-vulkan-drivers)"
+"${apt[@]}" update -qq
+"${apt[@]}" install -y -qq "${target[@]}" "${packages[@]}" >/dev/null
+echo "installed: $(dpkg-query -W -f='${Package} ${Version}\n' "${packages[@]}" | tr '\n' ' ')"

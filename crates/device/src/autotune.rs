@@ -14,12 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where Kiln keeps downloads and measurements: `$KILN_CACHE`, else
-/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`. An empty variable counts
+/// as unset, as in the fetch scripts.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KILN_CACHE") {
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = set("KILN_CACHE") {
         return dir.into();
     }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+    if let Some(dir) = set("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("kiln");
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
