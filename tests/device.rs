@@ -27,6 +27,24 @@ fn step(d: &Device, w: &kiln::device::GpuBuffer, seed: u64) -> f32 {
 }
 
 #[test]
+fn an_index_picks_among_the_adapters_a_selector_accepts() {
+    // Index 0 is the adapter the kind alone picks; an index past the last
+    // is refused, saying how many there are.
+    let open = |s: &str| Device::with_selector(&s.parse().unwrap());
+    let (plain, first) = (open("cpu").unwrap(), open("cpu:0").unwrap());
+    let name = |d: &Device| {
+        let info = d.adapter_info();
+        (info.name.clone(), info.backend)
+    };
+    assert_eq!(name(&first), name(&plain));
+    let err = open("cpu:99").unwrap_err().to_string();
+    assert!(
+        err.contains("asks for adapter 99 (counting from 0)") && err.contains("do."),
+        "{err}"
+    );
+}
+
+#[test]
 fn identical_steps_allocate_no_new_buffers_after_the_first() {
     // A private device so other tests' allocations do not mix into the counts.
     let d = Device::new().unwrap();

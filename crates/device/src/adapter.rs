@@ -10,6 +10,7 @@
 //! | `gpu`        | a GPU only; an error if there is none                        |
 //! | `cpu`        | a CPU adapter only (CI has no GPU, so `auto` picks one there) |
 //! | `X:FILTER`   | as `X`, restricted to a backend (`vulkan`, `gl`, `metal`, `dx12`) or to adapters whose name contains FILTER |
+//! | `X:N`        | as `X`, the adapter at index N (from 0) of those it accepts, best first: on a machine with several identical GPUs, `gpu:1` is the second |
 //!
 //! `WGPU_BACKEND` (e.g. `gl`, `vulkan`) restricts the backends tried, as in wgpu.
 
@@ -41,7 +42,8 @@ pub enum DeviceKind {
 pub struct DeviceSelector {
     /// Which kind of adapter to accept (`auto`, `gpu` or `cpu`).
     pub kind: DeviceKind,
-    /// A backend name or a case-insensitive part of the adapter name.
+    /// A backend name, a case-insensitive part of the adapter name, or an
+    /// index among the adapters `kind` accepts.
     pub filter: Option<String>,
 }
 
@@ -52,6 +54,11 @@ impl DeviceSelector {
             Ok(v) if !v.trim().is_empty() => v.parse(),
             _ => Ok(Self::default()),
         }
+    }
+
+    /// The index the filter gives (`gpu:1`), if it is a number.
+    pub fn filter_index(&self) -> Option<usize> {
+        self.filter.as_deref()?.parse().ok()
     }
 
     /// The backend the filter names, if it names one.
@@ -74,7 +81,9 @@ impl DeviceSelector {
             DeviceKind::Cpu => is_cpu(info),
         };
         let filter_ok = match (&self.filter, self.filter_backend()) {
+            // An index picks among the accepted adapters later.
             (None, _) => true,
+            (Some(_), _) if self.filter_index().is_some() => true,
             (Some(_), Some(backends)) => backends.contains(info.backend.into()),
             (Some(name), None) => info
                 .name
@@ -240,7 +249,7 @@ pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
     let (instance, backends) = instance_for(selector);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));
     let mut seen = Vec::new();
-    let mut best: Option<wgpu::Adapter> = None;
+    let mut accepted = Vec::new();
     for adapter in adapters {
         let info = adapter.get_info();
         let reason = unusable_reason(&adapter);
@@ -248,19 +257,20 @@ pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
             Some(r) => format!("{} ({:?}): unusable, {r}", info.name, info.backend),
             None => format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type),
         });
-        if reason.is_some() || !selector.accepts(&info) {
-            continue;
-        }
-        if best
-            .as_ref()
-            .is_none_or(|b| rank(&info) > rank(&b.get_info()))
-        {
-            best = Some(adapter);
+        if reason.is_none() && selector.accepts(&info) {
+            accepted.push(adapter);
         }
     }
-    let Some(adapter) = best else {
+    // Best first; equals (several identical GPUs) stay in the order the
+    // drivers list them, which an index selects from.
+    accepted.sort_by_key(|a| std::cmp::Reverse(rank(&a.get_info())));
+    let matching = accepted.len();
+    let Some(adapter) = accepted
+        .into_iter()
+        .nth(selector.filter_index().unwrap_or(0))
+    else {
         return Err(DeviceError::NoAdapter(no_adapter_message(
-            selector, backends, &seen,
+            selector, backends, &seen, matching,
         )));
     };
     let info = adapter.get_info();
@@ -280,10 +290,17 @@ fn no_adapter_message(
     selector: &DeviceSelector,
     backends: wgpu::Backends,
     seen: &[String],
+    matching: usize,
 ) -> String {
     let mut msg = format!(
         "no usable graphics adapter for KILN_DEVICE={selector} (backends tried: {backends:?})."
     );
+    if let Some(index) = selector.filter_index().filter(|_| matching > 0) {
+        msg.push_str(&format!(
+            " It asks for adapter {index} (counting from 0) of those its kind accepts, \
+             and {matching} do."
+        ));
+    }
     if seen.is_empty() {
         msg.push_str(" No adapter was found at all.");
     } else {
@@ -319,7 +336,10 @@ mod tests {
         assert_eq!(s.filter_backend(), None);
         let s: DeviceSelector = "cpu:gl".parse().unwrap();
         assert_eq!(s.filter_backend(), Some(wgpu::Backends::GL));
+        assert_eq!(s.filter_index(), None);
         assert_eq!(s.to_string(), "cpu:gl");
+        let s: DeviceSelector = "gpu:1".parse().unwrap();
+        assert_eq!((s.filter_index(), s.filter_backend()), (Some(1), None));
         assert!("tpu".parse::<DeviceSelector>().is_err());
         assert!("cpu:".parse::<DeviceSelector>().is_err());
     }
