@@ -1590,6 +1590,40 @@ fn cast_between_f32_and_f16_matches_the_half_crate() {
             .unwrap(),
     );
     assert!(back.unwrap()[0].is_nan(), "NaN must survive the round trip");
+
+    // Where rounding is decided: every value halfway between two
+    // neighbouring f16s (which rounds to the even one), subnormal ones
+    // included, values at and near the subnormal limits, and random values
+    // across the subnormal range.
+    use kiln::device::half::f16;
+    let mut x: Vec<f32> = (0..0x7bffu16)
+        .step_by(7)
+        .flat_map(|h| {
+            let (a, b) = (f16::from_bits(h).to_f32(), f16::from_bits(h + 1).to_f32());
+            [(a + b) / 2.0, -(a + b) / 2.0]
+        })
+        .collect();
+    let tiny = 2f32.powi(-24);
+    x.extend([
+        0.0,
+        -0.0,
+        tiny,
+        tiny / 2.0,
+        tiny * 0.5001,
+        tiny * 1.5,
+        2f32.powi(-14),
+    ]);
+    x.extend(
+        random_vec(1000, 133, -1.0, 1.0)
+            .iter()
+            .map(|v| v * 2f32.powi(-13)),
+    );
+    let got = d
+        .read::<f16>(&d.cast(&d.upload(&x).unwrap(), DType::F16).unwrap())
+        .unwrap();
+    for (v, h) in x.iter().zip(got) {
+        assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits(), "to f16: {v:e}");
+    }
 }
 
 #[test]
