@@ -1047,6 +1047,26 @@ fn batch_norm_reports_batch_statistics() {
     assert!(err.is_err_and(|e| e.to_string().contains("must be [3]")));
 }
 
+/// Layer norm in f64 (eps 1e-5) of `rows` rows of `cols` values `value(r, c)`.
+fn cpu_layer_norm(
+    rows: usize,
+    cols: usize,
+    value: impl Fn(usize, usize) -> f64,
+    gamma: &[f64],
+    beta: &[f64],
+) -> Vec<f64> {
+    let mut out = Vec::new();
+    for r in 0..rows {
+        let row: Vec<f64> = (0..cols).map(|c| value(r, c)).collect();
+        let mean = row.iter().sum::<f64>() / cols as f64;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+        for c in 0..cols {
+            out.push((row[c] - mean) / (var + 1e-5).sqrt() * gamma[c] + beta[c]);
+        }
+    }
+    out
+}
+
 #[test]
 fn layer_norm_gradients() {
     // Short rows, a 3-D input, rows longer than a workgroup is wide, and
@@ -1058,17 +1078,8 @@ fn layer_norm_gradients() {
     {
         let cols = *shape.last().unwrap();
         let rows: usize = shape.iter().product::<usize>() / cols;
-        let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
-            let mut out = Vec::new();
-            for r in 0..rows {
-                let row = &x[0][r * cols..(r + 1) * cols];
-                let mean = row.iter().sum::<f64>() / cols as f64;
-                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
-                for c in 0..cols {
-                    out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[1][c] + x[2][c]);
-                }
-            }
-            out
+        let cpu = move |x: &[Vec<f64>]| {
+            cpu_layer_norm(rows, cols, |r, c| x[0][r * cols + c], &x[1], &x[2])
         };
         let seed = 60 + 3 * i as u64;
         grad_check(
@@ -1091,19 +1102,9 @@ fn add_layer_norm_gradients() {
     for (i, shape) in [[2, 2, 6], [3, 67, 5]].into_iter().enumerate() {
         let cols = shape[2];
         let rows = shape[0] * shape[1];
-        let cpu = move |x: &[Vec<f64>]| -> Vec<f64> {
-            let mut out = Vec::new();
-            for r in 0..rows {
-                let row: Vec<f64> = (0..cols)
-                    .map(|c| x[0][r * cols + c] + x[1][r * cols + c])
-                    .collect();
-                let mean = row.iter().sum::<f64>() / cols as f64;
-                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
-                for c in 0..cols {
-                    out.push((row[c] - mean) / (var + 1e-5).sqrt() * x[2][c] + x[3][c]);
-                }
-            }
-            out
+        let cpu = move |x: &[Vec<f64>]| {
+            let sum = |r: usize, c: usize| x[0][r * cols + c] + x[1][r * cols + c];
+            cpu_layer_norm(rows, cols, sum, &x[2], &x[3])
         };
         let seed = 90 + 4 * i as u64;
         grad_check(
