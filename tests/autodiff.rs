@@ -1499,40 +1499,6 @@ fn conv2d_gradients() {
             },
         );
     }
-    // A frozen input (a network's first layer, whose images need no
-    // gradient) skips the input gradient's product and col2im; a frozen
-    // weight skips the weight gradient's product.
-    for frozen in [0, 1] {
-        let (xs, [o, kh, kw]) = ([2, 3, 9, 7], [4, 3, 3]);
-        let conv = Conv2d {
-            stride: [2, 1],
-            padding: [1, 1],
-            dilation: [1, 1],
-        };
-        let seed = 380 + 3 * frozen as u64;
-        grad_check_frozen(
-            &format!("conv2d with input {frozen} frozen"),
-            &[
-                input(&xs, seed, -1.0, 1.0),
-                input(&[o, 3, kh, kw], seed + 1, -1.0, 1.0),
-                input(&[o], seed + 2, -1.0, 1.0),
-            ],
-            &[frozen],
-            |t| t[0].conv2d(&t[1], Some(&t[2]), conv),
-            &move |x: &[Vec<f64>]| {
-                cpu_conv2d(
-                    &x[0],
-                    &x[1],
-                    Some(&x[2]),
-                    xs,
-                    [o, kh, kw],
-                    conv.stride,
-                    conv.padding,
-                    conv.dilation,
-                )
-            },
-        );
-    }
     // Without a bias: the product stored plainly, then moved to NCHW.
     let (xs, [o, kh, kw], stride, padding) = ([2, 3, 7, 6], [4, 3, 3], [2, 1], [1, 0]);
     let conv = Conv2d {
@@ -1551,33 +1517,26 @@ fn conv2d_gradients() {
             cpu_conv2d(&x[0], &x[1], None, xs, [o, kh, kw], stride, padding, [1, 1])
         },
     );
-    // With the layer's activation: bias and ReLU, sigmoid or tanh in the
-    // product's epilogue, GELU as a kernel of its own.
-    type Act = (UnaryOp, fn(f64) -> f64);
-    let acts: [Act; 4] = [
-        (UnaryOp::Relu, |z| z.max(0.0)),
-        (UnaryOp::Sigmoid, |z| 1.0 / (1.0 + (-z).exp())),
-        (UnaryOp::Tanh, f64::tanh),
-        (UnaryOp::Gelu, |z| {
-            0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
-        }),
-    ];
-    for (i, (op, f)) in acts.into_iter().enumerate() {
-        let (xs, [o, kh, kw]) = ([2, 3, 9, 7], [4, 3, 3]);
-        let conv = Conv2d {
-            stride: [2, 1],
-            padding: [1, 1],
-            dilation: [1, 1],
-        };
-        let seed = 360 + 3 * i as u64;
-        grad_check(
-            &format!("conv2d then {op:?}"),
+    // A layer's convolution: input [2, 3, 9, 7], four 3x3 filters, stride
+    // [2, 1], padding [1, 1] and a bias, then `f`, with the inputs at
+    // `frozen` needing no gradient.
+    let (xs, [o, kh, kw]) = ([2, 3, 9, 7], [4, 3, 3]);
+    let conv = Conv2d {
+        stride: [2, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+    };
+    type Gpu<'a> = &'a dyn Fn(&[Tensor]) -> kiln::graph::Result<Tensor>;
+    let layer_case = |name: &str, seed: u64, frozen: &[usize], gpu: Gpu, f: fn(f64) -> f64| {
+        grad_check_frozen(
+            name,
             &[
                 input(&xs, seed, -1.0, 1.0),
                 input(&[o, 3, kh, kw], seed + 1, -1.0, 1.0),
                 input(&[o], seed + 2, -1.0, 1.0),
             ],
-            |t| t[0].conv2d_then(&t[1], &t[2], conv, op),
+            frozen,
+            gpu,
             &move |x: &[Vec<f64>]| {
                 let z = cpu_conv2d(
                     &x[0],
@@ -1592,6 +1551,35 @@ fn conv2d_gradients() {
                 z.into_iter().map(f).collect()
             },
         );
+    };
+    // With the layer's activation: bias and ReLU, sigmoid or tanh in the
+    // product's epilogue, GELU as a kernel of its own.
+    type Act = (UnaryOp, fn(f64) -> f64);
+    let acts: [Act; 4] = [
+        (UnaryOp::Relu, |z| z.max(0.0)),
+        (UnaryOp::Sigmoid, |z| 1.0 / (1.0 + (-z).exp())),
+        (UnaryOp::Tanh, f64::tanh),
+        (UnaryOp::Gelu, |z| {
+            0.5 * z * (1.0 + erf(z / std::f64::consts::SQRT_2))
+        }),
+    ];
+    for (i, (op, f)) in acts.into_iter().enumerate() {
+        let gpu = move |t: &[Tensor]| t[0].conv2d_then(&t[1], &t[2], conv, op);
+        layer_case(
+            &format!("conv2d then {op:?}"),
+            360 + 3 * i as u64,
+            &[],
+            &gpu,
+            f,
+        );
+    }
+    // A frozen input (a network's first layer, whose images need no
+    // gradient) skips the input gradient's product and col2im; a frozen
+    // weight skips the weight gradient's product.
+    for frozen in [0, 1] {
+        let gpu = move |t: &[Tensor]| t[0].conv2d(&t[1], Some(&t[2]), conv);
+        let name = format!("conv2d with input {frozen} frozen");
+        layer_case(&name, 380 + 3 * frozen as u64, &[frozen], &gpu, |z| z);
     }
     let d = device();
     let x = Tensor::zeros(d, &[1, 3, 5, 5]).unwrap();
