@@ -30,7 +30,9 @@ pub struct FinetuneOptions {
     /// embedding tables (default 0.01); biases and layer norms are not
     /// decayed, as in Hugging Face's fine-tuning scripts.
     pub weight_decay: f32,
-    /// Steps of linear warm-up of the encoder's rate (then cosine decay to 0).
+    /// Steps of linear warm-up of the encoder's rate (then cosine decay to
+    /// 0). Steps count updates made: with mixed precision, a step skipped
+    /// for overflowed gradients does not advance the schedule.
     pub warmup_steps: usize,
     /// Global gradient-norm limit.
     pub clip_norm: f32,
@@ -125,7 +127,10 @@ pub fn finetune(
         .first()
         .map(|p| p.device().clone())
         .ok_or_else(|| ModelError::Invalid("finetune: no trainable parameters".into()))?;
-    let mut step = 0;
+    // Batches run (dropout seeds), and updates made (the schedule's steps:
+    // as in Hugging Face's Trainer, a step the loss scaler skips does not
+    // advance it).
+    let (mut step, mut updates) = (0, 0);
     let mut epochs = Vec::new();
     // Only with mixed precision: scaled backward, overflow-checked steps.
     let mut scaler = options.mixed_precision.then(LossScaler::new);
@@ -143,19 +148,19 @@ pub fn finetune(
             let seed = (options.seed as u32).wrapping_add((step as u32).wrapping_mul(7919));
             let autocast = AutocastGuard::with(options.mixed_precision);
             // Launched together, as `Trainer::fit` does (see `Device::together`).
-            let (logits, l) = device.together(|| -> Result<_> {
+            let (logits, l, updated) = device.together(|| -> Result<_> {
                 let logits = model.forward(&input, &mut Mode::training(seed))?;
                 let l = loss::cross_entropy(&logits, &batch_labels)?;
                 encoder.zero_grad();
                 encoder_no_decay.zero_grad();
                 head.zero_grad();
-                encoder.set_learning_rate(schedule.lr(step));
-                encoder_no_decay.set_learning_rate(schedule.lr(step));
-                match &mut scaler {
+                encoder.set_learning_rate(schedule.lr(updates));
+                encoder_no_decay.set_learning_rate(schedule.lr(updates));
+                let updated = match &mut scaler {
                     Some(scaler) => {
                         scaler.backward(&l)?;
                         clip_grad_norm(&all_params, options.clip_norm * scaler.scale())?;
-                        scaler.step_all(&mut [&mut encoder, &mut encoder_no_decay, &mut head])?;
+                        scaler.step_all(&mut [&mut encoder, &mut encoder_no_decay, &mut head])?
                     }
                     None => {
                         l.backward()?;
@@ -163,12 +168,14 @@ pub fn finetune(
                         encoder.step()?;
                         encoder_no_decay.step()?;
                         head.step()?;
+                        true
                     }
-                }
-                Ok((logits, l))
+                };
+                Ok((logits, l, updated))
             })?;
             drop(autocast);
             step += 1;
+            updates += usize::from(updated);
             // Reading the loss syncs once per batch; at seconds per batch on a
             // CPU adapter that costs nothing measurable.
             loss_sum += f64::from(l.item()?) * indices.len() as f64;
