@@ -675,18 +675,22 @@ fn shape_and_reduction_gradients() {
             }
             out
         };
-        grad_check(
-            &format!("sum axis {axis}"),
-            &[input(&shape, 12, -1.0, 1.0)],
-            |t| t[0].sum(axis, false),
-            &move |x: &[Vec<f64>]| reduce(&x[0], false),
-        );
-        grad_check(
-            &format!("mean axis {axis} keepdim"),
-            &[input(&shape, 13, -1.0, 1.0)],
-            |t| t[0].mean(axis, true),
-            &move |x: &[Vec<f64>]| reduce(&x[0], true),
-        );
+        // The same values either way; keepdim changes the shape the
+        // gradient comes back through.
+        for keepdim in [false, true] {
+            grad_check(
+                &format!("sum axis {axis} keepdim {keepdim}"),
+                &[input(&shape, 12, -1.0, 1.0)],
+                |t| t[0].sum(axis, keepdim),
+                &move |x: &[Vec<f64>]| reduce(&x[0], false),
+            );
+            grad_check(
+                &format!("mean axis {axis} keepdim {keepdim}"),
+                &[input(&shape, 13, -1.0, 1.0)],
+                |t| t[0].mean(axis, keepdim),
+                &move |x: &[Vec<f64>]| reduce(&x[0], true),
+            );
+        }
     }
     grad_check(
         "broadcast_to",
@@ -1886,32 +1890,38 @@ fn cpu_attention(
 
 #[test]
 fn scaled_softmax_with_a_bias_gradient() {
-    // [2, 3, 5] scores, a [2, 5] bias shared by each sample's 3 rows.
+    // [2, 3, 5] scores, a [2, 5] bias shared by each sample's 3 rows, or
+    // none (the bias kept at zero in the reference).
     let (groups, block, cols, scale) = (2, 3, 5, 0.6);
     let bias = random_vec(groups * cols, 960, -1.5, 1.5);
-    let bias64: Vec<f64> = bias.iter().map(|&v| f64::from(v)).collect();
-    grad_check(
-        "softmax_scaled",
-        &[input(&[groups, block, cols], 961, -2.0, 2.0)],
-        |x| {
-            let b = Tensor::from_slice(x[0].device(), &bias, &[groups, cols])?;
-            x[0].softmax_scaled(scale as f32, Some(&b))
-        },
-        &|x: &[Vec<f64>]| {
-            let mut out = Vec::new();
-            for (r, row) in x[0].chunks(cols).enumerate() {
-                let z: Vec<f64> = row
-                    .iter()
-                    .zip(&bias64[(r / block) * cols..])
-                    .map(|(v, b)| scale * v + b)
-                    .collect();
-                let m = z.iter().cloned().fold(f64::MIN, f64::max);
-                let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
-                out.extend(z.iter().map(|v| (v - m).exp() / sum));
-            }
-            out
-        },
-    );
+    for with_bias in [true, false] {
+        let bias64: Vec<f64> = bias
+            .iter()
+            .map(|&v| if with_bias { f64::from(v) } else { 0.0 })
+            .collect();
+        grad_check(
+            &format!("softmax_scaled, bias {with_bias}"),
+            &[input(&[groups, block, cols], 961, -2.0, 2.0)],
+            |x| {
+                let b = Tensor::from_slice(x[0].device(), &bias, &[groups, cols])?;
+                x[0].softmax_scaled(scale as f32, with_bias.then_some(&b))
+            },
+            &|x: &[Vec<f64>]| {
+                let mut out = Vec::new();
+                for (r, row) in x[0].chunks(cols).enumerate() {
+                    let z: Vec<f64> = row
+                        .iter()
+                        .zip(&bias64[(r / block) * cols..])
+                        .map(|(v, b)| scale * v + b)
+                        .collect();
+                    let m = z.iter().cloned().fold(f64::MIN, f64::max);
+                    let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                    out.extend(z.iter().map(|v| (v - m).exp() / sum));
+                }
+                out
+            },
+        );
+    }
 }
 
 #[test]
