@@ -403,10 +403,20 @@ fn info(all: bool) -> Result<()> {
     let selector = DeviceSelector::from_env()?;
     if all {
         println!("adapters found (best first):");
+        // The index KILN_DEVICE=gpu:N or cpu:N takes for each usable one.
+        let (mut gpus, mut cpus) = (0, 0);
         for (adapter, unusable) in list_adapters(&selector) {
-            let note = unusable
-                .map(|r| format!(" [unusable: {r}]"))
-                .unwrap_or_default();
+            let note = match unusable {
+                Some(reason) => format!(" [unusable: {reason}]"),
+                None => {
+                    let (kind, count) = match kiln::device::is_cpu(&adapter) {
+                        true => ("cpu", &mut cpus),
+                        false => ("gpu", &mut gpus),
+                    };
+                    *count += 1;
+                    format!(" [KILN_DEVICE={kind}:{}]", *count - 1)
+                }
+            };
             println!(
                 "  {} ({:?}, {:?}){note}",
                 adapter.name, adapter.backend, adapter.device_type

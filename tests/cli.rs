@@ -28,6 +28,42 @@ fn info_prints_the_adapter_and_its_limits() {
     ] {
         assert!(stdout.contains(field), "missing {field:?} in:\n{stdout}");
     }
+    // --all names the selector of each usable adapter, and that selector
+    // opens that adapter.
+    let out = kiln()
+        .args(["info", "--all"])
+        .env("KILN_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{listing}");
+    let field = |text: &str, name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    for index in 0.. {
+        let selector = format!("cpu:{index}");
+        let Some(line) = listing
+            .lines()
+            .find(|l| l.contains(&format!("[KILN_DEVICE={selector}]")))
+        else {
+            assert!(index > 0, "no cpu:0 in:\n{listing}");
+            break;
+        };
+        let out = kiln()
+            .arg("info")
+            .env("KILN_DEVICE", &selector)
+            .output()
+            .unwrap();
+        let opened = String::from_utf8_lossy(&out.stdout);
+        let (name, backend) = (field(&opened, "adapter:"), field(&opened, "backend:"));
+        assert!(
+            line.contains(&format!("{name} ({backend},")),
+            "{selector} opened {name} on {backend}; the listing says {line}"
+        );
+    }
     // The kernel class, when set against the adapter's own kind, is shown.
     let out = kiln()
         .arg("info")

@@ -39,7 +39,7 @@ fn an_index_picks_among_the_adapters_a_selector_accepts() {
     assert_eq!(name(&first), name(&plain));
     let err = open("cpu:99").unwrap_err().to_string();
     assert!(
-        err.contains("asks for adapter 99 (counting from 0)") && err.contains("do."),
+        err.contains("asks for adapter 99 (counting from 0)") && err.contains("kiln info --all"),
         "{err}"
     );
 }

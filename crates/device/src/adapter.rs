@@ -292,15 +292,17 @@ fn no_adapter_message(
     seen: &[String],
     matching: usize,
 ) -> String {
+    if let Some(index) = selector.filter_index().filter(|_| matching > 0) {
+        // Adapters are there, only fewer than the index asks for.
+        return format!(
+            "no usable graphics adapter for KILN_DEVICE={selector}: it asks for adapter \
+             {index} (counting from 0) of those its kind accepts, and {matching} do. \
+             `kiln info --all` lists each with its selector."
+        );
+    }
     let mut msg = format!(
         "no usable graphics adapter for KILN_DEVICE={selector} (backends tried: {backends:?})."
     );
-    if let Some(index) = selector.filter_index().filter(|_| matching > 0) {
-        msg.push_str(&format!(
-            " It asks for adapter {index} (counting from 0) of those its kind accepts, \
-             and {matching} do."
-        ));
-    }
     if seen.is_empty() {
         msg.push_str(" No adapter was found at all.");
     } else {
