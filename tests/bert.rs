@@ -159,6 +159,7 @@ fn tiny_config() -> BertConfig {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
+        position_embedding_type: "absolute".into(),
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
     }
@@ -228,6 +229,22 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
     let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
     assert!(
         err.contains("num_hidden_layers 1000000000") && err.contains("hold 2 encoder blocks"),
+        "{err}"
+    );
+    // A relative-position model has the same tensors, and would load and
+    // run as an absolute one: its config is refused.
+    let relative = BertConfig {
+        position_embedding_type: "relative_key".into(),
+        ..tiny_config()
+    };
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&relative).unwrap(),
+    )
+    .unwrap();
+    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    assert!(
+        err.contains("position_embedding_type \"relative_key\""),
         "{err}"
     );
     // Neither a directory nor a named pipe is opened: reading a pipe would

@@ -27,6 +27,7 @@ fn minilm() -> BertConfig {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
+        position_embedding_type: "absolute".into(),
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
     }

@@ -35,6 +35,11 @@ pub struct BertConfig {
     /// Feed-forward activation; only `"gelu"` (exact erf, the default) is accepted.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// How positions are encoded; only `"absolute"` (learned embeddings per
+    /// position, the default) is accepted: a relative-position model loaded
+    /// as absolute would run without error and compute something else.
+    #[serde(default = "default_positions")]
+    pub position_embedding_type: String,
     /// Dropout after the embeddings and after each block's sublayers, in training
     /// mode; in `[0, 1)`, default 0.
     #[serde(default)]
@@ -46,6 +51,10 @@ pub struct BertConfig {
 
 fn default_act() -> String {
     "gelu".into()
+}
+
+fn default_positions() -> String {
+    "absolute".into()
 }
 
 impl BertConfig {
@@ -105,6 +114,12 @@ impl BertConfig {
             return Err(format!(
                 "hidden_act {:?}: Kiln's BERT implements \"gelu\" (exact erf)",
                 self.hidden_act
+            ));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(format!(
+                "position_embedding_type {:?}: Kiln's BERT implements \"absolute\" positions",
+                self.position_embedding_type
             ));
         }
         Ok(())
