@@ -160,6 +160,7 @@ fn tiny_config() -> BertConfig {
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
         position_embedding_type: "absolute".into(),
+        model_type: None,
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
     }
@@ -247,6 +248,18 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         err.contains("position_embedding_type \"relative_key\""),
         "{err}"
     );
+    // Nor is a RoBERTa one (positions counted from 2).
+    let roberta = BertConfig {
+        model_type: Some("roberta".into()),
+        ..tiny_config()
+    };
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&roberta).unwrap(),
+    )
+    .unwrap();
+    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    assert!(err.contains("model_type \"roberta\""), "{err}");
     // Neither a directory nor a named pipe is opened: reading a pipe would
     // wait for a writer forever.
     let err = Checkpoint::open(&dir).err().unwrap().to_string();

@@ -28,6 +28,7 @@ fn minilm() -> BertConfig {
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
         position_embedding_type: "absolute".into(),
+        model_type: None,
         hidden_dropout_prob: 0.1,
         attention_probs_dropout_prob: 0.1,
     }

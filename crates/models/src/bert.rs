@@ -40,6 +40,11 @@ pub struct BertConfig {
     /// as absolute would run without error and compute something else.
     #[serde(default = "default_positions")]
     pub position_embedding_type: String,
+    /// Hugging Face's architecture name, `"bert"` where given. RoBERTa-family
+    /// configs have BERT's fields but count positions from 2, so a model of
+    /// theirs would load and compute something else: they are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
     /// Dropout after the embeddings and after each block's sublayers, in training
     /// mode; in `[0, 1)`, default 0.
     #[serde(default)]
@@ -114,6 +119,11 @@ impl BertConfig {
             return Err(format!(
                 "hidden_act {:?}: Kiln's BERT implements \"gelu\" (exact erf)",
                 self.hidden_act
+            ));
+        }
+        if let Some(other) = self.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(format!(
+                "model_type {other:?}: Kiln loads BERT (\"bert\") checkpoints"
             ));
         }
         if self.position_embedding_type != "absolute" {
