@@ -21,6 +21,11 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
+    /// The stream [`Tensor::uniform`] draws from for `seed`.
+    pub fn uniform_stream(seed: u64) -> Self {
+        Self::new(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -164,7 +169,7 @@ impl Tensor {
     /// same seed gives the same tensor on every adapter).
     pub fn uniform(device: &Device, shape: &[usize], lo: f32, hi: f32, seed: u64) -> Result<Self> {
         let numel = host_numel(device, shape)?;
-        let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15);
+        let mut rng = SplitMix64::uniform_stream(seed);
         let data: Vec<f32> = (0..numel)
             .map(|_| lo + (hi - lo) * rng.unit_f32())
             .collect();

@@ -220,10 +220,20 @@ impl Layer for AttentionPooling {
     }
 }
 
+/// The orthogonal initialiser's random stream for `seed`, tagged apart from
+/// [`SplitMix64::uniform_stream`]. That one starts from `seed ^ 0x9E37...`,
+/// which for a seed sharing no bits with the constant is the state one step
+/// on from `seed` itself: seeded with the bare seed, this stream was the
+/// uniform one of the same seed, one draw behind (a stacked LSTM's second
+/// input kernel copied the draws of the first one's recurrent kernel).
+fn orthogonal_stream(seed: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ 0xD1B5_4A32_D192_ED03)
+}
+
 /// `rows x cols` (rows <= cols) with orthonormal rows, from Gram-Schmidt on a
 /// seeded Gaussian matrix: Keras's orthogonal initialiser for recurrent weights.
 fn orthogonal_rows(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = orthogonal_stream(seed);
     let mut gaussian = || {
         // Box-Muller from two uniforms in (0, 1].
         let u1 = 1.0 - f64::from(rng.unit_f32());
@@ -260,6 +270,24 @@ mod tests {
                 let dot: f32 = (0..cols).map(|k| m[i * cols + k] * m[j * cols + k]).sum();
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((dot - want).abs() < 1e-5, "row {i} . row {j} = {dot}");
+            }
+        }
+    }
+
+    #[test]
+    fn orthogonal_and_uniform_streams_share_no_draws() {
+        // The draws behind orthogonal_rows(.., seed) and those behind
+        // Tensor::uniform(.., seed), for the seeds the reference models use.
+        let draws =
+            |mut rng: SplitMix64| -> Vec<u64> { (0..4096).map(|_| rng.next_u64()).collect() };
+        for seed in 0..8u64 {
+            let orthogonal = draws(orthogonal_stream(seed));
+            for other in 0..8u64 {
+                let uniform = draws(SplitMix64::uniform_stream(other));
+                assert!(
+                    !uniform.iter().any(|u| orthogonal.contains(u)),
+                    "orthogonal {seed} and uniform {other} share draws"
+                );
             }
         }
     }
