@@ -33,6 +33,17 @@ const MAX_LENGTH_KEY: &str = "kiln.max_length";
 const TRUNCATION_KEY: &str = "kiln.truncation";
 /// Header key of the class names, a JSON array of strings.
 const LABELS_KEY: &str = "kiln.labels";
+/// Header key of the SHA-256 of the `tokenizer.json` saved with the model.
+const TOKENIZER_SHA256_KEY: &str = "kiln.tokenizer_sha256";
+
+/// SHA-256 of the file at `path`, in hex.
+fn file_sha256(path: &Path) -> Result<String, ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(crate::data::mnist::sha256_hex(&bytes))
+}
 
 /// A BERT classifier with the tokenizer (and its settings) it was trained
 /// with, and the names of its classes.
@@ -47,14 +58,17 @@ pub struct TextClassifier {
 
 impl TextClassifier {
     /// Writes `dir/tokenizer.json` and then `dir/model.safetensors` (weights,
-    /// encoder config, tokenizer settings, labels), each atomically: an
-    /// interrupted save leaves the previous files whole.
+    /// encoder config, tokenizer settings and checksum, labels), each
+    /// atomically: an interrupted save leaves each file whole, and `open`
+    /// refuses a tokenizer other than the one its model was saved with.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
         // Checked first: a save that `open` would refuse must not replace
         // good files.
         self.classes()?;
-        self.tokenizer.save(&dir.join(TOKENIZER_FILE))?;
+        let tokenizer_path = dir.join(TOKENIZER_FILE);
+        self.tokenizer.save(&tokenizer_path)?;
         let metadata = HashMap::from([
+            (TOKENIZER_SHA256_KEY.into(), file_sha256(&tokenizer_path)?),
             (MAX_LENGTH_KEY.into(), self.tokenizer.max_length.to_string()),
             (TRUNCATION_KEY.into(), self.tokenizer.truncation.to_string()),
             (
@@ -96,7 +110,29 @@ impl TextClassifier {
                 reason: format!("{} labels for a {classes}-class head", labels.len()),
             });
         }
-        let tokenizer = PretrainedTokenizer::from_file(&dir.join(TOKENIZER_FILE), max_length)?
+        let positions = model.bert.config.max_position_embeddings;
+        if max_length > positions {
+            return Err(ModelError::Checkpoint {
+                path: model_path,
+                reason: format!(
+                    "{MAX_LENGTH_KEY} {max_length} is past the model's {positions} positions"
+                ),
+            });
+        }
+        let tokenizer_path = dir.join(TOKENIZER_FILE);
+        // Directories saved before the checksum was kept have none.
+        if let Some(saved) = metadata.get(TOKENIZER_SHA256_KEY) {
+            if file_sha256(&tokenizer_path)? != *saved {
+                return Err(ModelError::Checkpoint {
+                    path: tokenizer_path,
+                    reason: format!(
+                        "it is not the tokenizer {MODEL_FILE} was saved with (a later save \
+                         replaced one file but not the other): save the classifier again"
+                    ),
+                });
+            }
+        }
+        let tokenizer = PretrainedTokenizer::from_file(&tokenizer_path, max_length)?
             .with_truncation(truncation);
         Ok(Self {
             model,

@@ -440,6 +440,32 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
     // The refused save left the good files; one written around the check
     // is refused when opened.
     assert_eq!(TextClassifier::open(d, &dir).unwrap().labels.len(), 3);
+    // A tokenizer.json other than the one saved with the model (here one
+    // byte longer) is refused.
+    let tokenizer_path = dir.join("tokenizer.json");
+    let mut json = std::fs::read_to_string(&tokenizer_path).unwrap();
+    json.push('\n');
+    std::fs::write(&tokenizer_path, json).unwrap();
+    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    assert!(
+        err.contains("is not the tokenizer model.safetensors was saved with"),
+        "{err}"
+    );
+    // So is a max_length past the model's positions (16 here).
+    let long = std::collections::HashMap::from([
+        ("kiln.max_length".to_string(), "40".to_string()),
+        ("kiln.truncation".to_string(), "head".to_string()),
+        ("kiln.labels".to_string(), r#"["a", "b", "c"]"#.to_string()),
+    ]);
+    wrong
+        .model
+        .save_safetensors(&dir.join("model.safetensors"), &long)
+        .unwrap();
+    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    assert!(
+        err.contains("kiln.max_length 40 is past the model's 16 positions"),
+        "{err}"
+    );
     let metadata = std::collections::HashMap::from([
         ("kiln.max_length".to_string(), "12".to_string()),
         ("kiln.truncation".to_string(), "head".to_string()),
