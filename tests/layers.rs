@@ -441,3 +441,24 @@ fn a_checkpoint_that_fails_part_way_leaves_the_model_as_it_was() {
     assert_eq!(after, before);
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn set_trainable_freezes_one_layer_and_refuses_a_layer_that_is_not_there() {
+    let d = device();
+    let model = Sequential::new()
+        .push(Dense::new(d, 3, 4, Activation::Relu, 1).unwrap())
+        .push(Dense::new(d, 4, 2, Activation::None, 2).unwrap());
+    model.set_trainable(0, false).unwrap();
+    let trainable: Vec<(String, bool)> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(name, p)| (name, p.is_requires_grad()))
+        .collect();
+    for (name, wants_grad) in &trainable {
+        assert_eq!(*wants_grad, !name.starts_with("0."), "{name}");
+    }
+    model.set_trainable(0, true).unwrap();
+    assert!(model.parameters().iter().all(Tensor::is_requires_grad));
+    let err = model.set_trainable(2, false).unwrap_err().to_string();
+    assert!(err.contains("no layer 2; the model has 2"), "{err}");
+}

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Layers applied one after another. Parameter `p` of layer `i` is named
-/// `"{i}.{p}"` (e.g. `0.weight`), as in PyTorch's `nn.Sequential`.
+/// `"{i}.{p}"` (e.g. `0.weight`), as in PyTorch's `nn.Sequential`. Layouts
+/// are not all PyTorch's: a [`crate::Dense`] weight is `[in, out]` (Keras's),
+/// so a PyTorch `Linear` weight (`[out, in]`) must be transposed to load; a
+/// square one would otherwise load without error, transposed.
 ///
 /// ```
 /// # fn main() -> Result<(), kiln_models::ModelError> {
@@ -104,13 +107,22 @@ impl Sequential {
             .collect()
     }
 
-    /// Freezes (or unfreezes) every parameter of layer `index`.
-    pub fn set_trainable(&self, index: usize, trainable: bool) {
-        if let Some(layer) = self.layers.get(index) {
-            for (_, p) in layer.params() {
-                p.set_requires_grad(trainable);
-            }
+    /// Freezes (or unfreezes) every parameter of layer `index`: its
+    /// parameters get no gradients and optimizers leave them alone. As in
+    /// PyTorch, a frozen layer still runs in training mode: a frozen
+    /// `BatchNorm2D` normalises with each batch's statistics and keeps
+    /// updating its running ones (Keras runs a frozen one in inference mode).
+    pub fn set_trainable(&self, index: usize, trainable: bool) -> Result<(), ModelError> {
+        let layer = self.layers.get(index).ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "set_trainable: no layer {index}; the model has {} (counting from 0)",
+                self.layers.len()
+            ))
+        })?;
+        for (_, p) in layer.params() {
+            p.set_requires_grad(trainable);
         }
+        Ok(())
     }
 
     /// Number of scalar parameters.
