@@ -215,50 +215,42 @@ fn checkpoints_round_trip_and_mismatches_name_the_tensor() {
         err.contains("missing") && err.contains("encoder.layer.2."),
         "{err}"
     );
-    // A config.json whose layer count disagrees with the weights (here a
-    // corrupt one, that would have the host allocate for a billion blocks)
-    // is refused before anything is built.
-    let corrupt = BertConfig {
+    // Configs from_pretrained refuses beside these weights, and what the
+    // error must say.
+    let refused = |config: BertConfig| -> String {
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string(&config).unwrap(),
+        )
+        .unwrap();
+        Bert::from_pretrained(d, &dir).err().unwrap().to_string()
+    };
+    // A layer count that disagrees with the weights (here a corrupt one,
+    // that would have the host allocate for a billion blocks), before
+    // anything is built.
+    let err = refused(BertConfig {
         num_hidden_layers: 1_000_000_000,
         ..tiny_config()
-    };
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string(&corrupt).unwrap(),
-    )
-    .unwrap();
-    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    });
     assert!(
         err.contains("num_hidden_layers 1000000000") && err.contains("hold 2 encoder blocks"),
         "{err}"
     );
-    // A relative-position model has the same tensors, and would load and
-    // run as an absolute one: its config is refused.
-    let relative = BertConfig {
+    // A relative-position model: it has the same tensors, and would load
+    // and run as an absolute one.
+    let err = refused(BertConfig {
         position_embedding_type: "relative_key".into(),
         ..tiny_config()
-    };
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string(&relative).unwrap(),
-    )
-    .unwrap();
-    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    });
     assert!(
         err.contains("position_embedding_type \"relative_key\""),
         "{err}"
     );
-    // Nor is a RoBERTa one (positions counted from 2).
-    let roberta = BertConfig {
+    // A RoBERTa one (positions counted from 2).
+    let err = refused(BertConfig {
         model_type: Some("roberta".into()),
         ..tiny_config()
-    };
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string(&roberta).unwrap(),
-    )
-    .unwrap();
-    let err = Bert::from_pretrained(d, &dir).err().unwrap().to_string();
+    });
     assert!(err.contains("model_type \"roberta\""), "{err}");
     // Neither a directory nor a named pipe is opened: reading a pipe would
     // wait for a writer forever.
@@ -451,31 +443,27 @@ fn a_saved_text_classifier_reopens_with_its_tokenizer_and_predicts_the_same() {
         err.contains("is not the tokenizer model.safetensors was saved with"),
         "{err}"
     );
+    // The model file saved around the checks with `max_length` and
+    // `labels` settings, opened: the error.
+    let opened_with = |max_length: &str, labels: &str| -> String {
+        let metadata = std::collections::HashMap::from([
+            ("kiln.max_length".to_string(), max_length.to_string()),
+            ("kiln.truncation".to_string(), "head".to_string()),
+            ("kiln.labels".to_string(), labels.to_string()),
+        ]);
+        wrong
+            .model
+            .save_safetensors(&dir.join("model.safetensors"), &metadata)
+            .unwrap();
+        TextClassifier::open(d, &dir).err().unwrap().to_string()
+    };
     // So is a max_length past the model's positions (16 here).
-    let long = std::collections::HashMap::from([
-        ("kiln.max_length".to_string(), "40".to_string()),
-        ("kiln.truncation".to_string(), "head".to_string()),
-        ("kiln.labels".to_string(), r#"["a", "b", "c"]"#.to_string()),
-    ]);
-    wrong
-        .model
-        .save_safetensors(&dir.join("model.safetensors"), &long)
-        .unwrap();
-    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    let err = opened_with("40", r#"["a", "b", "c"]"#);
     assert!(
         err.contains("kiln.max_length 40 is past the model's 16 positions"),
         "{err}"
     );
-    let metadata = std::collections::HashMap::from([
-        ("kiln.max_length".to_string(), "12".to_string()),
-        ("kiln.truncation".to_string(), "head".to_string()),
-        ("kiln.labels".to_string(), r#"["only"]"#.to_string()),
-    ]);
-    wrong
-        .model
-        .save_safetensors(&dir.join("model.safetensors"), &metadata)
-        .unwrap();
-    let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
+    let err = opened_with("12", r#"["only"]"#);
     assert!(err.contains("1 labels for a 3-class head"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
     let err = TextClassifier::open(d, &dir).err().unwrap().to_string();
