@@ -15,20 +15,26 @@ pub struct SplitMix64 {
     state: u64,
 }
 
+/// splitmix64's step: the state advances by it before every draw.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl SplitMix64 {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
 
-    /// The stream [`Tensor::uniform`] draws from for `seed`.
+    /// The stream [`Tensor::uniform`] draws from for `seed`. Its tag is the
+    /// step itself, so for a seed sharing no bits with it this is the stream
+    /// of the bare seed one draw on: other streams must not start from bare
+    /// seeds (kept as it is, since every initial weight depends on it).
     pub fn uniform_stream(seed: u64) -> Self {
-        Self::new(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Self::new(seed ^ GAMMA)
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -221,9 +221,8 @@ impl Layer for AttentionPooling {
 }
 
 /// The orthogonal initialiser's random stream for `seed`, tagged apart from
-/// [`SplitMix64::uniform_stream`]. That one starts from `seed ^ 0x9E37...`,
-/// which for a seed sharing no bits with the constant is the state one step
-/// on from `seed` itself: seeded with the bare seed, this stream was the
+/// [`SplitMix64::uniform_stream`], which for many seeds is the bare seed's
+/// stream one draw on: seeded with the bare seed, this stream was the
 /// uniform one of the same seed, one draw behind (a stacked LSTM's second
 /// input kernel copied the draws of the first one's recurrent kernel).
 fn orthogonal_stream(seed: u64) -> SplitMix64 {
