@@ -1004,6 +1004,26 @@ fn resuming_refuses_another_runs_checkpoint_and_changes_nothing() {
     assert_eq!(weights(&adam.model), fresh);
     assert_eq!(adam.epochs_done, 0);
 
+    // The same optimizer over the same parameters listed in another order:
+    // the two hidden biases have one size, so only their names tell that
+    // each would take the other's velocity.
+    let model = kiln::zoo::mlp(d, 2, 2, 7).unwrap();
+    let mut params = model.parameters();
+    params.swap(1, 3);
+    assert_eq!(params[1].shape(), params[3].shape());
+    let optimizer = Sgd::new(params, 0.1).momentum(0.9);
+    let mut reordered = Trainer::new(model, optimizer, d);
+    reordered
+        .metadata
+        .insert("dataset".into(), "circles".into());
+    let err = reordered.resume(&path).unwrap_err().to_string();
+    assert!(
+        err.contains(r#"["0.weight","0.bias","1.weight","1.bias""#)
+            && err.contains(r#"["0.weight","1.bias","1.weight","0.bias""#),
+        "{err}"
+    );
+    assert_eq!(weights(&reordered.model), fresh);
+
     // The same settings resume.
     let mut same = momentum_trainer("circles");
     same.resume(&path).unwrap();

@@ -534,6 +534,7 @@ impl<O: Optimizer> Trainer<O> {
             ("epoch".to_string(), self.epochs_done.to_string()),
             ("history".to_string(), self.history.to_json()),
             ("optimizer_step".to_string(), state.step.to_string()),
+            ("optimizer_params".to_string(), self.optimizer_params()),
             ("format".to_string(), "kiln-checkpoint-1".to_string()),
         ]);
         let scaler = &self.loss_scaler;
@@ -549,6 +550,24 @@ impl<O: Optimizer> Trainer<O> {
             ),
         ]);
         checkpoint::save(path, &tensors, &metadata)
+    }
+
+    /// The model's names of the optimizer's parameters, in the optimizer's
+    /// order, as a JSON list (`null` for one that is not the model's).
+    fn optimizer_params(&self) -> String {
+        let named = self.model.named_parameters();
+        let names: Vec<Option<&str>> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|p| {
+                named
+                    .iter()
+                    .find(|(_, t)| t.same_as(p))
+                    .map(|(name, _)| name.as_str())
+            })
+            .collect();
+        serde_json::to_string(&names).expect("a list of strings serialises")
     }
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; `fit` then
@@ -604,6 +623,22 @@ impl<O: Optimizer> Trainer<O> {
                 Some((scale, good_steps, field("loss_scale_skipped_steps")?))
             }
         };
+        // Optimizer state is saved per position in the optimizer's parameter
+        // list; the names say which parameter each position held, so a run
+        // whose optimizer lists them otherwise cannot take moments that were
+        // another parameter's. Checkpoints from before the names have none.
+        if let Some(saved) = metadata.get("optimizer_params") {
+            let ours = self.optimizer_params();
+            if *saved != ours {
+                return Err(bad(format!(
+                    "its optimizer state is for the parameters {} in that order, this run's \
+                     optimizer holds {}; resume with the optimizer built over the same \
+                     parameters, or start a new run with another checkpoint path",
+                    abbreviate(saved),
+                    abbreviate(&ours)
+                )));
+            }
+        }
         let weights = self.model.read_state(&file)?;
         let state = kiln_graph::optim::OptimizerState {
             step,

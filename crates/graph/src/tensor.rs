@@ -302,6 +302,22 @@ impl Tensor {
         self.inner.id
     }
 
+    /// Whether `self` and `other` are handles to one tensor (clones share
+    /// values and gradient), not merely equal values.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_graph::{Device, Tensor};
+    /// let device = Device::new()?;
+    /// let w = Tensor::ones(&device, &[3])?;
+    /// assert!(w.same_as(&w.clone()));
+    /// assert!(!w.same_as(&Tensor::ones(&device, &[3])?));
+    /// # Ok(()) }
+    /// ```
+    pub fn same_as(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub(crate) fn grad_fn(&self) -> Option<&GradFn> {
         self.inner.grad_fn.as_ref()
     }
