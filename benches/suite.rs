@@ -31,15 +31,38 @@ fn main() -> anyhow::Result<()> {
     let device = kiln::Device::new()?;
     let info = device.adapter_info();
     println!("adapter: {} ({:?})", info.name, info.backend);
-    let mut rows = Vec::new();
+    let mut report = support::Report::new(&device)?;
     for (name, run) in workloads::ALL {
         if wanted.is_empty() || wanted.iter().any(|w| w == name) {
             eprintln!("running {name} ...");
-            rows.extend(run(&device)?);
+            // One workload failing (an error or a panic) costs only its own
+            // rows: the others still run, and the JSON is rewritten after
+            // each, so a run stopped at a time limit keeps what it measured.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&device)));
+            match outcome {
+                Ok(Ok(rows)) => report.rows.extend(rows),
+                Ok(Err(e)) => report.fail(name, format!("{e:#}")),
+                Err(panic) => report.fail(name, panic_message(&*panic)),
+            }
+            report.write()?;
         }
     }
-    support::print_table(&rows);
-    let path = support::write_json(&device, &rows)?;
-    println!("results: {}", path.display());
+    support::print_table(&report.rows);
+    for (name, why) in &report.failed {
+        println!("{name} failed: {why}");
+    }
+    println!("results: {}", report.path().display());
+    if !report.failed.is_empty() {
+        anyhow::bail!("{} workload(s) failed", report.failed.len());
+    }
     Ok(())
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    format!("panicked: {text}")
 }

@@ -1,62 +1,104 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: the kernel tests on the GPU (Vulkan), then
-# the benchmark suite against PyTorch on CUDA (TF32 off) with each model's
-# step profiled by kernel, and the GPU's name and driver. Everything lands in
-# OUTDIR (default target/gpu-bench): the table and profiles in bench.log, the
-# rows in latest.json, for benches/RESULTS.md (scripts/bench-table.py
-# OUTDIR/latest.json prints them as Markdown); the LSTM's per-step kernels
-# in lstm-steps.log; without wgpu's loop counters in no-loop-counters.log;
-# the autotuner's timings in tuning/. Workload names
-# after OUTDIR narrow the suite, as with cargo bench. KILN_DEVICE and
-# KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to try the script
-# on a CPU machine), KILN_PROFILE=0 skips the profiles.
-# Uses the binaries in .gpu/ (scripts/build-gpu-binaries.sh) if there is no
-# cargo. Needs the Vulkan loader (libvulkan1) and python3 with torch (CUDA).
+# On a machine with an NVIDIA GPU: the benchmark suite against PyTorch on
+# CUDA (TF32 off) with each model's step profiled by kernel, then the kernel
+# tests on the GPU (Vulkan), then two comparison passes while time is left.
+# Everything lands in OUTDIR (default target/gpu-bench):
+#   gpu.txt        the GPU, driver, torch, Vulkan adapters, each step's exit
+#   bench.log      the table and the profiles; latest.json its rows, for
+#                  benches/RESULTS.md (scripts/bench-table.py OUTDIR/latest.json)
+#   kernels.log    the kernel tests, every tiling the tuner can pick
+#   lstm-steps.log the LSTM on its per-step kernels
+#   no-loop-counters.log  products, MLP and MiniLM without wgpu's loop counters
+#   tuning/        the autotuner's timings of every candidate
+# Workload names after OUTDIR narrow the suite, as with cargo bench.
+#
+# Time: each step has its own limit, and the optional passes start only
+# while KILN_BENCH_DEADLINE seconds (default 450) have not passed, so the
+# script ends inside a 10-minute command. With KILN_BENCH_PACK=DIR, after
+# every step the two summaries are copied to DIR and everything else packed
+# into DIR/gpu-bench.tgz: few files (for a runner that returns a handful),
+# and a run killed at its limit still returns what it measured.
+#
+# KILN_DEVICE and KILN_BENCH_REFERENCE override the GPU and CUDA defaults (to
+# try the script on a CPU machine); KILN_PROFILE=0 skips the profiles. Uses
+# the binaries in .gpu/ (scripts/build-gpu-binaries.sh) when they are there,
+# else cargo. Needs the Vulkan loader (libvulkan1) and python3 with torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/gpu-bench}
 shift || true
 mkdir -p "$out"
+deadline=${KILN_BENCH_DEADLINE:-450}
 export KILN_DEVICE=${KILN_DEVICE:-gpu} KILN_BENCH_REFERENCE=${KILN_BENCH_REFERENCE:-cuda}
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+# NVIDIA's driver may sit where the Vulkan loader does not look.
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -z "${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-}" ] && [ -f "$icd" ]; then
+    export VK_DRIVER_FILES=$icd
+fi
+# The tuner's cache starts empty here, so the run tunes from scratch.
+export KILN_CACHE=${KILN_CACHE:-$out/cache}
 # Each model's step by kernel, timed by the GPU's clock, after its figures
 # are measured: what to tune next comes back from the same run.
 if [ "${KILN_PROFILE:-1}" = 0 ]; then unset KILN_PROFILE; else export KILN_PROFILE=1; fi
-export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' >>"$out/gpu.txt" 2>&1
-if command -v cargo >/dev/null; then
-    tests=(cargo test --release --test kernels --)
-    bench=(cargo bench --bench suite --)
-else
+
+pack() {
+    cp -r "$KILN_CACHE/tuning" "$out/" 2>/dev/null
+    [ -n "${KILN_BENCH_PACK:-}" ] || return 0
+    mkdir -p "$KILN_BENCH_PACK"
+    cp "$out/gpu.txt" "$KILN_BENCH_PACK/" 2>/dev/null
+    cp "$out/latest.json" "$KILN_BENCH_PACK/" 2>/dev/null
+    # Written aside and renamed, so a kill mid-pack leaves the last archive.
+    tar czf "$KILN_BENCH_PACK/.gpu-bench.tgz" --exclude=./cache -C "$out" . &&
+        mv "$KILN_BENCH_PACK/.gpu-bench.tgz" "$KILN_BENCH_PACK/gpu-bench.tgz"
+}
+# step NAME SECONDS LOG COMMAND...: runs COMMAND under its limit, logs its
+# exit (124: it hit the limit) and packs.
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    echo "$name: exit $? after ${SECONDS}s" >>"$out/gpu.txt"
+    pack
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+    echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-} VK_ICD_FILENAMES=${VK_ICD_FILENAMES:-}"
+    ldconfig -p | grep -c libvulkan.so || echo "no Vulkan loader: unpack libvulkan1 first"
+} >"$out/gpu.txt" 2>&1
+if [ -x .gpu/suite ] && [ -x .gpu/kernels ]; then
+    kiln=(.gpu/kiln)
     tests=(.gpu/kernels)
     bench=(.gpu/suite --bench)
     KILN_BENCH_COMMIT=$(cat .gpu/COMMIT 2>/dev/null || echo unknown)
     export KILN_BENCH_COMMIT
+else
+    kiln=(cargo run --release --quiet --)
+    tests=(cargo test --release --test kernels --)
+    bench=(cargo bench --bench suite --)
 fi
 export KILN_BENCH_OUT="$out"
-"${tests[@]}" --test-threads=1 >"$out/kernels.log" 2>&1
-echo "kernel tests: exit $?" >>"$out/gpu.txt"
-"${bench[@]}" "$@" >"$out/bench.log" 2>&1
-echo "bench: exit $?" >>"$out/gpu.txt"
-# The autotuner's cache file lists every candidate tiling's time over its
-# probes, not only the winner's.
-tuning=${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/tuning
-cp -r "$tuning" "$out/" 2>/dev/null || echo "no tuning cache in $tuning" >>"$out/gpu.txt"
+# Which adapters Vulkan offers, and the one KILN_DEVICE picks.
+"${kiln[@]}" info --all >>"$out/gpu.txt" 2>&1
+echo "info: exit $?" >>"$out/gpu.txt"
+pack
+step bench 300 "$out/bench.log" "${bench[@]}" "$@"
+step "kernel tests" 150 "$out/kernels.log" "${tests[@]}" --test-threads=1
 # The LSTM again on its per-step kernels, to compare with the sequence
 # kernels' figure above (no reference: only Kiln's row matters here).
-if [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; then
+if [ $SECONDS -lt "$deadline" ] && { [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; }; then
     KILN_LSTM_SEQUENCE=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/lstm-steps" \
-        "${bench[@]}" lstm >"$out/lstm-steps.log" 2>&1
-    echo "lstm per step: exit $?" >>"$out/gpu.txt"
+        step "lstm per step" 60 "$out/lstm-steps.log" "${bench[@]}" lstm
 fi
 # The products, the MLP and MiniLM again without wgpu's loop counters
-# (Kiln's figures only): whether the counters cost a GPU anything.
-if [ $# = 0 ]; then
+# (Kiln's figures only): whether the counters cost a GPU anything. This
+# pass tunes its own choice (the cache is keyed by the setting).
+if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
     KILN_LOOP_COUNTERS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/no-loop-counters" \
-        "${bench[@]}" matmul mlp bert >"$out/no-loop-counters.log" 2>&1
-    echo "no loop counters: exit $?" >>"$out/gpu.txt"
+        step "no loop counters" $((deadline + 90 - SECONDS)) "$out/no-loop-counters.log" \
+        "${bench[@]}" matmul mlp bert
 fi
-# Again: the pass without loop counters tuned its own choice.
-cp -r "$tuning" "$out/" 2>/dev/null
 cat "$out/gpu.txt"
 tail -n 25 "$out/bench.log"

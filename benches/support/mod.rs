@@ -4,8 +4,9 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Instant;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 /// One line of the results table.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -215,44 +216,82 @@ fn format_figure(v: f64) -> String {
     }
 }
 
-/// Writes the rows, the adapter and the commit as JSON under
-/// `target/kiln-bench/` or `KILN_BENCH_OUT` (one file per run, and
-/// `latest.json`), so runs can be compared across commits; returns the
-/// per-run file.
-pub fn write_json(device: &kiln::Device, rows: &[Row]) -> anyhow::Result<PathBuf> {
-    // KILN_BENCH_COMMIT names the commit where there is no git checkout.
-    let commit = std::env::var("KILN_BENCH_COMMIT").ok().unwrap_or_else(|| {
-        Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_else(|| "unknown".into())
-    });
-    let when = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let info = device.adapter_info();
-    let report = serde_json::json!({
-        "commit": commit,
-        "unix_time": when,
-        "adapter": info.name,
-        "backend": format!("{:?}", info.backend),
-        "reference_device": if cuda_reference() { "cuda" } else { "cpu" },
-        "rows": rows,
-    });
-    // KILN_BENCH_OUT redirects them (a prebuilt binary run elsewhere).
-    let dir = match std::env::var_os("KILN_BENCH_OUT") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench"),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let text = serde_json::to_string_pretty(&report)?;
-    let path = dir.join(format!("{when}-{commit}.json"));
-    std::fs::write(&path, &text)?;
-    std::fs::write(dir.join("latest.json"), &text)?;
-    Ok(path)
+/// The run's results as JSON under `target/kiln-bench/` or `KILN_BENCH_OUT`
+/// (one file per run, named by its start time and commit, and
+/// `latest.json`), so runs can be compared across commits: the rows, the
+/// workloads that failed, the adapter and the commit.
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// Workloads that failed, with why.
+    pub failed: Vec<(String, String)>,
+    head: serde_json::Value,
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Report {
+    pub fn new(device: &kiln::Device) -> anyhow::Result<Self> {
+        // KILN_BENCH_COMMIT names the commit where there is no git checkout.
+        let commit = std::env::var("KILN_BENCH_COMMIT").ok().unwrap_or_else(|| {
+            Command::new("git")
+                .args(["describe", "--always", "--dirty", "--abbrev=7"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        });
+        let when = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let info = device.adapter_info();
+        let head = serde_json::json!({
+            "commit": commit,
+            "unix_time": when,
+            "adapter": info.name,
+            "backend": format!("{:?}", info.backend),
+            "reference_device": if cuda_reference() { "cuda" } else { "cpu" },
+        });
+        // KILN_BENCH_OUT redirects them (a prebuilt binary run elsewhere).
+        let dir = match std::env::var_os("KILN_BENCH_OUT") {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench"),
+        };
+        let path = dir.join(format!("{when}-{commit}.json"));
+        Ok(Self {
+            rows: Vec::new(),
+            failed: Vec::new(),
+            head,
+            dir,
+            path,
+        })
+    }
+
+    pub fn fail(&mut self, workload: &str, why: String) {
+        eprintln!("{workload} failed: {why}");
+        self.failed.push((workload.to_string(), why));
+    }
+
+    /// The per-run file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Writes everything so far, replacing what the last call wrote.
+    pub fn write(&self) -> anyhow::Result<()> {
+        let mut report = self.head.clone();
+        report["rows"] = serde_json::to_value(&self.rows)?;
+        report["failed"] = self
+            .failed
+            .iter()
+            .map(|(workload, why)| serde_json::json!({ "workload": workload, "error": why }))
+            .collect();
+        std::fs::create_dir_all(&self.dir)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&self.path, &text)?;
+        std::fs::write(self.dir.join("latest.json"), &text)?;
+        Ok(())
+    }
 }
 
 /// Interpreters tried in order: `KILN_PYTHON` alone when set, else `python3`
@@ -289,6 +328,10 @@ fn interpreter_with(module: &str) -> Result<String, String> {
     Err(format!("{module} not available ({last_error}); {hint}"))
 }
 
+/// The longest one reference measurement may take (its start, a CUDA
+/// context and cuBLAS's first call included).
+const REFERENCE_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// A reference implementation kept running in a Python process beside Kiln,
 /// measuring on request. Workloads alternate windows (Kiln, reference, Kiln,
 /// ...) so both sides see the same machine: on a shared VM the speed of
@@ -297,7 +340,9 @@ fn interpreter_with(module: &str) -> Result<String, String> {
 pub struct Reference {
     child: Child,
     requests: ChildStdin,
-    replies: BufReader<ChildStdout>,
+    /// Its stdout's lines, read by a thread of their own so that a reference
+    /// that hangs (a wedged GPU) times out instead of stopping the suite.
+    replies: Receiver<String>,
     /// Where the process's stderr goes: a file, not a pipe, so warnings
     /// cannot fill a pipe nobody reads while it runs and stall it.
     log: PathBuf,
@@ -327,7 +372,15 @@ impl Reference {
             .spawn()
             .map_err(|e| format!("{python} not runnable: {e}"))?;
         let requests = child.stdin.take().expect("piped stdin");
-        let replies = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (send, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         Ok(Self {
             child,
             requests,
@@ -338,15 +391,21 @@ impl Reference {
 
     /// Runs `measure(request)` in the reference process and returns its figure.
     pub fn measure(&mut self, request: &str) -> Result<f64, String> {
-        let mut line = String::new();
-        let sent = writeln!(self.requests, "{request}").and_then(|_| self.requests.flush());
-        let read = sent.and_then(|_| self.replies.read_line(&mut line));
-        match read {
-            Ok(n) if n > 0 => line
+        if let Err(e) = writeln!(self.requests, "{request}").and_then(|_| self.requests.flush()) {
+            return Err(format!("{}; {e}", self.failure()));
+        }
+        match self.replies.recv_timeout(REFERENCE_TIMEOUT) {
+            Ok(line) => line
                 .trim()
                 .parse()
                 .map_err(|e| format!("unreadable reply {line:?}: {e}")),
-            _ => Err(self.failure()),
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = self.child.kill();
+                Err(format!(
+                    "reference gave no figure for {request:?} in {REFERENCE_TIMEOUT:?}; stopped it"
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(self.failure()),
         }
     }
 
@@ -374,7 +433,7 @@ impl Drop for Reference {
 /// threads keep spinning on a core for about 100 ms (measured from the
 /// reference process's CPU time while it sleeps), a core for a third of
 /// Kiln's short MLP windows that followed them.
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+const SETTLE: Duration = Duration::from_millis(300);
 
 /// The best of `windows` alternating measurements: Kiln's (`kiln` returns a
 /// figure where higher is better, with whatever it wants to keep alongside)
