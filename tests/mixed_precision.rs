@@ -8,7 +8,7 @@ mod common;
 use common::{assert_close_scaled, device, random_vec};
 use kiln::device::half::f16;
 use kiln::graph::amp::{self, LossScaler};
-use kiln::graph::optim::{Adam, Optimizer, Sgd};
+use kiln::graph::optim::{Adam, Optimizer, RmsProp, Sgd};
 use kiln::graph::Tensor;
 
 fn round16(v: &[f32]) -> Vec<f64> {
@@ -144,12 +144,96 @@ fn loss_scaling_divides_the_gradients_back() {
 #[test]
 fn overflowing_steps_are_skipped_and_the_scale_backs_off() {
     // 2^120 times a gradient near 1 overflows f16 (and f32 further on).
-    let mut scaler = LossScaler::new().initial_scale(2f32.powi(120));
+    // Five good steps counted towards growth before it: an overflow restarts
+    // the count.
+    let mut scaler = LossScaler::new();
+    scaler.restore(2f32.powi(120), 5, 0);
     let (w0, w, stepped) = sgd_step(1.0, true, Some(&mut scaler));
     assert!(!stepped);
     assert_eq!(w, w0, "a skipped step must not touch the weights");
     assert_eq!(scaler.scale(), 2f32.powi(119));
     assert_eq!(scaler.skipped_steps(), 1);
+    assert_eq!(scaler.good_steps(), 0);
+}
+
+/// Each optimizer with weight decay, stepped once plainly and once through
+/// a scaler of 1024: the scale divides the loss's gradient back before the
+/// decay joins it (or, decoupled, without touching the decay), so both
+/// steps agree. Decay comparable to the gradient, so a scale applied to
+/// the sum instead would change the step's direction.
+#[test]
+fn loss_scaling_leaves_weight_decay_unscaled() {
+    let d = device();
+    let w0 = random_vec(40, 21, -1.0, 1.0);
+    let r = Tensor::from_slice(d, &random_vec(40, 22, -1.0, 1.0), &[40]).unwrap();
+    type Make = fn(Tensor) -> Box<dyn Optimizer>;
+    let makers: [(&str, Make); 4] = [
+        ("sgd", |w| {
+            Box::new(Sgd::new(vec![w], 0.1).momentum(0.9).weight_decay(0.5))
+        }),
+        ("adam", |w| {
+            Box::new(Adam::new(vec![w], 0.1).weight_decay(0.5))
+        }),
+        ("adamw", |w| Box::new(Adam::adamw(vec![w], 0.1, 0.5))),
+        ("rmsprop", |w| {
+            Box::new(RmsProp::new(vec![w], 0.01).weight_decay(0.5))
+        }),
+    ];
+    for (name, make) in makers {
+        let mut after = Vec::new();
+        for scaled in [false, true] {
+            let w = Tensor::from_slice(d, &w0, &[40])
+                .unwrap()
+                .requires_grad(true);
+            let mut opt = make(w.clone());
+            let loss = w.mul(&r).unwrap().sum_all().unwrap();
+            if scaled {
+                let mut scaler = LossScaler::new().initial_scale(1024.0);
+                scaler.backward(&loss).unwrap();
+                assert!(scaler.step(opt.as_mut()).unwrap());
+            } else {
+                loss.backward().unwrap();
+                opt.step().unwrap();
+            }
+            after.push(w.to_vec().unwrap());
+        }
+        for i in 0..w0.len() {
+            let (plain, scaled) = (after[0][i] - w0[i], after[1][i] - w0[i]);
+            assert!(
+                (plain - scaled).abs() <= 1e-4 * plain.abs() + 1e-7,
+                "{name} weight {i}: step {scaled} with scaling, {plain} without"
+            );
+        }
+        assert!(after[0].iter().zip(&w0).any(|(a, b)| a != b), "{name}");
+    }
+}
+
+/// `step_all` asks every optimizer before stepping any: one refusing its
+/// settings leaves the others' weights and the scaler as they were.
+#[test]
+fn stepping_several_optimizers_is_all_or_nothing() {
+    let d = device();
+    let w0 = random_vec(8, 23, -1.0, 1.0);
+    let a = Tensor::from_slice(d, &w0, &[8])
+        .unwrap()
+        .requires_grad(true);
+    let b = Tensor::from_slice(d, &w0, &[8])
+        .unwrap()
+        .requires_grad(true);
+    let mut good = Adam::new(vec![a.clone()], 0.1);
+    let mut bad = Sgd::new(vec![b.clone()], -1.0);
+    let mut scaler = LossScaler::new().initial_scale(8.0);
+    let loss = a.mul(&b).unwrap().sum_all().unwrap();
+    scaler.backward(&loss).unwrap();
+    let err = scaler
+        .step_all(&mut [&mut good, &mut bad])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("learning rate -1"), "{err}");
+    assert_eq!(a.to_vec().unwrap(), w0);
+    assert_eq!(b.to_vec().unwrap(), w0);
+    assert_eq!(good.state().unwrap().step, 0);
+    assert_eq!((scaler.scale(), scaler.good_steps()), (8.0, 0));
 }
 
 #[test]

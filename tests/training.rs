@@ -6,7 +6,8 @@ mod common;
 use common::{device, random_vec};
 use kiln::device::Device;
 use kiln::graph::optim::{
-    clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer, RmsProp, Sgd, StepLr,
+    clip_grad_norm, Adam, CosineLr, LinearWarmup, LrSchedule, Optimizer, OptimizerState, RmsProp,
+    Sgd, StepLr,
 };
 use kiln::graph::{loss, Tensor};
 
@@ -213,7 +214,7 @@ fn rmsprop_variants_match_reference() {
         rmsprop_reference(0.01, 0.99, 1e-8, 0.0, 0.0),
     );
     check_optimizer(
-        "rmsprop keras-style with momentum and decay",
+        "rmsprop with Keras's alpha and eps, momentum and decay",
         |p| {
             Box::new(
                 RmsProp::new(p, 0.01)
@@ -385,17 +386,29 @@ fn optimizers_skip_frozen_parameters() {
     let frozen = Tensor::from_slice(d, &[3.0, 4.0], &[2])
         .unwrap()
         .requires_grad(true);
-    let mut opt = Adam::new(vec![w.clone(), frozen.clone()], 0.1);
-    frozen.set_requires_grad(false);
-    w.mul(&frozen)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    opt.step().unwrap();
-    assert_eq!(frozen.to_vec().unwrap(), vec![3.0, 4.0]);
-    assert_ne!(w.to_vec().unwrap(), vec![1.0, 2.0]);
+    let optimizers: Vec<Box<dyn Optimizer>> = vec![
+        Box::new(Sgd::new(vec![w.clone(), frozen.clone()], 0.1).momentum(0.9)),
+        Box::new(Adam::new(vec![w.clone(), frozen.clone()], 0.1)),
+        Box::new(RmsProp::new(vec![w.clone(), frozen.clone()], 0.1)),
+    ];
+    for mut opt in optimizers {
+        w.mul(&frozen)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // Frozen after its gradient was computed: the optimizer itself must
+        // skip it.
+        frozen.set_requires_grad(false);
+        assert!(frozen.grad().is_some());
+        let before = w.to_vec().unwrap();
+        opt.step().unwrap();
+        assert_eq!(frozen.to_vec().unwrap(), vec![3.0, 4.0]);
+        assert_ne!(w.to_vec().unwrap(), before);
+        frozen.set_requires_grad(true);
+        opt.zero_grad();
+    }
 }
 
 /// Points in the square, labelled inside/outside a circle, away from its edge.
@@ -875,8 +888,22 @@ fn optimizer_settings_that_would_wreck_the_weights_are_refused_at_the_step() {
         .unwrap()
         .requires_grad(true);
     h.set_grad(Some(Tensor::from_slice(d, &w0, &[8]).unwrap()));
-    let err = Sgd::new(vec![h], 0.1).step().unwrap_err().to_string();
+    let err = Sgd::new(vec![h.clone()], 0.1)
+        .step()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("a parameter must hold f32"), "{err}");
+    // Refused before anything changes: no step counted, no state made, the
+    // f32 parameter beside it not updated.
+    let beside = Tensor::from_slice(d, &w0, &[8])
+        .unwrap()
+        .requires_grad(true);
+    beside.set_grad(Some(Tensor::from_slice(d, &w0, &[8]).unwrap()));
+    let mut adam = Adam::new(vec![beside.clone(), h], 0.1);
+    let err = adam.step().unwrap_err().to_string();
+    assert!(err.contains("a parameter must hold f32"), "{err}");
+    assert_eq!(adam.state().unwrap(), OptimizerState::default());
+    assert_eq!(beside.to_vec().unwrap(), w0);
 
     // Clipping to 0 or below would stop or reverse training without a sign.
     for bad in [0.0, -1.0, f32::NAN] {

@@ -165,6 +165,11 @@ impl LossScaler {
     /// encoder's and a head's): all step or none do. To clip gradients, clip
     /// the scaled ones to `max_norm * scale()` before this.
     pub fn step_all(&mut self, optimizers: &mut [&mut dyn Optimizer]) -> Result<bool> {
+        // Every optimizer is checked before any steps, so that one refusing
+        // its step cannot leave the others a step ahead.
+        for optimizer in optimizers.iter() {
+            optimizer.check()?;
+        }
         let params: Vec<Tensor> = optimizers
             .iter()
             .flat_map(|o| o.params().iter().cloned())

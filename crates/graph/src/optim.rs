@@ -30,7 +30,14 @@ pub trait Optimizer {
     }
     /// Applies one update from the gradients multiplied by `grad_scale`,
     /// inside the update kernel (loss scaling divides them back this way).
+    /// Runs [`Optimizer::check`] first: on an error nothing has changed.
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()>;
+    /// Checks, without changing anything, that a step can run: settings in
+    /// range and f32 parameters and gradients. (What a caller stepping
+    /// several optimizers together asks each before stepping any.)
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// Reads the state back for a checkpoint.
     fn state(&self) -> Result<OptimizerState>;
     /// Restores a state saved by [`Optimizer::state`] for the same parameters.
@@ -120,6 +127,15 @@ fn read_slots<const KINDS: usize>(
     Ok(slots)
 }
 
+/// The update kernel reads parameters and gradients as f32.
+fn check_dtypes(params: &[Tensor]) -> Result<()> {
+    for (_, param, grad) in updatable(params) {
+        expect_f32("optimizer step", "a parameter", param.buffer())?;
+        expect_f32("optimizer step", "a gradient", grad.buffer())?;
+    }
+    Ok(())
+}
+
 /// One tensor of a grouped update: the parameter (updated in place), its
 /// gradient and its state buffers.
 struct UpdateItem<'a> {
@@ -148,13 +164,10 @@ fn update_grouped(
     slots: &mut [&mut Vec<Option<GpuBuffer>>],
 ) -> Result<()> {
     let states = slots.len();
+    // Before any state is made, so a refused step leaves none behind.
+    check_dtypes(params)?;
     ensure_states(params, slots)?;
     let items = update_items(params, slots);
-    // The update kernel reads both as f32; checked before any group runs.
-    for item in &items {
-        expect_f32("optimizer step", "a parameter", item.param.buffer())?;
-        expect_f32("optimizer step", "a gradient", item.grad.buffer())?;
-    }
     let Some(first) = items.first() else {
         return Ok(());
     };
@@ -436,7 +449,7 @@ impl Optimizer for Sgd {
         Ok(())
     }
 
-    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+    fn check(&self) -> Result<()> {
         check_settings(
             "SGD",
             &[
@@ -445,6 +458,11 @@ impl Optimizer for Sgd {
                 ("weight decay", self.weight_decay, Allowed::NonNegative),
             ],
         )?;
+        check_dtypes(&self.params)
+    }
+
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+        self.check()?;
         let hyper = SgdHyper {
             nesterov: u32::from(self.nesterov),
             lr: self.lr,
@@ -596,7 +614,7 @@ impl Optimizer for Adam {
         Ok(())
     }
 
-    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+    fn check(&self) -> Result<()> {
         check_settings(
             "Adam",
             &[
@@ -607,6 +625,11 @@ impl Optimizer for Adam {
                 ("weight decay", self.weight_decay, Allowed::NonNegative),
             ],
         )?;
+        check_dtypes(&self.params)
+    }
+
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+        self.check()?;
         // Saturating: a checkpoint can carry any count.
         self.step = self.step.saturating_add(1);
         // Past 2^31 steps the corrections are 1 to f64 precision anyway.
@@ -718,7 +741,7 @@ struct RmsPropHyper {
 }
 
 impl Optimizer for RmsProp {
-    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+    fn check(&self) -> Result<()> {
         check_settings(
             "RMSProp",
             &[
@@ -729,6 +752,11 @@ impl Optimizer for RmsProp {
                 ("momentum", self.momentum, Allowed::NonNegative),
             ],
         )?;
+        check_dtypes(&self.params)
+    }
+
+    fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
+        self.check()?;
         let hyper = RmsPropHyper {
             lr: self.lr,
             alpha: self.alpha,
