@@ -120,7 +120,27 @@ fn the_encoded_cache_matches_a_fresh_encoding_and_survives_corruption() {
             .map(|&i| i as f32)
             .collect::<Vec<_>>()[..]
     );
-    // A damaged cache is rebuilt, not trusted.
+    // A damaged cache is rebuilt, not trusted: a label that is neither 0 nor 1
+    // in an otherwise sound file...
+    use kiln::models::checkpoint::{self, Checkpoint};
+    let file = Checkpoint::open(&cache).unwrap();
+    // A positive review's: read as a class, 0.5 would become 0.
+    let positive = fresh.test.y.iter().position(|&l| l == 1).unwrap();
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        let shape = file.shape(&name).unwrap();
+        let mut values = file.tensor_f32(&name, &shape).unwrap();
+        if name == "test_labels" {
+            values[positive] = 0.5;
+        }
+        tensors.push((name, shape, values));
+    }
+    let metadata = file.metadata();
+    drop(file);
+    checkpoint::save(&cache, &tensors, &metadata).unwrap();
+    let rebuilt = imdb::load_encoded_at(&source, &cache, 500, 20).unwrap();
+    assert!(rebuilt.test == fresh.test);
+    // ...or no cache at all.
     std::fs::write(&cache, b"not a cache").unwrap();
     let rebuilt = imdb::load_encoded_at(&source, &cache, 500, 20).unwrap();
     assert!(rebuilt.train == fresh.train);

@@ -168,9 +168,10 @@ pub fn load_encoded_at(
     Ok(encoded)
 }
 
-/// Bumped whenever encoding changes (2: Keras's deletion of punctuation), so
-/// caches written before are rebuilt.
-const ENCODED_FORMAT: &str = "kiln-imdb-encoded-2";
+/// Bumped whenever encoding changes (2: Keras's deletion of punctuation; 3:
+/// Keras's order for words of equal count and its ASCII-only whitespace),
+/// so caches written before are rebuilt.
+const ENCODED_FORMAT: &str = "kiln-imdb-encoded-3";
 
 fn write_encoded(path: &Path, e: &Encoded) -> Result<(), DataError> {
     let labels = |d: &Dataset| d.y.iter().map(|&l| l as f32).collect::<Vec<f32>>();
@@ -224,12 +225,13 @@ fn read_encoded(path: &Path, sequence_length: usize) -> Option<Encoded> {
         let y = file
             .tensor_f32(&format!("{name}_labels"), &[TRAIN_SIZE])
             .ok()?;
-        // A damaged cache (ids outside the vocabulary) is rebuilt, not fed
-        // to the embedding.
+        // A damaged cache (ids outside the vocabulary, labels other than 0
+        // and 1) is rebuilt, not fed to the model.
         let vocab = vectorizer.vocab_size() as f32;
         if !x
             .iter()
             .all(|&id| id >= 0.0 && id < vocab && id.fract() == 0.0)
+            || !y.iter().all(|&l| l == 0.0 || l == 1.0)
         {
             return None;
         }

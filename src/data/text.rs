@@ -1,8 +1,8 @@
 //! Word-level text vectorisation, as Keras's `TextVectorization` does it by
 //! default: lowercase ASCII letters, delete ASCII punctuation (so "don't" is
-//! one word, "dont"), split on whitespace, map words
-//! to ids by frequency rank in the training texts, pad or truncate to a fixed
-//! length. Id 0 is padding and id 1 stands for any word outside the vocabulary.
+//! one word, "dont"), split on ASCII whitespace, map words to ids by
+//! frequency rank in the training texts (ties in Keras's order), pad or
+//! truncate to a fixed length. Id 0 is padding and id 1 stands for any word outside the vocabulary.
 //!
 //! ```
 //! use kiln::data::text::TextVectorizer;
@@ -39,9 +39,11 @@ pub struct TextVectorizer {
 
 /// Keras's `lower_and_strip_punctuation` then whitespace split: lowercases
 /// ASCII letters (`tf.strings.lower` leaves others), deletes the 32 ASCII
-/// punctuation marks (its default strip pattern) and splits on whitespace.
+/// punctuation marks (its default strip pattern) and splits on ASCII
+/// whitespace, as `tf.strings.split` does (so a no-break space or U+0085, both
+/// in IMDB's reviews, stays inside a word).
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split_whitespace()
+    text.split(|c| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'))
         .map(|w| {
             w.chars()
                 .filter(|c| !c.is_ascii_punctuation())
@@ -52,8 +54,9 @@ pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 impl TextVectorizer {
-    /// Learns the `max_tokens - 2` most frequent words of `texts` (ties broken
-    /// alphabetically, so the vocabulary is reproducible).
+    /// Learns the `max_tokens - 2` most frequent words of `texts`. Words of
+    /// equal count rank in reverse byte order, as Keras ranks them (a sort
+    /// by count, then word, reversed), so the same texts give Keras's ids.
     pub fn fit<'a>(
         texts: impl IntoIterator<Item = &'a str>,
         max_tokens: usize,
@@ -66,7 +69,7 @@ impl TextVectorizer {
             }
         }
         let mut ranked: Vec<(String, u64)> = counts.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
         let mut vocab = vec![String::new(), "[UNK]".to_string()];
         vocab.extend(
             ranked
@@ -163,23 +166,35 @@ mod tests {
         // What Keras's TextVectorization gives: punctuation deleted, not a
         // separator, so words it joined stay joined; a word of punctuation
         // alone disappears; only ASCII letters are lowercased.
-        let got: Vec<String> = words("It's GREAT,fun\tand<br />\"moving\"! -- ÉCOLE").collect();
-        assert_eq!(got, ["its", "greatfun", "andbr", "moving", "École"]);
+        let got: Vec<String> =
+            words("It's GREAT,fun\tand<br />\"moving\"! --\x0b ÉCOLE\u{a0}dull\u{85}x").collect();
+        assert_eq!(
+            got,
+            [
+                "its",
+                "greatfun",
+                "andbr",
+                "moving",
+                "École\u{a0}dull\u{85}x"
+            ]
+        );
     }
 
     #[test]
-    fn ranks_by_frequency_then_alphabetically_and_caps_the_vocabulary() {
+    fn ranks_by_frequency_then_as_keras_breaks_ties_and_caps_the_vocabulary() {
         let v = TextVectorizer::fit(["b a c b", "c b d"], 5, 4);
-        // counts: b 3, c 2, a 1, d 1 -> b, c, a (cap 5 = pad + unknown + 3).
+        // counts: b 3, c 2, a 1, d 1 -> b, c, then of the tied a and d the
+        // later one, d, as Keras's reversed (count, word) sort has it (cap 5
+        // = pad + unknown + 3).
         assert_eq!(v.vocab_size(), 5);
         assert_eq!(
             (2..5).map(|i| v.word(i).unwrap()).collect::<Vec<_>>(),
-            ["b", "c", "a"]
+            ["b", "c", "d"]
         );
-        assert_eq!(v.encode("d b"), vec![UNKNOWN, 2, PAD, PAD]);
+        assert_eq!(v.encode("a b"), vec![UNKNOWN, 2, PAD, PAD]);
         // Truncation keeps the first words.
-        assert_eq!(v.encode("a a b c c"), vec![4, 4, 2, 3]);
-        assert_eq!(v.encode_all(["a", "zz"]), vec![4, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(v.encode("d d b c c"), vec![4, 4, 2, 3]);
+        assert_eq!(v.encode_all(["d", "zz"]), vec![4, 0, 0, 0, 1, 0, 0, 0]);
     }
 
     #[test]
