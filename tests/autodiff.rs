@@ -358,6 +358,28 @@ fn matmul_gradients() {
         |t| t[0].matmul(&t[1]),
         &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 2, 5, 8, 3, true),
     );
+    // Either operand frozen: its product is skipped, the other's still
+    // runs (plain and batched-by-shared, whose weight gradient sums over
+    // the batch).
+    for frozen in [0, 1] {
+        grad_check_frozen(
+            &format!("matmul 2-D, operand {frozen} frozen"),
+            &[input(&[5, 7], 7, -1.0, 1.0), input(&[7, 3], 8, -1.0, 1.0)],
+            &[frozen],
+            |t| t[0].matmul(&t[1]),
+            &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 1, 5, 7, 3, false),
+        );
+        grad_check_frozen(
+            &format!("matmul batched by shared, operand {frozen} frozen"),
+            &[
+                input(&[2, 5, 8], 9, -1.0, 1.0),
+                input(&[8, 3], 10, -1.0, 1.0),
+            ],
+            &[frozen],
+            |t| t[0].matmul(&t[1]),
+            &|x: &[Vec<f64>]| cpu_matmul(&x[0], &x[1], 2, 5, 8, 3, true),
+        );
+    }
 }
 
 #[test]
@@ -788,6 +810,71 @@ fn wrong_shapes_name_the_op_and_both_shapes() {
         .contains("cannot reshape [2, 3] to [4, 2]"));
     let loss = c.sum(0, false).unwrap();
     assert!(loss.backward().unwrap_err().to_string().contains("scalar"));
+
+    // Sizes whose arithmetic overflows are errors, not panics or (wrapped)
+    // wrong results.
+    let img = Tensor::zeros(d, &[1, 1, 5, 5]).unwrap();
+    let err = img
+        .pad2d_with([[0, 0], [usize::MAX, 1]], 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("overflows shape [1, 1, 5, 5]"), "{err}");
+    let w = Tensor::zeros(d, &[1, 1, 3, 3]).unwrap();
+    let huge = kiln::graph::Conv2d {
+        dilation: [1 << 63, 1],
+        ..Default::default()
+    };
+    let err = img.conv2d(&w, None, huge).unwrap_err().to_string();
+    assert!(err.contains("does not fit a 5x5 input"), "{err}");
+    let far = kiln::graph::Conv2d {
+        stride: [1 << 40, 1],
+        ..Default::default()
+    };
+    let err = img.conv2d(&w, None, far).unwrap_err().to_string();
+    assert!(err.contains("below 2^32"), "{err}");
+    assert!(img.broadcast_to(&[usize::MAX, 2, 5, 5]).is_err());
+    // An empty batch keeps its feature count, as PyTorch's flatten does.
+    let empty = Tensor::zeros(d, &[0, 3, 4]).unwrap();
+    assert_eq!(empty.flatten().unwrap().shape(), [0, 12]);
+}
+
+#[test]
+fn backward_after_an_in_place_write_of_an_input_is_refused() {
+    use kiln::graph::optim::{Optimizer, Sgd};
+    let d = device();
+    let x = Tensor::from_slice(d, &random_vec(6, 70, -1.0, 1.0), &[2, 3]).unwrap();
+    let w = Tensor::from_slice(d, &random_vec(6, 71, -1.0, 1.0), &[3, 2])
+        .unwrap()
+        .requires_grad(true);
+    let mut opt = Sgd::new(vec![w.clone()], 0.1);
+    let loss = x.matmul(&w).unwrap().square().unwrap().sum_all().unwrap();
+    loss.backward().unwrap();
+    opt.step().unwrap();
+    // The product's gradient for x would read the stepped w.
+    let x = x.requires_grad(true);
+    let stale = x.matmul(&w).unwrap().square().unwrap().sum_all().unwrap();
+    opt.zero_grad();
+    stale.backward().unwrap();
+    opt.step().unwrap();
+    let err = stale.backward().unwrap_err().to_string();
+    assert!(
+        err.contains("input 1 [3, 2] of matmul was written in place"),
+        "{err}"
+    );
+    // So would a square's after an assign.
+    let y = w.square().unwrap().sum_all().unwrap();
+    w.assign(&Tensor::zeros(d, &[3, 2]).unwrap()).unwrap();
+    let err = y.backward().unwrap_err().to_string();
+    assert!(err.contains("of square was written in place"), "{err}");
+    let err = w
+        .assign(&Tensor::zeros(d, &[2, 3]).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot write [2, 3]"), "{err}");
+    // A forward pass after the writes records the new versions.
+    w.zero_grad();
+    w.square().unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(w.grad().unwrap().to_vec().unwrap(), vec![0.0; 6]);
 }
 
 #[test]
@@ -905,12 +992,13 @@ fn max_min_pow_maximum_abs_gradients() {
         &|x: &[Vec<f64>]| (0..12).map(|i| x[0][i].powf(x[1][i % 4])).collect(),
     );
     // At a base of 0, PyTorch gives the exponent a gradient of 0 (not
-    // 0 * log 0 = NaN), and 0^1 the base a gradient of 1 (0^0 = 1).
+    // 0 * log 0 = NaN), 0^1 the base a gradient of 1 (0^0 = 1), and an
+    // exponent of 0 the base a gradient of 0 (not 0 * 0^-1 = 0 * inf).
     let d = common::device();
-    let a = Tensor::from_slice(d, &[0.0, 0.0, 1.5], &[3])
+    let a = Tensor::from_slice(d, &[0.0, 0.0, 1.5, 0.0, -2.0], &[5])
         .unwrap()
         .requires_grad(true);
-    let b = Tensor::from_slice(d, &[2.0, 1.0, 2.0], &[3])
+    let b = Tensor::from_slice(d, &[2.0, 1.0, 2.0, 0.0, 0.0], &[5])
         .unwrap()
         .requires_grad(true);
     a.pow(&b).unwrap().sum_all().unwrap().backward().unwrap();
@@ -920,8 +1008,35 @@ fn max_min_pow_maximum_abs_gradients() {
     );
     assert_eq!(ga[..2], [0.0, 1.0], "{ga:?}");
     assert!((ga[2] - 3.0).abs() < 1e-5, "{ga:?}");
+    assert_eq!(ga[3..], [0.0, 0.0], "{ga:?}");
     assert_eq!(gb[..2], [0.0, 0.0], "{gb:?}");
     assert!((gb[2] - 2.25 * 1.5f32.ln()).abs() < 1e-5, "{gb:?}");
+    assert_eq!(gb[3], 0.0, "{gb:?}");
+    let x = Tensor::from_slice(d, &[0.0, 1.5, -2.0], &[3])
+        .unwrap()
+        .requires_grad(true);
+    x.pow_scalar(0.0)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(x.grad().unwrap().to_vec().unwrap(), [0.0, 0.0, 0.0]);
+    // Ties split the gradient half and half, as PyTorch's maximum does.
+    let a = Tensor::from_slice(d, &[1.0, 2.0, 5.0], &[3])
+        .unwrap()
+        .requires_grad(true);
+    let b = Tensor::from_slice(d, &[1.0, 3.0, 4.0], &[3])
+        .unwrap()
+        .requires_grad(true);
+    a.maximum(&b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(a.grad().unwrap().to_vec().unwrap(), [0.5, 0.0, 1.0]);
+    assert_eq!(b.grad().unwrap().to_vec().unwrap(), [0.5, 1.0, 0.0]);
     grad_check(
         "maximum",
         &[input(&[3, 4], 54, -1.0, 1.0), input(&[3, 4], 55, -1.0, 1.0)],
@@ -1381,6 +1496,49 @@ fn f16_storage_converts_and_passes_gradients_through() {
     let grad = x16.grad().unwrap();
     assert_eq!(grad.dtype(), DType::F16);
     assert_eq!(grad.to_vec().unwrap(), rounded);
+    // A second backward adds to the f16 gradient (exactly: it doubles).
+    backward_weighted(&x16.to_dtype(DType::F32).unwrap(), 93);
+    let grad = x16.grad().unwrap();
+    assert_eq!(grad.dtype(), DType::F16);
+    let doubled: Vec<f32> = rounded.iter().map(|v| 2.0 * v).collect();
+    assert_eq!(grad.to_vec().unwrap(), doubled);
+    // Two casts of one f16 tensor in one pass: their f16 gradients add up,
+    // and with an autocast product's f32 gradient beside them too.
+    x16.zero_grad();
+    let r = Tensor::from_slice(d, &random_vec(21, 94, -1.0, 1.0), &[3, 7]).unwrap();
+    let twice = x16
+        .to_dtype(DType::F32)
+        .unwrap()
+        .add(&x16.to_dtype(DType::F32).unwrap().mul(&r).unwrap())
+        .unwrap();
+    twice.sum_all().unwrap().backward().unwrap();
+    let want: Vec<f32> = r
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|&v| f16::from_f32(1.0 + f16::from_f32(v).to_f32()).to_f32())
+        .collect();
+    assert_eq!(x16.grad().unwrap().to_vec().unwrap(), want);
+    x16.zero_grad();
+    let w = Tensor::from_slice(d, &random_vec(7 * 2, 95, -1.0, 1.0), &[7, 2]).unwrap();
+    let mixed = kiln::graph::amp::autocast(|| x16.matmul(&w))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .add(&x16.to_dtype(DType::F32).unwrap().sum_all().unwrap())
+        .unwrap();
+    mixed.backward().unwrap();
+    let g = x16.grad().unwrap().to_vec().unwrap();
+    let wv = w.to_vec().unwrap();
+    for (i, gi) in g.iter().enumerate() {
+        // d/dx[r][c] = sum_j w[c][j] (w rounded to f16 under autocast) + 1.
+        let c = i % 7;
+        let want: f32 = (0..2)
+            .map(|j| f16::from_f32(wv[c * 2 + j]).to_f32())
+            .sum::<f32>()
+            + 1.0;
+        assert!((gi - want).abs() < 2e-3, "grad {i}: {gi} vs {want}");
+    }
 }
 
 /// f64 reference of PyTorch's conv2d (cross-correlation), NCHW.
@@ -1832,6 +1990,18 @@ fn lstm_gradients_with_masking() {
                     .collect()
             },
         );
+        // No mask, with the input (data) or the input kernel frozen: the
+        // backward skips their products.
+        let unmasked = vec![1.0; b * t];
+        for frozen in [vec![], vec![0], vec![1, 3]] {
+            grad_check_frozen(
+                &format!("lstm unmasked b{b} t{t} e{e} h{h}, frozen {frozen:?}"),
+                &inputs,
+                &frozen,
+                |x| x[0].lstm(&x[1], &x[2], &x[3], None),
+                &|x: &[Vec<f64>]| cpu_lstm(x, &unmasked, [b, t, e, h]),
+            );
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! and the `no_grad` switch.
 
 use crate::tensor::Tensor;
-use kiln_device::{DeviceError, Result};
+use kiln_device::{DType, DeviceError, Result};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 
@@ -14,6 +14,9 @@ pub(crate) type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>> 
 pub(crate) struct GradFn {
     pub op: &'static str,
     pub inputs: Vec<Tensor>,
+    /// Each input's version when the op ran: a backward pass refuses inputs
+    /// written in place since (their saved values are gone).
+    pub versions: Vec<u64>,
     pub backward: BackwardFn,
     /// Set when the backward rule starts by multiplying the output's gradient
     /// by a factor computed from the output alone (see [`OutputFactor`]).
@@ -199,6 +202,42 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
     order
 }
 
+/// The sum of two gradients of one tensor. Gradients of an f16 tensor come
+/// back f16 from some ops (a cast) and f32 from others (an autocast
+/// product), and the add kernel takes f32: such sums are taken in f32, and
+/// two f16 gradients sum to an f16 one (as PyTorch keeps an f16 tensor's).
+pub(crate) fn add_grads(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        return a.add(b);
+    }
+    let sum = a.to_dtype(DType::F32)?.add(&b.to_dtype(DType::F32)?)?;
+    if a.dtype() == b.dtype() {
+        sum.to_dtype(a.dtype())
+    } else {
+        Ok(sum)
+    }
+}
+
+/// Refuses an op whose inputs were written in place after it ran: its
+/// backward rule would read the new values where it needs the old.
+fn check_versions(grad_fn: &GradFn) -> Result<()> {
+    for (k, (input, &saved)) in grad_fn.inputs.iter().zip(&grad_fn.versions).enumerate() {
+        if input.version() != saved {
+            return Err(DeviceError::Shape {
+                op: "backward",
+                message: format!(
+                    "input {k} {:?} of {} was written in place (an optimizer step, an assign or \
+                     a loaded checkpoint) after the forward pass used it; call backward before \
+                     stepping, or run the forward pass again",
+                    input.shape(),
+                    grad_fn.op
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn backward(root: &Tensor) -> Result<()> {
     if root.numel() != 1 {
         return Err(DeviceError::Shape {
@@ -228,6 +267,7 @@ pub(crate) fn backward(root: &Tensor) -> Result<()> {
         };
         match t.grad_fn() {
             Some(grad_fn) => {
+                check_versions(grad_fn)?;
                 let input_grads = (grad_fn.backward)(&grad)?;
                 debug_assert_eq!(input_grads.len(), grad_fn.inputs.len(), "{}", grad_fn.op);
                 for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
@@ -236,7 +276,7 @@ pub(crate) fn backward(root: &Tensor) -> Result<()> {
                         continue;
                     }
                     let total = match grads.remove(&input.id()) {
-                        Some(previous) => previous.add(&g)?,
+                        Some(previous) => add_grads(&previous, &g)?,
                         None => g,
                     };
                     grads.insert(input.id(), total);

@@ -212,6 +212,9 @@ fn update_grouped(
             buffers.extend(item.states.iter().copied());
         }
         device.dispatch(&kernel, &block, &buffers, grid)?;
+        for item in chunk {
+            item.param.bump_version();
+        }
     }
     Ok(())
 }

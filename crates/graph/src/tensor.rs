@@ -57,6 +57,9 @@ struct Inner {
     requires_grad: AtomicBool,
     grad: Mutex<Option<Tensor>>,
     grad_fn: Option<GradFn>,
+    /// Bumped by every in-place write (an optimizer step, [`Tensor::assign`]),
+    /// so a backward pass can tell that an input changed since its forward.
+    version: AtomicU64,
 }
 
 /// An f32 tensor on a device, row-major and contiguous.
@@ -117,6 +120,7 @@ impl Tensor {
                 requires_grad: AtomicBool::new(requires_grad),
                 grad: Mutex::new(None),
                 grad_fn,
+                version: AtomicU64::new(0),
             }),
         }
     }
@@ -302,6 +306,48 @@ impl Tensor {
         self.inner.id
     }
 
+    /// In-place writes so far (see `Inner::version`).
+    pub(crate) fn version(&self) -> u64 {
+        self.inner.version.load(Ordering::Acquire)
+    }
+
+    /// Records an in-place write of the values.
+    pub(crate) fn bump_version(&self) {
+        self.inner.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Overwrites the values in place with `values` (same shape and type),
+    /// so every holder of this tensor (an optimizer, a layer) sees them.
+    /// A graph recorded from the old values refuses its backward pass
+    /// afterwards rather than mixing old and new values, as PyTorch does.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_graph::{Device, Tensor};
+    /// let device = Device::new()?;
+    /// let w = Tensor::zeros(&device, &[2])?;
+    /// w.assign(&Tensor::from_slice(&device, &[1.0, 2.0], &[2])?)?;
+    /// assert_eq!(w.to_vec()?, [1.0, 2.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn assign(&self, values: &Tensor) -> Result<()> {
+        if values.shape() != self.shape() || values.dtype() != self.dtype() {
+            return Err(DeviceError::Shape {
+                op: "assign",
+                message: format!(
+                    "cannot write {:?} {:?} values into a {:?} {:?} tensor",
+                    values.shape(),
+                    values.dtype(),
+                    self.shape(),
+                    self.dtype()
+                ),
+            });
+        }
+        self.device().copy_into(values.buffer(), self.buffer())?;
+        self.bump_version();
+        Ok(())
+    }
+
     /// Whether `self` and `other` are handles to one tensor (clones share
     /// values and gradient), not merely equal values.
     ///
@@ -325,7 +371,7 @@ impl Tensor {
     pub(crate) fn accumulate_grad(&self, grad: Tensor) -> Result<()> {
         let mut slot = lock(&self.inner.grad);
         let total = match slot.take() {
-            Some(previous) => previous.add(&grad)?,
+            Some(previous) => autograd::add_grads(&previous, &grad)?,
             None => grad,
         };
         *slot = Some(total);

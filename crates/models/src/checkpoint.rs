@@ -123,8 +123,7 @@ impl StagedState {
     /// the tensors see the new values.
     pub fn apply(self) -> Result<(), ModelError> {
         for (t, values) in self.targets {
-            let device = t.device();
-            device.copy_into(&device.upload(&values)?, t.buffer())?;
+            t.assign(&Tensor::from_slice(t.device(), &values, t.shape())?)?;
         }
         Ok(())
     }

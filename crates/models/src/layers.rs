@@ -552,9 +552,8 @@ impl BatchNorm2D {
             .running_var
             .mul_scalar(1.0 - m)?
             .add(&variance.detach().mul_scalar(m * unbiased)?)?;
-        let device = self.gamma.device();
-        device.copy_into(mean.buffer(), self.running_mean.buffer())?;
-        device.copy_into(var.buffer(), self.running_var.buffer())?;
+        self.running_mean.assign(&mean)?;
+        self.running_var.assign(&var)?;
         Ok(())
     }
 }

@@ -40,8 +40,12 @@ pub struct ConvGeometry {
 impl ConvGeometry {
     /// Output height and width, or an error if the window does not fit.
     pub fn output(&self) -> Result<(usize, usize)> {
-        let span_h = self.dilation[0] * (self.kh.max(1) - 1) + 1;
-        let span_w = self.dilation[1] * (self.kw.max(1) - 1) + 1;
+        // Checked: a huge dilation must not wrap into a span that fits.
+        let span = |dilation: usize, k: usize| dilation.checked_mul(k.max(1) - 1)?.checked_add(1);
+        let (span_h, span_w) = (
+            span(self.dilation[0], self.kh).unwrap_or(usize::MAX),
+            span(self.dilation[1], self.kw).unwrap_or(usize::MAX),
+        );
         if self.kh == 0 || self.kw == 0 || span_h > self.h || span_w > self.w {
             return Err(DeviceError::Shape {
                 op: "conv2d",
@@ -55,6 +59,21 @@ impl ConvGeometry {
             return Err(DeviceError::Shape {
                 op: "conv2d",
                 message: "stride and dilation must be positive".into(),
+            });
+        }
+        // The kernels take them as u32.
+        if self
+            .stride
+            .iter()
+            .chain(&self.dilation)
+            .any(|&v| u32::try_from(v).is_err())
+        {
+            return Err(DeviceError::Shape {
+                op: "conv2d",
+                message: format!(
+                    "stride {:?} and dilation {:?} must each be below 2^32",
+                    self.stride, self.dilation
+                ),
             });
         }
         Ok((

@@ -284,13 +284,14 @@ fn check_view(
             message: format!("shape {shape:?} and strides {strides:?} differ in rank"),
         });
     }
-    let numel: usize = shape.iter().product();
-    let last = offset
-        + shape
-            .iter()
-            .zip(strides)
-            .map(|(&n, &s)| n.saturating_sub(1) * s)
-            .sum::<usize>();
+    // Saturating: sizes from a caller may overflow, and a saturated element
+    // count or reach fails the check below like any too-large view.
+    let numel = shape.iter().fold(1usize, |n, &d| n.saturating_mul(d));
+    let last = shape
+        .iter()
+        .zip(strides)
+        .map(|(&n, &s)| n.saturating_sub(1).saturating_mul(s))
+        .fold(offset, usize::saturating_add);
     if numel > 0 && last >= buffer.len() {
         return Err(DeviceError::Shape {
             op,

@@ -234,7 +234,9 @@ fn derivative(op: UnaryOp) -> &'static str {
         UnaryOp::Erf => "x0 * 1.1283791670955126 * exp(-x2 * x2)",
         UnaryOp::AddScalar(_) => "x0",
         UnaryOp::MulScalar(_) => "x0 * s0",
-        UnaryOp::PowScalar(_) => "x0 * s0 * kiln_pow(x2, s0 - 1.0)",
+        // PyTorch's: 0 for an exponent of 0, also at 0 where the rule
+        // would give 0 * inf.
+        UnaryOp::PowScalar(_) => "select(x0 * s0 * kiln_pow(x2, s0 - 1.0), 0.0, s0 == 0.0)",
     }
 }
 
@@ -317,26 +319,27 @@ impl Tensor {
 
     /// `self^other` elementwise, broadcasting, as PyTorch defines it: a
     /// negative `self` takes an integer `other` (NaN otherwise), `0^0 = 1`.
-    /// The gradient for `other` is 0 where `self` is 0 and `other` at least 0.
+    /// The gradient for `self` is 0 where `other` is 0, and the one for
+    /// `other` 0 where `self` is 0 and `other` at least 0.
     pub fn pow(&self, other: &Tensor) -> Result<Tensor> {
         binary(
             self,
             other,
             kiln_device::BinaryOp::Pow.elementwise(),
-            "x0 * x3 * kiln_pow(x2, x3 - 1.0)",
+            "select(x0 * x3 * kiln_pow(x2, x3 - 1.0), 0.0, x3 == 0.0)",
             "select(x0 * x1 * log(x2), 0.0, x2 == 0.0 && x3 >= 0.0)",
         )
     }
 
-    /// The larger of the two, elementwise; the gradient goes to the larger
-    /// (to `self` on ties).
+    /// The larger of the two, elementwise; the gradient goes to the larger,
+    /// half to each on ties (as PyTorch splits it).
     pub fn maximum(&self, other: &Tensor) -> Result<Tensor> {
         binary(
             self,
             other,
             Elementwise::new("maximum", "max(x0, x1)"),
-            "select(0.0, x0, x2 >= x3)",
-            "select(x0, 0.0, x2 >= x3)",
+            "select(select(0.0, x0, x2 > x3), 0.5 * x0, x2 == x3)",
+            "select(select(0.0, x0, x3 > x2), 0.5 * x0, x2 == x3)",
         )
     }
 

@@ -74,7 +74,9 @@ impl Padding {
             Padding::Same => {
                 let stride = stride.max(1);
                 let out = size.div_ceil(stride);
-                let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
+                let total = ((out.max(1) - 1).saturating_mul(stride))
+                    .saturating_add(kernel)
+                    .saturating_sub(size);
                 [total / 2, total - total / 2]
             }
         }
@@ -106,9 +108,16 @@ impl Tensor {
             return Err(shape_error(format!("cannot pad shape {:?}", self.shape())));
         }
         let (h, w) = (self.shape()[r - 2], self.shape()[r - 1]);
-        let wp = w + pads[1][0] + pads[1][1];
+        let grown =
+            |size: usize, [before, after]: [usize; 2]| size.checked_add(before)?.checked_add(after);
+        let (Some(hp), Some(wp)) = (grown(h, pads[0]), grown(w, pads[1])) else {
+            return Err(shape_error(format!(
+                "padding {pads:?} overflows shape {:?}",
+                self.shape()
+            )));
+        };
         let mut padded = self.shape().to_vec();
-        padded[r - 2] = h + pads[0][0] + pads[0][1];
+        padded[r - 2] = hp;
         padded[r - 1] = wp;
         // The interior of the padded tensor, as a view: outer dims step a whole
         // padded image, rows step wp.
@@ -498,7 +507,11 @@ impl Tensor {
 
     /// Keeps the first dim and merges the rest: `[n, ...] -> [n, prod(...)]`.
     pub fn flatten(&self) -> Result<Tensor> {
-        let n = self.shape().first().copied().unwrap_or(1);
-        self.reshape(&[n, self.numel() / n.max(1)])
+        let (n, rest) = match self.shape() {
+            [] => (1, 1),
+            // Not numel / n: an empty batch keeps its feature count.
+            [n, rest @ ..] => (*n, crate::tensor::numel_of(rest)),
+        };
+        self.reshape(&[n, rest])
     }
 }

@@ -46,6 +46,7 @@ pub(crate) fn record_factored(
     let grad_fn = GradFn {
         op,
         inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+        versions: inputs.iter().map(|t| t.version()).collect(),
         backward: Box::new(backward),
         output_factor,
     };
