@@ -153,7 +153,9 @@ enum Command {
         /// runs/<model>-<dataset>/checkpoint.safetensors].
         #[arg(long)]
         checkpoint: Option<PathBuf>,
-        /// Continue from the checkpoint instead of starting afresh.
+        /// Continue from the checkpoint instead of starting afresh, with the
+        /// same settings as the run that wrote it (only --epochs, --patience
+        /// and --limit-test may differ).
         #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
         /// Start afresh even if the checkpoint exists, replacing it after the
@@ -565,6 +567,23 @@ fn train(
     if let Some(v) = &vectorizer {
         trainer.metadata.insert("vectorizer".into(), v.to_json());
     }
+    // The settings that shape the training, named as their flags: a resumed
+    // run with others would not continue the run it resumes (a validation
+    // split dropped on resume trains on the held-out samples), so `resume`
+    // refuses a mismatch and names the flag. --epochs, --patience and
+    // --limit-test may change.
+    let limit = limit_train.map_or("all".to_string(), |n| n.to_string());
+    for (flag, value) in [
+        ("--lr", lr.to_string()),
+        ("--loss", format!("{loss:?}")),
+        ("--batch-size", options.batch_size.to_string()),
+        ("--validation-split", options.validation_split.to_string()),
+        ("--seed", options.seed.to_string()),
+        ("--limit-train", limit),
+        ("--mixed-precision", options.mixed_precision.to_string()),
+    ] {
+        trainer.metadata.insert(flag.into(), value);
+    }
     if start == Start::Resume {
         trainer
             .resume(&checkpoint)
@@ -595,7 +614,9 @@ fn train(
         .save_beside(&checkpoint)
         .with_context(|| format!("writing the history to {}", history_json.display()))?;
     let (test_loss, test_accuracy) = trainer.evaluate(&test, 250)?;
-    let trained: usize = history.epochs.len() * train.len();
+    // Samples trained on, the validation split's left out.
+    let trained: usize =
+        history.epochs.len() * (train.len() - train.validation_size(options.validation_split));
     println!(
         "test loss {test_loss:.4}, test accuracy {:.2}% on {} samples",
         100.0 * test_accuracy,
@@ -861,8 +882,16 @@ fn finetune_bert(
     let classifier = BertClassifier::new(Bert::from_pretrained(&device, &dir)?, 2, options.seed)?
         .with_pooling(pooling);
     check_max_length(setup.max_length, &classifier.bert.config)?;
-    classifier.freeze(setup.freeze_layers);
     let layers = classifier.bert.config.num_hidden_layers;
+    if setup.freeze_layers > layers {
+        bail!(
+            "--freeze-layers {} is more than the {layers} blocks of {}; at most {layers} (all \
+             of them, training the head alone)",
+            setup.freeze_layers,
+            dir.display()
+        );
+    }
+    classifier.freeze(setup.freeze_layers);
     println!(
         "fine-tuning {} ({} of {layers} blocks trainable) on {} reviews, {} tokens ({:?}), batch {}, on {}",
         dir.display(),

@@ -339,6 +339,24 @@ fn finetuning_refuses_to_write_over_its_pretrained_model() {
 }
 
 #[test]
+fn finetuning_refuses_to_freeze_more_blocks_than_the_model_has() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-freeze-{}", std::process::id()));
+    let out = kiln()
+        .args(["finetune", "bert", "--freeze-layers", "7"])
+        .args(["--output", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--freeze-layers 7 is more than the 6 blocks"),
+        "{stderr}"
+    );
+    assert!(!dir.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn resuming_on_another_dataset_is_refused_and_keeps_the_checkpoint() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-resume-{}", std::process::id()));
     let path = dir.join("checkpoint.safetensors");
@@ -366,5 +384,28 @@ fn resuming_on_another_dataset_is_refused_and_keeps_the_checkpoint() {
         "{stderr}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), saved);
+    // Nor with other training settings: each is named by its flag.
+    for (flag, value, saved_value) in [
+        ("--lr", "0.0001", "0.001"),
+        ("--validation-split", "0.25", "0"),
+        ("--batch-size", "16", "32"),
+    ] {
+        let other = train("mnist", &["--resume", "--epochs", "2", flag, value]);
+        let stderr = String::from_utf8_lossy(&other.stderr);
+        assert!(!other.status.success());
+        assert!(
+            stderr.contains(&format!("{flag} = {saved_value}"))
+                && stderr.contains(&format!("{flag} = {value}")),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), saved);
+    }
+    // The same settings resume, with more epochs.
+    let same = train("mnist", &["--resume", "--epochs", "2"]);
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -100,7 +100,16 @@ pub fn load_from(dir: &Path) -> Result<Mnist, DataError> {
 /// Image and label IDX arrays as a dataset with pixels scaled to [0, 1].
 pub fn to_dataset(images: &IdxArray, labels: &IdxArray) -> Result<Dataset, DataError> {
     let n = labels.data.len();
-    let features: usize = images.dims.iter().skip(1).product();
+    // Checked: a header may claim sizes whose product overflows when it
+    // holds no images at all.
+    let features = images
+        .dims
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |f, &d| f.checked_mul(d))
+        .ok_or_else(|| {
+            DataError::Invalid(format!("image dimensions {:?} overflow", images.dims))
+        })?;
     if images.dims.first() != Some(&n) {
         return Err(DataError::Invalid(format!(
             "{:?} images for {n} labels",

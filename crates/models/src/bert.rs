@@ -721,9 +721,13 @@ impl BertClassifier {
     /// with [`Pooling::Mean`].
     pub fn freeze(&self, layers: usize) {
         for (name, t) in self.bert.named_parameters() {
+            let block = name
+                .strip_prefix("encoder.layer.")
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|index| index.parse::<usize>().ok());
             let frozen = name.starts_with("embeddings.")
                 || (name.starts_with("pooler.") && self.pooling == Pooling::Mean)
-                || (0..layers).any(|l| name.starts_with(&format!("encoder.layer.{l}.")));
+                || block.is_some_and(|b| b < layers);
             t.set_requires_grad(!frozen);
         }
     }
