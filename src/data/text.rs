@@ -43,7 +43,7 @@ pub struct TextVectorizer {
 /// whitespace, as `tf.strings.split` does (so a no-break space or U+0085, both
 /// in IMDB's reviews, stays inside a word).
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r'))
+    text.split([' ', '\t', '\n', '\x0b', '\x0c', '\r'])
         .map(|w| {
             w.chars()
                 .filter(|c| !c.is_ascii_punctuation())
