@@ -284,7 +284,7 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
         attention_probs_dropout_prob: 0.0,
         ..tiny_config()
     };
-    let model = BertClassifier::new(Bert::new(d, config, 5).unwrap(), 2, 6).unwrap();
+    let model = BertClassifier::new(Bert::new(d, config.clone(), 5).unwrap(), 2, 6).unwrap();
     model.freeze(1);
     // Weight decay splits the trainable encoder as Hugging Face does: layer
     // 1's six weight matrices decay; its six biases and two layer norms'
@@ -368,6 +368,31 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
         model.bert.layers[1].query.weight.to_vec().unwrap(),
         top_before
     );
+
+    // The same with f16 products and loss scaling: it learns as well, and
+    // the frozen layers stay put through the scaled steps too.
+    let mixed = BertClassifier::new(Bert::new(d, config, 5).unwrap(), 2, 6).unwrap();
+    mixed.freeze(1);
+    let mixed_options = FinetuneOptions {
+        mixed_precision: true,
+        ..options.clone()
+    };
+    finetune(
+        &mixed,
+        &tokenizer,
+        &refs(&train),
+        &train_labels,
+        &mixed_options,
+    )
+    .unwrap();
+    let accuracy = evaluate_classifier(&mixed, &tokenizer, &refs(&test), &test_labels, 32).unwrap();
+    assert!(accuracy >= 0.9, "mixed precision: accuracy {accuracy}");
+    for ((name, t), before) in mixed.bert.named_parameters()[..8]
+        .iter()
+        .zip(&frozen_before)
+    {
+        assert_eq!(&t.to_vec().unwrap(), before, "{name} is frozen");
+    }
 }
 
 #[test]
