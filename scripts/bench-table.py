@@ -33,8 +33,8 @@ def number(v):
 def ratio(row):
     if row.get("reference") in (None, 0) or row.get("kiln") is None:
         return None
-    # Every unit is higher-is-better except microseconds.
-    if row["unit"] == "us":
+    # Every unit is higher-is-better except times (as the suite's table has it).
+    if row["unit"].startswith(("us", "ms")):
         return row["reference"] / row["kiln"]
     return row["kiln"] / row["reference"]
 
@@ -71,6 +71,12 @@ def one_run(run):
                 number(row.get("host_us_per_step")),
             )
         )
+    # Why references or whole workloads are missing, as the suite prints it.
+    missing = [row["missing_reference"] for row in run["rows"] if row.get("missing_reference")]
+    if missing:
+        lines += ["", f"Some references missing: {missing[0]}"]
+    for failed in run.get("failed", []):
+        lines += ["", f"{failed['workload']} failed: {failed['error']}"]
     return "\n".join(lines)
 
 
