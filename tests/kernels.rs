@@ -17,7 +17,12 @@ use kiln::device::{
 /// ones this adapter cannot run (e.g. subgroup tilings on GL) are left out.
 fn tilings() -> Vec<MatmulTiling> {
     let d = device();
-    let mut t = vec![d.tuning().matmul, Tuning::CPU.matmul, Tuning::GPU.matmul];
+    // The tiling every product on this device takes must be one it runs.
+    let own = d.tuning().matmul;
+    if let Err(why) = own.validate(d.limits(), d.features(), d.adapter_info()) {
+        panic!("the device's own tiling {own} is invalid here: {why}");
+    }
+    let mut t = vec![own, Tuning::CPU.matmul, Tuning::GPU.matmul];
     t.extend(Tuning::candidates(
         d.adapter_info(),
         d.features(),
@@ -1814,17 +1819,32 @@ fn matmul_with_a_texture_operand_matches_reference() {
     // the BERT tests run large products through this path with both.
     let d = kiln::Device::new().unwrap();
     d.set_texture_operands(kiln::device::TextureOperands::Always);
-    let check = |spec: Matmul, seed: u64| check_matmul_on(&d, spec, d.tuning().matmul, seed);
     // Only CPU adapters' subgroup tilings have the path (and only with vec4
-    // loads: the odd shapes check it is declined cleanly).
-    let has_path =
-        matches!(d.tuning().matmul, MatmulTiling::Subgroup { .. }) && d.kernels_for_cpu();
+    // loads: the odd shapes check it is declined cleanly): each one the
+    // tuner may pick is checked.
+    let texture_tilings: Vec<MatmulTiling> = match d.kernels_for_cpu() {
+        true => tilings()
+            .into_iter()
+            .filter(|t| matches!(t, MatmulTiling::Subgroup { .. }))
+            .collect(),
+        false => Vec::new(),
+    };
+    let has_path = !texture_tilings.is_empty();
     if !has_path {
         eprintln!(
             "matmul_with_a_texture_operand: {} has no texture path; checking plain products",
             d.tuning().matmul
         );
     }
+    let checked = match has_path {
+        true => texture_tilings,
+        false => vec![d.tuning().matmul],
+    };
+    let check = |spec: Matmul, seed: u64| {
+        for &tiling in &checked {
+            check_matmul_on(&d, spec, tiling, seed);
+        }
+    };
     // (Profiles name each kernel's operands; only needed where the path is.)
     d.set_profiling(has_path).unwrap();
     // Rows of 256 texels: lengths below, at and past one row and a partial

@@ -132,15 +132,31 @@ impl Device {
                 cache_file: cache_file.to_path_buf(),
             });
         }
-        let fastest = |probes: &[Probe]| -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
+        // A candidate that fails (a driver refusing one kernel) is left
+        // out, not the end of tuning: the others are still measured, and
+        // the choice among them cached.
+        let mut failed: Vec<(MatmulTiling, String)> = Vec::new();
+        let mut fastest = |probes: &[Probe]| -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
             let mut measured = Vec::with_capacity(candidates.len());
             for &tiling in &candidates {
-                measured.push((tiling, self.probe(tiling, probes)?));
+                if failed.iter().any(|(t, _)| *t == tiling) {
+                    continue;
+                }
+                match self.probe(tiling, probes) {
+                    Ok(seconds) => measured.push((tiling, seconds)),
+                    Err(e) => {
+                        eprintln!("kiln: autotuning left out {tiling}: {e}");
+                        failed.push((tiling, e.to_string()));
+                    }
+                }
             }
             let chosen = measured
                 .iter()
                 .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map_or(self.tuning().matmul, |m| m.0);
+                .map(|m| m.0)
+                .ok_or_else(|| {
+                    crate::DeviceError::Backend("every candidate tiling failed".into())
+                })?;
             Ok((chosen, measured))
         };
         let (chosen, measured) = fastest(self.probes())?;
@@ -153,7 +169,12 @@ impl Device {
             small_matmul: chosen_small,
         };
         self.set_tuning(tuning);
-        let _ = write_cache(cache_file, tuning, &measured, &measured_small);
+        if let Err(e) = write_cache(cache_file, tuning, &measured, &measured_small, &failed) {
+            eprintln!(
+                "kiln: could not save the matmul tuning to {} ({e}); the next run measures again",
+                cache_file.display()
+            );
+        }
         Ok(AutotuneReport {
             chosen,
             measured,
@@ -250,9 +271,19 @@ fn parse_cache(text: &str) -> Option<Tuning> {
             .and_then(|(_, value)| value.trim().parse().ok())
     };
     let matmul = value("matmul")?;
+    // Missing (files from before it) means the same; present but unreadable
+    // means a damaged file, measured again.
+    let has_small = text
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .any(|(key, _)| key.trim() == "small_matmul");
+    let small_matmul = match has_small {
+        true => value("small_matmul")?,
+        false => matmul,
+    };
     Some(Tuning {
         matmul,
-        small_matmul: value("small_matmul").unwrap_or(matmul),
+        small_matmul,
     })
 }
 
@@ -263,6 +294,7 @@ fn write_cache(
     chosen: Tuning,
     measured: &[(MatmulTiling, f64)],
     measured_small: &[(MatmulTiling, f64)],
+    failed: &[(MatmulTiling, String)],
 ) -> std::io::Result<()> {
     let mut text = format!(
         "matmul = {}\nsmall_matmul = {}\n",
@@ -276,10 +308,41 @@ fn write_cache(
             ));
         }
     }
+    for (t, why) in failed {
+        text.push_str(&format!("# {t}: failed: {why}\n"));
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    // A name of its own per write: two devices of one process may tune at
+    // once, and one must not rename the other's half-written file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_files_parse_whole_or_not_at_all() {
+        let both =
+            parse_cache("matmul = register:8x8:8x8\nsmall_matmul = register:4x4:8x8\n").unwrap();
+        assert_eq!(both.small_matmul.to_string(), "register:4x4:8x8");
+        // Files from before small products were tuned apart.
+        let old = parse_cache("matmul = register:8x8:8x8\n# register:8x8:8x8: 1 ms\n").unwrap();
+        assert_eq!(old.small_matmul, old.matmul);
+        // A damaged line is measured again, not read as missing.
+        assert!(parse_cache("matmul = register:8x8:8x8\nsmall_matmul = regis").is_none());
+        assert!(parse_cache("matmul = nonsense\n").is_none());
+        assert!(parse_cache("").is_none());
+    }
 }

@@ -385,7 +385,7 @@ impl Device {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let tuning = Tuning::for_adapter(&info, features);
+        let tuning = Tuning::for_adapter(&info, features, &limits);
         let opened = Self {
             shared: Arc::new(DeviceShared {
                 device,

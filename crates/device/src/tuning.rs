@@ -209,6 +209,18 @@ impl MatmulTiling {
                 "{self}: {outputs} outputs per invocation; at most {MAX_TILE_OUTPUTS}"
             ));
         }
+        let (wg_x, wg_y) = match *self {
+            MatmulTiling::Register { wg_x, wg_y, .. } => (wg_x, wg_y),
+            MatmulTiling::Subgroup { wg, .. } => (wg, 1),
+            MatmulTiling::Shared { bm, bn, tm, tn, .. } => (bn / tn, bm / tm),
+        };
+        if wg_x > limits.max_compute_workgroup_size_x || wg_y > limits.max_compute_workgroup_size_y
+        {
+            return Err(format!(
+                "{self}: a {wg_x}x{wg_y} workgroup; the adapter allows {}x{}",
+                limits.max_compute_workgroup_size_x, limits.max_compute_workgroup_size_y
+            ));
+        }
         let threads = self.threads();
         if threads == 0 || threads > limits.max_compute_invocations_per_workgroup {
             return Err(format!(
@@ -222,6 +234,9 @@ impl MatmulTiling {
 
 /// Most outputs one invocation of a matmul kernel may compute.
 pub const MAX_TILE_OUTPUTS: u32 = 256;
+
+/// Largest number a tiling written as text may hold.
+const MAX_TILING_PARAMETER: u32 = 4096;
 
 impl fmt::Display for MatmulTiling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -263,10 +278,14 @@ impl FromStr for MatmulTiling {
                 .split('x')
                 .map(|x| x.trim().parse::<u32>().map_err(|e| format!("{s:?}: {e}")))
                 .collect::<Result<_, _>>()?;
-            if v.len() == n && v.iter().all(|&x| x > 0) {
+            // Capped, so that products of them (accumulators, shared
+            // memory, threads) cannot overflow when validated.
+            if v.len() == n && v.iter().all(|&x| (1..=MAX_TILING_PARAMETER).contains(&x)) {
                 Ok(v)
             } else {
-                Err(format!("{s:?}: expected {n} positive numbers in {part:?}"))
+                Err(format!(
+                    "{s:?}: expected {n} numbers from 1 to {MAX_TILING_PARAMETER} in {part:?}"
+                ))
             }
         };
         let parts: Vec<&str> = s.split(':').collect();
@@ -387,12 +406,19 @@ impl Tuning {
                 .map(String::from)
                 .to_vec()
         };
-        let mut out = vec![default];
-        for s in others {
-            let t: MatmulTiling = s.parse().expect("candidate tilings parse");
+        let mut out = Vec::new();
+        let parsed = others
+            .iter()
+            .map(|s| s.parse::<MatmulTiling>().expect("candidate tilings parse"));
+        for t in std::iter::once(default).chain(parsed) {
             if !out.contains(&t) && t.validate(limits, features, info).is_ok() {
                 out.push(t);
             }
+        }
+        // The register tiling runs wherever compute shaders do: a list is
+        // never empty, even on an adapter too small for every other.
+        if out.is_empty() {
+            out.push(Self::CPU.matmul);
         }
         out
     }
@@ -405,24 +431,38 @@ impl Tuning {
             && info.subgroup_min_size == info.subgroup_max_size
             && info.subgroup_min_size >= 4
         {
-            Tuning::same(MatmulTiling::Subgroup {
-                tm: 4,
-                sg: info.subgroup_min_size,
-                wg: 64,
-            })
+            cpu_subgroup_tiling(info.subgroup_min_size).map_or(Self::CPU, Tuning::same)
         } else {
             Self::CPU
         }
     }
 
     /// The defaults for an adapter; `KILN_MATMUL` (e.g. `register:8x16:8x4`)
-    /// overrides the matmul tiling, for products of every size.
-    pub fn for_adapter(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Self {
-        match matmul_override() {
-            Some(t) => Tuning::same(t),
+    /// overrides the matmul tiling, for products of every size, where this
+    /// adapter can run it (else it is reported and the defaults stand).
+    pub fn for_adapter(
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+    ) -> Self {
+        match matmul_override().map(|t| t.validate(limits, features, info).map(|()| t)) {
+            Some(Ok(t)) => Tuning::same(t),
+            Some(Err(e)) => {
+                eprintln!("kiln: ignoring KILN_MATMUL: {e}");
+                Self::defaults(info, features)
+            }
             None => Self::defaults(info, features),
         }
     }
+}
+
+/// The subgroup tiling for a CPU adapter with subgroups of `sg` lanes: four
+/// rows a lane (measured best on lavapipe's 8), fewer where wider subgroups
+/// would pass [`MAX_TILE_OUTPUTS`] accumulators (2 at 32 lanes, 1 at 64);
+/// none past 64 lanes or for workgroups of 64 that `sg` does not divide.
+fn cpu_subgroup_tiling(sg: u32) -> Option<MatmulTiling> {
+    let tm = (MAX_TILE_OUTPUTS / (4 * sg)).min(4);
+    (tm > 0 && 64 % sg == 0).then_some(MatmulTiling::Subgroup { tm, sg, wg: 64 })
 }
 
 /// The tiling `KILN_MATMUL` fixes, if it is set to one that parses; a bad
@@ -463,6 +503,52 @@ mod tests {
         assert!("shared:64x64x16:4x4:pipelined:vec4"
             .parse::<MatmulTiling>()
             .is_err());
+    }
+
+    #[test]
+    fn cpu_subgroup_defaults_stay_within_the_accumulator_limit() {
+        // An adapter with generous limits, so that only the tiling's own
+        // accumulator count can fail it.
+        let limits = wgpu::Limits {
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            ..Default::default()
+        };
+        for sg in [4, 8, 16, 32, 64] {
+            let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::Vulkan);
+            (info.subgroup_min_size, info.subgroup_max_size) = (sg, sg);
+            let t = cpu_subgroup_tiling(sg).unwrap();
+            assert_eq!(
+                t.validate(&limits, wgpu::Features::SUBGROUP, &info),
+                Ok(()),
+                "sg {sg}"
+            );
+        }
+        assert_eq!(cpu_subgroup_tiling(128), None);
+        assert_eq!(
+            cpu_subgroup_tiling(8).unwrap().to_string(),
+            "subgroup:4:8:64"
+        );
+        assert_eq!(
+            cpu_subgroup_tiling(32).unwrap().to_string(),
+            "subgroup:2:32:64"
+        );
+    }
+
+    #[test]
+    fn oversized_tilings_are_refused_when_parsed_or_validated() {
+        // Products of these would overflow u32 and pass as 0.
+        assert!("register:65536x65536:1x1".parse::<MatmulTiling>().is_err());
+        assert!("shared:64x64x1073741824:4x4"
+            .parse::<MatmulTiling>()
+            .is_err());
+        let limits = wgpu::Limits::default();
+        let info = wgpu::AdapterInfo::new(wgpu::DeviceType::DiscreteGpu, wgpu::Backend::Vulkan);
+        let tall: MatmulTiling = "register:4x4:1x512".parse().unwrap();
+        let err = tall
+            .validate(&limits, wgpu::Features::empty(), &info)
+            .unwrap_err();
+        assert!(err.contains("a 1x512 workgroup"), "{err}");
     }
 
     #[test]
