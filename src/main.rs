@@ -119,8 +119,8 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Train a reference model (Adam, sparse categorical cross-entropy), then
-    /// evaluate it on the test set.
+    /// Train a reference model (Adam; sparse categorical cross-entropy unless
+    /// --loss says otherwise), then evaluate it on the test set.
     Train {
         /// The model to train.
         #[arg(value_enum)]

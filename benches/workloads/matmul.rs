@@ -98,7 +98,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         device.set_half_arithmetic(false)?;
         measured?;
     }
-    if std::env::var_os("KILN_BENCH_SWEEP").is_some() {
+    if super::switched_on("KILN_BENCH_SWEEP") {
         for s in [
             "subgroup:4:8:64",
             "subgroup:8:8:64",

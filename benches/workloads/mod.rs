@@ -38,13 +38,19 @@ pub fn random(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Whether a bench switch is set to anything but `0` (so `=0` turns it off,
+/// as the library's `KILN_*=0` switches do).
+pub fn switched_on(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v != "0")
+}
+
 /// Prints where one step's time went when `KILN_PROFILE` is set.
 pub fn maybe_profile(
     device: &Device,
     title: &str,
     mut step: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    if std::env::var_os("KILN_PROFILE").is_none() {
+    if !switched_on("KILN_PROFILE") {
         return Ok(());
     }
     // Profiling runs kernels that fusion otherwise composes, and lavapipe

@@ -1,9 +1,10 @@
 //! Choosing the matmul tiling by measurement. The first time Kiln opens an
 //! adapter, every candidate tiling for that kind of adapter times a few
 //! products of shapes training actually uses; the fastest is kept and written
-//! to `<cache>/tuning/<adapter>-kiln<version>-<kernels>.txt`, so later runs
-//! start with it at the cost of a file read. `KILN_MATMUL` (a fixed tiling)
-//! or `KILN_AUTOTUNE=0` (the built-in default) skip it.
+//! to `<cache>/tuning/<adapter, backend, driver>-kiln<version>-<kernels>.txt`,
+//! so later runs start with it at the cost of a file read. `KILN_MATMUL` (a
+//! fixed tiling), `KILN_AUTOTUNE=0` or `KILN_KERNEL_CLASS` (the built-in
+//! defaults) skip it.
 
 use crate::buffer::GpuBuffer;
 use crate::device::Device;
