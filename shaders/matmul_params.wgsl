@@ -8,7 +8,9 @@ struct Params {
     b_batch: u32,
     c_batch: u32,
     z0: u32,
-    _pad: u32,
+    // Row blocks (workgroups along y) before this dispatch's first: products
+    // with more row blocks than a grid dimension holds go in several.
+    y0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -16,7 +16,7 @@
 
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let row0 = gid.y * TM;
+    let row0 = (gid.y + p.y0 * WG_Y) * TM;
     let col0 = gid.x * TN;
     if (row0 >= p.m || col0 >= p.n) {
         return;

@@ -36,7 +36,7 @@ fn main(
     @builtin(local_invocation_index) lidx: u32,
 ) {
     let z = wid.z + p.z0;
-    let row_base = wid.y * BM;
+    let row_base = (wid.y + p.y0) * BM;
     let col_base = wid.x * BN;
     let a_base = z * p.a_batch;
     let b_base = z * p.b_batch;

@@ -178,7 +178,7 @@ fn main(
     @builtin(local_invocation_index) lidx: u32,
 ) {
     let z = wid.z + p.z0;
-    let row_base = wid.y * BM;
+    let row_base = (wid.y + p.y0) * BM;
     let col_base = wid.x * BN;
     // In vec4s: batch strides are multiples of 4 on this path.
     let a_base = z * p.a_batch / 4u;

@@ -34,7 +34,7 @@ fn main(
     if (col0 >= p.n) {
         return;
     }
-    let row0 = (wid.y * WG + lid.x) * TM;
+    let row0 = ((wid.y + p.y0) * WG + lid.x) * TM;
     let z = wid.z + p.z0;
     let a_base = z * p.a_batch;
     let b_base = z * p.b_batch;

@@ -134,6 +134,29 @@ fn matmul_matches_reference_for_odd_shapes_every_tiling_and_transpose() {
 }
 
 #[test]
+fn matmul_splits_row_blocks_past_the_grid_limit() {
+    // More row blocks than one grid dimension holds (65535 on every adapter
+    // here), with tilings of small blocks so the operands stay small: the
+    // rows go in several dispatches, each starting where the last stopped.
+    let d = device();
+    let max = d.limits().max_compute_workgroups_per_dimension as usize;
+    for (tiling, n, k) in [
+        ("register:4x4:1x1", 4, 3),
+        ("shared:16x16x4:4x4", 16, 4),
+        ("subgroup:1:8:8", 32, 4),
+    ] {
+        let tiling: MatmulTiling = tiling.parse().unwrap();
+        if let Err(why) = tiling.validate(d.limits(), d.features(), d.adapter_info()) {
+            eprintln!("matmul_splits_row_blocks: {tiling} not checked here: {why}");
+            continue;
+        }
+        let (block_m, _) = tiling.block();
+        let m = max * block_m as usize + 3;
+        check_matmul_on(d, Matmul::new(m, n, k), tiling, 77);
+    }
+}
+
+#[test]
 fn batched_matmul_with_strides_and_broadcast() {
     for tiling in tilings() {
         for (ta, tb) in [(false, false), (true, true), (false, true)] {
@@ -1921,4 +1944,18 @@ fn lstm_sequence_kernels_refuse_hidden_sizes_they_cannot_take() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("multiple of 4 units"), "{err}");
+    // A batch of more row groups than one grid dimension holds takes the
+    // step kernels (2-D grids) instead; a sequence kernel would be refused
+    // by the dispatch.
+    let max = d.limits().max_compute_workgroups_per_dimension as usize;
+    let fits = |batch| {
+        d.lstm_sequence_fits(&LstmShape {
+            steps: 2,
+            batch,
+            hidden: 8,
+        })
+    };
+    assert!(fits(64));
+    // 128 rows a workgroup at most (a CPU adapter's, at 8 units), 8 on GPUs.
+    assert!(!fits(max * 128 + 1));
 }

@@ -670,7 +670,8 @@ impl Device {
             .saturating_mul(dtype.size_bytes() as u64)
             .checked_next_multiple_of(4)
             .unwrap_or(u64::MAX);
-        let limit = self.max_buffer_bytes() / 4 * 4;
+        // Whole vec4s: kernels read and write a buffer's last vec4 whole.
+        let limit = self.max_buffer_bytes() / 16 * 16;
         if bytes > limit {
             return Err(DeviceError::BufferTooLarge {
                 what: format!("{len} x {dtype:?}"),
@@ -770,18 +771,33 @@ impl Device {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        let bucket = bucket_size(bytes);
-        let staging = lock(&self.shared.staging)
+        // Capped like the buffers it reads: a bucket of 2^31 bytes for a
+        // tensor of 1.75 GiB would pass a limit of 2^31 - 1.
+        let bucket = bucket_size(bytes)
+            .min(self.max_buffer_bytes() / 16 * 16)
+            .max(bytes);
+        let pooled = lock(&self.shared.staging)
             .get_mut(&bucket)
-            .and_then(Vec::pop)
-            .unwrap_or_else(|| {
-                self.shared.device.create_buffer(&wgpu::BufferDescriptor {
+            .and_then(Vec::pop);
+        let staging = match pooled {
+            Some(staging) => staging,
+            None => {
+                let scope = self
+                    .shared
+                    .device
+                    .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let staging = self.shared.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("kiln readback"),
                     size: bucket,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
-                })
-            });
+                });
+                if pollster::block_on(scope.pop()).is_some() {
+                    return Err(DeviceError::OutOfMemory { bytes: bucket });
+                }
+                staging
+            }
+        };
         self.record(Command::Copy {
             src: buffer.raw().clone(),
             dst: staging.clone(),
@@ -878,7 +894,18 @@ impl Device {
             immediate_bytes,
             writable,
         } = KernelLayout::read(original.to_string(), max_immediate_bytes).map_err(shader_error)?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // Validation catches naga's and wgpu's checks; a backend compiler
+        // refusing the translated shader (GL, Metal, DX12 link errors) or the
+        // driver running out of memory report as internal and out-of-memory
+        // errors. All three make this an error here, so that callers (the
+        // fused kernels' fallback to running launches apart) see it, rather
+        // than an invalid pipeline failing every later submit.
+        let scopes = [
+            wgpu::ErrorFilter::Internal,
+            wgpu::ErrorFilter::OutOfMemory,
+            wgpu::ErrorFilter::Validation,
+        ]
+        .map(|filter| device.push_error_scope(filter));
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(key),
             entries: &entries,
@@ -920,7 +947,13 @@ impl Device {
             },
             cache: None,
         });
-        if let Some(err) = pollster::block_on(scope.pop()) {
+        // Popped innermost first, each scope before the one it was pushed in.
+        let errors: Vec<wgpu::Error> = scopes
+            .into_iter()
+            .rev()
+            .filter_map(|scope| pollster::block_on(scope.pop()))
+            .collect();
+        if let Some(err) = errors.first() {
             return Err(shader_error(err.to_string()));
         }
         let kernel = Arc::new(Kernel {
@@ -958,16 +991,6 @@ impl Device {
         if workgroups.contains(&0) {
             return Ok(());
         }
-        let max = self.shared.limits.max_compute_workgroups_per_dimension;
-        if workgroups.iter().any(|&w| w > max) {
-            return Err(DeviceError::Shape {
-                op: "dispatch",
-                message: format!(
-                    "{}: {workgroups:?} workgroups exceed the adapter's {max} per dimension",
-                    kernel.key
-                ),
-            });
-        }
         if params.len() > MAX_PARAM_BYTES {
             return Err(DeviceError::Shape {
                 op: "dispatch",
@@ -993,6 +1016,22 @@ impl Device {
         resources: &[Bound],
         workgroups: [u32; 3],
     ) -> Result<()> {
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        // Checked here, where every launch passes (kernels with grids of
+        // their own too), so that wgpu never sees an oversized grid.
+        let max = self.shared.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(DeviceError::Shape {
+                op: "dispatch",
+                message: format!(
+                    "{}: {workgroups:?} workgroups exceed the adapter's {max} per dimension; \
+                     use a smaller batch",
+                    kernel.key
+                ),
+            });
+        }
         let profiling = lock(&self.shared.profile).is_some();
         if profiling {
             // Earlier work must not count towards this kernel.

@@ -390,7 +390,14 @@ impl Device {
     /// [`Device::lstm_backward_sequence`] take this shape: hidden sizes that
     /// are a multiple of 4 (the kernels read units four at a time).
     pub fn lstm_sequence_fits(&self, shape: &LstmShape) -> bool {
-        shape.hidden % 4 == 0 && shape.hidden > 0 && shape.batch > 0
+        if shape.hidden % 4 != 0 || shape.hidden == 0 || shape.batch == 0 {
+            return false;
+        }
+        // One workgroup per group of rows, in one grid dimension: a batch of
+        // more groups than that holds takes the step kernels' 2-D grids.
+        let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu());
+        shape.batch.div_ceil(rows.max(1))
+            <= self.limits().max_compute_workgroups_per_dimension as usize
     }
 
     /// Whether an LSTM of this shape should run on the sequence kernels
@@ -442,7 +449,7 @@ impl Device {
             op,
             message: format!(
                 "hidden size {} and batch {}: the sequence kernels need a positive \
-                 multiple of 4 units and a batch",
+                 multiple of 4 units and a batch of at most one grid of row groups",
                 shape.hidden, shape.batch
             ),
         })

@@ -317,7 +317,7 @@ struct Params {
     b_batch: u32,
     c_batch: u32,
     z0: u32,
-    _pad: u32,
+    y0: u32,
 }
 
 impl Device {
@@ -757,20 +757,28 @@ impl Device {
             b_batch: to_u32(OP, "batch stride of B", spec.batch_stride_b)?,
             c_batch: to_u32(OP, "m * n", m * n)?,
             z0: 0,
-            _pad: 0,
+            y0: 0,
         };
-        // Batches beyond the per-dimension workgroup limit go in several dispatches.
-        let max_z = self.limits().max_compute_workgroups_per_dimension as usize;
+        // Batches and row blocks beyond the per-dimension workgroup limit go
+        // in several dispatches (a point cloud's millions of rows through a
+        // narrow layer fit every buffer, but not one grid).
+        let max = self.limits().max_compute_workgroups_per_dimension;
         let mut z0 = entries.start;
         while z0 < entries.end {
-            let count = (entries.end - z0).min(max_z);
+            let count = (entries.end - z0).min(max as usize);
             params.z0 = to_u32(OP, "batch", z0)?;
-            self.dispatch_bound(
-                &kernel,
-                bytemuck::bytes_of(&params),
-                &resources,
-                [groups_x, groups_y, count as u32],
-            )?;
+            let mut y0 = 0;
+            while y0 < groups_y {
+                let rows = (groups_y - y0).min(max);
+                params.y0 = y0;
+                self.dispatch_bound(
+                    &kernel,
+                    bytemuck::bytes_of(&params),
+                    &resources,
+                    [groups_x, rows, count as u32],
+                )?;
+                y0 += rows;
+            }
             z0 += count;
         }
         Ok(())
@@ -1111,7 +1119,8 @@ fn specialise(
         }
         MatmulTiling::Subgroup { tm, sg, wg } => {
             // The lanes of the first workgroup of rows share its columns.
-            let (declaration, sums) = column_sums("wid.y == 0u", "var j = lid.x; j < TN; j += WG");
+            let (declaration, sums) =
+                column_sums("wid.y + p.y0 == 0u", "var j = lid.x; j < TN; j += WG");
             declarations = declaration;
             Specialize::new(SUBGROUP_SRC)
                 .constant_u32("TM", tm)
