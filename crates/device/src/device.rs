@@ -205,6 +205,13 @@ impl Launch {
 
     /// Its storage bindings (numbered from 1) that it only reads but one of
     /// `launches` writes.
+    ///
+    /// A fused kernel cannot bind one buffer read-only and read-write, so
+    /// these are declared writable: a chain may then bind one buffer
+    /// writable at several bindings. wgpu (and Vulkan, Metal, DX12) accept
+    /// that, and the chain's storage barriers order the accesses; WebGPU
+    /// proper forbids aliased writable bindings, so a browser backend
+    /// would need these parts to share one binding instead.
     fn written_elsewhere(&self, launches: &[Launch]) -> Vec<u32> {
         (1..=self.buffers.len() as u32)
             .filter(|b| {
