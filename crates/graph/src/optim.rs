@@ -154,7 +154,8 @@ const MAX_GROUP: usize = 8;
 /// `Hyper`. Each kind of state in `slots` gives every parameter one buffer,
 /// made on first use and read and written by the rule. Gradients are
 /// multiplied by `grad_scale` first. Tensors go in groups as large as the
-/// adapter's storage-binding limit allows, one dispatch per group.
+/// adapter's storage-binding limit allows, one dispatch per group. Callers
+/// run [`Optimizer::check`] first: the kernel reads every tensor as f32.
 fn update_grouped(
     name: &str,
     rule: &'static str,
@@ -164,8 +165,8 @@ fn update_grouped(
     slots: &mut [&mut Vec<Option<GpuBuffer>>],
 ) -> Result<()> {
     let states = slots.len();
-    // Before any state is made, so a refused step leaves none behind.
-    check_dtypes(params)?;
+    // The dtypes were checked by the caller's `Optimizer::check`, before
+    // anything changed.
     ensure_states(params, slots)?;
     let items = update_items(params, slots);
     let Some(first) = items.first() else {
