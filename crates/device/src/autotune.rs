@@ -265,22 +265,18 @@ fn probe_data(n: usize, seed: u32) -> Vec<f32> {
 /// The tilings recorded in a cache file (`matmul = <tiling>`, and
 /// `small_matmul = <tiling>`, which when missing is the same).
 fn parse_cache(text: &str) -> Option<Tuning> {
-    let value = |name: &str| -> Option<MatmulTiling> {
+    let entry = |name: &str| -> Option<&str> {
         text.lines()
             .filter_map(|line| line.split_once('='))
             .find(|(key, _)| key.trim() == name)
-            .and_then(|(_, value)| value.trim().parse().ok())
+            .map(|(_, value)| value.trim())
     };
-    let matmul = value("matmul")?;
+    let matmul: MatmulTiling = entry("matmul")?.parse().ok()?;
     // Missing (files from before it) means the same; present but unreadable
     // means a damaged file, measured again.
-    let has_small = text
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .any(|(key, _)| key.trim() == "small_matmul");
-    let small_matmul = match has_small {
-        true => value("small_matmul")?,
-        false => matmul,
+    let small_matmul = match entry("small_matmul") {
+        Some(value) => value.parse().ok()?,
+        None => matmul,
     };
     Some(Tuning {
         matmul,

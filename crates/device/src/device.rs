@@ -426,7 +426,9 @@ impl Device {
     /// `KILN_MATMUL` fixes it or `KILN_AUTOTUNE=0` asks for the defaults. A
     /// failed measurement keeps the defaults: tuning is never worth an error.
     fn tune_on_open(&self) {
-        let fixed = crate::tuning::matmul_override().is_some();
+        // Fixed only where the override took: one this adapter cannot run
+        // was reported and left the defaults, which are tuned as usual.
+        let fixed = crate::tuning::matmul_override().is_some_and(|t| self.tuning().matmul == t);
         // A kernel class set by hand is for testing code paths: its
         // defaults, not timings of another class's kernels on this adapter.
         let off = switched_off("KILN_AUTOTUNE") || adapter::kernel_class_override().is_some();
@@ -663,6 +665,13 @@ impl Device {
             .min(self.shared.limits.max_buffer_size)
     }
 
+    /// [`Device::max_buffer_bytes`] in whole vec4s, the most a pooled or
+    /// readback buffer takes: kernels read and write a buffer's last vec4
+    /// whole.
+    fn max_buffer_whole_vec4s(&self) -> u64 {
+        self.max_buffer_bytes() / 16 * 16
+    }
+
     /// Whether a buffer of `len` elements of `dtype` fits the adapter's
     /// limit; an error that says so if not. Callers that build the contents
     /// on the host first check here, before allocating host memory.
@@ -677,8 +686,7 @@ impl Device {
             .saturating_mul(dtype.size_bytes() as u64)
             .checked_next_multiple_of(4)
             .unwrap_or(u64::MAX);
-        // Whole vec4s: kernels read and write a buffer's last vec4 whole.
-        let limit = self.max_buffer_bytes() / 16 * 16;
+        let limit = self.max_buffer_whole_vec4s();
         if bytes > limit {
             return Err(DeviceError::BufferTooLarge {
                 what: format!("{len} x {dtype:?}"),
@@ -781,7 +789,7 @@ impl Device {
         // Capped like the buffers it reads: a bucket of 2^31 bytes for a
         // tensor of 1.75 GiB would pass a limit of 2^31 - 1.
         let bucket = bucket_size(bytes)
-            .min(self.max_buffer_bytes() / 16 * 16)
+            .min(self.max_buffer_whole_vec4s())
             .max(bytes);
         let pooled = lock(&self.shared.staging)
             .get_mut(&bucket)
