@@ -36,13 +36,12 @@ const LABELS_KEY: &str = "kiln.labels";
 /// Header key of the SHA-256 of the `tokenizer.json` saved with the model.
 const TOKENIZER_SHA256_KEY: &str = "kiln.tokenizer_sha256";
 
-/// SHA-256 of the file at `path`, in hex.
-fn file_sha256(path: &Path) -> Result<String, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+/// The file at `path`.
+fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(crate::data::mnist::sha256_hex(&bytes))
+    })
 }
 
 /// A BERT classifier with the tokenizer (and its settings) it was trained
@@ -68,7 +67,10 @@ impl TextClassifier {
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         self.tokenizer.save(&tokenizer_path)?;
         let metadata = HashMap::from([
-            (TOKENIZER_SHA256_KEY.into(), file_sha256(&tokenizer_path)?),
+            (
+                TOKENIZER_SHA256_KEY.into(),
+                crate::data::mnist::sha256_hex(&read_file(&tokenizer_path)?),
+            ),
             (MAX_LENGTH_KEY.into(), self.tokenizer.max_length.to_string()),
             (TRUNCATION_KEY.into(), self.tokenizer.truncation.to_string()),
             (
@@ -120,9 +122,11 @@ impl TextClassifier {
             });
         }
         let tokenizer_path = dir.join(TOKENIZER_FILE);
+        // Read once: the bytes checked are the bytes parsed.
+        let tokenizer_json = read_file(&tokenizer_path)?;
         // Directories saved before the checksum was kept have none.
         if let Some(saved) = metadata.get(TOKENIZER_SHA256_KEY) {
-            if file_sha256(&tokenizer_path)? != *saved {
+            if crate::data::mnist::sha256_hex(&tokenizer_json) != *saved {
                 return Err(ModelError::Checkpoint {
                     path: tokenizer_path,
                     reason: format!(
@@ -132,8 +136,9 @@ impl TextClassifier {
                 });
             }
         }
-        let tokenizer = PretrainedTokenizer::from_file(&tokenizer_path, max_length)?
-            .with_truncation(truncation);
+        let tokenizer =
+            PretrainedTokenizer::from_bytes(&tokenizer_json, &tokenizer_path, max_length)?
+                .with_truncation(truncation);
         Ok(Self {
             model,
             tokenizer,

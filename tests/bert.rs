@@ -82,6 +82,22 @@ fn the_tokenizer_gives_the_reference_ids() {
         .expect("max_length 2")
         .to_string();
     assert!(err.contains("at least 3 tokens"), "{err}");
+    // A missing file says how to fetch one; a damaged one, that it is not a
+    // tokenizer.
+    let missing = model_dir().join("absent").join("tokenizer.json");
+    let err = PretrainedTokenizer::from_file(&missing, 12)
+        .err()
+        .expect("no file")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json not found") && err.contains("scripts/fetch-minilm.sh"),
+        "{err}"
+    );
+    let err = PretrainedTokenizer::from_bytes(b"{\"model\": 3}", &missing, 12)
+        .err()
+        .expect("not a tokenizer")
+        .to_string();
+    assert!(err.contains("not a tokenizer.json"), "{err}");
     // Truncation keeps [SEP] at the end.
     let short = PretrainedTokenizer::from_file(&model_dir().join("tokenizer.json"), 6).unwrap();
     let cut = short.encode(&r.sentences[3]).unwrap();

@@ -87,13 +87,32 @@ impl PretrainedTokenizer {
     /// Reads `tokenizer.json`; inputs longer than `max_length` tokens keep
     /// their first tokens (see [`PretrainedTokenizer::with_truncation`]).
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, DataError> {
+        let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => DataError::Missing {
+                dataset: "tokenizer.json",
+                dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                fetch: "scripts/fetch-minilm.sh",
+            },
+            _ => DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        Self::from_bytes(&bytes, path, max_length)
+    }
+
+    /// Parses the contents of a `tokenizer.json` read from `path` (named in
+    /// errors), for a caller that has read the file already, e.g. to check
+    /// its checksum: parsing those bytes rather than reading the file again
+    /// parses what was checked.
+    pub fn from_bytes(bytes: &[u8], path: &Path, max_length: usize) -> Result<Self, DataError> {
         if max_length < 3 {
             return Err(DataError::Invalid(format!(
                 "max_length {max_length}: a BERT input needs at least 3 tokens ([CLS], [SEP] \
                  and one of the text)"
             )));
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| DataError::Corrupt {
+        let mut inner = Tokenizer::from_bytes(bytes).map_err(|e| DataError::Corrupt {
             path: path.to_path_buf(),
             reason: format!("not a tokenizer.json ({e})"),
             fetch: "scripts/fetch-minilm.sh",
