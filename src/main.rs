@@ -405,23 +405,15 @@ fn info(all: bool) -> Result<()> {
     let selector = DeviceSelector::from_env()?;
     if all {
         println!("adapters found (best first):");
-        // The index KILN_DEVICE=gpu:N or cpu:N takes for each usable one.
-        let (mut gpus, mut cpus) = (0, 0);
-        for (adapter, unusable) in list_adapters(&selector) {
-            let note = match unusable {
-                Some(reason) => format!(" [unusable: {reason}]"),
-                None => {
-                    let (kind, count) = match kiln::device::is_cpu(&adapter) {
-                        true => ("cpu", &mut cpus),
-                        false => ("gpu", &mut gpus),
-                    };
-                    *count += 1;
-                    format!(" [KILN_DEVICE={kind}:{}]", *count - 1)
-                }
+        for adapter in list_adapters() {
+            let note = match (&adapter.unusable, &adapter.selector) {
+                (Some(reason), _) => format!(" [unusable: {reason}]"),
+                (None, Some(selector)) => format!(" [KILN_DEVICE={selector}]"),
+                (None, None) => String::new(),
             };
             println!(
                 "  {} ({:?}, {:?}){note}",
-                adapter.name, adapter.backend, adapter.device_type
+                adapter.info.name, adapter.info.backend, adapter.info.device_type
             );
         }
         println!();

@@ -45,6 +45,29 @@ fn an_index_picks_among_the_adapters_a_selector_accepts() {
 }
 
 #[test]
+fn each_listed_selector_opens_the_adapter_it_is_listed_with() {
+    // `kiln info --all` prints these; KILN_DEVICE set to one must open that
+    // adapter, whichever backends are present.
+    let listed = kiln::device::list_adapters();
+    let usable: Vec<_> = listed
+        .iter()
+        .filter_map(|a| Some((a.selector.as_ref()?, &a.info)))
+        .collect();
+    assert!(!usable.is_empty(), "no usable adapter listed: {listed:?}");
+    for (selector, info) in usable {
+        let opens = selector.resolve().unwrap();
+        assert_eq!(
+            (&opens.name, opens.backend),
+            (&info.name, info.backend),
+            "KILN_DEVICE={selector}"
+        );
+    }
+    assert!(listed
+        .iter()
+        .all(|a| a.unusable.is_some() != a.selector.is_some()));
+}
+
+#[test]
 fn identical_steps_allocate_no_new_buffers_after_the_first() {
     // A private device so other tests' allocations do not mix into the counts.
     let d = Device::new().unwrap();

@@ -74,6 +74,12 @@ impl DeviceSelector {
         Some(backends)
     }
 
+    /// The adapter this selector opens (as [`crate::Device::with_selector`]
+    /// would), without opening it.
+    pub fn resolve(&self) -> Result<wgpu::AdapterInfo> {
+        Ok(choose(self)?.adapter.get_info())
+    }
+
     fn accepts(&self, info: &wgpu::AdapterInfo) -> bool {
         let kind_ok = match self.kind {
             DeviceKind::Auto => true,
@@ -234,14 +240,47 @@ pub(crate) fn instance_for(selector: &DeviceSelector) -> (wgpu::Instance, wgpu::
     (wgpu::Instance::new(desc), backends)
 }
 
-/// Lists every adapter the instance sees, usable or not, best first.
-pub fn list_adapters(selector: &DeviceSelector) -> Vec<(wgpu::AdapterInfo, Option<String>)> {
-    let (instance, backends) = instance_for(selector);
+/// An adapter as [`list_adapters`] reports it.
+#[derive(Clone, Debug)]
+pub struct ListedAdapter {
+    /// What wgpu says of it.
+    pub info: wgpu::AdapterInfo,
+    /// Why Kiln cannot use it, if it cannot.
+    pub unusable: Option<String>,
+    /// For a usable adapter, the `KILN_DEVICE` value that opens exactly it
+    /// (`gpu:0`, `cpu:1`): its index among the usable adapters of its kind.
+    pub selector: Option<DeviceSelector>,
+}
+
+/// Lists every adapter wgpu sees (on the backends `WGPU_BACKEND` allows),
+/// usable or not, best first, each usable one with the selector that opens
+/// it.
+pub fn list_adapters() -> Vec<ListedAdapter> {
+    // Every backend, whatever KILN_DEVICE says: an index selector (`cpu:1`)
+    // counts over all of them, as `choose` does for it.
+    let (instance, backends) = instance_for(&DeviceSelector::default());
     let mut adapters: Vec<_> = pollster::block_on(instance.enumerate_adapters(backends))
         .into_iter()
-        .map(|a| (a.get_info(), unusable_reason(&a)))
+        .map(|a| ListedAdapter {
+            info: a.get_info(),
+            unusable: unusable_reason(&a),
+            selector: None,
+        })
         .collect();
-    adapters.sort_by_key(|(info, _)| std::cmp::Reverse(rank(info)));
+    // The same stable order as `choose`, so equals keep the drivers' order.
+    adapters.sort_by_key(|a| std::cmp::Reverse(rank(&a.info)));
+    let (mut gpus, mut cpus) = (0usize, 0usize);
+    for adapter in adapters.iter_mut().filter(|a| a.unusable.is_none()) {
+        let (kind, count) = match is_cpu(&adapter.info) {
+            true => (DeviceKind::Cpu, &mut cpus),
+            false => (DeviceKind::Gpu, &mut gpus),
+        };
+        adapter.selector = Some(DeviceSelector {
+            kind,
+            filter: Some(count.to_string()),
+        });
+        *count += 1;
+    }
     adapters
 }
 

@@ -39,7 +39,9 @@ mod pool;
 mod profile;
 mod tuning;
 
-pub use adapter::{is_cpu, kernels_for_cpu, list_adapters, DeviceKind, DeviceSelector};
+pub use adapter::{
+    is_cpu, kernels_for_cpu, list_adapters, DeviceKind, DeviceSelector, ListedAdapter,
+};
 pub use autotune::{cache_dir, AutotuneReport};
 pub use buffer::{DType, Element, GpuBuffer};
 pub use device::{Device, DispatchStats, TextureOperands, MAX_PARAM_BYTES, TEXTURE_ROW_TEXELS};
