@@ -13,9 +13,57 @@ use kiln::device::{
 
 // ----- matmul ----------------------------------------------------------------
 
-/// Every tiling the tuner may pick, plus odd ones that stress edge handling; the
-/// ones this adapter cannot run (e.g. subgroup tilings on GL) are left out.
+/// The tilings the every-tiling tests check. By default (`KILN_TEST_TILINGS`
+/// unset or `all`) that is every tiling the tuner may pick, plus odd ones
+/// that stress edge handling; the ones this adapter cannot run (e.g. subgroup
+/// tilings on GL) are left out. With `KILN_TEST_TILINGS=families` it is the
+/// ones this adapter's tuner may pick and one tiling of each other kernel
+/// family: for CI's passes that vary only what every tiling of a family
+/// shares (the backend's shader translation, how parameters travel), after a
+/// pass that checked every tiling. Compiling each tiling's kernels is most of
+/// those passes' time on a CPU adapter.
 fn tilings() -> Vec<MatmulTiling> {
+    let all = every_tiling();
+    match std::env::var("KILN_TEST_TILINGS").as_deref() {
+        Err(_) | Ok("all") => all,
+        Ok("families") => {
+            let d = device();
+            let tuning = d.tuning();
+            let mut picks = vec![tuning.matmul, tuning.small_matmul];
+            picks.extend(Tuning::candidates(
+                d.adapter_info(),
+                d.features(),
+                d.limits(),
+            ));
+            let mut chosen: Vec<MatmulTiling> = Vec::new();
+            for tiling in all {
+                let new_family = !chosen.iter().any(|c| family(*c) == family(tiling));
+                if picks.contains(&tiling) || new_family {
+                    chosen.push(tiling);
+                }
+            }
+            eprintln!("KILN_TEST_TILINGS=families: checking {chosen:?}");
+            chosen
+        }
+        Ok(other) => panic!("KILN_TEST_TILINGS={other:?}: expected `all` or `families`"),
+    }
+}
+
+/// A tiling's kernel family: tilings of one family share their kernel's
+/// code and differ only in its constants and unrolled sizes.
+fn family(tiling: MatmulTiling) -> (&'static str, bool, bool) {
+    match tiling {
+        MatmulTiling::Register { .. } => ("register", false, false),
+        MatmulTiling::Subgroup { .. } => ("subgroup", false, false),
+        MatmulTiling::Shared {
+            vec4, pipelined, ..
+        } => ("shared", vec4, pipelined),
+    }
+}
+
+/// Every tiling the tuner may pick, plus odd ones that stress edge handling,
+/// less those this adapter cannot run.
+fn every_tiling() -> Vec<MatmulTiling> {
     let d = device();
     // The tiling every product on this device takes must be one it runs.
     let own = d.tuning().matmul;

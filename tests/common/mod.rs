@@ -5,12 +5,47 @@
 use kiln::device::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::sync::OnceLock;
+use std::cell::OnceCell;
+use std::sync::{Mutex, OnceLock};
 
-/// The device every test in a binary shares (opening one costs ~100 ms).
+/// The devices a test binary's tests share: as many as tests run at once
+/// (up to `MAX_SHARED_DEVICES`), each test thread taking the least used one
+/// for its whole run (opening a device costs ~100 ms). One device for all
+/// would compile one kernel at a time: lavapipe compiles each kernel on its
+/// device's queue thread, so tests that mostly compile kernels (every
+/// tiling, every op's backward) waited on each other however many cores
+/// there were. Threads a test spawns share the device it hands them.
 pub fn device() -> &'static Device {
-    static DEVICE: OnceLock<Device> = OnceLock::new();
-    DEVICE.get_or_init(|| Device::new().unwrap_or_else(|e| panic!("tests need an adapter: {e}")))
+    const MAX_SHARED_DEVICES: usize = 4;
+    static DEVICES: [OnceLock<Device>; MAX_SHARED_DEVICES] = [const { OnceLock::new() }; 4];
+    static USERS: Mutex<[usize; MAX_SHARED_DEVICES]> = Mutex::new([0; MAX_SHARED_DEVICES]);
+
+    /// A test thread's hold on a device, let go when the thread ends.
+    struct Claim(usize);
+    impl Drop for Claim {
+        fn drop(&mut self) {
+            USERS.lock().unwrap_or_else(|e| e.into_inner())[self.0] -= 1;
+        }
+    }
+    thread_local! {
+        static CLAIM: OnceCell<Claim> = const { OnceCell::new() };
+    }
+
+    let slot = CLAIM.with(|claim| {
+        claim
+            .get_or_init(|| {
+                let slots = std::thread::available_parallelism()
+                    .map_or(1, usize::from)
+                    .clamp(1, MAX_SHARED_DEVICES);
+                let mut users = USERS.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = (0..slots).min_by_key(|&i| users[i]).unwrap_or(0);
+                users[slot] += 1;
+                Claim(slot)
+            })
+            .0
+    });
+    DEVICES[slot]
+        .get_or_init(|| Device::new().unwrap_or_else(|e| panic!("tests need an adapter: {e}")))
 }
 
 /// `n` values uniform in `[lo, hi)`, reproducible from `seed`.
