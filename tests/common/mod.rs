@@ -17,7 +17,8 @@ use std::sync::{Mutex, OnceLock};
 /// there were. Threads a test spawns share the device it hands them.
 pub fn device() -> &'static Device {
     const MAX_SHARED_DEVICES: usize = 4;
-    static DEVICES: [OnceLock<Device>; MAX_SHARED_DEVICES] = [const { OnceLock::new() }; 4];
+    static DEVICES: [OnceLock<Device>; MAX_SHARED_DEVICES] =
+        [const { OnceLock::new() }; MAX_SHARED_DEVICES];
     static USERS: Mutex<[usize; MAX_SHARED_DEVICES]> = Mutex::new([0; MAX_SHARED_DEVICES]);
 
     /// A test thread's hold on a device, let go when the thread ends.
