@@ -258,17 +258,15 @@ pub struct ListedAdapter {
 pub fn list_adapters() -> Vec<ListedAdapter> {
     // Every backend, whatever KILN_DEVICE says: an index selector (`cpu:1`)
     // counts over all of them, as `choose` does for it.
-    let (instance, backends) = instance_for(&DeviceSelector::default());
-    let mut adapters: Vec<_> = pollster::block_on(instance.enumerate_adapters(backends))
+    let (ranked, _) = ranked_adapters(&DeviceSelector::default());
+    let mut adapters: Vec<_> = ranked
         .into_iter()
-        .map(|a| ListedAdapter {
-            info: a.get_info(),
-            unusable: unusable_reason(&a),
+        .map(|(adapter, unusable)| ListedAdapter {
+            info: adapter.get_info(),
+            unusable,
             selector: None,
         })
         .collect();
-    // The same stable order as `choose`, so equals keep the drivers' order.
-    adapters.sort_by_key(|a| std::cmp::Reverse(rank(&a.info)));
     let (mut gpus, mut cpus) = (0usize, 0usize);
     for adapter in adapters.iter_mut().filter(|a| a.unusable.is_none()) {
         let (kind, count) = match is_cpu(&adapter.info) {
@@ -284,14 +282,32 @@ pub fn list_adapters() -> Vec<ListedAdapter> {
     adapters
 }
 
-pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
+/// The adapters on the selector's backends, each with why Kiln cannot use
+/// it (if it cannot), best first; equals (several identical GPUs) stay in
+/// the order the drivers list them, which an index selector counts in. One
+/// order for [`choose`] and [`list_adapters`], so that the selectors listed
+/// open the adapters they are listed with.
+fn ranked_adapters(
+    selector: &DeviceSelector,
+) -> (Vec<(wgpu::Adapter, Option<String>)>, wgpu::Backends) {
     let (instance, backends) = instance_for(selector);
-    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let mut adapters: Vec<_> = pollster::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .map(|a| {
+            let reason = unusable_reason(&a);
+            (a, reason)
+        })
+        .collect();
+    adapters.sort_by_key(|(a, _)| std::cmp::Reverse(rank(&a.get_info())));
+    (adapters, backends)
+}
+
+pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
+    let (adapters, backends) = ranked_adapters(selector);
     let mut seen = Vec::new();
     let mut accepted = Vec::new();
-    for adapter in adapters {
+    for (adapter, reason) in adapters {
         let info = adapter.get_info();
-        let reason = unusable_reason(&adapter);
         seen.push(match &reason {
             Some(r) => format!("{} ({:?}): unusable, {r}", info.name, info.backend),
             None => format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type),
@@ -300,9 +316,6 @@ pub(crate) fn choose(selector: &DeviceSelector) -> Result<Chosen> {
             accepted.push(adapter);
         }
     }
-    // Best first; equals (several identical GPUs) stay in the order the
-    // drivers list them, which an index selects from.
-    accepted.sort_by_key(|a| std::cmp::Reverse(rank(&a.get_info())));
     let matching = accepted.len();
     let Some(adapter) = accepted
         .into_iter()
