@@ -244,16 +244,81 @@ fn a_together_block_that_panics_still_ends_and_later_blocks_fuse_again() {
         .join()
         .unwrap()
     });
-    let negated = |seed| -> Vec<f32> {
-        random_vec(1024, seed, -1.0, 1.0)
-            .iter()
-            .map(|v| -v)
-            .collect()
-    };
-    assert_eq!(d.read::<f32>(&nx).unwrap(), negated(30));
-    assert_eq!(d.read::<f32>(&ny).unwrap(), negated(31));
+    assert_eq!(d.read::<f32>(&nx).unwrap(), negated(1024, 30));
+    assert_eq!(d.read::<f32>(&ny).unwrap(), negated(1024, 31));
     let dispatches = d.dispatch_stats().dispatches - before;
     assert_eq!(dispatches, if fusion_on() { 1 } else { 2 });
+}
+
+/// `-x` for the values `random_vec(n, seed, -1.0, 1.0)` uploaded.
+fn negated(n: usize, seed: u64) -> Vec<f32> {
+    random_vec(n, seed, -1.0, 1.0).iter().map(|v| -v).collect()
+}
+
+#[test]
+fn an_inner_together_block_leaves_the_outer_block_gathering() {
+    // Backward passes open blocks of their own inside a training step's
+    // block; ending the outer block there split every step into more
+    // dispatches.
+    let d = Device::new().unwrap();
+    let n = 1024;
+    let x = d.upload(&random_vec(n, 40, -1.0, 1.0)).unwrap();
+    let y = d.upload(&random_vec(n, 41, -1.0, 1.0)).unwrap();
+    let z = d.upload(&random_vec(n, 42, -1.0, 1.0)).unwrap();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().dispatches;
+    let (nx, ny, nz) = d
+        .together(|| -> kiln::device::Result<_> {
+            let nx = d.unary(UnaryOp::Neg, &x)?;
+            let ny = d.together(|| d.unary(UnaryOp::Neg, &y))?;
+            let nz = d.unary(UnaryOp::Neg, &z)?;
+            Ok((nx, ny, nz))
+        })
+        .unwrap();
+    assert_eq!(d.read::<f32>(&nx).unwrap(), negated(n, 40));
+    assert_eq!(d.read::<f32>(&ny).unwrap(), negated(n, 41));
+    assert_eq!(d.read::<f32>(&nz).unwrap(), negated(n, 42));
+    let dispatches = d.dispatch_stats().dispatches - before;
+    assert_eq!(dispatches, if fusion_on() { 1 } else { 3 });
+}
+
+#[test]
+fn a_together_block_on_one_thread_leaves_another_threads_block_gathering() {
+    // Thread A opens a block and launches; thread B then runs a block of its
+    // own, whose launch records A's held one first (dispatches keep the order
+    // they were made in). A's block must still be gathering afterwards.
+    let d = Device::new().unwrap();
+    let n = 1024;
+    let inputs: Vec<GpuBuffer> = (50..54)
+        .map(|seed| d.upload(&random_vec(n, seed, -1.0, 1.0)).unwrap())
+        .collect();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().dispatches;
+    let a_launched = std::sync::Barrier::new(2);
+    let b_done = std::sync::Barrier::new(2);
+    let (a_out, b_out) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            d.together(|| -> kiln::device::Result<_> {
+                let first = d.unary(UnaryOp::Neg, &inputs[0])?;
+                a_launched.wait();
+                b_done.wait();
+                let second = d.unary(UnaryOp::Neg, &inputs[1])?;
+                Ok([first, second, d.unary(UnaryOp::Neg, &inputs[2])?])
+            })
+            .unwrap()
+        });
+        a_launched.wait();
+        let b_out = d.together(|| d.unary(UnaryOp::Neg, &inputs[3])).unwrap();
+        b_done.wait();
+        (a.join().unwrap(), b_out)
+    });
+    for (out, seed) in a_out.iter().zip(50..) {
+        assert_eq!(d.read::<f32>(out).unwrap(), negated(n, seed));
+    }
+    assert_eq!(d.read::<f32>(&b_out).unwrap(), negated(n, 53));
+    // A's first launch, B's, then A's last two fused into one dispatch.
+    let dispatches = d.dispatch_stats().dispatches - before;
+    assert_eq!(dispatches, if fusion_on() { 3 } else { 4 });
 }
 
 #[test]

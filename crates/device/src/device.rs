@@ -1242,7 +1242,14 @@ impl Device {
         };
         // Ends the block even if `work` panics: otherwise gathering would
         // stay on and no later block, on any thread, would gather again.
-        let guard = outer.then_some(EndGathering(self));
+        // Built only for the outermost block: a guard dropped at once (as
+        // `then_some` would drop one it builds for an inner block) would end
+        // the enclosing block, or another thread's, there and then.
+        let guard = if outer {
+            Some(EndGathering(self))
+        } else {
+            None
+        };
         let result = work();
         if let Some(guard) = guard {
             guard.finish()?;
