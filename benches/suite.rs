@@ -48,6 +48,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     support::print_table(&report.rows);
+    let changes = report.count_changes();
+    if !changes.is_empty() {
+        let commit = report.previous_commit().unwrap_or("unknown");
+        println!("changed since the last run on this adapter (commit {commit}):");
+        for change in changes {
+            println!("  {change}");
+        }
+    }
     for (name, why) in &report.failed {
         println!("{name} failed: {why}");
     }

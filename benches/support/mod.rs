@@ -227,6 +227,8 @@ pub struct Report {
     head: serde_json::Value,
     dir: PathBuf,
     path: PathBuf,
+    /// The last run on this adapter (its `latest.json`), if any.
+    previous: Option<serde_json::Value>,
 }
 
 impl Report {
@@ -258,13 +260,59 @@ impl Report {
             None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/kiln-bench"),
         };
         let path = dir.join(format!("{when}-{commit}.json"));
+        let previous = std::fs::read_to_string(dir.join("latest.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .filter(|p| p["adapter"] == head["adapter"] && p["backend"] == head["backend"]);
         Ok(Self {
             rows: Vec::new(),
             failed: Vec::new(),
             head,
             dir,
             path,
+            previous,
         })
+    }
+
+    /// Workloads whose dispatches or submits per step differ from the last
+    /// run's on this adapter. Unlike the timings these counts do not drift,
+    /// so any change is the code's (or a setting's, such as `KILN_FUSION`):
+    /// one that splits a step into more dispatches costs little on a CPU
+    /// adapter and a great deal on a GPU.
+    pub fn count_changes(&self) -> Vec<String> {
+        let Some(previous) = &self.previous else {
+            return Vec::new();
+        };
+        let empty = Vec::new();
+        let before = previous["rows"].as_array().unwrap_or(&empty);
+        let mut changes = Vec::new();
+        for row in &self.rows {
+            let Some(old) = before
+                .iter()
+                .find(|r| r["workload"] == row.workload.as_str())
+            else {
+                continue;
+            };
+            for (what, now, key) in [
+                ("dispatches", row.dispatches_per_step, "dispatches_per_step"),
+                ("submits", row.submits_per_step, "submits_per_step"),
+            ] {
+                if let (Some(now), Some(then)) = (now, old[key].as_f64()) {
+                    if (now - then).abs() > 1e-9 {
+                        changes.push(format!(
+                            "{}: {then:.2} -> {now:.2} {what} per step",
+                            row.workload
+                        ));
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// The last run's commit, as its JSON names it.
+    pub fn previous_commit(&self) -> Option<&str> {
+        self.previous.as_ref()?["commit"].as_str()
     }
 
     pub fn fail(&mut self, workload: &str, why: String) {
