@@ -884,6 +884,50 @@ fn a_chain_that_cannot_fuse_still_fuses_its_stages() {
 }
 
 #[test]
+fn dispatches_that_do_not_match_their_kernel_are_refused_before_recording() {
+    // wgpu would fail the whole submit over them (every thread's work in
+    // it); refused here, they cost nothing and later work still runs.
+    let d = Device::new().unwrap();
+    let affine = chain_kernel(&d, "affine", AFFINE).unwrap();
+    let n = 100;
+    let x = d.upload(&random_vec(n, 60, -1.0, 1.0)).unwrap();
+    let y = d.upload(&vec![0.0f32; n]).unwrap();
+    let params = chain_params(n, 2.0);
+    let too_many_params = [params.clone(), params.clone()].concat();
+    for (buffers, params, why) in [
+        (vec![&x], &params[..], "1 buffers given, the kernel binds 2"),
+        (vec![&x, &y, &y], &params[..], "3 buffers given"),
+        (
+            vec![&x, &y],
+            &too_many_params[..],
+            "32 bytes of parameters for a 16-byte",
+        ),
+    ] {
+        let err = d
+            .dispatch(&affine, params, &buffers, [1, 1, 1])
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::Shape { .. }), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    d.dispatch(&affine, &params, &[&x, &y], [4, 1, 1]).unwrap();
+    let want: Vec<f32> = random_vec(n, 60, -1.0, 1.0)
+        .iter()
+        .map(|v| 2.0 * v + 1.0)
+        .collect();
+    assert_eq!(d.read::<f32>(&y).unwrap(), want);
+}
+
+#[test]
+fn a_buffer_copied_over_itself_is_unchanged_and_spoils_no_submit() {
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(64, 61, -1.0, 1.0)).unwrap();
+    d.copy_into(&x, &x).unwrap();
+    let neg = d.unary(UnaryOp::Neg, &x).unwrap();
+    assert_eq!(d.read::<f32>(&x).unwrap(), random_vec(64, 61, -1.0, 1.0));
+    assert_eq!(d.read::<f32>(&neg).unwrap(), negated(64, 61));
+}
+
+#[test]
 fn oversized_matmul_tiles_are_refused() {
     let d = Device::new().unwrap();
     let validate = |tiling: &str| {

@@ -26,6 +26,10 @@ pub(crate) struct KernelLayout {
     pub immediate_bytes: Option<u32>,
     /// The storage bindings the kernel writes.
     pub writable: Vec<u32>,
+    /// Size of the parameter block, if the kernel has one.
+    pub param_bytes: Option<u32>,
+    /// Bindings after the parameter block (numbered 1..=this).
+    pub resources: u32,
 }
 
 impl KernelLayout {
@@ -100,6 +104,21 @@ impl KernelLayout {
             });
         }
         entries.sort_by_key(|e| e.binding);
+        // Dispatches bind their buffers at 1, 2, ... in order, so a gap (or a
+        // buffer at 0, where the parameters go) could never be filled.
+        let resources: Vec<u32> = entries
+            .iter()
+            .map(|e| e.binding)
+            .filter(|&b| b != 0 || param_bytes.is_none())
+            .collect();
+        if let Some(i) = (0..resources.len()).find(|&i| resources[i] != i as u32 + 1) {
+            return Err(format!(
+                "binding {} where binding {} was expected: Kiln kernels take their \
+                 parameters at 0 and their buffers at 1, 2, ... without gaps",
+                resources[i],
+                i + 1
+            ));
+        }
         let writable = entries
             .iter()
             .filter(|e| {
@@ -127,6 +146,8 @@ impl KernelLayout {
             entries,
             immediate_bytes,
             writable,
+            param_bytes,
+            resources: resources.len() as u32,
         })
     }
 }
@@ -331,5 +352,21 @@ mod tests {
         let err = KernelLayout::read(integer, 0).err().unwrap();
         assert!(err.contains("binding 1"), "{err}");
         assert!(KernelLayout::read("fn main( {".into(), 0).is_err());
+    }
+
+    #[test]
+    fn layouts_count_their_buffers_and_refuse_gaps_or_a_buffer_at_0() {
+        let layout = KernelLayout::read(KERNEL.into(), 0).unwrap();
+        assert_eq!((layout.param_bytes, layout.resources), (Some(8), 2));
+        let gap = KERNEL.replace("@binding(2)", "@binding(3)");
+        let err = KernelLayout::read(gap, 0).err().unwrap();
+        assert!(err.contains("binding 3 where binding 2"), "{err}");
+        let at_zero = "@group(0) @binding(0) var<storage, read_write> out: array<f32>;\n\
+                       @compute @workgroup_size(1) fn main() { out[0] = 1.0; }";
+        let err = KernelLayout::read(at_zero.into(), 0).err().unwrap();
+        assert!(err.contains("binding 0 where binding 1"), "{err}");
+        let no_params = at_zero.replace("@binding(0)", "@binding(1)");
+        let layout = KernelLayout::read(no_params, 0).unwrap();
+        assert_eq!((layout.param_bytes, layout.resources), (None, 1));
     }
 }

@@ -860,6 +860,8 @@ impl Device {
 
     /// Copies `src` over `dst` (same element type and length), in recorded order.
     pub fn copy_into(&self, src: &GpuBuffer, dst: &GpuBuffer) -> Result<()> {
+        self.check_same_device(src, "copy_into")?;
+        self.check_same_device(dst, "copy_into")?;
         if src.len() != dst.len() || src.dtype() != dst.dtype() {
             return Err(DeviceError::Shape {
                 op: "copy_into",
@@ -867,7 +869,8 @@ impl Device {
             });
         }
         let size = src.size_bytes().next_multiple_of(4);
-        if size > 0 {
+        // A buffer over itself is left as it is (wgpu refuses such a copy).
+        if size > 0 && src.raw() != dst.raw() {
             self.record(Command::Copy {
                 src: src.raw().clone(),
                 dst: dst.raw().clone(),
@@ -908,6 +911,8 @@ impl Device {
             entries,
             immediate_bytes,
             writable,
+            param_bytes,
+            resources,
         } = KernelLayout::read(original.to_string(), max_immediate_bytes).map_err(shader_error)?;
         // Validation catches naga's and wgpu's checks; a backend compiler
         // refusing the translated shader (GL, Metal, DX12 link errors) or the
@@ -978,6 +983,8 @@ impl Device {
             key: key.to_string(),
             source: original,
             writable: writable.into(),
+            param_bytes,
+            resources,
         });
         lock(&self.shared.kernels).insert(kernel.clone());
         Ok(kernel)
@@ -1052,17 +1059,31 @@ impl Device {
             // Earlier work must not count towards this kernel.
             self.synchronize()?;
         }
-        if let Some(bytes) = kernel.immediate_bytes {
-            if params.len() > bytes as usize {
-                return Err(DeviceError::Shape {
-                    op: "dispatch",
-                    message: format!(
-                        "{}: {} bytes of parameters for a {bytes}-byte block",
-                        kernel.key,
-                        params.len()
-                    ),
-                });
-            }
+        // Checked before anything is recorded: wgpu would fail the whole
+        // submit (every thread's work in it) over a bind group of the wrong
+        // size, and a fused block copies each part's parameters into a slot
+        // of its declared size.
+        let param_bytes = kernel.param_bytes.unwrap_or(0);
+        if params.len() > param_bytes as usize {
+            return Err(DeviceError::Shape {
+                op: "dispatch",
+                message: format!(
+                    "{}: {} bytes of parameters for a {param_bytes}-byte block",
+                    kernel.key,
+                    params.len()
+                ),
+            });
+        }
+        if resources.len() != kernel.resources as usize {
+            return Err(DeviceError::Shape {
+                op: "dispatch",
+                message: format!(
+                    "{}: {} buffers given, the kernel binds {}",
+                    kernel.key,
+                    resources.len(),
+                    kernel.resources
+                ),
+            });
         }
         let mut rec = lock(&self.shared.recorder);
         // Only storage-buffer launches are held for fusion.
@@ -1286,9 +1307,10 @@ impl Device {
             let plan = self.fused_plan(&launches).filter(|plan| {
                 let parts = plan.source.parts.iter().zip(&launches);
                 parts.into_iter().all(|(part, l)| {
-                    let workgroups: u32 = l.workgroups.iter().product();
+                    let workgroups: u64 = l.workgroups.iter().map(|&w| u64::from(w)).product();
                     part.storage_bindings as usize == l.buffers.len()
-                        && !(part.virtual_subgroups && workgroups > MAX_VIRTUAL_SUBGROUP_WORKGROUPS)
+                        && !(part.virtual_subgroups
+                            && workgroups > u64::from(MAX_VIRTUAL_SUBGROUP_WORKGROUPS))
                 })
             });
             // Parts with too many workgroups in all to number (fused_block's
@@ -1463,8 +1485,12 @@ impl Device {
     pub fn flush(&self) -> Result<()> {
         let mut rec = lock(&self.shared.recorder);
         self.submit(&mut rec)?;
+        // Taken before another thread can submit: wgpu reports a failed
+        // submit's errors as it submits, and they belong to this caller,
+        // whose work (a read, say) did not run.
+        let errors = self.take_errors();
         drop(rec);
-        self.take_errors()
+        errors
     }
 
     /// Submits recorded work and waits until the device has finished it.

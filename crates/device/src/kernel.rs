@@ -28,6 +28,10 @@ pub struct Kernel {
     pub(crate) source: Arc<str>,
     /// The storage bindings it writes.
     pub(crate) writable: Arc<[u32]>,
+    /// Size of its parameter block (none: it takes no parameters).
+    pub(crate) param_bytes: Option<u32>,
+    /// Buffers and textures it binds, at 1..=this.
+    pub(crate) resources: u32,
 }
 
 impl Kernel {
