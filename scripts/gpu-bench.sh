@@ -8,6 +8,7 @@
 #                  benches/RESULTS.md (scripts/bench-table.py OUTDIR/latest.json)
 #   kernels.log    the kernel tests, every tiling the tuner can pick
 #   lstm-steps.log the LSTM on its per-step kernels
+#   submit-blocks.log  the MLP and CNN with a submit after every step
 #   no-loop-counters.log  products, MLP and MiniLM without wgpu's loop counters
 #   tuning/        the autotuner's timings of every candidate
 # Workload names after OUTDIR narrow the suite, as with cargo bench.
@@ -91,6 +92,13 @@ step "kernel tests" 150 "$out/kernels.log" "${tests[@]}" --test-threads=1
 if [ $SECONDS -lt "$deadline" ] && { [ $# = 0 ] || [[ " $* " == *" lstm "* ]]; }; then
     KILN_LSTM_SEQUENCE=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/lstm-steps" \
         step "lstm per step" 60 "$out/lstm-steps.log" "${bench[@]}" lstm
+fi
+# The MLP and the CNN again with a submit at the end of every step
+# (KILN_SUBMIT_BLOCKS=1, Kiln's figures only): whether letting the GPU run
+# one step while the host records the next beats batching steps per submit.
+if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
+    KILN_SUBMIT_BLOCKS=1 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/submit-blocks" \
+        step "submit per step" 60 "$out/submit-blocks.log" "${bench[@]}" mlp conv
 fi
 # The products, the MLP and MiniLM again without wgpu's loop counters
 # (Kiln's figures only): whether the counters cost a GPU anything. This

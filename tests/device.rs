@@ -283,6 +283,32 @@ fn an_inner_together_block_leaves_the_outer_block_gathering() {
 }
 
 #[test]
+fn outermost_together_blocks_submit_when_asked() {
+    let d = Device::new().unwrap();
+    let x = d.upload(&random_vec(256, 45, -1.0, 1.0)).unwrap();
+    d.synchronize().unwrap();
+    let submits_of_a_block = |d: &Device| {
+        let before = d.dispatch_stats().submits;
+        let y = d
+            .together(|| {
+                let inner = d.together(|| d.unary(UnaryOp::Neg, &x))?;
+                d.unary(UnaryOp::Neg, &inner)
+            })
+            .unwrap();
+        let submits = d.dispatch_stats().submits - before;
+        assert_eq!(d.read::<f32>(&y).unwrap(), random_vec(256, 45, -1.0, 1.0));
+        submits
+    };
+    assert_eq!(submits_of_a_block(&d), 0);
+    d.set_submit_blocks(true);
+    // One submit, at the end of the outer block only; none without fusion,
+    // which opens no blocks.
+    assert_eq!(submits_of_a_block(&d), if fusion_on() { 1 } else { 0 });
+    d.set_submit_blocks(false);
+    assert_eq!(submits_of_a_block(&d), 0);
+}
+
+#[test]
 fn a_together_block_on_one_thread_leaves_another_threads_block_gathering() {
     // Thread A opens a block and launches; thread B then runs a block of its
     // own, whose launch records A's held one first (dispatches keep the order

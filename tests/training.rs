@@ -537,6 +537,63 @@ fn training_step_memory_is_flat_over_1000_steps() {
 }
 
 #[test]
+fn a_repeated_training_step_records_the_same_work_and_builds_no_bind_groups() {
+    // The reference MLP's step as `fit` runs it: one `together` block (the
+    // backward passes open their own inside it). Once warm, every step must
+    // take the same dispatches; one that reads its loss (a submit) must
+    // build no bind group, since the pool hands each kernel the buffers it
+    // had; one that does not must submit nothing. These are what a GPU step
+    // costs the host.
+    let d = Device::new().unwrap(); // private statistics
+    let model = kiln::zoo::Architecture::Mlp.build(&d, 0).unwrap();
+    let mut opt = Adam::new(model.parameters(), 1e-3);
+    let x = random_vec(32 * 784, 70, 0.0, 1.0);
+    let labels: Vec<u32> = (0..32).map(|i| i % 10).collect();
+    let mut step = |read: bool| {
+        let before = d.dispatch_stats();
+        d.together(|| -> anyhow::Result<()> {
+            let xt = Tensor::from_slice(&d, &x, &[32, 784])?;
+            let logits = model.forward(&xt, &mut kiln::models::Mode::training(0))?;
+            let l = loss::cross_entropy(&logits, &labels)?;
+            opt.zero_grad();
+            l.backward()?;
+            opt.step()?;
+            if read {
+                l.item()?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let after = d.dispatch_stats();
+        (
+            after.dispatches - before.dispatches,
+            after.bind_groups - before.bind_groups,
+            after.submits - before.submits,
+        )
+    };
+    for _ in 0..5 {
+        step(true);
+    }
+    let reading: Vec<_> = (0..4).map(|_| step(true)).collect();
+    let dispatches = reading[0].0;
+    assert!(dispatches > 0, "{reading:?}");
+    assert!(
+        reading.iter().all(|&s| s == (dispatches, 0, 1)),
+        "(dispatches, bind groups, submits) per step, loss read: {reading:?}"
+    );
+    // Without the read, each step's upload takes a new buffer (a retired one
+    // would be overwritten before the commands reading it ran), so the
+    // kernels reading the batch or labels get new bind groups; nothing else.
+    let unread: Vec<_> = (0..4).map(|_| step(false)).collect();
+    assert!(
+        unread
+            .iter()
+            .all(|&(n, _, submits)| n == dispatches && submits == 0),
+        "(dispatches, bind groups, submits) per step, loss not read: {unread:?}"
+    );
+}
+
+#[test]
 fn clipping_many_gradients_matches_their_global_norm() {
     let d = device();
     // Odd counts and sizes: the pairwise sum of norms carries a last one.
