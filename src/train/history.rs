@@ -12,9 +12,15 @@ pub struct EpochStats {
     pub loss: f32,
     /// Fraction of the epoch's training samples classified right.
     pub accuracy: f32,
-    /// Mean loss on the validation split; `None` without one.
+    /// Mean loss on the validation split; `None` without one. A value that
+    /// is not finite is written as the text `"NaN"`, `"inf"` or `"-inf"`:
+    /// JSON has no such numbers, and the `null` serde_json writes instead
+    /// would read back as "no validation split" (and early stopping, resumed,
+    /// would then watch the training loss for that epoch).
+    #[serde(with = "float_or_text")]
     pub val_loss: Option<f32>,
     /// Accuracy on the validation split; `None` without one.
+    #[serde(with = "float_or_text")]
     pub val_accuracy: Option<f32>,
     /// Wall-clock time of the epoch's training, validation excluded.
     pub seconds: f64,
@@ -77,5 +83,82 @@ impl History {
             checkpoint.with_extension("history.json"),
             checkpoint.with_extension("history.csv"),
         )
+    }
+}
+
+/// An optional f32 as JSON: a number when finite, else its text.
+mod float_or_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(f32),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(value: &Option<f32>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) if v.is_finite() => Some(Value::Number(*v)),
+            Some(v) => Some(Value::Text(v.to_string())),
+            None => None,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+        match Option::<Value>::deserialize(d)? {
+            None => Ok(None),
+            Some(Value::Number(v)) => Ok(Some(v)),
+            Some(Value::Text(t)) => t
+                .parse::<f32>()
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a number"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_figures_that_are_not_finite_read_back_as_written() {
+        let epoch = |val_loss| EpochStats {
+            epoch: 1,
+            loss: 0.5,
+            accuracy: 0.75,
+            val_loss,
+            val_accuracy: Some(0.625),
+            seconds: 1.5,
+            samples_per_second: 100.0,
+        };
+        let history = History {
+            epochs: [
+                Some(f32::NAN),
+                Some(f32::INFINITY),
+                Some(-f32::INFINITY),
+                Some(0.25),
+                None,
+            ]
+            .into_iter()
+            .map(epoch)
+            .collect(),
+        };
+        let json = history.to_json();
+        assert!(
+            json.contains("\"NaN\"") && json.contains("\"-inf\""),
+            "{json}"
+        );
+        let back: History = serde_json::from_str(&json).unwrap();
+        let val = |h: &History| -> Vec<Option<String>> {
+            h.epochs
+                .iter()
+                .map(|e| e.val_loss.map(|v| v.to_string()))
+                .collect()
+        };
+        assert_eq!(val(&back), val(&history));
+        assert_eq!(back.epochs[3], history.epochs[3]);
+        assert!(serde_json::from_str::<History>(&json.replace("\"NaN\"", "\"many\"")).is_err());
     }
 }
