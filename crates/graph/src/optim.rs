@@ -634,10 +634,11 @@ impl Optimizer for Adam {
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
         self.check()?;
-        // Saturating: a checkpoint can carry any count.
-        self.step = self.step.saturating_add(1);
+        // Saturating: a checkpoint can carry any count. Counted once the
+        // update is recorded, so a step that fails does not count.
+        let step = self.step.saturating_add(1);
         // Past 2^31 steps the corrections are 1 to f64 precision anyway.
-        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
+        let t = i32::try_from(step).unwrap_or(i32::MAX);
         // Bias corrections in f64 so late steps do not lose them to rounding.
         let bc1 = (1.0 - f64::from(self.beta1).powi(t)) as f32;
         let bc2 = (1.0 - f64::from(self.beta2).powi(t)) as f32;
@@ -658,7 +659,9 @@ impl Optimizer for Adam {
             grad_scale,
             &self.params,
             &mut [&mut self.m, &mut self.v],
-        )
+        )?;
+        self.step = step;
+        Ok(())
     }
 
     fn params(&self) -> &[Tensor] {

@@ -370,8 +370,9 @@ impl Tensor {
 
     pub(crate) fn accumulate_grad(&self, grad: Tensor) -> Result<()> {
         let mut slot = lock(&self.inner.grad);
-        let total = match slot.take() {
-            Some(previous) => autograd::add_grads(&previous, &grad)?,
+        // The gradient so far stays in place if the sum fails.
+        let total = match slot.as_ref() {
+            Some(previous) => autograd::add_grads(previous, &grad)?,
             None => grad,
         };
         *slot = Some(total);
