@@ -1088,11 +1088,6 @@ impl Device {
                 ),
             });
         }
-        let profiling = lock(&self.shared.profile).is_some();
-        if profiling {
-            // Earlier work must not count towards this kernel.
-            self.synchronize()?;
-        }
         // Checked before anything is recorded: wgpu would fail the whole
         // submit (every thread's work in it) over a bind group of the wrong
         // size, and a fused block copies each part's parameters into a slot
@@ -1118,6 +1113,11 @@ impl Device {
                     kernel.resources
                 ),
             });
+        }
+        let profiling = lock(&self.shared.profile).is_some();
+        if profiling {
+            // Earlier work must not count towards this kernel.
+            self.synchronize()?;
         }
         let mut rec = lock(&self.shared.recorder);
         // Only storage-buffer launches are held for fusion.
