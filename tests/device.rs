@@ -567,6 +567,16 @@ fn autotune_measures_every_candidate_once_then_reads_its_cache() {
     std::fs::remove_file(&file).unwrap();
 }
 
+#[test]
+fn a_cpu_adapters_tuning_is_cached_per_host_cpu() {
+    let d = device();
+    let file = d.tuning_cache_file();
+    let name = file.file_name().unwrap().to_string_lossy();
+    // lavapipe's speed is the host's; a GPU's is its own.
+    assert_eq!(name.contains("-host"), d.is_cpu(), "{name}");
+    assert_eq!(d.tuning_cache_file(), file, "one host keeps one file");
+}
+
 /// Whether `Device::together` fuses in this run (`KILN_FUSION=0` turns it off).
 fn fusion_on() -> bool {
     std::env::var("KILN_FUSION").map_or(true, |v| v != "0")

@@ -1,10 +1,10 @@
 //! Choosing the matmul tiling by measurement. The first time Kiln opens an
 //! adapter, every candidate tiling for that kind of adapter times a few
 //! products of shapes training actually uses; the fastest is kept and written
-//! to `<cache>/tuning/<adapter, backend, driver>-kiln<version>-<kernels>.txt`,
-//! so later runs start with it at the cost of a file read. `KILN_MATMUL` (a
-//! fixed tiling), `KILN_AUTOTUNE=0` or `KILN_KERNEL_CLASS` (the built-in
-//! defaults) skip it.
+//! to `<cache>/tuning/<adapter, backend, driver>-kiln<version>-<kernels>.txt`
+//! (CPU adapters also name the host CPU), so later runs start with it at the
+//! cost of a file read. `KILN_MATMUL` (a fixed tiling), `KILN_AUTOTUNE=0` or
+//! `KILN_KERNEL_CLASS` (the built-in defaults) skip it.
 
 use crate::buffer::GpuBuffer;
 use crate::device::Device;
@@ -80,12 +80,18 @@ impl Device {
     /// The cache file of this adapter's tuning. Its name holds the adapter,
     /// Kiln's version and a fingerprint of the candidate kernels' code, so
     /// new drivers and changed kernels are timed afresh; kernels compiled
-    /// without loop counters (`KILN_LOOP_COUNTERS=0`) are tuned apart.
+    /// without loop counters (`KILN_LOOP_COUNTERS=0`) are tuned apart. On a
+    /// CPU adapter it also holds a fingerprint of the host CPU: its model,
+    /// vector extensions and core count.
     pub fn tuning_cache_file(&self) -> PathBuf {
         let info = self.adapter_info();
         let candidates = Tuning::candidates(info, self.features(), self.limits());
+        let host = match self.is_cpu() {
+            true => format!("-host{:016x}", host_cpu_fingerprint()),
+            false => String::new(),
+        };
         let key = format!(
-            "{}-{:?}-{}-{}-{}-kiln{}-{:016x}{}",
+            "{}-{:?}-{}-{}-{}{host}-kiln{}-{:016x}{}",
             info.name,
             info.backend,
             info.driver,
@@ -249,6 +255,69 @@ impl Device {
     }
 }
 
+/// Tells host CPUs apart in a CPU adapter's cache file name. Such an
+/// adapter's speed is the host's: lavapipe compiles each kernel for the CPU
+/// it runs on and spreads workgroups over its cores, and how the tilings
+/// rank moves with both. A cache directory shared between hosts (a home
+/// directory on a network share, a CI cache restored on another runner
+/// type) must not hand one host's choice to another. Speed-dependent fields
+/// (`cpu MHz`, `bogomips`) are left out, so one host keeps one file.
+fn host_cpu_fingerprint() -> u64 {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut identity = format!(
+        "{}{}threads={threads}\n",
+        std::env::consts::ARCH,
+        vector_features()
+    );
+    identity.push_str(&cpu_identity(&cpuinfo));
+    fnv1a(FNV_OFFSET, identity.as_bytes())
+}
+
+/// The fields of `/proc/cpuinfo`'s first processor that name the model
+/// (x86 and Arm spellings); empty where there is no such file.
+fn cpu_identity(cpuinfo: &str) -> String {
+    const FIELDS: [&str; 10] = [
+        "vendor_id",
+        "cpu family",
+        "model",
+        "model name",
+        "stepping",
+        "CPU implementer",
+        "CPU architecture",
+        "CPU variant",
+        "CPU part",
+        "CPU revision",
+    ];
+    let first = cpuinfo.split("\n\n").next().unwrap_or_default();
+    first
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(key, _)| FIELDS.contains(&key.trim()))
+        .map(|(key, value)| format!("{}={}\n", key.trim(), value.trim()))
+        .collect()
+}
+
+/// The vector extensions the JIT may use, where the OS does not say
+/// (and a VM may report a generic model name).
+fn vector_features() -> String {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+        ]
+        .iter()
+        .map(|(name, on)| format!(" {name}={on}"))
+        .collect()
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        String::new()
+    }
+}
+
 /// Tells probe sets apart in cache file names.
 fn probes_fingerprint(probes: &[Probe]) -> u64 {
     fnv1a(FNV_OFFSET, format!("{probes:?}").as_bytes())
@@ -328,6 +397,27 @@ fn write_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_identity_keeps_the_model_and_drops_the_clock() {
+        let host = |model: &str, mhz: &str| {
+            format!(
+                "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\
+                 model\t\t: {model}\nmodel name\t: AMD EPYC\ncpu MHz\t\t: {mhz}\n\
+                 bogomips\t: {mhz}\n\nprocessor\t: 1\nmodel\t\t: 99\n"
+            )
+        };
+        let zen3 = cpu_identity(&host("1", "2445.40"));
+        assert_eq!(
+            zen3,
+            "vendor_id=AuthenticAMD\ncpu family=25\nmodel=1\nmodel name=AMD EPYC\n"
+        );
+        // The clock drifts on one host; the model tells two hosts apart.
+        assert_eq!(cpu_identity(&host("1", "3100.00")), zen3);
+        assert_ne!(cpu_identity(&host("17", "2445.40")), zen3);
+        assert_eq!(cpu_identity(""), "");
+        assert_eq!(host_cpu_fingerprint(), host_cpu_fingerprint());
+    }
 
     #[test]
     fn cache_files_parse_whole_or_not_at_all() {

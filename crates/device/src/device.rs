@@ -1331,9 +1331,14 @@ impl Device {
             _ => return Ok(()),
         };
         rec.emitting = launches.iter().flat_map(|l| l.buffers.clone()).collect();
-        let emitted = self.emit_fused(rec, launches);
+        // Cleared even when recording panics: a stale list would keep its
+        // buffers from reuse, and mark every later submit as one made
+        // midway, until the next emission.
+        let emitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.emit_fused(rec, launches)
+        }));
         rec.emitting.clear();
-        emitted
+        emitted.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// Records `launches` as one fused dispatch where they fuse; else a chain
