@@ -252,6 +252,7 @@ fn gpus_give_products_with_few_output_blocks_the_small_products_tiling() {
     d.set_tuning(Tuning {
         matmul: large,
         small_matmul: small,
+        operand_textures: false,
     });
     // 1024 x 1024 outputs are 256 blocks of 64 x 64, enough to fill a GPU;
     // 64 x 64 is one block.
@@ -576,51 +577,55 @@ fn planar_stores_match_reference_every_tiling() {
     assert!(err.contains("planes of 4 rows"), "{err}");
 }
 
+/// Shapes the column-sum checks take: plain, transposed-B, the MLP's first
+/// weight gradient (A^T G) and odd shapes with scalar loads.
+const COLUMN_SUM_SHAPES: [(usize, usize, usize, bool, bool); 4] = [
+    (784, 64, 32, true, false),
+    (33, 65, 17, false, false),
+    (36, 20, 44, false, true),
+    (40, 24, 36, true, false),
+];
+
+/// The product and, where the kernel adds them up as it goes, the sums of
+/// op(B)'s columns over k, against f64 references.
+fn check_column_sums_on(d: &kiln::Device, spec: Matmul, tiling: MatmulTiling, seed: u64) {
+    let a = random_vec(spec.m * spec.k, seed, -1.0, 1.0);
+    let b = random_vec(spec.k * spec.n, seed + 1, -1.0, 1.0);
+    let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
+    let (c, sums) = d.matmul_column_sums_with(&ga, &gb, &spec, tiling).unwrap();
+    let what = format!("{tiling} {spec:?}");
+    let (want, scale) = matmul_reference(&a, &b, &spec);
+    assert_close_scaled(&what, &d.read::<f32>(&c).unwrap(), &want, &scale, 1e-4);
+    let Some(sums) = sums else {
+        // Only the shared-memory kernel has no block for the sums.
+        assert!(tiling.to_string().starts_with("shared"), "{what}: no sums");
+        return;
+    };
+    let b_at = |kk: usize, j: usize| {
+        f64::from(if spec.trans_b {
+            b[j * spec.k + kk]
+        } else {
+            b[kk * spec.n + j]
+        })
+    };
+    let want: Vec<f64> = (0..spec.n)
+        .map(|j| (0..spec.k).map(|kk| b_at(kk, j)).sum())
+        .collect();
+    let scale: Vec<f64> = (0..spec.n)
+        .map(|j| (0..spec.k).map(|kk| b_at(kk, j).abs()).sum())
+        .collect();
+    let got = d.read::<f32>(&sums).unwrap();
+    assert_close_scaled(&format!("{what} column sums"), &got, &want, &scale, 1e-5);
+}
+
 #[test]
 fn column_sums_of_b_come_with_the_product_on_every_tiling() {
-    // The product and, where the kernel adds them up as it goes, the sums of
-    // op(B)'s columns over k (a dense layer's bias gradient with its weight
-    // gradient), against f64 references; plain, transposed-B, the MLP's
-    // first weight gradient (A^T G) and odd shapes with scalar loads.
+    // A dense layer's bias gradient with its weight gradient.
     let d = device();
     for (t, tiling) in tilings().into_iter().enumerate() {
-        for (s, spec) in [
-            Matmul::new(784, 64, 32).transpose_a(true),
-            Matmul::new(33, 65, 17),
-            Matmul::new(36, 20, 44).transpose_b(true),
-            Matmul::new(40, 24, 36).transpose_a(true),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let seed = 500 + 10 * t as u64 + 2 * s as u64;
-            let a = random_vec(spec.m * spec.k, seed, -1.0, 1.0);
-            let b = random_vec(spec.k * spec.n, seed + 1, -1.0, 1.0);
-            let (ga, gb) = (d.upload(&a).unwrap(), d.upload(&b).unwrap());
-            let (c, sums) = d.matmul_column_sums_with(&ga, &gb, &spec, tiling).unwrap();
-            let what = format!("{tiling} {spec:?}");
-            let (want, scale) = matmul_reference(&a, &b, &spec);
-            assert_close_scaled(&what, &d.read::<f32>(&c).unwrap(), &want, &scale, 1e-4);
-            let Some(sums) = sums else {
-                // Only the shared-memory kernel has no block for the sums.
-                assert!(tiling.to_string().starts_with("shared"), "{what}: no sums");
-                continue;
-            };
-            let b_at = |kk: usize, j: usize| {
-                f64::from(if spec.trans_b {
-                    b[j * spec.k + kk]
-                } else {
-                    b[kk * spec.n + j]
-                })
-            };
-            let want: Vec<f64> = (0..spec.n)
-                .map(|j| (0..spec.k).map(|kk| b_at(kk, j)).sum())
-                .collect();
-            let scale: Vec<f64> = (0..spec.n)
-                .map(|j| (0..spec.k).map(|kk| b_at(kk, j).abs()).sum())
-                .collect();
-            let got = d.read::<f32>(&sums).unwrap();
-            assert_close_scaled(&format!("{what} column sums"), &got, &want, &scale, 1e-5);
+        for (s, &(m, n, k, ta, tb)) in COLUMN_SUM_SHAPES.iter().enumerate() {
+            let spec = Matmul::new(m, n, k).transpose_a(ta).transpose_b(tb);
+            check_column_sums_on(d, spec, tiling, 500 + 10 * t as u64 + 2 * s as u64);
         }
     }
     // A batch of products, f16 B and a split k fall back: no sums.
@@ -1883,11 +1888,12 @@ fn threads_sharing_a_device_keep_their_texture_operands_apart() {
 }
 
 #[test]
-fn matmul_with_a_texture_operand_matches_reference() {
-    // A read through a texture (the CPU adapters' faster path for large
-    // products), forced on odd and vec4-friendly shapes, every transpose and
-    // a batch. Epilogues and column sums bind after A and are unchanged by it;
-    // the BERT tests run large products through this path with both.
+fn matmul_with_texture_operands_matches_reference() {
+    // A and B read through textures (the CPU adapters' faster path for large
+    // products on some hosts), forced on odd and vec4-friendly shapes, every
+    // transpose and a batch, with and without column sums. Epilogues bind
+    // after both and are unchanged by them; the BERT tests run large
+    // products through this path with both.
     let d = kiln::Device::new().unwrap();
     d.set_texture_operands(kiln::device::TextureOperands::Always);
     // Only CPU adapters' subgroup tilings have the path (and only with vec4
@@ -1916,6 +1922,13 @@ fn matmul_with_a_texture_operand_matches_reference() {
             check_matmul_on(&d, spec, tiling, seed);
         }
     };
+    // Column sums read B where the kernel reads it, so through its texture.
+    for (s, &(m, n, k, ta, tb)) in COLUMN_SUM_SHAPES.iter().enumerate() {
+        for &tiling in &checked {
+            let spec = Matmul::new(m, n, k).transpose_a(ta).transpose_b(tb);
+            check_column_sums_on(&d, spec, tiling, 900 + 2 * s as u64);
+        }
+    }
     // (Profiles name each kernel's operands; only needed where the path is.)
     d.set_profiling(has_path).unwrap();
     // Rows of 256 texels: lengths below, at and past one row and a partial
@@ -1941,10 +1954,45 @@ fn matmul_with_a_texture_operand_matches_reference() {
     d.set_profiling(false).unwrap();
     for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
         let layout = format!(":{ta}{tb}:");
-        let took = profile
-            .iter()
-            .any(|t| t.kernel.contains(&layout) && t.kernel.contains("a_texture: true"));
-        assert!(took || !has_path, "A through a texture, layout {layout}");
+        let took = profile.iter().any(|t| {
+            t.kernel.contains(&layout)
+                && t.kernel.contains("a_texture: true")
+                && t.kernel.contains("b_texture: true")
+        });
+        assert!(
+            took || !has_path,
+            "A and B through textures, layout {layout}"
+        );
+    }
+    // Left to the tuning: a large plain product reads both operands
+    // through textures only where the autotuner found that faster, and
+    // either way matches the reference.
+    if let Some(&tiling) = checked.first().filter(|_| has_path) {
+        d.set_texture_operands(kiln::device::TextureOperands::Auto);
+        let before = d.tuning();
+        for (operand_textures, (ta, tb), want) in [
+            (true, (false, false), "a_texture: true, b_texture: true"),
+            (false, (false, false), "a_texture: false, b_texture: false"),
+            (false, (false, true), "a_texture: true, b_texture: false"),
+        ] {
+            d.set_tuning(kiln::device::Tuning {
+                matmul: tiling,
+                small_matmul: tiling,
+                operand_textures,
+            });
+            d.set_profiling(true).unwrap();
+            let spec = Matmul::new(256, 256, 256).transpose_a(ta).transpose_b(tb);
+            check_matmul_on(&d, spec, tiling, 77);
+            let ran = d.profile();
+            d.set_profiling(false).unwrap();
+            assert!(
+                ran.iter().any(|t| t.kernel.contains(want)),
+                "operand_textures {operand_textures}, {spec:?}: expected {want}, ran {:?}",
+                ran.iter().map(|t| &t.kernel).collect::<Vec<_>>()
+            );
+        }
+        d.set_tuning(before);
+        d.set_texture_operands(kiln::device::TextureOperands::Always);
     }
     // Two products in a row reuse one texture: the second copy must wait
     // for the first product.

@@ -42,6 +42,12 @@ pub struct AutotuneReport {
     /// Seconds each candidate took over the small probe shapes; empty on CPU
     /// adapters (which keep one tiling) and when the cache file was read.
     pub measured_small: Vec<(MatmulTiling, f64)>,
+    /// Whether large products read both operands through textures (see
+    /// [`Tuning::operand_textures`]).
+    pub operand_textures: bool,
+    /// Seconds the probe shapes took with those textures off and on; `None`
+    /// where there is no such choice or the cache file was read.
+    pub measured_textures: Option<(f64, f64)>,
     /// The file the choice was read from or written to.
     pub cache_file: PathBuf,
 }
@@ -100,7 +106,8 @@ impl Device {
             env!("CARGO_PKG_VERSION"),
             kernels_fingerprint(&candidates)
                 ^ probes_fingerprint(self.probes())
-                ^ probes_fingerprint(self.small_probes().unwrap_or_default()),
+                ^ probes_fingerprint(self.small_probes().unwrap_or_default())
+                ^ fnv1a(FNV_OFFSET, b"operand textures"),
             if self.loop_counters() {
                 ""
             } else {
@@ -136,6 +143,8 @@ impl Device {
                 measured: Vec::new(),
                 chosen_small: cached.small_matmul,
                 measured_small: Vec::new(),
+                operand_textures: cached.operand_textures,
+                measured_textures: None,
                 cache_file: cache_file.to_path_buf(),
             });
         }
@@ -171,12 +180,30 @@ impl Device {
             Some(probes) => fastest(probes)?,
             None => (chosen, Vec::new()),
         };
-        let tuning = Tuning {
+        let mut tuning = Tuning {
             matmul: chosen,
             small_matmul: chosen_small,
+            operand_textures: false,
         };
         self.set_tuning(tuning);
-        if let Err(e) = write_cache(cache_file, tuning, &measured, &measured_small, &failed) {
+        let textures_measured = match self.time_operand_textures(tuning) {
+            Ok(seconds) => seconds,
+            Err(e) => {
+                eprintln!("kiln: autotuning left texture operands off: {e}");
+                None
+            }
+        };
+        if let Some((off, on)) = textures_measured {
+            tuning.operand_textures = on < off;
+            self.set_tuning(tuning);
+        }
+        let measurements = Measurements {
+            tilings: &measured,
+            small_tilings: &measured_small,
+            textures: textures_measured,
+            failed: &failed,
+        };
+        if let Err(e) = write_cache(cache_file, tuning, &measurements) {
             eprintln!(
                 "kiln: could not save the matmul tuning to {} ({e}); the next run measures again",
                 cache_file.display()
@@ -187,8 +214,65 @@ impl Device {
             measured,
             chosen_small,
             measured_small,
+            operand_textures: tuning.operand_textures,
+            measured_textures: textures_measured,
             cache_file: cache_file.to_path_buf(),
         })
+    }
+
+    /// Seconds the probe shapes take under `tuning` with large operands read
+    /// through textures off and on (see [`Tuning::operand_textures`]), where
+    /// the choice exists: CPU adapters whose tiling has the texture path,
+    /// unless `KILN_TEXTURES=0` or a test fixed the mode. By the host's clock
+    /// around submit and wait: a texture's copy is a command, not a kernel,
+    /// so the device's kernel times would leave it out.
+    fn time_operand_textures(&self, tuning: Tuning) -> Result<Option<(f64, f64)>> {
+        if !(self.kernels_for_cpu()
+            && matches!(tuning.matmul, MatmulTiling::Subgroup { .. })
+            && self.texture_operands() == crate::TextureOperands::Auto)
+        {
+            return Ok(None);
+        }
+        let probes = self.probes();
+        let operands = probes
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, n, k, trans_a))| {
+                let a = self.upload(&probe_data(m * k, i as u32))?;
+                let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
+                Ok((a, b, Matmul::new(m, n, k).transpose_a(trans_a)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let run = |textures: bool| -> Result<f64> {
+            self.set_tuning(Tuning {
+                operand_textures: textures,
+                ..tuning
+            });
+            let start = Instant::now();
+            for (a, b, spec) in &operands {
+                let out: GpuBuffer = self.matmul_with(a, b, spec, tuning.matmul)?;
+                drop(out);
+            }
+            self.synchronize()?;
+            Ok(start.elapsed().as_secs_f64())
+        };
+        // Alternating, best of each: a host's speed drifts between runs.
+        let timed = (|| {
+            let (mut off, mut on) = (f64::MAX, f64::MAX);
+            run(false)?;
+            run(true)?;
+            let start = Instant::now();
+            for round in 0.. {
+                off = off.min(run(false)?);
+                on = on.min(run(true)?);
+                if round >= 2 && start.elapsed() > Duration::from_millis(100) {
+                    break;
+                }
+            }
+            Ok((off, on))
+        })();
+        self.set_tuning(tuning);
+        timed.map(Some)
     }
 
     /// Sized for the hardware, whichever kernels it is given
@@ -347,26 +431,37 @@ fn parse_cache(text: &str) -> Option<Tuning> {
         Some(value) => value.parse().ok()?,
         None => matmul,
     };
+    // Missing: off, as before it was measured.
+    let operand_textures = match entry("operand_textures") {
+        Some(value) => value.parse().ok()?,
+        None => false,
+    };
     Some(Tuning {
         matmul,
         small_matmul,
+        operand_textures,
     })
+}
+
+/// What the autotuner measured, written beside its choices.
+struct Measurements<'a> {
+    tilings: &'a [(MatmulTiling, f64)],
+    small_tilings: &'a [(MatmulTiling, f64)],
+    textures: Option<(f64, f64)>,
+    failed: &'a [(MatmulTiling, String)],
 }
 
 /// Writes the choices and the measurements (for people reading the file),
 /// through a temporary file renamed into place.
-fn write_cache(
-    path: &Path,
-    chosen: Tuning,
-    measured: &[(MatmulTiling, f64)],
-    measured_small: &[(MatmulTiling, f64)],
-    failed: &[(MatmulTiling, String)],
-) -> std::io::Result<()> {
+fn write_cache(path: &Path, chosen: Tuning, measured: &Measurements) -> std::io::Result<()> {
     let mut text = format!(
-        "matmul = {}\nsmall_matmul = {}\n",
-        chosen.matmul, chosen.small_matmul
+        "matmul = {}\nsmall_matmul = {}\noperand_textures = {}\n",
+        chosen.matmul, chosen.small_matmul, chosen.operand_textures
     );
-    for (probes, timings) in [("probe", measured), ("small probe", measured_small)] {
+    for (probes, timings) in [
+        ("probe", measured.tilings),
+        ("small probe", measured.small_tilings),
+    ] {
         for (t, seconds) in timings {
             text.push_str(&format!(
                 "# {t}: {:.3} ms over the {probes} shapes\n",
@@ -374,7 +469,16 @@ fn write_cache(
             ));
         }
     }
-    for (t, why) in failed {
+    if let Some((off, on)) = measured.textures {
+        text.push_str(&format!(
+            "# {}: operands from storage {:.3} ms, through textures {:.3} ms \
+             over the probe shapes (host clock)\n",
+            chosen.matmul,
+            off * 1e3,
+            on * 1e3
+        ));
+    }
+    for (t, why) in measured.failed {
         text.push_str(&format!("# {t}: failed: {why}\n"));
     }
     if let Some(dir) = path.parent() {

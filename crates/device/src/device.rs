@@ -35,9 +35,10 @@ fn fusion_enabled() -> bool {
 /// Texels per row of an operand texture (see `Device::texture_operand`):
 /// 4 KiB rows, the copy alignment wgpu asks for many times over.
 pub const TEXTURE_ROW_TEXELS: u32 = 256;
-/// Operand textures kept for reuse (one per size and thread), and their
-/// bytes at most: there is no free-memory query, so caches stay bounded.
-const MAX_OPERAND_TEXTURES: usize = 16;
+/// Operand textures kept for reuse (one per size, operand and thread), and
+/// their bytes at most: there is no free-memory query, so caches stay
+/// bounded.
+const MAX_OPERAND_TEXTURES: usize = 32;
 const MAX_OPERAND_TEXTURE_BYTES: u64 = 256 << 20;
 /// Readback buffers kept for reuse, in bytes at most.
 const MAX_STAGING_BYTES: u64 = 64 << 20;
@@ -46,16 +47,20 @@ const MAX_FUSION_PLANS: usize = 512;
 /// An operand texture and the view kernels bind.
 type OperandTexture = (wgpu::Texture, wgpu::TextureView);
 
-/// When a product reads its A operand through a texture. On lavapipe a
+/// When a product reads its operands through textures. On lavapipe a
 /// storage-buffer load whose index differs per lane is a loop over the lanes
-/// with a bounds check each, while a texel fetch is a plain gather. Once the
-/// subgroup kernel's step went column by column, that paid only for products
-/// whose B is transposed (see `dispatch_matmul`).
+/// with a bounds check each, while a texel fetch goes through the sampler
+/// code. Which costs less depends on the host: on one EPYC VM textures paid
+/// only for `A` of products whose B is transposed, on a Zen 3 one they made
+/// large products 20-60% faster for both operands. So beyond that first
+/// case the autotuner decides, per host ([`crate::Tuning::operand_textures`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextureOperands {
-    /// Large f32 products `A x B^T` on CPU adapters with the subgroup kernel.
+    /// Large f32 products on CPU adapters with the subgroup kernel: `A` of
+    /// `A x B^T`, and both operands of any where
+    /// [`crate::Tuning::operand_textures`] is on.
     Auto,
-    /// Every product that can (for tests).
+    /// Both operands of every product that can (for tests).
     Always,
     /// No product does (what `KILN_TEXTURES=0` selects).
     Never,
@@ -268,9 +273,9 @@ pub struct DeviceShared {
     submit_blocks: AtomicBool,
     /// When matmul reads A through a texture (see [`TextureOperands`]).
     texture_operands: Mutex<TextureOperands>,
-    /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`]
-    /// and the thread that fills them (see [`Device::texture_operand`]).
-    textures: Mutex<HashMap<(u32, std::thread::ThreadId), OperandTexture>>,
+    /// Textures holding operands, by height in rows of [`TEXTURE_ROW_TEXELS`],
+    /// operand and the thread that fills them (see [`Device::texture_operand`]).
+    textures: Mutex<HashMap<(u32, u8, std::thread::ThreadId), OperandTexture>>,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
     /// Fused kernels by their parts' keys; `None` where the parts cannot be
@@ -582,7 +587,13 @@ impl Device {
     /// for the dispatches recorded before it. Each thread fills its own: the
     /// copy and the dispatch reading it are recorded under separate locks,
     /// and another thread's copy between them would replace the values.
-    pub(crate) fn texture_operand(&self, buffer: &GpuBuffer) -> Result<Option<wgpu::TextureView>> {
+    /// `slot` tells the operands of one product apart (0 for A, 1 for B):
+    /// two of one size would otherwise share a texture.
+    pub(crate) fn texture_operand(
+        &self,
+        buffer: &GpuBuffer,
+        slot: u8,
+    ) -> Result<Option<wgpu::TextureView>> {
         self.check_same_device(buffer, "texture operand")?;
         let texels = u32::try_from(buffer.len().div_ceil(4)).unwrap_or(u32::MAX);
         let height = texels.div_ceil(TEXTURE_ROW_TEXELS).max(1);
@@ -592,8 +603,8 @@ impl Device {
         let (texture, view) = {
             let mut textures = lock(&self.shared.textures);
             let bytes = |h: u32| u64::from(h) * u64::from(TEXTURE_ROW_TEXELS) * 16;
-            let held: u64 = textures.keys().map(|&(h, _)| bytes(h)).sum();
-            let key = (height, std::thread::current().id());
+            let held: u64 = textures.keys().map(|&(h, _, _)| bytes(h)).sum();
+            let key = (height, slot, std::thread::current().id());
             if !textures.contains_key(&key)
                 && (textures.len() >= MAX_OPERAND_TEXTURES
                     || held + bytes(height) > MAX_OPERAND_TEXTURE_BYTES)

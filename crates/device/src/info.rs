@@ -92,6 +92,12 @@ impl fmt::Display for DeviceReport<'_> {
         if tuning.small_matmul != tuning.matmul {
             write!(f, "\nsmall products:          {}", tuning.small_matmul)?;
         }
+        if tuning.operand_textures {
+            write!(
+                f,
+                "\nmatmul operands:         through textures (large products)"
+            )?;
+        }
         Ok(())
     }
 }

@@ -339,6 +339,11 @@ pub struct Tuning {
     /// blocks, more of them. CPU adapters fit their register tiles to such
     /// products instead and keep this equal to `matmul`.
     pub small_matmul: MatmulTiling,
+    /// On CPU adapters with the subgroup tiling: large products read both
+    /// operands through textures (see [`crate::TextureOperands`]), where the
+    /// autotuner found that faster on this host. Off, only `A` of `A x B^T`
+    /// products does.
+    pub operand_textures: bool,
 }
 
 impl Tuning {
@@ -364,6 +369,7 @@ impl Tuning {
         Self {
             matmul: tiling,
             small_matmul: tiling,
+            operand_textures: false,
         }
     }
 

@@ -284,7 +284,9 @@ fn column_sums_source(
     } else {
         "kk * p.n + col"
     };
-    let element = if ops.vec4 {
+    let element = if ops.b_texture {
+        "load_b(i >> 2u)[i & 3u]"
+    } else if ops.vec4 {
         "b[i >> 2u][i & 3u]"
     } else {
         "b[i]"
@@ -700,27 +702,44 @@ impl Device {
         const OP: &str = "matmul";
         let Matmul { m, n, k, .. } = *spec;
         let vec4 = vec4_loads_fit(spec, tiling);
-        // The copy takes all of A's buffer, so only products that read most
-        // of it qualify (not one step's slice of a sequence's buffer).
-        let a_read = entries.len().saturating_sub(1) * spec.batch_stride_a + m * k;
-        // Measured on lavapipe with the column-by-column subgroup step: a
-        // texture beat storage loads of A only where B is transposed (5-10% on
-        // MiniLM's and the CNN's forward products); elsewhere storage loads
-        // were 0-25% faster and skip the copy.
-        let worth_a_copy = a_read >= TEXTURE_MIN_ELEMENTS
-            && 2 * a_read >= a.len()
-            && spec.trans_b
-            && !spec.trans_a;
-        let a_texture = match self.texture_operands() {
+        // A copy takes the operand's whole buffer, so only products that
+        // read most of it qualify (not one step's slice of a sequence's
+        // buffer), and only large ones: below that the copy is not worth
+        // its command.
+        let worth_copy = |buffer: &GpuBuffer, batch_stride: usize, read: usize| {
+            let read = entries.len().saturating_sub(1) * batch_stride + read;
+            read >= TEXTURE_MIN_ELEMENTS && 2 * read >= buffer.len()
+        };
+        let worth_a = worth_copy(a, spec.batch_stride_a, m * k);
+        let worth_b = worth_copy(b, spec.batch_stride_b, k * n);
+        // Measured on lavapipe with the column-by-column subgroup step: on
+        // the host the defaults were tuned on, a texture beat storage loads
+        // of A only where B is transposed (5-10% on MiniLM's and the CNN's
+        // forward products), and elsewhere storage loads were 0-25% faster;
+        // on a Zen 3 host, textures for both operands made every large
+        // product 20-60% faster. The autotuner measures which this host is.
+        let operand_textures = self.tuning().operand_textures;
+        let (a_wanted, b_wanted) = match self.texture_operands() {
             _ if !(self.kernels_for_cpu()
                 && vec4
                 && matches!(tiling, MatmulTiling::Subgroup { .. })) =>
             {
-                None
+                (false, false)
             }
-            TextureOperands::Always => self.texture_operand(a)?,
-            TextureOperands::Auto if worth_a_copy => self.texture_operand(a)?,
-            _ => None,
+            TextureOperands::Always => (true, true),
+            TextureOperands::Auto => (
+                worth_a && (operand_textures || (spec.trans_b && !spec.trans_a)),
+                worth_b && operand_textures,
+            ),
+            TextureOperands::Never => (false, false),
+        };
+        let a_texture = match a_wanted {
+            true => self.texture_operand(a, 0)?,
+            false => None,
+        };
+        let b_texture = match b_wanted {
+            true => self.texture_operand(b, 1)?,
+            false => None,
         };
         let operands = Operands {
             a: a.dtype(),
@@ -728,6 +747,7 @@ impl Device {
             half,
             vec4,
             a_texture: a_texture.is_some(),
+            b_texture: b_texture.is_some(),
         };
         let kernel = self.kernel(
             &format!(
@@ -738,11 +758,15 @@ impl Device {
             ),
             || specialise(tiling, spec.trans_a, spec.trans_b, operands, extras),
         )?;
-        let mut resources = vec![match &a_texture {
-            Some(view) => Bound::Texture(view),
-            None => Bound::Buffer(a.raw()),
-        }];
-        for buffer in [b, out].into_iter().chain(extras.buffers()) {
+        let mut resources = Vec::new();
+        for (texture, operand) in [(&a_texture, a), (&b_texture, b)] {
+            self.check_same_device(operand, OP)?;
+            resources.push(match texture {
+                Some(view) => Bound::Texture(view),
+                None => Bound::Buffer(operand.raw()),
+            });
+        }
+        for buffer in [out].into_iter().chain(extras.buffers()) {
             self.check_same_device(buffer, OP)?;
             resources.push(Bound::Buffer(buffer.raw()));
         }
@@ -799,8 +823,8 @@ fn cpu_lanes_wanted() -> usize {
     SIMD_LANES * super::host_cores()
 }
 
-/// Elements of A from which a product on a CPU adapter reads A through a
-/// texture by default: below it the copy is not worth its command.
+/// Elements of an operand from which a product on a CPU adapter may read it
+/// through a texture: below it the copy is not worth its command.
 const TEXTURE_MIN_ELEMENTS: usize = 1 << 16;
 
 /// Workgroups a GPU product should have to keep the device busy: today's
@@ -975,6 +999,7 @@ pub(crate) fn kernels_fingerprint(tilings: &[MatmulTiling]) -> u64 {
         half: HalfLoads::Native,
         vec4: true,
         a_texture: false,
+        b_texture: false,
     };
     let mut hash = FNV_OFFSET;
     for &tiling in tilings {
@@ -1008,6 +1033,8 @@ struct Operands {
     /// A is read through a texture (see [`Device::texture_operand`]); f32
     /// with vec4 loads only.
     a_texture: bool,
+    /// B likewise.
+    b_texture: bool,
 }
 
 impl Operands {
@@ -1033,7 +1060,7 @@ fn expect_float(op: &'static str, name: &str, b: &GpuBuffer) -> Result<()> {
 /// element `i` (or the `i`-th group of four, for vec4 loads) as f32, or as
 /// `vec4<f16>` for f16 arithmetic.
 fn operand_source(name: &str, binding: u32, dtype: DType, ops: &Operands) -> String {
-    if name == "a" && ops.a_texture {
+    if (name == "a" && ops.a_texture) || (name == "b" && ops.b_texture) {
         let mask = TEXTURE_ROW_TEXELS - 1;
         let shift = TEXTURE_ROW_TEXELS.trailing_zeros();
         return format!(
