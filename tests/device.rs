@@ -540,6 +540,31 @@ fn autotune_measures_every_candidate_once_then_reads_its_cache() {
         }
         false => assert_eq!(first.measured_small.len(), candidates.len()),
     }
+    // On CPU adapters with the texture path each tiling is also timed with
+    // large operands through textures, and the fastest of either way wins.
+    let has_texture_path = d.kernels_for_cpu()
+        && candidates
+            .iter()
+            .any(|t| t.to_string().starts_with("subgroup"));
+    assert_eq!(!first.measured_textures.is_empty(), has_texture_path);
+    if has_texture_path {
+        assert!(first
+            .measured_textures
+            .iter()
+            .all(|(t, s)| t.to_string().starts_with("subgroup") && *s > 0.0));
+        let best = first
+            .measured
+            .iter()
+            .chain(&first.measured_textures)
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        assert_eq!(first.chosen, best.0);
+        assert_eq!(
+            first.operand_textures,
+            first.measured_textures.contains(best)
+        );
+    }
+    assert_eq!(d.tuning().operand_textures, first.operand_textures);
     let second = d.autotune(&file).unwrap();
     assert!(
         second.measured.is_empty(),
@@ -547,6 +572,7 @@ fn autotune_measures_every_candidate_once_then_reads_its_cache() {
     );
     assert_eq!(second.chosen, first.chosen);
     assert_eq!(second.chosen_small, first.chosen_small);
+    assert_eq!(second.operand_textures, first.operand_textures);
     // Both choices are read back from a file, a missing small one is the
     // large one.
     let (large, small) = (candidates[0], candidates[candidates.len() - 1]);

@@ -45,22 +45,33 @@ pub struct AutotuneReport {
     /// Whether large products read both operands through textures (see
     /// [`Tuning::operand_textures`]).
     pub operand_textures: bool,
-    /// Seconds the probe shapes took with those textures off and on; `None`
-    /// where there is no such choice or the cache file was read.
-    pub measured_textures: Option<(f64, f64)>,
+    /// Seconds the probe shapes took under each tiling with the texture
+    /// path, reading large operands through textures; empty where there is
+    /// no such choice or the cache file was read. Where it is not empty,
+    /// `measured` holds the same products without textures, both by the
+    /// host's clock.
+    pub measured_textures: Vec<(MatmulTiling, f64)>,
     /// The file the choice was read from or written to.
     pub cache_file: PathBuf,
 }
 
-/// A probe's product: `m, n, k` and whether A is transposed.
-type Probe = (usize, usize, usize, bool);
+/// Seconds the probe shapes took, by tiling.
+type Timings = Vec<(MatmulTiling, f64)>;
+
+/// A probe's product: `m, n, k` and whether A and B are transposed.
+type Probe = (usize, usize, usize, bool, bool);
 
 /// Shapes the probe times on CPU adapters: a square product, a layer's
-/// forward at batch 32, and a weight gradient (`A^T B`).
-const CPU_PROBES: [Probe; 3] = [
-    (512, 512, 512, false),
-    (32, 256, 784, false),
-    (784, 64, 128, true),
+/// forward at batch 32, a weight gradient (`A^T B`) and a MiniLM-sized
+/// layer's forward over 1024 tokens (`A x B^T`: Hugging Face stores weights
+/// `[out, in]`). The last keeps the choice honest for transformers: on a
+/// Zen 3 VM the first three could not tell two tilings apart that ran
+/// MiniLM's training 10% apart.
+const CPU_PROBES: [Probe; 4] = [
+    (512, 512, 512, false, false),
+    (32, 256, 784, false, false),
+    (784, 64, 128, true, false),
+    (1024, 384, 384, false, true),
 ];
 
 /// On GPUs, shapes large enough to fill one (a 512 x 512 product makes 16
@@ -68,18 +79,18 @@ const CPU_PROBES: [Probe; 3] = [
 /// square product, a BERT-base-sized layer's forward over 1024 tokens and
 /// its weight gradient.
 const GPU_PROBES: [Probe; 3] = [
-    (2048, 2048, 2048, false),
-    (1024, 3072, 768, false),
-    (768, 3072, 1024, true),
+    (2048, 2048, 2048, false, false),
+    (1024, 3072, 768, false, false),
+    (768, 3072, 1024, true, false),
 ];
 
 /// On GPUs, products too small to fill one under large tiles (see
 /// [`Tuning::small_matmul`]): a MiniLM-sized layer over 1024 tokens (8
 /// sequences of 128), its forward, feed-forward up and down projections.
 const GPU_SMALL_PROBES: [Probe; 3] = [
-    (1024, 384, 384, false),
-    (1024, 1536, 384, false),
-    (1024, 384, 1536, false),
+    (1024, 384, 384, false, false),
+    (1024, 1536, 384, false, false),
+    (1024, 384, 1536, false, false),
 ];
 
 impl Device {
@@ -144,7 +155,7 @@ impl Device {
                 chosen_small: cached.small_matmul,
                 measured_small: Vec::new(),
                 operand_textures: cached.operand_textures,
-                measured_textures: None,
+                measured_textures: Vec::new(),
                 cache_file: cache_file.to_path_buf(),
             });
         }
@@ -152,55 +163,38 @@ impl Device {
         // out, not the end of tuning: the others are still measured, and
         // the choice among them cached.
         let mut failed: Vec<(MatmulTiling, String)> = Vec::new();
-        let mut fastest = |probes: &[Probe]| -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
-            let mut measured = Vec::with_capacity(candidates.len());
-            for &tiling in &candidates {
-                if failed.iter().any(|(t, _)| *t == tiling) {
-                    continue;
-                }
-                match self.probe(tiling, probes) {
-                    Ok(seconds) => measured.push((tiling, seconds)),
-                    Err(e) => {
-                        eprintln!("kiln: autotuning left out {tiling}: {e}");
-                        failed.push((tiling, e.to_string()));
-                    }
-                }
-            }
-            let chosen = measured
-                .iter()
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map(|m| m.0)
-                .ok_or_else(|| {
-                    crate::DeviceError::Backend("every candidate tiling failed".into())
-                })?;
-            Ok((chosen, measured))
-        };
-        let (chosen, measured) = fastest(self.probes())?;
+        let (chosen, measured, measured_textures, operand_textures) =
+            if self.texture_choice(&candidates) {
+                let (plain, textured) =
+                    self.time_with_and_without_textures(&candidates, &mut failed)?;
+                let best = |timed: &[(MatmulTiling, f64)]| {
+                    timed.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))
+                };
+                let (chosen, textures) = match (best(&plain), best(&textured)) {
+                    (Some(p), Some(t)) if t.1 < p.1 => (t.0, true),
+                    (Some(p), _) => (p.0, false),
+                    (None, Some(t)) => (t.0, true),
+                    (None, None) => return Err(every_candidate_failed()),
+                };
+                (chosen, plain, textured, textures)
+            } else {
+                let (chosen, measured) = self.fastest(&candidates, self.probes(), &mut failed)?;
+                (chosen, measured, Vec::new(), false)
+            };
         let (chosen_small, measured_small) = match self.small_probes() {
-            Some(probes) => fastest(probes)?,
+            Some(probes) => self.fastest(&candidates, probes, &mut failed)?,
             None => (chosen, Vec::new()),
         };
-        let mut tuning = Tuning {
+        let tuning = Tuning {
             matmul: chosen,
             small_matmul: chosen_small,
-            operand_textures: false,
+            operand_textures,
         };
         self.set_tuning(tuning);
-        let textures_measured = match self.time_operand_textures(tuning) {
-            Ok(seconds) => seconds,
-            Err(e) => {
-                eprintln!("kiln: autotuning left texture operands off: {e}");
-                None
-            }
-        };
-        if let Some((off, on)) = textures_measured {
-            tuning.operand_textures = on < off;
-            self.set_tuning(tuning);
-        }
         let measurements = Measurements {
             tilings: &measured,
             small_tilings: &measured_small,
-            textures: textures_measured,
+            textured: &measured_textures,
             failed: &failed,
         };
         if let Err(e) = write_cache(cache_file, tuning, &measurements) {
@@ -214,65 +208,121 @@ impl Device {
             measured,
             chosen_small,
             measured_small,
-            operand_textures: tuning.operand_textures,
-            measured_textures: textures_measured,
+            operand_textures,
+            measured_textures,
             cache_file: cache_file.to_path_buf(),
         })
     }
 
-    /// Seconds the probe shapes take under `tuning` with large operands read
-    /// through textures off and on (see [`Tuning::operand_textures`]), where
-    /// the choice exists: CPU adapters whose tiling has the texture path,
-    /// unless `KILN_TEXTURES=0` or a test fixed the mode. By the host's clock
-    /// around submit and wait: a texture's copy is a command, not a kernel,
-    /// so the device's kernel times would leave it out.
-    fn time_operand_textures(&self, tuning: Tuning) -> Result<Option<(f64, f64)>> {
-        if !(self.kernels_for_cpu()
-            && matches!(tuning.matmul, MatmulTiling::Subgroup { .. })
-            && self.texture_operands() == crate::TextureOperands::Auto)
-        {
-            return Ok(None);
+    /// The candidate the probe shapes take least device time under, and
+    /// every candidate's time; a candidate that fails is added to `failed`.
+    fn fastest(
+        &self,
+        candidates: &[MatmulTiling],
+        probes: &[Probe],
+        failed: &mut Vec<(MatmulTiling, String)>,
+    ) -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
+        let mut measured = Vec::with_capacity(candidates.len());
+        for &tiling in candidates {
+            if failed.iter().any(|(t, _)| *t == tiling) {
+                continue;
+            }
+            match self.probe(tiling, probes) {
+                Ok(seconds) => measured.push((tiling, seconds)),
+                Err(e) => {
+                    eprintln!("kiln: autotuning left out {tiling}: {e}");
+                    failed.push((tiling, e.to_string()));
+                }
+            }
         }
-        let probes = self.probes();
-        let operands = probes
+        let chosen = measured
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|m| m.0)
+            .ok_or_else(every_candidate_failed)?;
+        Ok((chosen, measured))
+    }
+
+    /// Whether reading large operands through textures is the tuner's to
+    /// decide: CPU adapters with a tiling that has the path, unless
+    /// `KILN_TEXTURES=0` or a test fixed the mode (see
+    /// [`Tuning::operand_textures`]).
+    fn texture_choice(&self, candidates: &[MatmulTiling]) -> bool {
+        self.kernels_for_cpu()
+            && self.texture_operands() == crate::TextureOperands::Auto
+            && candidates
+                .iter()
+                .any(|t| matches!(t, MatmulTiling::Subgroup { .. }))
+    }
+
+    /// Seconds the probe shapes take under each candidate with storage
+    /// loads, and under each with the texture path with large operands
+    /// through textures. By the host's clock around submit and wait: a
+    /// texture's copy is a command, not a kernel, which the device's kernel
+    /// times would leave out. Both ways are timed because the tiling that
+    /// wins one need not win the other. Rounds alternate over every pair,
+    /// best of each kept: a host's speed drifts between runs.
+    fn time_with_and_without_textures(
+        &self,
+        candidates: &[MatmulTiling],
+        failed: &mut Vec<(MatmulTiling, String)>,
+    ) -> Result<(Timings, Timings)> {
+        let operands = self
+            .probes()
             .iter()
             .enumerate()
-            .map(|(i, &(m, n, k, trans_a))| {
-                let a = self.upload(&probe_data(m * k, i as u32))?;
-                let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
-                Ok((a, b, Matmul::new(m, n, k).transpose_a(trans_a)))
-            })
+            .map(|(i, probe)| self.probe_operands(i, probe))
             .collect::<Result<Vec<_>>>()?;
-        let run = |textures: bool| -> Result<f64> {
+        let run = |tiling: MatmulTiling, textures: bool| -> Result<f64> {
             self.set_tuning(Tuning {
                 operand_textures: textures,
-                ..tuning
+                ..Tuning::same(tiling)
             });
             let start = Instant::now();
             for (a, b, spec) in &operands {
-                let out: GpuBuffer = self.matmul_with(a, b, spec, tuning.matmul)?;
+                let out: GpuBuffer = self.matmul_with(a, b, spec, tiling)?;
                 drop(out);
             }
             self.synchronize()?;
             Ok(start.elapsed().as_secs_f64())
         };
-        // Alternating, best of each: a host's speed drifts between runs.
-        let timed = (|| {
-            let (mut off, mut on) = (f64::MAX, f64::MAX);
-            run(false)?;
-            run(true)?;
-            let start = Instant::now();
-            for round in 0.. {
-                off = off.min(run(false)?);
-                on = on.min(run(true)?);
-                if round >= 2 && start.elapsed() > Duration::from_millis(100) {
-                    break;
+        let mut pairs: Vec<(MatmulTiling, bool, f64)> = Vec::new();
+        for &tiling in candidates {
+            let ways: &[bool] = match tiling {
+                MatmulTiling::Subgroup { .. } => &[false, true],
+                _ => &[false],
+            };
+            for &textures in ways {
+                // The first run compiles the kernels, and shows whether
+                // they run at all.
+                match run(tiling, textures) {
+                    Ok(_) => pairs.push((tiling, textures, f64::MAX)),
+                    Err(e) => {
+                        eprintln!("kiln: autotuning left out {tiling}: {e}");
+                        failed.push((tiling, e.to_string()));
+                        break;
+                    }
                 }
             }
-            Ok((off, on))
-        })();
-        self.set_tuning(tuning);
-        timed.map(Some)
+        }
+        let start = Instant::now();
+        for round in 0.. {
+            for (tiling, textures, best) in &mut pairs {
+                *best = best.min(run(*tiling, *textures)?);
+            }
+            if round >= 2 && start.elapsed() > Duration::from_millis(300) {
+                break;
+            }
+        }
+        let failed_tilings: Vec<MatmulTiling> = failed.iter().map(|f| f.0).collect();
+        let timed = |textures: bool| -> Timings {
+            pairs
+                .iter()
+                .filter(|p| p.1 == textures && !failed_tilings.contains(&p.0))
+                .map(|p| (p.0, p.2))
+                .collect()
+        };
+        Ok((timed(false), timed(true)))
     }
 
     /// Sized for the hardware, whichever kernels it is given
@@ -291,13 +341,23 @@ impl Device {
         (!self.is_cpu()).then_some(&GPU_SMALL_PROBES[..])
     }
 
+    /// The operands of probe number `i` (its values seeded by `i`) and its
+    /// product.
+    fn probe_operands(&self, i: usize, probe: &Probe) -> Result<(GpuBuffer, GpuBuffer, Matmul)> {
+        let &(m, n, k, trans_a, trans_b) = probe;
+        let a = self.upload(&probe_data(m * k, i as u32))?;
+        let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
+        let spec = Matmul::new(m, n, k)
+            .transpose_a(trans_a)
+            .transpose_b(trans_b);
+        Ok((a, b, spec))
+    }
+
     /// Seconds `tiling` takes for `probes`, best of a few runs each.
     fn probe(&self, tiling: MatmulTiling, probes: &[Probe]) -> Result<f64> {
         let mut total = 0.0;
-        for (i, &(m, n, k, trans_a)) in probes.iter().enumerate() {
-            let a = self.upload(&probe_data(m * k, i as u32))?;
-            let b = self.upload(&probe_data(k * n, 7 + i as u32))?;
-            let spec = Matmul::new(m, n, k).transpose_a(trans_a);
+        for (i, probe) in probes.iter().enumerate() {
+            let (a, b, spec) = self.probe_operands(i, probe)?;
             // The first run compiles the kernel.
             let run = || -> Result<f64> {
                 self.kernel_seconds(|| {
@@ -443,11 +503,17 @@ fn parse_cache(text: &str) -> Option<Tuning> {
     })
 }
 
+fn every_candidate_failed() -> crate::DeviceError {
+    crate::DeviceError::Backend("every candidate tiling failed".into())
+}
+
 /// What the autotuner measured, written beside its choices.
 struct Measurements<'a> {
     tilings: &'a [(MatmulTiling, f64)],
     small_tilings: &'a [(MatmulTiling, f64)],
-    textures: Option<(f64, f64)>,
+    /// The same probes with large operands through textures; where there
+    /// are any, every figure is by the host's clock.
+    textured: &'a [(MatmulTiling, f64)],
     failed: &'a [(MatmulTiling, String)],
 }
 
@@ -458,25 +524,21 @@ fn write_cache(path: &Path, chosen: Tuning, measured: &Measurements) -> std::io:
         "matmul = {}\nsmall_matmul = {}\noperand_textures = {}\n",
         chosen.matmul, chosen.small_matmul, chosen.operand_textures
     );
-    for (probes, timings) in [
-        ("probe", measured.tilings),
-        ("small probe", measured.small_tilings),
+    let clock = match measured.textured.is_empty() {
+        true => "",
+        false => " (host clock)",
+    };
+    for (probes, how, timings) in [
+        ("probe", "", measured.tilings),
+        ("probe", " with texture operands", measured.textured),
+        ("small probe", "", measured.small_tilings),
     ] {
         for (t, seconds) in timings {
             text.push_str(&format!(
-                "# {t}: {:.3} ms over the {probes} shapes\n",
+                "# {t}{how}: {:.3} ms over the {probes} shapes{clock}\n",
                 seconds * 1e3
             ));
         }
-    }
-    if let Some((off, on)) = measured.textures {
-        text.push_str(&format!(
-            "# {}: operands from storage {:.3} ms, through textures {:.3} ms \
-             over the probe shapes (host clock)\n",
-            chosen.matmul,
-            off * 1e3,
-            on * 1e3
-        ));
     }
     for (t, why) in measured.failed {
         text.push_str(&format!("# {t}: failed: {why}\n"));
