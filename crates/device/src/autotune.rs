@@ -35,7 +35,10 @@ pub struct AutotuneReport {
     /// The tiling chosen for ordinary products, now in the device's [`Tuning`].
     pub chosen: MatmulTiling,
     /// Seconds each candidate took over the probe shapes; empty when the
-    /// choice came from the cache file.
+    /// choice came from the cache file. Where texture operands are a choice
+    /// (see `measured_textures`), each candidate's time relative to the
+    /// fastest instead, shape by shape (a geometric mean; 1 = fastest on
+    /// every shape).
     pub measured: Vec<(MatmulTiling, f64)>,
     /// The choice for small products ([`Tuning::small_matmul`]).
     pub chosen_small: MatmulTiling,
@@ -45,11 +48,11 @@ pub struct AutotuneReport {
     /// Whether large products read both operands through textures (see
     /// [`Tuning::operand_textures`]).
     pub operand_textures: bool,
-    /// Seconds the probe shapes took under each tiling with the texture
-    /// path, reading large operands through textures; empty where there is
-    /// no such choice or the cache file was read. Where it is not empty,
-    /// `measured` holds the same products without textures, both by the
-    /// host's clock.
+    /// How long the probe shapes took under each tiling with the texture
+    /// path, reading large operands through textures, relative to the
+    /// fastest as in `measured`; empty where there is no such choice or the
+    /// cache file was read. Where it is not empty, `measured` holds the same
+    /// products without textures, both by the host's clock.
     pub measured_textures: Vec<(MatmulTiling, f64)>,
     /// The file the choice was read from or written to.
     pub cache_file: PathBuf,
@@ -255,13 +258,16 @@ impl Device {
                 .any(|t| matches!(t, MatmulTiling::Subgroup { .. }))
     }
 
-    /// Seconds the probe shapes take under each candidate with storage
+    /// How long the probe shapes take under each candidate with storage
     /// loads, and under each with the texture path with large operands
-    /// through textures. By the host's clock around submit and wait: a
-    /// texture's copy is a command, not a kernel, which the device's kernel
-    /// times would leave out. Both ways are timed because the tiling that
-    /// wins one need not win the other. Rounds alternate over every pair,
-    /// best of each kept: a host's speed drifts between runs.
+    /// through textures, as the geometric mean over the shapes of its time
+    /// over the fastest's (1 = fastest on every shape): a sum of seconds
+    /// would let the largest shape decide alone, and the batch-32 layer is
+    /// what the MNIST MLP runs. By the host's clock around submit and wait:
+    /// a texture's copy is a command, not a kernel, which the device's
+    /// kernel times would leave out. Both ways are timed because the tiling
+    /// that wins one need not win the other. Rounds alternate over every
+    /// pair, best of each kept: a host's speed drifts between runs.
     fn time_with_and_without_textures(
         &self,
         candidates: &[MatmulTiling],
@@ -273,20 +279,24 @@ impl Device {
             .enumerate()
             .map(|(i, probe)| self.probe_operands(i, probe))
             .collect::<Result<Vec<_>>>()?;
-        let run = |tiling: MatmulTiling, textures: bool| -> Result<f64> {
+        // Seconds per shape.
+        let run = |tiling: MatmulTiling, textures: bool| -> Result<Vec<f64>> {
             self.set_tuning(Tuning {
                 operand_textures: textures,
                 ..Tuning::same(tiling)
             });
-            let start = Instant::now();
-            for (a, b, spec) in &operands {
-                let out: GpuBuffer = self.matmul_with(a, b, spec, tiling)?;
-                drop(out);
-            }
-            self.synchronize()?;
-            Ok(start.elapsed().as_secs_f64())
+            operands
+                .iter()
+                .map(|(a, b, spec)| {
+                    let start = Instant::now();
+                    let out: GpuBuffer = self.matmul_with(a, b, spec, tiling)?;
+                    self.synchronize()?;
+                    drop(out);
+                    Ok(start.elapsed().as_secs_f64())
+                })
+                .collect()
         };
-        let mut pairs: Vec<(MatmulTiling, bool, f64)> = Vec::new();
+        let mut pairs: Vec<(MatmulTiling, bool, Vec<f64>)> = Vec::new();
         for &tiling in candidates {
             let ways: &[bool] = match tiling {
                 MatmulTiling::Subgroup { .. } => &[false, true],
@@ -296,7 +306,7 @@ impl Device {
                 // The first run compiles the kernels, and shows whether
                 // they run at all.
                 match run(tiling, textures) {
-                    Ok(_) => pairs.push((tiling, textures, f64::MAX)),
+                    Ok(_) => pairs.push((tiling, textures, vec![f64::MAX; operands.len()])),
                     Err(e) => {
                         eprintln!("kiln: autotuning left out {tiling}: {e}");
                         failed.push((tiling, e.to_string()));
@@ -305,21 +315,31 @@ impl Device {
                 }
             }
         }
+        let failed_tilings: Vec<MatmulTiling> = failed.iter().map(|f| f.0).collect();
+        pairs.retain(|p| !failed_tilings.contains(&p.0));
         let start = Instant::now();
         for round in 0.. {
             for (tiling, textures, best) in &mut pairs {
-                *best = best.min(run(*tiling, *textures)?);
+                for (best, seconds) in best.iter_mut().zip(run(*tiling, *textures)?) {
+                    *best = best.min(seconds);
+                }
             }
             if round >= 2 && start.elapsed() > Duration::from_millis(300) {
                 break;
             }
         }
-        let failed_tilings: Vec<MatmulTiling> = failed.iter().map(|f| f.0).collect();
+        let fastest: Vec<f64> = (0..operands.len())
+            .map(|shape| pairs.iter().map(|p| p.2[shape]).fold(f64::MAX, f64::min))
+            .collect();
+        let relative = |times: &[f64]| -> f64 {
+            let logs: f64 = times.iter().zip(&fastest).map(|(t, f)| (t / f).ln()).sum();
+            (logs / times.len() as f64).exp()
+        };
         let timed = |textures: bool| -> Timings {
             pairs
                 .iter()
-                .filter(|p| p.1 == textures && !failed_tilings.contains(&p.0))
-                .map(|p| (p.0, p.2))
+                .filter(|p| p.1 == textures)
+                .map(|p| (p.0, relative(&p.2)))
                 .collect()
         };
         Ok((timed(false), timed(true)))
@@ -512,7 +532,8 @@ struct Measurements<'a> {
     tilings: &'a [(MatmulTiling, f64)],
     small_tilings: &'a [(MatmulTiling, f64)],
     /// The same probes with large operands through textures; where there
-    /// are any, every figure is by the host's clock.
+    /// are any, every figure is a time relative to the fastest, by the
+    /// host's clock.
     textured: &'a [(MatmulTiling, f64)],
     failed: &'a [(MatmulTiling, String)],
 }
@@ -524,20 +545,28 @@ fn write_cache(path: &Path, chosen: Tuning, measured: &Measurements) -> std::io:
         "matmul = {}\nsmall_matmul = {}\noperand_textures = {}\n",
         chosen.matmul, chosen.small_matmul, chosen.operand_textures
     );
-    let clock = match measured.textured.is_empty() {
-        true => "",
-        false => " (host clock)",
-    };
-    for (probes, how, timings) in [
-        ("probe", "", measured.tilings),
-        ("probe", " with texture operands", measured.textured),
-        ("small probe", "", measured.small_tilings),
-    ] {
-        for (t, seconds) in timings {
-            text.push_str(&format!(
-                "# {t}{how}: {:.3} ms over the {probes} shapes{clock}\n",
-                seconds * 1e3
-            ));
+    if measured.textured.is_empty() {
+        for (probes, timings) in [
+            ("probe", measured.tilings),
+            ("small probe", measured.small_tilings),
+        ] {
+            for (t, seconds) in timings {
+                text.push_str(&format!(
+                    "# {t}: {:.3} ms over the {probes} shapes\n",
+                    seconds * 1e3
+                ));
+            }
+        }
+    } else {
+        for (how, timings) in [
+            ("", measured.tilings),
+            (" with texture operands", measured.textured),
+        ] {
+            for (t, relative) in timings {
+                text.push_str(&format!(
+                    "# {t}{how}: {relative:.3}x the fastest, shape by shape (host clock)\n"
+                ));
+            }
         }
     }
     for (t, why) in measured.failed {
