@@ -58,7 +58,8 @@ pub struct AutotuneReport {
     pub cache_file: PathBuf,
 }
 
-/// Seconds the probe shapes took, by tiling.
+/// What the probe shapes took under each tiling: seconds, or a relative
+/// time (see [`AutotuneReport::measured`]).
 type Timings = Vec<(MatmulTiling, f64)>;
 
 /// A probe's product: `m, n, k` and whether A and B are transposed.
@@ -170,15 +171,13 @@ impl Device {
             if self.texture_choice(&candidates) {
                 let (plain, textured) =
                     self.time_with_and_without_textures(&candidates, &mut failed)?;
-                let best = |timed: &[(MatmulTiling, f64)]| {
-                    timed.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))
-                };
-                let (chosen, textures) = match (best(&plain), best(&textured)) {
-                    (Some(p), Some(t)) if t.1 < p.1 => (t.0, true),
-                    (Some(p), _) => (p.0, false),
-                    (None, Some(t)) => (t.0, true),
-                    (None, None) => return Err(every_candidate_failed()),
-                };
+                // A tie goes to storage loads (the first of equals).
+                let (chosen, textures, _) = plain
+                    .iter()
+                    .map(|&(t, score)| (t, false, score))
+                    .chain(textured.iter().map(|&(t, score)| (t, true, score)))
+                    .min_by(|a, b| a.2.total_cmp(&b.2))
+                    .ok_or_else(every_candidate_failed)?;
                 (chosen, plain, textured, textures)
             } else {
                 let (chosen, measured) = self.fastest(&candidates, self.probes(), &mut failed)?;
@@ -224,7 +223,7 @@ impl Device {
         candidates: &[MatmulTiling],
         probes: &[Probe],
         failed: &mut Vec<(MatmulTiling, String)>,
-    ) -> Result<(MatmulTiling, Vec<(MatmulTiling, f64)>)> {
+    ) -> Result<(MatmulTiling, Timings)> {
         let mut measured = Vec::with_capacity(candidates.len());
         for &tiling in candidates {
             if failed.iter().any(|(t, _)| *t == tiling) {
