@@ -252,9 +252,7 @@ impl Device {
     fn texture_choice(&self, candidates: &[MatmulTiling]) -> bool {
         self.kernels_for_cpu()
             && self.texture_operands() == crate::TextureOperands::Auto
-            && candidates
-                .iter()
-                .any(|t| matches!(t, MatmulTiling::Subgroup { .. }))
+            && candidates.iter().any(|t| t.has_texture_path())
     }
 
     /// How long the probe shapes take under each candidate with storage
@@ -297,9 +295,9 @@ impl Device {
         };
         let mut pairs: Vec<(MatmulTiling, bool, Vec<f64>)> = Vec::new();
         for &tiling in candidates {
-            let ways: &[bool] = match tiling {
-                MatmulTiling::Subgroup { .. } => &[false, true],
-                _ => &[false],
+            let ways: &[bool] = match tiling.has_texture_path() {
+                true => &[false, true],
+                false => &[false],
             };
             for &textures in ways {
                 // The first run compiles the kernels, and shows whether

@@ -63,6 +63,12 @@ pub enum MatmulTiling {
 }
 
 impl MatmulTiling {
+    /// Whether its kernel can read operands through textures (on CPU
+    /// adapters, with vec4 loads; see [`crate::TextureOperands`]).
+    pub(crate) fn has_texture_path(self) -> bool {
+        matches!(self, MatmulTiling::Subgroup { .. })
+    }
+
     /// What a [`MatmulTiling::Subgroup`] tiling runs on for shapes it cannot take.
     pub const SUBGROUP_FALLBACK: MatmulTiling = MatmulTiling::Register {
         tm: 16,

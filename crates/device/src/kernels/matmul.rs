@@ -720,12 +720,7 @@ impl Device {
         // product 20-60% faster. The autotuner measures which this host is.
         let operand_textures = self.tuning().operand_textures;
         let (a_wanted, b_wanted) = match self.texture_operands() {
-            _ if !(self.kernels_for_cpu()
-                && vec4
-                && matches!(tiling, MatmulTiling::Subgroup { .. })) =>
-            {
-                (false, false)
-            }
+            _ if !(self.kernels_for_cpu() && vec4 && tiling.has_texture_path()) => (false, false),
             TextureOperands::Always => (true, true),
             TextureOperands::Auto => (
                 worth_a && (operand_textures || (spec.trans_b && !spec.trans_a)),
