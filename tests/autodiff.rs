@@ -878,6 +878,48 @@ fn backward_after_an_in_place_write_of_an_input_is_refused() {
 }
 
 #[test]
+fn a_host_copy_answers_reads_until_a_write_through_any_view() {
+    let d = device();
+    let values = random_vec(6, 72, -1.0, 1.0);
+    let x = Tensor::from_slice_with_host_copy(d, &values, &[2, 3]).unwrap();
+    let view = x.reshape(&[3, 2]).unwrap();
+    let detached = x.detach();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().submits;
+    for t in [&x, &view, &detached] {
+        assert_eq!(t.to_vec().unwrap(), values);
+    }
+    assert_eq!(
+        d.dispatch_stats().submits,
+        before,
+        "a read went to the device"
+    );
+    // A graph through a view, then a write through another: every view
+    // reads the new values, and the graph knows its input changed.
+    let leaf = x.clone().requires_grad(true);
+    let y = leaf
+        .reshape(&[3, 2])
+        .unwrap()
+        .square()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let new = random_vec(6, 73, -1.0, 1.0);
+    let new_tensor = Tensor::from_slice(d, &new, &[2, 3]).unwrap();
+    detached.assign(&new_tensor).unwrap();
+    for t in [&x, &view, &detached] {
+        assert_eq!(t.to_vec().unwrap(), new);
+    }
+    let err = y.backward().unwrap_err().to_string();
+    assert!(err.contains("of square was written in place"), "{err}");
+    let err = Tensor::from_slice_with_host_copy(d, &values, &[4])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("shape [4] needs 4 values, got 6"), "{err}");
+}
+
+#[test]
 fn no_grad_detach_and_freezing() {
     let d = device();
     let w = Tensor::uniform(d, &[4], -1.0, 1.0, 1)

@@ -330,6 +330,36 @@ fn embedding_rejects_inputs_that_are_not_ids() {
 }
 
 #[test]
+fn an_embedding_takes_host_copied_ids_without_waiting_for_the_device() {
+    let d = device();
+    let (vocab, dim) = (10, 3);
+    let e = Embedding::new(d, vocab, dim, 1).unwrap().mask_zero();
+    let table = e.table.to_vec().unwrap();
+    let ids = [3.0f32, 0.0, 7.0, 7.0, 1.0, 9.0];
+    let x = Tensor::from_slice_with_host_copy(d, &ids, &[2, 3]).unwrap();
+    d.synchronize().unwrap();
+    let before = d.dispatch_stats().submits;
+    let mut mode = Mode::training(0);
+    let out = e.forward(&x, &mut mode).unwrap();
+    assert_eq!(d.dispatch_stats().submits, before, "the ids were read back");
+    assert_eq!(out.shape(), [2, 3, dim]);
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| table[id as usize * dim..][..dim].to_vec())
+        .collect();
+    assert_eq!(out.to_vec().unwrap(), want);
+    let mask = mode.mask.expect("mask_zero sets a mask").to_vec().unwrap();
+    assert_eq!(mask, [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    // Out-of-range ids are still refused from the host copy.
+    let bad = Tensor::from_slice_with_host_copy(d, &[1.0, 10.0], &[1, 2]).unwrap();
+    let err = e.forward(&bad, &mut Mode::eval()).unwrap_err().to_string();
+    assert!(
+        err.contains("not an id below the vocabulary size 10"),
+        "{err}"
+    );
+}
+
+#[test]
 fn attention_pooling_weighs_the_real_steps_by_softmax_of_their_scores() {
     let d = device();
     let (b, t, f) = (2, 4, 3);

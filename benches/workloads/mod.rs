@@ -79,7 +79,7 @@ pub fn training_step(
     read: bool,
 ) -> anyhow::Result<()> {
     device.together(|| {
-        let x = Tensor::from_slice(device, data, shape)?;
+        let x = Tensor::from_slice_with_host_copy(device, data, shape)?;
         let logits = model.forward(&x, &mut Mode::training(0))?;
         let l = loss::cross_entropy(&logits, labels)?;
         opt.zero_grad();

@@ -403,7 +403,11 @@ impl<O: Optimizer> Trainer<O> {
             let mut tally = Tally::new(&self.device)?;
             for (step, indices) in order.chunks(options.batch_size).enumerate() {
                 train.gather(indices, &mut xb, &mut yb)?;
-                let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), train.features])?;
+                let x = Tensor::from_slice_with_host_copy(
+                    &self.device,
+                    &xb,
+                    &[yb.len(), train.features],
+                )?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
                 let autocast = AutocastGuard::with(options.mixed_precision);
                 // The step's kernels launch together: independent neighbours
@@ -488,7 +492,8 @@ impl<O: Optimizer> Trainer<O> {
         let all: Vec<usize> = (0..data.len()).collect();
         for indices in all.chunks(batch_size) {
             data.gather(indices, &mut xb, &mut yb)?;
-            let x = Tensor::from_slice(&self.device, &xb, &[yb.len(), data.features])?;
+            let x =
+                Tensor::from_slice_with_host_copy(&self.device, &xb, &[yb.len(), data.features])?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
             self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
         }
@@ -509,8 +514,11 @@ impl<O: Optimizer> Trainer<O> {
         let _guard = kiln_graph::NoGradGuard::new();
         let mut probabilities = Vec::new();
         for batch in x.chunks(PREDICT_BATCH * features) {
-            let input =
-                Tensor::from_slice(&self.device, batch, &[batch.len() / features, features])?;
+            let input = Tensor::from_slice_with_host_copy(
+                &self.device,
+                batch,
+                &[batch.len() / features, features],
+            )?;
             let logits = self.model.forward(&input, &mut Mode::eval())?;
             probabilities.extend(logits.softmax()?.to_vec()?);
         }

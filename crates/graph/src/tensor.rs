@@ -47,9 +47,34 @@ impl SplitMix64 {
     }
 }
 
+/// The values a tensor and its views (reshapes, detached copies, recorded
+/// results) share.
+pub(crate) struct Storage {
+    buffer: GpuBuffer,
+    /// Bumped by every in-place write (an optimizer step, [`Tensor::assign`]),
+    /// so a backward pass can tell that an input changed since its forward.
+    /// Shared by views, as PyTorch's version counter is: a write through one
+    /// is a write to all.
+    version: AtomicU64,
+    /// The values as uploaded, for storage made by
+    /// [`Tensor::from_slice_with_host_copy`]; they stand for the buffer until
+    /// the first in-place write.
+    host: Option<Box<[f32]>>,
+}
+
+impl Storage {
+    fn new(buffer: GpuBuffer, host: Option<Box<[f32]>>) -> Arc<Self> {
+        Arc::new(Self {
+            buffer,
+            version: AtomicU64::new(0),
+            host,
+        })
+    }
+}
+
 struct Inner {
     id: u64,
-    buffer: Arc<GpuBuffer>,
+    storage: Arc<Storage>,
     shape: Vec<usize>,
     device: Device,
     /// For leaves: whether gradients are wanted (false freezes a parameter).
@@ -57,9 +82,6 @@ struct Inner {
     requires_grad: AtomicBool,
     grad: Mutex<Option<Tensor>>,
     grad_fn: Option<GradFn>,
-    /// Bumped by every in-place write (an optimizer step, [`Tensor::assign`]),
-    /// so a backward pass can tell that an input changed since its forward.
-    version: AtomicU64,
 }
 
 /// An f32 tensor on a device, row-major and contiguous.
@@ -94,6 +116,18 @@ pub(crate) fn numel_of(shape: &[usize]) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Checks that `data` holds exactly the elements of `shape`.
+fn check_slice_len(op: &'static str, data: &[f32], shape: &[usize]) -> Result<()> {
+    let numel = numel_of(shape);
+    if data.len() != numel {
+        return Err(DeviceError::Shape {
+            op,
+            message: format!("shape {shape:?} needs {numel} values, got {}", data.len()),
+        });
+    }
+    Ok(())
+}
+
 /// The element count of `shape`, checked against the device's buffer limit
 /// before the contents are built on the host: an absurd shape (say, from a
 /// corrupt config) is an error, not an aborted allocation.
@@ -106,7 +140,7 @@ fn host_numel(device: &Device, shape: &[usize]) -> Result<usize> {
 impl Tensor {
     pub(crate) fn from_parts(
         device: &Device,
-        buffer: Arc<GpuBuffer>,
+        storage: Arc<Storage>,
         shape: Vec<usize>,
         grad_fn: Option<GradFn>,
     ) -> Self {
@@ -114,19 +148,27 @@ impl Tensor {
         Self {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                buffer,
+                storage,
                 shape,
                 device: device.clone(),
                 requires_grad: AtomicBool::new(requires_grad),
                 grad: Mutex::new(None),
                 grad_fn,
-                version: AtomicU64::new(0),
             }),
         }
     }
 
     /// Wraps a buffer (f32, or f16 storage) holding `shape` (no graph).
     pub fn from_buffer(device: &Device, buffer: GpuBuffer, shape: &[usize]) -> Result<Self> {
+        Self::from_buffer_and_host(device, buffer, None, shape)
+    }
+
+    fn from_buffer_and_host(
+        device: &Device,
+        buffer: GpuBuffer,
+        host: Option<Box<[f32]>>,
+        shape: &[usize],
+    ) -> Result<Self> {
         let numel = numel_of(shape);
         if buffer.len() != numel || !matches!(buffer.dtype(), DType::F32 | DType::F16) {
             return Err(DeviceError::Shape {
@@ -140,7 +182,7 @@ impl Tensor {
         }
         Ok(Self::from_parts(
             device,
-            Arc::new(buffer),
+            Storage::new(buffer, host),
             shape.to_vec(),
             None,
         ))
@@ -148,14 +190,36 @@ impl Tensor {
 
     /// Uploads `data` as a tensor of `shape`.
     pub fn from_slice(device: &Device, data: &[f32], shape: &[usize]) -> Result<Self> {
-        let numel = numel_of(shape);
-        if data.len() != numel {
-            return Err(DeviceError::Shape {
-                op: "from_slice",
-                message: format!("shape {shape:?} needs {numel} values, got {}", data.len()),
-            });
-        }
+        check_slice_len("from_slice", data, shape)?;
         Self::from_buffer(device, device.upload(data)?, shape)
+    }
+
+    /// Uploads `data` as a tensor of `shape` and keeps a copy on the host, so
+    /// that [`Tensor::to_vec`] answers without waiting for the device until
+    /// the tensor (or a view of it) is written in place. Meant for input
+    /// batches whose values a layer needs on the host, as an embedding needs
+    /// its ids: reading them back would stall the step until the device
+    /// finishes the work before it. `fit`, `evaluate` and `predict` build
+    /// their batches this way.
+    ///
+    /// ```
+    /// # fn main() -> kiln_device::Result<()> {
+    /// use kiln_graph::{Device, Tensor};
+    /// let device = Device::new()?;
+    /// let ids = Tensor::from_slice_with_host_copy(&device, &[3.0, 1.0, 4.0], &[1, 3])?;
+    /// let before = device.dispatch_stats().submits;
+    /// assert_eq!(ids.to_vec()?, [3.0, 1.0, 4.0]);
+    /// assert_eq!(device.dispatch_stats().submits, before); // no trip to the device
+    /// # Ok(()) }
+    /// ```
+    pub fn from_slice_with_host_copy(
+        device: &Device,
+        data: &[f32],
+        shape: &[usize],
+    ) -> Result<Self> {
+        check_slice_len("from_slice_with_host_copy", data, shape)?;
+        let buffer = device.upload(data)?;
+        Self::from_buffer_and_host(device, buffer, Some(data.into()), shape)
     }
 
     /// A tensor of `shape` filled with 0 (no graph).
@@ -228,7 +292,7 @@ impl Tensor {
     pub fn detach(&self) -> Tensor {
         Self::from_parts(
             &self.inner.device,
-            self.inner.buffer.clone(),
+            self.inner.storage.clone(),
             self.inner.shape.clone(),
             None,
         )
@@ -256,17 +320,18 @@ impl Tensor {
 
     /// The GPU buffer holding the elements (f32, or f16 storage).
     pub fn buffer(&self) -> &GpuBuffer {
-        &self.inner.buffer
+        &self.inner.storage.buffer
     }
 
-    pub(crate) fn shared_buffer(&self) -> Arc<GpuBuffer> {
-        self.inner.buffer.clone()
+    /// The storage, for views of the same values.
+    pub(crate) fn shared_storage(&self) -> Arc<Storage> {
+        self.inner.storage.clone()
     }
 
     /// Element type of the storage. Ops compute in f32; f16 tensors are for
     /// storage and are converted with [`Tensor::to_dtype`].
     pub fn dtype(&self) -> DType {
-        self.inner.buffer.dtype()
+        self.buffer().dtype()
     }
 
     /// Converts the storage between f32 and f16; gradients flow back through
@@ -283,12 +348,23 @@ impl Tensor {
         }))
     }
 
-    /// Reads the values back as f32 (waits for the GPU).
+    /// Reads the values back as f32 (waits for the GPU, unless the tensor
+    /// keeps a host copy: see [`Tensor::from_slice_with_host_copy`]).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        match self.dtype() {
-            DType::F16 => self.inner.device.read_f16_as_f32(&self.inner.buffer),
-            _ => self.inner.device.read::<f32>(&self.inner.buffer),
+        if let Some(values) = self.host_copy() {
+            return Ok(values.to_vec());
         }
+        match self.dtype() {
+            DType::F16 => self.inner.device.read_f16_as_f32(self.buffer()),
+            _ => self.inner.device.read::<f32>(self.buffer()),
+        }
+    }
+
+    /// The host copy of the values, while it still matches the buffer.
+    fn host_copy(&self) -> Option<&[f32]> {
+        let storage = &self.inner.storage;
+        let unwritten = storage.version.load(Ordering::Acquire) == 0;
+        storage.host.as_deref().filter(|_| unwritten)
     }
 
     /// The value of a one-element tensor.
@@ -306,14 +382,14 @@ impl Tensor {
         self.inner.id
     }
 
-    /// In-place writes so far (see `Inner::version`).
+    /// In-place writes so far (see `Storage::version`).
     pub(crate) fn version(&self) -> u64 {
-        self.inner.version.load(Ordering::Acquire)
+        self.inner.storage.version.load(Ordering::Acquire)
     }
 
     /// Records an in-place write of the values.
     pub(crate) fn bump_version(&self) {
-        self.inner.version.fetch_add(1, Ordering::AcqRel);
+        self.inner.storage.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Overwrites the values in place with `values` (same shape and type),

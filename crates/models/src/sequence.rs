@@ -10,8 +10,10 @@ use kiln_graph::{Device, SplitMix64, Tensor};
 /// initialisation in [-0.05, 0.05]). With `mask_zero`, id 0 is padding: the
 /// layer puts a `[batch, steps]` mask in [`Mode::mask`] for the layers after it.
 ///
-/// The ids are read back to the host, where the backward pass groups repeated
-/// ids (a scatter-add without atomics); that read is one sync point per batch.
+/// The ids are needed on the host, where the backward pass groups repeated
+/// ids (a scatter-add without atomics). Batches built with
+/// [`Tensor::from_slice_with_host_copy`] (as `fit` builds them) carry them
+/// there; other inputs are read back, a wait for the device once per batch.
 pub struct Embedding {
     /// `[vocab, dim]` embedding vectors, one row per id.
     pub table: Tensor,

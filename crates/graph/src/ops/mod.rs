@@ -52,7 +52,7 @@ pub(crate) fn record_factored(
     };
     Tensor::from_parts(
         out.device(),
-        out.shared_buffer(),
+        out.shared_storage(),
         out.shape().to_vec(),
         Some(grad_fn),
     )

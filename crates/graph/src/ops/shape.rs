@@ -17,7 +17,7 @@ impl Tensor {
         if shape == self.shape() {
             return Ok(self.clone());
         }
-        let out = Tensor::from_parts(self.device(), self.shared_buffer(), shape.to_vec(), None);
+        let out = Tensor::from_parts(self.device(), self.shared_storage(), shape.to_vec(), None);
         let in_shape = self.shape().to_vec();
         Ok(record(&[self], out, "reshape", move |g| {
             Ok(vec![Some(g.reshape(&in_shape)?)])
