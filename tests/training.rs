@@ -538,32 +538,25 @@ fn training_step_memory_is_flat_over_1000_steps() {
 
 #[test]
 fn a_repeated_training_step_records_the_same_work_and_builds_no_bind_groups() {
-    // The reference MLP's step as `fit` runs it: one `together` block (the
-    // backward passes open their own inside it). Once warm, every step must
+    // The reference MLP's step as `fit` runs it (`train_on_batch`: one
+    // `together` block, the backward passes open their own inside it).
+    // Once warm, every step must
     // take the same dispatches; one that reads its loss (a submit) must
     // build no bind group, since the pool hands each kernel the buffers it
     // had; one that does not must submit nothing. These are what a GPU step
     // costs the host.
     let d = Device::new().unwrap(); // private statistics
     let model = kiln::zoo::Architecture::Mlp.build(&d, 0).unwrap();
-    let mut opt = Adam::new(model.parameters(), 1e-3);
+    let opt = Adam::new(model.parameters(), 1e-3);
+    let mut trainer = kiln::train::Trainer::new(model, opt, &d);
     let x = random_vec(32 * 784, 70, 0.0, 1.0);
     let labels: Vec<u32> = (0..32).map(|i| i % 10).collect();
     let mut step = |read: bool| {
         let before = d.dispatch_stats();
-        d.together(|| -> anyhow::Result<()> {
-            let xt = Tensor::from_slice(&d, &x, &[32, 784])?;
-            let logits = model.forward(&xt, &mut kiln::models::Mode::training(0))?;
-            let l = loss::cross_entropy(&logits, &labels)?;
-            opt.zero_grad();
-            l.backward()?;
-            opt.step()?;
-            if read {
-                l.item()?;
-            }
-            Ok(())
-        })
-        .unwrap();
+        let loss = trainer.train_on_batch(&x, &labels).unwrap();
+        if read {
+            loss.item().unwrap();
+        }
         let after = d.dispatch_stats();
         (
             after.dispatches - before.dispatches,
@@ -681,6 +674,64 @@ fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
     let err = trainer.fit(&data, &more).unwrap_err().to_string();
     assert!(err.contains("learning rate NaN"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_on_batch_takes_the_step_fit_takes_and_refuses_bad_batches() {
+    use kiln::data::Dataset;
+    use kiln::train::Loss;
+    let (x, y) = circle_data(48, 85);
+    // One epoch of one batch: fit's step over the whole (shuffled) data is
+    // train_on_batch's over it in order, up to the order of the sums.
+    let mut fitted = circle_trainer(0.5);
+    let data = Dataset::new(2, x.clone(), y.clone(), 2).unwrap();
+    fitted.fit(&data, &quiet(1, 48)).unwrap();
+    let mut stepped = circle_trainer(0.5);
+    let params = |t: &kiln::train::Trainer<Sgd>| -> Vec<f32> {
+        let tensors = t.model.parameters();
+        tensors.iter().flat_map(|p| p.to_vec().unwrap()).collect()
+    };
+    let before = params(&stepped);
+    let loss = stepped.train_on_batch(&x, &y).unwrap();
+    assert_eq!(loss.shape(), [] as [usize; 0]);
+    let first = loss.item().unwrap();
+    let (want, got) = (params(&fitted), params(&stepped));
+    let moved = before.iter().zip(&got).filter(|(a, b)| a != b).count();
+    assert!(
+        moved > before.len() / 2,
+        "{moved} of {} moved",
+        before.len()
+    );
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert!(
+            (w - g).abs() <= 1e-5 + 1e-5 * w.abs(),
+            "parameter {i}: fit {w}, stepped {g}"
+        );
+    }
+    // More steps on the batch lower its loss.
+    for _ in 0..20 {
+        stepped.train_on_batch(&x, &y).unwrap();
+    }
+    let later = stepped.train_on_batch(&x, &y).unwrap().item().unwrap();
+    assert!(later < first, "loss {first} -> {later}");
+    // Bad batches are refused with what is wrong, for either loss.
+    let err = stepped.train_on_batch(&x[1..], &y).unwrap_err().to_string();
+    assert!(
+        err.contains("do not make 48 samples of equal size"),
+        "{err}"
+    );
+    let err = stepped.train_on_batch(&[], &[]).unwrap_err().to_string();
+    assert!(err.contains("0 inputs do not make 0 samples"), "{err}");
+    let mislabelled: Vec<u32> = y.iter().map(|&l| l + 1).collect();
+    for loss in [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError] {
+        stepped.loss = loss;
+        let err = stepped.train_on_batch(&x, &mislabelled).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("label 2 out of range for 2 classes"),
+            "{loss:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -882,6 +933,7 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
             trainer.fit(&data, &options).unwrap_err(),
             trainer.evaluate(&data, 16).unwrap_err(),
             trainer.predict(&x, 2).unwrap_err(),
+            trainer.train_on_batch(&x, &data.y).unwrap_err(),
         ] {
             assert!(err.to_string().contains("end the model on logits"), "{err}");
         }

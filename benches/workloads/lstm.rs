@@ -5,6 +5,7 @@
 
 use crate::support::{self, Row};
 use kiln::graph::optim::Adam;
+use kiln::train::Trainer;
 use kiln::zoo::{Architecture, TEXT_LENGTH, TEXT_VOCAB};
 use kiln::Device;
 
@@ -14,7 +15,8 @@ const WINDOWS: usize = 3;
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let model = Architecture::Lstm.build(device, 0)?;
-    let mut opt = Adam::new(model.parameters(), 1e-3);
+    let opt = Adam::new(model.parameters(), 1e-3);
+    let mut trainer = Trainer::new(model, opt, device);
     // Reviews of varied length: 60..200 real tokens, then padding.
     let ids: Vec<f32> = (0..BATCH * TEXT_LENGTH)
         .map(|i| {
@@ -27,10 +29,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         })
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
-    let mut step = || {
-        let batch = (&ids[..], &[BATCH, TEXT_LENGTH][..]);
-        super::training_step(device, &model, &mut opt, batch, &labels, false)
-    };
+    let mut step = || super::training_step(&mut trainer, &ids, &labels, false);
     for _ in 0..2 {
         step()?;
     }

@@ -9,8 +9,7 @@ pub mod mlp;
 
 use crate::support::Row;
 use kiln::graph::optim::Optimizer;
-use kiln::graph::{loss, Tensor};
-use kiln::models::{Mode, Sequential};
+use kiln::train::Trainer;
 use kiln::Device;
 
 /// A workload: its name (what `cargo bench --bench suite -- NAME` selects) and
@@ -66,28 +65,19 @@ pub fn maybe_profile(
     Ok(())
 }
 
-/// One training step of a classifier as `fit` runs it: the batch (`data` in
-/// `shape`) uploaded, forward, cross-entropy, backward and the optimizer's
-/// update, all launched together (see `Device::together`); with `read`, the
-/// loss is read back, which waits for the device.
+/// One training step of a classifier as `fit` runs it
+/// (`Trainer::train_on_batch`: the batch uploaded, forward, loss, backward
+/// and the update, launched together); with `read`, the loss is read back,
+/// which waits for the device.
 pub fn training_step(
-    device: &Device,
-    model: &Sequential,
-    opt: &mut impl Optimizer,
-    (data, shape): (&[f32], &[usize]),
+    trainer: &mut Trainer<impl Optimizer>,
+    x: &[f32],
     labels: &[u32],
     read: bool,
 ) -> anyhow::Result<()> {
-    device.together(|| {
-        let x = Tensor::from_slice_with_host_copy(device, data, shape)?;
-        let logits = model.forward(&x, &mut Mode::training(0))?;
-        let l = loss::cross_entropy(&logits, labels)?;
-        opt.zero_grad();
-        l.backward()?;
-        opt.step()?;
-        if read {
-            l.item()?;
-        }
-        Ok(())
-    })
+    let loss = trainer.train_on_batch(x, labels)?;
+    if read {
+        loss.item()?;
+    }
+    Ok(())
 }

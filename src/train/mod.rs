@@ -215,6 +215,18 @@ pub struct Trainer<O: Optimizer> {
     /// (PyTorch's `GradScaler` defaults; set another to change them). Its
     /// scale and counts go into checkpoints, and `resume` puts them back.
     pub loss_scaler: LossScaler,
+    /// Calls of `train_on_batch` so far, which seed its dropout masks.
+    batches_trained: u64,
+}
+
+/// One batch for a training step: `labels.len()` samples of `features`
+/// inputs each, labelled among `classes` (by default, the model's outputs).
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    x: &'a [f32],
+    labels: &'a [u32],
+    features: usize,
+    classes: Option<usize>,
 }
 
 /// Loss sum and correct count of a pass, kept on the device until read.
@@ -307,6 +319,12 @@ fn columns_before_labels(
 }
 
 fn one_hot(device: &Device, labels: &[u32], classes: usize) -> kiln_graph::Result<Tensor> {
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+        return Err(kiln_graph::DeviceError::Shape {
+            op: "loss",
+            message: format!("label {bad} out of range for {classes} classes"),
+        });
+    }
     let mut v = vec![0.0f32; labels.len() * classes];
     for (i, &l) in labels.iter().enumerate() {
         v[i * classes + l as usize] = 1.0;
@@ -327,6 +345,7 @@ impl<O: Optimizer> Trainer<O> {
             history: History::default(),
             metadata: HashMap::new(),
             loss_scaler: LossScaler::new(),
+            batches_trained: 0,
         }
     }
 
@@ -403,30 +422,14 @@ impl<O: Optimizer> Trainer<O> {
             let mut tally = Tally::new(&self.device)?;
             for (step, indices) in order.chunks(options.batch_size).enumerate() {
                 train.gather(indices, &mut xb, &mut yb)?;
-                let x = Tensor::from_slice_with_host_copy(
-                    &self.device,
-                    &xb,
-                    &[yb.len(), train.features],
-                )?;
                 let seed = (options.seed as u32) ^ ((epoch * 1_000_003 + step) as u32);
-                let autocast = AutocastGuard::with(options.mixed_precision);
-                // The step's kernels launch together: independent neighbours
-                // share a dispatch, and the small ones at the head (output
-                // layer, loss, its gradient) chain into one.
-                self.device.together(|| -> Result<()> {
-                    let logits = self.model.forward(&x, &mut Mode::training(seed))?;
-                    let loss = self.loss.compute(&logits, &yb, train.classes, &mut tally)?;
-                    self.optimizer.zero_grad();
-                    if options.mixed_precision {
-                        self.loss_scaler.backward(&loss)?;
-                        self.loss_scaler.step(&mut self.optimizer)?;
-                    } else {
-                        loss.backward()?;
-                        self.optimizer.step()?;
-                    }
-                    Ok(())
-                })?;
-                drop(autocast);
+                let batch = Batch {
+                    x: &xb,
+                    labels: &yb,
+                    features: train.features,
+                    classes: Some(train.classes),
+                };
+                self.train_step(batch, seed, options.mixed_precision, &mut tally)?;
                 // Reading metrics syncs with the device: only now and then.
                 if step % 50 == 49 || step + 1 == steps {
                     let (l, a) = tally.read()?;
@@ -481,6 +484,93 @@ impl<O: Optimizer> Trainer<O> {
             }
         }
         Ok(history)
+    }
+
+    /// Records one optimisation step on `batch`: forward, loss (added to
+    /// `tally`), backward and the update. Nothing waits for the device.
+    fn train_step(
+        &mut self,
+        batch: Batch<'_>,
+        seed: u32,
+        mixed_precision: bool,
+        tally: &mut Tally,
+    ) -> Result<Tensor> {
+        let Batch {
+            x,
+            labels,
+            features,
+            classes,
+        } = batch;
+        // With a host copy, a layer that needs the inputs on the host (an
+        // embedding's ids) takes them without waiting for the device.
+        let x = Tensor::from_slice_with_host_copy(&self.device, x, &[labels.len(), features])?;
+        let _autocast = AutocastGuard::with(mixed_precision);
+        // The step's kernels launch together: independent neighbours
+        // share a dispatch, and the small ones at the head (output
+        // layer, loss, its gradient) chain into one.
+        self.device.together(|| -> Result<Tensor> {
+            let logits = self.model.forward(&x, &mut Mode::training(seed))?;
+            let classes = classes.unwrap_or_else(|| logits.shape().last().copied().unwrap_or(1));
+            let loss = self.loss.compute(&logits, labels, classes, tally)?;
+            self.optimizer.zero_grad();
+            if mixed_precision {
+                self.loss_scaler.backward(&loss)?;
+                self.loss_scaler.step(&mut self.optimizer)?;
+            } else {
+                loss.backward()?;
+                self.optimizer.step()?;
+            }
+            Ok(loss.detach())
+        })
+    }
+
+    /// One optimisation step on one batch, as `fit` takes them (Keras's
+    /// `train_on_batch`), for loops of your own: `x` holds `labels.len()`
+    /// samples, their features one after another. Returns the batch's mean
+    /// loss as a scalar on the device: the step is recorded, not waited for,
+    /// and reading the loss (`item`) waits for it. Dropout draws new masks
+    /// at every call; products run in f32.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use kiln::graph::optim::Adam;
+    /// use kiln::{train::Trainer, zoo::Architecture, Device};
+    /// let device = Device::new()?;
+    /// let model = Architecture::Mlp.build(&device, 0)?;
+    /// let optimizer = Adam::new(model.parameters(), 1e-3);
+    /// let mut trainer = Trainer::new(model, optimizer, &device);
+    /// // Two MNIST-sized samples, labelled 3 and 7.
+    /// let x: Vec<f32> = (0..2 * 784).map(|i| (i % 7) as f32 / 7.0).collect();
+    /// let labels = [3, 7];
+    /// let first = trainer.train_on_batch(&x, &labels)?.item()?;
+    /// for _ in 0..10 {
+    ///     trainer.train_on_batch(&x, &labels)?; // no wait for the device
+    /// }
+    /// let later = trainer.train_on_batch(&x, &labels)?.item()?;
+    /// assert!(later < first, "steps on one batch lower its loss: {first} -> {later}");
+    /// # Ok(()) }
+    /// ```
+    pub fn train_on_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<Tensor> {
+        self.check_outputs_logits()?;
+        check_learning_rate("learning rate", self.optimizer.learning_rate())?;
+        if labels.is_empty() || x.is_empty() || x.len() % labels.len() != 0 {
+            return Err(ModelError::Invalid(format!(
+                "train_on_batch: {} inputs do not make {} samples of equal size",
+                x.len(),
+                labels.len()
+            )));
+        }
+        let features = x.len() / labels.len();
+        let seed = self.batches_trained as u32 ^ 0x5EED_BA7C;
+        self.batches_trained = self.batches_trained.wrapping_add(1);
+        let mut tally = Tally::new(&self.device)?;
+        let batch = Batch {
+            x,
+            labels,
+            features,
+            classes: None,
+        };
+        self.train_step(batch, seed, false, &mut tally)
     }
 
     /// Mean loss and accuracy over `data`, without training.
