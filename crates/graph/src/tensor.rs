@@ -200,7 +200,9 @@ impl Tensor {
     /// batches whose values a layer needs on the host, as an embedding needs
     /// its ids: reading them back would stall the step until the device
     /// finishes the work before it. `fit`, `evaluate` and `predict` build
-    /// their batches this way.
+    /// their batches this way. Writes made with device calls on
+    /// [`Tensor::buffer`] go unseen by the copy: write with
+    /// [`Tensor::assign`].
     ///
     /// ```
     /// # fn main() -> kiln_device::Result<()> {
