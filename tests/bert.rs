@@ -172,13 +172,7 @@ fn tiny_config() -> BertConfig {
         num_attention_heads: 2,
         intermediate_size: 12,
         max_position_embeddings: 16,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        hidden_act: "gelu".into(),
-        position_embedding_type: "absolute".into(),
-        model_type: None,
-        hidden_dropout_prob: 0.1,
-        attention_probs_dropout_prob: 0.1,
+        ..BertConfig::default()
     }
 }
 

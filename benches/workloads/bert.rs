@@ -18,19 +18,10 @@ const WINDOWS: usize = 2;
 
 fn minilm() -> BertConfig {
     BertConfig {
-        vocab_size: 30_522,
         hidden_size: 384,
         num_hidden_layers: 6,
-        num_attention_heads: 12,
         intermediate_size: 1536,
-        max_position_embeddings: 512,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-        hidden_act: "gelu".into(),
-        position_embedding_type: "absolute".into(),
-        model_type: None,
-        hidden_dropout_prob: 0.1,
-        attention_probs_dropout_prob: 0.1,
+        ..BertConfig::default()
     }
 }
 

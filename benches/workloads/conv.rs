@@ -3,9 +3,7 @@
 //! whole model, against PyTorch CPU.
 
 use crate::support::{self, Row, StepCounts};
-use kiln::graph::optim::Adam;
 use kiln::graph::{Conv2d, Tensor};
-use kiln::train::Trainer;
 use kiln::zoo::Architecture;
 use kiln::Device;
 use std::time::{Duration, Instant};
@@ -133,13 +131,8 @@ fn time_conv(device: &Device, case: &ConvCase) -> anyhow::Result<f64> {
 }
 
 fn model_samples_per_second(device: &Device, profile: bool) -> anyhow::Result<(f64, StepCounts)> {
-    let model = Architecture::Cnn.build(device, 0)?;
-    let opt = Adam::new(model.parameters(), 1e-3);
-    let mut trainer = Trainer::new(model, opt, device);
-    let x: Vec<f32> = (0..BATCH * 784)
-        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
-        .collect();
-    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let mut trainer = super::adam_trainer(device, Architecture::Cnn)?;
+    let (x, labels) = super::mnist_like_batch(BATCH);
     let mut step = || super::training_step(&mut trainer, &x, &labels, false);
     for _ in 0..3 {
         step()?;

@@ -4,8 +4,6 @@
 //! reference, over the padded batch without masking.
 
 use crate::support::{self, Row};
-use kiln::graph::optim::Adam;
-use kiln::train::Trainer;
 use kiln::zoo::{Architecture, TEXT_LENGTH, TEXT_VOCAB};
 use kiln::Device;
 
@@ -14,9 +12,7 @@ const STEPS: usize = 10;
 const WINDOWS: usize = 3;
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
-    let model = Architecture::Lstm.build(device, 0)?;
-    let opt = Adam::new(model.parameters(), 1e-3);
-    let mut trainer = Trainer::new(model, opt, device);
+    let mut trainer = super::adam_trainer(device, Architecture::Lstm)?;
     // Reviews of varied length: 60..200 real tokens, then padding.
     let ids: Vec<f32> = (0..BATCH * TEXT_LENGTH)
         .map(|i| {

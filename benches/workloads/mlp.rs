@@ -2,8 +2,6 @@
 //! 32) against PyTorch CPU.
 
 use crate::support::{self, Row};
-use kiln::graph::optim::Adam;
-use kiln::train::Trainer;
 use kiln::zoo::Architecture;
 use kiln::Device;
 
@@ -13,13 +11,8 @@ const STEPS: usize = 400;
 const WINDOWS: usize = 5;
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
-    let model = Architecture::Mlp.build(device, 0)?;
-    let opt = Adam::new(model.parameters(), 1e-3);
-    let mut trainer = Trainer::new(model, opt, device);
-    let x: Vec<f32> = (0..BATCH * 784)
-        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
-        .collect();
-    let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    let mut trainer = super::adam_trainer(device, Architecture::Mlp)?;
+    let (x, labels) = super::mnist_like_batch(BATCH);
     let mut step = |read: bool| super::training_step(&mut trainer, &x, &labels, read);
     for _ in 0..20 {
         step(true)?;

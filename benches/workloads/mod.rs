@@ -8,8 +8,9 @@ pub mod matmul;
 pub mod mlp;
 
 use crate::support::Row;
-use kiln::graph::optim::Optimizer;
+use kiln::graph::optim::{Adam, Optimizer};
 use kiln::train::Trainer;
+use kiln::zoo::Architecture;
 use kiln::Device;
 
 /// A workload: its name (what `cargo bench --bench suite -- NAME` selects) and
@@ -63,6 +64,24 @@ pub fn maybe_profile(
     crate::support::print_profile(&device.profile(), 25);
     device.set_profiling(false)?;
     Ok(())
+}
+
+/// A reference model with Adam at 1e-3 (the references' optimizer), ready
+/// to train.
+pub fn adam_trainer(device: &Device, architecture: Architecture) -> anyhow::Result<Trainer<Adam>> {
+    let model = architecture.build(device, 0)?;
+    let optimizer = Adam::new(model.parameters(), 1e-3);
+    Ok(Trainer::new(model, optimizer, device))
+}
+
+/// `n` MNIST-shaped samples (784 pixels in [0, 1]) and labels cycling
+/// through the ten classes: what the MLP and CNN steps train on.
+pub fn mnist_like_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
+    let x = (0..n * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
+    let labels = (0..n as u32).map(|i| i % 10).collect();
+    (x, labels)
 }
 
 /// One training step of a classifier as `fit` runs it

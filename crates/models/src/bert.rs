@@ -46,12 +46,50 @@ pub struct BertConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
     /// Dropout after the embeddings and after each block's sublayers, in training
-    /// mode; in `[0, 1)`, default 0.
+    /// mode; in `[0, 1)`. 0 where a `config.json` leaves it out;
+    /// [`BertConfig::default`] has 0.1, as Hugging Face's.
     #[serde(default)]
     pub hidden_dropout_prob: f32,
-    /// Dropout on the attention weights, in training mode; in `[0, 1)`, default 0.
+    /// Dropout on the attention weights, in training mode; in `[0, 1)`. 0
+    /// where a `config.json` leaves it out; 0.1 in [`BertConfig::default`].
     #[serde(default)]
     pub attention_probs_dropout_prob: f32,
+}
+
+/// BERT-base's shape (`bert-base-uncased`, as Hugging Face's `BertConfig()`
+/// defaults): 12 blocks of width 768, 12 heads, feed-forward 3072, the
+/// 30,522-token WordPiece vocabulary, dropout 0.1. Other sizes override
+/// fields:
+///
+/// ```
+/// use kiln_models::bert::BertConfig;
+/// // all-MiniLM-L6-v2's shape.
+/// let minilm = BertConfig {
+///     hidden_size: 384,
+///     num_hidden_layers: 6,
+///     intermediate_size: 1536,
+///     ..BertConfig::default()
+/// };
+/// assert_eq!(minilm.hidden_size / minilm.num_attention_heads, 32);
+/// ```
+impl Default for BertConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 30_522,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: default_act(),
+            position_embedding_type: default_positions(),
+            model_type: None,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+        }
+    }
 }
 
 fn default_act() -> String {
