@@ -19,7 +19,11 @@
 // the first maximum winning ties) to `hits[0]`. With TALLY (and TOTAL) it also adds the sum of
 // the row losses before loss_scale to `tally[0]` and the correct count to
 // `tally[1]`: a training loop's running totals, updated in place.
-// Prepended: WG (power of two), LOG, BIAS, CROSS_ENTROPY, TOTAL, TALLY.
+// Rows are read W columns per access (`Vec`: f32, or vec4<f32> where rows are
+// whole vec4s and each invocation owns its rows: CPU adapters pay per load,
+// not per byte); `c` and the row bases count Vecs, labels count columns.
+// Prepended: WG (power of two), LOG, BIAS, CROSS_ENTROPY, TOTAL, TALLY, and
+// W with its helpers (`Vec`, `Cols`, `hmax`, `hsum`, `lane_of`, `columns`).
 
 struct Params {
     rows: u32,
@@ -33,21 +37,31 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Vec>;
+@group(0) @binding(2) var<storage, read> bias: array<Vec>;
+@group(0) @binding(3) var<storage, read_write> out: array<Vec>;
 @group(0) @binding(4) var<storage, read> labels: array<u32>;
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> total: array<f32>;
 @group(0) @binding(7) var<storage, read_write> hits: array<f32>;
 @group(0) @binding(8) var<storage, read_write> tally: array<f32>;
 
-fn z(base: u32, bias_base: u32, c: u32) -> f32 {
+fn z(base: u32, bias_base: u32, c: u32) -> Vec {
     var v = p.scale * x[base + c];
     if (BIAS) {
         v += bias[bias_base + c];
     }
     return v;
+}
+
+// Column `col` (counted in columns) of the row at `base`.
+fn z_column(base: u32, bias_base: u32, col: u32) -> f32 {
+    return lane_of(z(base, bias_base, col / W), col % W);
+}
+
+// Vecs per row.
+fn row_vecs() -> u32 {
+    return p.cols / W;
 }
 
 // Two parts of a row as (max, sum of exp(z - max)), merged into the whole's.
@@ -59,15 +73,15 @@ fn row_combine(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
 
 // (max, sum of exp(z - max)) over columns first, first + step, ... of a row.
 fn part_stats(row: u32, first: u32, step: u32) -> vec2<f32> {
-    let base = row * p.cols;
-    let bias_base = (row / p.rows_per_bias) * p.cols;
+    let base = row * row_vecs();
+    let bias_base = (row / p.rows_per_bias) * row_vecs();
     var m = -3.4028235e38;
-    for (var c = first; c < p.cols; c += step) {
-        m = max(m, z(base, bias_base, c));
+    for (var c = first; c < row_vecs(); c += step) {
+        m = max(m, hmax(z(base, bias_base, c)));
     }
     var s = 0.0;
-    for (var c = first; c < p.cols; c += step) {
-        s += exp(z(base, bias_base, c) - m);
+    for (var c = first; c < row_vecs(); c += step) {
+        s += hsum(exp(z(base, bias_base, c) - m));
     }
     return vec2<f32>(m, s);
 }
@@ -75,8 +89,8 @@ fn part_stats(row: u32, first: u32, step: u32) -> vec2<f32> {
 // The output pass over columns first, first + step, ... of a row whose max is
 // `m` and whose sum of exp(z - m) is `s`; `lead` also writes the row's loss.
 fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
-    let base = row * p.cols;
-    let bias_base = (row / p.rows_per_bias) * p.cols;
+    let base = row * row_vecs();
+    let bias_base = (row / p.rows_per_bias) * row_vecs();
     let log_s = log(s);
     let inv_s = 1.0 / s;
     var label = 0u;
@@ -85,10 +99,11 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
         label = labels[row];
         weight = select(0.0, p.loss_scale, label < p.cols);
     }
-    for (var c = first; c < p.cols; c += step) {
+    for (var c = first; c < row_vecs(); c += step) {
         let shifted = z(base, bias_base, c) - m;
         if (CROSS_ENTROPY) {
-            out[base + c] = (exp(shifted) * inv_s - select(0.0, 1.0, c == label)) * weight;
+            let hot = select(Vec(0.0), Vec(1.0), columns(c) == Cols(label));
+            out[base + c] = (exp(shifted) * inv_s - hot) * weight;
         } else if (LOG) {
             out[base + c] = shifted - log_s;
         } else {
@@ -98,7 +113,7 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
     if (CROSS_ENTROPY && lead) {
         var picked = log_s;
         if (label < p.cols) {
-            picked = z(base, bias_base, label) - m;
+            picked = z_column(base, bias_base, label) - m;
         }
         row_loss[row] = (log_s - picked) * weight;
     }
@@ -108,13 +123,13 @@ fn finish_row(row: u32, m: f32, s: f32, first: u32, step: u32, lead: bool) {
 // first column to reach the maximum wins a tie (a row of equal logits
 // predicts class 0, not every class).
 fn label_is_first_max(row: u32, label: u32, m: f32) -> bool {
-    let base = row * p.cols;
-    let bias_base = (row / p.rows_per_bias) * p.cols;
-    if (label >= p.cols || z(base, bias_base, label) < m) {
+    let base = row * row_vecs();
+    let bias_base = (row / p.rows_per_bias) * row_vecs();
+    if (label >= p.cols || z_column(base, bias_base, label) < m) {
         return false;
     }
     for (var c = 0u; c < label; c++) {
-        if (z(base, bias_base, c) >= m) {
+        if (z_column(base, bias_base, c) >= m) {
             return false;
         }
     }

@@ -1356,7 +1356,17 @@ fn reductions_match_reference_on_every_axis_and_strategy() {
 #[test]
 fn softmax_and_log_softmax_match_reference() {
     let d = device();
-    for (rows, cols) in [(1, 1), (1, 7), (33, 65), (5, 1000), (130, 10)] {
+    // Rows of whole vec4s (12, 128) are read four columns at a time where
+    // an invocation takes a row.
+    for (rows, cols) in [
+        (1, 1),
+        (1, 7),
+        (33, 65),
+        (5, 1000),
+        (130, 10),
+        (9, 12),
+        (6, 128),
+    ] {
         // Rows shifted by +-200 check the max subtraction: exp(200)
         // overflows f32, so a kernel without it returns inf and NaN there.
         // The spread of 16 within a row keeps its probabilities above the
@@ -1563,6 +1573,8 @@ fn scaled_softmax_with_a_row_block_bias_matches_reference() {
         (1, 1, 5, 0.5f32),
         (3, 4, 9, 0.125),
         (2, 7, 130, 2.0),
+        (2, 5, 128, 0.25),
+        (3, 2, 16, 1.0),
         (2, 3, 600, 0.7),
     ] {
         let rows = groups * block;

@@ -255,10 +255,14 @@ impl Device {
             _ => None,
         };
         let tallied = tally.is_some();
+        let vec4 = layout.reads_vec4(cols);
         let kernel = self.kernel(
-            &format!("softmax:{log}:{has_bias}:{layout:?}:{cross_entropy}:{total}:{tallied}"),
+            &format!(
+                "softmax:{log}:{has_bias}:{layout:?}:{cross_entropy}:{total}:{tallied}:{vec4}"
+            ),
             || {
-                Specialize::new(&format!("{SRC}\n{}", layout.source()))
+                let width = layout.width_source(cols);
+                Specialize::new(&format!("{width}\n{SRC}\n{}", layout.source()))
                     .constant_u32("WG", ROW_WORKGROUP)
                     .constant_bool("LOG", log)
                     .constant_bool("BIAS", has_bias)
