@@ -8,9 +8,9 @@
 // rows_per_workgroup.wgsl.
 // Prepended: WG, RESIDUAL.
 
-@group(0) @binding(3) var<storage, read> gamma: array<f32>;
-@group(0) @binding(4) var<storage, read> beta: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<Vec>;
+@group(0) @binding(4) var<storage, read> beta: array<Vec>;
+@group(0) @binding(5) var<storage, read_write> out: array<Vec>;
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
 
 @compute @workgroup_size(WG)
@@ -19,21 +19,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (row >= p.rows) {
         return;
     }
-    let base = row * p.cols;
+    let base = row * row_vecs();
     let lane = lid % ROW_LANES;
     let n = f32(p.cols);
     var sum = 0.0;
-    for (var c = lane; c < p.cols; c += ROW_LANES) {
-        sum += xv(base + c);
+    for (var c = lane; c < row_vecs(); c += ROW_LANES) {
+        sum += hsum(xv(base + c));
     }
     let mean = row_reduce(vec2<f32>(sum, 0.0), lid).x / n;
     var sq = 0.0;
-    for (var c = lane; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < row_vecs(); c += ROW_LANES) {
         let d = xv(base + c) - mean;
-        sq += d * d;
+        sq += hsum(d * d);
     }
     let rstd = inverseSqrt(row_reduce(vec2<f32>(sq, 0.0), lid).x / n + p.eps);
-    for (var c = lane; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < row_vecs(); c += ROW_LANES) {
         out[base + c] = (xv(base + c) - mean) * rstd * gamma[c] + beta[c];
     }
     if (lane == 0u) {

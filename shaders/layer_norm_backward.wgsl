@@ -7,11 +7,11 @@
 // rows_per_invocation.wgsl or rows_per_workgroup.wgsl.
 // Prepended: WG, RESIDUAL.
 
-@group(0) @binding(3) var<storage, read> gamma: array<f32>;
-@group(0) @binding(4) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<Vec>;
+@group(0) @binding(4) var<storage, read> g: array<Vec>;
 @group(0) @binding(5) var<storage, read> stats: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
-@group(0) @binding(7) var<storage, read_write> gxhat: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dx: array<Vec>;
+@group(0) @binding(7) var<storage, read_write> gxhat: array<Vec>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -19,20 +19,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (row >= p.rows) {
         return;
     }
-    let base = row * p.cols;
+    let base = row * row_vecs();
     let lane = lid % ROW_LANES;
     let mean = stats[2u * row];
     let rstd = stats[2u * row + 1u];
     // (sum of gg, sum of gg * xhat)
     var sums = vec2<f32>(0.0);
-    for (var c = lane; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < row_vecs(); c += ROW_LANES) {
         let xhat = (xv(base + c) - mean) * rstd;
         let gg = g[base + c] * gamma[c];
-        sums += vec2<f32>(gg, gg * xhat);
+        sums += vec2<f32>(hsum(gg), hsum(gg * xhat));
         gxhat[base + c] = g[base + c] * xhat;
     }
     let means = row_reduce(sums, lid) / f32(p.cols);
-    for (var c = lane; c < p.cols; c += ROW_LANES) {
+    for (var c = lane; c < row_vecs(); c += ROW_LANES) {
         let xhat = (xv(base + c) - mean) * rstd;
         dx[base + c] = rstd * (g[base + c] * gamma[c] - means.x - xhat * means.y);
     }

@@ -23,7 +23,8 @@
 // whole vec4s and each invocation owns its rows: CPU adapters pay per load,
 // not per byte); `c` and the row bases count Vecs, labels count columns.
 // Prepended: WG (power of two), LOG, BIAS, CROSS_ENTROPY, TOTAL, TALLY, and
-// W with its helpers (`Vec`, `Cols`, `hmax`, `hsum`, `lane_of`, `columns`).
+// W with its helpers (`Vec`, `Cols`, `hmax`, `hsum`, `lane_of`, `columns`,
+// `row_vecs`: kernels/rows.rs).
 
 struct Params {
     rows: u32,
@@ -57,11 +58,6 @@ fn z(base: u32, bias_base: u32, c: u32) -> Vec {
 // Column `col` (counted in columns) of the row at `base`.
 fn z_column(base: u32, bias_base: u32, col: u32) -> f32 {
     return lane_of(z(base, bias_base, col / W), col % W);
-}
-
-// Vecs per row.
-fn row_vecs() -> u32 {
-    return p.cols / W;
 }
 
 // Two parts of a row as (max, sum of exp(z - max)), merged into the whole's.

@@ -1233,9 +1233,17 @@ fn layer_norm_gradients() {
     // Short rows, a 3-D input, rows longer than a workgroup is wide, and
     // 201 rows: several workgroups, the last partial, wherever rows share a
     // workgroup (64 to one on CPU adapters).
-    for (i, shape) in [vec![3, 5], vec![2, 3, 7], vec![2, 300], vec![3, 67, 5]]
-        .into_iter()
-        .enumerate()
+    // Rows of whole vec4s (300, 12 columns) are read four at a time where an
+    // invocation takes a row.
+    for (i, shape) in [
+        vec![3, 5],
+        vec![2, 3, 7],
+        vec![2, 300],
+        vec![3, 67, 5],
+        vec![67, 12],
+    ]
+    .into_iter()
+    .enumerate()
     {
         let cols = *shape.last().unwrap();
         let rows: usize = shape.iter().product::<usize>() / cols;
@@ -1260,7 +1268,7 @@ fn layer_norm_gradients() {
 fn add_layer_norm_gradients() {
     // LayerNorm(x + r) in one kernel: both summands get the gradient. 201
     // rows take several workgroups, the last partial, as in layer_norm's.
-    for (i, shape) in [[2, 2, 6], [3, 67, 5]].into_iter().enumerate() {
+    for (i, shape) in [[2, 2, 6], [3, 67, 5], [3, 5, 8]].into_iter().enumerate() {
         let cols = shape[2];
         let rows = shape[0] * shape[1];
         let cpu = move |x: &[Vec<f64>]| {

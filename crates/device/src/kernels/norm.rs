@@ -63,7 +63,7 @@ impl Device {
         if out.is_empty() {
             return Ok(LayerNormOutput { out, stats });
         }
-        let kernel = self.norm_kernel("layer_norm", FORWARD_SRC, residual.is_some())?;
+        let kernel = self.norm_kernel("layer_norm", FORWARD_SRC, residual.is_some(), cols)?;
         let grid = self.row_layout().grid(self, rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
@@ -112,7 +112,12 @@ impl Device {
         if dx.is_empty() {
             return Ok((dx, gxhat));
         }
-        let kernel = self.norm_kernel("layer_norm_backward", BACKWARD_SRC, residual.is_some())?;
+        let kernel = self.norm_kernel(
+            "layer_norm_backward",
+            BACKWARD_SRC,
+            residual.is_some(),
+            cols,
+        )?;
         let grid = self.row_layout().grid(self, rows)?;
         let params = Params {
             rows: to_u32(OP, "rows", rows)?,
@@ -134,13 +139,19 @@ impl Device {
         name: &str,
         source: &'static str,
         residual: bool,
+        cols: usize,
     ) -> Result<std::sync::Arc<crate::kernel::Kernel>> {
         let layout = self.row_layout();
-        self.kernel(&format!("{name}:{residual}:{layout:?}"), || {
-            Specialize::new(&format!("{INPUT_SRC}\n{}\n{source}", layout.source()))
-                .constant_u32("WG", ROW_WORKGROUP)
-                .constant_bool("RESIDUAL", residual)
-                .build()
+        let vec4 = layout.reads_vec4(cols);
+        self.kernel(&format!("{name}:{residual}:{layout:?}:{vec4}"), || {
+            let width = layout.width_source(cols);
+            Specialize::new(&format!(
+                "{width}\n{INPUT_SRC}\n{}\n{source}",
+                layout.source()
+            ))
+            .constant_u32("WG", ROW_WORKGROUP)
+            .constant_bool("RESIDUAL", residual)
+            .build()
         })
     }
 }

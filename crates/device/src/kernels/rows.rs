@@ -9,7 +9,8 @@ use crate::error::Result;
 /// Helpers for a row kernel written once over `Vec`, the unit it reads rows
 /// in: `W` columns per access, `Cols` their column indices, `hmax` / `hsum`
 /// across a `Vec`, `lane_of(v, i)` its column `i`, `columns(c)` the column
-/// indices of `Vec` number `c`.
+/// indices of `Vec` number `c`, `row_vecs()` the `Vec`s in a row of
+/// `p.cols` columns.
 const SCALAR_ROWS: &str = "\
 alias Vec = f32;
 alias Cols = u32;
@@ -18,6 +19,7 @@ fn hmax(v: Vec) -> f32 { return v; }
 fn hsum(v: Vec) -> f32 { return v; }
 fn lane_of(v: Vec, i: u32) -> f32 { return v; }
 fn columns(c: u32) -> Cols { return c; }
+fn row_vecs() -> u32 { return p.cols / W; }
 ";
 const VEC4_ROWS: &str = "\
 alias Vec = vec4<f32>;
@@ -27,6 +29,7 @@ fn hmax(v: Vec) -> f32 { return max(max(v.x, v.y), max(v.z, v.w)); }
 fn hsum(v: Vec) -> f32 { return (v.x + v.y) + (v.z + v.w); }
 fn lane_of(v: Vec, i: u32) -> f32 { return v[i]; }
 fn columns(c: u32) -> Cols { return 4u * c + vec4<u32>(0u, 1u, 2u, 3u); }
+fn row_vecs() -> u32 { return p.cols / W; }
 ";
 
 const PER_INVOCATION_SRC: &str = include_str!("../../../../shaders/rows_per_invocation.wgsl");
