@@ -21,6 +21,7 @@ fn lane_of(v: Vec, i: u32) -> f32 { return v; }
 fn columns(c: u32) -> Cols { return c; }
 fn row_vecs() -> u32 { return p.cols / W; }
 ";
+/// The same helpers over four columns per access.
 const VEC4_ROWS: &str = "\
 alias Vec = vec4<f32>;
 alias Cols = vec4<u32>;
