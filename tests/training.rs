@@ -540,11 +540,10 @@ fn training_step_memory_is_flat_over_1000_steps() {
 fn a_repeated_training_step_records_the_same_work_and_builds_no_bind_groups() {
     // The reference MLP's step as `fit` runs it (`train_on_batch`: one
     // `together` block, the backward passes open their own inside it).
-    // Once warm, every step must
-    // take the same dispatches; one that reads its loss (a submit) must
-    // build no bind group, since the pool hands each kernel the buffers it
-    // had; one that does not must submit nothing. These are what a GPU step
-    // costs the host.
+    // Once warm, every step must take the same dispatches; one that reads
+    // its loss (a submit) must build no bind group, since the pool hands
+    // each kernel the buffers it had; one that does not must submit
+    // nothing. These are what a GPU step costs the host.
     let d = Device::new().unwrap(); // private statistics
     let model = kiln::zoo::Architecture::Mlp.build(&d, 0).unwrap();
     let opt = Adam::new(model.parameters(), 1e-3);
