@@ -9,7 +9,8 @@
 #   kernels.log    the kernel tests, every tiling the tuner can pick
 #   lstm-steps.log the LSTM on its per-step kernels
 #   submit-blocks.log  the MLP and CNN with a submit after every step
-#   no-loop-counters.log  products, MLP and MiniLM without wgpu's loop counters
+#   unchecked.log  products, MLP and MiniLM without wgpu's runtime checks
+#                  (loop counters and index clamps)
 #   tuning/        the autotuner's timings of every candidate
 # Workload names after OUTDIR narrow the suite, as with cargo bench.
 #
@@ -100,12 +101,14 @@ if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
     KILN_SUBMIT_BLOCKS=1 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/submit-blocks" \
         step "submit per step" 60 "$out/submit-blocks.log" "${bench[@]}" mlp conv
 fi
-# The products, the MLP and MiniLM again without wgpu's loop counters
-# (Kiln's figures only): whether the counters cost a GPU anything. This
-# pass tunes its own choice (the cache is keyed by the setting).
+# The products, the MLP and MiniLM again without wgpu's runtime checks: the
+# counter in every loop and the clamp of every index into shared-memory tiles
+# and register arrays (Kiln's figures only). Whether they cost a GPU
+# anything, the tiled products' inner loops above all. This pass tunes its
+# own choice (the cache is keyed by the settings).
 if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
-    KILN_LOOP_COUNTERS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/no-loop-counters" \
-        step "no loop counters" $((deadline + 90 - SECONDS)) "$out/no-loop-counters.log" \
+    KILN_LOOP_COUNTERS=0 KILN_INDEX_CLAMPS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/unchecked" \
+        step "no runtime checks" $((deadline + 90 - SECONDS)) "$out/unchecked.log" \
         "${bench[@]}" matmul mlp bert
 fi
 cat "$out/gpu.txt"

@@ -101,7 +101,8 @@ impl Device {
     /// The cache file of this adapter's tuning. Its name holds the adapter,
     /// Kiln's version and a fingerprint of the candidate kernels' code, so
     /// new drivers and changed kernels are timed afresh; kernels compiled
-    /// without loop counters (`KILN_LOOP_COUNTERS=0`) are tuned apart. On a
+    /// without some of wgpu's runtime checks (`KILN_LOOP_COUNTERS=0`,
+    /// `KILN_INDEX_CLAMPS=0`) are tuned apart. On a
     /// CPU adapter it also holds a fingerprint of the host CPU: its model,
     /// vector extensions and core count.
     pub fn tuning_cache_file(&self) -> PathBuf {
@@ -123,11 +124,7 @@ impl Device {
                 ^ probes_fingerprint(self.probes())
                 ^ probes_fingerprint(self.small_probes().unwrap_or_default())
                 ^ fnv1a(FNV_OFFSET, b"operand textures"),
-            if self.loop_counters() {
-                ""
-            } else {
-                "-no-loop-counters"
-            }
+            self.kernel_checks().cache_suffix()
         );
         let file: String = key
             .chars()

@@ -25,6 +25,45 @@ pub(crate) fn switched_off(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "0")
 }
 
+/// Which of wgpu's runtime checks a device's kernels keep (see
+/// [`Device::kernel`]). Both stay on unless a setting turns one off, to
+/// measure what it costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KernelChecks {
+    /// A counter in every loop (`KILN_LOOP_COUNTERS=0` leaves it out).
+    pub loop_counters: bool,
+    /// Clamped indices into arrays other than storage buffers
+    /// (`KILN_INDEX_CLAMPS=0` leaves them out).
+    pub index_clamps: bool,
+}
+
+impl KernelChecks {
+    fn from_env() -> Self {
+        Self {
+            loop_counters: !switched_off("KILN_LOOP_COUNTERS"),
+            index_clamps: !switched_off("KILN_INDEX_CLAMPS"),
+        }
+    }
+
+    /// Whether every check stays, as wgpu makes kernels by default.
+    pub fn all(self) -> bool {
+        self.loop_counters && self.index_clamps
+    }
+
+    /// What the tuning cache's file name says of the checks left out: a
+    /// kernel's timing depends on them, so each combination is tuned apart.
+    pub fn cache_suffix(self) -> String {
+        let mut suffix = String::new();
+        if !self.loop_counters {
+            suffix += "-no-loop-counters";
+        }
+        if !self.index_clamps {
+            suffix += "-no-index-clamps";
+        }
+        suffix
+    }
+}
+
 /// Whether [`Device::together`] fuses (`KILN_FUSION=0` turns it off, to
 /// compare).
 fn fusion_enabled() -> bool {
@@ -266,8 +305,8 @@ pub struct DeviceShared {
     tuning: Mutex<Tuning>,
     /// f16 products multiply in f16 (see [`Device::set_half_arithmetic`]).
     half_arithmetic: AtomicBool,
-    /// Whether kernels keep wgpu's loop counters (see [`Device::kernel`]).
-    loop_counters: bool,
+    /// Which of wgpu's runtime checks kernels keep (see [`Device::kernel`]).
+    checks: KernelChecks,
     /// Whether an outermost `together` block submits what it recorded (see
     /// [`Device::set_submit_blocks`]).
     submit_blocks: AtomicBool,
@@ -419,7 +458,7 @@ impl Device {
                 param_align,
                 tuning: Mutex::new(tuning),
                 half_arithmetic: AtomicBool::new(false),
-                loop_counters: !switched_off("KILN_LOOP_COUNTERS"),
+                checks: KernelChecks::from_env(),
                 submit_blocks: AtomicBool::new(
                     std::env::var("KILN_SUBMIT_BLOCKS").is_ok_and(|v| v == "1"),
                 ),
@@ -480,10 +519,10 @@ impl Device {
         adapter::kernels_for_cpu(&self.shared.info)
     }
 
-    /// Whether kernels keep wgpu's loop counters (`KILN_LOOP_COUNTERS=0`
-    /// leaves them out; see [`Device::kernel`]).
-    pub(crate) fn loop_counters(&self) -> bool {
-        self.shared.loop_counters
+    /// Which of wgpu's runtime checks kernels keep (`KILN_LOOP_COUNTERS=0`
+    /// and `KILN_INDEX_CLAMPS=0` leave them out; see [`Device::kernel`]).
+    pub(crate) fn kernel_checks(&self) -> KernelChecks {
+        self.shared.checks
     }
 
     /// The raw wgpu device and queue, for code that builds its own pipelines.
@@ -930,12 +969,19 @@ impl Device {
     /// Returns the compiled kernel for `key`, building it from `source()` the first
     /// time. Compilation errors come back as [`DeviceError::Shader`].
     ///
-    /// wgpu adds a counter to every loop so that a loop that never ends
-    /// cannot be assumed away by the driver's compiler; reports on wgpu's
-    /// tracker name shaders it made many times slower. `KILN_LOOP_COUNTERS=0`
-    /// leaves the counters out (bounds checks stay), to compare; the kernel
-    /// must then have no endless loop. On lavapipe it made no difference
-    /// beyond noise (matmul at N=1024, alternating).
+    /// wgpu adds two kinds of runtime checks to every kernel, which settings
+    /// can leave out to measure what they cost (see [`KernelChecks`]):
+    /// - a counter in every loop, so that a loop that never ends cannot be
+    ///   assumed away by the driver's compiler; reports on wgpu's tracker
+    ///   name shaders it made many times slower. `KILN_LOOP_COUNTERS=0`
+    ///   leaves the counters out; the kernel must then have no endless loop.
+    ///   On lavapipe it made no difference beyond noise (matmul at N=1024,
+    ///   alternating).
+    /// - on Vulkan, a clamp of every index into an array that is not a
+    ///   storage buffer (shared-memory tiles, arrays in registers) to the
+    ///   array's last element; the driver's robust buffer access covers the
+    ///   storage buffers. `KILN_INDEX_CLAMPS=0` leaves them out; an index past
+    ///   its array is then undefined behaviour on the device.
     pub fn kernel(&self, key: &str, source: impl FnOnce() -> String) -> Result<Arc<Kernel>> {
         if let Some(k) = lock(&self.shared.kernels).get(key) {
             return Ok(k);
@@ -984,17 +1030,20 @@ impl Device {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let module = match self.shared.loop_counters {
+        let checks = self.shared.checks;
+        let module = match checks.all() {
             true => device.create_shader_module(desc),
-            // SAFETY: bounds checks stay on; only the counter wgpu adds to
-            // every loop, in case it never ends, is left out. Every loop in
-            // Kiln's kernels runs to a bound fixed at dispatch; a kernel
-            // passed in that loops forever would hang the device either way.
+            // SAFETY: only checks a setting asked to leave out are left out,
+            // to measure their cost. Every loop in Kiln's kernels runs to a
+            // bound fixed at dispatch, and every index stays inside its array
+            // (the kernel tests run each kernel's edge cases); a kernel passed
+            // in that breaks either would fail on the device either way.
             false => unsafe {
                 device.create_shader_module_trusted(
                     desc,
                     wgpu::ShaderRuntimeChecks {
-                        force_loop_bounding: false,
+                        force_loop_bounding: checks.loop_counters,
+                        bounds_checks: checks.index_clamps,
                         ..wgpu::ShaderRuntimeChecks::checked()
                     },
                 )
