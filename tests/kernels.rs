@@ -1288,6 +1288,26 @@ fn strided_write_fills_only_its_view() {
     }
     assert_eq!(got, want);
     assert!(d.strided_write(&dst, &[2, 4], &[100, 10], 0, &src).is_err());
+    // A view that reaches an element twice would have invocations racing
+    // for it; such views are refused and leave dst as it was. A transposed
+    // one (strides out of order) is still one-to-one.
+    for (shape, strides) in [([2, 4], [2, 1]), ([4, 2], [1, 2]), ([2, 4], [0, 1])] {
+        let err = d
+            .strided_write(&dst, &shape, &strides, 0, &src)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reaches some elements twice"),
+            "{strides:?}: {err}"
+        );
+    }
+    assert_eq!(d.read::<f32>(&dst).unwrap(), want);
+    d.strided_write(&dst, &[2, 4], &[1, 2], 0, &src).unwrap();
+    let got = d.read::<f32>(&dst).unwrap();
+    for (k, v) in block.iter().enumerate() {
+        let (r, c) = (k / 4, k % 4);
+        assert_eq!(got[r + 2 * c], *v, "element {k}");
+    }
 }
 
 // ----- reductions ------------------------------------------------------------

@@ -1013,6 +1013,16 @@ fn optimizer_settings_that_would_wreck_the_weights_are_refused_at_the_step() {
     assert_eq!(adam.state().unwrap(), OptimizerState::default());
     assert_eq!(beside.to_vec().unwrap(), w0);
 
+    // A parameter listed twice would be updated twice in one dispatch, by
+    // invocations racing for its elements.
+    let mut twice = Adam::new(vec![w.clone(), beside.clone(), w.clone()], 0.1);
+    let err = twice.step().unwrap_err().to_string();
+    assert!(
+        err.contains("parameters 0 and 2 are the same tensor"),
+        "{err}"
+    );
+    assert_eq!(w.to_vec().unwrap(), w0);
+
     // Clipping to 0 or below would stop or reverse training without a sign.
     for bad in [0.0, -1.0, f32::NAN] {
         let err = clip_grad_norm(std::slice::from_ref(&w), bad)

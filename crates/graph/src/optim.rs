@@ -127,8 +127,23 @@ fn read_slots<const KINDS: usize>(
     Ok(slots)
 }
 
-/// The update kernel reads parameters and gradients as f32.
-fn check_dtypes(params: &[Tensor]) -> Result<()> {
+/// What every optimizer checks of its parameters before a step: the update
+/// kernel reads parameters and gradients as f32, and updates each listed
+/// parameter once. One listed twice (or two views of one storage) would be
+/// updated twice in one dispatch, by invocations racing for its elements.
+fn check_params(params: &[Tensor]) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(params.len());
+    for (i, p) in params.iter().enumerate() {
+        if let Some(first) = seen.insert(p.storage_id(), i) {
+            return Err(kiln_device::DeviceError::Shape {
+                op: "optimizer step",
+                message: format!(
+                    "parameters {first} and {i} are the same tensor (or views of one); list \
+                     each parameter once"
+                ),
+            });
+        }
+    }
     for (_, param, grad) in updatable(params) {
         expect_f32("optimizer step", "a parameter", param.buffer())?;
         expect_f32("optimizer step", "a gradient", grad.buffer())?;
@@ -462,7 +477,7 @@ impl Optimizer for Sgd {
                 ("weight decay", self.weight_decay, Allowed::NonNegative),
             ],
         )?;
-        check_dtypes(&self.params)
+        check_params(&self.params)
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
@@ -629,7 +644,7 @@ impl Optimizer for Adam {
                 ("weight decay", self.weight_decay, Allowed::NonNegative),
             ],
         )?;
-        check_dtypes(&self.params)
+        check_params(&self.params)
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {
@@ -759,7 +774,7 @@ impl Optimizer for RmsProp {
                 ("momentum", self.momentum, Allowed::NonNegative),
             ],
         )?;
-        check_dtypes(&self.params)
+        check_params(&self.params)
     }
 
     fn step_scaled(&mut self, grad_scale: f32) -> Result<()> {

@@ -330,6 +330,12 @@ impl Tensor {
         self.inner.storage.clone()
     }
 
+    /// An address that views of the same values share and no other live
+    /// tensor has: which storage this is, for telling aliases apart.
+    pub(crate) fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.inner.storage) as usize
+    }
+
     /// Element type of the storage. Ops compute in f32; f16 tensors are for
     /// storage and are converted with [`Tensor::to_dtype`].
     pub fn dtype(&self) -> DType {

@@ -271,6 +271,39 @@ enum Access {
 const OUTPUT_SLOT: usize = MAX_INPUTS - 1;
 
 /// Checks that a view stays inside `buffer`.
+/// Refuses a view that reaches some element twice: written through, its
+/// invocations would race for that element (the last writer winning, in an
+/// order a GPU does not fix). Taken by stride, each dimension of more than
+/// one element must step past everything the dimensions inside it span, as
+/// in slices, transposes and concatenations' places.
+fn check_one_to_one(op: &'static str, shape: &[usize], strides: &[usize]) -> Result<()> {
+    if shape.contains(&0) {
+        return Ok(());
+    }
+    let mut dims: Vec<(usize, usize)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&n, _)| n > 1)
+        .map(|(&n, &s)| (s, n))
+        .collect();
+    dims.sort_unstable();
+    // The largest offset the dimensions so far reach from the view's start.
+    let mut span = 0usize;
+    for (stride, extent) in dims {
+        if stride <= span {
+            return Err(DeviceError::Shape {
+                op,
+                message: format!(
+                    "the view {shape:?} with strides {strides:?} reaches some elements twice; \
+                     a write needs each element once"
+                ),
+            });
+        }
+        span = span.saturating_add((extent - 1).saturating_mul(stride));
+    }
+    Ok(())
+}
+
 fn check_view(
     op: &'static str,
     buffer: &GpuBuffer,
@@ -558,6 +591,7 @@ impl Device {
         super::expect_f32(OP, "destination", dst)?;
         super::expect_f32(OP, "source", src)?;
         check_view(OP, dst, shape, strides, offset)?;
+        check_one_to_one(OP, shape, strides)?;
         let numel: usize = shape.iter().product();
         if src.len() != numel {
             return Err(DeviceError::Shape {
