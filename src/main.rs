@@ -657,7 +657,16 @@ fn open_trained(path: &Path) -> Result<Trained> {
     let device = Device::new()?;
     let network = model.build(&device, 0)?;
     network.load_weights(path)?;
-    let trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
+    let mut trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
+    // Scored with the loss it was trained on (as `train` wrote it), so
+    // `eval` repeats `train`'s test loss.
+    trainer.loss = match metadata.get("--loss").map(String::as_str) {
+        None => Loss::default(),
+        Some(name) => [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError]
+            .into_iter()
+            .find(|loss| format!("{loss:?}") == name)
+            .with_context(|| format!("{} names an unknown loss {name:?}", path.display()))?,
+    };
     let dataset = metadata
         .get("dataset")
         .and_then(|name| DatasetName::from_str(name, false).ok());

@@ -409,3 +409,50 @@ fn resuming_on_another_dataset_is_refused_and_keeps_the_checkpoint() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn eval_scores_a_checkpoint_with_the_loss_it_was_trained_on() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-eval-mse-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    let run = |args: &[&str]| {
+        let out = kiln().args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The figure after "test loss", as both commands print it.
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("test loss"))
+            .unwrap_or_else(|| panic!("no test loss in:\n{stdout}"));
+        let after = line.split("test loss ").nth(1).unwrap();
+        after.split(',').next().unwrap().to_string()
+    };
+    let trained = run(&[
+        "train",
+        "mlp",
+        "--loss",
+        "mse",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--checkpoint",
+        path.to_str().unwrap(),
+    ]);
+    let scored = run(&[
+        "eval",
+        "--checkpoint",
+        path.to_str().unwrap(),
+        "--limit-test",
+        "64",
+    ]);
+    // A cross-entropy score of the same weights would be several times
+    // larger than the mean squared error of their probabilities.
+    assert_eq!(trained, scored);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -552,7 +552,7 @@ fn a_repeated_training_step_records_the_same_work_and_builds_no_bind_groups() {
     let labels: Vec<u32> = (0..32).map(|i| i % 10).collect();
     let mut step = |read: bool| {
         let before = d.dispatch_stats();
-        let loss = trainer.train_on_batch(&x, &labels).unwrap();
+        let loss = trainer.train_on_batch(&x, 784, &labels).unwrap();
         if read {
             loss.item().unwrap();
         }
@@ -672,6 +672,23 @@ fn a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint() {
     trainer.optimizer.set_learning_rate(f32::NAN);
     let err = trainer.fit(&data, &more).unwrap_err().to_string();
     assert!(err.contains("learning rate NaN"), "{err}");
+
+    // One step per epoch: the epoch's loss is taken before its only update,
+    // so it is finite even when that update wrecks the weights. The weights
+    // are checked too, and the checkpoint keeps epoch 1.
+    let (x, y) = circle_data(32, 81);
+    let data = Dataset::new(2, x, y, 2).unwrap();
+    let mut trainer = circle_trainer(0.1);
+    trainer.fit(&data, &options).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    trainer.optimizer.set_learning_rate(1e38);
+    let err = trainer.fit(&data, &more).unwrap_err().to_string();
+    assert!(
+        err.contains("epoch 2 left weights that are not finite or have exploded")
+            && err.contains("still holds epoch 1"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), saved);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -691,7 +708,7 @@ fn train_on_batch_takes_the_step_fit_takes_and_refuses_bad_batches() {
         tensors.iter().flat_map(|p| p.to_vec().unwrap()).collect()
     };
     let before = params(&stepped);
-    let loss = stepped.train_on_batch(&x, &y).unwrap();
+    let loss = stepped.train_on_batch(&x, 2, &y).unwrap();
     assert_eq!(loss.shape(), [] as [usize; 0]);
     let first = loss.item().unwrap();
     let (want, got) = (params(&fitted), params(&stepped));
@@ -709,22 +726,45 @@ fn train_on_batch_takes_the_step_fit_takes_and_refuses_bad_batches() {
     }
     // More steps on the batch lower its loss.
     for _ in 0..20 {
-        stepped.train_on_batch(&x, &y).unwrap();
+        stepped.train_on_batch(&x, 2, &y).unwrap();
     }
-    let later = stepped.train_on_batch(&x, &y).unwrap().item().unwrap();
+    let later = stepped.train_on_batch(&x, 2, &y).unwrap().item().unwrap();
     assert!(later < first, "loss {first} -> {later}");
     // Bad batches are refused with what is wrong, for either loss.
-    let err = stepped.train_on_batch(&x[1..], &y).unwrap_err().to_string();
+    let err = stepped
+        .train_on_batch(&x[1..], 2, &y)
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("do not make 48 samples of equal size"),
+        err.contains("95 inputs are not 48 samples of 2 features"),
         "{err}"
     );
-    let err = stepped.train_on_batch(&[], &[]).unwrap_err().to_string();
-    assert!(err.contains("0 inputs do not make 0 samples"), "{err}");
+    // A batch that splits evenly into other samples is still refused: the
+    // size of a sample is not guessed from the labels.
+    let err = stepped
+        .train_on_batch(&x, 2, &y[..24])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("96 inputs are not 24 samples of 2 features"),
+        "{err}"
+    );
+    let err = stepped.train_on_batch(&[], 2, &[]).unwrap_err().to_string();
+    assert!(err.contains("0 inputs are not 0 samples"), "{err}");
+    let mut poisoned = x.clone();
+    poisoned[5] = f32::NAN;
+    let err = stepped
+        .train_on_batch(&poisoned, 2, &y)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("input 5 is NaN (sample 2, feature 1)"),
+        "{err}"
+    );
     let mislabelled: Vec<u32> = y.iter().map(|&l| l + 1).collect();
     for loss in [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError] {
         stepped.loss = loss;
-        let err = stepped.train_on_batch(&x, &mislabelled).unwrap_err();
+        let err = stepped.train_on_batch(&x, 2, &mislabelled).unwrap_err();
         assert!(
             err.to_string()
                 .contains("label 2 out of range for 2 classes"),
@@ -932,7 +972,7 @@ fn a_model_ending_in_softmax_is_refused_by_the_logit_losses() {
             trainer.fit(&data, &options).unwrap_err(),
             trainer.evaluate(&data, 16).unwrap_err(),
             trainer.predict(&x, 2).unwrap_err(),
-            trainer.train_on_batch(&x, &data.y).unwrap_err(),
+            trainer.train_on_batch(&x, 2, &data.y).unwrap_err(),
         ] {
             assert!(err.to_string().contains("end the model on logits"), "{err}");
         }
@@ -1169,12 +1209,45 @@ fn resuming_refuses_another_runs_checkpoint_and_changes_nothing() {
     );
     assert_eq!(weights(&reordered.model), fresh);
 
+    // A history that does not parse (early stopping replays it) and a
+    // format this Kiln does not write are refused, not dropped or guessed.
+    let saved = std::fs::read(&path).unwrap();
+    for (key, value, expected) in [
+        (
+            "history",
+            "{\"epochs\": [",
+            "its training history does not parse",
+        ),
+        ("format", "kiln-checkpoint-9", "format kiln-checkpoint-9"),
+    ] {
+        let edited = dir.join("edited.safetensors");
+        std::fs::write(&edited, with_metadata(&saved, key, value)).unwrap();
+        let mut same = momentum_trainer("circles");
+        let err = same.resume(&edited).unwrap_err().to_string();
+        assert!(err.contains(expected), "{key}: {err}");
+        assert_eq!(weights(&same.model), fresh);
+        assert_eq!(same.epochs_done, 0);
+    }
+
     // The same settings resume.
     let mut same = momentum_trainer("circles");
     same.resume(&path).unwrap();
     assert_eq!(same.epochs_done, 1);
     assert_ne!(weights(&same.model), fresh);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A safetensors file's bytes with metadata `key` set to `value`: the
+/// header is JSON after its 8-byte little-endian length.
+fn with_metadata(file: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&file[8..8 + len]).unwrap();
+    header["__metadata__"][key] = serde_json::Value::String(value.into());
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&file[8 + len..]);
+    out
 }
 
 #[test]

@@ -94,7 +94,7 @@ pub fn training_step(
     labels: &[u32],
     read: bool,
 ) -> anyhow::Result<()> {
-    let loss = trainer.train_on_batch(x, labels)?;
+    let loss = trainer.train_on_batch(x, x.len() / labels.len(), labels)?;
     if read {
         loss.item()?;
     }

@@ -164,7 +164,14 @@ pub fn load_encoded_at(
         test: to_dataset(&reviews.test, &vectorizer)?,
         vectorizer,
     };
-    write_encoded(cache, &encoded)?;
+    // The cache only saves the next run this encoding: a directory that
+    // cannot take it (read-only, full) costs that, not this run.
+    if let Err(e) = write_encoded(cache, &encoded) {
+        eprintln!(
+            "kiln: could not cache the encoded reviews in {} ({e}); the next run encodes them again",
+            cache.display()
+        );
+    }
     Ok(encoded)
 }
 

@@ -73,7 +73,7 @@ pub struct EarlyStopping {
     /// Epochs without improvement after which training stops.
     pub patience: usize,
     /// How much lower than the best loss so far an epoch's loss must be to count as
-    /// an improvement.
+    /// an improvement. Its sign is ignored, as Keras ignores it.
     pub min_delta: f32,
 }
 
@@ -110,7 +110,7 @@ impl Patience {
     fn exhausted_by(&mut self, monitored: f32, rule: EarlyStopping) -> bool {
         let improved = match self.best {
             None => true,
-            Some(best) => monitored < best - rule.min_delta,
+            Some(best) => monitored < best - rule.min_delta.abs(),
         };
         if improved {
             self.best = Some(monitored);
@@ -349,16 +349,19 @@ impl<O: Optimizer> Trainer<O> {
         }
     }
 
-    fn check_data(&self, data: &Dataset, batch_size: usize) -> Result<()> {
+    /// Refuses what `op` (`fit` or `evaluate`) cannot run on.
+    fn check_data(&self, op: &'static str, data: &Dataset, batch_size: usize) -> Result<()> {
         self.check_outputs_logits()?;
         data.validate()?;
-        if batch_size == 0 || data.is_empty() {
-            return Err(ModelError::Device(kiln_graph::DeviceError::Shape {
-                op: "fit",
-                message: format!("batch size {batch_size} over {} samples", data.len()),
-            }));
-        }
-        Ok(())
+        let problem = match (batch_size, data.is_empty()) {
+            (0, _) => "the batch size is 0; it must be at least 1",
+            (_, true) => "the dataset has no samples",
+            _ => return Ok(()),
+        };
+        Err(ModelError::Device(kiln_graph::DeviceError::Shape {
+            op,
+            message: problem.into(),
+        }))
     }
 
     /// The losses (and `predict`) apply softmax to the model's output
@@ -382,9 +385,23 @@ impl<O: Optimizer> Trainer<O> {
         Ok(())
     }
 
-    /// Trains for the epochs not yet done; returns their history.
+    /// Trains until [`Trainer::epochs_done`] reaches `options.epochs`, and
+    /// returns the history of the epochs it trained. The count is the
+    /// trainer's total, as Keras's `epochs` counts from `initial_epoch`: a
+    /// resumed run trains only the epochs still missing, and a second `fit`
+    /// with the same `epochs` trains none (ask for more to train on). Early
+    /// stopping that already stopped the run also trains none.
     pub fn fit(&mut self, data: &Dataset, options: &FitOptions) -> Result<History> {
-        self.check_data(data, options.batch_size)?;
+        self.check_data("fit", data, options.batch_size)?;
+        if let Some(es) = options
+            .early_stopping
+            .filter(|es| !es.min_delta.is_finite())
+        {
+            return Err(ModelError::Invalid(format!(
+                "early stopping's min_delta {} must be a finite number",
+                es.min_delta
+            )));
+        }
         check_learning_rate("learning rate", self.optimizer.learning_rate())?;
         let (train, validation) = data
             .split_validation(options.validation_split)
@@ -439,25 +456,36 @@ impl<O: Optimizer> Trainer<O> {
                 }
             }
             let (loss, accuracy) = tally.read()?;
-            if !loss.is_finite() {
-                // Saving now would replace the last good checkpoint with
-                // weights that are no use.
-                bar.finish_and_clear();
-                return Err(ModelError::Invalid(format!(
-                    "training diverged: epoch {epoch}'s loss is {loss}; the checkpoint still holds \
-                     epoch {}; try a lower learning rate (now {})",
-                    self.epochs_done,
-                    self.optimizer.learning_rate()
-                )));
+            // Saving a diverged epoch would replace the last good checkpoint
+            // with weights that are no use. Each step's loss is taken before
+            // its update, so a finite epoch loss does not clear the last
+            // update: the weights themselves are checked too.
+            let mut diverged =
+                (!loss.is_finite()).then(|| format!("epoch {epoch}'s loss is {loss}"));
+            if diverged.is_none() && !self.state_is_finite()? {
+                diverged = Some(format!(
+                    "epoch {epoch} left weights that are not finite or have exploded (beyond 1e19)"
+                ));
             }
             let seconds = start.elapsed().as_secs_f64();
-            let (val_loss, val_accuracy) = if validation.is_empty() {
+            let (val_loss, val_accuracy) = if validation.is_empty() || diverged.is_some() {
                 (None, None)
             } else {
                 let (l, a) = self.evaluate(&validation, options.batch_size.max(256))?;
                 (Some(l), Some(a))
             };
+            if let Some(l) = val_loss.filter(|l| !l.is_finite()) {
+                diverged = Some(format!("epoch {epoch}'s validation loss is {l}"));
+            }
             bar.finish_and_clear();
+            if let Some(what) = diverged {
+                return Err(ModelError::Invalid(format!(
+                    "training diverged: {what}; the checkpoint still holds epoch {}; try a lower \
+                     learning rate (now {})",
+                    self.epochs_done,
+                    self.optimizer.learning_rate()
+                )));
+            }
             let stats = EpochStats {
                 epoch,
                 loss,
@@ -526,10 +554,12 @@ impl<O: Optimizer> Trainer<O> {
 
     /// One optimisation step on one batch, as `fit` takes them (Keras's
     /// `train_on_batch`), for loops of your own: `x` holds `labels.len()`
-    /// samples, their features one after another. Returns the batch's mean
-    /// loss as a scalar on the device: the step is recorded, not waited for,
-    /// and reading the loss (`item`) waits for it. Dropout draws new masks
-    /// at every call; products run in f32.
+    /// samples of `features` values each, one after another (as
+    /// [`Trainer::predict`] takes them). Returns the batch's mean loss as a
+    /// scalar on the device: the step is recorded, not waited for, and
+    /// reading the loss (`item`) waits for it. Dropout draws new masks at
+    /// every call; products run in f32. A batch whose size disagrees with
+    /// its labels, or holds a value that is not finite, is refused.
     ///
     /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -542,25 +572,34 @@ impl<O: Optimizer> Trainer<O> {
     /// // Two MNIST-sized samples, labelled 3 and 7.
     /// let x: Vec<f32> = (0..2 * 784).map(|i| (i % 7) as f32 / 7.0).collect();
     /// let labels = [3, 7];
-    /// let first = trainer.train_on_batch(&x, &labels)?.item()?;
+    /// let first = trainer.train_on_batch(&x, 784, &labels)?.item()?;
     /// for _ in 0..10 {
-    ///     trainer.train_on_batch(&x, &labels)?; // no wait for the device
+    ///     trainer.train_on_batch(&x, 784, &labels)?; // no wait for the device
     /// }
-    /// let later = trainer.train_on_batch(&x, &labels)?.item()?;
+    /// let later = trainer.train_on_batch(&x, 784, &labels)?.item()?;
     /// assert!(later < first, "steps on one batch lower its loss: {first} -> {later}");
     /// # Ok(()) }
     /// ```
-    pub fn train_on_batch(&mut self, x: &[f32], labels: &[u32]) -> Result<Tensor> {
+    pub fn train_on_batch(&mut self, x: &[f32], features: usize, labels: &[u32]) -> Result<Tensor> {
         self.check_outputs_logits()?;
         check_learning_rate("learning rate", self.optimizer.learning_rate())?;
-        if labels.is_empty() || x.is_empty() || x.len() % labels.len() != 0 {
+        if labels.is_empty() || features == 0 || x.len() != labels.len() * features {
             return Err(ModelError::Invalid(format!(
-                "train_on_batch: {} inputs do not make {} samples of equal size",
+                "train_on_batch: {} inputs are not {} samples of {features} features",
                 x.len(),
                 labels.len()
             )));
         }
-        let features = x.len() / labels.len();
+        // As `fit` refuses such data (`Dataset::validate`): one NaN input
+        // would make every weight NaN at this step.
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::Invalid(format!(
+                "train_on_batch: input {i} is {} (sample {}, feature {})",
+                x[i],
+                i / features,
+                i % features
+            )));
+        }
         let seed = self.batches_trained as u32 ^ 0x5EED_BA7C;
         self.batches_trained = self.batches_trained.wrapping_add(1);
         let mut tally = Tally::new(&self.device)?;
@@ -575,7 +614,7 @@ impl<O: Optimizer> Trainer<O> {
 
     /// Mean loss and accuracy over `data`, without training.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f32, f32)> {
-        self.check_data(data, batch_size)?;
+        self.check_data("evaluate", data, batch_size)?;
         let _guard = kiln_graph::NoGradGuard::new();
         let mut tally = Tally::new(&self.device)?;
         let (mut xb, mut yb) = (Vec::new(), Vec::new());
@@ -615,6 +654,27 @@ impl<O: Optimizer> Trainer<O> {
         Ok(probabilities)
     }
 
+    /// Whether every f32 weight and buffer of the model is finite and of a
+    /// size training can still use: one sum of squares per tensor on the
+    /// device and a single read of their total, which a NaN, an infinity or
+    /// a value beyond about 1e19 (whose square overflows) makes infinite or
+    /// NaN. An exploded update leaves weights like that before any loss is.
+    fn state_is_finite(&self) -> Result<bool> {
+        let _guard = kiln_graph::NoGradGuard::new();
+        let mut total: Option<Tensor> = None;
+        for (_, t) in self.model.named_state() {
+            if t.dtype() != kiln_graph::device::DType::F32 || t.numel() == 0 {
+                continue;
+            }
+            let sum = t.detach().square()?.sum_all()?;
+            total = Some(match total {
+                Some(acc) => acc.add(&sum)?,
+                None => sum,
+            });
+        }
+        Ok(total.map_or(Ok(true), |t| t.item().map(f32::is_finite))?)
+    }
+
     /// Saves weights, optimizer state and progress to one safetensors file,
     /// atomically (a kill mid-save leaves the previous checkpoint intact).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
@@ -633,7 +693,7 @@ impl<O: Optimizer> Trainer<O> {
             ("history".to_string(), self.history.to_json()),
             ("optimizer_step".to_string(), state.step.to_string()),
             ("optimizer_params".to_string(), self.optimizer_params()),
-            ("format".to_string(), "kiln-checkpoint-1".to_string()),
+            ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
         ]);
         let scaler = &self.loss_scaler;
         metadata.extend([
@@ -704,6 +764,13 @@ impl<O: Optimizer> Trainer<O> {
                     ))
                 })
         };
+        // Checkpoints from before the format tag have none.
+        if let Some(format) = metadata.get("format").filter(|f| *f != CHECKPOINT_FORMAT) {
+            return Err(bad(format!(
+                "it is in format {}, this Kiln reads {CHECKPOINT_FORMAT}",
+                abbreviate(format)
+            )));
+        }
         let (step, epochs_done) = (field("optimizer_step")?, field("epoch")?);
         let epochs_done = usize::try_from(epochs_done)
             .map_err(|_| bad(format!("epoch {epochs_done} is out of range")))?;
@@ -737,6 +804,15 @@ impl<O: Optimizer> Trainer<O> {
                 )));
             }
         }
+        // Checkpoints from before the history was kept in them have none; one
+        // that does not parse is refused rather than dropped, since early
+        // stopping's patience is replayed from it.
+        let mut history: History = match metadata.get("history") {
+            None => History::default(),
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| bad(format!("its training history does not parse ({e})")))?,
+        };
+        history.epochs.retain(|e| e.epoch <= epochs_done);
         let weights = self.model.read_state(&file)?;
         let state = kiln_graph::optim::OptimizerState {
             step,
@@ -750,15 +826,14 @@ impl<O: Optimizer> Trainer<O> {
         if let Some((scale, good_steps, skipped)) = loss_scale {
             self.loss_scaler.restore(scale, good_steps, skipped);
         }
-        // Checkpoints from before the history was kept in them have none.
-        self.history = metadata
-            .get("history")
-            .and_then(|json| serde_json::from_str(json).ok())
-            .unwrap_or_default();
-        self.history.epochs.retain(|e| e.epoch <= self.epochs_done);
+        self.history = history;
         Ok(())
     }
 }
+
+/// The `format` metadata of the checkpoints [`Trainer::save_checkpoint`]
+/// writes.
+const CHECKPOINT_FORMAT: &str = "kiln-checkpoint-1";
 
 /// A metadata value short enough for an error message (a vocabulary is
 /// thousands of words).

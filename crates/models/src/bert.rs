@@ -1,6 +1,6 @@
 //! BERT encoders in Hugging Face's layout (`BertModel`): word + position +
 //! token-type embeddings, post-LayerNorm self-attention and feed-forward
-//! blocks, an optional pooler. Loads `config.json` and `model.safetensors` as
+//! blocks and a pooler. Loads `config.json` and `model.safetensors` as
 //! Hugging Face writes them, e.g. all-MiniLM-L6-v2.
 //!
 //! Linear weights are kept `[in, out]` (Kiln's `Dense` layout); Hugging Face
@@ -246,7 +246,8 @@ pub struct Bert {
     pub embeddings: BertEmbeddings,
     /// Encoder blocks, applied in order.
     pub layers: Vec<BertLayer>,
-    /// `tanh(W h_[CLS] + b)`, present in most checkpoints.
+    /// `tanh(W h_[CLS] + b)`, as Hugging Face's `BertModel` has; loading a
+    /// checkpoint requires its weights (`pooler.dense.*`).
     pub pooler: Dense,
 }
 
