@@ -586,6 +586,41 @@ fn a_repeated_training_step_records_the_same_work_and_builds_no_bind_groups() {
 }
 
 #[test]
+fn a_model_starting_with_an_embedding_steps_without_waiting_for_the_device() {
+    use kiln::models::{Activation, Dense, Embedding, Flatten, Sequential};
+    // The embedding reads its ids on the host; the trainer's batches carry
+    // them there (a host copy), so an unread step submits nothing. Read
+    // back from the device instead, every step would submit and wait.
+    let d = Device::new().unwrap(); // private statistics
+    let model = Sequential::new()
+        .push(Embedding::new(&d, 50, 8, 1).unwrap())
+        .push(Flatten)
+        .push(Dense::new(&d, 6 * 8, 2, Activation::None, 2).unwrap());
+    assert!(model.layers()[0].reads_input_on_host());
+    assert!(!model.layers()[2].reads_input_on_host());
+    let optimizer = Adam::new(model.parameters(), 1e-2);
+    let mut trainer = kiln::train::Trainer::new(model, optimizer, &d);
+    let ids: Vec<f32> = (0..4 * 6).map(|i| ((i * 7) % 50) as f32).collect();
+    let labels = [0, 1, 1, 0];
+    let first = trainer
+        .train_on_batch(&ids, 6, &labels)
+        .unwrap()
+        .item()
+        .unwrap();
+    let before = d.dispatch_stats();
+    for _ in 0..3 {
+        trainer.train_on_batch(&ids, 6, &labels).unwrap();
+    }
+    assert_eq!(d.dispatch_stats().submits, before.submits);
+    let later = trainer
+        .train_on_batch(&ids, 6, &labels)
+        .unwrap()
+        .item()
+        .unwrap();
+    assert!(later < first, "loss {first} -> {later}");
+}
+
+#[test]
 fn clipping_many_gradients_matches_their_global_norm() {
     let d = device();
     // Odd counts and sizes: the pairwise sum of norms carries a last one.

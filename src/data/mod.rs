@@ -117,7 +117,7 @@ impl Dataset {
         }
         // A NaN (a missing value in a CSV, say) would train a whole epoch
         // and then be blamed on the learning rate.
-        if let Some(at) = self.x.iter().position(|v| !v.is_finite()) {
+        if let Some(at) = first_non_finite(&self.x) {
             return Err(DataError::Invalid(format!(
                 "sample {} has input {} at feature {}: inputs must be finite numbers \
                  (fill in or drop missing values before training)",
@@ -250,6 +250,19 @@ pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
         indices.swap(i, j);
     }
     indices
+}
+
+/// The index of the first value in `x` that is not a finite number. Most
+/// inputs have none, and `train_on_batch` asks at every step, so a pass
+/// without an early exit answers first: an OR over the whole slice
+/// vectorises, a search that may stop at each element does not.
+pub(crate) fn first_non_finite(x: &[f32]) -> Option<usize> {
+    let any = x.iter().fold(false, |any, v| any | !v.is_finite());
+    if any {
+        x.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

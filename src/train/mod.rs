@@ -529,9 +529,7 @@ impl<O: Optimizer> Trainer<O> {
             features,
             classes,
         } = batch;
-        // With a host copy, a layer that needs the inputs on the host (an
-        // embedding's ids) takes them without waiting for the device.
-        let x = Tensor::from_slice_with_host_copy(&self.device, x, &[labels.len(), features])?;
+        let x = self.batch_tensor(x, &[labels.len(), features])?;
         let _autocast = AutocastGuard::with(mixed_precision);
         // The step's kernels launch together: independent neighbours
         // share a dispatch, and the small ones at the head (output
@@ -592,7 +590,7 @@ impl<O: Optimizer> Trainer<O> {
         }
         // As `fit` refuses such data (`Dataset::validate`): one NaN input
         // would make every weight NaN at this step.
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = crate::data::first_non_finite(x) {
             return Err(ModelError::Invalid(format!(
                 "train_on_batch: input {i} is {} (sample {}, feature {})",
                 x[i],
@@ -621,8 +619,7 @@ impl<O: Optimizer> Trainer<O> {
         let all: Vec<usize> = (0..data.len()).collect();
         for indices in all.chunks(batch_size) {
             data.gather(indices, &mut xb, &mut yb)?;
-            let x =
-                Tensor::from_slice_with_host_copy(&self.device, &xb, &[yb.len(), data.features])?;
+            let x = self.batch_tensor(&xb, &[yb.len(), data.features])?;
             let logits = self.model.forward(&x, &mut Mode::eval())?;
             self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
         }
@@ -643,15 +640,28 @@ impl<O: Optimizer> Trainer<O> {
         let _guard = kiln_graph::NoGradGuard::new();
         let mut probabilities = Vec::new();
         for batch in x.chunks(PREDICT_BATCH * features) {
-            let input = Tensor::from_slice_with_host_copy(
-                &self.device,
-                batch,
-                &[batch.len() / features, features],
-            )?;
+            let input = self.batch_tensor(batch, &[batch.len() / features, features])?;
             let logits = self.model.forward(&input, &mut Mode::eval())?;
             probabilities.extend(logits.softmax()?.to_vec()?);
         }
         Ok(probabilities)
+    }
+
+    /// A batch of inputs on the device. Where the model's first layer reads
+    /// its input on the host (an embedding's ids), the tensor keeps a host
+    /// copy, so that read does not wait for the device mid-step; elsewhere
+    /// the copy (an allocation and a copy of the batch at every step) is
+    /// left out.
+    fn batch_tensor(&self, x: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let on_host = self
+            .model
+            .layers()
+            .first()
+            .is_some_and(|l| l.reads_input_on_host());
+        Ok(match on_host {
+            true => Tensor::from_slice_with_host_copy(&self.device, x, shape)?,
+            false => Tensor::from_slice(&self.device, x, shape)?,
+        })
     }
 
     /// Whether every f32 weight and buffer of the model is finite and of a

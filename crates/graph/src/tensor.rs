@@ -200,7 +200,8 @@ impl Tensor {
     /// batches whose values a layer needs on the host, as an embedding needs
     /// its ids: reading them back would stall the step until the device
     /// finishes the work before it. `fit`, `evaluate` and `predict` build
-    /// their batches this way. Writes made with device calls on
+    /// their batches this way for models whose first layer reads its input
+    /// on the host. Writes made with device calls on
     /// [`Tensor::buffer`] go unseen by the copy: write with
     /// [`Tensor::assign`].
     ///

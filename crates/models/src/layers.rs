@@ -69,6 +69,14 @@ pub trait Layer: Send + Sync {
     fn outputs_probabilities(&self) -> bool {
         false
     }
+    /// Whether the layer reads its input's values on the host (as
+    /// [`crate::Embedding`] reads its ids). A training loop then builds the
+    /// batches it feeds such a layer with
+    /// [`Tensor::from_slice_with_host_copy`], so the read does not wait for
+    /// the device; for other layers the copy would be a cost for nothing.
+    fn reads_input_on_host(&self) -> bool {
+        false
+    }
 }
 
 /// Elementwise activation applied after a layer.

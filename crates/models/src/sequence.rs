@@ -12,7 +12,8 @@ use kiln_graph::{Device, SplitMix64, Tensor};
 ///
 /// The ids are needed on the host, where the backward pass groups repeated
 /// ids (a scatter-add without atomics). Batches built with
-/// [`Tensor::from_slice_with_host_copy`] (as `fit` builds them) carry them
+/// [`Tensor::from_slice_with_host_copy`] (as `fit` builds them for a model
+/// that starts with an embedding: see [`Layer::reads_input_on_host`]) carry them
 /// there; other inputs are read back, a wait for the device once per batch.
 pub struct Embedding {
     /// `[vocab, dim]` embedding vectors, one row per id.
@@ -39,6 +40,10 @@ impl Embedding {
 }
 
 impl Layer for Embedding {
+    fn reads_input_on_host(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &'static str {
         "embedding"
     }
