@@ -320,6 +320,8 @@ pub struct DeviceShared {
     /// Fused kernels by their parts' keys; `None` where the parts cannot be
     /// fused (so that is found out once).
     fusions: Mutex<HashMap<String, Option<Arc<FusedPlan>>>>,
+    /// Matmul variants' kernel cache keys (see `kernels::matmul::Variant`).
+    pub(crate) matmul_keys: Mutex<crate::kernels::matmul::VariantKeys>,
 }
 
 impl DeviceShared {
@@ -351,7 +353,7 @@ pub(crate) fn map_for_reading(
         .map_err(|e| DeviceError::Backend(format!("mapping a readback buffer failed: {e}")))
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind, never a
     // half-updated invariant that matters more than the panic itself.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -466,6 +468,7 @@ impl Device {
                 textures: Mutex::new(HashMap::new()),
                 profile: Mutex::new(None),
                 fusions: Mutex::new(HashMap::new()),
+                matmul_keys: Mutex::new(Default::default()),
             }),
         };
         opened.tune_on_open();
