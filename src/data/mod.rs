@@ -254,11 +254,16 @@ pub fn shuffled_indices(n: usize, seed: u64) -> Vec<usize> {
 
 /// The index of the first value in `x` that is not a finite number. Most
 /// inputs have none, and `train_on_batch` asks at every step, so a pass
-/// without an early exit answers first: an OR over the whole slice
-/// vectorises, a search that may stop at each element does not.
+/// without an early exit answers first: an OR over the whole slice of
+/// "all exponent bits set" (infinities and NaNs, nothing else) vectorises
+/// with baseline SSE2 integer ops, where a search that may stop at each
+/// element does not (a 32 x 784 batch: 2.3 against 18-25 us).
 pub(crate) fn first_non_finite(x: &[f32]) -> Option<usize> {
-    let any = x.iter().fold(false, |any, v| any | !v.is_finite());
-    if any {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let any = x.iter().fold(0u32, |any, v| {
+        any | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    });
+    if any != 0 {
         x.iter().position(|v| !v.is_finite())
     } else {
         None
@@ -268,6 +273,24 @@ pub(crate) fn first_non_finite(x: &[f32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_non_finite_finds_nans_and_infinities_only() {
+        let edges = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, -0.0, 0.0, 1.5];
+        assert_eq!(first_non_finite(&edges), None);
+        assert_eq!(first_non_finite(&[]), None);
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 3, 6] {
+                let mut x = edges;
+                x[at] = bad;
+                assert_eq!(first_non_finite(&x), Some(at), "{bad} at {at}");
+            }
+        }
+        let mut twice = edges;
+        twice[2] = f32::INFINITY;
+        twice[5] = f32::NAN;
+        assert_eq!(first_non_finite(&twice), Some(2));
+    }
 
     #[test]
     fn validation_split_takes_the_tail_like_keras() {
