@@ -567,7 +567,7 @@ fn train(
     let limit = limit_train.map_or("all".to_string(), |n| n.to_string());
     for (flag, value) in [
         ("--lr", lr.to_string()),
-        ("--loss", format!("{loss:?}")),
+        ("--loss", loss.name().to_string()),
         ("--batch-size", options.batch_size.to_string()),
         ("--validation-split", options.validation_split.to_string()),
         ("--seed", options.seed.to_string()),
@@ -631,6 +631,8 @@ struct Trained {
     /// The dataset it was trained on, where the checkpoint says.
     dataset: Option<DatasetName>,
     vectorizer: Option<TextVectorizer>,
+    /// The `--loss` it was trained with, as the checkpoint names it.
+    loss: Option<String>,
     trainer: Trainer<Adam>,
 }
 
@@ -657,16 +659,7 @@ fn open_trained(path: &Path) -> Result<Trained> {
     let device = Device::new()?;
     let network = model.build(&device, 0)?;
     network.load_weights(path)?;
-    let mut trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
-    // Scored with the loss it was trained on (as `train` wrote it), so
-    // `eval` repeats `train`'s test loss.
-    trainer.loss = match metadata.get("--loss").map(String::as_str) {
-        None => Loss::default(),
-        Some(name) => [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError]
-            .into_iter()
-            .find(|loss| format!("{loss:?}") == name)
-            .with_context(|| format!("{} names an unknown loss {name:?}", path.display()))?,
-    };
+    let trainer = Trainer::new(network, Adam::new(Vec::new(), 0.0), &device);
     let dataset = metadata
         .get("dataset")
         .and_then(|name| DatasetName::from_str(name, false).ok());
@@ -674,6 +667,7 @@ fn open_trained(path: &Path) -> Result<Trained> {
         model,
         dataset,
         vectorizer,
+        loss: metadata.get("--loss").cloned(),
         trainer,
     })
 }
@@ -682,7 +676,13 @@ fn eval(path: &Path, dataset: Option<DatasetName>, limit_test: Option<usize>) ->
     if let Some(dir) = finetuned_dir(path) {
         return eval_finetuned(&dir, dataset.unwrap_or(DatasetName::Imdb), limit_test);
     }
-    let trained = open_trained(path)?;
+    let mut trained = open_trained(path)?;
+    // Scored with the loss it was trained on, so `eval` repeats `train`'s
+    // test loss (checkpoints from before `--loss` was recorded: the default).
+    if let Some(name) = &trained.loss {
+        trained.trainer.loss = Loss::from_name(name)
+            .with_context(|| format!("{} names an unknown loss {name:?}", path.display()))?;
+    }
     let dataset = match dataset.or(trained.dataset) {
         Some(dataset) => dataset,
         // Checkpoints older than the `dataset` metadata: the model's kind

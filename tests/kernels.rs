@@ -1297,7 +1297,7 @@ fn strided_write_fills_only_its_view() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("reaches some elements twice"),
+            err.contains("may reach an element twice"),
             "{strides:?}: {err}"
         );
     }

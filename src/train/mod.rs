@@ -10,6 +10,7 @@ pub use history::{EpochStats, History};
 use crate::data::{shuffled_indices, Dataset};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_graph::amp::{AutocastGuard, LossScaler};
+use kiln_graph::device::DType;
 use kiln_graph::optim::Optimizer;
 use kiln_graph::{loss, no_grad, Device, Elementwise, Tensor};
 use kiln_models::checkpoint::{self, Checkpoint};
@@ -142,6 +143,27 @@ pub enum Loss {
 }
 
 impl Loss {
+    /// Every loss, for [`Loss::from_name`].
+    const ALL: [Loss; 2] = [Loss::SparseCategoricalCrossEntropy, Loss::MeanSquaredError];
+
+    /// The name checkpoints record the loss by (their `--loss` metadata).
+    ///
+    /// ```
+    /// use kiln::train::Loss;
+    /// assert_eq!(Loss::from_name(Loss::MeanSquaredError.name()), Some(Loss::MeanSquaredError));
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::SparseCategoricalCrossEntropy => "SparseCategoricalCrossEntropy",
+            Loss::MeanSquaredError => "MeanSquaredError",
+        }
+    }
+
+    /// The loss [`Loss::name`] gives `name`, if any.
+    pub fn from_name(name: &str) -> Option<Loss> {
+        Self::ALL.into_iter().find(|loss| loss.name() == name)
+    }
+
     /// The batch's mean loss for class ids `labels` (of `classes`), adding
     /// the batch to `tally`.
     fn compute(
@@ -456,6 +478,7 @@ impl<O: Optimizer> Trainer<O> {
                 }
             }
             let (loss, accuracy) = tally.read()?;
+            let seconds = start.elapsed().as_secs_f64();
             // Saving a diverged epoch would replace the last good checkpoint
             // with weights that are no use. Each step's loss is taken before
             // its update, so a finite epoch loss does not clear the last
@@ -464,10 +487,10 @@ impl<O: Optimizer> Trainer<O> {
                 (!loss.is_finite()).then(|| format!("epoch {epoch}'s loss is {loss}"));
             if diverged.is_none() && !self.state_is_finite()? {
                 diverged = Some(format!(
-                    "epoch {epoch} left weights that are not finite or have exploded (beyond 1e19)"
+                    "epoch {epoch} left weights whose overall norm is not finite or past about \
+                     1e19"
                 ));
             }
-            let seconds = start.elapsed().as_secs_f64();
             let (val_loss, val_accuracy) = if validation.is_empty() || diverged.is_some() {
                 (None, None)
             } else {
@@ -581,7 +604,13 @@ impl<O: Optimizer> Trainer<O> {
     pub fn train_on_batch(&mut self, x: &[f32], features: usize, labels: &[u32]) -> Result<Tensor> {
         self.check_outputs_logits()?;
         check_learning_rate("learning rate", self.optimizer.learning_rate())?;
-        if labels.is_empty() || features == 0 || x.len() != labels.len() * features {
+        if labels.is_empty() || features == 0 {
+            return Err(ModelError::Invalid(format!(
+                "train_on_batch: the batch is empty ({} labels, {features} features per sample)",
+                labels.len()
+            )));
+        }
+        if labels.len().checked_mul(features) != Some(x.len()) {
             return Err(ModelError::Invalid(format!(
                 "train_on_batch: {} inputs are not {} samples of {features} features",
                 x.len(),
@@ -664,19 +693,24 @@ impl<O: Optimizer> Trainer<O> {
         })
     }
 
-    /// Whether every f32 weight and buffer of the model is finite and of a
-    /// size training can still use: one sum of squares per tensor on the
-    /// device and a single read of their total, which a NaN, an infinity or
-    /// a value beyond about 1e19 (whose square overflows) makes infinite or
-    /// NaN. An exploded update leaves weights like that before any loss is.
+    /// Whether the model's weights and buffers (batch-norm statistics too)
+    /// are all finite with an overall norm training can still use: one sum
+    /// of squares per tensor on the device and a single read of their
+    /// total, which a NaN, an infinity or a norm past about 1e19 (its square
+    /// overflows f32) makes infinite or NaN. An exploded update leaves
+    /// weights like that before any loss shows it.
     fn state_is_finite(&self) -> Result<bool> {
         let _guard = kiln_graph::NoGradGuard::new();
         let mut total: Option<Tensor> = None;
         for (_, t) in self.model.named_state() {
-            if t.dtype() != kiln_graph::device::DType::F32 || t.numel() == 0 {
-                continue;
-            }
-            let sum = t.detach().square()?.sum_all()?;
+            let t = match t.dtype() {
+                _ if t.numel() == 0 => continue,
+                DType::F32 => t,
+                DType::F16 => t.to_dtype(DType::F32)?,
+                // Integer state (counters, indices) has no NaN to check.
+                DType::U32 => continue,
+            };
+            let sum = t.square()?.sum_all()?;
             total = Some(match total {
                 Some(acc) => acc.add(&sum)?,
                 None => sum,
@@ -750,6 +784,14 @@ impl<O: Optimizer> Trainer<O> {
             path: path.to_path_buf(),
             reason,
         };
+        // First the format: a checkpoint of another format may name its
+        // settings otherwise. Checkpoints from before the tag have none.
+        if let Some(format) = metadata.get("format").filter(|f| *f != CHECKPOINT_FORMAT) {
+            return Err(bad(format!(
+                "it is in format {}, this Kiln reads {CHECKPOINT_FORMAT}",
+                abbreviate(format)
+            )));
+        }
         // Keys this run sets and the checkpoint lacks (it predates them) pass.
         let mut keys: Vec<&String> = self.metadata.keys().collect();
         keys.sort();
@@ -774,13 +816,6 @@ impl<O: Optimizer> Trainer<O> {
                     ))
                 })
         };
-        // Checkpoints from before the format tag have none.
-        if let Some(format) = metadata.get("format").filter(|f| *f != CHECKPOINT_FORMAT) {
-            return Err(bad(format!(
-                "it is in format {}, this Kiln reads {CHECKPOINT_FORMAT}",
-                abbreviate(format)
-            )));
-        }
         let (step, epochs_done) = (field("optimizer_step")?, field("epoch")?);
         let epochs_done = usize::try_from(epochs_done)
             .map_err(|_| bad(format!("epoch {epochs_done} is out of range")))?;

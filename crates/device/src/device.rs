@@ -973,18 +973,21 @@ impl Device {
     /// time. Compilation errors come back as [`DeviceError::Shader`].
     ///
     /// wgpu adds two kinds of runtime checks to every kernel, which settings
-    /// can leave out to measure what they cost (see [`KernelChecks`]):
+    /// can leave out to measure what they cost:
     /// - a counter in every loop, so that a loop that never ends cannot be
     ///   assumed away by the driver's compiler; reports on wgpu's tracker
     ///   name shaders it made many times slower. `KILN_LOOP_COUNTERS=0`
     ///   leaves the counters out; the kernel must then have no endless loop.
     ///   On lavapipe it made no difference beyond noise (matmul at N=1024,
     ///   alternating).
-    /// - on Vulkan, a clamp of every index into an array that is not a
-    ///   storage buffer (shared-memory tiles, arrays in registers) to the
-    ///   array's last element; the driver's robust buffer access covers the
-    ///   storage buffers. `KILN_INDEX_CLAMPS=0` leaves them out; an index past
-    ///   its array is then undefined behaviour on the device.
+    /// - naga's bounds checks: on Vulkan a clamp of every index into an
+    ///   array that is not a storage buffer (shared-memory tiles, arrays in
+    ///   registers) to the array's last element, and of storage-buffer
+    ///   indices too where the driver lacks `robustBufferAccess2` (NVIDIA's
+    ///   has it); on Metal and DX12 the storage buffers' checks as well.
+    ///   `KILN_INDEX_CLAMPS=0` leaves all of them out: an index past its
+    ///   array is then undefined behaviour on the device, not a clamped read.
+    ///   It is a setting for measuring, off unless asked for.
     pub fn kernel(&self, key: &str, source: impl FnOnce() -> String) -> Result<Arc<Kernel>> {
         if let Some(k) = lock(&self.shared.kernels).get(key) {
             return Ok(k);
@@ -1036,11 +1039,14 @@ impl Device {
         let checks = self.shared.checks;
         let module = match checks.all() {
             true => device.create_shader_module(desc),
-            // SAFETY: only checks a setting asked to leave out are left out,
-            // to measure their cost. Every loop in Kiln's kernels runs to a
-            // bound fixed at dispatch, and every index stays inside its array
-            // (the kernel tests run each kernel's edge cases); a kernel passed
-            // in that breaks either would fail on the device either way.
+            // SAFETY: only the checks a setting (KILN_LOOP_COUNTERS=0,
+            // KILN_INDEX_CLAMPS=0) asked to leave out are left out, to
+            // measure their cost. Kiln's kernels bound every loop by sizes
+            // fixed at dispatch and keep every index inside its array: the
+            // kernel tests pass with both checks off, the GPU kernel class's
+            // too, on lavapipe. A kernel that breaks either is undefined
+            // behaviour under these settings (a hang, or a read or write
+            // outside its array), which is why they are off by default.
             false => unsafe {
                 device.create_shader_module_trusted(
                     desc,

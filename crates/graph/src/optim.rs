@@ -128,18 +128,20 @@ fn read_slots<const KINDS: usize>(
 }
 
 /// What every optimizer checks of its parameters before a step: the update
-/// kernel reads parameters and gradients as f32, and updates each listed
-/// parameter once. One listed twice (or two views of one storage) would be
-/// updated twice in one dispatch, by invocations racing for its elements.
+/// kernel reads parameters and gradients as f32, and updates each parameter
+/// it steps once. One listed twice (or two views of one storage) would be
+/// updated twice in one dispatch, by invocations racing for its elements;
+/// frozen ones are never written, so they may repeat.
 fn check_params(params: &[Tensor]) -> Result<()> {
     let mut seen = std::collections::HashMap::with_capacity(params.len());
-    for (i, p) in params.iter().enumerate() {
+    for (i, p, _) in updatable(params) {
         if let Some(first) = seen.insert(p.storage_id(), i) {
             return Err(kiln_device::DeviceError::Shape {
                 op: "optimizer step",
                 message: format!(
-                    "parameters {first} and {i} are the same tensor (or views of one); list \
-                     each parameter once"
+                    "parameters {first} and {i} are the same tensor (or views of one), which \
+                     one step would update twice; list each parameter once (as \
+                     Sequential::parameters does)"
                 ),
             });
         }

@@ -70,10 +70,11 @@ pub trait Layer: Send + Sync {
         false
     }
     /// Whether the layer reads its input's values on the host (as
-    /// [`crate::Embedding`] reads its ids). A training loop then builds the
-    /// batches it feeds such a layer with
-    /// [`Tensor::from_slice_with_host_copy`], so the read does not wait for
-    /// the device; for other layers the copy would be a cost for nothing.
+    /// [`crate::Embedding`] reads its ids). Kiln's training loop asks a
+    /// model's first layer, the one its batches feed, and builds them with
+    /// [`Tensor::from_slice_with_host_copy`] when it says so, so the read
+    /// does not wait for the device; for other layers the copy would be a
+    /// cost for nothing.
     fn reads_input_on_host(&self) -> bool {
         false
     }

@@ -99,12 +99,17 @@ impl Sequential {
     }
 
     /// Every parameter (frozen ones too, which optimizers skip), in
-    /// [`Sequential::named_parameters`] order: what an optimizer takes.
+    /// [`Sequential::named_parameters`] order: what an optimizer takes. A
+    /// tensor two layers share (tied weights) is listed once, where it
+    /// first appears, as in PyTorch: an optimizer steps each parameter once.
     pub fn parameters(&self) -> Vec<Tensor> {
-        self.named_parameters()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect()
+        let mut unique: Vec<Tensor> = Vec::new();
+        for (_, t) in self.named_parameters() {
+            if !unique.iter().any(|u| u.same_as(&t)) {
+                unique.push(t);
+            }
+        }
+        unique
     }
 
     /// Freezes (or unfreezes) every parameter of layer `index`: its

@@ -270,12 +270,13 @@ enum Access {
 /// Parameter slot whose strides describe a strided output.
 const OUTPUT_SLOT: usize = MAX_INPUTS - 1;
 
-/// Checks that a view stays inside `buffer`.
-/// Refuses a view that reaches some element twice: written through, its
+/// Refuses a view that may reach an element twice: written through, its
 /// invocations would race for that element (the last writer winning, in an
-/// order a GPU does not fix). Taken by stride, each dimension of more than
-/// one element must step past everything the dimensions inside it span, as
-/// in slices, transposes and concatenations' places.
+/// order a GPU does not fix). The strides must nest: taken by stride, each
+/// dimension of more than one element steps past everything the dimensions
+/// inside it span, as in slices, transposes and concatenations' places.
+/// (Some interleaved views that do reach each element once, such as shape
+/// `[3, 2]` at strides `[2, 3]`, are refused too; no caller writes those.)
 fn check_one_to_one(op: &'static str, shape: &[usize], strides: &[usize]) -> Result<()> {
     if shape.contains(&0) {
         return Ok(());
@@ -294,8 +295,8 @@ fn check_one_to_one(op: &'static str, shape: &[usize], strides: &[usize]) -> Res
             return Err(DeviceError::Shape {
                 op,
                 message: format!(
-                    "the view {shape:?} with strides {strides:?} reaches some elements twice; \
-                     a write needs each element once"
+                    "the view {shape:?} with strides {strides:?} may reach an element twice \
+                     (its strides do not nest); a write needs each element once"
                 ),
             });
         }
@@ -304,6 +305,7 @@ fn check_one_to_one(op: &'static str, shape: &[usize], strides: &[usize]) -> Res
     Ok(())
 }
 
+/// Checks that a view stays inside `buffer`.
 fn check_view(
     op: &'static str,
     buffer: &GpuBuffer,

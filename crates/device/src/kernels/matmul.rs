@@ -752,16 +752,13 @@ impl Device {
             operands,
             epilogue: extras.epilogue.map(|e| {
                 let column = matches!(e.operand, EpilogueOperand::Column(_));
-                (
-                    e.op.expr.to_string(),
-                    column,
-                    e.op.scalars.map(f32::to_bits),
-                )
+                (column, e.op.scalars.map(f32::to_bits))
             }),
             column_sums: extras.column_sums.is_some(),
             plane: extras.plane,
         };
-        let key = self.shared_variant_key(variant, || {
+        let expr = extras.epilogue.map(|e| e.op.expr);
+        let key = self.variant_key(variant, expr, || {
             format!(
                 "{tiling}:{}{}:{operands:?}:{}",
                 spec.trans_a,
@@ -1036,44 +1033,64 @@ pub(crate) fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     })
 }
 
-/// What tells one matmul kernel variant from another, as values. Every
-/// product looks its kernel up; formatting these into the kernel cache's
-/// string key (the tiling, the operands' types, the epilogue) took about 8%
-/// of the MNIST MLP step's host time, so each variant's key is formatted
-/// once and found again by this (see [`VariantKeys`]).
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// What tells one matmul kernel variant from another, as values, but for
+/// its epilogue's expression (see [`VariantKeys`]). Every product looks its
+/// kernel up; formatting these into the kernel cache's string key (the
+/// tiling, the operands' types, the epilogue) took about 8% of the MNIST
+/// MLP step's host time, so each variant's key is formatted once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Variant {
     tiling: MatmulTiling,
     trans: (bool, bool),
     operands: Operands,
-    /// The epilogue's expression, whether its operand is per column, and
-    /// its scalars' bits.
-    epilogue: Option<(String, bool, [u32; 4])>,
+    /// Whether the epilogue's operand is per column, and its scalars' bits.
+    epilogue: Option<(bool, [u32; 4])>,
     column_sums: bool,
     plane: Option<usize>,
 }
 
-/// The kernel cache keys of the matmul variants a device has launched.
+/// The kernel cache keys of the matmul variants a device has launched: by
+/// [`Variant`], then by epilogue expression, compared in place so that a
+/// lookup allocates nothing.
 #[derive(Default)]
-pub(crate) struct VariantKeys(HashMap<Variant, Arc<str>>);
+pub(crate) struct VariantKeys {
+    keys: HashMap<Variant, Vec<ExprKey>>,
+    count: usize,
+}
+
+/// An epilogue expression (none without an epilogue) and the key it gives.
+type ExprKey = (Option<Box<str>>, Arc<str>);
 
 /// Variants whose keys a device remembers; past it, the memo starts over
 /// (a key costs one formatting to make again).
 const MAX_VARIANT_KEYS: usize = 4096;
 
 impl Device {
-    /// The kernel cache key of `variant`, formatted by `format` the first
-    /// time.
-    fn shared_variant_key(&self, variant: Variant, format: impl FnOnce() -> String) -> Arc<str> {
-        let mut keys = crate::device::lock(&self.shared.matmul_keys);
-        if let Some(key) = keys.0.get(&variant) {
-            return key.clone();
+    /// The kernel cache key of `variant` with epilogue expression `expr`,
+    /// formatted by `format` the first time.
+    fn variant_key(
+        &self,
+        variant: Variant,
+        expr: Option<&str>,
+        format: impl FnOnce() -> String,
+    ) -> Arc<str> {
+        let mut memo = crate::device::lock(&self.shared.matmul_keys);
+        let found = memo.keys.get(&variant).and_then(|by_expr| {
+            by_expr
+                .iter()
+                .find(|(e, _)| e.as_deref() == expr)
+                .map(|(_, key)| key.clone())
+        });
+        if let Some(key) = found {
+            return key;
         }
-        if keys.0.len() >= MAX_VARIANT_KEYS {
-            keys.0.clear();
+        if memo.count >= MAX_VARIANT_KEYS {
+            *memo = VariantKeys::default();
         }
         let key: Arc<str> = format().into();
-        keys.0.insert(variant, key.clone());
+        memo.count += 1;
+        let entry = (expr.map(Box::from), key.clone());
+        memo.keys.entry(variant).or_default().push(entry);
         key
     }
 }
