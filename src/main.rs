@@ -599,6 +599,15 @@ fn train(
     let clock = std::time::Instant::now();
     let history = trainer.fit(&train, &options)?;
     let wall = clock.elapsed().as_secs_f64();
+    if let Some(es) = options.early_stopping {
+        if history.epochs.is_empty() && trainer.epochs_done < options.epochs {
+            println!(
+                "early stopping had already stopped this run after epoch {} (--patience {}): \
+                 nothing to train",
+                trainer.epochs_done, es.patience
+            );
+        }
+    }
     // The whole run's, resumed epochs included.
     let (history_json, _) = History::paths_beside(&checkpoint);
     trainer

@@ -456,3 +456,36 @@ fn eval_scores_a_checkpoint_with_the_loss_it_was_trained_on() {
     assert_eq!(trained, scored);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn resuming_a_run_early_stopping_ended_says_there_is_nothing_to_train() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-stopped-{}", std::process::id()));
+    let path = dir.join("checkpoint.safetensors");
+    // A rate too small to move the weights: epoch 2 does not improve on
+    // epoch 1, and a patience of 1 stops the run there.
+    let train = |extra: &[&str]| {
+        let out = kiln()
+            .args(["train", "mlp", "--limit-train", "256", "--limit-test", "64"])
+            .args(["--patience", "1", "--lr", "1e-30"])
+            .args(["--checkpoint", path.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = train(&["--epochs", "4"]);
+    assert!(first.contains("trained 2 epochs"), "{first}");
+    let resumed = train(&["--resume", "--epochs", "6"]);
+    assert!(
+        resumed.contains("early stopping had already stopped this run after epoch 2")
+            && resumed.contains("trained 0 epochs"),
+        "{resumed}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
