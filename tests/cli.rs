@@ -8,6 +8,19 @@ fn kiln() -> Command {
     cmd
 }
 
+/// Runs `kiln args`, which must succeed (else the test fails with its
+/// output); returns its stdout.
+fn kiln_ok(args: &[&str]) -> String {
+    let out = kiln().args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn info_prints_the_adapter_and_its_limits() {
     let out = kiln().arg("info").output().unwrap();
@@ -194,19 +207,9 @@ fn embed_prints_one_unit_vector_per_text() {
 #[test]
 fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-bert-{}", std::process::id()));
-    let run = |args: &[&str]| {
-        let out = kiln().args(args).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
     // Head only, few short reviews: this checks the plumbing, not accuracy.
     let dir_arg = dir.to_str().unwrap();
-    run(&[
+    kiln_ok(&[
         "finetune",
         "bert",
         "--train-samples",
@@ -221,7 +224,7 @@ fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
         "--output",
         dir_arg,
     ]);
-    let predicted = run(&[
+    let predicted = kiln_ok(&[
         "predict",
         "--checkpoint",
         dir_arg,
@@ -245,7 +248,7 @@ fn a_finetuned_bert_is_saved_then_predicts_and_evaluates() {
     assert!(!again.status.success());
     assert!(stderr.contains("pass --overwrite"), "{stderr}");
     let model_file = dir.join("model.safetensors");
-    let evaluated = run(&[
+    let evaluated = kiln_ok(&[
         "eval",
         "--checkpoint",
         model_file.to_str().unwrap(),
@@ -415,13 +418,7 @@ fn eval_scores_a_checkpoint_with_the_loss_it_was_trained_on() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-eval-mse-{}", std::process::id()));
     let path = dir.join("checkpoint.safetensors");
     let run = |args: &[&str]| {
-        let out = kiln().args(args).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = kiln_ok(args);
         // The figure after "test loss", as both commands print it.
         let line = stdout
             .lines()
@@ -463,21 +460,19 @@ fn resuming_a_run_early_stopping_ended_says_there_is_nothing_to_train() {
     let path = dir.join("checkpoint.safetensors");
     // A rate too small to move the weights: epoch 2 does not improve on
     // epoch 1, and a patience of 1 stops the run there.
+    let checkpoint = path.to_str().unwrap();
     let train = |extra: &[&str]| {
-        let out = kiln()
-            .args(["train", "mlp", "--limit-train", "256", "--limit-test", "64"])
-            .args(["--patience", "1", "--lr", "1e-30"])
-            .args(["--checkpoint", path.to_str().unwrap()])
-            .args(extra)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        let mut args = vec!["train", "mlp", "--limit-train", "256", "--limit-test", "64"];
+        args.extend([
+            "--patience",
+            "1",
+            "--lr",
+            "1e-30",
+            "--checkpoint",
+            checkpoint,
+        ]);
+        args.extend(extra);
+        kiln_ok(&args)
     };
     let first = train(&["--epochs", "4"]);
     assert!(first.contains("trained 2 epochs"), "{first}");
