@@ -365,6 +365,31 @@ fn finetuning_learns_a_keyword_task_and_leaves_frozen_layers_alone() {
         model.bert.layers[1].query.weight.to_vec().unwrap(),
         top_before
     );
+    // One step per epoch at rates that wreck the weights: the loss, taken
+    // before the step, is finite, so the weights a caller would save are
+    // checked as well.
+    let exploding = FinetuneOptions {
+        epochs: 1,
+        batch_size: 128,
+        lr: 1e38,
+        head_lr: 1e38,
+        warmup_steps: 0,
+        ..options.clone()
+    };
+    let wrecked = BertClassifier::new(Bert::new(d, config.clone(), 5).unwrap(), 2, 6).unwrap();
+    let err = finetune(
+        &wrecked,
+        &tokenizer,
+        &refs(&train),
+        &train_labels,
+        &exploding,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("fine-tuning diverged: epoch 1 left weights whose overall norm"),
+        "{err}"
+    );
     finetune(&model, &tokenizer, &refs(&train), &train_labels, &options).unwrap();
     let accuracy = evaluate_classifier(&model, &tokenizer, &refs(&test), &test_labels, 32).unwrap();
     assert!(accuracy >= 0.9, "accuracy {accuracy} on 64 held-out texts");

@@ -189,14 +189,28 @@ pub fn finetune(
             ));
         }
         bar.finish_and_clear();
-        if !loss_sum.is_finite() {
+        let seconds = start.elapsed().as_secs_f64();
+        // Each batch's loss is taken before its update, so the weights the
+        // caller would save are checked too (see `weights_are_usable`).
+        let diverged = match loss_sum.is_finite() {
+            false => Some(format!("epoch {epoch}'s loss is {loss_sum}")),
+            true if !super::weights_are_usable(
+                model.named_parameters().into_iter().map(|(_, t)| t),
+            )? =>
+            {
+                Some(format!(
+                "epoch {epoch} left weights whose overall norm is not finite or past about 1e19"
+            ))
+            }
+            true => None,
+        };
+        if let Some(what) = diverged {
             return Err(ModelError::Invalid(format!(
-                "fine-tuning diverged: epoch {epoch}'s loss is {}; try lower learning rates \
-                 (now {} for the encoder, {} for the head)",
-                loss_sum, options.lr, options.head_lr
+                "fine-tuning diverged: {what}; try lower learning rates (now {} for the \
+                 encoder, {} for the head)",
+                options.lr, options.head_lr
             )));
         }
-        let seconds = start.elapsed().as_secs_f64();
         let stats = FinetuneEpoch {
             epoch,
             loss: (loss_sum / texts.len() as f64) as f32,

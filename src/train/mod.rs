@@ -694,29 +694,10 @@ impl<O: Optimizer> Trainer<O> {
     }
 
     /// Whether the model's weights and buffers (batch-norm statistics too)
-    /// are all finite with an overall norm training can still use: one sum
-    /// of squares per tensor on the device and a single read of their
-    /// total, which a NaN, an infinity or a norm past about 1e19 (its square
-    /// overflows f32) makes infinite or NaN. An exploded update leaves
-    /// weights like that before any loss shows it.
+    /// are finite with an overall norm training can still use (see
+    /// [`weights_are_usable`]).
     fn state_is_finite(&self) -> Result<bool> {
-        let _guard = kiln_graph::NoGradGuard::new();
-        let mut total: Option<Tensor> = None;
-        for (_, t) in self.model.named_state() {
-            let t = match t.dtype() {
-                _ if t.numel() == 0 => continue,
-                DType::F32 => t,
-                DType::F16 => t.to_dtype(DType::F32)?,
-                // Integer state (counters, indices) has no NaN to check.
-                DType::U32 => continue,
-            };
-            let sum = t.square()?.sum_all()?;
-            total = Some(match total {
-                Some(acc) => acc.add(&sum)?,
-                None => sum,
-            });
-        }
-        Ok(total.map_or(Ok(true), |t| t.item().map(f32::is_finite))?)
+        weights_are_usable(self.model.named_state().into_iter().map(|(_, t)| t))
     }
 
     /// Saves weights, optimizer state and progress to one safetensors file,
@@ -874,6 +855,32 @@ impl<O: Optimizer> Trainer<O> {
         self.history = history;
         Ok(())
     }
+}
+
+/// Whether `tensors` (a model's weights) are all finite with an overall norm
+/// training can still use: one sum of squares per tensor on the device and
+/// a single read of their total, which a NaN, an infinity or a norm past
+/// about 1e19 (its square overflows f32) makes infinite or NaN. An exploded
+/// update leaves weights like that before any loss shows it, so training
+/// loops ask this before saving an epoch's weights.
+pub(crate) fn weights_are_usable(tensors: impl IntoIterator<Item = Tensor>) -> Result<bool> {
+    let _guard = kiln_graph::NoGradGuard::new();
+    let mut total: Option<Tensor> = None;
+    for t in tensors {
+        let t = match t.dtype() {
+            _ if t.numel() == 0 => continue,
+            DType::F32 => t,
+            DType::F16 => t.to_dtype(DType::F32)?,
+            // Integer state (counters, indices) has no NaN to check.
+            DType::U32 => continue,
+        };
+        let sum = t.square()?.sum_all()?;
+        total = Some(match total {
+            Some(acc) => acc.add(&sum)?,
+            None => sum,
+        });
+    }
+    Ok(total.map_or(Ok(true), |t| t.item().map(f32::is_finite))?)
 }
 
 /// The `format` metadata of the checkpoints [`Trainer::save_checkpoint`]
