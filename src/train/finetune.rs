@@ -191,18 +191,13 @@ pub fn finetune(
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
         // Each batch's loss is taken before its update, so the weights the
-        // caller would save are checked too (see `weights_are_usable`).
+        // caller would save are checked too (see `exploded_weights`).
         let diverged = match loss_sum.is_finite() {
             false => Some(format!("epoch {epoch}'s loss is {loss_sum}")),
-            true if !super::weights_are_usable(
-                model.named_parameters().into_iter().map(|(_, t)| t),
-            )? =>
-            {
-                Some(format!(
-                "epoch {epoch} left weights whose overall norm is not finite or past about 1e19"
-            ))
+            true => {
+                let weights = model.named_parameters().into_iter().map(|(_, t)| t);
+                super::exploded_weights(epoch, weights)?
             }
-            true => None,
         };
         if let Some(what) = diverged {
             return Err(ModelError::Invalid(format!(

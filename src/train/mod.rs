@@ -485,11 +485,9 @@ impl<O: Optimizer> Trainer<O> {
             // update: the weights themselves are checked too.
             let mut diverged =
                 (!loss.is_finite()).then(|| format!("epoch {epoch}'s loss is {loss}"));
-            if diverged.is_none() && !self.state_is_finite()? {
-                diverged = Some(format!(
-                    "epoch {epoch} left weights whose overall norm is not finite or past about \
-                     1e19"
-                ));
+            if diverged.is_none() {
+                let state = self.model.named_state().into_iter().map(|(_, t)| t);
+                diverged = exploded_weights(epoch, state)?;
             }
             let (val_loss, val_accuracy) = if validation.is_empty() || diverged.is_some() {
                 (None, None)
@@ -693,13 +691,6 @@ impl<O: Optimizer> Trainer<O> {
         })
     }
 
-    /// Whether the model's weights and buffers (batch-norm statistics too)
-    /// are finite with an overall norm training can still use (see
-    /// [`weights_are_usable`]).
-    fn state_is_finite(&self) -> Result<bool> {
-        weights_are_usable(self.model.named_state().into_iter().map(|(_, t)| t))
-    }
-
     /// Saves weights, optimizer state and progress to one safetensors file,
     /// atomically (a kill mid-save leaves the previous checkpoint intact).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
@@ -857,13 +848,17 @@ impl<O: Optimizer> Trainer<O> {
     }
 }
 
-/// Whether `tensors` (a model's weights) are all finite with an overall norm
+/// What is wrong with the weights epoch `epoch` left in `tensors` (a model's
+/// weights and buffers), if they are not all finite with an overall norm
 /// training can still use: one sum of squares per tensor on the device and
 /// a single read of their total, which a NaN, an infinity or a norm past
 /// about 1e19 (its square overflows f32) makes infinite or NaN. An exploded
 /// update leaves weights like that before any loss shows it, so training
 /// loops ask this before saving an epoch's weights.
-pub(crate) fn weights_are_usable(tensors: impl IntoIterator<Item = Tensor>) -> Result<bool> {
+pub(crate) fn exploded_weights(
+    epoch: usize,
+    tensors: impl IntoIterator<Item = Tensor>,
+) -> Result<Option<String>> {
     let _guard = kiln_graph::NoGradGuard::new();
     let mut total: Option<Tensor> = None;
     for t in tensors {
@@ -880,7 +875,10 @@ pub(crate) fn weights_are_usable(tensors: impl IntoIterator<Item = Tensor>) -> R
             None => sum,
         });
     }
-    Ok(total.map_or(Ok(true), |t| t.item().map(f32::is_finite))?)
+    let usable = total.map_or(Ok(true), |t| t.item().map(f32::is_finite))?;
+    Ok((!usable).then(|| {
+        format!("epoch {epoch} left weights whose overall norm is not finite or past about 1e19")
+    }))
 }
 
 /// The `format` metadata of the checkpoints [`Trainer::save_checkpoint`]
