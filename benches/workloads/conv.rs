@@ -133,7 +133,8 @@ fn time_conv(device: &Device, case: &ConvCase) -> anyhow::Result<f64> {
 fn model_samples_per_second(device: &Device, profile: bool) -> anyhow::Result<(f64, StepCounts)> {
     let mut trainer = super::adam_trainer(device, Architecture::Cnn)?;
     let (x, labels) = super::mnist_like_batch(BATCH);
-    let mut step = || super::training_step(&mut trainer, &x, &labels, false);
+    let mut step =
+        || super::training_step(&mut trainer, (&x, super::MNIST_FEATURES), &labels, false);
     for _ in 0..3 {
         step()?;
     }

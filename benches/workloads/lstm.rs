@@ -25,7 +25,7 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         })
         .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 2).collect();
-    let mut step = || super::training_step(&mut trainer, &ids, &labels, false);
+    let mut step = || super::training_step(&mut trainer, (&ids, TEXT_LENGTH), &labels, false);
     for _ in 0..2 {
         step()?;
     }

@@ -13,7 +13,8 @@ const WINDOWS: usize = 5;
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
     let mut trainer = super::adam_trainer(device, Architecture::Mlp)?;
     let (x, labels) = super::mnist_like_batch(BATCH);
-    let mut step = |read: bool| super::training_step(&mut trainer, &x, &labels, read);
+    let mut step =
+        |read: bool| super::training_step(&mut trainer, (&x, super::MNIST_FEATURES), &labels, read);
     for _ in 0..20 {
         step(true)?;
     }

@@ -74,10 +74,13 @@ pub fn adam_trainer(device: &Device, architecture: Architecture) -> anyhow::Resu
     Ok(Trainer::new(model, optimizer, device))
 }
 
+/// Pixels per MNIST image.
+pub const MNIST_FEATURES: usize = 784;
+
 /// `n` MNIST-shaped samples (784 pixels in [0, 1]) and labels cycling
 /// through the ten classes: what the MLP and CNN steps train on.
 pub fn mnist_like_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
-    let x = (0..n * 784)
+    let x = (0..n * MNIST_FEATURES)
         .map(|i| ((i * 7919) % 256) as f32 / 255.0)
         .collect();
     let labels = (0..n as u32).map(|i| i % 10).collect();
@@ -85,16 +88,17 @@ pub fn mnist_like_batch(n: usize) -> (Vec<f32>, Vec<u32>) {
 }
 
 /// One training step of a classifier as `fit` runs it
-/// (`Trainer::train_on_batch`: the batch uploaded, forward, loss, backward
-/// and the update, launched together); with `read`, the loss is read back,
-/// which waits for the device.
+/// (`Trainer::train_on_batch` on `labels.len()` samples of `features`
+/// values: the batch uploaded, forward, loss, backward and the update,
+/// launched together); with `read`, the loss is read back, which waits for
+/// the device.
 pub fn training_step(
     trainer: &mut Trainer<impl Optimizer>,
-    x: &[f32],
+    (x, features): (&[f32], usize),
     labels: &[u32],
     read: bool,
 ) -> anyhow::Result<()> {
-    let loss = trainer.train_on_batch(x, x.len() / labels.len(), labels)?;
+    let loss = trainer.train_on_batch(x, features, labels)?;
     if read {
         loss.item()?;
     }
