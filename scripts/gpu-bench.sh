@@ -89,10 +89,10 @@ pack
 step bench 300 "$out/bench.log" "${bench[@]}" "$@"
 step "kernel tests" 150 "$out/kernels.log" "${tests[@]}" --test-threads=1
 # The products, the MLP and MiniLM again without wgpu's runtime checks: the
-# counter in every loop and the clamp of every index into shared-memory tiles
-# and register arrays (Kiln's figures only). Whether they still cost a GPU
-# anything. This pass tunes its own choice (the cache is keyed by the
-# settings).
+# counter in every loop (the products for GPUs have none already) and the
+# clamp of every index into shared-memory tiles and register arrays (Kiln's
+# figures only). What the checks left on still cost a GPU. This pass tunes
+# its own choice (the cache is keyed by the settings).
 if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
     KILN_LOOP_COUNTERS=0 KILN_INDEX_CLAMPS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/unchecked" \
         step "no runtime checks" 120 "$out/unchecked.log" "${bench[@]}" matmul mlp bert

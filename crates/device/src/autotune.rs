@@ -123,7 +123,11 @@ impl Device {
             kernels_fingerprint(&candidates)
                 ^ probes_fingerprint(self.probes())
                 ^ probes_fingerprint(self.small_probes().unwrap_or_default())
-                ^ fnv1a(FNV_OFFSET, b"operand textures"),
+                ^ fnv1a(FNV_OFFSET, b"operand textures")
+                ^ match crate::kernels::matmul::bounded_loops(self) {
+                    true => fnv1a(FNV_OFFSET, b"loops bounded"),
+                    false => 0,
+                },
             self.kernel_checks().cache_suffix()
         );
         let file: String = key

@@ -76,6 +76,21 @@ impl KernelChecks {
     }
 }
 
+/// Whether a kernel's loops keep wgpu's loop counters (see
+/// [`Device::kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loops {
+    /// Counted, as wgpu builds every kernel (unless `KILN_LOOP_COUNTERS=0`).
+    Counted,
+    /// Left uncounted: every loop of the kernel runs to a bound fixed by
+    /// constants or by sizes the host checked at dispatch, in steps that
+    /// cannot wrap past it (sizes fit a storage binding, far below
+    /// `u32::MAX`). Counters there only cost: they keep a driver from
+    /// unrolling the loops, and an array indexed in a loop left rolled
+    /// lives in slow local memory on GPUs.
+    Bounded,
+}
+
 /// Whether [`Device::together`] fuses (`KILN_FUSION=0` turns it off, to
 /// compare).
 fn fusion_enabled() -> bool {
@@ -993,7 +1008,8 @@ impl Device {
     ///   name shaders it made many times slower. `KILN_LOOP_COUNTERS=0`
     ///   leaves the counters out; the kernel must then have no endless loop.
     ///   On lavapipe it made no difference beyond noise (matmul at N=1024,
-    ///   alternating).
+    ///   alternating). The matrix products for GPUs never have them (see
+    ///   `Loops::Bounded`).
     /// - naga's bounds checks: on Vulkan a clamp of every index into an
     ///   array that is not a storage buffer (shared-memory tiles, arrays in
     ///   registers) to the array's last element, and of storage-buffer
@@ -1003,6 +1019,25 @@ impl Device {
     ///   array is then undefined behaviour on the device, not a clamped read.
     ///   It is a setting for measuring, off unless asked for.
     pub fn kernel(&self, key: &str, source: impl FnOnce() -> String) -> Result<Arc<Kernel>> {
+        self.kernel_with_loops(key, Loops::Counted, source)
+    }
+
+    /// [`Device::kernel`] for a kernel whose every loop is [`Loops::Bounded`]:
+    /// built without wgpu's loop counters whatever the settings say.
+    pub(crate) fn kernel_with_bounded_loops(
+        &self,
+        key: &str,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<Kernel>> {
+        self.kernel_with_loops(key, Loops::Bounded, source)
+    }
+
+    fn kernel_with_loops(
+        &self,
+        key: &str,
+        loops: Loops,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<Kernel>> {
         if let Some(k) = lock(&self.shared.kernels).get(key) {
             return Ok(k);
         }
@@ -1050,17 +1085,23 @@ impl Device {
             label: Some(key),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         };
-        let checks = self.shared.checks;
+        let checks = KernelChecks {
+            loop_counters: self.shared.checks.loop_counters && loops == Loops::Counted,
+            ..self.shared.checks
+        };
         let module = match checks.all() {
             true => device.create_shader_module(desc),
-            // SAFETY: only the checks a setting (KILN_LOOP_COUNTERS=0,
-            // KILN_INDEX_CLAMPS=0) asked to leave out are left out, to
-            // measure their cost. Kiln's kernels bound every loop by sizes
-            // fixed at dispatch and keep every index inside its array: the
-            // kernel tests pass with both checks off, the GPU kernel class's
-            // too, on lavapipe. A kernel that breaks either is undefined
-            // behaviour under these settings (a hang, or a read or write
-            // outside its array), which is why they are off by default.
+            // SAFETY: loop counters are left out only of kernels whose
+            // callers vouch that every loop ends (`Loops::Bounded`), and
+            // otherwise only the checks a setting (KILN_LOOP_COUNTERS=0,
+            // KILN_INDEX_CLAMPS=0) asked to leave out, to measure their
+            // cost. Kiln's kernels bound every loop by sizes fixed at
+            // dispatch and keep every index inside its array: the kernel
+            // tests pass with both checks off, the GPU kernel class's too,
+            // on lavapipe. A kernel that breaks either is undefined
+            // behaviour without its check (a hang, or a read or write
+            // outside its array), which is why the settings are off by
+            // default.
             false => unsafe {
                 device.create_shader_module_trusted(
                     desc,

@@ -766,9 +766,11 @@ impl Device {
                 extras.key()
             )
         });
-        let kernel = self.kernel(&key, || {
-            specialise(tiling, spec.trans_a, spec.trans_b, operands, extras)
-        })?;
+        let source = || specialise(tiling, spec.trans_a, spec.trans_b, operands, extras);
+        let kernel = match bounded_loops(self) {
+            true => self.kernel_with_bounded_loops(&key, source)?,
+            false => self.kernel(&key, source)?,
+        };
         let mut resources = Vec::new();
         for (texture, operand) in [(&a_texture, a), (&b_texture, b)] {
             self.check_same_device(operand, OP)?;
@@ -997,6 +999,18 @@ pub enum HalfLoads {
     /// register or vec4 shared one, else on register tiles; others run as
     /// [`HalfLoads::Native`].
     NativeArithmetic,
+}
+
+/// Whether the product kernels are built without wgpu's loop counters
+/// (`Loops::Bounded`): every loop in them runs over k or a tile's fixed
+/// extent. With kernels for GPUs: on an H200 the products without loop
+/// counters and index clamps ran 1.2-1.9 times faster, the tuner's pick at
+/// N=4096 at 33.7 against 22.3 TFLOP/s (benches/RESULTS.md), and a counted
+/// loop keeps a driver from unrolling it. With kernels for CPU adapters the
+/// counters stay: lavapipe ran the products no faster without them, and
+/// compiled them 1.8 times slower (its compiler then unrolls).
+pub(crate) fn bounded_loops(device: &Device) -> bool {
+    !device.kernels_for_cpu()
 }
 
 /// A fingerprint of the f32 kernels `tilings` generate, plain and with A
