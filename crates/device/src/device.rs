@@ -576,9 +576,10 @@ impl Device {
     /// at the cost of f16 rounding in every product. Meant for GPUs with
     /// packed half math, where the default vec4 shared-memory tiling keeps
     /// f16 tiles too (half the bytes); other tilings hand these products to
-    /// register tiles. Not yet measured on a GPU: time it against the
-    /// default before relying on it. Off by default. Fails on adapters
-    /// without SHADER_F16.
+    /// register tiles. On an H200 it gained nothing: the product at N=4096
+    /// ran at 21.3 TFLOP/s against 23.2 with f16 operands multiplied in f32
+    /// (benches/RESULTS.md). Off by default. Fails on adapters without
+    /// SHADER_F16.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), kiln_device::DeviceError> {
