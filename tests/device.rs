@@ -287,6 +287,15 @@ fn outermost_together_blocks_submit_when_asked() {
         assert_eq!(d.read::<f32>(&y).unwrap(), random_vec(256, 45, -1.0, 1.0));
         submits
     };
+    // GPUs submit each block by default, CPU adapters gather blocks, unless
+    // a setting decides.
+    let by_default = match std::env::var("KILN_SUBMIT_BLOCKS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !d.is_cpu(),
+    };
+    assert_eq!(d.submit_blocks(), by_default);
+    d.set_submit_blocks(false);
     assert_eq!(submits_of_a_block(&d), 0);
     d.set_submit_blocks(true);
     // One submit, at the end of the outer block only; none without fusion,

@@ -2087,3 +2087,27 @@ fn lstm_sequence_kernels_refuse_hidden_sizes_they_cannot_take() {
     // 128 rows a workgroup at most (a CPU adapter's, at 8 units), 8 on GPUs.
     assert!(!fits(max * 128 + 1));
 }
+
+#[test]
+fn lstms_take_the_sequence_kernels_only_with_kernels_for_cpu_adapters() {
+    use kiln::device::LstmShape;
+    let d = device();
+    let shape = LstmShape {
+        steps: 20,
+        batch: 32,
+        hidden: 64,
+    };
+    assert!(d.lstm_sequence_fits(&shape));
+    // The sequence kernels' few workgroups fill a CPU's cores and leave a
+    // GPU idle (see `Device::lstm_prefers_sequence`); a setting decides
+    // instead, which CI uses to check the GPU class's sequence kernels.
+    let expected = match std::env::var("KILN_LSTM_SEQUENCE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => d.kernels_for_cpu(),
+    };
+    assert_eq!(d.lstm_prefers_sequence(&shape), expected);
+    // Hidden sizes the sequence kernels cannot take run step by step anyway.
+    let odd = LstmShape { hidden: 6, ..shape };
+    assert!(!d.lstm_prefers_sequence(&odd));
+}
