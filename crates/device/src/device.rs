@@ -25,16 +25,22 @@ pub(crate) fn switched_off(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "0")
 }
 
+/// A setting that overrides a default chosen per adapter: `Some(true)` for
+/// `1`, `Some(false)` for `0`, else `None`.
+pub(crate) fn on_or_off(name: &str) -> Option<bool> {
+    match std::env::var(name).as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    }
+}
+
 /// Whether training steps are submitted as they are recorded (see
 /// [`Device::set_submit_blocks`]): on GPUs, where the device then runs one
 /// step while the host records the next, unless `KILN_SUBMIT_BLOCKS` is `0`;
 /// on CPU adapters only with `KILN_SUBMIT_BLOCKS=1`.
 fn submit_blocks_by_default(info: &wgpu::AdapterInfo) -> bool {
-    match std::env::var("KILN_SUBMIT_BLOCKS").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => !adapter::is_cpu(info),
-    }
+    on_or_off("KILN_SUBMIT_BLOCKS").unwrap_or_else(|| !adapter::is_cpu(info))
 }
 
 /// Which of wgpu's runtime checks a device's kernels keep (see

@@ -187,11 +187,7 @@ struct SequenceParams {
 /// `KILN_LSTM_SEQUENCE` as "use the sequence kernels", if set to 0 or 1.
 fn sequence_kernels_setting() -> Option<bool> {
     static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    *SETTING.get_or_init(|| match std::env::var("KILN_LSTM_SEQUENCE").as_deref() {
-        Ok("0") => Some(false),
-        Ok("1") => Some(true),
-        _ => None,
-    })
+    *SETTING.get_or_init(|| crate::device::on_or_off("KILN_LSTM_SEQUENCE"))
 }
 
 /// Rows (samples) per workgroup of the sequence kernels. A CPU adapter runs
