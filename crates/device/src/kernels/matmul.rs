@@ -1003,10 +1003,9 @@ pub enum HalfLoads {
 
 /// Whether the product kernels are built without wgpu's loop counters
 /// (`Loops::Bounded`): every loop in them runs over k or a tile's fixed
-/// extent. With kernels for GPUs: on an H200 the products without loop
-/// counters and index clamps ran 1.2-1.9 times faster, the tuner's pick at
-/// N=4096 at 33.7 against 22.3 TFLOP/s (benches/RESULTS.md), and a counted
-/// loop keeps a driver from unrolling it. With kernels for CPU adapters the
+/// extent. With kernels for GPUs: a counted loop keeps a driver from
+/// unrolling it, and on an H200 the product at N=4096 ran at 30.5 TFLOP/s
+/// without the counters against 22.3 with them (benches/RESULTS.md). With kernels for CPU adapters the
 /// counters stay: lavapipe ran the products no faster without them, and
 /// compiled them 1.8 times slower (its compiler then unrolls).
 pub(crate) fn bounded_loops(device: &Device) -> bool {
