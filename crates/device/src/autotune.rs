@@ -7,7 +7,7 @@
 //! `KILN_KERNEL_CLASS` (the built-in defaults) skip it.
 
 use crate::buffer::GpuBuffer;
-use crate::device::Device;
+use crate::device::{Device, Loops};
 use crate::error::Result;
 use crate::kernels::matmul::{fnv1a, kernels_fingerprint, Matmul, FNV_OFFSET};
 use crate::tuning::{MatmulTiling, Tuning};
@@ -124,9 +124,9 @@ impl Device {
                 ^ probes_fingerprint(self.probes())
                 ^ probes_fingerprint(self.small_probes().unwrap_or_default())
                 ^ fnv1a(FNV_OFFSET, b"operand textures")
-                ^ match crate::kernels::matmul::bounded_loops(self) {
-                    true => fnv1a(FNV_OFFSET, b"loops bounded"),
-                    false => 0,
+                ^ match crate::kernels::matmul::product_loops(self) {
+                    Loops::Bounded => fnv1a(FNV_OFFSET, b"loops bounded"),
+                    Loops::Counted => 0,
                 },
             self.kernel_checks().cache_suffix()
         );

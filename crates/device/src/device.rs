@@ -1029,17 +1029,9 @@ impl Device {
         self.kernel_with_loops(key, Loops::Counted, source)
     }
 
-    /// [`Device::kernel`] for a kernel whose every loop is [`Loops::Bounded`]:
-    /// built without wgpu's loop counters whatever the settings say.
-    pub(crate) fn kernel_with_bounded_loops(
-        &self,
-        key: &str,
-        source: impl FnOnce() -> String,
-    ) -> Result<Arc<Kernel>> {
-        self.kernel_with_loops(key, Loops::Bounded, source)
-    }
-
-    fn kernel_with_loops(
+    /// [`Device::kernel`] with its loops' counters as `loops` says:
+    /// [`Loops::Bounded`] leaves them out whatever the settings say.
+    pub(crate) fn kernel_with_loops(
         &self,
         key: &str,
         loops: Loops,

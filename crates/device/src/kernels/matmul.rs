@@ -4,7 +4,7 @@ use super::elementwise::{Elementwise, Operand, View};
 use super::{expect_f32, expect_len, to_u32, EXPR_HELPERS};
 use crate::binding::Bound;
 use crate::buffer::{DType, GpuBuffer};
-use crate::device::{Device, TextureOperands, TEXTURE_ROW_TEXELS};
+use crate::device::{Device, Loops, TextureOperands, TEXTURE_ROW_TEXELS};
 use crate::error::{DeviceError, Result};
 use crate::kernel::Specialize;
 use crate::tuning::MatmulTiling;
@@ -766,11 +766,9 @@ impl Device {
                 extras.key()
             )
         });
-        let source = || specialise(tiling, spec.trans_a, spec.trans_b, operands, extras);
-        let kernel = match bounded_loops(self) {
-            true => self.kernel_with_bounded_loops(&key, source)?,
-            false => self.kernel(&key, source)?,
-        };
+        let kernel = self.kernel_with_loops(&key, product_loops(self), || {
+            specialise(tiling, spec.trans_a, spec.trans_b, operands, extras)
+        })?;
         let mut resources = Vec::new();
         for (texture, operand) in [(&a_texture, a), (&b_texture, b)] {
             self.check_same_device(operand, OP)?;
@@ -1001,15 +999,19 @@ pub enum HalfLoads {
     NativeArithmetic,
 }
 
-/// Whether the product kernels are built without wgpu's loop counters
-/// (`Loops::Bounded`): every loop in them runs over k or a tile's fixed
-/// extent. With kernels for GPUs: a counted loop keeps a driver from
+/// How the product kernels' loops are built. With kernels for GPUs,
+/// without wgpu's loop counters (`Loops::Bounded`): every loop in them runs
+/// over k or a tile's fixed extent, a counted loop keeps a driver from
 /// unrolling it, and on an H200 the product at N=4096 ran at 30.5 TFLOP/s
-/// without the counters against 22.3 with them (benches/RESULTS.md). With kernels for CPU adapters the
-/// counters stay: lavapipe ran the products no faster without them, and
-/// compiled them 1.8 times slower (its compiler then unrolls).
-pub(crate) fn bounded_loops(device: &Device) -> bool {
-    !device.kernels_for_cpu()
+/// without the counters against 22.3 with them (benches/RESULTS.md). With
+/// kernels for CPU adapters the counters stay: lavapipe ran the products no
+/// faster without them, and compiled them 1.8 times slower (its compiler
+/// then unrolls).
+pub(crate) fn product_loops(device: &Device) -> Loops {
+    match device.kernels_for_cpu() {
+        true => Loops::Counted,
+        false => Loops::Bounded,
+    }
 }
 
 /// A fingerprint of the f32 kernels `tilings` generate, plain and with A
