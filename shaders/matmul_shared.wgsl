@@ -18,8 +18,10 @@
 // by the host, see kernels/matmul.rs.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
-var<workgroup> a_tile: array<f32, BK_BM>; // [k][m]
-var<workgroup> b_tile: array<f32, BK_BN>; // [k][n]
+// [k][m] and [k][n]: two dimensions, so that the bounds clamps on a read
+// fold away or hoist out of the depth loop (see matmul_shared_vec4.wgsl).
+var<workgroup> a_tile: array<array<f32, BM>, BK>;
+var<workgroup> b_tile: array<array<f32, BN>, BK>;
 
 // Stores element (r, col) through the epilogue if it lies inside C.
 fn store_one(c_base: u32, r: u32, col: u32, v: f32) {
@@ -44,7 +46,7 @@ fn main(
 {{ACCUMULATORS}}
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         // Stage the tiles, reading global memory along its contiguous axis.
-        for (var l = lidx; l < BK_BM; l += THREADS) {
+        for (var l = lidx; l < BK * BM; l += THREADS) {
             var kk: u32;
             var mm: u32;
             if (TRANS_A) {
@@ -60,9 +62,9 @@ fn main(
             if (gr < p.m && gk < p.k) {
                 v = load_a(a_base + select(gr * p.k + gk, gk * p.m + gr, TRANS_A));
             }
-            a_tile[kk * BM + mm] = v;
+            a_tile[kk][mm] = v;
         }
-        for (var l = lidx; l < BK_BN; l += THREADS) {
+        for (var l = lidx; l < BK * BN; l += THREADS) {
             var kk: u32;
             var nn: u32;
             if (TRANS_B) {
@@ -78,7 +80,7 @@ fn main(
             if (gc < p.n && gk < p.k) {
                 v = load_b(b_base + select(gk * p.n + gc, gc * p.k + gk, TRANS_B));
             }
-            b_tile[kk * BN + nn] = v;
+            b_tile[kk][nn] = v;
         }
         workgroupBarrier();
 

@@ -48,10 +48,20 @@
 
 const A_TILE = BK * BM4;
 const B_TILE = BK * BN4;
-// Where the B tiles start in `tiles`, after the A tiles.
-const B_TILES = STAGES * A_TILE;
-// The A tiles, [stage][k][m / 4], then the B tiles, [stage][k][n / 4].
-var<workgroup> tiles: array<vec4<Tile>, STAGES * (A_TILE + B_TILE)>;
+// A tile transposed as it is stored (A along k) gets one vec4 of padding
+// per k step. Four neighbouring invocations store the four k groups of one
+// row, k steps 4 apart: unpadded, a row of BM floats (a multiple of 32 in
+// every tiling offered) puts
+// all four in one shared-memory bank; padded, two. The multiply reads one k
+// step at a time and does not see the padding. B likewise when transposed.
+const A_ROW = BM4 + select(0u, 1u, !TRANS_A);
+const B_ROW = BN4 + select(0u, 1u, TRANS_B);
+// [stage * BK + k][m / 4] and [stage * BK + k][n / 4]. Two dimensions rather
+// than one flat array: the bounds clamps on a read fold away once the depth
+// loop is unrolled (k constant) or hoist out of it (the position across the
+// tile depends only on the invocation).
+var<workgroup> a_tiles: array<array<vec4<Tile>, A_ROW>, STAGES * BK>;
+var<workgroup> b_tiles: array<array<vec4<Tile>, B_ROW>, STAGES * BK>;
 
 // One invocation's share of a k tile, between fetch and store.
 struct Fetched {
@@ -130,17 +140,28 @@ fn fetch(lidx: u32, a_base: u32, b_base: u32, row_base: u32, col_base: u32, k0: 
     return f;
 }
 
-// Puts vec4 `v` at place `at` (see a_place) of the tile starting at vec4
-// `tile` of `tiles`, `width` vec4s per k step; `along_k` when `v` holds four
-// k steps of one row or column.
-fn put(v: vec4<Tile>, tile: u32, width: u32, at: vec2<u32>, along_k: bool) {
-    let first = tile + at.x * width;
+// Puts vec4 `v` at place `at` (see a_place) of stage `stage`'s A tile;
+// `along_k` when `v` holds four k steps of one row.
+fn put_a(v: vec4<Tile>, stage: u32, at: vec2<u32>, along_k: bool) {
+    let k = stage * BK + at.x;
     if (along_k) {
         for (var e = 0u; e < 4u; e++) {
-            tiles[first + e * width + at.y / 4u][at.y % 4u] = v[e];
+            a_tiles[k + e][at.y / 4u][at.y % 4u] = v[e];
         }
     } else {
-        tiles[first + at.y] = v;
+        a_tiles[k][at.y] = v;
+    }
+}
+
+// As put_a, for the B tile.
+fn put_b(v: vec4<Tile>, stage: u32, at: vec2<u32>, along_k: bool) {
+    let k = stage * BK + at.x;
+    if (along_k) {
+        for (var e = 0u; e < 4u; e++) {
+            b_tiles[k + e][at.y / 4u][at.y % 4u] = v[e];
+        }
+    } else {
+        b_tiles[k][at.y] = v;
     }
 }
 
@@ -149,13 +170,13 @@ fn store(f: Fetched, stage: u32, lidx: u32) {
     for (var i = 0u; i < A_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < A_TILE) {
-            put(f.a[i], stage * A_TILE, BM4, a_place(l), !TRANS_A);
+            put_a(f.a[i], stage, a_place(l), !TRANS_A);
         }
     }
     for (var i = 0u; i < B_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < B_TILE) {
-            put(f.b[i], B_TILES + stage * B_TILE, BN4, b_place(l), TRANS_B);
+            put_b(f.b[i], stage, b_place(l), TRANS_B);
         }
     }
 }
@@ -194,8 +215,7 @@ fn main(
         if (PIPELINED && next < p.k) {
             ahead = fetch(lidx, a_base, b_base, row_base, col_base, next);
         }
-        let at = stage * A_TILE;
-        let bt = B_TILES + stage * B_TILE;
+        let sk = stage * BK;
 {{MULTIPLY}}
         if (PIPELINED) {
             if (next < p.k) {

@@ -97,16 +97,21 @@ impl MatmulTiling {
 
     /// Bytes of workgroup memory a [`MatmulTiling::Shared`] kernel stages its
     /// f32 tiles in (both buffers when pipelined), the most it needs: f16
-    /// arithmetic's tiles take half. 0 for the other tilings.
+    /// arithmetic's tiles take half, and a vec4 tile pads its rows by four
+    /// elements only when it is stored transposed. 0 for the other tilings.
     pub fn shared_memory_bytes(&self) -> u32 {
         match *self {
             MatmulTiling::Shared {
                 bm,
                 bn,
                 bk,
+                vec4,
                 pipelined,
                 ..
-            } => 4 * bk * (bm + bn) * if pipelined { 2 } else { 1 },
+            } => {
+                let padding = if vec4 { 8 } else { 0 };
+                4 * bk * (bm + bn + padding) * if pipelined { 2 } else { 1 }
+            }
             _ => 0,
         }
     }

@@ -1286,9 +1286,7 @@ fn specialise(
                     )
                     .replace("STORE", &shared_store(tm / 4, tn / 4))
             } else {
-                both.constant_u32("BK_BM", bk * bm)
-                    .constant_u32("BK_BN", bk * bn)
-                    .replace("ACCUMULATORS", &shared_scalar_accumulators(tm, tn))
+                both.replace("ACCUMULATORS", &shared_scalar_accumulators(tm, tn))
                     .replace("MULTIPLY", &shared_scalar_multiply(tm, tn))
                     .replace("STORE", &shared_scalar_store(tm, tn))
             }
@@ -1592,8 +1590,8 @@ fn shared_accumulators(tm4: u32, tn4: u32) -> String {
     s
 }
 
-/// The shared-memory vec4 kernel's multiply of one staged k tile (the A
-/// tile at vec4 `at` of `tiles`, the B tile at `bt`): a loop over the tile's
+/// The shared-memory vec4 kernel's multiply of one staged k tile (k steps
+/// `sk` on of `a_tiles` and `b_tiles`): a loop over the tile's
 /// depth, unrolled inside over the invocation's quads. With `half`, each
 /// four k steps of an output are an f16 multiply-add chain added to its f32
 /// accumulator, so that loop takes four k steps at a time. (Unrolling the
@@ -1603,10 +1601,23 @@ fn shared_multiply(tm4: u32, tn4: u32, half: bool) -> String {
     // The invocation's column quads of B and row quads of A at k step `kk`,
     // named with `t`.
     let loads = |s: &mut String, kk: &str, t: &str| {
-        let b_row = format!("bt + ({kk}) * BN4 + lid.x");
-        tile_reads(s, &format!("b{t}"), tn4, "tiles", &b_row, "WG_X");
-        let a_row = format!("at + ({kk}) * BM4 + lid.y");
-        tile_reads(s, &format!("a{t}"), tm4, "tiles", &a_row, "WG_Y");
+        let step = format!("[sk + {kk}]");
+        tile_reads(
+            s,
+            &format!("b{t}"),
+            tn4,
+            &format!("b_tiles{step}"),
+            "lid.x",
+            "WG_X",
+        );
+        tile_reads(
+            s,
+            &format!("a{t}"),
+            tm4,
+            &format!("a_tiles{step}"),
+            "lid.y",
+            "WG_Y",
+        );
     };
     let each_output = |s: &mut String, out: &dyn Fn(&str, u32, &str, u32) -> String| {
         for i in 0..tm4 {
@@ -1665,13 +1676,13 @@ fn shared_store(tm4: u32, tn4: u32) -> String {
 }
 
 /// Declares `{name}_{q}` for `q < count`: what the invocation reads from
-/// one k step of a k-major shared-memory tile, its `q`-th element (or quad)
-/// at `{tile}[{row} + q * {stride}]`.
-fn tile_reads(s: &mut String, name: &str, count: u32, tile: &str, row: &str, stride: &str) {
+/// one k step `step` of a k-major shared-memory tile (an array), its `q`-th
+/// element (or quad) at `{step}[{first} + q * {stride}]`.
+fn tile_reads(s: &mut String, name: &str, count: u32, step: &str, first: &str, stride: &str) {
     for q in 0..count {
         let _ = writeln!(
             s,
-            "            let {name}_{q} = {tile}[{row} + {q}u * {stride}];"
+            "            let {name}_{q} = {step}[{first} + {q}u * {stride}];"
         );
     }
 }
@@ -1688,8 +1699,8 @@ fn shared_scalar_accumulators(tm: u32, tn: u32) -> String {
 /// over its depth, unrolled inside over the invocation's rows and columns.
 fn shared_scalar_multiply(tm: u32, tn: u32) -> String {
     let mut s = String::from("        for (var kk = 0u; kk < BK; kk++) {\n");
-    tile_reads(&mut s, "a", tm, "a_tile", "kk * BM + lid.y", "WG_Y");
-    tile_reads(&mut s, "b", tn, "b_tile", "kk * BN + lid.x", "WG_X");
+    tile_reads(&mut s, "a", tm, "a_tile[kk]", "lid.y", "WG_Y");
+    tile_reads(&mut s, "b", tn, "b_tile[kk]", "lid.x", "WG_X");
     for i in 0..tm {
         for j in 0..tn {
             let _ = writeln!(s, "            acc_{i}_{j} += a_{i} * b_{j};");
