@@ -647,8 +647,14 @@ impl<O: Optimizer> Trainer<O> {
         for indices in all.chunks(batch_size) {
             data.gather(indices, &mut xb, &mut yb)?;
             let x = self.batch_tensor(&xb, &[yb.len(), data.features])?;
-            let logits = self.model.forward(&x, &mut Mode::eval())?;
-            self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
+            // A block per batch, as a training step is: fused kernels, and
+            // where blocks submit as they end (GPUs) the device starts on
+            // this batch while the next is recorded.
+            self.device.together(|| -> Result<()> {
+                let logits = self.model.forward(&x, &mut Mode::eval())?;
+                self.loss.compute(&logits, &yb, data.classes, &mut tally)?;
+                Ok(())
+            })?;
         }
         Ok(tally.read()?)
     }
@@ -668,8 +674,10 @@ impl<O: Optimizer> Trainer<O> {
         let mut probabilities = Vec::new();
         for batch in x.chunks(PREDICT_BATCH * features) {
             let input = self.batch_tensor(batch, &[batch.len() / features, features])?;
-            let logits = self.model.forward(&input, &mut Mode::eval())?;
-            probabilities.extend(logits.softmax()?.to_vec()?);
+            let probs = self.device.together(|| -> Result<Tensor> {
+                Ok(self.model.forward(&input, &mut Mode::eval())?.softmax()?)
+            })?;
+            probabilities.extend(probs.to_vec()?);
         }
         Ok(probabilities)
     }
