@@ -365,7 +365,8 @@ impl Tuning {
     /// elements at a time where the shape allows (on lavapipe, 2-5x faster
     /// than element by element), until the autotuner has timed the
     /// candidates: on an H200 it kept this block, pipelined, for small
-    /// products and picked `shared:128x128x8:8x8:vec4` for large ones.
+    /// products and picked `shared:128x64x16:8x4:vec4` for large ones
+    /// (`shared:128x128x8:8x8:vec4` while the kernels had loop counters).
     pub const GPU: Tuning = Tuning::same(MatmulTiling::Shared {
         bm: 64,
         bn: 64,
