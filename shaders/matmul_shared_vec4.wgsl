@@ -140,26 +140,27 @@ fn fetch(lidx: u32, a_base: u32, b_base: u32, row_base: u32, col_base: u32, k0: 
     return f;
 }
 
-// Puts vec4 `v` at place `at` (see a_place) of stage `stage`'s A tile;
-// `along_k` when `v` holds four k steps of one row.
-fn put_a(v: vec4<Tile>, stage: u32, at: vec2<u32>, along_k: bool) {
-    let k = stage * BK + at.x;
-    if (along_k) {
-        for (var e = 0u; e < 4u; e++) {
-            a_tiles[k + e][at.y / 4u][at.y % 4u] = v[e];
-        }
+// Puts element `x` of the A tile (`is_a`) or the B tile at k step `k`,
+// position `y` across the tile.
+fn put_element(is_a: bool, k: u32, y: u32, x: Tile) {
+    if (is_a) {
+        a_tiles[k][y / 4u][y % 4u] = x;
     } else {
-        a_tiles[k][at.y] = v;
+        b_tiles[k][y / 4u][y % 4u] = x;
     }
 }
 
-// As put_a, for the B tile.
-fn put_b(v: vec4<Tile>, stage: u32, at: vec2<u32>, along_k: bool) {
+// Puts vec4 `v` at place `at` (see a_place) of stage `stage`'s A tile
+// (`is_a`) or B tile; `along_k` when `v` holds four k steps of one row or
+// column.
+fn put(v: vec4<Tile>, is_a: bool, stage: u32, at: vec2<u32>, along_k: bool) {
     let k = stage * BK + at.x;
     if (along_k) {
         for (var e = 0u; e < 4u; e++) {
-            b_tiles[k + e][at.y / 4u][at.y % 4u] = v[e];
+            put_element(is_a, k + e, at.y, v[e]);
         }
+    } else if (is_a) {
+        a_tiles[k][at.y] = v;
     } else {
         b_tiles[k][at.y] = v;
     }
@@ -170,13 +171,13 @@ fn store(f: Fetched, stage: u32, lidx: u32) {
     for (var i = 0u; i < A_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < A_TILE) {
-            put_a(f.a[i], stage, a_place(l), !TRANS_A);
+            put(f.a[i], true, stage, a_place(l), !TRANS_A);
         }
     }
     for (var i = 0u; i < B_FETCHES; i++) {
         let l = lidx + i * THREADS;
         if (l < B_TILE) {
-            put_b(f.b[i], stage, b_place(l), TRANS_B);
+            put(f.b[i], false, stage, b_place(l), TRANS_B);
         }
     }
 }
