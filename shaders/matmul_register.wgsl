@@ -14,7 +14,7 @@
 // Bindings 1 (A) and 2 (B) and their loaders load_a / load_b (f32 or f16
 // storage), and `epilogue(v, index, col)` applied to each stored element (with
 // its operand at binding 4) at `c_index(row, col)` of its batch entry: generated
-// by the host, see kernels/matmul.rs.
+// by the host, see kernels/matmul/source.rs.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

@@ -5,13 +5,13 @@
 // multiples of four. CPU adapters turn every per-invocation load into a loop over
 // SIMD lanes, so quartering the number of loads is what pays there.
 // Prepended: TM, TN, WG_X, WG_Y, TRANS_A, TRANS_B; generated: OFFSETS, STEP,
-// STORE, COLUMN_SUMS (see kernels/matmul.rs).
+// STORE, COLUMN_SUMS (see kernels/matmul/source.rs).
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their vec4 loaders load_a / load_b (f32 or f16
 // storage), and `epilogue(v, index, col)` applied to each stored element (with
 // its operand at binding 4) at `c_index(row, col)` of its batch entry: generated
-// by the host, see kernels/matmul.rs.
+// by the host, see kernels/matmul/source.rs.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 @compute @workgroup_size(WG_X, WG_Y, 1)

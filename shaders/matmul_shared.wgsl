@@ -9,13 +9,13 @@
 // conflicts) and write neighbouring words of C (coalesced).
 // The accumulators are named variables and the multiply and the final store
 // are generated unrolled over them (ACCUMULATORS, MULTIPLY, STORE; see
-// kernels/matmul.rs), as in matmul_shared_vec4.wgsl, which says why.
+// kernels/matmul/source.rs), as in matmul_shared_vec4.wgsl, which says why.
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their loaders load_a / load_b (f32 or f16
 // storage), and `epilogue(v, index, col)` applied to each stored element (with
 // its operand at binding 4) at `c_index(row, col)` of its batch entry: generated
-// by the host, see kernels/matmul.rs.
+// by the host, see kernels/matmul/source.rs.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 // [k][m] and [k][n]: two dimensions, so that the bounds clamps on a read

@@ -10,14 +10,14 @@
 // costs tens of cycles and a broadcast is a register shuffle, this beats plain
 // register tiles by cutting loads about threefold.
 // Prepended: TM, TN, SG, WG (lanes per workgroup), TRANS_A, TRANS_B; generated:
-// OFFSETS, STEP, STORE, COLUMN_SUMS (see kernels/matmul.rs). Requires k % 4 == 0,
+// OFFSETS, STEP, STORE, COLUMN_SUMS (see kernels/matmul/source.rs). Requires k % 4 == 0,
 // n % 4 == 0 unless TRANS_B, m % 4 == 0 when TRANS_A.
 
 // Params and binding 0: matmul_params.wgsl.
 // Bindings 1 (A) and 2 (B) and their vec4 loaders load_a / load_b (f32 or f16
 // storage), and `epilogue(v, index, col)` applied to each stored element (with
 // its operand at binding 4) at `c_index(row, col)` of its batch entry: generated
-// by the host, see kernels/matmul.rs.
+// by the host, see kernels/matmul/source.rs.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
 // One-dimensional workgroups (naga allows the subgroup lane builtin only there):
