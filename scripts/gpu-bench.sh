@@ -97,6 +97,13 @@ if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
     KILN_LOOP_COUNTERS=0 KILN_INDEX_CLAMPS=0 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/unchecked" \
         step "no runtime checks" 120 "$out/unchecked.log" "${bench[@]}" matmul mlp bert
 fi
+# The products again with every other candidate tiling at N=4096
+# (KILN_BENCH_SWEEP=1; Kiln's figures only): how near the tuner's pick the
+# other block shapes come, for the matmul item still short of its bar.
+if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
+    KILN_BENCH_SWEEP=1 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/sweep" \
+        step "tiling sweep" 150 "$out/sweep.log" "${bench[@]}" matmul
+fi
 # The MLP and the CNN again submitting every 50 steps rather than each step
 # (KILN_SUBMIT_BLOCKS=0, the default on CPU adapters; Kiln's figures only).
 if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then

@@ -3,12 +3,12 @@
 //! weight gradient `X^T G` over the training bench's 1024 tokens) against
 //! numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch with
 //! `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost of one dispatch
-//! with and without batching. `KILN_BENCH_SWEEP=1` adds rows
-//! for other tilings at N = 1024.
+//! with and without batching. `KILN_BENCH_SWEEP=1` adds rows for every other
+//! tiling the autotuner could pick, at N = 4096 on GPUs and 1024 elsewhere.
 
 use super::random;
 use crate::support::{self, Row};
-use kiln::device::{DType, Device, GpuBuffer, Matmul, MatmulTiling, UnaryOp};
+use kiln::device::{DType, Device, GpuBuffer, Matmul, MatmulTiling, Tuning, UnaryOp};
 use std::time::{Duration, Instant};
 
 const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
@@ -98,29 +98,25 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         device.set_half_arithmetic(false)?;
         measured?;
     }
+    // Every other tiling the autotuner could pick on this adapter, at
+    // N=4096 on GPUs and 1024 on CPU adapters (4096 would take minutes
+    // there), one window each: how close the candidates the tuner passed
+    // over come.
     if super::switched_on("KILN_BENCH_SWEEP") {
-        for s in [
-            "subgroup:4:8:64",
-            "subgroup:8:8:64",
-            "subgroup:4:8:32",
-            "subgroup:2:8:64",
-            "register:16x16:8x4",
-            "register:8x16:8x4",
-            "shared:64x64x16:4x4",
-            "shared:64x64x16:4x4:vec4",
-        ] {
-            let t: MatmulTiling = s.parse().map_err(anyhow::Error::msg)?;
-            let valid = t
-                .validate(device.limits(), device.features(), device.adapter_info())
-                .is_ok();
-            if t != tiling && valid {
-                measure(
-                    format!("matmul f32 N=1024 ({t})"),
-                    Some(t),
-                    square(1024),
-                    DType::F32,
-                )?;
-            }
+        let n = if support::cuda_reference() {
+            4096
+        } else {
+            1024
+        };
+        let candidates =
+            Tuning::candidates(device.adapter_info(), device.features(), device.limits());
+        for t in candidates.into_iter().filter(|&t| t != tiling) {
+            let gflops = matmul_gflops(device, Some(t), square(n), DType::F32)?;
+            rows.push(Row::new(
+                format!("matmul f32 N={n} ({t})"),
+                "GFLOP/s",
+                gflops,
+            ));
         }
     }
     Ok(rows)
