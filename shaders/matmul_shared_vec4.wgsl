@@ -51,9 +51,9 @@ const B_TILE = BK * BN4;
 // A tile transposed as it is stored (A along k) gets one vec4 of padding
 // per k step. Four neighbouring invocations store the four k groups of one
 // row, k steps 4 apart: unpadded, a row of BM floats (a multiple of 32 in
-// every tiling offered) puts
-// all four in one shared-memory bank; padded, two. The multiply reads one k
-// step at a time and does not see the padding. B likewise when transposed.
+// every tiling offered) puts all four in one shared-memory bank; padded,
+// two. The multiply reads one k step at a time and does not see the
+// padding. B likewise when transposed.
 const A_ROW = BM4 + select(0u, 1u, !TRANS_A);
 const B_ROW = BN4 + select(0u, 1u, TRANS_B);
 // [stage * BK + k][m / 4] and [stage * BK + k][n / 4]. Two dimensions rather
