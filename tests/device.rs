@@ -289,12 +289,10 @@ fn outermost_together_blocks_submit_when_asked() {
     };
     // GPUs submit each block by default, CPU adapters gather blocks, unless
     // a setting decides.
-    let by_default = match std::env::var("KILN_SUBMIT_BLOCKS").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => !d.is_cpu(),
-    };
-    assert_eq!(d.submit_blocks(), by_default);
+    assert_eq!(
+        d.submit_blocks(),
+        common::setting_or("KILN_SUBMIT_BLOCKS", !d.is_cpu())
+    );
     d.set_submit_blocks(false);
     assert_eq!(submits_of_a_block(&d), 0);
     d.set_submit_blocks(true);

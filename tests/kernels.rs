@@ -2101,11 +2101,7 @@ fn lstms_take_the_sequence_kernels_only_with_kernels_for_cpu_adapters() {
     // The sequence kernels' few workgroups fill a CPU's cores and leave a
     // GPU idle (see `Device::lstm_prefers_sequence`); a setting decides
     // instead, which CI uses to check the GPU class's sequence kernels.
-    let expected = match std::env::var("KILN_LSTM_SEQUENCE").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => d.kernels_for_cpu(),
-    };
+    let expected = common::setting_or("KILN_LSTM_SEQUENCE", d.kernels_for_cpu());
     assert_eq!(d.lstm_prefers_sequence(&shape), expected);
     // Hidden sizes the sequence kernels cannot take run step by step anyway.
     let odd = LstmShape { hidden: 6, ..shape };

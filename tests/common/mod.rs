@@ -8,6 +8,16 @@ use rand::{Rng, SeedableRng};
 use std::cell::OnceCell;
 use std::sync::{Mutex, OnceLock};
 
+/// What a `KILN_*` setting that overrides a per-adapter default decides:
+/// `1` on, `0` off, else `default`.
+pub fn setting_or(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => default,
+    }
+}
+
 /// The devices a test binary's tests share: as many as tests run at once
 /// (up to `MAX_SHARED_DEVICES`), each test thread taking the least used one
 /// for its whole run (opening a device costs ~100 ms). One device for all
