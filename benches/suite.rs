@@ -8,7 +8,7 @@
 //! cargo bench --bench suite                   # everything (minutes on a CPU adapter)
 //! cargo bench --bench suite -- mlp bert       # only the workloads named
 //! KILN_PROFILE=1 cargo bench --bench suite -- conv   # also: time per kernel of one step
-//! KILN_BENCH_SWEEP=1 cargo bench --bench suite -- matmul   # also: other tilings
+//! KILN_BENCH_SWEEP=1 cargo bench --bench suite -- matmul   # also: other tilings (or a list of them)
 //! ```
 
 mod support;

@@ -99,9 +99,10 @@ if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
 fi
 # The products again with every other candidate tiling at N=4096
 # (KILN_BENCH_SWEEP=1; Kiln's figures only): how near the tuner's pick the
-# other block shapes come, for the matmul item still short of its bar.
+# other block shapes come, for the matmul item still short of its bar. Set
+# KILN_BENCH_SWEEP to a comma-separated list of tilings to time those instead.
 if [ $SECONDS -lt "$deadline" ] && [ $# = 0 ]; then
-    KILN_BENCH_SWEEP=1 KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/sweep" \
+    KILN_BENCH_SWEEP=${KILN_BENCH_SWEEP:-1} KILN_PYTHON=/nonexistent KILN_BENCH_OUT="$out/sweep" \
         step "tiling sweep" 150 "$out/sweep.log" "${bench[@]}" matmul
 fi
 # The MLP and the CNN again submitting every 50 steps rather than each step

@@ -4,7 +4,9 @@
 //! numpy's sgemm (OpenBLAS), or cuBLAS through PyTorch with
 //! `KILN_BENCH_REFERENCE=cuda`, in the same run, and the cost of one dispatch
 //! with and without batching. `KILN_BENCH_SWEEP=1` adds rows for every other
-//! tiling the autotuner could pick, at N = 4096 on GPUs and 1024 elsewhere.
+//! tiling the autotuner could pick, at N = 4096 on GPUs and 1024 elsewhere;
+//! `KILN_BENCH_SWEEP=TILING,TILING,...` for those tilings instead (block
+//! shapes the tuner does not offer, tried without a rebuild).
 
 use super::random;
 use crate::support::{self, Row};
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 const SIZES: [usize; 5] = [256, 512, 1024, 2048, 4096];
 
 pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
+    // Read first, so that a misspelt list fails before minutes of products.
+    let sweep = sweep_tilings(device)?;
     // cuBLAS through PyTorch (TF32 off) on a GPU machine, numpy's OpenBLAS
     // elsewhere.
     let (mut reference, reference_name) = match support::cuda_reference() {
@@ -98,28 +102,48 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         device.set_half_arithmetic(false)?;
         measured?;
     }
-    // Every other tiling the autotuner could pick on this adapter, at
+    // Every other tiling the autotuner could pick (or those named), at
     // N=4096 on GPUs and 1024 on CPU adapters (4096 would take minutes
     // there), one window each: how close the candidates the tuner passed
-    // over come.
-    if super::switched_on("KILN_BENCH_SWEEP") {
+    // over come. A tiling that cannot run here is reported and skipped.
+    if let Some(sweep) = sweep {
         let n = if support::cuda_reference() {
             4096
         } else {
             1024
         };
-        let candidates =
-            Tuning::candidates(device.adapter_info(), device.features(), device.limits());
-        for t in candidates.into_iter().filter(|&t| t != tiling) {
-            let gflops = matmul_gflops(device, Some(t), square(n), DType::F32)?;
-            rows.push(Row::new(
-                format!("matmul f32 N={n} ({t})"),
-                "GFLOP/s",
-                gflops,
-            ));
+        for t in sweep.into_iter().filter(|&t| t != tiling) {
+            match matmul_gflops(device, Some(t), square(n), DType::F32) {
+                Ok(gflops) => rows.push(Row::new(
+                    format!("matmul f32 N={n} ({t})"),
+                    "GFLOP/s",
+                    gflops,
+                )),
+                Err(e) => eprintln!("sweep: {t} skipped: {e:#}"),
+            }
         }
     }
     Ok(rows)
+}
+
+/// The tilings `KILN_BENCH_SWEEP` asks for: `None` when unset or `0`, the
+/// autotuner's candidates for `1`, else the comma-separated list it holds.
+fn sweep_tilings(device: &Device) -> anyhow::Result<Option<Vec<MatmulTiling>>> {
+    let setting = std::env::var("KILN_BENCH_SWEEP").unwrap_or_default();
+    Ok(match setting.trim() {
+        "" | "0" => None,
+        "1" => Some(Tuning::candidates(
+            device.adapter_info(),
+            device.features(),
+            device.limits(),
+        )),
+        list => Some(
+            list.split(',')
+                .map(|t| t.trim().parse::<MatmulTiling>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("KILN_BENCH_SWEEP: {e}"))?,
+        ),
+    })
 }
 
 /// Alternating windows per figure (each at least two seconds of Kiln's), the
