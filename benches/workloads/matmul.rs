@@ -6,7 +6,8 @@
 //! with and without batching. `KILN_BENCH_SWEEP=1` adds rows for every other
 //! tiling the autotuner could pick, at N = 4096 on GPUs and 1024 elsewhere;
 //! `KILN_BENCH_SWEEP=TILING,TILING,...` for those tilings instead (block
-//! shapes the tuner does not offer, tried without a rebuild).
+//! shapes the tuner does not offer, tried without a rebuild), each timed only
+//! once its product matches the tuner's pick.
 
 use super::random;
 use crate::support::{self, Row};
@@ -112,8 +113,12 @@ pub fn run(device: &Device) -> anyhow::Result<Vec<Row>> {
         } else {
             1024
         };
+        let check = SweepCheck::new(device, tiling, square(n))?;
         for t in sweep.into_iter().filter(|&t| t != tiling) {
-            match matmul_gflops(device, Some(t), square(n), DType::F32) {
+            let timed = check
+                .agrees(t)
+                .and_then(|()| matmul_gflops(device, Some(t), square(n), DType::F32));
+            match timed {
                 Ok(gflops) => rows.push(Row::new(
                     format!("matmul f32 N={n} ({t})"),
                     "GFLOP/s",
@@ -144,6 +149,63 @@ fn sweep_tilings(device: &Device) -> anyhow::Result<Option<Vec<MatmulTiling>>> {
                 .map_err(|e| anyhow::anyhow!("KILN_BENCH_SWEEP: {e}"))?,
         ),
     })
+}
+
+/// A sweep's guard against timing a wrong kernel: the sweep may name
+/// tilings no kernel test ran, so each one's product must match the product
+/// of the tuner's pick (which the tests cover) before it is timed.
+struct SweepCheck<'d> {
+    device: &'d Device,
+    a: GpuBuffer,
+    b: GpuBuffer,
+    spec: Matmul,
+    expected: Vec<f32>,
+    /// The largest expected magnitude: errors are measured against it.
+    scale: f32,
+}
+
+impl<'d> SweepCheck<'d> {
+    fn new(device: &'d Device, tiling: MatmulTiling, spec: Matmul) -> anyhow::Result<Self> {
+        let a = device.upload(&random(spec.m * spec.k, 7))?;
+        let b = device.upload(&random(spec.k * spec.n, 8))?;
+        let expected = device.read::<f32>(&device.matmul_with(&a, &b, &spec, tiling)?)?;
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        Ok(Self {
+            device,
+            a,
+            b,
+            spec,
+            expected,
+            scale,
+        })
+    }
+
+    /// Fails unless `tiling` gives the expected product to within 1e-4 of
+    /// its largest element (f32 sums in another order differ by about 1e-6
+    /// there; a wrong kernel by the whole scale).
+    fn agrees(&self, tiling: MatmulTiling) -> anyhow::Result<()> {
+        let got = self.device.read::<f32>(
+            &self
+                .device
+                .matmul_with(&self.a, &self.b, &self.spec, tiling)?,
+        )?;
+        // A NaN counts as the worst error (`f32::max` would pass over it).
+        let worst = got
+            .iter()
+            .zip(&self.expected)
+            .map(|(g, e)| (g - e).abs())
+            .fold(
+                0f32,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            );
+        if worst > 1e-4 * self.scale {
+            anyhow::bail!(
+                "its product is wrong: off by up to {worst:e} where elements reach {:e}",
+                self.scale
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Alternating windows per figure (each at least two seconds of Kiln's), the
