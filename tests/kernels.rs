@@ -21,7 +21,9 @@ use kiln::device::{
 /// family: for CI's passes that vary only what every tiling of a family
 /// shares (the backend's shader translation, how parameters travel), after a
 /// pass that checked every tiling. Compiling each tiling's kernels is most of
-/// those passes' time on a CPU adapter.
+/// those passes' time on a CPU adapter. A comma-separated list of tilings
+/// (`KILN_TEST_TILINGS=shared:128x64x16:8x8:vec4,...`) checks just those:
+/// block shapes a benchmark sweep found, before they join the candidates.
 fn tilings() -> Vec<MatmulTiling> {
     let all = every_tiling();
     match std::env::var("KILN_TEST_TILINGS").as_deref() {
@@ -45,7 +47,21 @@ fn tilings() -> Vec<MatmulTiling> {
             eprintln!("KILN_TEST_TILINGS=families: checking {chosen:?}");
             chosen
         }
-        Ok(other) => panic!("KILN_TEST_TILINGS={other:?}: expected `all` or `families`"),
+        Ok(list) => list
+            .split(',')
+            .map(|t| {
+                let tiling: MatmulTiling = t.trim().parse().unwrap_or_else(|e| {
+                    panic!(
+                        "KILN_TEST_TILINGS: {e}; expected `all`, `families` or a list of tilings"
+                    )
+                });
+                let d = device();
+                if let Err(why) = tiling.validate(d.limits(), d.features(), d.adapter_info()) {
+                    panic!("KILN_TEST_TILINGS: this adapter cannot run {why}");
+                }
+                tiling
+            })
+            .collect(),
     }
 }
 
