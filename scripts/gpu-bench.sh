@@ -11,7 +11,8 @@
 #                  (loop counters and index clamps)
 #   submit-batched.log  the MLP and CNN with a submit every 50 steps
 #   lstm-sequence.log   the LSTM on its sequence kernels
-#   tuning/        the autotuner's timings of every candidate
+#   tuning/        the autotuner's timings of every candidate, overall and
+#                  on each large product shape (*-shapes.txt)
 # Workload names after OUTDIR narrow the suite, as with cargo bench.
 #
 # Time: each step has its own limit, and the optional passes start only

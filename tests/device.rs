@@ -1038,3 +1038,95 @@ fn a_buffer_dropped_while_its_reader_is_held_keeps_its_contents() {
         assert!((g - v.tanh()).abs() < 1e-6, "{g} vs tanh({v})");
     }
 }
+
+#[test]
+fn products_tuned_by_shape_take_the_fastest_candidate_and_keep_it_in_a_file() {
+    use kiln::device::ShapeTuning;
+    // A device of its own: the setting changes how its products run.
+    let d = Device::new().unwrap();
+    let file = std::env::temp_dir().join(format!("kiln-shapes-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let setting = ShapeTuning {
+        file: file.clone(),
+        min_multiply_adds: 64 * 48 * 40,
+    };
+    d.set_shape_tuning(Some(setting.clone()));
+    assert_eq!(d.shape_tuning(), Some(setting.clone()));
+    let candidates = Tuning::candidates(d.adapter_info(), d.features(), d.limits());
+    let product = |spec: &Matmul, seed: u64| {
+        let (a_len, b_len) = (spec.m * spec.k, spec.k * spec.n);
+        let a = random_vec(a_len, seed, -1.0, 1.0);
+        let b = random_vec(b_len, seed + 1, -1.0, 1.0);
+        let c = d
+            .matmul(&d.upload(&a).unwrap(), &d.upload(&b).unwrap(), spec)
+            .unwrap();
+        (a, b, c)
+    };
+
+    // Too small to be tuned by shape: nothing is timed or written.
+    product(&Matmul::new(8, 8, 8), 1);
+    assert!(!file.exists());
+
+    // A new shape large enough: every candidate is timed on it, the
+    // fastest kept and written, and the product is right.
+    let spec = Matmul::new(64, 48, 40).transpose_b(true);
+    let (a, b, c) = product(&spec, 3);
+    let got = d.read::<f32>(&c).unwrap();
+    for i in 0..spec.m {
+        for j in 0..spec.n {
+            let want: f64 = (0..spec.k)
+                .map(|p| f64::from(a[i * spec.k + p]) * f64::from(b[j * spec.k + p]))
+                .sum();
+            let g = f64::from(got[i * spec.n + j]);
+            assert!(
+                (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "C[{i},{j}]: {g} vs {want}"
+            );
+        }
+    }
+    let chosen = d.matmul_tiling(&spec);
+    assert!(candidates.contains(&chosen), "{chosen}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains(&format!("1x64x48tx40 = {chosen}\n")),
+        "{text}"
+    );
+    for t in &candidates {
+        assert!(
+            text.contains(&format!("#   {t}: ")),
+            "{t} not timed:\n{text}"
+        );
+    }
+
+    // Met inside a `together` block (where timing would submit gathered
+    // launches midway): timed as the block ends.
+    // (B transposed again: the same kernels as above, compiled once.)
+    let inside = Matmul::new(72, 40, 48).transpose_b(true);
+    d.together(|| {
+        product(&inside, 5);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.contains("1x72x40tx48 = "), !fusion_on(), "{text}");
+        Ok::<(), DeviceError>(())
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("1x72x40tx48 = "), "{text}");
+
+    // The file is read back, not measured again: a choice written into it
+    // is the one taken.
+    let other = *candidates.iter().find(|&&t| t != chosen).unwrap_or(&chosen);
+    std::fs::write(&file, format!("1x64x48tx40 = {other}\n")).unwrap();
+    d.set_shape_tuning(Some(setting));
+    assert_eq!(d.matmul_tiling(&spec), other);
+    let (_, _, again) = product(&spec, 3);
+    assert_eq!(d.read::<f32>(&again).unwrap().len(), spec.m * spec.n);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("1x64x48tx40 = {other}\n"),
+        "a known shape is not timed again"
+    );
+
+    d.set_shape_tuning(None);
+    assert_eq!(d.shape_tuning(), None);
+    std::fs::remove_file(&file).unwrap();
+}

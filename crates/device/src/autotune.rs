@@ -376,31 +376,43 @@ impl Device {
         let mut total = 0.0;
         for (i, probe) in probes.iter().enumerate() {
             let (a, b, spec) = self.probe_operands(i, probe)?;
-            // The first run compiles the kernel.
-            let run = || -> Result<f64> {
-                self.kernel_seconds(|| {
-                    let out: GpuBuffer = self.matmul_with(&a, &b, &spec, tiling)?;
-                    drop(out);
-                    Ok(())
-                })
-            };
-            run()?;
-            let (mut best, start) = (f64::MAX, Instant::now());
-            for rep in 0.. {
-                best = best.min(run()?);
-                if rep >= 2 && start.elapsed() > Duration::from_millis(30) {
-                    break;
-                }
-            }
-            total += best;
+            total += self.product_seconds(&a, &b, &spec, tiling)?;
         }
         Ok(total)
+    }
+
+    /// Seconds the product `spec` of `a` and `b` takes under `tiling`: the
+    /// best of at least three runs and 30 ms, after a first run that
+    /// compiles the kernel.
+    pub(crate) fn product_seconds(
+        &self,
+        a: &GpuBuffer,
+        b: &GpuBuffer,
+        spec: &Matmul,
+        tiling: MatmulTiling,
+    ) -> Result<f64> {
+        let run = || -> Result<f64> {
+            self.kernel_seconds(|| {
+                let out: GpuBuffer = self.matmul_with(a, b, spec, tiling)?;
+                drop(out);
+                Ok(())
+            })
+        };
+        run()?;
+        let (mut best, start) = (f64::MAX, Instant::now());
+        for rep in 0.. {
+            best = best.min(run()?);
+            if rep >= 2 && start.elapsed() > Duration::from_millis(30) {
+                break;
+            }
+        }
+        Ok(best)
     }
 
     /// Seconds the kernels `work` launches take: by the device's clock where
     /// it has timestamps (a submit and wait costs more than a GPU's product
     /// of a probe's size), else by the host's around submitting and waiting.
-    fn kernel_seconds(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+    pub(crate) fn kernel_seconds(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
         self.set_profiling(true)?;
         let start = Instant::now();
         let done = work().and_then(|()| self.synchronize());
@@ -485,7 +497,7 @@ fn probes_fingerprint(probes: &[Probe]) -> u64 {
     fnv1a(FNV_OFFSET, format!("{probes:?}").as_bytes())
 }
 
-fn probe_data(n: usize, seed: u32) -> Vec<f32> {
+pub(crate) fn probe_data(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5
@@ -570,6 +582,12 @@ fn write_cache(path: &Path, chosen: Tuning, measured: &Measurements) -> std::io:
     for (t, why) in measured.failed {
         text.push_str(&format!("# {t}: failed: {why}\n"));
     }
+    write_atomically(path, &text)
+}
+
+/// Writes `text` to `path` through a temporary file renamed into place, so
+/// that a reader never sees half a file.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -248,6 +248,8 @@ pub struct DeviceShared {
     fusions: Mutex<HashMap<String, Option<Arc<FusedPlan>>>>,
     /// Matmul variants' kernel cache keys (see `kernels::matmul::Variant`).
     pub(crate) matmul_keys: Mutex<crate::kernels::matmul::VariantKeys>,
+    /// Matmul tilings chosen by product shape (see [`crate::shape_tuning`]).
+    pub(crate) shape_tilings: Mutex<crate::shape_tuning::ShapeTilings>,
 }
 
 impl DeviceShared {
@@ -394,6 +396,7 @@ impl Device {
                 profile: Mutex::new(None),
                 fusions: Mutex::new(HashMap::new()),
                 matmul_keys: Mutex::new(Default::default()),
+                shape_tilings: Mutex::new(Default::default()),
             }),
         };
         opened.tune_on_open();
@@ -414,10 +417,21 @@ impl Device {
             return;
         }
         let defaults = self.tuning();
-        if let Err(e) = self.autotune(&self.tuning_cache_file()) {
-            eprintln!("kiln: matmul autotuning failed ({e}); using the defaults");
-            self.set_tuning(defaults);
+        match self.autotune(&self.tuning_cache_file()) {
+            Ok(_) => self.open_shape_tuning(),
+            Err(e) => {
+                eprintln!("kiln: matmul autotuning failed ({e}); using the defaults");
+                self.set_tuning(defaults);
+            }
         }
+    }
+
+    /// Whether products can be timed now without disturbing recorded work:
+    /// no launches are being gathered into one dispatch (timing would
+    /// submit them midway) and no profile is being taken (timing uses and
+    /// ends the profiler).
+    pub(crate) fn can_time_products(&self) -> bool {
+        lock(&self.shared.recorder).gathering.is_none() && lock(&self.shared.profile).is_none()
     }
 
     /// Name, vendor, backend and type of the opened adapter.

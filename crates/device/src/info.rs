@@ -98,6 +98,13 @@ impl fmt::Display for DeviceReport<'_> {
                 "\nmatmul operands:         through textures (large products)"
             )?;
         }
+        if let Some(shapes) = d.shape_tuning() {
+            write!(
+                f,
+                "\nlarge products:          tiling tuned by shape ({})",
+                shapes.file.display()
+            )?;
+        }
         Ok(())
     }
 }

@@ -37,6 +37,7 @@ mod kernel;
 pub mod kernels;
 mod pool;
 mod profile;
+pub mod shape_tuning;
 mod tuning;
 
 pub use adapter::{
@@ -58,6 +59,7 @@ pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use kernels::softmax::{CrossEntropyOutput, SoftmaxInput};
 pub use pool::{bucket_size, PoolStats};
 pub use profile::KernelTime;
+pub use shape_tuning::{ShapeTuning, SHAPE_TUNING_MIN_MULTIPLY_ADDS};
 pub use tuning::{MatmulTiling, Tuning};
 pub use wgpu;
 

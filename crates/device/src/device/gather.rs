@@ -279,6 +279,9 @@ impl Device {
             if self.submit_blocks() {
                 self.flush()?;
             }
+            // Shapes met inside the block are timed now that nothing is
+            // gathered; the block's products keep the tiling they ran with.
+            self.tune_pending_shapes();
         }
         result
     }

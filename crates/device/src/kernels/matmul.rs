@@ -248,7 +248,7 @@ impl Device {
     /// each hold f32 or f16 (half the memory traffic; products and sums stay
     /// f32, as on tensor cores); C is f32.
     pub fn matmul(&self, a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<GpuBuffer> {
-        self.matmul_with(a, b, spec, self.default_tiling(spec))
+        self.matmul_with(a, b, spec, self.matmul_tiling(spec))
     }
 
     /// Computes `op(A) * op(B)` with an explicit tiling (for tests and tuning).
@@ -297,7 +297,7 @@ impl Device {
         spec: &Matmul,
         epilogue: &Epilogue,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_with(a, b, spec, epilogue, self.default_tiling(spec))
+        self.matmul_fused_with(a, b, spec, epilogue, self.matmul_tiling(spec))
     }
 
     /// [`Device::matmul_fused`] storing C as `[m / plane, n, plane]`: each
@@ -329,7 +329,7 @@ impl Device {
         epilogue: &Epilogue,
         plane: usize,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.default_tiling(spec))
+        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.matmul_tiling(spec))
     }
 
     /// [`Device::matmul_fused_planar`] with an explicit tiling (for tests).
@@ -386,7 +386,7 @@ impl Device {
         b: &GpuBuffer,
         spec: &Matmul,
     ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
-        self.matmul_column_sums_with(a, b, spec, self.default_tiling(spec))
+        self.matmul_column_sums_with(a, b, spec, self.matmul_tiling(spec))
     }
 
     /// [`Device::matmul_column_sums`] with an explicit tiling (for tests).
@@ -531,13 +531,22 @@ impl Device {
         )
     }
 
+    /// The tiling [`Device::matmul`] runs `spec` with: the one chosen for
+    /// its shape where products are tuned by shape (timing the candidates on
+    /// it first if it is new; see [`crate::shape_tuning`]), else the tuned
+    /// tiling for its size (see [`crate::Tuning`]).
+    pub fn matmul_tiling(&self, spec: &Matmul) -> MatmulTiling {
+        self.shape_tiling(spec)
+            .unwrap_or_else(|| self.default_tiling(spec))
+    }
+
     /// The tuned tiling, except that on CPU adapters a product too small to
     /// be worth spreading over cores takes register tiles (fitted into one
     /// workgroup by `prepare_matmul`), which can chain with its neighbours
     /// into one dispatch (see `Device::together`), and that on GPUs a
     /// product whose output blocks would be too few to fill the device takes
     /// the tiling tuned for small products.
-    fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
+    pub(crate) fn default_tiling(&self, spec: &Matmul) -> MatmulTiling {
         let tuning = self.tuning();
         match tuning.matmul {
             MatmulTiling::Subgroup { .. } if self.kernels_for_cpu() && fits_one_workgroup(spec) => {

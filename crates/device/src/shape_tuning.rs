@@ -1,0 +1,406 @@
+//! Matrix product tilings chosen shape by shape. The autotuner
+//! ([`crate::autotune`]) picks one tiling for large products and one for
+//! small ones from a few probe shapes; on a GPU, how a tiling fares on one
+//! product also depends on how its output blocks fill the device. Blocks run
+//! in waves of (compute units x blocks resident on each), and a product
+//! whose last wave is mostly empty leaves most of the device idle for that
+//! wave: under 128 x 64 blocks a 4096 x 4096 product is 2048 blocks, which
+//! on 132 compute units holding three each is 5.2 waves, so the sixth runs
+//! a fifth full. Which block shape wastes least differs from shape to shape
+//! and device to device, and what is resident per compute unit cannot be
+//! queried, so it is measured: the first time a large product of a new
+//! shape runs, every candidate tiling is timed on that shape and the
+//! fastest kept, in memory and in a file beside the tuning cache, as
+//! PyTorch's `cudnn.benchmark` does for convolutions.
+//!
+//! On by default on GPUs where the autotuner runs; `KILN_SHAPE_TUNING=0`
+//! turns it off, `=1` on for CPU adapters too (whose products are timed
+//! many times slower). [`Device::set_shape_tuning`] sets it in code.
+
+use crate::autotune::{probe_data, write_atomically};
+use crate::device::{lock, on_or_off, Device};
+use crate::kernels::matmul::Matmul;
+use crate::tuning::{MatmulTiling, Tuning};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+/// Products with fewer multiply-adds keep the tuned class's tiling by
+/// default: a 645 x 645 x 645 product, or a MiniLM layer's 384 x 384
+/// weights over 2048 tokens. Smaller ones take a few microseconds on a GPU,
+/// where launching costs about as much as any tiling saves.
+pub const SHAPE_TUNING_MIN_MULTIPLY_ADDS: usize = 1 << 28;
+
+/// The most shapes one device tunes; past it new shapes keep their class's
+/// tiling. A model has a few dozen; this bounds a program that makes
+/// products of ever new shapes (each tuned shape costs a second or so).
+const MAX_SHAPES: usize = 1024;
+
+/// Where per-shape choices are kept, and for which products.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeTuning {
+    /// The file the choices are read from and written to.
+    pub file: PathBuf,
+    /// Products with fewer multiply-adds are not tuned by shape.
+    pub min_multiply_adds: usize,
+}
+
+/// What identifies a product to its tiling choice: its extents and
+/// layouts. Batch strides and operand types are left out (the choice for
+/// f32 operands serves f16 ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+}
+
+impl Shape {
+    fn of(spec: &Matmul) -> Self {
+        Self {
+            batch: spec.batch,
+            m: spec.m,
+            n: spec.n,
+            k: spec.k,
+            trans_a: spec.trans_a,
+            trans_b: spec.trans_b,
+        }
+    }
+
+    /// A contiguous product of this shape.
+    fn spec(&self) -> Matmul {
+        let mut spec = Matmul::new(self.m, self.n, self.k)
+            .transpose_a(self.trans_a)
+            .transpose_b(self.trans_b);
+        spec.batch = self.batch;
+        spec.batch_stride_a = self.m * self.k;
+        spec.batch_stride_b = self.k * self.n;
+        spec
+    }
+
+    /// `batch x m x n x k`, with `t` after m and n for a transposed A and B
+    /// (`1x4096x4096x4096`, `8x128tx384x64`): how the file names shapes.
+    fn name(&self) -> String {
+        let t = |on: bool| if on { "t" } else { "" };
+        format!(
+            "{}x{}{}x{}{}x{}",
+            self.batch,
+            self.m,
+            t(self.trans_a),
+            self.n,
+            t(self.trans_b),
+            self.k
+        )
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        let parts: Vec<&str> = name.split('x').collect();
+        let [batch, m, n, k] = parts[..] else {
+            return None;
+        };
+        let extent = |s: &str| -> Option<(usize, bool)> {
+            match s.strip_suffix('t') {
+                Some(digits) => Some((digits.parse().ok()?, true)),
+                None => Some((s.parse().ok()?, false)),
+            }
+        };
+        let (m, trans_a) = extent(m)?;
+        let (n, trans_b) = extent(n)?;
+        Some(Self {
+            batch: batch.parse().ok()?,
+            m,
+            n,
+            k: k.parse().ok()?,
+            trans_a,
+            trans_b,
+        })
+    }
+}
+
+/// A device's per-shape choices and what is waiting to be tuned.
+#[derive(Debug, Default)]
+pub(crate) struct ShapeTilings {
+    /// `None` while per-shape tuning is off.
+    setting: Option<ShapeTuning>,
+    chosen: HashMap<Shape, MatmulTiling>,
+    /// The time each candidate took on each tuned shape, for the file.
+    timings: HashMap<Shape, Vec<(MatmulTiling, f64)>>,
+    /// Shapes met where products could not be timed (while launches were
+    /// gathered into one dispatch, or a profile was being taken): timed
+    /// when the enclosing block ends.
+    pending: Vec<Shape>,
+    /// Shapes whose timing failed, not tried again.
+    failed: HashSet<Shape>,
+    /// Set while shapes are timed: the timed products keep their tiling.
+    busy: bool,
+}
+
+/// Reads a choices file: one `SHAPE = TILING` line per shape, `#` lines
+/// being comments. Lines that do not read, or name a tiling that is not a
+/// candidate here, are left out (their shapes are timed again).
+fn parse_choices(text: &str, candidates: &[MatmulTiling]) -> HashMap<Shape, MatmulTiling> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .filter_map(|(shape, tiling)| {
+            let shape = Shape::parse(shape.trim())?;
+            let tiling: MatmulTiling = tiling.trim().parse().ok()?;
+            candidates.contains(&tiling).then_some((shape, tiling))
+        })
+        .collect()
+}
+
+impl ShapeTilings {
+    /// The file's text: each choice, and below it the timings it was made
+    /// from (those measured in this process).
+    fn text(&self) -> String {
+        let mut shapes: Vec<&Shape> = self.chosen.keys().collect();
+        shapes.sort_by_key(|s| (s.batch, s.m, s.n, s.k, s.trans_a, s.trans_b));
+        let mut text =
+            String::from("# Matrix product tilings by shape (batch x m x n x k, t: transposed)\n");
+        for shape in shapes {
+            text.push_str(&format!("{} = {}\n", shape.name(), self.chosen[shape]));
+            for (tiling, seconds) in self.timings.get(shape).into_iter().flatten() {
+                text.push_str(&format!("#   {tiling}: {:.3} ms\n", seconds * 1e3));
+            }
+        }
+        text
+    }
+}
+
+impl Device {
+    /// Turns per-shape tiling choices on, kept in `setting.file` (read now
+    /// if it exists), or off with `None` (see the [module
+    /// docs](crate::shape_tuning)). While on, [`Device::matmul`] and the
+    /// other products that choose their own tiling time every candidate on
+    /// each new shape of at least `setting.min_multiply_adds` and keep the
+    /// fastest.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), kiln_device::DeviceError> {
+    /// use kiln_device::{Device, Matmul, ShapeTuning};
+    /// let device = Device::new()?;
+    /// device.set_shape_tuning(Some(ShapeTuning {
+    ///     file: std::env::temp_dir().join("kiln-shapes.txt"),
+    ///     min_multiply_adds: 1 << 20,
+    /// }));
+    /// let spec = Matmul::new(256, 256, 256);
+    /// let a = device.upload(&vec![0.5f32; 256 * 256])?;
+    /// let product = device.matmul(&a, &a, &spec)?; // times the candidates first
+    /// println!("256^3 runs with {}", device.matmul_tiling(&spec));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_shape_tuning(&self, setting: Option<ShapeTuning>) {
+        let candidates = Tuning::candidates(self.adapter_info(), self.features(), self.limits());
+        let chosen = setting
+            .as_ref()
+            .and_then(|s| std::fs::read_to_string(&s.file).ok())
+            .map(|text| parse_choices(&text, &candidates))
+            .unwrap_or_default();
+        let mut tilings = lock(&self.shared.shape_tilings);
+        *tilings = ShapeTilings {
+            setting,
+            chosen,
+            ..ShapeTilings::default()
+        };
+    }
+
+    /// The per-shape setting in force, if any.
+    pub fn shape_tuning(&self) -> Option<ShapeTuning> {
+        lock(&self.shared.shape_tilings).setting.clone()
+    }
+
+    /// Turns per-shape tuning on as the device opens, where it is wanted:
+    /// on GPUs unless `KILN_SHAPE_TUNING=0`, on CPU adapters with `=1`.
+    /// Called once the autotuner has run.
+    pub(crate) fn open_shape_tuning(&self) {
+        if !on_or_off("KILN_SHAPE_TUNING").unwrap_or(!self.kernels_for_cpu()) {
+            return;
+        }
+        let tuning_file = self.tuning_cache_file();
+        let stem = tuning_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.set_shape_tuning(Some(ShapeTuning {
+            file: tuning_file.with_file_name(format!("{stem}-shapes.txt")),
+            min_multiply_adds: SHAPE_TUNING_MIN_MULTIPLY_ADDS,
+        }));
+    }
+
+    /// The tiling `spec` takes by its shape, timing the candidates on it
+    /// first where that can be done now; `None` where per-shape tuning is
+    /// off, the product is too small, or its shape is not tuned (yet).
+    pub(crate) fn shape_tiling(&self, spec: &Matmul) -> Option<MatmulTiling> {
+        let shape = Shape::of(spec);
+        {
+            let tilings = lock(&self.shared.shape_tilings);
+            let setting = tilings.setting.as_ref()?;
+            if spec.multiply_adds() < setting.min_multiply_adds
+                || tilings.busy
+                || tilings.failed.contains(&shape)
+            {
+                return None;
+            }
+            if let Some(&tiling) = tilings.chosen.get(&shape) {
+                return Some(tiling);
+            }
+            if tilings.chosen.len() >= MAX_SHAPES {
+                return None;
+            }
+        }
+        // Asked with the choices unlocked: it takes the recorder's lock,
+        // which is never held while the choices are asked for.
+        if !self.can_time_products() {
+            let mut tilings = lock(&self.shared.shape_tilings);
+            if !tilings.pending.contains(&shape) {
+                tilings.pending.push(shape);
+            }
+            return None;
+        }
+        self.tune_shape(shape)
+    }
+
+    /// Times the shapes met while that could not be done, where it now can
+    /// (called as an outermost `together` block ends).
+    pub(crate) fn tune_pending_shapes(&self) {
+        let pending = {
+            let mut tilings = lock(&self.shared.shape_tilings);
+            if tilings.pending.is_empty() || tilings.busy {
+                return;
+            }
+            std::mem::take(&mut tilings.pending)
+        };
+        if !self.can_time_products() {
+            lock(&self.shared.shape_tilings).pending.extend(pending);
+            return;
+        }
+        for shape in pending {
+            let known = lock(&self.shared.shape_tilings).chosen.contains_key(&shape);
+            if !known {
+                self.tune_shape(shape);
+            }
+        }
+    }
+
+    /// Times every candidate on `shape`, keeps the fastest and saves the
+    /// choices. A failure is reported once and leaves the shape to its
+    /// class's tiling: tuning is never worth an error.
+    fn tune_shape(&self, shape: Shape) -> Option<MatmulTiling> {
+        lock(&self.shared.shape_tilings).busy = true;
+        let timed = self.time_candidates(shape);
+        let mut tilings = lock(&self.shared.shape_tilings);
+        tilings.busy = false;
+        let timings = match timed {
+            Ok(timings) if !timings.is_empty() => timings,
+            failed => {
+                let why = match failed {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "every candidate failed".into(),
+                };
+                eprintln!(
+                    "kiln: could not tune matmul for shape {} ({why}); it keeps the tuned tiling",
+                    shape.name()
+                );
+                tilings.failed.insert(shape);
+                return None;
+            }
+        };
+        let fastest = timings
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|&(tiling, _)| tiling)?;
+        tilings.chosen.insert(shape, fastest);
+        tilings.timings.insert(shape, timings);
+        let file = tilings.setting.as_ref().map(|s| s.file.clone());
+        let text = tilings.text();
+        drop(tilings);
+        if let Some(file) = file {
+            if let Err(e) = write_atomically(&file, &text) {
+                eprintln!(
+                    "kiln: could not save matmul tilings by shape to {} ({e}); the next run times them again",
+                    file.display()
+                );
+            }
+        }
+        Some(fastest)
+    }
+
+    /// Seconds each candidate takes on `shape` (candidates that fail are
+    /// left out), the tuned class's tiling first so that it wins a tie.
+    fn time_candidates(&self, shape: Shape) -> crate::Result<Vec<(MatmulTiling, f64)>> {
+        let spec = shape.spec();
+        let a = self.upload(&probe_data(spec.batch * spec.m * spec.k, 1))?;
+        let b = self.upload(&probe_data(spec.batch * spec.k * spec.n, 2))?;
+        let class = self.default_tiling(&spec);
+        let mut candidates = vec![class];
+        for t in Tuning::candidates(self.adapter_info(), self.features(), self.limits()) {
+            if !candidates.contains(&t) {
+                candidates.push(t);
+            }
+        }
+        let mut timings = Vec::with_capacity(candidates.len());
+        for tiling in candidates {
+            match self.product_seconds(&a, &b, &spec, tiling) {
+                Ok(seconds) => timings.push((tiling, seconds)),
+                Err(e) => eprintln!("kiln: tuning shape {} left out {tiling}: {e}", shape.name()),
+            }
+        }
+        Ok(timings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_names_read_back() {
+        for (batch, m, n, k, ta, tb) in [
+            (1, 4096, 4096, 4096, false, false),
+            (8, 128, 384, 64, true, false),
+            (3, 5, 7, 11, true, true),
+        ] {
+            let shape = Shape {
+                batch,
+                m,
+                n,
+                k,
+                trans_a: ta,
+                trans_b: tb,
+            };
+            assert_eq!(Shape::parse(&shape.name()), Some(shape));
+        }
+        assert_eq!(Shape::parse("8x128tx384x64").map(|s| s.trans_a), Some(true));
+        for bad in [
+            "",
+            "1x2x3",
+            "1x2x3x4x5",
+            "ax2x3x4",
+            "1x2tt x3x4",
+            "1x2x3x4t",
+        ] {
+            assert_eq!(Shape::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn choices_files_keep_only_candidate_tilings() {
+        let keep: MatmulTiling = "shared:128x64x16:8x4:vec4".parse().unwrap();
+        let other: MatmulTiling = "shared:64x64x16:4x4:vec4".parse().unwrap();
+        let text = "# comment = shared:64x64x16:4x4:vec4\n\
+                    1x4096x4096x4096 = shared:128x64x16:8x4:vec4\n\
+                    #   shared:64x64x16:4x4:vec4: 1.000 ms\n\
+                    1x512x512x512 = shared:64x64x16:4x4:vec4\n\
+                    1x2x3 = shared:128x64x16:8x4:vec4\n\
+                    1x8x8x8 = not a tiling\n";
+        let chosen = parse_choices(text, &[keep]);
+        assert_eq!(chosen.len(), 1);
+        let shape = Shape::parse("1x4096x4096x4096").unwrap();
+        assert_eq!(chosen.get(&shape), Some(&keep));
+        assert_eq!(parse_choices(text, &[keep, other]).len(), 2);
+    }
+}
