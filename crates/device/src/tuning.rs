@@ -403,6 +403,16 @@ impl Tuning {
                 "shared:128x64x16:8x4:vec4",
                 "shared:128x128x8:8x8:vec4",
                 "shared:128x128x16:8x8:vec4",
+                // Neighbours of the H200's pick that trade registers for
+                // fewer shared-memory reads per multiply-add or fewer
+                // barriers per k, and block counts that fill waves
+                // differently (timed on each large shape, see
+                // `shape_tuning`).
+                "shared:128x64x16:8x8:vec4",
+                "shared:64x128x16:4x8:vec4",
+                "shared:128x64x32:8x4:vec4",
+                "shared:256x64x16:8x8:vec4",
+                "shared:128x128x32:8x8:vec4",
                 // Small blocks for small products (`Tuning::small_matmul`).
                 "shared:32x32x16:4x4:vec4",
                 "shared:32x64x16:4x4:vec4",
