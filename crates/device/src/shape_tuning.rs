@@ -25,10 +25,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 /// Products with fewer multiply-adds keep the tuned class's tiling by
-/// default: a 645 x 645 x 645 product, or a MiniLM layer's 384 x 384
-/// weights over 2048 tokens. Smaller ones take a few microseconds on a GPU,
-/// where launching costs about as much as any tiling saves.
-pub const SHAPE_TUNING_MIN_MULTIPLY_ADDS: usize = 1 << 28;
+/// default: about a 406 x 406 x 406 product. MiniLM's per-head attention
+/// products over 16 sequences of 128 tokens (192 heads of 128 x 128 x 32,
+/// 2^26.6) and the reference CNN's second convolution at batch 32
+/// (3872 x 64 x 288, 2^26.1) are just above. Smaller ones take a few
+/// microseconds on a GPU, where launching costs about as much as any
+/// tiling saves.
+pub const SHAPE_TUNING_MIN_MULTIPLY_ADDS: usize = 1 << 26;
 
 /// The most shapes one device tunes; past it new shapes keep their class's
 /// tiling. A model has a few dozen; this bounds a program that makes
