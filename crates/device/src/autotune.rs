@@ -164,6 +164,9 @@ impl Device {
                 cache_file: cache_file.to_path_buf(),
             });
         }
+        // Nobody switches the profiler, which times the candidates, until
+        // the choice is made.
+        let _profiler = crate::device::lock(&self.shared.profiler);
         // A candidate that fails (a driver refusing one kernel) is left
         // out, not the end of tuning: the others are still measured, and
         // the choice among them cached.
@@ -412,13 +415,14 @@ impl Device {
     /// Seconds the kernels `work` launches take: by the device's clock where
     /// it has timestamps (a submit and wait costs more than a GPU's product
     /// of a probe's size), else by the host's around submitting and waiting.
+    /// The caller holds the profiler's lock.
     pub(crate) fn kernel_seconds(&self, work: impl FnOnce() -> Result<()>) -> Result<f64> {
-        self.set_profiling(true)?;
+        self.switch_profiling(true)?;
         let start = Instant::now();
         let done = work().and_then(|()| self.synchronize());
         let wall = start.elapsed().as_secs_f64();
         let times = self.profile();
-        self.set_profiling(false)?;
+        self.switch_profiling(false)?;
         done?;
         Ok(
             match times.iter().all(|t| t.device_clock) && !times.is_empty() {

@@ -243,6 +243,11 @@ pub struct DeviceShared {
     textures: Mutex<HashMap<(u32, u8, std::thread::ThreadId), OperandTexture>>,
     /// Per-kernel times while profiling is on.
     profile: Mutex<Option<Profile>>,
+    /// Held while the profiler is switched on or off, and by the tuners for
+    /// as long as they time products with it, so that no one switches it
+    /// under them (or they under someone else). Taken before any other
+    /// lock.
+    pub(crate) profiler: Mutex<()>,
     /// Fused kernels by their parts' keys; `None` where the parts cannot be
     /// fused (so that is found out once).
     fusions: Mutex<HashMap<String, Option<Arc<FusedPlan>>>>,
@@ -394,6 +399,7 @@ impl Device {
                 texture_operands: Mutex::new(TextureOperands::from_env()),
                 textures: Mutex::new(HashMap::new()),
                 profile: Mutex::new(None),
+                profiler: Mutex::new(()),
                 fusions: Mutex::new(HashMap::new()),
                 matmul_keys: Mutex::new(Default::default()),
                 shape_tilings: Mutex::new(Default::default()),
@@ -656,6 +662,14 @@ impl Device {
     /// timed too, and one that lands in the same submit can be counted in
     /// another kernel's time, so profile one thread's work at a time.
     pub fn set_profiling(&self, on: bool) -> Result<()> {
+        // Waits out any tuning, which times products with the profiler.
+        let _switching = lock(&self.shared.profiler);
+        self.switch_profiling(on)
+    }
+
+    /// [`Device::set_profiling`] for a caller that holds the profiler's
+    /// lock (the tuners, timing products).
+    pub(crate) fn switch_profiling(&self, on: bool) -> Result<()> {
         self.synchronize()?;
         *lock(&self.shared.profile) =
             on.then(|| Profile::new(&self.shared.device, &self.shared.queue));

@@ -33,6 +33,12 @@ use std::path::PathBuf;
 /// tiling saves.
 pub const SHAPE_TUNING_MIN_MULTIPLY_ADDS: usize = 1 << 26;
 
+/// Shapes whose larger operand holds more elements than this (a
+/// 8192 x 8192 matrix) keep their class's tiling: timing copies both
+/// operands, and such products run many waves of blocks, where the last
+/// one matters least.
+const MAX_TIMED_ELEMENTS: usize = 1 << 26;
+
 /// The most shapes one device tunes; past it new shapes keep their class's
 /// tiling. A model has a few dozen; this bounds a program that makes
 /// products of ever new shapes (each tuned shape costs a second or so).
@@ -131,26 +137,26 @@ pub(crate) struct ShapeTilings {
     /// The time each candidate took on each tuned shape, for the file.
     timings: HashMap<Shape, Vec<(MatmulTiling, f64)>>,
     /// Shapes met where products could not be timed (while launches were
-    /// gathered into one dispatch, or a profile was being taken): timed
-    /// when the enclosing block ends.
+    /// gathered into one dispatch, a profile was being taken or another
+    /// thread was timing): timed when an outermost `together` block ends,
+    /// or when met again.
     pending: Vec<Shape>,
     /// Shapes whose timing failed, not tried again.
     failed: HashSet<Shape>,
-    /// Set while shapes are timed: the timed products keep their tiling.
-    busy: bool,
 }
 
 /// Reads a choices file: one `SHAPE = TILING` line per shape, `#` lines
-/// being comments. Lines that do not read, or name a tiling that is not a
-/// candidate here, are left out (their shapes are timed again).
-fn parse_choices(text: &str, candidates: &[MatmulTiling]) -> HashMap<Shape, MatmulTiling> {
+/// being comments. Lines that do not read, or name a tiling `runs` refuses
+/// (one this adapter cannot run), are left out: their shapes are timed
+/// again.
+fn parse_choices(text: &str, runs: impl Fn(MatmulTiling) -> bool) -> HashMap<Shape, MatmulTiling> {
     text.lines()
         .filter(|line| !line.trim_start().starts_with('#'))
         .filter_map(|line| line.split_once('='))
         .filter_map(|(shape, tiling)| {
             let shape = Shape::parse(shape.trim())?;
             let tiling: MatmulTiling = tiling.trim().parse().ok()?;
-            candidates.contains(&tiling).then_some((shape, tiling))
+            runs(tiling).then_some((shape, tiling))
         })
         .collect()
 }
@@ -197,11 +203,14 @@ impl Device {
     /// # }
     /// ```
     pub fn set_shape_tuning(&self, setting: Option<ShapeTuning>) {
-        let candidates = Tuning::candidates(self.adapter_info(), self.features(), self.limits());
+        let runs = |t: MatmulTiling| {
+            t.validate(self.limits(), self.features(), self.adapter_info())
+                .is_ok()
+        };
         let chosen = setting
             .as_ref()
             .and_then(|s| std::fs::read_to_string(&s.file).ok())
-            .map(|text| parse_choices(&text, &candidates))
+            .map(|text| parse_choices(&text, runs))
             .unwrap_or_default();
         let mut tilings = lock(&self.shared.shape_tilings);
         *tilings = ShapeTilings {
@@ -236,54 +245,70 @@ impl Device {
 
     /// The tiling `spec` takes by its shape, timing the candidates on it
     /// first where that can be done now; `None` where per-shape tuning is
-    /// off, the product is too small, or its shape is not tuned (yet).
+    /// off, the product is too small or too large, or its shape is not tuned
+    /// (yet). The caller has checked the operands against `spec`.
     pub(crate) fn shape_tiling(&self, spec: &Matmul) -> Option<MatmulTiling> {
         let shape = Shape::of(spec);
         {
             let tilings = lock(&self.shared.shape_tilings);
             let setting = tilings.setting.as_ref()?;
-            if spec.multiply_adds() < setting.min_multiply_adds
-                || tilings.busy
-                || tilings.failed.contains(&shape)
-            {
-                return None;
-            }
             if let Some(&tiling) = tilings.chosen.get(&shape) {
                 return Some(tiling);
             }
-            if tilings.chosen.len() >= MAX_SHAPES {
+            // Saturating: extents that pass the operand checks can still
+            // multiply past usize.
+            let multiply_adds = [spec.m, spec.n, spec.k]
+                .iter()
+                .fold(spec.batch, |acc, &e| acc.saturating_mul(e));
+            let operand = (spec.batch.saturating_mul(spec.k)).saturating_mul(spec.m.max(spec.n));
+            if multiply_adds < setting.min_multiply_adds
+                || operand > MAX_TIMED_ELEMENTS
+                || tilings.failed.contains(&shape)
+                || tilings.chosen.len() >= MAX_SHAPES
+            {
                 return None;
             }
         }
-        // Asked with the choices unlocked: it takes the recorder's lock,
-        // which is never held while the choices are asked for.
-        if !self.can_time_products() {
-            let mut tilings = lock(&self.shared.shape_tilings);
-            if !tilings.pending.contains(&shape) {
-                tilings.pending.push(shape);
-            }
-            return None;
-        }
-        self.tune_shape(shape)
+        self.tune_or_defer(vec![shape]);
+        lock(&self.shared.shape_tilings).chosen.get(&shape).copied()
     }
 
     /// Times the shapes met while that could not be done, where it now can
     /// (called as an outermost `together` block ends).
     pub(crate) fn tune_pending_shapes(&self) {
-        let pending = {
-            let mut tilings = lock(&self.shared.shape_tilings);
-            if tilings.pending.is_empty() || tilings.busy {
-                return;
-            }
-            std::mem::take(&mut tilings.pending)
+        let pending = std::mem::take(&mut lock(&self.shared.shape_tilings).pending);
+        if !pending.is_empty() {
+            self.tune_or_defer(pending);
+        }
+    }
+
+    /// Times `shapes` if products can be timed now without disturbing
+    /// anyone, else leaves them pending. Timing holds the profiler's lock
+    /// throughout: no one switches profiling on or off under it, and one
+    /// thread times at a time. Where the lock is taken (another thread
+    /// timing or switching the profiler) the shapes wait rather than this
+    /// thread.
+    fn tune_or_defer(&self, shapes: Vec<Shape>) {
+        let profiler = match self.shared.profiler.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         };
-        if !self.can_time_products() {
-            lock(&self.shared.shape_tilings).pending.extend(pending);
+        if profiler.is_none() || !self.can_time_products() {
+            let mut tilings = lock(&self.shared.shape_tilings);
+            for shape in shapes {
+                if !tilings.pending.contains(&shape) {
+                    tilings.pending.push(shape);
+                }
+            }
             return;
         }
-        for shape in pending {
-            let known = lock(&self.shared.shape_tilings).chosen.contains_key(&shape);
-            if !known {
+        for shape in shapes {
+            let done = {
+                let tilings = lock(&self.shared.shape_tilings);
+                tilings.chosen.contains_key(&shape) || tilings.failed.contains(&shape)
+            };
+            if !done {
                 self.tune_shape(shape);
             }
         }
@@ -291,12 +316,11 @@ impl Device {
 
     /// Times every candidate on `shape`, keeps the fastest and saves the
     /// choices. A failure is reported once and leaves the shape to its
-    /// class's tiling: tuning is never worth an error.
-    fn tune_shape(&self, shape: Shape) -> Option<MatmulTiling> {
-        lock(&self.shared.shape_tilings).busy = true;
+    /// class's tiling: tuning is never worth an error. The caller holds the
+    /// profiler's lock.
+    fn tune_shape(&self, shape: Shape) {
         let timed = self.time_candidates(shape);
         let mut tilings = lock(&self.shared.shape_tilings);
-        tilings.busy = false;
         let timings = match timed {
             Ok(timings) if !timings.is_empty() => timings,
             failed => {
@@ -309,13 +333,12 @@ impl Device {
                     shape.name()
                 );
                 tilings.failed.insert(shape);
-                return None;
+                return;
             }
         };
-        let fastest = timings
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|&(tiling, _)| tiling)?;
+        let Some(&(fastest, _)) = timings.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            return;
+        };
         tilings.chosen.insert(shape, fastest);
         tilings.timings.insert(shape, timings);
         let file = tilings.setting.as_ref().map(|s| s.file.clone());
@@ -329,7 +352,6 @@ impl Device {
                 );
             }
         }
-        Some(fastest)
     }
 
     /// Seconds each candidate takes on `shape` (candidates that fail are
@@ -391,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn choices_files_keep_only_candidate_tilings() {
+    fn choices_files_keep_only_tilings_the_adapter_runs() {
         let keep: MatmulTiling = "shared:128x64x16:8x4:vec4".parse().unwrap();
         let other: MatmulTiling = "shared:64x64x16:4x4:vec4".parse().unwrap();
         let text = "# comment = shared:64x64x16:4x4:vec4\n\
@@ -400,10 +422,10 @@ mod tests {
                     1x512x512x512 = shared:64x64x16:4x4:vec4\n\
                     1x2x3 = shared:128x64x16:8x4:vec4\n\
                     1x8x8x8 = not a tiling\n";
-        let chosen = parse_choices(text, &[keep]);
+        let chosen = parse_choices(text, |t| t == keep);
         assert_eq!(chosen.len(), 1);
         let shape = Shape::parse("1x4096x4096x4096").unwrap();
         assert_eq!(chosen.get(&shape), Some(&keep));
-        assert_eq!(parse_choices(text, &[keep, other]).len(), 2);
+        assert_eq!(parse_choices(text, |t| t == keep || t == other).len(), 2);
     }
 }

@@ -248,7 +248,7 @@ impl Device {
     /// each hold f32 or f16 (half the memory traffic; products and sums stay
     /// f32, as on tensor cores); C is f32.
     pub fn matmul(&self, a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<GpuBuffer> {
-        self.matmul_with(a, b, spec, self.matmul_tiling(spec))
+        self.matmul_with(a, b, spec, self.checked_tiling(a, b, spec)?)
     }
 
     /// Computes `op(A) * op(B)` with an explicit tiling (for tests and tuning).
@@ -297,7 +297,8 @@ impl Device {
         spec: &Matmul,
         epilogue: &Epilogue,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_with(a, b, spec, epilogue, self.matmul_tiling(spec))
+        let tiling = self.checked_tiling(a, b, spec)?;
+        self.matmul_fused_with(a, b, spec, epilogue, tiling)
     }
 
     /// [`Device::matmul_fused`] storing C as `[m / plane, n, plane]`: each
@@ -329,7 +330,8 @@ impl Device {
         epilogue: &Epilogue,
         plane: usize,
     ) -> Result<GpuBuffer> {
-        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, self.matmul_tiling(spec))
+        let tiling = self.checked_tiling(a, b, spec)?;
+        self.matmul_fused_planar_with(a, b, spec, epilogue, plane, tiling)
     }
 
     /// [`Device::matmul_fused_planar`] with an explicit tiling (for tests).
@@ -386,7 +388,8 @@ impl Device {
         b: &GpuBuffer,
         spec: &Matmul,
     ) -> Result<(GpuBuffer, Option<GpuBuffer>)> {
-        self.matmul_column_sums_with(a, b, spec, self.matmul_tiling(spec))
+        let tiling = self.checked_tiling(a, b, spec)?;
+        self.matmul_column_sums_with(a, b, spec, tiling)
     }
 
     /// [`Device::matmul_column_sums`] with an explicit tiling (for tests).
@@ -531,6 +534,15 @@ impl Device {
         )
     }
 
+    /// [`Device::matmul_tiling`] for operands `a` and `b`, checked against
+    /// `spec` first: tuning by shape times a product of that shape, which
+    /// must be the one the operands hold (a mistaken spec is an error, not
+    /// a product of its size to time).
+    fn checked_tiling(&self, a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<MatmulTiling> {
+        expect_operands(a, b, spec)?;
+        Ok(self.matmul_tiling(spec))
+    }
+
     /// The tiling [`Device::matmul`] runs `spec` with: the one chosen for
     /// its shape where products are tuned by shape (timing the candidates on
     /// it first if it is new; see [`crate::shape_tuning`]), else the tuned
@@ -577,13 +589,7 @@ impl Device {
             });
         }
         let (tiling, half) = half_arithmetic_route(a, b, spec, tiling, half);
-        expect_float(OP, "A", a)?;
-        expect_float(OP, "B", b)?;
-        let Matmul { batch, m, k, .. } = *spec;
-        if batch > 0 {
-            expect_len(OP, "A", a, (batch - 1) * spec.batch_stride_a + m * k)?;
-            expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * spec.n)?;
-        }
+        expect_operands(a, b, spec)?;
         tiling
             .validate(self.limits(), self.features(), self.adapter_info())
             .map_err(|message| DeviceError::Shape { op: OP, message })?;
@@ -607,7 +613,7 @@ impl Device {
             }
             // Few rows: shrink the workgroup so lanes do not idle on clamped rows.
             MatmulTiling::Subgroup { tm, sg, wg } => {
-                let lanes = m.div_ceil(tm as usize).next_multiple_of(sg as usize) as u32;
+                let lanes = spec.m.div_ceil(tm as usize).next_multiple_of(sg as usize) as u32;
                 MatmulTiling::Subgroup {
                     tm,
                     sg,
@@ -765,6 +771,19 @@ fn cpu_lanes_wanted() -> usize {
 /// Elements of an operand from which a product on a CPU adapter may read it
 /// through a texture: below it the copy is not worth its command.
 const TEXTURE_MIN_ELEMENTS: usize = 1 << 16;
+
+/// Checks that A and B are float buffers holding what `spec` reads.
+fn expect_operands(a: &GpuBuffer, b: &GpuBuffer, spec: &Matmul) -> Result<()> {
+    const OP: &str = "matmul";
+    expect_float(OP, "A", a)?;
+    expect_float(OP, "B", b)?;
+    let Matmul { batch, m, k, .. } = *spec;
+    if batch > 0 {
+        expect_len(OP, "A", a, (batch - 1) * spec.batch_stride_a + m * k)?;
+        expect_len(OP, "B", b, (batch - 1) * spec.batch_stride_b + k * spec.n)?;
+    }
+    Ok(())
+}
 
 /// Workgroups a GPU product should have to keep the device busy: today's
 /// discrete GPUs have 30 to 140 compute units, each running a few
