@@ -255,13 +255,8 @@ impl Device {
             if let Some(&tiling) = tilings.chosen.get(&shape) {
                 return Some(tiling);
             }
-            // Saturating: extents that pass the operand checks can still
-            // multiply past usize.
-            let multiply_adds = [spec.m, spec.n, spec.k]
-                .iter()
-                .fold(spec.batch, |acc, &e| acc.saturating_mul(e));
             let operand = (spec.batch.saturating_mul(spec.k)).saturating_mul(spec.m.max(spec.n));
-            if multiply_adds < setting.min_multiply_adds
+            if spec.multiply_adds() < setting.min_multiply_adds
                 || operand > MAX_TIMED_ELEMENTS
                 || tilings.failed.contains(&shape)
                 || tilings.chosen.len() >= MAX_SHAPES

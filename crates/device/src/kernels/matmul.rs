@@ -52,9 +52,13 @@ pub struct Matmul {
 }
 
 impl Matmul {
-    /// Multiply-adds the product takes, over all its batch entries.
+    /// Multiply-adds the product takes, over all its batch entries
+    /// (`usize::MAX` for extents whose product does not fit: a spec is
+    /// checked against its operands only when it runs).
     pub fn multiply_adds(&self) -> usize {
-        self.batch * self.m * self.n * self.k
+        [self.m, self.n, self.k]
+            .iter()
+            .fold(self.batch, |acc, &e| acc.saturating_mul(e))
     }
 
     /// A single `m x k` by `k x n` product.
@@ -93,7 +97,7 @@ impl Matmul {
 
     /// Multiply-adds performed, times two.
     pub fn flops(&self) -> f64 {
-        2.0 * (self.batch * self.m * self.n * self.k) as f64
+        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
     }
 }
 
