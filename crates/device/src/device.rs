@@ -423,8 +423,10 @@ impl Device {
             return;
         }
         let defaults = self.tuning();
-        match self.autotune(&self.tuning_cache_file()) {
-            Ok(_) => self.open_shape_tuning(),
+        // Its name fingerprints every candidate's generated code: made once.
+        let tuning_file = self.tuning_cache_file();
+        match self.autotune(&tuning_file) {
+            Ok(_) => self.open_shape_tuning(&tuning_file),
             Err(e) => {
                 eprintln!("kiln: matmul autotuning failed ({e}); using the defaults");
                 self.set_tuning(defaults);

@@ -227,12 +227,12 @@ impl Device {
 
     /// Turns per-shape tuning on as the device opens, where it is wanted:
     /// on GPUs unless `KILN_SHAPE_TUNING=0`, on CPU adapters with `=1`.
-    /// Called once the autotuner has run.
-    pub(crate) fn open_shape_tuning(&self) {
+    /// Called once the autotuner has run, with its cache file, beside which
+    /// the choices by shape are kept.
+    pub(crate) fn open_shape_tuning(&self, tuning_file: &std::path::Path) {
         if !on_or_off("KILN_SHAPE_TUNING").unwrap_or(!self.kernels_for_cpu()) {
             return;
         }
-        let tuning_file = self.tuning_cache_file();
         let stem = tuning_file
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
