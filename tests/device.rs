@@ -1049,6 +1049,7 @@ fn products_tuned_by_shape_take_the_fastest_candidate_and_keep_it_in_a_file() {
     let setting = ShapeTuning {
         file: file.clone(),
         min_multiply_adds: 64 * 48 * 40,
+        max_multiply_adds: 1 << 20,
     };
     d.set_shape_tuning(Some(setting.clone()));
     assert_eq!(d.shape_tuning(), Some(setting.clone()));
@@ -1063,8 +1064,10 @@ fn products_tuned_by_shape_take_the_fastest_candidate_and_keep_it_in_a_file() {
         (a, b, c)
     };
 
-    // Too small to be tuned by shape: nothing is timed or written.
+    // Too small or too large to be tuned by shape: nothing is timed or
+    // written.
     product(&Matmul::new(8, 8, 8), 1);
+    product(&Matmul::new(128, 96, 96), 2);
     assert!(!file.exists());
 
     // A new shape large enough: every candidate is timed on it, the

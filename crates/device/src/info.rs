@@ -99,9 +99,17 @@ impl fmt::Display for DeviceReport<'_> {
             )?;
         }
         if let Some(shapes) = d.shape_tuning() {
+            let count = |n: usize| match n.is_power_of_two() {
+                true => format!("2^{}", n.ilog2()),
+                false => n.to_string(),
+            };
+            let range = match shapes.max_multiply_adds {
+                usize::MAX => format!("from {}", count(shapes.min_multiply_adds)),
+                max => format!("from {} to {}", count(shapes.min_multiply_adds), count(max)),
+            };
             write!(
                 f,
-                "\nlarge products:          tiling tuned by shape ({})",
+                "\ntiling by shape:         products {range} multiply-adds ({})",
                 shapes.file.display()
             )?;
         }

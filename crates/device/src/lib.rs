@@ -59,7 +59,9 @@ pub use kernels::reduce::{Reduce, ReduceOp, ReduceStrategy};
 pub use kernels::softmax::{CrossEntropyOutput, SoftmaxInput};
 pub use pool::{bucket_size, PoolStats};
 pub use profile::KernelTime;
-pub use shape_tuning::{ShapeTuning, SHAPE_TUNING_MIN_MULTIPLY_ADDS};
+pub use shape_tuning::{
+    ShapeTuning, CPU_SHAPE_TUNING_MULTIPLY_ADDS, SHAPE_TUNING_MIN_MULTIPLY_ADDS,
+};
 pub use tuning::{MatmulTiling, Tuning};
 pub use wgpu;
 

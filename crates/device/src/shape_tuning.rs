@@ -13,25 +13,41 @@
 //! fastest kept, in memory and in a file beside the tuning cache, as
 //! PyTorch's `cudnn.benchmark` does for convolutions.
 //!
-//! On by default on GPUs where the autotuner runs; `KILN_SHAPE_TUNING=0`
-//! turns it off, `=1` on for CPU adapters too (whose products are timed
-//! many times slower). [`Device::set_shape_tuning`] sets it in code.
+//! CPU adapters tune the other end: small and middling products. Their
+//! autotuner's probes are square-ish and large, and the tiling that wins
+//! them can take twice as long as another on a batch of 32 rows or a
+//! weight gradient over a short k (a subgroup tiling of eight rows per lane
+//! computes half its lane-rows as clamped copies on 32 rows). Large
+//! products, where the candidates come within a few percent of each other
+//! there, would take seconds each to time.
+//!
+//! On by default where the autotuner runs; `KILN_SHAPE_TUNING=0` turns it
+//! off. [`Device::set_shape_tuning`] sets it in code.
 
 use crate::autotune::{probe_data, write_atomically};
-use crate::device::{lock, on_or_off, Device};
+use crate::device::{lock, switched_off, Device};
 use crate::kernels::matmul::Matmul;
 use crate::tuning::{MatmulTiling, Tuning};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-/// Products with fewer multiply-adds keep the tuned class's tiling by
-/// default: about a 406 x 406 x 406 product. MiniLM's per-head attention
+/// On GPUs, products with fewer multiply-adds keep the tuned class's tiling
+/// by default: about a 406 x 406 x 406 product. MiniLM's per-head attention
 /// products over 16 sequences of 128 tokens (192 heads of 128 x 128 x 32,
 /// 2^26.6) and the reference CNN's second convolution at batch 32
 /// (3872 x 64 x 288, 2^26.1) are just above. Smaller ones take a few
 /// microseconds on a GPU, where launching costs about as much as any
 /// tiling saves.
 pub const SHAPE_TUNING_MIN_MULTIPLY_ADDS: usize = 1 << 26;
+
+/// On CPU adapters, the products tuned by shape by default: from a 64 x 64
+/// x 64 product (smaller ones cost little more than their dispatch, whatever
+/// the tiling) up to where GPUs start. Larger ones take 5 ms and up each on
+/// a 2-core host (N=4096: 5 s), and on MiniLM's the candidates came within a
+/// few percent of each other. The MNIST MLP's products at batch 32
+/// (32 x 64 x 784 and its weight gradient, 2^20.6) and most of the CNN's and
+/// the LSTM's fall inside.
+pub const CPU_SHAPE_TUNING_MULTIPLY_ADDS: std::ops::Range<usize> = (1 << 18)..(1 << 26);
 
 /// Shapes whose larger operand holds more elements than this (a
 /// 8192 x 8192 matrix) keep their class's tiling: timing copies both
@@ -51,6 +67,8 @@ pub struct ShapeTuning {
     pub file: PathBuf,
     /// Products with fewer multiply-adds are not tuned by shape.
     pub min_multiply_adds: usize,
+    /// Nor those with this many or more (`usize::MAX`: no bound).
+    pub max_multiply_adds: usize,
 }
 
 /// What identifies a product to its tiling choice: its extents and
@@ -184,8 +202,8 @@ impl Device {
     /// if it exists), or off with `None` (see the [module
     /// docs](crate::shape_tuning)). While on, [`Device::matmul`] and the
     /// other products that choose their own tiling time every candidate on
-    /// each new shape of at least `setting.min_multiply_adds` and keep the
-    /// fastest.
+    /// each new shape from `setting.min_multiply_adds` up to (not including)
+    /// `setting.max_multiply_adds` and keep the fastest.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), kiln_device::DeviceError> {
@@ -194,6 +212,7 @@ impl Device {
     /// device.set_shape_tuning(Some(ShapeTuning {
     ///     file: std::env::temp_dir().join("kiln-shapes.txt"),
     ///     min_multiply_adds: 1 << 20,
+    ///     max_multiply_adds: usize::MAX,
     /// }));
     /// let spec = Matmul::new(256, 256, 256);
     /// let a = device.upload(&vec![0.5f32; 256 * 256])?;
@@ -225,21 +244,26 @@ impl Device {
         lock(&self.shared.shape_tilings).setting.clone()
     }
 
-    /// Turns per-shape tuning on as the device opens, where it is wanted:
-    /// on GPUs unless `KILN_SHAPE_TUNING=0`, on CPU adapters with `=1`.
-    /// Called once the autotuner has run, with its cache file, beside which
-    /// the choices by shape are kept.
+    /// Turns per-shape tuning on as the device opens, for the products the
+    /// adapter's class gains on, unless `KILN_SHAPE_TUNING=0`. Called once
+    /// the autotuner has run, with its cache file, beside which the choices
+    /// by shape are kept.
     pub(crate) fn open_shape_tuning(&self, tuning_file: &std::path::Path) {
-        if !on_or_off("KILN_SHAPE_TUNING").unwrap_or(!self.kernels_for_cpu()) {
+        if switched_off("KILN_SHAPE_TUNING") {
             return;
         }
+        let multiply_adds = match self.kernels_for_cpu() {
+            true => CPU_SHAPE_TUNING_MULTIPLY_ADDS,
+            false => SHAPE_TUNING_MIN_MULTIPLY_ADDS..usize::MAX,
+        };
         let stem = tuning_file
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         self.set_shape_tuning(Some(ShapeTuning {
             file: tuning_file.with_file_name(format!("{stem}-shapes.txt")),
-            min_multiply_adds: SHAPE_TUNING_MIN_MULTIPLY_ADDS,
+            min_multiply_adds: multiply_adds.start,
+            max_multiply_adds: multiply_adds.end,
         }));
     }
 
@@ -257,6 +281,7 @@ impl Device {
             }
             let operand = (spec.batch.saturating_mul(spec.k)).saturating_mul(spec.m.max(spec.n));
             if spec.multiply_adds() < setting.min_multiply_adds
+                || spec.multiply_adds() >= setting.max_multiply_adds
                 || operand > MAX_TIMED_ELEMENTS
                 || tilings.failed.contains(&shape)
                 || tilings.chosen.len() >= MAX_SHAPES
