@@ -2056,6 +2056,50 @@ fn lstm_gradients_with_masking() {
 }
 
 #[test]
+fn lstm_forward_matches_the_reference_at_wider_hidden_sizes() {
+    // Too many weights for finite differences: the forward pass alone, at
+    // hidden sizes whose rows of h take each lane of a CPU adapter's
+    // per-unit kernel (one unit per lane, subgroups of 8 sharing h) fewer
+    // than one quad (24 units: 6 quads) and two (64 units), with masking
+    // and a batch that splits unevenly over workgroups.
+    let d = device();
+    for (case, [b, t, e, h]) in [[17, 5, 3, 24], [9, 4, 2, 64]].into_iter().enumerate() {
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
+            .collect();
+        let seed = 950 + 10 * case as u64;
+        let inputs = [
+            input(&[b, t, e], seed, -1.0, 1.0),
+            input(&[e, 4 * h], seed + 1, -0.6, 0.6),
+            input(&[h, 4 * h], seed + 2, -0.3, 0.3),
+            input(&[4 * h], seed + 3, -0.5, 0.5),
+        ];
+        let tensors: Vec<Tensor> = inputs
+            .iter()
+            .map(|i| Tensor::from_slice(d, &i.data, &i.shape).unwrap())
+            .collect();
+        let m = Tensor::from_slice(d, &mask, &[b, t]).unwrap();
+        let got = tensors[0]
+            .lstm(&tensors[1], &tensors[2], &tensors[3], Some(&m))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let x64: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|i| i.data.iter().map(|&v| f64::from(v)).collect())
+            .collect();
+        let want = cpu_lstm(&x64, &mask, [b, t, e, h]);
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(g) - w).abs() <= 1e-4 * w.abs() + 1e-5,
+                "lstm b{b} t{t} e{e} h{h}: element {i}: got {g}, want {w}"
+            );
+        }
+    }
+}
+
+#[test]
 fn lstm_shape_errors_name_the_expected_shapes() {
     let d = device();
     let x = Tensor::zeros(d, &[2, 3, 4]).unwrap();

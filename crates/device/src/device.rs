@@ -457,6 +457,15 @@ impl Device {
         self.shared.features
     }
 
+    /// The subgroup size where the device has subgroups of one fixed size
+    /// (lavapipe's 8 lanes), for kernels that share values by broadcasts.
+    pub(crate) fn fixed_subgroup_size(&self) -> Option<u32> {
+        let info = &self.shared.info;
+        (self.shared.features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size)
+            .then_some(info.subgroup_min_size)
+    }
+
     /// True on software adapters (lavapipe, llvmpipe).
     pub fn is_cpu(&self) -> bool {
         adapter::is_cpu(&self.shared.info)

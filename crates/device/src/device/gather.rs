@@ -412,11 +412,9 @@ impl Device {
         if let Some(plan) = lock(&self.shared.fusions).get(&key) {
             return plan.clone();
         }
-        let (info, limits) = (&self.shared.info, &self.shared.limits);
+        let limits = &self.shared.limits;
         let fusion_limits = fusion::FusionLimits {
-            subgroup_size: (self.shared.features.contains(wgpu::Features::SUBGROUP)
-                && info.subgroup_min_size == info.subgroup_max_size)
-                .then_some(info.subgroup_min_size),
+            subgroup_size: self.fixed_subgroup_size(),
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_workgroup_bytes: limits.max_compute_workgroup_storage_size,
         };

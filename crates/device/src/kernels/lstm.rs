@@ -16,6 +16,7 @@ const BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_step_backward.
 const SEQUENCE_SRC: &str = include_str!("../../../../shaders/lstm_sequence.wgsl");
 const SEQUENCE_BACKWARD_SRC: &str = include_str!("../../../../shaders/lstm_sequence_backward.wgsl");
 const SEQUENCE_COMMON_SRC: &str = include_str!("../../../../shaders/lstm_sequence_common.wgsl");
+const PER_UNIT_SRC: &str = include_str!("../../../../shaders/lstm_sequence_per_unit.wgsl");
 /// The cell's arithmetic, with its tanh for the kernel's `V`.
 const CELL_SRC: &str = concat!(
     include_str!("../../../../shaders/lstm_cell.wgsl"),
@@ -32,6 +33,22 @@ const SEQUENCE_ROWS: usize = 8;
 /// Invocations per workgroup of the sequence kernels (16 to 64 measured
 /// alike on lavapipe).
 const SEQUENCE_WORKGROUP: u32 = 32;
+/// The largest hidden size the per-unit forward kernel takes: each lane
+/// keeps its unit's 4H weights in registers, and LLVM's time to compile the
+/// kernel grows steeply with them.
+const PER_UNIT_MAX_HIDDEN: usize = 64;
+
+/// How the sequence kernels lay their work over lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SequenceLayout {
+    /// Items of [`SEQUENCE_ROWS`] rows by a quad of units, reading W_hh at
+    /// every step (`shaders/lstm_sequence.wgsl` and its backward).
+    Quads,
+    /// Forward only: a unit per lane, its weights loaded once, rows shared
+    /// through broadcasts in subgroups of `sg` lanes
+    /// (`shaders/lstm_sequence_per_unit.wgsl`).
+    UnitPerLane { sg: u32 },
+}
 
 /// Sizes of an LSTM sequence: `steps` time steps of `batch` samples with
 /// `hidden` units.
@@ -190,12 +207,23 @@ fn sequence_kernels_setting() -> Option<bool> {
     *SETTING.get_or_init(|| crate::device::on_or_off("KILN_LSTM_SEQUENCE"))
 }
 
+/// `KILN_LSTM_PER_UNIT=0`: the quad kernels even where the per-unit ones
+/// could run (to compare the two).
+fn per_unit_setting() -> Option<bool> {
+    static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *SETTING.get_or_init(|| crate::device::on_or_off("KILN_LSTM_PER_UNIT"))
+}
+
 /// Rows (samples) per workgroup of the sequence kernels. A CPU adapter runs
 /// each workgroup on one thread: enough items (row groups x unit quads) to
 /// fill a workgroup, but at least as many workgroups as the host has cores
-/// where the batch allows. A GPU gets one row group per workgroup, the most
-/// workgroups the batch makes (not yet measured on one).
-fn sequence_rows_per_workgroup(shape: &LstmShape, cpu: bool) -> usize {
+/// where the batch allows; a per-unit workgroup is full with any rows. A GPU
+/// gets one row group per workgroup, the most workgroups the batch makes
+/// (not yet measured on one).
+fn sequence_rows_per_workgroup(shape: &LstmShape, cpu: bool, layout: SequenceLayout) -> usize {
+    if layout != SequenceLayout::Quads {
+        return shape.batch.div_ceil(super::host_cores()).max(1);
+    }
     if !cpu {
         return SEQUENCE_ROWS;
     }
@@ -332,6 +360,63 @@ fn sequence_source(hidden: usize, backward: bool) -> String {
     .build()
 }
 
+/// The per-unit forward sequence kernel for `hidden` units in subgroups of
+/// `sg` lanes. The weights (`w{k}`: row k of W_hh at the lane's unit's four
+/// gates) and one row's recurrent sums (`rec`: the unit's four gate sums over
+/// h_{t-1}) are generated unrolled over the hidden size, so the weights stay
+/// named values rather than an array indexed in a loop. Each lane loads
+/// quads lane, lane + sg, ... of the row of h (h_quad); quad q comes from lane
+/// q % sg. Four partial sums keep the multiply-adds in independent chains.
+fn per_unit_source(hidden: usize, sg: u32) -> String {
+    let sg = sg as usize;
+    let pad = "            ";
+    let mut weights = String::new();
+    for k in 0..hidden {
+        let at: Vec<String> = (0..4)
+            .map(|g| format!("w_hh[{k}u * 4u * H + {g}u * H + unit]"))
+            .collect();
+        let _ = writeln!(weights, "    let w{k} = vec4<f32>({});", at.join(", "));
+    }
+    let quads = hidden / 4;
+    let mut recurrent = String::new();
+    for l in 0..quads.div_ceil(sg) {
+        let _ = writeln!(
+            recurrent,
+            "{pad}let hq{l} = h_quad(h_base, lane + {}u);",
+            l * sg
+        );
+    }
+    for s in 0..4 {
+        let _ = writeln!(recurrent, "{pad}var s{s} = vec4<f32>(0.0);");
+    }
+    for q in 0..quads {
+        let _ = writeln!(
+            recurrent,
+            "{pad}let h{q} = subgroupBroadcast(hq{}, {}u);",
+            q / sg,
+            q % sg
+        );
+        for (kk, part) in ["x", "y", "z", "w"].iter().enumerate() {
+            let _ = writeln!(
+                recurrent,
+                "{pad}s{kk} = fma(vec4<f32>(h{q}.{part}), w{}, s{kk});",
+                4 * q + kk
+            );
+        }
+    }
+    let _ = writeln!(recurrent, "{pad}let rec = (s0 + s1) + (s2 + s3);");
+    Specialize::new(&format!(
+        "{SEQUENCE_COMMON_SRC}\n{}\n{PER_UNIT_SRC}",
+        cell_source(false)
+    ))
+    .alias("V", "f32")
+    .constant_u32("H", hidden as u32)
+    .constant_u32("SG", sg as u32)
+    .replace("WEIGHTS", &weights)
+    .replace("RECURRENT", &recurrent)
+    .build()
+}
+
 /// The cell's arithmetic and the update of one element, forward or backward.
 fn cell_source(backward: bool) -> String {
     let update = if backward {
@@ -395,9 +480,12 @@ impl Device {
         }
         // One workgroup per group of rows, in one grid dimension: a batch of
         // more groups than that holds takes the step kernels' 2-D grids.
-        let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu());
-        shape.batch.div_ceil(rows.max(1))
-            <= self.limits().max_compute_workgroups_per_dimension as usize
+        [false, true].into_iter().all(|backward| {
+            let layout = self.sequence_layout(shape.hidden, backward);
+            let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu(), layout);
+            shape.batch.div_ceil(rows.max(1))
+                <= self.limits().max_compute_workgroups_per_dimension as usize
+        })
     }
 
     /// Whether an LSTM of this shape should run on the sequence kernels
@@ -450,6 +538,30 @@ impl Device {
         self.dispatch_sequence(OP, shape, true, &buffers)
     }
 
+    /// The sequence kernels' layout for `hidden` units: forward, a unit per
+    /// lane on CPU adapters with fixed-size subgroups where the units fill
+    /// whole subgroups of one workgroup; quads otherwise, and backward.
+    fn sequence_layout(&self, hidden: usize, backward: bool) -> SequenceLayout {
+        let limits = self.limits();
+        let fits = |sg: u32| {
+            hidden % sg as usize == 0
+                && hidden <= PER_UNIT_MAX_HIDDEN
+                && hidden <= limits.max_compute_invocations_per_workgroup as usize
+                && hidden <= limits.max_compute_workgroup_size_x as usize
+        };
+        match self.fixed_subgroup_size() {
+            Some(sg)
+                if !backward
+                    && self.kernels_for_cpu()
+                    && per_unit_setting() != Some(false)
+                    && fits(sg) =>
+            {
+                SequenceLayout::UnitPerLane { sg }
+            }
+            _ => SequenceLayout::Quads,
+        }
+    }
+
     fn expect_sequence_fits(&self, op: &'static str, shape: &LstmShape) -> Result<()> {
         if self.lstm_sequence_fits(shape) {
             return Ok(());
@@ -474,12 +586,16 @@ impl Device {
         if shape.steps == 0 {
             return Ok(());
         }
-        let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu());
+        let layout = self.sequence_layout(shape.hidden, backward);
+        let rows = sequence_rows_per_workgroup(shape, self.kernels_for_cpu(), layout);
         // Rows per workgroup are a parameter, not a constant, so that a
         // batch of another size (an epoch's last) reuses the kernel.
         let kernel = self.kernel(
-            &format!("lstm_sequence:{backward}:{}", shape.hidden),
-            || sequence_source(shape.hidden, backward),
+            &format!("lstm_sequence:{backward}:{}:{layout:?}", shape.hidden),
+            || match layout {
+                SequenceLayout::Quads => sequence_source(shape.hidden, backward),
+                SequenceLayout::UnitPerLane { sg } => per_unit_source(shape.hidden, sg),
+            },
         )?;
         let params = SequenceParams {
             batch: to_u32(op, "batch", shape.batch)?,
