@@ -542,19 +542,15 @@ impl Device {
     /// lane on CPU adapters with fixed-size subgroups where the units fill
     /// whole subgroups of one workgroup; quads otherwise, and backward.
     fn sequence_layout(&self, hidden: usize, backward: bool) -> SequenceLayout {
-        let limits = self.limits();
-        let fits = |sg: u32| {
-            hidden % sg as usize == 0
-                && hidden <= PER_UNIT_MAX_HIDDEN
-                && hidden <= limits.max_compute_invocations_per_workgroup as usize
-                && hidden <= limits.max_compute_workgroup_size_x as usize
-        };
+        // A workgroup of at most PER_UNIT_MAX_HIDDEN lanes: within every
+        // adapter's limits (WebGPU guarantees 256).
         match self.fixed_subgroup_size() {
             Some(sg)
                 if !backward
                     && self.kernels_for_cpu()
                     && per_unit_setting() != Some(false)
-                    && fits(sg) =>
+                    && hidden % sg as usize == 0
+                    && hidden <= PER_UNIT_MAX_HIDDEN =>
             {
                 SequenceLayout::UnitPerLane { sg }
             }
