@@ -52,16 +52,16 @@ fn grad_check(
     grad_check_frozen(name, inputs, &[], gpu, cpu);
 }
 
-/// [`grad_check`] with the inputs at `frozen` needing no gradient (ops take
-/// other branches then: a frozen weight skips its product), and checked to
-/// get none.
-fn grad_check_frozen(
+/// Checks `gpu`'s forward values against `cpu`'s, the inputs at `frozen`
+/// needing no gradient; returns the input tensors, the output and the inputs
+/// in f64 for the gradient checks.
+fn forward_check(
     name: &str,
     inputs: &[Input],
     frozen: &[usize],
     gpu: impl Fn(&[Tensor]) -> kiln::graph::Result<Tensor>,
     cpu: &CpuFn<'_>,
-) {
+) -> (Vec<Tensor>, Tensor, Vec<Vec<f64>>) {
     let d = device();
     let tensors: Vec<Tensor> = inputs
         .iter()
@@ -86,7 +86,20 @@ fn grad_check_frozen(
             "{name}: forward element {i}: got {g}, want {w}"
         );
     }
+    (tensors, y, x64)
+}
 
+/// [`grad_check`] with the inputs at `frozen` needing no gradient (ops take
+/// other branches then: a frozen weight skips its product), and checked to
+/// get none.
+fn grad_check_frozen(
+    name: &str,
+    inputs: &[Input],
+    frozen: &[usize],
+    gpu: impl Fn(&[Tensor]) -> kiln::graph::Result<Tensor>,
+    cpu: &CpuFn<'_>,
+) {
+    let (tensors, y, x64) = forward_check(name, inputs, frozen, gpu, cpu);
     let r = backward_weighted(&y, 999);
 
     let objective =
@@ -2062,7 +2075,6 @@ fn lstm_forward_matches_the_reference_at_wider_hidden_sizes() {
     // per-unit kernel (one unit per lane, subgroups of 8 sharing h) fewer
     // than one quad (24 units: 6 quads) and two (64 units), with masking
     // and a batch that splits unevenly over workgroups.
-    let d = device();
     for (case, [b, t, e, h]) in [[17, 5, 3, 24], [9, 4, 2, 64]].into_iter().enumerate() {
         let mask: Vec<f32> = (0..b * t)
             .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
@@ -2074,28 +2086,17 @@ fn lstm_forward_matches_the_reference_at_wider_hidden_sizes() {
             input(&[h, 4 * h], seed + 2, -0.3, 0.3),
             input(&[4 * h], seed + 3, -0.5, 0.5),
         ];
-        let tensors: Vec<Tensor> = inputs
-            .iter()
-            .map(|i| Tensor::from_slice(d, &i.data, &i.shape).unwrap())
-            .collect();
-        let m = Tensor::from_slice(d, &mask, &[b, t]).unwrap();
-        let got = tensors[0]
-            .lstm(&tensors[1], &tensors[2], &tensors[3], Some(&m))
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        let x64: Vec<Vec<f64>> = inputs
-            .iter()
-            .map(|i| i.data.iter().map(|&v| f64::from(v)).collect())
-            .collect();
-        let want = cpu_lstm(&x64, &mask, [b, t, e, h]);
-        assert_eq!(got.len(), want.len());
-        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (f64::from(g) - w).abs() <= 1e-4 * w.abs() + 1e-5,
-                "lstm b{b} t{t} e{e} h{h}: element {i}: got {g}, want {w}"
-            );
-        }
+        let gpu_mask = mask.clone();
+        forward_check(
+            &format!("lstm b{b} t{t} e{e} h{h}"),
+            &inputs,
+            &[0, 1, 2, 3],
+            |x| {
+                let m = Tensor::from_slice(x[0].device(), &gpu_mask, &[b, t])?;
+                x[0].lstm(&x[1], &x[2], &x[3], Some(&m))
+            },
+            &|x: &[Vec<f64>]| cpu_lstm(x, &mask, [b, t, e, h]),
+        );
     }
 }
 
